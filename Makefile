@@ -1,0 +1,47 @@
+# Flowgate — build, test and run. `make help` lists the targets.
+
+CARGO        ?= cargo
+WASM_TARGET  := wasm32-wasip2
+PLUGIN_DIR   := target/$(WASM_TARGET)/plugin
+PLUGINS      := flowgate-validate flowgate-dedup flowgate-window flowgate-pct-change
+TEST_PLUGINS := flowgate-test-spin flowgate-test-hog flowgate-test-escape flowgate-test-badschema
+
+export FLOWGATE_PLUGIN_DIR := $(CURDIR)/$(PLUGIN_DIR)
+
+.PHONY: help setup plugins test-plugins build test lint fmt run clean
+
+help: ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: ## Install the wasm32-wasip2 Rust target if missing.
+	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+
+plugins: setup ## Build the four stock plugins to $(PLUGIN_DIR)/*.wasm.
+	$(CARGO) build --target $(WASM_TARGET) --profile plugin $(addprefix -p ,$(PLUGINS))
+
+test-plugins: setup ## Build the misbehaving plugins the sandbox tests use (never shipped).
+	$(CARGO) build --target $(WASM_TARGET) --profile plugin $(addprefix -p ,$(TEST_PLUGINS))
+
+build: plugins ## Build the host and the stock plugins.
+	$(CARGO) build -p flowgate
+
+test: plugins test-plugins ## Run every test: plugin unit tests (native) and the host tests (real .wasm).
+	$(CARGO) test --workspace
+
+lint: ## rustfmt check and clippy with warnings as errors.
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code.
+	$(CARGO) fmt --all
+
+run: build ## The plugin demo: sample ticks through validate → dedup → window → pct_change.
+	$(CARGO) run -q -p flowgate -- plugin test $(PLUGIN_DIR)/flowgate_validate.wasm \
+	    --config pipelines/steps/validate.yaml \
+	    --plugin $(PLUGIN_DIR)/flowgate_dedup.wasm --config pipelines/steps/dedup.yaml \
+	    --plugin $(PLUGIN_DIR)/flowgate_window.wasm --config pipelines/steps/window.yaml \
+	    --plugin $(PLUGIN_DIR)/flowgate_pct_change.wasm --config pipelines/steps/pct_change.yaml \
+	    --schema pipelines/ticks.schema.yaml --input pipelines/samples/ticks.jsonl --flush
+
+clean: ## Remove build output.
+	$(CARGO) clean

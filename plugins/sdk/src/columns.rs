@@ -1,0 +1,124 @@
+//! Column lookups and conversions that plugins share.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Float64Type, Int64Type, Schema, TimeUnit};
+use arrow::record_batch::RecordBatch;
+
+use crate::{Error, Result};
+
+/// Index of column `name` in `schema`, or an invalid-config error naming the config `key`.
+pub fn column_index(schema: &Schema, name: &str, key: &str) -> Result<usize> {
+    schema.index_of(name).map_err(|_| {
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        Error::config(
+            key,
+            format!("column `{name}` is not in the input (columns: {})", names.join(", ")),
+        )
+    })
+}
+
+/// True if values of `data_type` can serve as event time: a timestamp, a date, or an integer of
+/// epoch milliseconds.
+pub fn is_event_time_type(data_type: &DataType) -> bool {
+    matches!(
+        data_type,
+        DataType::Timestamp(_, _) | DataType::Date32 | DataType::Date64 | DataType::Int64
+    )
+}
+
+/// Column `index` as epoch milliseconds (timestamps of any unit, dates, or int64 taken as ms).
+pub fn event_time_millis(batch: &RecordBatch, index: usize) -> Result<Int64Array> {
+    let column = batch.column(index);
+    let millis: ArrayRef = match column.data_type() {
+        DataType::Int64 => column.clone(),
+        DataType::Timestamp(TimeUnit::Millisecond, _) | DataType::Date64 => {
+            cast(column, &DataType::Int64)?
+        }
+        DataType::Timestamp(_, _) | DataType::Date32 => {
+            let ms = cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+            cast(&ms, &DataType::Int64)?
+        }
+        other => {
+            return Err(Error::bad_input(format!(
+                "column {index} has type {other}, not a timestamp"
+            )));
+        }
+    };
+    Ok(millis.as_primitive::<Int64Type>().clone())
+}
+
+/// True if values of `data_type` convert to f64 for comparisons and sums.
+pub fn is_numeric_type(data_type: &DataType) -> bool {
+    data_type.is_numeric() || matches!(data_type, DataType::Timestamp(_, _))
+}
+
+/// Column `index` as f64 values (numeric types; timestamps as their raw value).
+pub fn float64_column(batch: &RecordBatch, index: usize) -> Result<Float64Array> {
+    let column = batch.column(index);
+    let values: ArrayRef = match column.data_type() {
+        DataType::Float64 => column.clone(),
+        DataType::Timestamp(_, _) => cast(&cast(column, &DataType::Int64)?, &DataType::Float64)?,
+        t if t.is_numeric() => cast(column, &DataType::Float64)?,
+        other => {
+            return Err(Error::bad_input(format!(
+                "column {index} has type {other}, not a number"
+            )));
+        }
+    };
+    Ok(values.as_primitive::<Float64Type>().clone())
+}
+
+/// A batch of `schema` with one extra nullable column at the end.
+pub fn append_column(batch: &RecordBatch, schema: &Arc<Schema>, column: ArrayRef) -> Result<RecordBatch> {
+    let mut columns = batch.columns().to_vec();
+    columns.push(column);
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// Renders a schema as `[name: Type, …]` for messages.
+pub fn describe_schema(schema: &Schema) -> String {
+    let fields: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| format!("{}: {}{}", f.name(), f.data_type(), if f.is_nullable() { "" } else { " not null" }))
+        .collect();
+    format!("[{}]", fields.join(", "))
+}
+
+/// Formats epoch milliseconds as RFC 3339 UTC (`2025-11-12T14:38:30.294Z`), for messages.
+pub fn format_millis(ms: i64) -> String {
+    let days = ms.div_euclid(86_400_000);
+    let rem = ms.rem_euclid(86_400_000);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1000 % 60,
+        rem % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_millis;
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(format_millis(1_762_958_310_294), "2025-11-12T14:38:30.294Z");
+        assert_eq!(format_millis(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_millis(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+}

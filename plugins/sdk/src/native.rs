@@ -1,0 +1,94 @@
+//! The plugin seen through one object-safe interface: used by the wasm adapter, and by hosts and
+//! benchmarks that link a plugin natively.
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+
+use crate::{Error, Output, Result, Transform};
+
+/// Snapshot header: magic, then the plugin's state version (u32, little endian).
+const STATE_MAGIC: &[u8; 4] = b"FGS1";
+
+/// Name, version and state version of a plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginInfo {
+    /// Short name, e.g. `validate`.
+    pub name: String,
+    /// The plugin's version.
+    pub version: String,
+    /// Version of its snapshot bytes.
+    pub state_version: u32,
+}
+
+/// The info of plugin `T`.
+pub fn info<T: Transform>() -> PluginInfo {
+    PluginInfo {
+        name: T::NAME.to_string(),
+        version: T::VERSION.to_string(),
+        state_version: T::STATE_VERSION,
+    }
+}
+
+/// A created transform, behind dynamic dispatch.
+pub trait DynTransform: Send {
+    /// See [`Transform::process`].
+    fn process(&mut self, batch: RecordBatch) -> Result<Output>;
+    /// See [`Transform::on_watermark`].
+    fn on_watermark(&mut self, ts_ms: i64) -> Result<Output>;
+    /// The plugin's snapshot with the version header.
+    fn snapshot(&self) -> Result<Vec<u8>>;
+    /// Restores bytes from [`DynTransform::snapshot`].
+    fn restore(&mut self, state: &[u8]) -> Result<()>;
+}
+
+struct Framed<T>(T);
+
+impl<T: Transform> DynTransform for Framed<T> {
+    fn process(&mut self, batch: RecordBatch) -> Result<Output> {
+        self.0.process(batch)
+    }
+
+    fn on_watermark(&mut self, ts_ms: i64) -> Result<Output> {
+        self.0.on_watermark(ts_ms)
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>> {
+        let body = self.0.snapshot()?;
+        let mut out = Vec::with_capacity(body.len() + 8);
+        out.extend_from_slice(STATE_MAGIC);
+        out.extend_from_slice(&T::STATE_VERSION.to_le_bytes());
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let (header, body) = state.split_at_checked(8).ok_or_else(|| {
+            Error::bad_input(format!(
+                "`{}`: state is {} bytes, too short for a snapshot header",
+                T::NAME,
+                state.len()
+            ))
+        })?;
+        if &header[..4] != STATE_MAGIC {
+            return Err(Error::bad_input(format!(
+                "`{}`: state is not a Flowgate snapshot",
+                T::NAME
+            )));
+        }
+        let mut version = [0u8; 4];
+        version.copy_from_slice(&header[4..]);
+        self.0.restore(u32::from_le_bytes(version), body)
+    }
+}
+
+/// Creates plugin `T` from its config as JSON text and the input schema, as the host does.
+///
+/// Config errors name the key path, e.g. ``invalid config: `rules.price.min`: invalid type``.
+pub fn create<T: Transform>(
+    config_json: &str,
+    input: &SchemaRef,
+) -> Result<(Box<dyn DynTransform>, SchemaRef)> {
+    let config = crate::config::parse::<T::Config>(config_json)?;
+    let (transform, output) = T::create(config, input)?;
+    Ok((Box::new(Framed(transform)), output))
+}

@@ -1,0 +1,386 @@
+//! `validate`: rules per column. Rows that break any rule are rejected with every rule they broke;
+//! the rest pass through unchanged (same schema).
+//!
+//! ```yaml
+//! config:
+//!   rules:
+//!     symbol: { not_null: true, pattern: "^[A-Z]{1,5}$" }
+//!     price:  { not_null: true, min: 0, min_exclusive: true }
+//!     volume: { min: 0 }
+//!     side:   { one_of: [buy, sell] }
+//!     ts:     { not_null: true, max_future: 5m, max_age: 7d, relative_to: watermark }
+//! ```
+#![deny(unsafe_code)]
+
+use std::collections::HashSet;
+
+use arrow::array::{BooleanArray, StringArray};
+use arrow::compute::cast;
+use flowgate_sdk::columns::{is_event_time_type, is_numeric_type};
+use flowgate_sdk::prelude::*;
+use regex::Regex;
+use serde::Deserialize;
+
+/// The step's config.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Column name → its rules, checked in this order.
+    pub rules: OrderedMap<Rule>,
+}
+
+/// The rules for one column. Null values only fail `not_null`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Nulls are refused.
+    #[serde(default)]
+    pub not_null: bool,
+    /// Smallest value allowed (numbers; NaN always fails).
+    pub min: Option<f64>,
+    /// `min` itself is refused too.
+    #[serde(default)]
+    pub min_exclusive: bool,
+    /// Largest value allowed (numbers; NaN always fails).
+    pub max: Option<f64>,
+    /// `max` itself is refused too.
+    #[serde(default)]
+    pub max_exclusive: bool,
+    /// A regular expression the whole value must match (strings).
+    pub pattern: Option<String>,
+    /// The allowed values.
+    pub one_of: Option<Vec<Scalar>>,
+    /// Timestamps: refused if further than this ahead of the reference time.
+    pub max_future: Option<Duration>,
+    /// Timestamps: refused if older than this behind the reference time.
+    pub max_age: Option<Duration>,
+    /// Reference time for `max_future`/`max_age`: the watermark (default) or processing time,
+    /// which needs the `clock` grant on the step.
+    #[serde(default)]
+    pub relative_to: RelativeTo,
+}
+
+/// A literal in `one_of`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Scalar {
+    /// A boolean.
+    Bool(bool),
+    /// A number.
+    Number(f64),
+    /// A string.
+    Text(String),
+}
+
+/// What `max_future` and `max_age` measure against.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelativeTo {
+    /// The pipeline watermark; before the first watermark these checks pass.
+    #[default]
+    Watermark,
+    /// The host's wall clock (requires the `clock` grant).
+    ProcessingTime,
+}
+
+enum Check {
+    NotNull,
+    Min { bound: f64, exclusive: bool },
+    Max { bound: f64, exclusive: bool },
+    Pattern(Regex),
+    OneOfText(HashSet<String>),
+    OneOfNumber(Vec<f64>),
+    OneOfBool(Vec<bool>),
+    MaxFuture { millis: i64, relative_to: RelativeTo },
+    MaxAge { millis: i64, relative_to: RelativeTo },
+}
+
+struct ColumnChecks {
+    name: String,
+    index: usize,
+    checks: Vec<Check>,
+}
+
+/// The `validate` transform.
+pub struct Validate {
+    columns: Vec<ColumnChecks>,
+    watermark: Option<i64>,
+}
+
+/// Earliest wall-clock reading taken as real: before it, the step has no clock grant.
+const CLOCK_SANITY_MS: i64 = 978_307_200_000; // 2001-01-01
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Rule {
+    fn build(self, key: &str, data_type: &DataType) -> Result<Vec<Check>> {
+        let mut checks = Vec::new();
+        let numeric = is_numeric_type(data_type);
+        let text = matches!(data_type, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+        let need = |ok: bool, rule: &str, what: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::config(
+                    &format!("{key}.{rule}"),
+                    format!("applies to {what} columns, this column is {data_type}"),
+                ))
+            }
+        };
+        if self.not_null {
+            checks.push(Check::NotNull);
+        }
+        if let (Some(lo), Some(hi)) = (self.min, self.max)
+            && lo > hi
+        {
+            return Err(Error::config(key, format!("min {lo} is greater than max {hi}")));
+        }
+        if let Some(bound) = self.min {
+            need(numeric, "min", "numeric")?;
+            checks.push(Check::Min { bound, exclusive: self.min_exclusive });
+        } else if self.min_exclusive {
+            return Err(Error::config(&format!("{key}.min_exclusive"), "needs `min`"));
+        }
+        if let Some(bound) = self.max {
+            need(numeric, "max", "numeric")?;
+            checks.push(Check::Max { bound, exclusive: self.max_exclusive });
+        } else if self.max_exclusive {
+            return Err(Error::config(&format!("{key}.max_exclusive"), "needs `max`"));
+        }
+        if let Some(pattern) = self.pattern {
+            need(text, "pattern", "string")?;
+            let regex = Regex::new(&pattern)
+                .map_err(|e| Error::config(&format!("{key}.pattern"), format!("not a valid regex: {e}")))?;
+            checks.push(Check::Pattern(regex));
+        }
+        if let Some(values) = self.one_of {
+            let bad = || Error::config(&format!("{key}.one_of"), format!("values must all be of the column's type ({data_type})"));
+            if text {
+                let set = values.into_iter().map(|v| match v { Scalar::Text(s) => Ok(s), _ => Err(bad()) }).collect::<Result<_>>()?;
+                checks.push(Check::OneOfText(set));
+            } else if numeric {
+                let nums = values.into_iter().map(|v| match v { Scalar::Number(n) => Ok(n), _ => Err(bad()) }).collect::<Result<_>>()?;
+                checks.push(Check::OneOfNumber(nums));
+            } else if *data_type == DataType::Boolean {
+                let bools = values.into_iter().map(|v| match v { Scalar::Bool(b) => Ok(b), _ => Err(bad()) }).collect::<Result<_>>()?;
+                checks.push(Check::OneOfBool(bools));
+            } else {
+                return Err(Error::config(&format!("{key}.one_of"), format!("not supported for {data_type} columns")));
+            }
+        }
+        let relative_to = self.relative_to;
+        if self.max_future.is_some() || self.max_age.is_some() {
+            need(is_event_time_type(data_type), if self.max_future.is_some() { "max_future" } else { "max_age" }, "timestamp")?;
+            if relative_to == RelativeTo::ProcessingTime && now_millis() < CLOCK_SANITY_MS {
+                return Err(Error::config(
+                    &format!("{key}.relative_to"),
+                    "`processing_time` needs a clock: grant it to this step (`grants: [clock]`)",
+                ));
+            }
+        }
+        if let Some(d) = self.max_future {
+            checks.push(Check::MaxFuture { millis: d.as_millis(), relative_to });
+        }
+        if let Some(d) = self.max_age {
+            checks.push(Check::MaxAge { millis: d.as_millis(), relative_to });
+        }
+        if checks.is_empty() {
+            return Err(Error::config(key, "no rule given (use not_null, min, max, pattern, one_of, max_future or max_age)"));
+        }
+        Ok(checks)
+    }
+}
+
+/// Per-row outcome of one check: `None` passes, `Some(reason)` fails.
+fn run_check(
+    check: &Check,
+    batch: &RecordBatch,
+    index: usize,
+    reference: impl Fn(RelativeTo) -> Option<i64>,
+    fail: &mut dyn FnMut(usize, String),
+) -> Result<()> {
+    let column = batch.column(index);
+    let valid = |i: usize| column.is_valid(i);
+    match check {
+        Check::NotNull => {
+            if column.null_count() > 0 {
+                for i in (0..batch.num_rows()).filter(|&i| !valid(i)) {
+                    fail(i, "is null".into());
+                }
+            }
+        }
+        Check::Min { bound, exclusive } | Check::Max { bound, exclusive } => {
+            let is_min = matches!(check, Check::Min { .. });
+            let values = float64_column(batch, index)?;
+            for (i, v) in values.values().iter().enumerate() {
+                if !valid(i) {
+                    continue;
+                }
+                let bad = v.is_nan()
+                    || match (is_min, exclusive) {
+                        (true, false) => *v < *bound,
+                        (true, true) => *v <= *bound,
+                        (false, false) => *v > *bound,
+                        (false, true) => *v >= *bound,
+                    };
+                if bad {
+                    let op = match (is_min, exclusive) {
+                        (true, false) => ">=",
+                        (true, true) => ">",
+                        (false, false) => "<=",
+                        (false, true) => "<",
+                    };
+                    fail(i, format!("must be {op} {bound}, got {v}"));
+                }
+            }
+        }
+        Check::Pattern(regex) => {
+            let strings = text_column(batch, index)?;
+            for (i, s) in strings.iter().enumerate() {
+                if let Some(s) = s
+                    && !regex.is_match(s)
+                {
+                    fail(i, format!("{s:?} does not match `{}`", regex.as_str()));
+                }
+            }
+        }
+        Check::OneOfText(set) => {
+            let strings = text_column(batch, index)?;
+            for (i, s) in strings.iter().enumerate() {
+                if let Some(s) = s
+                    && !set.contains(s)
+                {
+                    fail(i, format!("{s:?} is not one of the allowed values"));
+                }
+            }
+        }
+        Check::OneOfNumber(allowed) => {
+            let values = float64_column(batch, index)?;
+            for (i, v) in values.values().iter().enumerate() {
+                if valid(i) && !allowed.contains(v) {
+                    fail(i, format!("{v} is not one of the allowed values"));
+                }
+            }
+        }
+        Check::OneOfBool(allowed) => {
+            let values = column.as_boolean();
+            for (i, v) in values.iter().enumerate() {
+                if let Some(v) = v
+                    && !allowed.contains(&v)
+                {
+                    fail(i, format!("{v} is not one of the allowed values"));
+                }
+            }
+        }
+        Check::MaxFuture { millis, relative_to } | Check::MaxAge { millis, relative_to } => {
+            let Some(reference) = reference(*relative_to) else {
+                return Ok(());
+            };
+            let future = matches!(check, Check::MaxFuture { .. });
+            let what = match relative_to {
+                RelativeTo::Watermark => "the watermark",
+                RelativeTo::ProcessingTime => "processing time",
+            };
+            let ts = event_time_millis(batch, index)?;
+            for (i, t) in ts.values().iter().enumerate() {
+                if !valid(i) {
+                    continue;
+                }
+                if future && *t > reference.saturating_add(*millis) {
+                    fail(i, format!("{} is more than {} ahead of {what} ({})", format_millis(*t), Duration::from_millis(*millis), format_millis(reference)));
+                } else if !future && *t < reference.saturating_sub(*millis) {
+                    fail(i, format!("{} is more than {} behind {what} ({})", format_millis(*t), Duration::from_millis(*millis), format_millis(reference)));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn text_column(batch: &RecordBatch, index: usize) -> Result<StringArray> {
+    let column = batch.column(index);
+    match column.data_type() {
+        DataType::Utf8 => Ok(column.as_string::<i32>().clone()),
+        _ => Ok(cast(column, &DataType::Utf8)?.as_string::<i32>().clone()),
+    }
+}
+
+impl Transform for Validate {
+    type Config = Config;
+    const NAME: &'static str = "validate";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+
+    fn create(config: Config, input: &SchemaRef) -> Result<(Self, SchemaRef)> {
+        if config.rules.is_empty() {
+            return Err(Error::config("rules", "no columns given"));
+        }
+        let mut columns = Vec::new();
+        for (name, rule) in config.rules.0 {
+            let key = format!("rules.{name}");
+            let index = column_index(input, &name, &key)?;
+            let checks = rule.build(&key, input.field(index).data_type())?;
+            columns.push(ColumnChecks { name, index, checks });
+        }
+        Ok((Validate { columns, watermark: None }, input.clone()))
+    }
+
+    fn process(&mut self, batch: RecordBatch) -> Result<Output> {
+        let rows = batch.num_rows();
+        let mut reasons: Vec<Option<String>> = Vec::new();
+        let watermark = self.watermark;
+        let now = std::cell::OnceCell::new();
+        let reference = |r: RelativeTo| match r {
+            RelativeTo::Watermark => watermark,
+            RelativeTo::ProcessingTime => Some(*now.get_or_init(now_millis)),
+        };
+        for column in &self.columns {
+            for check in &column.checks {
+                let name = &column.name;
+                run_check(check, &batch, column.index, reference, &mut |row, why| {
+                    if reasons.is_empty() {
+                        reasons.resize(rows, None);
+                    }
+                    match &mut reasons[row] {
+                        Some(text) => {
+                            text.push_str("; ");
+                            text.push_str(name);
+                            text.push_str(": ");
+                            text.push_str(&why);
+                        }
+                        slot @ None => *slot = Some(format!("{name}: {why}")),
+                    }
+                })?;
+            }
+        }
+        if reasons.is_empty() {
+            return Ok(Output::batch(batch));
+        }
+        let keep: BooleanArray = reasons.iter().map(|r| Some(r.is_none())).collect();
+        let mut output = Output::batch(filter_record_batch(&batch, &keep)?);
+        for (row, reason) in reasons.into_iter().enumerate() {
+            if let Some(reason) = reason {
+                output.reject(row, reason);
+            }
+        }
+        Ok(output)
+    }
+
+    fn on_watermark(&mut self, ts_ms: i64) -> Result<Output> {
+        self.watermark = Some(self.watermark.map_or(ts_ms, |w| w.max(ts_ms)));
+        Ok(Output::empty())
+    }
+}
+
+export_transform!(Validate);
+
+/// Scripted runs shared with the host's WASM tests.
+#[cfg(any(test, feature = "scenarios"))]
+pub mod scenarios;
+
+#[cfg(test)]
+mod tests;

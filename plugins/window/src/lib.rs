@@ -1,0 +1,451 @@
+//! `window`: event-time windows per group, with named aggregates.
+//!
+//! ```yaml
+//! config:
+//!   event_time: ts
+//!   size: 1m          # tumbling; add `slide: 30s` for hopping windows
+//!   group_by: [symbol]
+//!   aggregates:       # output columns, in this order
+//!     open: { first: price }
+//!     high: { max: price }
+//!     low: { min: price }
+//!     close: { last: price }
+//!     volume: { sum: volume }
+//!     trades: { count: "*" }
+//!     avg_price: { avg: price }
+//! ```
+//!
+//! Output rows: the `group_by` columns, `window_start`, `window_end`, then the aggregates. A
+//! window is emitted once, when the watermark reaches its end; a row that only falls in windows
+//! already emitted is rejected as `late`. `first`/`last` follow event time, not arrival order
+//! (ties keep arrival order). Aggregates skip nulls; `count: "*"` counts rows.
+#![deny(unsafe_code)]
+
+use std::collections::{BTreeMap, HashMap};
+
+use arrow::array::{ArrayRef, Float64Array, Int64Array, TimestampMillisecondArray};
+use arrow::compute::cast;
+use arrow::datatypes::{Float64Type, Int64Type, TimeUnit};
+use arrow::row::{RowConverter, SortField};
+use flowgate_sdk::columns::{is_event_time_type, is_numeric_type};
+use flowgate_sdk::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// The step's config.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The event-time column.
+    pub event_time: String,
+    /// Window length.
+    pub size: Duration,
+    /// Distance between window starts (hopping windows); defaults to `size` (tumbling).
+    pub slide: Option<Duration>,
+    /// Columns to group by.
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    /// Output column → aggregate, e.g. `high: { max: price }`.
+    pub aggregates: OrderedMap<Aggregate>,
+}
+
+/// One aggregate over one column.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Aggregate {
+    /// Value at the earliest event time.
+    First(String),
+    /// Value at the latest event time.
+    Last(String),
+    /// Smallest value.
+    Min(String),
+    /// Largest value.
+    Max(String),
+    /// Mean, as float64.
+    Avg(String),
+    /// Sum (int64 for integer columns, float64 otherwise).
+    Sum(String),
+    /// Non-null values of a column, or rows with `"*"`.
+    Count(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Func {
+    First,
+    Last,
+    Min,
+    Max,
+    Avg,
+    Sum,
+    Count,
+}
+
+/// How an input column is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Num {
+    Int,
+    Float,
+}
+
+struct Agg {
+    func: Func,
+    /// Input column, `None` for `count: "*"`.
+    column: Option<usize>,
+    num: Num,
+}
+
+/// Running value of one aggregate in one window and group. `value` holds i64 or f64 bits.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct Acc {
+    value: i64,
+    ts: i64,
+    count: i64,
+}
+
+type Groups = HashMap<Box<[u8]>, Vec<Acc>>;
+
+/// The `window` transform.
+pub struct Window {
+    event_time: usize,
+    size: i64,
+    slide: i64,
+    group_columns: Vec<usize>,
+    converter: Option<RowConverter>,
+    aggs: Vec<Agg>,
+    output: SchemaRef,
+    /// Window start → group key (row format) → accumulators.
+    windows: BTreeMap<i64, Groups>,
+    watermark: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct State {
+    watermark: Option<i64>,
+    windows: Vec<(i64, Vec<(Vec<u8>, Vec<Acc>)>)>,
+}
+
+fn utc_millis() -> DataType {
+    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+impl Window {
+    fn closed(&self, start: i64) -> bool {
+        self.watermark.is_some_and(|w| start + self.size <= w)
+    }
+
+    fn update(acc: &mut Acc, func: Func, num: Num, value: i64, ts: i64) {
+        let (f, i) = (f64::from_bits(value as u64), value);
+        let cur_f = f64::from_bits(acc.value as u64);
+        let first = acc.count == 0;
+        match func {
+            Func::First => {
+                if first || ts < acc.ts {
+                    acc.value = value;
+                    acc.ts = ts;
+                }
+            }
+            Func::Last => {
+                if first || ts >= acc.ts {
+                    acc.value = value;
+                    acc.ts = ts;
+                }
+            }
+            Func::Min => {
+                let less = match num {
+                    Num::Int => i < acc.value,
+                    Num::Float => f < cur_f || f.is_nan(),
+                };
+                if first || less {
+                    acc.value = value;
+                }
+            }
+            Func::Max => {
+                let more = match num {
+                    Num::Int => i > acc.value,
+                    Num::Float => f > cur_f || f.is_nan(),
+                };
+                if first || more {
+                    acc.value = value;
+                }
+            }
+            Func::Sum | Func::Avg => {
+                acc.value = match num {
+                    Num::Int if func == Func::Sum => acc.value.wrapping_add(i),
+                    Num::Int => (cur_f + i as f64).to_bits() as i64,
+                    Num::Float => (cur_f + f).to_bits() as i64,
+                };
+            }
+            Func::Count => {}
+        }
+        acc.count += 1;
+    }
+
+    fn finish(&mut self, closed: BTreeMap<i64, Groups>) -> Result<Output> {
+        let mut keys: Vec<Box<[u8]>> = Vec::new();
+        let mut starts = Vec::new();
+        let mut accs: Vec<Vec<Acc>> = Vec::new();
+        for (start, groups) in closed {
+            let mut groups: Vec<_> = groups.into_iter().collect();
+            groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (key, acc) in groups {
+                keys.push(key);
+                starts.push(start);
+                accs.push(acc);
+            }
+        }
+        if starts.is_empty() {
+            return Ok(Output::empty());
+        }
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        if let Some(converter) = &self.converter {
+            let parser = converter.parser();
+            columns.extend(converter.convert_rows(keys.iter().map(|k| parser.parse(k)))?);
+        }
+        let ends: Vec<i64> = starts.iter().map(|s| s + self.size).collect();
+        columns.push(std::sync::Arc::new(TimestampMillisecondArray::from(starts).with_timezone("UTC")));
+        columns.push(std::sync::Arc::new(TimestampMillisecondArray::from(ends).with_timezone("UTC")));
+        let first_agg = self.group_columns.len() + 2;
+        for (n, agg) in self.aggs.iter().enumerate() {
+            let target = self.output.field(first_agg + n).data_type();
+            let column: ArrayRef = match agg.func {
+                Func::Count => std::sync::Arc::new(Int64Array::from_iter_values(accs.iter().map(|a| a[n].count))),
+                Func::Avg => std::sync::Arc::new(
+                    accs.iter()
+                        .map(|a| {
+                            let a = a[n];
+                            (a.count > 0).then(|| f64::from_bits(a.value as u64) / a.count as f64)
+                        })
+                        .collect::<Float64Array>(),
+                ),
+                _ => {
+                    let values = accs.iter().map(|a| (a[n].count > 0).then_some(a[n].value));
+                    let raw: ArrayRef = match agg.num {
+                        Num::Int => std::sync::Arc::new(values.collect::<Int64Array>()),
+                        Num::Float => std::sync::Arc::new(
+                            values.map(|v| v.map(|v| f64::from_bits(v as u64))).collect::<Float64Array>(),
+                        ),
+                    };
+                    if raw.data_type() == target { raw } else { cast(&raw, target)? }
+                }
+            };
+            columns.push(column);
+        }
+        Ok(Output::batch(RecordBatch::try_new(self.output.clone(), columns)?))
+    }
+}
+
+impl Transform for Window {
+    type Config = Config;
+    const NAME: &'static str = "window";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const STATE_VERSION: u32 = 1;
+
+    fn create(config: Config, input: &SchemaRef) -> Result<(Self, SchemaRef)> {
+        let event_time = column_index(input, &config.event_time, "event_time")?;
+        let et_type = input.field(event_time).data_type();
+        if !is_event_time_type(et_type) {
+            return Err(Error::config("event_time", format!("column `{}` is {et_type}, not a timestamp", config.event_time)));
+        }
+        let size = config.size.as_millis();
+        if size <= 0 {
+            return Err(Error::config("size", "must be greater than zero"));
+        }
+        let slide = config.slide.map_or(size, Duration::as_millis);
+        if slide <= 0 || slide > size {
+            return Err(Error::config("slide", format!("must be greater than zero and at most `size` ({})", config.size)));
+        }
+        if config.aggregates.is_empty() {
+            return Err(Error::config("aggregates", "name at least one aggregate"));
+        }
+        let mut fields = Vec::new();
+        let mut group_columns = Vec::new();
+        let mut sort_fields = Vec::new();
+        for (i, name) in config.group_by.iter().enumerate() {
+            let index = column_index(input, name, &format!("group_by[{i}]"))?;
+            let field = input.field(index);
+            if !RowConverter::supports_fields(&[SortField::new(field.data_type().clone())]) {
+                return Err(Error::config(&format!("group_by[{i}]"), format!("cannot group by {} columns", field.data_type())));
+            }
+            sort_fields.push(SortField::new(field.data_type().clone()));
+            fields.push(field.clone());
+            group_columns.push(index);
+        }
+        fields.push(Field::new("window_start", utc_millis(), false));
+        fields.push(Field::new("window_end", utc_millis(), false));
+        let mut aggs = Vec::new();
+        for (name, aggregate) in config.aggregates.iter() {
+            let key = format!("aggregates.{name}");
+            if fields.iter().any(|f| f.name() == name) {
+                return Err(Error::config(&key, format!("output column `{name}` is already taken")));
+            }
+            let (func, column) = match aggregate {
+                Aggregate::First(c) => (Func::First, c),
+                Aggregate::Last(c) => (Func::Last, c),
+                Aggregate::Min(c) => (Func::Min, c),
+                Aggregate::Max(c) => (Func::Max, c),
+                Aggregate::Avg(c) => (Func::Avg, c),
+                Aggregate::Sum(c) => (Func::Sum, c),
+                Aggregate::Count(c) => (Func::Count, c),
+            };
+            if func == Func::Count && column == "*" {
+                fields.push(Field::new(name, DataType::Int64, false));
+                aggs.push(Agg { func, column: None, num: Num::Int });
+                continue;
+            }
+            let index = column_index(input, column, &key)?;
+            let data_type = input.field(index).data_type();
+            if func != Func::Count && !is_numeric_type(data_type) {
+                return Err(Error::config(&key, format!("column `{column}` is {data_type}; aggregates need numbers or timestamps")));
+            }
+            let num = if data_type.is_floating() { Num::Float } else { Num::Int };
+            let out_type = match func {
+                Func::Count => DataType::Int64,
+                Func::Avg => DataType::Float64,
+                Func::Sum if num == Num::Float => DataType::Float64,
+                Func::Sum => DataType::Int64,
+                _ => data_type.clone(),
+            };
+            fields.push(Field::new(name, out_type, func != Func::Count));
+            aggs.push(Agg { func, column: Some(index), num });
+        }
+        let converter = if sort_fields.is_empty() { None } else { Some(RowConverter::new(sort_fields)?) };
+        let output: SchemaRef = std::sync::Arc::new(Schema::new(fields));
+        let window = Window {
+            event_time,
+            size,
+            slide,
+            group_columns,
+            converter,
+            aggs,
+            output: output.clone(),
+            windows: BTreeMap::new(),
+            watermark: None,
+        };
+        Ok((window, output))
+    }
+
+    fn process(&mut self, batch: RecordBatch) -> Result<Output> {
+        let mut output = Output::empty();
+        let times = event_time_millis(&batch, self.event_time)?;
+        let rows = match &self.converter {
+            Some(c) => {
+                let columns: Vec<ArrayRef> = self.group_columns.iter().map(|&i| batch.column(i).clone()).collect();
+                Some(c.convert_columns(&columns)?)
+            }
+            None => None,
+        };
+        // Each aggregate's input, as i64 or f64 bits.
+        let inputs: Vec<Option<(Vec<i64>, Option<arrow::buffer::NullBuffer>)>> = self
+            .aggs
+            .iter()
+            .map(|agg| {
+                let Some(column) = agg.column else { return Ok(None) };
+                let array = batch.column(column);
+                let nulls = array.logical_nulls();
+                let bits = match agg.num {
+                    Num::Int if agg.func == Func::Count => vec![0; batch.num_rows()],
+                    Num::Int => cast(array, &DataType::Int64)?.as_primitive::<Int64Type>().values().to_vec(),
+                    Num::Float => cast(array, &DataType::Float64)?
+                        .as_primitive::<Float64Type>()
+                        .values()
+                        .iter()
+                        .map(|f| f.to_bits() as i64)
+                        .collect(),
+                };
+                Ok(Some((bits, nulls)))
+            })
+            .collect::<Result<_>>()?;
+        let empty: &[u8] = &[];
+        for row in 0..batch.num_rows() {
+            if times.is_null(row) {
+                output.reject(row, "event time is null");
+                continue;
+            }
+            let ts = times.value(row);
+            let key = rows.as_ref().map_or(empty, |r| r.row(row).data());
+            let last_start = ts.div_euclid(self.slide) * self.slide;
+            let mut start = last_start;
+            let mut placed = false;
+            while start + self.size > ts {
+                if !self.closed(start) {
+                    placed = true;
+                    let groups = self.windows.entry(start).or_default();
+                    let accs = match groups.get_mut(key) {
+                        Some(accs) => accs,
+                        None => groups.entry(key.into()).or_insert_with(|| vec![Acc::default(); self.aggs.len()]),
+                    };
+                    for (n, agg) in self.aggs.iter().enumerate() {
+                        match &inputs[n] {
+                            None => Self::update(&mut accs[n], agg.func, agg.num, 0, ts),
+                            Some((bits, nulls)) => {
+                                if nulls.as_ref().is_none_or(|nb| nb.is_valid(row)) {
+                                    Self::update(&mut accs[n], agg.func, agg.num, bits[row], ts);
+                                }
+                            }
+                        }
+                    }
+                }
+                start -= self.slide;
+            }
+            if !placed {
+                let watermark = self.watermark.unwrap_or(i64::MIN);
+                output.reject(
+                    row,
+                    format!(
+                        "late: event time {} falls in windows already closed by the watermark {}",
+                        format_millis(ts),
+                        format_millis(watermark)
+                    ),
+                );
+            }
+        }
+        Ok(output)
+    }
+
+    fn on_watermark(&mut self, ts_ms: i64) -> Result<Output> {
+        let watermark = self.watermark.map_or(ts_ms, |w| w.max(ts_ms));
+        self.watermark = Some(watermark);
+        // Windows with start + size <= watermark are complete.
+        let open = self.windows.split_off(&(watermark.saturating_sub(self.size).saturating_add(1)));
+        let closed = std::mem::replace(&mut self.windows, open);
+        self.finish(closed)
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>> {
+        let state = State {
+            watermark: self.watermark,
+            windows: self
+                .windows
+                .iter()
+                .map(|(s, groups)| (*s, groups.iter().map(|(k, a)| (k.to_vec(), a.clone())).collect()))
+                .collect(),
+        };
+        postcard::to_allocvec(&state).map_err(|e| Error::internal(format!("encoding state: {e}")))
+    }
+
+    fn restore(&mut self, version: u32, state: &[u8]) -> Result<()> {
+        if version != Self::STATE_VERSION {
+            return Err(Error::bad_input(format!("window reads state version {}, got {version}", Self::STATE_VERSION)));
+        }
+        let state: State = postcard::from_bytes(state).map_err(|e| Error::bad_input(format!("window state is corrupt: {e}")))?;
+        let aggs = self.aggs.len();
+        if state.windows.iter().any(|(_, g)| g.iter().any(|(_, a)| a.len() != aggs)) {
+            return Err(Error::bad_input(format!("window state was written for a different set of aggregates (expected {aggs})")));
+        }
+        self.watermark = state.watermark;
+        self.windows = state
+            .windows
+            .into_iter()
+            .map(|(s, groups)| (s, groups.into_iter().map(|(k, a)| (k.into_boxed_slice(), a)).collect()))
+            .collect();
+        Ok(())
+    }
+}
+
+export_transform!(Window);
+
+/// Scripted runs shared with the host's WASM tests.
+#[cfg(any(test, feature = "scenarios"))]
+pub mod scenarios;
+
+#[cfg(test)]
+mod tests;

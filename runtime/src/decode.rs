@@ -1,0 +1,200 @@
+//! JSON → Arrow with a declared schema. The plugin harness and the pipeline decode with this one
+//! module, so what a plugin author tests is what the pipeline feeds.
+//!
+//! Types: `utf8` (or `string`), `int64`, `float64`, `bool`, `timestamp` (UTC milliseconds, read
+//! from RFC 3339 strings or epoch milliseconds). A field is `name: type`, or
+//! `name: {type: T, nullable: false}`; fields are nullable unless they say otherwise.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::json::ReaderBuilder;
+use serde::Deserialize;
+
+/// A field type as written in YAML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldType {
+    /// UTF-8 text.
+    #[serde(alias = "string")]
+    Utf8,
+    /// 64-bit signed integer.
+    Int64,
+    /// 64-bit float.
+    Float64,
+    /// true/false.
+    #[serde(alias = "boolean")]
+    Bool,
+    /// UTC timestamp in milliseconds.
+    Timestamp,
+}
+
+impl FieldType {
+    /// The Arrow type.
+    pub fn data_type(self) -> DataType {
+        match self {
+            FieldType::Utf8 => DataType::Utf8,
+            FieldType::Int64 => DataType::Int64,
+            FieldType::Float64 => DataType::Float64,
+            FieldType::Bool => DataType::Boolean,
+            FieldType::Timestamp => DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+        }
+    }
+}
+
+/// One field as written in YAML.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum FieldSpec {
+    /// `name: type`
+    Short(FieldType),
+    /// `name: {type: T, nullable: B}`
+    Long {
+        /// The type.
+        #[serde(rename = "type")]
+        field_type: FieldType,
+        /// Whether nulls are allowed (default true).
+        #[serde(default = "yes")]
+        nullable: bool,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A schema as written in YAML: field name → spec, in order.
+pub type SchemaSpec = flowgate_sdk::config::OrderedMap<FieldSpec>;
+
+/// The Arrow schema for `spec`.
+pub fn to_schema(spec: &SchemaSpec) -> SchemaRef {
+    let fields: Vec<Field> = spec
+        .iter()
+        .map(|(name, f)| match f {
+            FieldSpec::Short(t) => Field::new(name, t.data_type(), true),
+            FieldSpec::Long { field_type, nullable } => Field::new(name, field_type.data_type(), *nullable),
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
+/// A record that did not decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeFailure {
+    /// Index of the record in the slice given to [`JsonDecoder::decode`].
+    pub index: usize,
+    /// Why.
+    pub reason: String,
+}
+
+/// Decodes JSON records into batches of one schema.
+#[derive(Debug, Clone)]
+pub struct JsonDecoder {
+    schema: SchemaRef,
+}
+
+impl JsonDecoder {
+    /// A decoder for `schema`.
+    pub fn new(schema: SchemaRef) -> Self {
+        JsonDecoder { schema }
+    }
+
+    /// The schema.
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn decode_all(&self, records: &[&[u8]]) -> Result<Option<RecordBatch>, arrow::error::ArrowError> {
+        let mut decoder = ReaderBuilder::new(self.schema.clone()).with_batch_size(records.len().max(1)).build_decoder()?;
+        for record in records {
+            let mut rest: &[u8] = record;
+            while !rest.is_empty() {
+                let read = decoder.decode(rest)?;
+                if read == 0 {
+                    break;
+                }
+                rest = &rest[read..];
+            }
+            // A record must be exactly one JSON value: an incomplete one is an error.
+            if decoder.has_partial_record() {
+                return Err(arrow::error::ArrowError::JsonError("incomplete JSON value".into()));
+            }
+        }
+        decoder.flush()
+    }
+
+    /// Decodes `records` (one JSON object each). Records that do not parse or do not fit the
+    /// schema are returned as failures with the reason; the rest form the batch, in order.
+    pub fn decode(&self, records: &[&[u8]]) -> (RecordBatch, Vec<DecodeFailure>) {
+        let empty = || RecordBatch::new_empty(self.schema.clone());
+        // Fast path: the whole batch at once.
+        if let Ok(batch) = self.decode_all(records) {
+            let batch = batch.unwrap_or_else(empty);
+            if batch.num_rows() == records.len() {
+                return (batch, Vec::new());
+            }
+        }
+        // Slow path: record by record, to find the bad ones.
+        let mut good = Vec::new();
+        let mut failures = Vec::new();
+        for (index, record) in records.iter().enumerate() {
+            match self.decode_all(std::slice::from_ref(record)) {
+                Ok(Some(batch)) if batch.num_rows() == 1 => good.push(batch),
+                Ok(_) => failures.push(DecodeFailure { index, reason: "not a JSON object".into() }),
+                Err(e) => failures.push(DecodeFailure { index, reason: clean(&e) }),
+            }
+        }
+        let batch = arrow::compute::concat_batches(&self.schema, &good).unwrap_or_else(|_| empty());
+        (batch, failures)
+    }
+}
+
+fn clean(e: &arrow::error::ArrowError) -> String {
+    let text = e.to_string();
+    text.strip_prefix("Json error: ").unwrap_or(&text).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{AsArray, TimestampMillisecondArray};
+
+    fn spec(yaml: &str) -> SchemaSpec {
+        crate::yaml::from_str(yaml, "test.yaml").expect("spec")
+    }
+
+    #[test]
+    fn decodes_timestamps_from_rfc3339_and_epoch_millis() {
+        let schema = to_schema(&spec("symbol: {type: utf8, nullable: false}\nprice: float64\nts: timestamp\n"));
+        let d = JsonDecoder::new(schema);
+        let records: Vec<&[u8]> = vec![
+            br#"{"symbol":"A","price":1.5,"ts":"2025-11-12T14:38:30.294758+00:00"}"#,
+            br#"{"symbol":"B","price":2,"ts":1762958310294}"#,
+        ];
+        let (batch, failures) = d.decode(&records);
+        assert!(failures.is_empty(), "{failures:?}");
+        let ts = batch.column(2).as_any().downcast_ref::<TimestampMillisecondArray>().expect("ts");
+        assert_eq!(ts.values().to_vec(), vec![1_762_958_310_294, 1_762_958_310_294]);
+        assert_eq!(batch.column(0).as_string::<i32>().value(1), "B");
+    }
+
+    #[test]
+    fn bad_records_are_reported_and_the_rest_kept() {
+        let schema = to_schema(&spec("symbol: {type: utf8, nullable: false}\nprice: float64\n"));
+        let d = JsonDecoder::new(schema);
+        let records: Vec<&[u8]> = vec![
+            br#"{"symbol":"A","price":1}"#,
+            br#"{"symbol":"B","price":"lots"}"#,
+            br#"not json"#,
+            br#"{"price":3}"#,
+            br#"{"symbol":"C","price":4"#,
+            br#"{"symbol":"D","price":5}"#,
+        ];
+        let (batch, failures) = d.decode(&records);
+        assert_eq!(batch.num_rows(), 2);
+        let bad: Vec<usize> = failures.iter().map(|f| f.index).collect();
+        assert_eq!(bad, [1, 2, 3, 4], "{failures:?}");
+        assert!(failures[0].reason.contains("price"), "{failures:?}");
+    }
+}

@@ -1,0 +1,18 @@
+//! Flowgate: Kafka → Arrow → WebAssembly transform plugins → Delta Lake and Parquet.
+//!
+//! # Layout
+//!
+//! - [`plugin`]: the wasmtime host. Loads plugin components through a compiled-artifact cache,
+//!   sandboxes them (call time limit, memory cap, no ambient I/O), and runs chains of steps.
+//! - [`decode`]: JSON records → Arrow batches with a declared schema; bad records are reported
+//!   one by one, never dropped silently.
+//! - [`yaml`]: YAML parsing with file, key path, line and column in every error.
+//! - [`cli`]: the `flowgate` command line; `main.rs` only parses arguments and calls it.
+//!
+//! The plugin contract lives in `wit/flowgate.wit`; plugins are written with the
+//! `flowgate-sdk` crate.
+
+pub mod cli;
+pub mod decode;
+pub mod plugin;
+pub mod yaml;

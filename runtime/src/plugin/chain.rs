@@ -1,0 +1,91 @@
+//! A chain of steps: each step's output feeds the next; watermarks flow down the chain, and what
+//! a step emits on a watermark passes through the steps after it before they see that watermark.
+
+use arrow::array::UInt32Array;
+use arrow::compute::take_record_batch;
+use arrow::record_batch::RecordBatch;
+
+use super::{PluginError, Step};
+
+/// Rows one step refused, with a reason each.
+#[derive(Debug, Clone)]
+pub struct RejectedRows {
+    /// The step that refused them.
+    pub step: String,
+    /// The rows, with the step's input schema.
+    pub rows: RecordBatch,
+    /// One reason per row.
+    pub reasons: Vec<String>,
+}
+
+/// What the chain produced for one input batch or watermark.
+#[derive(Debug, Clone, Default)]
+pub struct ChainOutput {
+    /// Batches out of the last step.
+    pub batches: Vec<RecordBatch>,
+    /// Rows refused anywhere along the chain.
+    pub rejected: Vec<RejectedRows>,
+}
+
+/// Steps in order, for one partition.
+#[derive(Debug)]
+pub struct Chain {
+    steps: Vec<Step>,
+}
+
+impl Chain {
+    /// A chain of `steps`; each step's input schema must be the previous step's output schema.
+    pub fn new(steps: Vec<Step>) -> Self {
+        Chain { steps }
+    }
+
+    /// The steps.
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    /// The steps, mutably (to snapshot, restore or rebuild them).
+    pub fn steps_mut(&mut self) -> &mut [Step] {
+        &mut self.steps
+    }
+
+    /// Runs one batch through every step.
+    pub fn process(&mut self, batch: RecordBatch) -> Result<ChainOutput, PluginError> {
+        let mut out = ChainOutput::default();
+        out.batches = self.run_from(0, vec![batch], &mut out.rejected)?;
+        Ok(out)
+    }
+
+    /// Advances event time to `ts_ms` in every step, in order.
+    pub fn watermark(&mut self, ts_ms: i64) -> Result<ChainOutput, PluginError> {
+        let mut out = ChainOutput::default();
+        for i in 0..self.steps.len() {
+            let emitted = self.steps[i].on_watermark(ts_ms)?;
+            let batches = self.run_from(i + 1, emitted.batches, &mut out.rejected)?;
+            out.batches.extend(batches);
+        }
+        Ok(out)
+    }
+
+    fn run_from(&mut self, first: usize, mut batches: Vec<RecordBatch>, rejected: &mut Vec<RejectedRows>) -> Result<Vec<RecordBatch>, PluginError> {
+        for step in &mut self.steps[first..] {
+            let mut next = Vec::with_capacity(batches.len());
+            for batch in &batches {
+                let output = step.process(batch)?;
+                if !output.rejected.is_empty() {
+                    let indices = UInt32Array::from_iter_values(output.rejected.iter().map(|r| r.row as u32));
+                    let rows = take_record_batch(batch, &indices).map_err(|e| PluginError::Protocol {
+                        plugin: step.plugin().to_string(),
+                        step: step.name().to_string(),
+                        call: "process",
+                        message: format!("taking rejected rows: {e}"),
+                    })?;
+                    rejected.push(RejectedRows { step: step.name().to_string(), rows, reasons: output.rejected.into_iter().map(|r| r.reason).collect() });
+                }
+                next.extend(output.batches);
+            }
+            batches = next;
+        }
+        Ok(batches)
+    }
+}

@@ -1,0 +1,164 @@
+//! The WebAssembly plugin host: loads plugin components (through the compiled-plugin cache),
+//! sandboxes them, and runs their calls with a time limit and a memory cap.
+//!
+//! One [`PluginHost`] per process owns the wasmtime engine and its epoch ticker. A [`Plugin`] is
+//! one compiled `.wasm`; each pipeline step and partition gets its own [`Step`] (a store, an
+//! instance and the plugin's `transformer` resource), reused across batches.
+
+mod cache;
+mod chain;
+mod error;
+mod step;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use wasmtime::component::Linker;
+use wasmtime::{Config, Engine};
+
+pub use cache::{COMPILATIONS, LoadStats, default_dir as default_cache_dir};
+pub use chain::{Chain, ChainOutput, RejectedRows};
+pub use error::{ErrorKind, PluginError, PluginFault};
+pub use step::{Grants, Rejection, Step, StepOutput};
+
+use step::HostState;
+
+/// Generated from `wit/flowgate.wit`.
+pub(crate) mod bindings {
+    wasmtime::component::bindgen!({
+        world: "plugin",
+        path: "../wit",
+    });
+}
+
+/// Engine-wide limits for plugin calls.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Folder for compiled artifacts; `None` compiles every time.
+    pub cache_dir: Option<PathBuf>,
+    /// Longest a single call may run before it is interrupted.
+    pub call_timeout: Duration,
+    /// Most linear memory one instance may hold, in bytes.
+    pub memory_limit: usize,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig { cache_dir: default_cache_dir(), call_timeout: Duration::from_secs(5), memory_limit: 256 << 20 }
+    }
+}
+
+/// How often the epoch ticks: the granularity of call time limits.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The process-wide plugin host.
+pub struct PluginHost {
+    engine: Engine,
+    linker: Arc<Linker<HostState>>,
+    config: HostConfig,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for PluginHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginHost").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl PluginHost {
+    /// Builds the engine, the sandboxed linker and the epoch ticker.
+    pub fn new(config: HostConfig) -> Result<Self, PluginError> {
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true);
+        wasm.epoch_interruption(true);
+        wasm.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine = Engine::new(&wasm).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        let linker = step::linker(&engine).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (ticking, stop) = (engine.weak(), ticker_stop.clone());
+        std::thread::Builder::new()
+            .name("flowgate-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match ticking.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
+        Ok(PluginHost { engine, linker: Arc::new(linker), config, ticker_stop })
+    }
+
+    /// The host's limits.
+    pub fn config(&self) -> &HostConfig {
+        &self.config
+    }
+
+    /// Loads a plugin file, compiling it only if the cache has no artifact for it.
+    pub fn load(&self, path: &Path) -> Result<Plugin, PluginError> {
+        let wasm = std::fs::read(path).map_err(|source| PluginError::Read { path: path.to_path_buf(), source })?;
+        let (component, stats) = cache::load(&self.engine, self.config.cache_dir.as_deref(), path, &wasm)?;
+        let invalid = |e: wasmtime::Error| PluginError::Invalid { path: path.to_path_buf(), message: format!("{e:#}") };
+        let pre = self.linker.instantiate_pre(&component).map_err(invalid)?;
+        let pre = bindings::PluginPre::new(pre).map_err(invalid)?;
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_string();
+        Ok(Plugin { inner: Arc::new(step::Loaded { name, path: path.to_path_buf(), pre, engine: self.engine.clone(), config: self.config.clone() }), stats })
+    }
+}
+
+impl Drop for PluginHost {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A compiled plugin, ready to instantiate.
+#[derive(Clone)]
+pub struct Plugin {
+    inner: Arc<step::Loaded>,
+    stats: LoadStats,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin").field("name", &self.inner.name).field("path", &self.inner.path).finish_non_exhaustive()
+    }
+}
+
+/// What a plugin says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginInfo {
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// Version of its snapshot bytes.
+    pub state_version: u32,
+}
+
+impl Plugin {
+    /// The plugin's name (its file stem).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// How it was loaded (compiled or from the cache, and how long it took).
+    pub fn load_stats(&self) -> LoadStats {
+        self.stats
+    }
+
+    /// Asks the plugin for its name, version and state version.
+    pub fn info(&self) -> Result<PluginInfo, PluginError> {
+        self.inner.info()
+    }
+
+    /// Creates a step: a fresh sandboxed instance, configured with `config_json` (the YAML
+    /// `config:` block as JSON) for batches of `input`.
+    pub fn instantiate(&self, step: &str, config_json: &str, input: &arrow::datatypes::SchemaRef, grants: Grants) -> Result<Step, PluginError> {
+        Step::new(self.inner.clone(), step, config_json, input, grants)
+    }
+}

@@ -1,0 +1,79 @@
+//! Every plugin scenario, run natively and through the compiled `.wasm` in the host: the
+//! transcripts (output rows, rejected rows with reasons, errors) must be identical.
+
+mod common;
+
+use arrow::record_batch::RecordBatch;
+use flowgate::plugin::{Plugin, PluginError, PluginFault, Step};
+use flowgate_sdk::testing::{Instance, Scenario};
+use flowgate_sdk::{Error, Output, Rejected, Transform};
+
+struct Wasm(Step);
+
+fn sdk_error(e: PluginError) -> Error {
+    match e {
+        PluginError::Plugin { fault: PluginFault::InvalidConfig(m), .. } => Error::InvalidConfig(m),
+        PluginError::Plugin { fault: PluginFault::BadInput(m), .. } => Error::BadInput(m),
+        PluginError::Plugin { fault: PluginFault::Internal(m), .. } => Error::Internal(m),
+        other => Error::Internal(format!("host: {other}")),
+    }
+}
+
+impl Instance for Wasm {
+    fn process(&mut self, batch: RecordBatch) -> flowgate_sdk::Result<Output> {
+        let out = self.0.process(&batch).map_err(sdk_error)?;
+        Ok(Output { batches: out.batches, rejected: out.rejected.into_iter().map(|r| Rejected { row: r.row as u32, reason: r.reason }).collect() })
+    }
+    fn on_watermark(&mut self, ts_ms: i64) -> flowgate_sdk::Result<Output> {
+        let out = self.0.on_watermark(ts_ms).map_err(sdk_error)?;
+        Ok(Output { batches: out.batches, rejected: vec![] })
+    }
+    fn snapshot(&mut self) -> flowgate_sdk::Result<Vec<u8>> {
+        self.0.snapshot().map_err(sdk_error)
+    }
+    fn restore(&mut self, state: &[u8]) -> flowgate_sdk::Result<()> {
+        self.0.restore(state).map_err(sdk_error)
+    }
+}
+
+fn compare<T: Transform>(wasm: &str, scenarios: Vec<Scenario>) {
+    let host = common::host();
+    let plugin: Plugin = host.load(&common::plugin(wasm)).expect("load plugin");
+    assert!(!scenarios.is_empty());
+    for scenario in scenarios {
+        let native = scenario.run_native::<T>();
+        let in_wasm = scenario.run(|| plugin.instantiate(scenario.name, scenario.config, &scenario.schema, Default::default()).map(Wasm).map_err(sdk_error));
+        assert!(!native.is_empty(), "scenario `{}` produced nothing", scenario.name);
+        assert_eq!(native, in_wasm, "scenario `{}`: native (left) and wasm (right) differ", scenario.name);
+    }
+}
+
+#[test]
+fn validate_wasm_matches_native() {
+    compare::<flowgate_validate::Validate>("flowgate_validate", flowgate_validate::scenarios::scenarios());
+}
+
+#[test]
+fn dedup_wasm_matches_native() {
+    compare::<flowgate_dedup::Dedup>("flowgate_dedup", flowgate_dedup::scenarios::scenarios());
+}
+
+#[test]
+fn window_wasm_matches_native() {
+    compare::<flowgate_window::Window>("flowgate_window", flowgate_window::scenarios::scenarios());
+}
+
+#[test]
+fn pct_change_wasm_matches_native() {
+    compare::<flowgate_pct_change::PctChange>("flowgate_pct_change", flowgate_pct_change::scenarios::scenarios());
+}
+
+#[test]
+fn plugins_describe_themselves() {
+    let host = common::host();
+    let info = host.load(&common::plugin("flowgate_window")).expect("load").info().expect("info");
+    assert_eq!(info.name, "window");
+    assert_eq!(info.state_version, 1);
+    let info = host.load(&common::plugin("flowgate_validate")).expect("load").info().expect("info");
+    assert_eq!((info.name.as_str(), info.state_version), ("validate", 0));
+}
