@@ -73,7 +73,10 @@ pub fn to_schema(spec: &SchemaSpec) -> SchemaRef {
         .iter()
         .map(|(name, f)| match f {
             FieldSpec::Short(t) => Field::new(name, t.data_type(), true),
-            FieldSpec::Long { field_type, nullable } => Field::new(name, field_type.data_type(), *nullable),
+            FieldSpec::Long {
+                field_type,
+                nullable,
+            } => Field::new(name, field_type.data_type(), *nullable),
         })
         .collect();
     Arc::new(Schema::new(fields))
@@ -105,8 +108,13 @@ impl JsonDecoder {
         &self.schema
     }
 
-    fn decode_all(&self, records: &[&[u8]]) -> Result<Option<RecordBatch>, arrow::error::ArrowError> {
-        let mut decoder = ReaderBuilder::new(self.schema.clone()).with_batch_size(records.len().max(1)).build_decoder()?;
+    fn decode_all(
+        &self,
+        records: &[&[u8]],
+    ) -> Result<Option<RecordBatch>, arrow::error::ArrowError> {
+        let mut decoder = ReaderBuilder::new(self.schema.clone())
+            .with_batch_size(records.len().max(1))
+            .build_decoder()?;
         for record in records {
             let mut rest: &[u8] = record;
             while !rest.is_empty() {
@@ -118,7 +126,9 @@ impl JsonDecoder {
             }
             // A record must be exactly one JSON value: an incomplete one is an error.
             if decoder.has_partial_record() {
-                return Err(arrow::error::ArrowError::JsonError("incomplete JSON value".into()));
+                return Err(arrow::error::ArrowError::JsonError(
+                    "incomplete JSON value".into(),
+                ));
             }
         }
         decoder.flush()
@@ -141,8 +151,14 @@ impl JsonDecoder {
         for (index, record) in records.iter().enumerate() {
             match self.decode_all(std::slice::from_ref(record)) {
                 Ok(Some(batch)) if batch.num_rows() == 1 => good.push(batch),
-                Ok(_) => failures.push(DecodeFailure { index, reason: "not a JSON object".into() }),
-                Err(e) => failures.push(DecodeFailure { index, reason: clean(&e) }),
+                Ok(_) => failures.push(DecodeFailure {
+                    index,
+                    reason: "not a JSON object".into(),
+                }),
+                Err(e) => failures.push(DecodeFailure {
+                    index,
+                    reason: clean(&e),
+                }),
             }
         }
         let batch = arrow::compute::concat_batches(&self.schema, &good).unwrap_or_else(|_| empty());
@@ -152,7 +168,9 @@ impl JsonDecoder {
 
 fn clean(e: &arrow::error::ArrowError) -> String {
     let text = e.to_string();
-    text.strip_prefix("Json error: ").unwrap_or(&text).to_string()
+    text.strip_prefix("Json error: ")
+        .unwrap_or(&text)
+        .to_string()
 }
 
 #[cfg(test)]
@@ -166,7 +184,9 @@ mod tests {
 
     #[test]
     fn decodes_timestamps_from_rfc3339_and_epoch_millis() {
-        let schema = to_schema(&spec("symbol: {type: utf8, nullable: false}\nprice: float64\nts: timestamp\n"));
+        let schema = to_schema(&spec(
+            "symbol: {type: utf8, nullable: false}\nprice: float64\nts: timestamp\n",
+        ));
         let d = JsonDecoder::new(schema);
         let records: Vec<&[u8]> = vec![
             br#"{"symbol":"A","price":1.5,"ts":"2025-11-12T14:38:30.294758+00:00"}"#,
@@ -174,14 +194,23 @@ mod tests {
         ];
         let (batch, failures) = d.decode(&records);
         assert!(failures.is_empty(), "{failures:?}");
-        let ts = batch.column(2).as_any().downcast_ref::<TimestampMillisecondArray>().expect("ts");
-        assert_eq!(ts.values().to_vec(), vec![1_762_958_310_294, 1_762_958_310_294]);
+        let ts = batch
+            .column(2)
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .expect("ts");
+        assert_eq!(
+            ts.values().to_vec(),
+            vec![1_762_958_310_294, 1_762_958_310_294]
+        );
         assert_eq!(batch.column(0).as_string::<i32>().value(1), "B");
     }
 
     #[test]
     fn bad_records_are_reported_and_the_rest_kept() {
-        let schema = to_schema(&spec("symbol: {type: utf8, nullable: false}\nprice: float64\n"));
+        let schema = to_schema(&spec(
+            "symbol: {type: utf8, nullable: false}\nprice: float64\n",
+        ));
         let d = JsonDecoder::new(schema);
         let records: Vec<&[u8]> = vec![
             br#"{"symbol":"A","price":1}"#,

@@ -23,7 +23,10 @@ pub fn from_str<T: DeserializeOwned>(text: &str, file: &str) -> Result<T, YamlEr
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let location = inner.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default();
+        let location = inner
+            .location()
+            .map(|l| format!(":{}:{}", l.line(), l.column()))
+            .unwrap_or_default();
         let mut message = inner.to_string();
         // serde_norway appends " at line L column C", which `location` already says.
         if let Some(i) = message.find(" at line ") {
@@ -32,7 +35,11 @@ pub fn from_str<T: DeserializeOwned>(text: &str, file: &str) -> Result<T, YamlEr
         YamlError {
             file: file.to_string(),
             location,
-            path_prefix: if path == "." || path.is_empty() { String::new() } else { format!("at `{path}`: ") },
+            path_prefix: if path == "." || path.is_empty() {
+                String::new()
+            } else {
+                format!("at `{path}`: ")
+            },
             message,
         }
     })

@@ -12,19 +12,27 @@ use flowgate::plugin::{HostConfig, PluginHost};
 pub fn plugin_dir() -> PathBuf {
     std::env::var_os("FLOWGATE_PLUGIN_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/plugin"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/plugin")
+        })
 }
 
 /// Path of a compiled plugin, e.g. `plugin("flowgate_validate")`.
 pub fn plugin(name: &str) -> PathBuf {
     let path = plugin_dir().join(format!("{name}.wasm"));
-    assert!(path.is_file(), "{} is missing: run `make plugins test-plugins` (or `make test`)", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make plugins test-plugins` (or `make test`)",
+        path.display()
+    );
     path
 }
 
 fn shared_cache() -> PathBuf {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir")).path().to_path_buf()
+    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"))
+        .path()
+        .to_path_buf()
 }
 
 /// A host with default limits and a cache shared by this test binary.
@@ -34,5 +42,10 @@ pub fn host() -> PluginHost {
 
 /// A host with the given call time limit and memory cap.
 pub fn host_with(call_timeout: Duration, memory_limit: usize) -> PluginHost {
-    PluginHost::new(HostConfig { cache_dir: Some(shared_cache()), call_timeout, memory_limit }).expect("host")
+    PluginHost::new(HostConfig {
+        cache_dir: Some(shared_cache()),
+        call_timeout,
+        memory_limit,
+    })
+    .expect("host")
 }

@@ -12,8 +12,18 @@ use arrow::record_batch::RecordBatch;
 use flowgate::plugin::{ErrorKind, Grants, PluginError};
 
 fn input() -> (SchemaRef, RecordBatch) {
-    let schema = Arc::new(Schema::new(vec![Field::new("symbol", DataType::Utf8, false), Field::new("n", DataType::Int64, false)]));
-    let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(vec!["A", "B"])), Arc::new(Int64Array::from(vec![1, 2]))]).expect("batch");
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("symbol", DataType::Utf8, false),
+        Field::new("n", DataType::Int64, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(vec!["A", "B"])),
+            Arc::new(Int64Array::from(vec![1, 2])),
+        ],
+    )
+    .expect("batch");
     (schema, batch)
 }
 
@@ -21,30 +31,61 @@ fn input() -> (SchemaRef, RecordBatch) {
 fn a_plugin_that_loops_forever_is_stopped_at_its_deadline() {
     let host = common::host_with(Duration::from_millis(300), 256 << 20);
     let (schema, batch) = input();
-    let plugin = host.load(&common::plugin("flowgate_test_spin")).expect("load");
-    let mut step = plugin.instantiate("spinner", "{}", &schema, Grants::default()).expect("create");
+    let plugin = host
+        .load(&common::plugin("flowgate_test_spin"))
+        .expect("load");
+    let mut step = plugin
+        .instantiate("spinner", "{}", &schema, Grants::default())
+        .expect("create");
     let start = Instant::now();
     let err = step.process(&batch).expect_err("must not return normally");
     let took = start.elapsed();
     assert!(matches!(err, PluginError::Timeout { .. }), "{err}");
-    assert_eq!(err.to_string(), "step `spinner` (plugin `flowgate_test_spin`) process ran past its time limit of 300ms and was stopped; the instance was discarded");
-    assert!(took < Duration::from_secs(10), "stopped only after {took:?}");
-    assert!(matches!(step.process(&batch), Err(PluginError::Discarded { .. })));
+    assert_eq!(
+        err.to_string(),
+        "step `spinner` (plugin `flowgate_test_spin`) process ran past its time limit of 300ms and was stopped; the instance was discarded"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "stopped only after {took:?}"
+    );
+    assert!(matches!(
+        step.process(&batch),
+        Err(PluginError::Discarded { .. })
+    ));
 }
 
 #[test]
 fn a_plugin_past_its_memory_cap_fails_and_the_host_carries_on() {
     let host = common::host_with(Duration::from_secs(5), 64 << 20);
     let (schema, batch) = input();
-    let plugin = host.load(&common::plugin("flowgate_test_hog")).expect("load");
+    let plugin = host
+        .load(&common::plugin("flowgate_test_hog"))
+        .expect("load");
 
-    let mut small = plugin.instantiate("small", r#"{"mb": 8}"#, &schema, Grants::default()).expect("create");
-    assert_eq!(small.process(&batch).expect("8 MiB fits under 64 MiB").batches.len(), 1);
+    let mut small = plugin
+        .instantiate("small", r#"{"mb": 8}"#, &schema, Grants::default())
+        .expect("create");
+    assert_eq!(
+        small
+            .process(&batch)
+            .expect("8 MiB fits under 64 MiB")
+            .batches
+            .len(),
+        1
+    );
 
-    let mut hog = plugin.instantiate("hog", r#"{"mb": 512}"#, &schema, Grants::default()).expect("create");
+    let mut hog = plugin
+        .instantiate("hog", r#"{"mb": 512}"#, &schema, Grants::default())
+        .expect("create");
     let err = hog.process(&batch).expect_err("512 MiB is over the cap");
     match &err {
-        PluginError::MemoryLimit { step, limit_mib, requested_mib, .. } => {
+        PluginError::MemoryLimit {
+            step,
+            limit_mib,
+            requested_mib,
+            ..
+        } => {
             assert_eq!(step, "hog");
             assert_eq!(*limit_mib, 64);
             assert!(*requested_mib > 64, "{err}");
@@ -54,11 +95,17 @@ fn a_plugin_past_its_memory_cap_fails_and_the_host_carries_on() {
     assert_eq!(err.kind(), ErrorKind::Internal);
     // The instance is discarded; a rebuilt one works (an empty batch allocates nothing).
     let empty = batch.slice(0, 0);
-    assert!(matches!(hog.process(&empty), Err(PluginError::Discarded { .. })));
+    assert!(matches!(
+        hog.process(&empty),
+        Err(PluginError::Discarded { .. })
+    ));
     hog.rebuild(None).expect("rebuild");
     hog.process(&empty).expect("rebuilt instance works");
     // Other instances were never harmed.
-    assert_eq!(small.process(&batch).expect("still fine").batches[0].num_rows(), 2);
+    assert_eq!(
+        small.process(&batch).expect("still fine").batches[0].num_rows(),
+        2
+    );
 }
 
 #[test]
@@ -71,27 +118,54 @@ fn a_plugin_gets_no_files_no_environment_no_network_and_no_clock() {
     };
     let host = common::host();
     let (schema, batch) = input();
-    let plugin = host.load(&common::plugin("flowgate_test_escape")).expect("load");
-    let mut step = plugin.instantiate("escape", "{}", &schema, Grants::default()).expect("create");
+    let plugin = host
+        .load(&common::plugin("flowgate_test_escape"))
+        .expect("load");
+    let mut step = plugin
+        .instantiate("escape", "{}", &schema, Grants::default())
+        .expect("create");
     let out = step.process(&batch).expect("process");
     let probes = &out.batches[0];
     let names = probes.column(0).as_string::<i32>();
     let outcomes = probes.column(1).as_string::<i32>();
     let outcome = |probe: &str| -> String {
-        (0..probes.num_rows()).find(|&i| names.value(i) == probe).map(|i| outcomes.value(i).to_string()).unwrap_or_else(|| panic!("no probe {probe}"))
+        (0..probes.num_rows())
+            .find(|&i| names.value(i) == probe)
+            .map(|i| outcomes.value(i).to_string())
+            .unwrap_or_else(|| panic!("no probe {probe}"))
     };
-    for probe in ["read /etc/hostname", "list /", "write /tmp", "env FLOWGATE_SECRET", "tcp connect"] {
-        assert!(outcome(probe).starts_with("denied"), "{probe}: {}", outcome(probe));
+    for probe in [
+        "read /etc/hostname",
+        "list /",
+        "write /tmp",
+        "env FLOWGATE_SECRET",
+        "tcp connect",
+    ] {
+        assert!(
+            outcome(probe).starts_with("denied"),
+            "{probe}: {}",
+            outcome(probe)
+        );
     }
     assert_eq!(outcome("env vars"), "0 visible");
     assert_eq!(outcome("clock"), "0 s since epoch");
     assert!(!std::path::Path::new("/tmp/flowgate-escape").exists());
 
     // With the clock granted, the plugin sees real time.
-    let mut granted = plugin.instantiate("escape", "{}", &schema, Grants { clock: true }).expect("create");
+    let mut granted = plugin
+        .instantiate("escape", "{}", &schema, Grants { clock: true })
+        .expect("create");
     let out = granted.process(&batch).expect("process");
-    let clock = out.batches[0].column(1).as_string::<i32>().value(5).to_string();
-    let secs: u64 = clock.split(' ').next().and_then(|s| s.parse().ok()).expect("seconds");
+    let clock = out.batches[0]
+        .column(1)
+        .as_string::<i32>()
+        .value(5)
+        .to_string();
+    let secs: u64 = clock
+        .split(' ')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("seconds");
     assert!(secs > 1_700_000_000, "{clock}");
 }
 
@@ -99,8 +173,12 @@ fn a_plugin_gets_no_files_no_environment_no_network_and_no_clock() {
 fn a_batch_that_does_not_match_the_declared_schema_is_a_clear_error() {
     let host = common::host();
     let (schema, batch) = input();
-    let plugin = host.load(&common::plugin("flowgate_test_badschema")).expect("load");
-    let mut step = plugin.instantiate("liar", "{}", &schema, Grants::default()).expect("create");
+    let plugin = host
+        .load(&common::plugin("flowgate_test_badschema"))
+        .expect("load");
+    let mut step = plugin
+        .instantiate("liar", "{}", &schema, Grants::default())
+        .expect("create");
     assert_eq!(step.output_schema().field(0).name(), "count");
     let err = step.process(&batch).expect_err("must be refused");
     let text = err.to_string();
@@ -113,10 +191,22 @@ fn a_batch_that_does_not_match_the_declared_schema_is_a_clear_error() {
 fn config_errors_name_the_plugin_step_and_key() {
     let host = common::host();
     let (schema, _) = input();
-    let plugin = host.load(&common::plugin("flowgate_validate")).expect("load");
-    let err = plugin.instantiate("check", r#"{"rules":{"prize":{"min":0}}}"#, &schema, Grants::default()).expect_err("bad column");
+    let plugin = host
+        .load(&common::plugin("flowgate_validate"))
+        .expect("load");
+    let err = plugin
+        .instantiate(
+            "check",
+            r#"{"rules":{"prize":{"min":0}}}"#,
+            &schema,
+            Grants::default(),
+        )
+        .expect_err("bad column");
     assert_eq!(err.kind(), ErrorKind::Config);
-    assert_eq!(err.to_string(), "step `check` (plugin `flowgate_validate`) create failed: invalid config: `rules.prize`: column `prize` is not in the input (columns: symbol, n)");
+    assert_eq!(
+        err.to_string(),
+        "step `check` (plugin `flowgate_validate`) create failed: invalid config: `rules.prize`: column `prize` is not in the input (columns: symbol, n)"
+    );
 }
 
 #[test]
@@ -127,7 +217,37 @@ fn a_file_that_is_not_a_plugin_is_a_clear_error() {
     std::fs::write(&path, b"not wasm at all").expect("write");
     let err = host.load(&path).expect_err("junk");
     assert_eq!(err.kind(), ErrorKind::Config);
-    assert!(err.to_string().starts_with(&format!("plugin `{}` is not a valid Flowgate plugin", path.display())), "{err}");
-    let err = host.load(&dir.path().join("missing.wasm")).expect_err("missing");
+    assert!(
+        err.to_string().starts_with(&format!(
+            "plugin `{}` is not a valid Flowgate plugin",
+            path.display()
+        )),
+        "{err}"
+    );
+    let err = host
+        .load(&dir.path().join("missing.wasm"))
+        .expect_err("missing");
     assert!(err.to_string().starts_with("cannot read plugin"), "{err}");
+}
+
+#[test]
+fn processing_time_rules_need_the_clock_grant() {
+    let host = common::host();
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "ts",
+        DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, Some("UTC".into())),
+        false,
+    )]));
+    let plugin = host
+        .load(&common::plugin("flowgate_validate"))
+        .expect("load");
+    let config = r#"{"rules":{"ts":{"max_future":"5m","relative_to":"processing_time"}}}"#;
+    let err = plugin
+        .instantiate("fresh", config, &schema, Grants::default())
+        .expect_err("no clock");
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.to_string().ends_with("invalid config: `rules.ts.relative_to`: `processing_time` needs a clock: grant it to this step (`grants: [clock]`)"), "{err}");
+    plugin
+        .instantiate("fresh", config, &schema, Grants { clock: true })
+        .expect("with the clock granted");
 }

@@ -12,9 +12,18 @@ struct Wasm(Step);
 
 fn sdk_error(e: PluginError) -> Error {
     match e {
-        PluginError::Plugin { fault: PluginFault::InvalidConfig(m), .. } => Error::InvalidConfig(m),
-        PluginError::Plugin { fault: PluginFault::BadInput(m), .. } => Error::BadInput(m),
-        PluginError::Plugin { fault: PluginFault::Internal(m), .. } => Error::Internal(m),
+        PluginError::Plugin {
+            fault: PluginFault::InvalidConfig(m),
+            ..
+        } => Error::InvalidConfig(m),
+        PluginError::Plugin {
+            fault: PluginFault::BadInput(m),
+            ..
+        } => Error::BadInput(m),
+        PluginError::Plugin {
+            fault: PluginFault::Internal(m),
+            ..
+        } => Error::Internal(m),
         other => Error::Internal(format!("host: {other}")),
     }
 }
@@ -22,11 +31,24 @@ fn sdk_error(e: PluginError) -> Error {
 impl Instance for Wasm {
     fn process(&mut self, batch: RecordBatch) -> flowgate_sdk::Result<Output> {
         let out = self.0.process(&batch).map_err(sdk_error)?;
-        Ok(Output { batches: out.batches, rejected: out.rejected.into_iter().map(|r| Rejected { row: r.row as u32, reason: r.reason }).collect() })
+        Ok(Output {
+            batches: out.batches,
+            rejected: out
+                .rejected
+                .into_iter()
+                .map(|r| Rejected {
+                    row: r.row as u32,
+                    reason: r.reason,
+                })
+                .collect(),
+        })
     }
     fn on_watermark(&mut self, ts_ms: i64) -> flowgate_sdk::Result<Output> {
         let out = self.0.on_watermark(ts_ms).map_err(sdk_error)?;
-        Ok(Output { batches: out.batches, rejected: vec![] })
+        Ok(Output {
+            batches: out.batches,
+            rejected: vec![],
+        })
     }
     fn snapshot(&mut self) -> flowgate_sdk::Result<Vec<u8>> {
         self.0.snapshot().map_err(sdk_error)
@@ -42,15 +64,36 @@ fn compare<T: Transform>(wasm: &str, scenarios: Vec<Scenario>) {
     assert!(!scenarios.is_empty());
     for scenario in scenarios {
         let native = scenario.run_native::<T>();
-        let in_wasm = scenario.run(|| plugin.instantiate(scenario.name, scenario.config, &scenario.schema, Default::default()).map(Wasm).map_err(sdk_error));
-        assert!(!native.is_empty(), "scenario `{}` produced nothing", scenario.name);
-        assert_eq!(native, in_wasm, "scenario `{}`: native (left) and wasm (right) differ", scenario.name);
+        let in_wasm = scenario.run(|| {
+            plugin
+                .instantiate(
+                    scenario.name,
+                    scenario.config,
+                    &scenario.schema,
+                    Default::default(),
+                )
+                .map(Wasm)
+                .map_err(sdk_error)
+        });
+        assert!(
+            !native.is_empty(),
+            "scenario `{}` produced nothing",
+            scenario.name
+        );
+        assert_eq!(
+            native, in_wasm,
+            "scenario `{}`: native (left) and wasm (right) differ",
+            scenario.name
+        );
     }
 }
 
 #[test]
 fn validate_wasm_matches_native() {
-    compare::<flowgate_validate::Validate>("flowgate_validate", flowgate_validate::scenarios::scenarios());
+    compare::<flowgate_validate::Validate>(
+        "flowgate_validate",
+        flowgate_validate::scenarios::scenarios(),
+    );
 }
 
 #[test]
@@ -65,15 +108,26 @@ fn window_wasm_matches_native() {
 
 #[test]
 fn pct_change_wasm_matches_native() {
-    compare::<flowgate_pct_change::PctChange>("flowgate_pct_change", flowgate_pct_change::scenarios::scenarios());
+    compare::<flowgate_pct_change::PctChange>(
+        "flowgate_pct_change",
+        flowgate_pct_change::scenarios::scenarios(),
+    );
 }
 
 #[test]
 fn plugins_describe_themselves() {
     let host = common::host();
-    let info = host.load(&common::plugin("flowgate_window")).expect("load").info().expect("info");
+    let info = host
+        .load(&common::plugin("flowgate_window"))
+        .expect("load")
+        .info()
+        .expect("info");
     assert_eq!(info.name, "window");
     assert_eq!(info.state_version, 1);
-    let info = host.load(&common::plugin("flowgate_validate")).expect("load").info().expect("info");
+    let info = host
+        .load(&common::plugin("flowgate_validate"))
+        .expect("load")
+        .info()
+        .expect("info");
     assert_eq!((info.name.as_str(), info.state_version), ("validate", 0));
 }

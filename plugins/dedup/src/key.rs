@@ -41,19 +41,31 @@ pub fn hash_column(column: &ArrayRef, hashes: &mut [u64]) -> Result<()> {
         DataType::Utf8 => {
             let a = column.as_string::<i32>();
             for (i, h) in hashes.iter_mut().enumerate() {
-                *h = if is_null(i) { *h ^ NULL_SEED_SALT } else { chain(a.value(i).as_bytes(), *h) };
+                *h = if is_null(i) {
+                    *h ^ NULL_SEED_SALT
+                } else {
+                    chain(a.value(i).as_bytes(), *h)
+                };
             }
         }
         DataType::LargeUtf8 => {
             let a = column.as_string::<i64>();
             for (i, h) in hashes.iter_mut().enumerate() {
-                *h = if is_null(i) { *h ^ NULL_SEED_SALT } else { chain(a.value(i).as_bytes(), *h) };
+                *h = if is_null(i) {
+                    *h ^ NULL_SEED_SALT
+                } else {
+                    chain(a.value(i).as_bytes(), *h)
+                };
             }
         }
         DataType::Boolean => {
             let a = column.as_boolean();
             for (i, h) in hashes.iter_mut().enumerate() {
-                *h = if is_null(i) { *h ^ NULL_SEED_SALT } else { chain(&[u8::from(a.value(i))], *h) };
+                *h = if is_null(i) {
+                    *h ^ NULL_SEED_SALT
+                } else {
+                    chain(&[u8::from(a.value(i))], *h)
+                };
             }
         }
         DataType::Float32 | DataType::Float64 => {
@@ -62,14 +74,28 @@ pub fn hash_column(column: &ArrayRef, hashes: &mut [u64]) -> Result<()> {
             for (i, h) in hashes.iter_mut().enumerate() {
                 // -0.0 and 0.0 are one key; every NaN is one key.
                 let v = a.value(i);
-                let v = if v == 0.0 { 0.0 } else if v.is_nan() { f64::NAN } else { v };
-                *h = if is_null(i) { *h ^ NULL_SEED_SALT } else { chain(&v.to_bits().to_le_bytes(), *h) };
+                let v = if v == 0.0 {
+                    0.0
+                } else if v.is_nan() {
+                    f64::NAN
+                } else {
+                    v
+                };
+                *h = if is_null(i) {
+                    *h ^ NULL_SEED_SALT
+                } else {
+                    chain(&v.to_bits().to_le_bytes(), *h)
+                };
             }
         }
         DataType::UInt64 => {
             let a = column.as_primitive::<arrow::datatypes::UInt64Type>();
             for (i, h) in hashes.iter_mut().enumerate() {
-                *h = if is_null(i) { *h ^ NULL_SEED_SALT } else { chain(&a.value(i).to_le_bytes(), *h) };
+                *h = if is_null(i) {
+                    *h ^ NULL_SEED_SALT
+                } else {
+                    chain(&a.value(i).to_le_bytes(), *h)
+                };
             }
         }
         t if check_type(t).is_ok() => {
@@ -80,7 +106,11 @@ pub fn hash_column(column: &ArrayRef, hashes: &mut [u64]) -> Result<()> {
             };
             let a = a.as_primitive::<Int64Type>();
             for (i, h) in hashes.iter_mut().enumerate() {
-                *h = if is_null(i) { *h ^ NULL_SEED_SALT } else { chain(&a.value(i).to_le_bytes(), *h) };
+                *h = if is_null(i) {
+                    *h ^ NULL_SEED_SALT
+                } else {
+                    chain(&a.value(i).to_le_bytes(), *h)
+                };
             }
         }
         other => return Err(Error::bad_input(format!("{other} columns cannot be keys"))),

@@ -116,7 +116,10 @@ impl Transform for Dedup {
         if !is_event_time_type(data_type) {
             return Err(Error::config(
                 "event_time",
-                format!("column `{}` is {data_type}, not a timestamp", config.event_time),
+                format!(
+                    "column `{}` is {data_type}, not a timestamp",
+                    config.event_time
+                ),
             ));
         }
         let retention = config.retention.as_millis();

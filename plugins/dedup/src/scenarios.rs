@@ -2,9 +2,18 @@ use flowgate_sdk::testing::{Scenario, Step, schema};
 
 /// The scripted runs.
 pub fn scenarios() -> Vec<Scenario> {
-    let ticks = schema(&[("symbol", "utf8", true), ("price", "float64", true), ("ts", "timestamp", true)]);
+    let ticks = schema(&[
+        ("symbol", "utf8", true),
+        ("price", "float64", true),
+        ("ts", "timestamp", true),
+    ]);
     let config = r#"{"key":["symbol","ts"],"event_time":"ts","retention":"1m"}"#;
-    let bad = |name, config| Scenario { name, config, schema: ticks.clone(), steps: vec![] };
+    let bad = |name, config| Scenario {
+        name,
+        config,
+        schema: ticks.clone(),
+        steps: vec![],
+    };
     vec![
         Scenario {
             name: "dedup",
@@ -39,9 +48,21 @@ pub fn scenarios() -> Vec<Scenario> {
             ],
         },
         bad("no key", r#"{"key":[],"event_time":"ts","retention":"1m"}"#),
-        bad("missing key column", r#"{"key":["symbol","tss"],"event_time":"ts","retention":"1m"}"#),
-        bad("event time not a time", r#"{"key":["symbol"],"event_time":"symbol","retention":"1m"}"#),
-        bad("zero retention", r#"{"key":["symbol"],"event_time":"ts","retention":"0s"}"#),
-        bad("missing retention", r#"{"key":["symbol"],"event_time":"ts"}"#),
+        bad(
+            "missing key column",
+            r#"{"key":["symbol","tss"],"event_time":"ts","retention":"1m"}"#,
+        ),
+        bad(
+            "event time not a time",
+            r#"{"key":["symbol"],"event_time":"symbol","retention":"1m"}"#,
+        ),
+        bad(
+            "zero retention",
+            r#"{"key":["symbol"],"event_time":"ts","retention":"0s"}"#,
+        ),
+        bad(
+            "missing retention",
+            r#"{"key":["symbol"],"event_time":"ts"}"#,
+        ),
     ]
 }

@@ -8,7 +8,10 @@ use crate::Dedup;
 use crate::scenarios::scenarios;
 
 fn run(name: &str) -> Vec<String> {
-    let scenario = scenarios().into_iter().find(|s| s.name == name).expect("scenario");
+    let scenario = scenarios()
+        .into_iter()
+        .find(|s| s.name == name)
+        .expect("scenario");
     scenario.run_native::<Dedup>()
 }
 
@@ -16,7 +19,8 @@ fn prices(lines: &[&str]) -> Vec<String> {
     lines
         .iter()
         .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l.split_once(" out ").expect("out line").1).expect("json");
+            let v: serde_json::Value =
+                serde_json::from_str(l.split_once(" out ").expect("out line").1).expect("json");
             v["price"].to_string()
         })
         .collect()
@@ -25,8 +29,15 @@ fn prices(lines: &[&str]) -> Vec<String> {
 #[test]
 fn duplicates_within_and_across_batches_are_dropped() {
     let t = run("dedup");
-    assert_eq!(prices(&lines_with(&t, "step 0 out")), ["1.0", "3.0", "4.0"], "{t:#?}");
-    assert_eq!(lines_with(&t, "step 0 rejected"), ["step 0 rejected 4: event time is null"]);
+    assert_eq!(
+        prices(&lines_with(&t, "step 0 out")),
+        ["1.0", "3.0", "4.0"],
+        "{t:#?}"
+    );
+    assert_eq!(
+        lines_with(&t, "step 0 rejected"),
+        ["step 0 rejected 4: event time is null"]
+    );
     assert_eq!(prices(&lines_with(&t, "step 1 out")), ["7.0"], "{t:#?}");
     assert!(lines_with(&t, "step 2 ").is_empty());
 }
@@ -40,29 +51,45 @@ fn state_survives_snapshot_and_restore() {
 #[test]
 fn keys_expire_with_the_watermark_and_null_is_a_key_value() {
     let t = run("dedup");
-    assert_eq!(prices(&lines_with(&t, "step 6 out")), ["10.0", "11.0", "13.0"], "{t:#?}");
+    assert_eq!(
+        prices(&lines_with(&t, "step 6 out")),
+        ["10.0", "11.0", "13.0"],
+        "{t:#?}"
+    );
 }
 
 #[test]
 fn config_errors_name_the_key() {
     let expect = [
         ("no key", "`key`: name at least one column"),
-        ("missing key column", "`key[1]`: column `tss` is not in the input"),
-        ("event time not a time", "`event_time`: column `symbol` is Utf8, not a timestamp"),
+        (
+            "missing key column",
+            "`key[1]`: column `tss` is not in the input",
+        ),
+        (
+            "event time not a time",
+            "`event_time`: column `symbol` is Utf8, not a timestamp",
+        ),
         ("zero retention", "`retention`: must be greater than zero"),
         ("missing retention", "missing field `retention`"),
     ];
     for (name, text) in expect {
         let t = run(name);
-        assert!(t[0].starts_with(&format!("create error: invalid config: {text}")), "{name}: {t:#?}");
+        assert!(
+            t[0].starts_with(&format!("create error: invalid config: {text}")),
+            "{name}: {t:#?}"
+        );
     }
 }
 
 #[test]
 fn state_stays_bounded_as_the_watermark_advances() {
-    let schema = flowgate_sdk::testing::schema(&[("symbol", "utf8", true), ("ts", "timestamp", false)]);
+    let schema =
+        flowgate_sdk::testing::schema(&[("symbol", "utf8", true), ("ts", "timestamp", false)]);
     let config = r#"{"key":["symbol","ts"],"event_time":"ts","retention":"10s"}"#;
-    let (mut dedup, _) = <Dedup as Transform>::create(flowgate_sdk::config::parse(config).expect("cfg"), &schema).expect("create");
+    let (mut dedup, _) =
+        <Dedup as Transform>::create(flowgate_sdk::config::parse(config).expect("cfg"), &schema)
+            .expect("create");
     let start = 1_700_000_000_000i64;
     let mut max_live = 0;
     // 200 batches of 1,000 distinct keys, one second of event time each.
@@ -71,7 +98,10 @@ fn state_stays_bounded_as_the_watermark_advances() {
         let symbols: Vec<String> = (0..1000).map(|i| format!("S{i}")).collect();
         let batch = RecordBatch::try_new(
             schema.clone(),
-            vec![Arc::new(StringArray::from(symbols)), Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC"))],
+            vec![
+                Arc::new(StringArray::from(symbols)),
+                Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
+            ],
         )
         .expect("batch");
         assert_eq!(dedup.process(batch).expect("process").num_rows(), 1000);

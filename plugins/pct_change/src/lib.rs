@@ -70,7 +70,10 @@ impl Transform for PctChange {
             let index = column_index(input, name, &format!("key[{i}]"))?;
             let data_type = input.field(index).data_type().clone();
             if !RowConverter::supports_fields(&[SortField::new(data_type.clone())]) {
-                return Err(Error::config(&format!("key[{i}]"), format!("{data_type} columns cannot be keys")));
+                return Err(Error::config(
+                    &format!("key[{i}]"),
+                    format!("{data_type} columns cannot be keys"),
+                ));
             }
             sort_fields.push(SortField::new(data_type));
             key_columns.push(index);
@@ -79,16 +82,34 @@ impl Transform for PctChange {
         let column = column_index(input, &config.column, "column")?;
         let data_type = input.field(column).data_type();
         if !is_numeric_type(data_type) {
-            return Err(Error::config("column", format!("column `{}` is {data_type}, not a number", config.column)));
+            return Err(Error::config(
+                "column",
+                format!("column `{}` is {data_type}, not a number", config.column),
+            ));
         }
         if input.index_of(&config.output).is_ok() {
-            return Err(Error::config("output", format!("column `{}` already exists in the input", config.output)));
+            return Err(Error::config(
+                "output",
+                format!("column `{}` already exists in the input", config.output),
+            ));
         }
         let mut fields: Vec<Field> = input.fields().iter().map(|f| f.as_ref().clone()).collect();
         fields.push(Field::new(&config.output, DataType::Float64, true));
-        let output: SchemaRef = Arc::new(Schema::new_with_metadata(fields, input.metadata().clone()));
-        let converter = if sort_fields.is_empty() { None } else { Some(RowConverter::new(sort_fields)?) };
-        let step = PctChange { key_columns, converter, order_by, column, output: output.clone(), previous: HashMap::new() };
+        let output: SchemaRef =
+            Arc::new(Schema::new_with_metadata(fields, input.metadata().clone()));
+        let converter = if sort_fields.is_empty() {
+            None
+        } else {
+            Some(RowConverter::new(sort_fields)?)
+        };
+        let step = PctChange {
+            key_columns,
+            converter,
+            order_by,
+            column,
+            output: output.clone(),
+            previous: HashMap::new(),
+        };
         Ok((step, output))
     }
 
@@ -96,7 +117,11 @@ impl Transform for PctChange {
         let n = batch.num_rows();
         let rows = match &self.converter {
             Some(c) => {
-                let columns: Vec<ArrayRef> = self.key_columns.iter().map(|&i| batch.column(i).clone()).collect();
+                let columns: Vec<ArrayRef> = self
+                    .key_columns
+                    .iter()
+                    .map(|&i| batch.column(i).clone())
+                    .collect();
                 Some(c.convert_columns(&columns)?)
             }
             None => None,
@@ -129,16 +154,30 @@ impl Transform for PctChange {
     }
 
     fn snapshot(&self) -> Result<Vec<u8>> {
-        let state = State { previous: self.previous.iter().map(|(k, v)| (k.to_vec(), *v)).collect() };
+        let state = State {
+            previous: self
+                .previous
+                .iter()
+                .map(|(k, v)| (k.to_vec(), *v))
+                .collect(),
+        };
         postcard::to_allocvec(&state).map_err(|e| Error::internal(format!("encoding state: {e}")))
     }
 
     fn restore(&mut self, version: u32, state: &[u8]) -> Result<()> {
         if version != Self::STATE_VERSION {
-            return Err(Error::bad_input(format!("pct_change reads state version {}, got {version}", Self::STATE_VERSION)));
+            return Err(Error::bad_input(format!(
+                "pct_change reads state version {}, got {version}",
+                Self::STATE_VERSION
+            )));
         }
-        let state: State = postcard::from_bytes(state).map_err(|e| Error::bad_input(format!("pct_change state is corrupt: {e}")))?;
-        self.previous = state.previous.into_iter().map(|(k, v)| (k.into_boxed_slice(), v)).collect();
+        let state: State = postcard::from_bytes(state)
+            .map_err(|e| Error::bad_input(format!("pct_change state is corrupt: {e}")))?;
+        self.previous = state
+            .previous
+            .into_iter()
+            .map(|(k, v)| (k.into_boxed_slice(), v))
+            .collect();
         Ok(())
     }
 }

@@ -74,7 +74,11 @@ impl Adapter {
             .batches
             .iter()
             .map(|b| {
-                arrow::record_batch::RecordBatch::try_new(self.output_schema.clone(), b.columns().to_vec()).map_err(|e| {
+                arrow::record_batch::RecordBatch::try_new(
+                    self.output_schema.clone(),
+                    b.columns().to_vec(),
+                )
+                .map_err(|e| {
                     Error::internal(format!(
                         "output does not match the declared output schema {}: got {} ({e})",
                         describe_schema(&self.output_schema),

@@ -15,7 +15,10 @@ pub fn column_index(schema: &Schema, name: &str, key: &str) -> Result<usize> {
         let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
         Error::config(
             key,
-            format!("column `{name}` is not in the input (columns: {})", names.join(", ")),
+            format!(
+                "column `{name}` is not in the input (columns: {})",
+                names.join(", ")
+            ),
         )
     })
 }
@@ -37,10 +40,15 @@ pub fn event_time_millis(batch: &RecordBatch, index: usize) -> Result<Int64Array
         DataType::Timestamp(TimeUnit::Millisecond, _) | DataType::Date64 => {
             cast(column, &DataType::Int64)?
         }
-        DataType::Timestamp(_, _) | DataType::Date32 => {
-            let ms = cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+        DataType::Timestamp(_, tz) => {
+            // Same zone, other unit: no time-zone arithmetic (and no tz database) needed.
+            let ms = cast(
+                column,
+                &DataType::Timestamp(TimeUnit::Millisecond, tz.clone()),
+            )?;
             cast(&ms, &DataType::Int64)?
         }
+        DataType::Date32 => cast(&cast(column, &DataType::Date64)?, &DataType::Int64)?,
         other => {
             return Err(Error::bad_input(format!(
                 "column {index} has type {other}, not a timestamp"
@@ -72,7 +80,11 @@ pub fn float64_column(batch: &RecordBatch, index: usize) -> Result<Float64Array>
 }
 
 /// A batch of `schema` with one extra nullable column at the end.
-pub fn append_column(batch: &RecordBatch, schema: &Arc<Schema>, column: ArrayRef) -> Result<RecordBatch> {
+pub fn append_column(
+    batch: &RecordBatch,
+    schema: &Arc<Schema>,
+    column: ArrayRef,
+) -> Result<RecordBatch> {
     let mut columns = batch.columns().to_vec();
     columns.push(column);
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
@@ -83,7 +95,14 @@ pub fn describe_schema(schema: &Schema) -> String {
     let fields: Vec<String> = schema
         .fields()
         .iter()
-        .map(|f| format!("{}: {}{}", f.name(), f.data_type(), if f.is_nullable() { "" } else { " not null" }))
+        .map(|f| {
+            format!(
+                "{}: {}{}",
+                f.name(),
+                f.data_type(),
+                if f.is_nullable() { "" } else { " not null" }
+            )
+        })
         .collect();
     format!("[{}]", fields.join(", "))
 }

@@ -2,8 +2,8 @@
 
 use std::fmt;
 
-use serde::de::{self, DeserializeOwned, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, DeserializeOwned, Deserializer, MapAccess, Visitor};
 
 use crate::{Error, Result};
 
@@ -57,15 +57,21 @@ impl Duration {
         let mut total: i64 = 0;
         let mut rest = s;
         while !rest.is_empty() {
-            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
             if digits == 0 {
-                return Err(format!("`{text}` is not a duration (expected e.g. `500ms`, `30s`, `5m`, `1h`, `7d`)"));
+                return Err(format!(
+                    "`{text}` is not a duration (expected e.g. `500ms`, `30s`, `5m`, `1h`, `7d`)"
+                ));
             }
             let n: i64 = rest[..digits]
                 .parse()
                 .map_err(|_| format!("`{text}`: number too large"))?;
             rest = &rest[digits..];
-            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
             let unit = match &rest[..unit_len] {
                 "ms" => 1,
                 "s" => 1_000,
@@ -90,7 +96,12 @@ impl Duration {
 
 impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let units = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1_000, "s")];
+        let units = [
+            (86_400_000, "d"),
+            (3_600_000, "h"),
+            (60_000, "m"),
+            (1_000, "s"),
+        ];
         for (size, unit) in units {
             if self.millis != 0 && self.millis % size == 0 {
                 return write!(f, "{}{unit}", self.millis / size);
@@ -182,8 +193,14 @@ mod tests {
     #[test]
     fn durations_parse() {
         assert_eq!(Duration::parse("500ms").map(Duration::as_millis), Ok(500));
-        assert_eq!(Duration::parse("1h30m").map(Duration::as_millis), Ok(5_400_000));
-        assert_eq!(Duration::parse("7d").map(Duration::as_millis), Ok(604_800_000));
+        assert_eq!(
+            Duration::parse("1h30m").map(Duration::as_millis),
+            Ok(5_400_000)
+        );
+        assert_eq!(
+            Duration::parse("7d").map(Duration::as_millis),
+            Ok(604_800_000)
+        );
         assert_eq!(Duration::parse("250").map(Duration::as_millis), Ok(250));
         assert!(Duration::parse("5 minutes").is_err());
         assert!(Duration::parse("m").is_err());
@@ -201,7 +218,10 @@ mod tests {
     #[test]
     fn config_errors_name_the_key() {
         let err = parse::<Cfg>(r#"{"size":"5x","cols":{}}"#).unwrap_err();
-        assert!(err.message().starts_with("`size`: `5x`: unknown unit `x`"), "{err}");
+        assert!(
+            err.message().starts_with("`size`: `5x`: unknown unit `x`"),
+            "{err}"
+        );
         let err = parse::<Cfg>(r#"{"size":"5m","cols":{"a":"x"}}"#).unwrap_err();
         assert!(err.message().starts_with("`cols.a`: invalid type"), "{err}");
         let err = parse::<Cfg>(r#"{"size":"5m","cols":{},"colz":1}"#).unwrap_err();

@@ -31,7 +31,11 @@ pub fn encode_batches(schema: &Schema, batches: &[RecordBatch]) -> Result<Vec<u8
     if batches.is_empty() {
         return Ok(Vec::new());
     }
-    let capacity = batches.iter().map(RecordBatch::get_array_memory_size).sum::<usize>() + 1024;
+    let capacity = batches
+        .iter()
+        .map(RecordBatch::get_array_memory_size)
+        .sum::<usize>()
+        + 1024;
     let mut writer = StreamWriter::try_new(Vec::with_capacity(capacity), schema)?;
     for batch in batches {
         writer.write(batch)?;
@@ -61,8 +65,12 @@ pub fn decode_one(bytes: Vec<u8>) -> Result<RecordBatch, ArrowError> {
     match (schema, batches.len()) {
         (_, 1) => Ok(batches.remove(0)),
         (Some(schema), 0) => Ok(RecordBatch::new_empty(schema)),
-        (None, _) => Err(ArrowError::IpcError("empty stream: no schema, no batch".into())),
-        (_, n) => Err(ArrowError::IpcError(format!("expected one batch, found {n}"))),
+        (None, _) => Err(ArrowError::IpcError(
+            "empty stream: no schema, no batch".into(),
+        )),
+        (_, n) => Err(ArrowError::IpcError(format!(
+            "expected one batch, found {n}"
+        ))),
     }
 }
 
@@ -91,7 +99,10 @@ mod tests {
         let (got_schema, got) = decode(bytes).unwrap();
         assert_eq!(got_schema.unwrap(), schema);
         assert_eq!(got, vec![batch.clone(), batch.slice(1, 2)]);
-        assert_eq!(decode_schema(&encode_schema(&schema).unwrap()).unwrap(), schema);
+        assert_eq!(
+            decode_schema(&encode_schema(&schema).unwrap()).unwrap(),
+            schema
+        );
         assert!(encode_batches(&schema, &[]).unwrap().is_empty());
         assert!(decode_one(vec![1, 2, 3]).is_err());
     }

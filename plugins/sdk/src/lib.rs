@@ -95,7 +95,7 @@ macro_rules! export_transform {
                     ::flowgate_sdk::__private::create::<$plugin>(&config, &input_schema)
                 }
             }
-            ::flowgate_sdk::__export_plugin!(__FlowgatePlugin with_types_in ::flowgate_sdk::__private::bindings);
+            ::flowgate_sdk::__private::bindings::__export_plugin!(__FlowgatePlugin with_types_in ::flowgate_sdk::__private::bindings);
         };
     };
 }

@@ -3,8 +3,8 @@
 use std::io::Cursor;
 
 use arrow::datatypes::SchemaRef;
-use arrow_json::{ArrayWriter, ReaderBuilder};
 use arrow::record_batch::RecordBatch;
+use arrow_json::{ArrayWriter, ReaderBuilder};
 
 /// A batch of `schema` from JSON lines (timestamps as RFC 3339 strings or epoch milliseconds).
 ///
@@ -163,5 +163,9 @@ impl Scenario {
 
 /// Lines of `transcript` containing `needle`.
 pub fn lines_with<'a>(transcript: &'a [String], needle: &str) -> Vec<&'a str> {
-    transcript.iter().filter(|l| l.contains(needle)).map(String::as_str).collect()
+    transcript
+        .iter()
+        .filter(|l| l.contains(needle))
+        .map(String::as_str)
+        .collect()
 }

@@ -85,14 +85,26 @@ pub enum RelativeTo {
 
 enum Check {
     NotNull,
-    Min { bound: f64, exclusive: bool },
-    Max { bound: f64, exclusive: bool },
+    Min {
+        bound: f64,
+        exclusive: bool,
+    },
+    Max {
+        bound: f64,
+        exclusive: bool,
+    },
     Pattern(Regex),
     OneOfText(HashSet<String>),
     OneOfNumber(Vec<f64>),
     OneOfBool(Vec<bool>),
-    MaxFuture { millis: i64, relative_to: RelativeTo },
-    MaxAge { millis: i64, relative_to: RelativeTo },
+    MaxFuture {
+        millis: i64,
+        relative_to: RelativeTo,
+    },
+    MaxAge {
+        millis: i64,
+        relative_to: RelativeTo,
+    },
 }
 
 struct ColumnChecks {
@@ -121,7 +133,10 @@ impl Rule {
     fn build(self, key: &str, data_type: &DataType) -> Result<Vec<Check>> {
         let mut checks = Vec::new();
         let numeric = is_numeric_type(data_type);
-        let text = matches!(data_type, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+        let text = matches!(
+            data_type,
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+        );
         let need = |ok: bool, rule: &str, what: &str| {
             if ok {
                 Ok(())
@@ -138,44 +153,94 @@ impl Rule {
         if let (Some(lo), Some(hi)) = (self.min, self.max)
             && lo > hi
         {
-            return Err(Error::config(key, format!("min {lo} is greater than max {hi}")));
+            return Err(Error::config(
+                key,
+                format!("min {lo} is greater than max {hi}"),
+            ));
         }
         if let Some(bound) = self.min {
             need(numeric, "min", "numeric")?;
-            checks.push(Check::Min { bound, exclusive: self.min_exclusive });
+            checks.push(Check::Min {
+                bound,
+                exclusive: self.min_exclusive,
+            });
         } else if self.min_exclusive {
-            return Err(Error::config(&format!("{key}.min_exclusive"), "needs `min`"));
+            return Err(Error::config(
+                &format!("{key}.min_exclusive"),
+                "needs `min`",
+            ));
         }
         if let Some(bound) = self.max {
             need(numeric, "max", "numeric")?;
-            checks.push(Check::Max { bound, exclusive: self.max_exclusive });
+            checks.push(Check::Max {
+                bound,
+                exclusive: self.max_exclusive,
+            });
         } else if self.max_exclusive {
-            return Err(Error::config(&format!("{key}.max_exclusive"), "needs `max`"));
+            return Err(Error::config(
+                &format!("{key}.max_exclusive"),
+                "needs `max`",
+            ));
         }
         if let Some(pattern) = self.pattern {
             need(text, "pattern", "string")?;
-            let regex = Regex::new(&pattern)
-                .map_err(|e| Error::config(&format!("{key}.pattern"), format!("not a valid regex: {e}")))?;
+            let regex = Regex::new(&pattern).map_err(|e| {
+                Error::config(&format!("{key}.pattern"), format!("not a valid regex: {e}"))
+            })?;
             checks.push(Check::Pattern(regex));
         }
         if let Some(values) = self.one_of {
-            let bad = || Error::config(&format!("{key}.one_of"), format!("values must all be of the column's type ({data_type})"));
+            let bad = || {
+                Error::config(
+                    &format!("{key}.one_of"),
+                    format!("values must all be of the column's type ({data_type})"),
+                )
+            };
             if text {
-                let set = values.into_iter().map(|v| match v { Scalar::Text(s) => Ok(s), _ => Err(bad()) }).collect::<Result<_>>()?;
+                let set = values
+                    .into_iter()
+                    .map(|v| match v {
+                        Scalar::Text(s) => Ok(s),
+                        _ => Err(bad()),
+                    })
+                    .collect::<Result<_>>()?;
                 checks.push(Check::OneOfText(set));
             } else if numeric {
-                let nums = values.into_iter().map(|v| match v { Scalar::Number(n) => Ok(n), _ => Err(bad()) }).collect::<Result<_>>()?;
+                let nums = values
+                    .into_iter()
+                    .map(|v| match v {
+                        Scalar::Number(n) => Ok(n),
+                        _ => Err(bad()),
+                    })
+                    .collect::<Result<_>>()?;
                 checks.push(Check::OneOfNumber(nums));
             } else if *data_type == DataType::Boolean {
-                let bools = values.into_iter().map(|v| match v { Scalar::Bool(b) => Ok(b), _ => Err(bad()) }).collect::<Result<_>>()?;
+                let bools = values
+                    .into_iter()
+                    .map(|v| match v {
+                        Scalar::Bool(b) => Ok(b),
+                        _ => Err(bad()),
+                    })
+                    .collect::<Result<_>>()?;
                 checks.push(Check::OneOfBool(bools));
             } else {
-                return Err(Error::config(&format!("{key}.one_of"), format!("not supported for {data_type} columns")));
+                return Err(Error::config(
+                    &format!("{key}.one_of"),
+                    format!("not supported for {data_type} columns"),
+                ));
             }
         }
         let relative_to = self.relative_to;
         if self.max_future.is_some() || self.max_age.is_some() {
-            need(is_event_time_type(data_type), if self.max_future.is_some() { "max_future" } else { "max_age" }, "timestamp")?;
+            need(
+                is_event_time_type(data_type),
+                if self.max_future.is_some() {
+                    "max_future"
+                } else {
+                    "max_age"
+                },
+                "timestamp",
+            )?;
             if relative_to == RelativeTo::ProcessingTime && now_millis() < CLOCK_SANITY_MS {
                 return Err(Error::config(
                     &format!("{key}.relative_to"),
@@ -184,13 +249,22 @@ impl Rule {
             }
         }
         if let Some(d) = self.max_future {
-            checks.push(Check::MaxFuture { millis: d.as_millis(), relative_to });
+            checks.push(Check::MaxFuture {
+                millis: d.as_millis(),
+                relative_to,
+            });
         }
         if let Some(d) = self.max_age {
-            checks.push(Check::MaxAge { millis: d.as_millis(), relative_to });
+            checks.push(Check::MaxAge {
+                millis: d.as_millis(),
+                relative_to,
+            });
         }
         if checks.is_empty() {
-            return Err(Error::config(key, "no rule given (use not_null, min, max, pattern, one_of, max_future or max_age)"));
+            return Err(Error::config(
+                key,
+                "no rule given (use not_null, min, max, pattern, one_of, max_future or max_age)",
+            ));
         }
         Ok(checks)
     }
@@ -277,7 +351,14 @@ fn run_check(
                 }
             }
         }
-        Check::MaxFuture { millis, relative_to } | Check::MaxAge { millis, relative_to } => {
+        Check::MaxFuture {
+            millis,
+            relative_to,
+        }
+        | Check::MaxAge {
+            millis,
+            relative_to,
+        } => {
             let Some(reference) = reference(*relative_to) else {
                 return Ok(());
             };
@@ -292,9 +373,25 @@ fn run_check(
                     continue;
                 }
                 if future && *t > reference.saturating_add(*millis) {
-                    fail(i, format!("{} is more than {} ahead of {what} ({})", format_millis(*t), Duration::from_millis(*millis), format_millis(reference)));
+                    fail(
+                        i,
+                        format!(
+                            "{} is more than {} ahead of {what} ({})",
+                            format_millis(*t),
+                            Duration::from_millis(*millis),
+                            format_millis(reference)
+                        ),
+                    );
                 } else if !future && *t < reference.saturating_sub(*millis) {
-                    fail(i, format!("{} is more than {} behind {what} ({})", format_millis(*t), Duration::from_millis(*millis), format_millis(reference)));
+                    fail(
+                        i,
+                        format!(
+                            "{} is more than {} behind {what} ({})",
+                            format_millis(*t),
+                            Duration::from_millis(*millis),
+                            format_millis(reference)
+                        ),
+                    );
                 }
             }
         }
@@ -324,9 +421,19 @@ impl Transform for Validate {
             let key = format!("rules.{name}");
             let index = column_index(input, &name, &key)?;
             let checks = rule.build(&key, input.field(index).data_type())?;
-            columns.push(ColumnChecks { name, index, checks });
+            columns.push(ColumnChecks {
+                name,
+                index,
+                checks,
+            });
         }
-        Ok((Validate { columns, watermark: None }, input.clone()))
+        Ok((
+            Validate {
+                columns,
+                watermark: None,
+            },
+            input.clone(),
+        ))
     }
 
     fn process(&mut self, batch: RecordBatch) -> Result<Output> {

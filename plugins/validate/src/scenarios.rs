@@ -43,7 +43,9 @@ pub fn scenarios() -> Vec<Scenario> {
                     r#"{"symbol":"AAPL","price":1,"volume":1,"ts":"2025-11-10T14:40:00Z"}"#,
                 ]),
                 Step::SnapshotRestore,
-                Step::Process(vec![r#"{"symbol":"ZZ","price":2,"volume":0,"ts":"2025-11-12T14:40:00Z"}"#]),
+                Step::Process(vec![
+                    r#"{"symbol":"ZZ","price":2,"volume":0,"ts":"2025-11-12T14:40:00Z"}"#,
+                ]),
             ],
         },
         bad("unknown column", r#"{"rules":{"prize":{"min":0}}}"#),
@@ -52,6 +54,5 @@ pub fn scenarios() -> Vec<Scenario> {
         bad("unknown rule", r#"{"rules":{"price":{"minimum":0}}}"#),
         bad("empty rule", r#"{"rules":{"price":{}}}"#),
         bad("one_of type", r#"{"rules":{"symbol":{"one_of":["A", 1]}}}"#),
-        bad("processing time without clock", r#"{"rules":{"ts":{"max_future":"5m","relative_to":"processing_time"}}}"#),
     ]
 }

@@ -201,13 +201,19 @@ impl Window {
             columns.extend(converter.convert_rows(keys.iter().map(|k| parser.parse(k)))?);
         }
         let ends: Vec<i64> = starts.iter().map(|s| s + self.size).collect();
-        columns.push(std::sync::Arc::new(TimestampMillisecondArray::from(starts).with_timezone("UTC")));
-        columns.push(std::sync::Arc::new(TimestampMillisecondArray::from(ends).with_timezone("UTC")));
+        columns.push(std::sync::Arc::new(
+            TimestampMillisecondArray::from(starts).with_timezone("UTC"),
+        ));
+        columns.push(std::sync::Arc::new(
+            TimestampMillisecondArray::from(ends).with_timezone("UTC"),
+        ));
         let first_agg = self.group_columns.len() + 2;
         for (n, agg) in self.aggs.iter().enumerate() {
             let target = self.output.field(first_agg + n).data_type();
             let column: ArrayRef = match agg.func {
-                Func::Count => std::sync::Arc::new(Int64Array::from_iter_values(accs.iter().map(|a| a[n].count))),
+                Func::Count => std::sync::Arc::new(Int64Array::from_iter_values(
+                    accs.iter().map(|a| a[n].count),
+                )),
                 Func::Avg => std::sync::Arc::new(
                     accs.iter()
                         .map(|a| {
@@ -221,15 +227,24 @@ impl Window {
                     let raw: ArrayRef = match agg.num {
                         Num::Int => std::sync::Arc::new(values.collect::<Int64Array>()),
                         Num::Float => std::sync::Arc::new(
-                            values.map(|v| v.map(|v| f64::from_bits(v as u64))).collect::<Float64Array>(),
+                            values
+                                .map(|v| v.map(|v| f64::from_bits(v as u64)))
+                                .collect::<Float64Array>(),
                         ),
                     };
-                    if raw.data_type() == target { raw } else { cast(&raw, target)? }
+                    if raw.data_type() == target {
+                        raw
+                    } else {
+                        cast(&raw, target)?
+                    }
                 }
             };
             columns.push(column);
         }
-        Ok(Output::batch(RecordBatch::try_new(self.output.clone(), columns)?))
+        Ok(Output::batch(RecordBatch::try_new(
+            self.output.clone(),
+            columns,
+        )?))
     }
 }
 
@@ -243,7 +258,13 @@ impl Transform for Window {
         let event_time = column_index(input, &config.event_time, "event_time")?;
         let et_type = input.field(event_time).data_type();
         if !is_event_time_type(et_type) {
-            return Err(Error::config("event_time", format!("column `{}` is {et_type}, not a timestamp", config.event_time)));
+            return Err(Error::config(
+                "event_time",
+                format!(
+                    "column `{}` is {et_type}, not a timestamp",
+                    config.event_time
+                ),
+            ));
         }
         let size = config.size.as_millis();
         if size <= 0 {
@@ -251,7 +272,13 @@ impl Transform for Window {
         }
         let slide = config.slide.map_or(size, Duration::as_millis);
         if slide <= 0 || slide > size {
-            return Err(Error::config("slide", format!("must be greater than zero and at most `size` ({})", config.size)));
+            return Err(Error::config(
+                "slide",
+                format!(
+                    "must be greater than zero and at most `size` ({})",
+                    config.size
+                ),
+            ));
         }
         if config.aggregates.is_empty() {
             return Err(Error::config("aggregates", "name at least one aggregate"));
@@ -263,7 +290,10 @@ impl Transform for Window {
             let index = column_index(input, name, &format!("group_by[{i}]"))?;
             let field = input.field(index);
             if !RowConverter::supports_fields(&[SortField::new(field.data_type().clone())]) {
-                return Err(Error::config(&format!("group_by[{i}]"), format!("cannot group by {} columns", field.data_type())));
+                return Err(Error::config(
+                    &format!("group_by[{i}]"),
+                    format!("cannot group by {} columns", field.data_type()),
+                ));
             }
             sort_fields.push(SortField::new(field.data_type().clone()));
             fields.push(field.clone());
@@ -275,7 +305,10 @@ impl Transform for Window {
         for (name, aggregate) in config.aggregates.iter() {
             let key = format!("aggregates.{name}");
             if fields.iter().any(|f| f.name() == name) {
-                return Err(Error::config(&key, format!("output column `{name}` is already taken")));
+                return Err(Error::config(
+                    &key,
+                    format!("output column `{name}` is already taken"),
+                ));
             }
             let (func, column) = match aggregate {
                 Aggregate::First(c) => (Func::First, c),
@@ -288,15 +321,28 @@ impl Transform for Window {
             };
             if func == Func::Count && column == "*" {
                 fields.push(Field::new(name, DataType::Int64, false));
-                aggs.push(Agg { func, column: None, num: Num::Int });
+                aggs.push(Agg {
+                    func,
+                    column: None,
+                    num: Num::Int,
+                });
                 continue;
             }
             let index = column_index(input, column, &key)?;
             let data_type = input.field(index).data_type();
             if func != Func::Count && !is_numeric_type(data_type) {
-                return Err(Error::config(&key, format!("column `{column}` is {data_type}; aggregates need numbers or timestamps")));
+                return Err(Error::config(
+                    &key,
+                    format!(
+                        "column `{column}` is {data_type}; aggregates need numbers or timestamps"
+                    ),
+                ));
             }
-            let num = if data_type.is_floating() { Num::Float } else { Num::Int };
+            let num = if data_type.is_floating() {
+                Num::Float
+            } else {
+                Num::Int
+            };
             let out_type = match func {
                 Func::Count => DataType::Int64,
                 Func::Avg => DataType::Float64,
@@ -305,9 +351,17 @@ impl Transform for Window {
                 _ => data_type.clone(),
             };
             fields.push(Field::new(name, out_type, func != Func::Count));
-            aggs.push(Agg { func, column: Some(index), num });
+            aggs.push(Agg {
+                func,
+                column: Some(index),
+                num,
+            });
         }
-        let converter = if sort_fields.is_empty() { None } else { Some(RowConverter::new(sort_fields)?) };
+        let converter = if sort_fields.is_empty() {
+            None
+        } else {
+            Some(RowConverter::new(sort_fields)?)
+        };
         let output: SchemaRef = std::sync::Arc::new(Schema::new(fields));
         let window = Window {
             event_time,
@@ -328,7 +382,11 @@ impl Transform for Window {
         let times = event_time_millis(&batch, self.event_time)?;
         let rows = match &self.converter {
             Some(c) => {
-                let columns: Vec<ArrayRef> = self.group_columns.iter().map(|&i| batch.column(i).clone()).collect();
+                let columns: Vec<ArrayRef> = self
+                    .group_columns
+                    .iter()
+                    .map(|&i| batch.column(i).clone())
+                    .collect();
                 Some(c.convert_columns(&columns)?)
             }
             None => None,
@@ -338,12 +396,17 @@ impl Transform for Window {
             .aggs
             .iter()
             .map(|agg| {
-                let Some(column) = agg.column else { return Ok(None) };
+                let Some(column) = agg.column else {
+                    return Ok(None);
+                };
                 let array = batch.column(column);
                 let nulls = array.logical_nulls();
                 let bits = match agg.num {
                     Num::Int if agg.func == Func::Count => vec![0; batch.num_rows()],
-                    Num::Int => cast(array, &DataType::Int64)?.as_primitive::<Int64Type>().values().to_vec(),
+                    Num::Int => cast(array, &DataType::Int64)?
+                        .as_primitive::<Int64Type>()
+                        .values()
+                        .to_vec(),
                     Num::Float => cast(array, &DataType::Float64)?
                         .as_primitive::<Float64Type>()
                         .values()
@@ -371,7 +434,9 @@ impl Transform for Window {
                     let groups = self.windows.entry(start).or_default();
                     let accs = match groups.get_mut(key) {
                         Some(accs) => accs,
-                        None => groups.entry(key.into()).or_insert_with(|| vec![Acc::default(); self.aggs.len()]),
+                        None => groups
+                            .entry(key.into())
+                            .or_insert_with(|| vec![Acc::default(); self.aggs.len()]),
                     };
                     for (n, agg) in self.aggs.iter().enumerate() {
                         match &inputs[n] {
@@ -405,7 +470,9 @@ impl Transform for Window {
         let watermark = self.watermark.map_or(ts_ms, |w| w.max(ts_ms));
         self.watermark = Some(watermark);
         // Windows with start + size <= watermark are complete.
-        let open = self.windows.split_off(&(watermark.saturating_sub(self.size).saturating_add(1)));
+        let open = self
+            .windows
+            .split_off(&(watermark.saturating_sub(self.size).saturating_add(1)));
         let closed = std::mem::replace(&mut self.windows, open);
         self.finish(closed)
     }
@@ -416,7 +483,15 @@ impl Transform for Window {
             windows: self
                 .windows
                 .iter()
-                .map(|(s, groups)| (*s, groups.iter().map(|(k, a)| (k.to_vec(), a.clone())).collect()))
+                .map(|(s, groups)| {
+                    (
+                        *s,
+                        groups
+                            .iter()
+                            .map(|(k, a)| (k.to_vec(), a.clone()))
+                            .collect(),
+                    )
+                })
                 .collect(),
         };
         postcard::to_allocvec(&state).map_err(|e| Error::internal(format!("encoding state: {e}")))
@@ -424,18 +499,36 @@ impl Transform for Window {
 
     fn restore(&mut self, version: u32, state: &[u8]) -> Result<()> {
         if version != Self::STATE_VERSION {
-            return Err(Error::bad_input(format!("window reads state version {}, got {version}", Self::STATE_VERSION)));
+            return Err(Error::bad_input(format!(
+                "window reads state version {}, got {version}",
+                Self::STATE_VERSION
+            )));
         }
-        let state: State = postcard::from_bytes(state).map_err(|e| Error::bad_input(format!("window state is corrupt: {e}")))?;
+        let state: State = postcard::from_bytes(state)
+            .map_err(|e| Error::bad_input(format!("window state is corrupt: {e}")))?;
         let aggs = self.aggs.len();
-        if state.windows.iter().any(|(_, g)| g.iter().any(|(_, a)| a.len() != aggs)) {
-            return Err(Error::bad_input(format!("window state was written for a different set of aggregates (expected {aggs})")));
+        if state
+            .windows
+            .iter()
+            .any(|(_, g)| g.iter().any(|(_, a)| a.len() != aggs))
+        {
+            return Err(Error::bad_input(format!(
+                "window state was written for a different set of aggregates (expected {aggs})"
+            )));
         }
         self.watermark = state.watermark;
         self.windows = state
             .windows
             .into_iter()
-            .map(|(s, groups)| (s, groups.into_iter().map(|(k, a)| (k.into_boxed_slice(), a)).collect()))
+            .map(|(s, groups)| {
+                (
+                    s,
+                    groups
+                        .into_iter()
+                        .map(|(k, a)| (k.into_boxed_slice(), a))
+                        .collect(),
+                )
+            })
             .collect();
         Ok(())
     }

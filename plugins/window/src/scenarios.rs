@@ -10,8 +10,18 @@ pub const T14: i64 = 1_762_956_000_000;
 
 /// The scripted runs.
 pub fn scenarios() -> Vec<Scenario> {
-    let ticks = schema(&[("symbol", "utf8", true), ("price", "float64", true), ("volume", "int64", true), ("ts", "timestamp", true)]);
-    let bad = |name, config| Scenario { name, config, schema: ticks.clone(), steps: vec![] };
+    let ticks = schema(&[
+        ("symbol", "utf8", true),
+        ("price", "float64", true),
+        ("volume", "int64", true),
+        ("ts", "timestamp", true),
+    ]);
+    let bad = |name, config| Scenario {
+        name,
+        config,
+        schema: ticks.clone(),
+        steps: vec![],
+    };
     vec![
         Scenario {
             name: "bars",
@@ -50,10 +60,25 @@ pub fn scenarios() -> Vec<Scenario> {
                 Step::Watermark(T14 + 120_000),
             ],
         },
-        bad("unknown function", r#"{"event_time":"ts","size":"1m","aggregates":{"m":{"median":"price"}}}"#),
-        bad("slide over size", r#"{"event_time":"ts","size":"1m","slide":"2m","aggregates":{"n":{"count":"*"}}}"#),
-        bad("text aggregate", r#"{"event_time":"ts","size":"1m","aggregates":{"s":{"max":"symbol"}}}"#),
-        bad("missing column", r#"{"event_time":"ts","size":"1m","group_by":["sym"],"aggregates":{"n":{"count":"*"}}}"#),
-        bad("name clash", r#"{"event_time":"ts","size":"1m","group_by":["symbol"],"aggregates":{"symbol":{"count":"*"}}}"#),
+        bad(
+            "unknown function",
+            r#"{"event_time":"ts","size":"1m","aggregates":{"m":{"median":"price"}}}"#,
+        ),
+        bad(
+            "slide over size",
+            r#"{"event_time":"ts","size":"1m","slide":"2m","aggregates":{"n":{"count":"*"}}}"#,
+        ),
+        bad(
+            "text aggregate",
+            r#"{"event_time":"ts","size":"1m","aggregates":{"s":{"max":"symbol"}}}"#,
+        ),
+        bad(
+            "missing column",
+            r#"{"event_time":"ts","size":"1m","group_by":["sym"],"aggregates":{"n":{"count":"*"}}}"#,
+        ),
+        bad(
+            "name clash",
+            r#"{"event_time":"ts","size":"1m","group_by":["symbol"],"aggregates":{"symbol":{"count":"*"}}}"#,
+        ),
     ]
 }

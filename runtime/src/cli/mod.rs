@@ -60,14 +60,26 @@ pub struct HostArgs {
 
 impl HostArgs {
     fn host(&self) -> Result<PluginHost, PluginError> {
-        let cache_dir = if self.no_cache { None } else { self.cache_dir.clone().or_else(crate::plugin::default_cache_dir) };
-        PluginHost::new(HostConfig { cache_dir, call_timeout: self.timeout, memory_limit: self.memory_mib << 20 })
+        let cache_dir = if self.no_cache {
+            None
+        } else {
+            self.cache_dir
+                .clone()
+                .or_else(crate::plugin::default_cache_dir)
+        };
+        PluginHost::new(HostConfig {
+            cache_dir,
+            call_timeout: self.timeout,
+            memory_limit: self.memory_mib << 20,
+        })
     }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let d = flowgate_sdk::config::Duration::parse(text)?;
-    u64::try_from(d.as_millis()).map(Duration::from_millis).map_err(|_| "must not be negative".to_string())
+    u64::try_from(d.as_millis())
+        .map(Duration::from_millis)
+        .map_err(|_| "must not be negative".to_string())
 }
 
 /// Sets up logging to stderr: info by default, `-v` debug, `-vv` trace; `RUST_LOG` wins.
@@ -77,8 +89,13 @@ pub fn init_logging(verbose: u8) {
         1 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }
 
 /// Runs the parsed command.
@@ -93,7 +110,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("name:          {}", info.name);
             println!("version:       {}", info.version);
             println!("state version: {}", info.state_version);
-            println!("loaded in:     {:?} ({})", stats.elapsed, if stats.cache_hit { "compiled artifact from the cache" } else { "compiled now" });
+            println!(
+                "loaded in:     {:?} ({})",
+                stats.elapsed,
+                if stats.cache_hit {
+                    "compiled artifact from the cache"
+                } else {
+                    "compiled now"
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -104,7 +129,9 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     if let Some(p) = e.downcast_ref::<PluginError>() {
         return if p.kind() == ErrorKind::Config { 2 } else { 1 };
     }
-    if e.downcast_ref::<crate::yaml::YamlError>().is_some() || e.downcast_ref::<UsageError>().is_some() {
+    if e.downcast_ref::<crate::yaml::YamlError>().is_some()
+        || e.downcast_ref::<UsageError>().is_some()
+    {
         return 2;
     }
     1

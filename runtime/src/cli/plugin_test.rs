@@ -26,7 +26,9 @@ pub enum Format {
 
 /// Arguments of `flowgate plugin test`.
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  flowgate plugin test target/wasm32-wasip2/plugin/flowgate_validate.wasm \\\n    --config 'rules: {price: {min: 0}}' --input ticks.jsonl --schema ticks.schema.yaml")]
+#[command(
+    after_help = "Example:\n  flowgate plugin test target/wasm32-wasip2/plugin/flowgate_validate.wasm \\\n    --config 'rules: {price: {min: 0}}' --input ticks.jsonl --schema ticks.schema.yaml"
+)]
 pub struct TestArgs {
     /// The plugin to run.
     wasm: PathBuf,
@@ -68,29 +70,45 @@ fn parse_watermark(text: &str) -> anyhow::Result<i64> {
     }
     chrono::DateTime::parse_from_rfc3339(text)
         .map(|t| t.timestamp_millis())
-        .map_err(|e| UsageError(format!("--watermark `{text}` is neither epoch milliseconds nor RFC 3339 ({e})")).into())
+        .map_err(|e| {
+            UsageError(format!(
+                "--watermark `{text}` is neither epoch milliseconds nor RFC 3339 ({e})"
+            ))
+            .into()
+        })
 }
 
 fn read_config(text: &str) -> anyhow::Result<String> {
     let path = Path::new(text);
     let (body, label) = if !text.contains(['{', ':', '\n']) || path.is_file() {
-        let body = std::fs::read_to_string(path).with_context(|| format!("cannot read config file `{text}`"))?;
+        let body = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file `{text}`"))?;
         (body, text.to_string())
     } else {
         (text.to_string(), "--config".to_string())
     };
     let value = crate::yaml::to_json(&body, &label)?;
-    let value = if value.is_null() { serde_json::json!({}) } else { value };
+    let value = if value.is_null() {
+        serde_json::json!({})
+    } else {
+        value
+    };
     Ok(value.to_string())
 }
 
 fn input_schema(args: &TestArgs, lines: &[&str]) -> anyhow::Result<SchemaRef> {
     if let Some(path) = &args.schema {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read schema `{}`", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read schema `{}`", path.display()))?;
         let spec: SchemaSpec = crate::yaml::from_str(&text, &path.display().to_string())?;
         return Ok(decode::to_schema(&spec));
     }
-    let sample = lines.iter().take(1000).copied().collect::<Vec<_>>().join("\n");
+    let sample = lines
+        .iter()
+        .take(1000)
+        .copied()
+        .collect::<Vec<_>>()
+        .join("\n");
     let (schema, _) = arrow::json::reader::infer_json_schema(std::io::Cursor::new(sample), None)
         .context("cannot infer a schema from the input; give one with --schema")?;
     Ok(std::sync::Arc::new(schema))
@@ -100,13 +118,20 @@ fn input_schema(args: &TestArgs, lines: &[&str]) -> anyhow::Result<SchemaRef> {
 pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
     let plugins: Vec<&PathBuf> = std::iter::once(&args.wasm).chain(&args.more).collect();
     if !args.configs.is_empty() && args.configs.len() != plugins.len() {
-        return Err(UsageError(format!("{} plugins but {} --config: give one --config per plugin, or none", plugins.len(), args.configs.len())).into());
+        return Err(UsageError(format!(
+            "{} plugins but {} --config: give one --config per plugin, or none",
+            plugins.len(),
+            args.configs.len()
+        ))
+        .into());
     }
     let mut grants = Grants::default();
     for g in &args.grants {
         match g.as_str() {
             "clock" => grants.clock = true,
-            other => return Err(UsageError(format!("unknown grant `{other}` (known: clock)")).into()),
+            other => {
+                return Err(UsageError(format!("unknown grant `{other}` (known: clock)")).into());
+            }
         }
     }
     let watermark = match (&args.watermark, args.flush) {
@@ -114,8 +139,14 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
         (None, true) => Some(i64::MAX),
         (None, false) => None,
     };
-    let text = std::fs::read_to_string(&args.input).with_context(|| format!("cannot read input `{}`", args.input.display()))?;
-    let lines: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(n, l)| (n + 1, l)).collect();
+    let text = std::fs::read_to_string(&args.input)
+        .with_context(|| format!("cannot read input `{}`", args.input.display()))?;
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| (n + 1, l))
+        .collect();
     let schema = input_schema(&args, &lines.iter().map(|(_, l)| *l).collect::<Vec<_>>())?;
 
     let host = args.host.host()?;
@@ -127,7 +158,8 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
             Some(c) => read_config(c)?,
             None => "{}".to_string(),
         };
-        let step = plugin.instantiate(plugin.name(), &config, &input, grants)?;
+        let name = plugin.info()?.name;
+        let step = plugin.instantiate(&name, &config, &input, grants)?;
         input = step.output_schema().clone();
         steps.push(step);
     }
@@ -170,7 +202,9 @@ struct Printer {
 }
 
 fn row_json(batch: &RecordBatch) -> anyhow::Result<Vec<String>> {
-    let mut writer = WriterBuilder::new().with_explicit_nulls(true).build::<_, LineDelimited>(Vec::new());
+    let mut writer = WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .build::<_, LineDelimited>(Vec::new());
     writer.write(batch)?;
     writer.finish()?;
     let text = String::from_utf8(writer.into_inner())?;
@@ -179,7 +213,14 @@ fn row_json(batch: &RecordBatch) -> anyhow::Result<Vec<String>> {
 
 impl Printer {
     fn new(format: Format) -> Self {
-        Printer { format, stdout: std::io::stdout().lock(), batches: Vec::new(), rejected: Vec::new(), rows_out: 0, rows_rejected: 0 }
+        Printer {
+            format,
+            stdout: std::io::stdout().lock(),
+            batches: Vec::new(),
+            rejected: Vec::new(),
+            rows_out: 0,
+            rows_rejected: 0,
+        }
     }
 
     fn decode_failure(&mut self, line: usize, reason: &str, raw: &str) -> anyhow::Result<()> {
@@ -189,7 +230,11 @@ impl Printer {
                 let record = serde_json::json!({"kind": "rejected", "step": "decode", "line": line, "reason": reason, "raw": raw});
                 writeln!(self.stdout, "{record}")?;
             }
-            Format::Table => self.rejected.push(("decode".into(), format!("line {line}: {reason}"), raw.to_string())),
+            Format::Table => self.rejected.push((
+                "decode".into(),
+                format!("line {line}: {reason}"),
+                raw.to_string(),
+            )),
         }
         Ok(())
     }
@@ -202,7 +247,10 @@ impl Printer {
                     Format::Jsonl => {
                         let step = serde_json::to_string(&rejected.step)?;
                         let reason = serde_json::to_string(&reason)?;
-                        writeln!(self.stdout, r#"{{"kind":"rejected","step":{step},"reason":{reason},"row":{row}}}"#)?;
+                        writeln!(
+                            self.stdout,
+                            r#"{{"kind":"rejected","step":{step},"reason":{reason},"row":{row}}}"#
+                        )?;
                     }
                     Format::Table => self.rejected.push((rejected.step.clone(), reason, row)),
                 }
@@ -226,7 +274,11 @@ impl Printer {
         if self.format == Format::Table {
             writeln!(self.stdout, "output ({} rows):", self.rows_out)?;
             if !self.batches.is_empty() {
-                writeln!(self.stdout, "{}", arrow::util::pretty::pretty_format_batches(&self.batches)?)?;
+                writeln!(
+                    self.stdout,
+                    "{}",
+                    arrow::util::pretty::pretty_format_batches(&self.batches)?
+                )?;
             }
             if !self.rejected.is_empty() {
                 writeln!(self.stdout, "rejected ({} rows):", self.rejected.len())?;

@@ -40,13 +40,20 @@ pub fn default_dir() -> Option<PathBuf> {
 fn artifact_path(dir: &Path, engine: &Engine, wasm: &[u8]) -> PathBuf {
     let digest = Sha256::digest(wasm);
     let mut engine_hash = std::hash::DefaultHasher::new();
-    engine.precompile_compatibility_hash().hash(&mut engine_hash);
+    engine
+        .precompile_compatibility_hash()
+        .hash(&mut engine_hash);
     let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
     dir.join(format!("{hex}-{:016x}.cwasm", engine_hash.finish()))
 }
 
 /// Loads `wasm` (read from `path`) as a component, through the cache in `dir` if given.
-pub fn load(engine: &Engine, dir: Option<&Path>, path: &Path, wasm: &[u8]) -> Result<(Component, LoadStats), PluginError> {
+pub fn load(
+    engine: &Engine,
+    dir: Option<&Path>,
+    path: &Path,
+    wasm: &[u8],
+) -> Result<(Component, LoadStats), PluginError> {
     let start = Instant::now();
     let cached = dir.map(|d| artifact_path(d, engine, wasm));
     if let Some(artifact) = cached.as_deref().filter(|a| a.exists()) {
@@ -56,16 +63,27 @@ pub fn load(engine: &Engine, dir: Option<&Path>, path: &Path, wasm: &[u8]) -> Re
         #[allow(unsafe_code)]
         match unsafe { Component::deserialize_file(engine, artifact) } {
             Ok(component) => {
-                let stats = LoadStats { cache_hit: true, elapsed: start.elapsed() };
+                let stats = LoadStats {
+                    cache_hit: true,
+                    elapsed: start.elapsed(),
+                };
                 tracing::debug!(plugin = %path.display(), artifact = %artifact.display(), "loaded compiled plugin from the cache in {:?}", stats.elapsed);
                 return Ok((component, stats));
             }
-            Err(e) => tracing::warn!(plugin = %path.display(), artifact = %artifact.display(), "ignoring unreadable cached artifact ({e}); recompiling"),
+            Err(e) => {
+                tracing::warn!(plugin = %path.display(), artifact = %artifact.display(), "ignoring unreadable cached artifact ({e}); recompiling")
+            }
         }
     }
-    let component = Component::new(engine, wasm).map_err(|e| PluginError::Invalid { path: path.to_path_buf(), message: format!("{e:#}") })?;
+    let component = Component::new(engine, wasm).map_err(|e| PluginError::Invalid {
+        path: path.to_path_buf(),
+        message: format!("{e:#}"),
+    })?;
     COMPILATIONS.fetch_add(1, Ordering::Relaxed);
-    let stats = LoadStats { cache_hit: false, elapsed: start.elapsed() };
+    let stats = LoadStats {
+        cache_hit: false,
+        elapsed: start.elapsed(),
+    };
     tracing::info!(plugin = %path.display(), "compiled plugin in {:?}", stats.elapsed);
     if let Some(artifact) = cached
         && let Err(e) = store(&component, &artifact)
@@ -80,7 +98,14 @@ fn store(component: &Component, artifact: &Path) -> std::io::Result<()> {
     let bytes = component.serialize().map_err(std::io::Error::other)?;
     let dir = artifact.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{}.{}.tmp", std::process::id(), artifact.file_name().and_then(|n| n.to_str()).unwrap_or("artifact")));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        std::process::id(),
+        artifact
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("artifact")
+    ));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, artifact)
 }

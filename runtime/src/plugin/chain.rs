@@ -67,20 +67,31 @@ impl Chain {
         Ok(out)
     }
 
-    fn run_from(&mut self, first: usize, mut batches: Vec<RecordBatch>, rejected: &mut Vec<RejectedRows>) -> Result<Vec<RecordBatch>, PluginError> {
+    fn run_from(
+        &mut self,
+        first: usize,
+        mut batches: Vec<RecordBatch>,
+        rejected: &mut Vec<RejectedRows>,
+    ) -> Result<Vec<RecordBatch>, PluginError> {
         for step in &mut self.steps[first..] {
             let mut next = Vec::with_capacity(batches.len());
             for batch in &batches {
                 let output = step.process(batch)?;
                 if !output.rejected.is_empty() {
-                    let indices = UInt32Array::from_iter_values(output.rejected.iter().map(|r| r.row as u32));
-                    let rows = take_record_batch(batch, &indices).map_err(|e| PluginError::Protocol {
-                        plugin: step.plugin().to_string(),
+                    let indices =
+                        UInt32Array::from_iter_values(output.rejected.iter().map(|r| r.row as u32));
+                    let rows =
+                        take_record_batch(batch, &indices).map_err(|e| PluginError::Protocol {
+                            plugin: step.plugin().to_string(),
+                            step: step.name().to_string(),
+                            call: "process",
+                            message: format!("taking rejected rows: {e}"),
+                        })?;
+                    rejected.push(RejectedRows {
                         step: step.name().to_string(),
-                        call: "process",
-                        message: format!("taking rejected rows: {e}"),
-                    })?;
-                    rejected.push(RejectedRows { step: step.name().to_string(), rows, reasons: output.rejected.into_iter().map(|r| r.reason).collect() });
+                        rows,
+                        reasons: output.rejected.into_iter().map(|r| r.reason).collect(),
+                    });
                 }
                 next.extend(output.batches);
             }

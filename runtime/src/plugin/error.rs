@@ -71,7 +71,9 @@ pub enum PluginError {
         fault: PluginFault,
     },
     /// The plugin trapped (a panic, an abort, an out-of-bounds access). The instance is discarded.
-    #[error("step `{step}` (plugin `{plugin}`) trapped in {call}: {message}; the instance was discarded")]
+    #[error(
+        "step `{step}` (plugin `{plugin}`) trapped in {call}: {message}; the instance was discarded"
+    )]
     Trap {
         /// Plugin name.
         plugin: String,
@@ -83,7 +85,9 @@ pub enum PluginError {
         message: String,
     },
     /// The call ran past its time limit and was interrupted. The instance is discarded.
-    #[error("step `{step}` (plugin `{plugin}`) {call} ran past its time limit of {limit:?} and was stopped; the instance was discarded")]
+    #[error(
+        "step `{step}` (plugin `{plugin}`) {call} ran past its time limit of {limit:?} and was stopped; the instance was discarded"
+    )]
     Timeout {
         /// Plugin name.
         plugin: String,
@@ -95,7 +99,9 @@ pub enum PluginError {
         limit: Duration,
     },
     /// The plugin tried to grow its memory past the cap. The instance is discarded.
-    #[error("step `{step}` (plugin `{plugin}`) {call} needed more than its memory limit of {limit_mib} MiB (asked for {requested_mib} MiB); the instance was discarded")]
+    #[error(
+        "step `{step}` (plugin `{plugin}`) {call} needed more than its memory limit of {limit_mib} MiB (asked for {requested_mib} MiB); the instance was discarded"
+    )]
     MemoryLimit {
         /// Plugin name.
         plugin: String,
@@ -109,7 +115,9 @@ pub enum PluginError {
         requested_mib: usize,
     },
     /// A call on an instance that an earlier trap, timeout or memory error discarded.
-    #[error("step `{step}` (plugin `{plugin}`) was discarded after an earlier failure; rebuild it from a snapshot")]
+    #[error(
+        "step `{step}` (plugin `{plugin}`) was discarded after an earlier failure; rebuild it from a snapshot"
+    )]
     Discarded {
         /// Plugin name.
         plugin: String,
@@ -117,7 +125,9 @@ pub enum PluginError {
         step: String,
     },
     /// The plugin emitted data that does not match the schema it declared.
-    #[error("step `{step}` (plugin `{plugin}`) returned batches that do not match its declared output schema: expected {expected}, got {got}")]
+    #[error(
+        "step `{step}` (plugin `{plugin}`) returned batches that do not match its declared output schema: expected {expected}, got {got}"
+    )]
     SchemaMismatch {
         /// Plugin name.
         plugin: String,
@@ -162,4 +172,3 @@ impl PluginError {
         }
     }
 }
-

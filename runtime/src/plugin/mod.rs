@@ -46,7 +46,11 @@ pub struct HostConfig {
 
 impl Default for HostConfig {
     fn default() -> Self {
-        HostConfig { cache_dir: default_cache_dir(), call_timeout: Duration::from_secs(5), memory_limit: 256 << 20 }
+        HostConfig {
+            cache_dir: default_cache_dir(),
+            call_timeout: Duration::from_secs(5),
+            memory_limit: 256 << 20,
+        }
     }
 }
 
@@ -63,7 +67,9 @@ pub struct PluginHost {
 
 impl std::fmt::Debug for PluginHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginHost").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("PluginHost")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -90,7 +96,12 @@ impl PluginHost {
                 }
             })
             .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
-        Ok(PluginHost { engine, linker: Arc::new(linker), config, ticker_stop })
+        Ok(PluginHost {
+            engine,
+            linker: Arc::new(linker),
+            config,
+            ticker_stop,
+        })
     }
 
     /// The host's limits.
@@ -100,13 +111,33 @@ impl PluginHost {
 
     /// Loads a plugin file, compiling it only if the cache has no artifact for it.
     pub fn load(&self, path: &Path) -> Result<Plugin, PluginError> {
-        let wasm = std::fs::read(path).map_err(|source| PluginError::Read { path: path.to_path_buf(), source })?;
-        let (component, stats) = cache::load(&self.engine, self.config.cache_dir.as_deref(), path, &wasm)?;
-        let invalid = |e: wasmtime::Error| PluginError::Invalid { path: path.to_path_buf(), message: format!("{e:#}") };
+        let wasm = std::fs::read(path).map_err(|source| PluginError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (component, stats) =
+            cache::load(&self.engine, self.config.cache_dir.as_deref(), path, &wasm)?;
+        let invalid = |e: wasmtime::Error| PluginError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("{e:#}"),
+        };
         let pre = self.linker.instantiate_pre(&component).map_err(invalid)?;
         let pre = bindings::PluginPre::new(pre).map_err(invalid)?;
-        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_string();
-        Ok(Plugin { inner: Arc::new(step::Loaded { name, path: path.to_path_buf(), pre, engine: self.engine.clone(), config: self.config.clone() }), stats })
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("plugin")
+            .to_string();
+        Ok(Plugin {
+            inner: Arc::new(step::Loaded {
+                name,
+                path: path.to_path_buf(),
+                pre,
+                engine: self.engine.clone(),
+                config: self.config.clone(),
+            }),
+            stats,
+        })
     }
 }
 
@@ -125,7 +156,10 @@ pub struct Plugin {
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plugin").field("name", &self.inner.name).field("path", &self.inner.path).finish_non_exhaustive()
+        f.debug_struct("Plugin")
+            .field("name", &self.inner.name)
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -158,7 +192,13 @@ impl Plugin {
 
     /// Creates a step: a fresh sandboxed instance, configured with `config_json` (the YAML
     /// `config:` block as JSON) for batches of `input`.
-    pub fn instantiate(&self, step: &str, config_json: &str, input: &arrow::datatypes::SchemaRef, grants: Grants) -> Result<Step, PluginError> {
+    pub fn instantiate(
+        &self,
+        step: &str,
+        config_json: &str,
+        input: &arrow::datatypes::SchemaRef,
+        grants: Grants,
+    ) -> Result<Step, PluginError> {
         Step::new(self.inner.clone(), step, config_json, input, grants)
     }
 }

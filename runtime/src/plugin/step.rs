@@ -9,12 +9,14 @@ use arrow::record_batch::RecordBatch;
 use flowgate_sdk::ipc;
 use wasmtime::component::{HasSelf, Linker, ResourceAny, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, Trap};
-use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{
+    HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
+};
 
-use super::bindings::{self, PluginPre};
 use super::bindings::flowgate::plugin::{log, types};
-use flowgate_sdk::columns::describe_schema;
+use super::bindings::{self, PluginPre};
 use super::{EPOCH_TICK, HostConfig, PluginError, PluginFault, PluginInfo};
+use flowgate_sdk::columns::describe_schema;
 
 /// Capabilities a pipeline grants a step beyond the default (a logger and nothing else).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -40,7 +42,12 @@ struct MemoryCap {
 }
 
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.limit {
             self.refused = Some(desired);
             return Ok(false);
@@ -48,7 +55,12 @@ impl ResourceLimiter for MemoryCap {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
     }
 }
@@ -65,7 +77,10 @@ pub(crate) struct HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -124,25 +139,40 @@ impl Loaded {
         let state = HostState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
-            cap: MemoryCap { limit: self.config.memory_limit, refused: None },
+            cap: MemoryCap {
+                limit: self.config.memory_limit,
+                refused: None,
+            },
             step: step.into(),
             plugin: self.name.as_str().into(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.cap);
         store.epoch_deadline_trap();
+        // Instantiation runs the component's start code: it gets the call time limit too.
+        store.set_epoch_deadline(deadline_ticks(self.config.call_timeout));
         store
     }
 
     pub(crate) fn info(&self) -> Result<PluginInfo, PluginError> {
         let mut store = self.store("info", Grants::default());
-        let instance = self.pre.instantiate(&mut store).map_err(|e| PluginError::Invalid { path: self.path.clone(), message: format!("{e:#}") })?;
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| PluginError::Invalid {
+                path: self.path.clone(),
+                message: format!("{e:#}"),
+            })?;
         store.set_epoch_deadline(deadline_ticks(self.config.call_timeout));
         let info = instance
             .flowgate_plugin_transform()
             .call_info(&mut store)
             .map_err(|e| classify(e, &store, &self.name, "info", "info", &self.config))?;
-        Ok(PluginInfo { name: info.name, version: info.version, state_version: info.state_version })
+        Ok(PluginInfo {
+            name: info.name,
+            version: info.version,
+            state_version: info.state_version,
+        })
     }
 }
 
@@ -151,15 +181,38 @@ fn deadline_ticks(timeout: Duration) -> u64 {
 }
 
 /// Turns a wasmtime error from a call into the error that says what happened.
-fn classify(e: wasmtime::Error, store: &Store<HostState>, plugin: &str, step: &str, call: &'static str, config: &HostConfig) -> PluginError {
+fn classify(
+    e: wasmtime::Error,
+    store: &Store<HostState>,
+    plugin: &str,
+    step: &str,
+    call: &'static str,
+    config: &HostConfig,
+) -> PluginError {
     let (plugin, step) = (plugin.to_string(), step.to_string());
     if let Some(requested) = store.data().cap.refused {
-        return PluginError::MemoryLimit { plugin, step, call, limit_mib: config.memory_limit >> 20, requested_mib: requested >> 20 };
+        return PluginError::MemoryLimit {
+            plugin,
+            step,
+            call,
+            limit_mib: config.memory_limit >> 20,
+            requested_mib: requested >> 20,
+        };
     }
     if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-        return PluginError::Timeout { plugin, step, call, limit: config.call_timeout };
+        return PluginError::Timeout {
+            plugin,
+            step,
+            call,
+            limit: config.call_timeout,
+        };
     }
-    PluginError::Trap { plugin, step, call, message: format!("{e:?}") }
+    PluginError::Trap {
+        plugin,
+        step,
+        call,
+        message: format!("{e:?}"),
+    }
 }
 
 fn fault(e: types::Error) -> PluginFault {
@@ -204,13 +257,23 @@ pub struct Step {
 
 impl std::fmt::Debug for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Step").field("name", &self.name).field("plugin", &self.loaded.name).finish_non_exhaustive()
+        f.debug_struct("Step")
+            .field("name", &self.name)
+            .field("plugin", &self.loaded.name)
+            .finish_non_exhaustive()
     }
 }
 
 impl Step {
-    pub(crate) fn new(loaded: Arc<Loaded>, name: &str, config_json: &str, input: &SchemaRef, grants: Grants) -> Result<Self, PluginError> {
-        let (store, instance, transformer, output) = Self::build(&loaded, name, config_json, input, grants)?;
+    pub(crate) fn new(
+        loaded: Arc<Loaded>,
+        name: &str,
+        config_json: &str,
+        input: &SchemaRef,
+        grants: Grants,
+    ) -> Result<Self, PluginError> {
+        let (store, instance, transformer, output) =
+            Self::build(&loaded, name, config_json, input, grants)?;
         Ok(Step {
             loaded,
             name: name.to_string(),
@@ -226,19 +289,61 @@ impl Step {
     }
 
     #[allow(clippy::type_complexity)]
-    fn build(loaded: &Loaded, name: &str, config_json: &str, input: &SchemaRef, grants: Grants) -> Result<(Store<HostState>, bindings::Plugin, ResourceAny, SchemaRef), PluginError> {
+    fn build(
+        loaded: &Loaded,
+        name: &str,
+        config_json: &str,
+        input: &SchemaRef,
+        grants: Grants,
+    ) -> Result<(Store<HostState>, bindings::Plugin, ResourceAny, SchemaRef), PluginError> {
         let mut store = loaded.store(name, grants);
-        let instance = loaded.pre.instantiate(&mut store).map_err(|e| PluginError::Invalid { path: loaded.path.clone(), message: format!("{e:#}") })?;
-        let protocol = |message: String| PluginError::Protocol { plugin: loaded.name.clone(), step: name.to_string(), call: "create", message };
-        let schema_bytes = ipc::encode_schema(input).map_err(|e| protocol(format!("encoding the input schema: {e}")))?;
+        let instance = loaded
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| PluginError::Invalid {
+                path: loaded.path.clone(),
+                message: format!("{e:#}"),
+            })?;
+        let protocol = |message: String| PluginError::Protocol {
+            plugin: loaded.name.clone(),
+            step: name.to_string(),
+            call: "create",
+            message,
+        };
+        let schema_bytes = ipc::encode_schema(input)
+            .map_err(|e| protocol(format!("encoding the input schema: {e}")))?;
         store.set_epoch_deadline(deadline_ticks(loaded.config.call_timeout));
-        let created = instance.flowgate_plugin_transform().call_create(&mut store, config_json, &schema_bytes);
+        let created = instance.flowgate_plugin_transform().call_create(
+            &mut store,
+            config_json,
+            &schema_bytes,
+        );
         let (transformer, output_bytes) = match created {
             Ok(Ok(created)) => created,
-            Ok(Err(e)) => return Err(PluginError::Plugin { plugin: loaded.name.clone(), step: name.to_string(), call: "create", fault: fault(e) }),
-            Err(e) => return Err(classify(e, &store, &loaded.name, name, "create", &loaded.config)),
+            Ok(Err(e)) => {
+                return Err(PluginError::Plugin {
+                    plugin: loaded.name.clone(),
+                    step: name.to_string(),
+                    call: "create",
+                    fault: fault(e),
+                });
+            }
+            Err(e) => {
+                return Err(classify(
+                    e,
+                    &store,
+                    &loaded.name,
+                    name,
+                    "create",
+                    &loaded.config,
+                ));
+            }
         };
-        let output = ipc::decode_schema(&output_bytes).map_err(|e| protocol(format!("the declared output schema is not valid Arrow IPC: {e}")))?;
+        let output = ipc::decode_schema(&output_bytes).map_err(|e| {
+            protocol(format!(
+                "the declared output schema is not valid Arrow IPC: {e}"
+            ))
+        })?;
         Ok((store, instance, transformer, output))
     }
 
@@ -265,8 +370,15 @@ impl Step {
     /// Builds a fresh instance with the same config, restoring `state` if given: how a step comes
     /// back after a trap, a timeout or a memory error.
     pub fn rebuild(&mut self, state: Option<&[u8]>) -> Result<(), PluginError> {
-        let (store, instance, transformer, output) = Self::build(&self.loaded, &self.name, &self.config_json, &self.input, self.grants)?;
-        (self.store, self.instance, self.transformer, self.output) = (store, instance, transformer, output);
+        let (store, instance, transformer, output) = Self::build(
+            &self.loaded,
+            &self.name,
+            &self.config_json,
+            &self.input,
+            self.grants,
+        )?;
+        (self.store, self.instance, self.transformer, self.output) =
+            (store, instance, transformer, output);
         self.discarded = false;
         if let Some(state) = state {
             self.restore(state)?;
@@ -276,27 +388,62 @@ impl Step {
 
     /// Runs one call with the deadline armed, turning traps into errors and discarding the
     /// instance after one.
-    fn call<R>(&mut self, call: &'static str, f: impl FnOnce(&mut Store<HostState>, &bindings::Plugin, ResourceAny) -> wasmtime::Result<Result<R, types::Error>>) -> Result<R, PluginError> {
+    fn call<R>(
+        &mut self,
+        call: &'static str,
+        f: impl FnOnce(
+            &mut Store<HostState>,
+            &bindings::Plugin,
+            ResourceAny,
+        ) -> wasmtime::Result<Result<R, types::Error>>,
+    ) -> Result<R, PluginError> {
         if self.discarded {
-            return Err(PluginError::Discarded { plugin: self.loaded.name.clone(), step: self.name.clone() });
+            return Err(PluginError::Discarded {
+                plugin: self.loaded.name.clone(),
+                step: self.name.clone(),
+            });
         }
-        self.store.set_epoch_deadline(deadline_ticks(self.loaded.config.call_timeout));
+        self.store
+            .set_epoch_deadline(deadline_ticks(self.loaded.config.call_timeout));
         match f(&mut self.store, &self.instance, self.transformer) {
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(PluginError::Plugin { plugin: self.loaded.name.clone(), step: self.name.clone(), call, fault: fault(e) }),
+            Ok(Err(e)) => Err(PluginError::Plugin {
+                plugin: self.loaded.name.clone(),
+                step: self.name.clone(),
+                call,
+                fault: fault(e),
+            }),
             Err(e) => {
                 self.discarded = true;
-                Err(classify(e, &self.store, &self.loaded.name, &self.name, call, &self.loaded.config))
+                Err(classify(
+                    e,
+                    &self.store,
+                    &self.loaded.name,
+                    &self.name,
+                    call,
+                    &self.loaded.config,
+                ))
             }
         }
     }
 
     fn protocol(&self, call: &'static str, message: String) -> PluginError {
-        PluginError::Protocol { plugin: self.loaded.name.clone(), step: self.name.clone(), call, message }
+        PluginError::Protocol {
+            plugin: self.loaded.name.clone(),
+            step: self.name.clone(),
+            call,
+            message,
+        }
     }
 
-    fn decode(&self, call: &'static str, output: types::Output, input_rows: usize) -> Result<StepOutput, PluginError> {
-        let (schema, batches) = ipc::decode(output.batches).map_err(|e| self.protocol(call, format!("output is not valid Arrow IPC: {e}")))?;
+    fn decode(
+        &self,
+        call: &'static str,
+        output: types::Output,
+        input_rows: usize,
+    ) -> Result<StepOutput, PluginError> {
+        let (schema, batches) = ipc::decode(output.batches)
+            .map_err(|e| self.protocol(call, format!("output is not valid Arrow IPC: {e}")))?;
         if let Some(schema) = schema
             && !same_fields(&schema, &self.output)
         {
@@ -319,9 +466,15 @@ impl Step {
             .map(|r| {
                 let row = r.row as usize;
                 if row >= input_rows {
-                    return Err(self.protocol(call, format!("rejected row {row}, but the batch had {input_rows} rows")));
+                    return Err(self.protocol(
+                        call,
+                        format!("rejected row {row}, but the batch had {input_rows} rows"),
+                    ));
                 }
-                Ok(Rejection { row, reason: r.reason })
+                Ok(Rejection {
+                    row,
+                    reason: r.reason,
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(StepOutput { batches, rejected })
@@ -329,34 +482,62 @@ impl Step {
 
     /// Runs `process` on one batch of the input schema.
     pub fn process(&mut self, batch: &RecordBatch) -> Result<StepOutput, PluginError> {
-        let bytes = ipc::encode_batches(&self.input, std::slice::from_ref(batch)).map_err(|e| self.protocol("process", format!("encoding the input batch: {e}")))?;
-        let output = self.call("process", |store, instance, t| instance.flowgate_plugin_transform().transformer().call_process(store, t, &bytes))?;
+        let bytes = ipc::encode_batches(&self.input, std::slice::from_ref(batch))
+            .map_err(|e| self.protocol("process", format!("encoding the input batch: {e}")))?;
+        let output = self.call("process", |store, instance, t| {
+            instance
+                .flowgate_plugin_transform()
+                .transformer()
+                .call_process(store, t, &bytes)
+        })?;
         self.decode("process", output, batch.num_rows())
     }
 
     /// Tells the step event time reached `ts_ms`; returns what it emits (closed windows).
     pub fn on_watermark(&mut self, ts_ms: i64) -> Result<StepOutput, PluginError> {
-        let output = self.call("on-watermark", |store, instance, t| instance.flowgate_plugin_transform().transformer().call_on_watermark(store, t, ts_ms))?;
+        let output = self.call("on-watermark", |store, instance, t| {
+            instance
+                .flowgate_plugin_transform()
+                .transformer()
+                .call_on_watermark(store, t, ts_ms)
+        })?;
         if !output.rejected.is_empty() {
-            return Err(self.protocol("on-watermark", "rejected rows, but on-watermark has no input rows".into()));
+            return Err(self.protocol(
+                "on-watermark",
+                "rejected rows, but on-watermark has no input rows".into(),
+            ));
         }
         self.decode("on-watermark", output, 0)
     }
 
     /// The plugin's state, to store with a checkpoint.
     pub fn snapshot(&mut self) -> Result<Vec<u8>, PluginError> {
-        self.call("snapshot", |store, instance, t| instance.flowgate_plugin_transform().transformer().call_snapshot(store, t))
+        self.call("snapshot", |store, instance, t| {
+            instance
+                .flowgate_plugin_transform()
+                .transformer()
+                .call_snapshot(store, t)
+        })
     }
 
     /// Replaces the plugin's state with an earlier snapshot.
     pub fn restore(&mut self, state: &[u8]) -> Result<(), PluginError> {
-        self.call("restore", |store, instance, t| instance.flowgate_plugin_transform().transformer().call_restore(store, t, state))
+        self.call("restore", |store, instance, t| {
+            instance
+                .flowgate_plugin_transform()
+                .transformer()
+                .call_restore(store, t, state)
+        })
     }
 }
 
 /// Same names, types and order (nullability and metadata aside).
 fn same_fields(a: &arrow::datatypes::Schema, b: &arrow::datatypes::Schema) -> bool {
-    a.fields().len() == b.fields().len() && a.fields().iter().zip(b.fields()).all(|(x, y)| x.name() == y.name() && x.data_type() == y.data_type())
+    a.fields().len() == b.fields().len()
+        && a.fields()
+            .iter()
+            .zip(b.fields())
+            .all(|(x, y)| x.name() == y.name() && x.data_type() == y.data_type())
 }
 
 impl Drop for Step {

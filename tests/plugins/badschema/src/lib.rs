@@ -10,7 +10,14 @@ impl Transform for BadSchema {
     type Config = Config;
     const NAME: &'static str = "badschema";
     fn create(_: Config, _: &SchemaRef) -> Result<(Self, SchemaRef)> {
-        Ok((BadSchema, Arc::new(Schema::new(vec![Field::new("count", DataType::Int64, false)]))))
+        Ok((
+            BadSchema,
+            Arc::new(Schema::new(vec![Field::new(
+                "count",
+                DataType::Int64,
+                false,
+            )])),
+        ))
     }
     fn process(&mut self, batch: RecordBatch) -> Result<Output> {
         Ok(Output::batch(batch))
