@@ -117,10 +117,13 @@ pub struct Window {
     watermark: Option<i64>,
 }
 
+/// One window in a snapshot: its start, and each group's key with its accumulators.
+type SavedWindow = (i64, Vec<(Vec<u8>, Vec<Acc>)>);
+
 #[derive(Serialize, Deserialize)]
 struct State {
     watermark: Option<i64>,
-    windows: Vec<(i64, Vec<(Vec<u8>, Vec<Acc>)>)>,
+    windows: Vec<SavedWindow>,
 }
 
 fn utc_millis() -> DataType {
