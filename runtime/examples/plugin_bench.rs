@@ -12,9 +12,11 @@ use arrow::array::{Float64Array, Int64Array, StringArray, TimestampMillisecondAr
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use flowgate::plugin::{Grants, HostConfig, PluginHost};
-use flowgate_sdk::Transform;
 
 const ROWS: usize = 8192;
+
+/// Makes input batch `n` for a schema.
+type MakeBatch = fn(&SchemaRef, i64) -> RecordBatch;
 const BATCHES: i64 = 200;
 const T0: i64 = 1_762_956_000_000;
 
@@ -44,20 +46,31 @@ fn ticks(schema: &SchemaRef, n: i64) -> RecordBatch {
 fn bars(schema: &SchemaRef, n: i64) -> RecordBatch {
     let symbols: Vec<String> = (0..ROWS).map(|i| format!("S{i:04}")).collect();
     let starts: Vec<i64> = vec![T0 + n * 60_000; ROWS];
-    let closes: Vec<f64> = (0..ROWS).map(|i| 100.0 + ((i as i64 + n) % 13) as f64).collect();
+    let closes: Vec<f64> = (0..ROWS)
+        .map(|i| 100.0 + ((i as i64 + n) % 13) as f64)
+        .collect();
     RecordBatch::try_new(
         schema.clone(),
-        vec![Arc::new(StringArray::from(symbols)), Arc::new(TimestampMillisecondArray::from(starts).with_timezone("UTC")), Arc::new(Float64Array::from(closes))],
+        vec![
+            Arc::new(StringArray::from(symbols)),
+            Arc::new(TimestampMillisecondArray::from(starts).with_timezone("UTC")),
+            Arc::new(Float64Array::from(closes)),
+        ],
     )
     .expect("bars")
 }
 
 fn rate(elapsed: Duration) -> String {
-    format!("{:>7.2} M rows/s", (BATCHES as f64 * ROWS as f64) / elapsed.as_secs_f64() / 1e6)
+    format!(
+        "{:>7.2} M rows/s",
+        (BATCHES as f64 * ROWS as f64) / elapsed.as_secs_f64() / 1e6
+    )
 }
 
 fn main() {
-    let dir = std::env::var_os("FLOWGATE_PLUGIN_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target/wasm32-wasip2/plugin"));
+    let dir = std::env::var_os("FLOWGATE_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/wasm32-wasip2/plugin"));
     let cache = tempfile::tempdir().expect("tmp");
     let tick_schema: SchemaRef = Arc::new(Schema::new(vec![
         Field::new("symbol", DataType::Utf8, false),
@@ -65,26 +78,67 @@ fn main() {
         Field::new("volume", DataType::Int64, false),
         Field::new("ts", ts_type(), false),
     ]));
-    let bar_schema: SchemaRef = Arc::new(Schema::new(vec![Field::new("symbol", DataType::Utf8, false), Field::new("window_start", ts_type(), false), Field::new("close", DataType::Float64, false)]));
+    let bar_schema: SchemaRef = Arc::new(Schema::new(vec![
+        Field::new("symbol", DataType::Utf8, false),
+        Field::new("window_start", ts_type(), false),
+        Field::new("close", DataType::Float64, false),
+    ]));
     let read = |p: &str| std::fs::read_to_string(p).expect("step config");
-    let yaml = |p: &str| flowgate::yaml::to_json(&read(p), p).expect("yaml").to_string();
-    let cases: Vec<(&str, String, &SchemaRef, fn(&SchemaRef, i64) -> RecordBatch)> = vec![
-        ("validate", yaml("pipelines/steps/validate.yaml"), &tick_schema, ticks),
-        ("dedup", yaml("pipelines/steps/dedup.yaml"), &tick_schema, ticks),
-        ("window", yaml("pipelines/steps/window.yaml"), &tick_schema, ticks),
-        ("pct_change", yaml("pipelines/steps/pct_change.yaml"), &bar_schema, bars),
+    let yaml = |p: &str| {
+        flowgate::yaml::to_json(&read(p), p)
+            .expect("yaml")
+            .to_string()
+    };
+    let cases: Vec<(&str, String, &SchemaRef, MakeBatch)> = vec![
+        (
+            "validate",
+            yaml("pipelines/steps/validate.yaml"),
+            &tick_schema,
+            ticks,
+        ),
+        (
+            "dedup",
+            yaml("pipelines/steps/dedup.yaml"),
+            &tick_schema,
+            ticks,
+        ),
+        (
+            "window",
+            yaml("pipelines/steps/window.yaml"),
+            &tick_schema,
+            ticks,
+        ),
+        (
+            "pct_change",
+            yaml("pipelines/steps/pct_change.yaml"),
+            &bar_schema,
+            bars,
+        ),
     ];
-    let config = |cache_dir| HostConfig { cache_dir, call_timeout: Duration::from_secs(30), memory_limit: 1 << 30 };
-    println!("{:<11} {:>10} {:>10} {:>18} {:>18} {:>7}", "plugin", "load cold", "load cached", "wasm", "native", "ratio");
+    let config = |cache_dir| HostConfig {
+        cache_dir,
+        call_timeout: Duration::from_secs(30),
+        memory_limit: 1 << 30,
+    };
+    println!(
+        "{:<11} {:>10} {:>10} {:>18} {:>18} {:>7}",
+        "plugin", "load cold", "load cached", "wasm", "native", "ratio"
+    );
     for (name, cfg, schema, make) in cases {
         let path = dir.join(format!("flowgate_{name}.wasm"));
-        let cold = PluginHost::new(config(Some(cache.path().to_path_buf()))).expect("host").load(&path).expect("load").load_stats();
+        let cold = PluginHost::new(config(Some(cache.path().to_path_buf())))
+            .expect("host")
+            .load(&path)
+            .expect("load")
+            .load_stats();
         let host = PluginHost::new(config(Some(cache.path().to_path_buf()))).expect("host");
         let plugin = host.load(&path).expect("load");
         assert!(plugin.load_stats().cache_hit);
         let inputs: Vec<RecordBatch> = (0..BATCHES).map(|n| make(schema, n)).collect();
 
-        let mut step = plugin.instantiate(name, &cfg, schema, Grants::default()).expect("create");
+        let mut step = plugin
+            .instantiate(name, &cfg, schema, Grants::default())
+            .expect("create");
         let start = Instant::now();
         for b in &inputs {
             step.process(b).expect("process");
@@ -103,7 +157,6 @@ fn main() {
             native.process(b.clone()).expect("process");
         }
         let native_time = start.elapsed();
-        let _ = <flowgate_validate::Validate as Transform>::NAME;
         println!(
             "{name:<11} {:>10.1?} {:>10.1?} {:>18} {:>18} {:>6.0}%",
             cold.elapsed,
