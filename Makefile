@@ -6,9 +6,12 @@ PLUGIN_DIR   := target/$(WASM_TARGET)/plugin
 PLUGINS      := flowgate-validate flowgate-dedup flowgate-window flowgate-pct-change
 TEST_PLUGINS := flowgate-test-spin flowgate-test-hog flowgate-test-escape flowgate-test-badschema
 
+VENV         := .venv
+PYTHON       ?= python3
+
 export FLOWGATE_PLUGIN_DIR := $(CURDIR)/$(PLUGIN_DIR)
 
-.PHONY: help setup plugins test-plugins build test lint fmt run clean
+.PHONY: help setup venv plugins test-plugins build test lint fmt run clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -16,17 +19,33 @@ help: ## List the targets.
 setup: ## Install the wasm32-wasip2 Rust target if missing.
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 
+venv: $(VENV)/.installed ## Python virtualenv with the independent readers/clients the end-to-end tests use.
+
+$(VENV)/.installed: tests/e2e/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+	touch $@
+
 plugins: setup ## Build the four stock plugins to $(PLUGIN_DIR)/*.wasm.
 	$(CARGO) build --target $(WASM_TARGET) --profile plugin $(addprefix -p ,$(PLUGINS))
 
-test-plugins: setup ## Build the misbehaving plugins the sandbox tests use (never shipped).
+test-venv: $(VENV)/.installed ## Python virtualenv with the independent readers/clients the end-to-end tests use.
+
+$(VENV)/.installed: tests/e2e/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+	touch $@
+
+plugins: setup ## Build the misbehaving plugins the sandbox tests use (never shipped).
 	$(CARGO) build --target $(WASM_TARGET) --profile plugin $(addprefix -p ,$(TEST_PLUGINS))
 
 build: plugins ## Build the host and the stock plugins.
 	$(CARGO) build -p flowgate
 
-test: plugins test-plugins ## Run every test: plugin unit tests (native) and the host tests (real .wasm).
+test: plugins test-plugins venv ## Every test: unit tests, host tests on the real .wasm, end-to-end pipelines read back by Python.
 	$(CARGO) test --workspace
+	$(CARGO) build -p flowgate
+	$(VENV)/bin/python -m pytest -q tests/e2e
 
 lint: ## rustfmt check and clippy with warnings as errors.
 	$(CARGO) fmt --all -- --check
@@ -41,7 +60,7 @@ run: build ## The plugin demo: sample ticks through validate → dedup → windo
 	    --plugin $(PLUGIN_DIR)/flowgate_dedup.wasm --config pipelines/steps/dedup.yaml \
 	    --plugin $(PLUGIN_DIR)/flowgate_window.wasm --config pipelines/steps/window.yaml \
 	    --plugin $(PLUGIN_DIR)/flowgate_pct_change.wasm --config pipelines/steps/pct_change.yaml \
-	    --schema pipelines/ticks.schema.yaml --input pipelines/samples/ticks.jsonl --flush
+	    --schema pipelines/steps/ticks.schema.yaml --input pipelines/samples/ticks.jsonl --flush
 
 clean: ## Remove build output.
 	$(CARGO) clean

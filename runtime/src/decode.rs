@@ -44,20 +44,61 @@ impl FieldType {
 }
 
 /// One field as written in YAML.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum FieldSpec {
     /// `name: type`
     Short(FieldType),
     /// `name: {type: T, nullable: B}`
     Long {
         /// The type.
-        #[serde(rename = "type")]
         field_type: FieldType,
         /// Whether nulls are allowed (default true).
-        #[serde(default = "yes")]
         nullable: bool,
     },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LongField {
+    #[serde(rename = "type")]
+    field_type: FieldType,
+    #[serde(default = "yes")]
+    nullable: bool,
+}
+
+impl<'de> Deserialize<'de> for FieldSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FieldSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a type (utf8, int64, float64, bool, timestamp) or {type: T, nullable: B}",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FieldSpec, E> {
+                FieldType::deserialize(serde::de::value::StrDeserializer::<E>::new(v))
+                    .map(FieldSpec::Short)
+                    .map_err(|_| {
+                        E::custom(format!(
+                            "unknown type `{v}` (expected utf8, int64, float64, bool or timestamp)"
+                        ))
+                    })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<FieldSpec, A::Error> {
+                let long =
+                    LongField::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(FieldSpec::Long {
+                    field_type: long.field_type,
+                    nullable: long.nullable,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn yes() -> bool {

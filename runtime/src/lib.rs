@@ -12,7 +12,12 @@
 //! The plugin contract lives in `wit/flowgate.wit`; plugins are written with the
 //! `flowgate-sdk` crate.
 
+pub mod checkpoint;
 pub mod cli;
+pub mod config;
 pub mod decode;
 pub mod plugin;
+pub mod run;
+pub mod sink;
+pub mod source;
 pub mod yaml;

@@ -32,6 +32,10 @@ pub fn from_str<T: DeserializeOwned>(text: &str, file: &str) -> Result<T, YamlEr
         if let Some(i) = message.find(" at line ") {
             message.truncate(i);
         }
+        // serde_norway often starts its message with the key path, which `path_prefix` says.
+        if let Some(rest) = message.strip_prefix(&format!("{path}: ")) {
+            message = rest.to_string();
+        }
         YamlError {
             file: file.to_string(),
             location,

@@ -1,12 +1,18 @@
 //! The `flowgate` command line. `main.rs` parses arguments and calls [`run`].
 
 mod plugin_test;
+mod produce;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use clap::{Args, Parser, Subcommand};
+
+use crate::config::Pipeline;
 
 use crate::plugin::{ErrorKind, HostConfig, PluginError, PluginHost};
 
@@ -23,9 +29,80 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a pipeline until interrupted (Ctrl+C / SIGTERM: flush, commit, exit 0), or until
+    /// `--max-records` / `--until-idle` say so.
+    Run {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Set a `${VAR}` used in the pipeline file (before the environment).
+        #[arg(long = "set", value_name = "VAR=VALUE", value_parser = parse_var)]
+        vars: Vec<(String, String)>,
+        /// Stop after this many input records, with everything committed.
+        #[arg(long, value_name = "N")]
+        max_records: Option<u64>,
+        /// Stop once no record arrived for this long (e.g. `10s`), with everything committed.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        until_idle: Option<Duration>,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Check a pipeline: parse it, load every plugin, create every step, and print each stage
+    /// with its schema. Exits 2 with every problem found otherwise.
+    Validate {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Set a `${VAR}` used in the pipeline file.
+        #[arg(long = "set", value_name = "VAR=VALUE", value_parser = parse_var)]
+        vars: Vec<(String, String)>,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Produce seed ticks (or replay a file) to a Kafka topic.
+    Produce(produce::ProduceArgs),
     /// Work with transform plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+}
+
+fn parse_var(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{text}`: expected VAR=VALUE"))
+}
+
+/// Sets `stop` on Ctrl+C or SIGTERM.
+fn stop_on_signal() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = std::thread::Builder::new()
+        .name("flowgate-signals".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                #[cfg(unix)]
+                {
+                    let Ok(mut term) =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                #[cfg(not(unix))]
+                let _ = tokio::signal::ctrl_c().await;
+                tracing::info!("signal received: finishing the current batch, then committing");
+                flag.store(true, Ordering::Relaxed);
+            });
+        });
+    stop
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,25 +159,98 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|_| "must not be negative".to_string())
 }
 
-/// Sets up logging to stderr: info by default, `-v` debug, `-vv` trace; `RUST_LOG` wins.
+/// Sets up logging to stderr: Flowgate's own lines at info (`-v` debug, `-vv` trace), the
+/// libraries' at warn (`-v` info); `RUST_LOG` wins. Colours only on a terminal.
 pub fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
+        0 => "warn,flowgate=info",
+        1 => "info,flowgate=debug",
+        _ => "debug,flowgate=trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(ansi)
         .try_init();
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run {
+            pipeline,
+            vars,
+            max_records,
+            until_idle,
+            host,
+        } => {
+            let pipeline = Pipeline::load(&pipeline, &vars.into_iter().collect())?;
+            let host = host.host()?;
+            let stop = stop_on_signal();
+            let options = crate::run::RunOptions {
+                max_records,
+                until_idle,
+            };
+            let summary = crate::run::run(&pipeline, &host, &options, &stop)?;
+            tracing::info!(
+                "done: {} records, {} rows out, {} rejected, {} undecodable, {} checkpoints",
+                summary.records,
+                summary.rows_out,
+                summary.rejected,
+                summary.undecodable,
+                summary.checkpoints
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate {
+            pipeline,
+            vars,
+            host,
+        } => {
+            let pipeline = Pipeline::load(&pipeline, &vars.into_iter().collect())?;
+            let host = host.host()?;
+            let plan = crate::run::Plan::build(&pipeline, &host)?;
+            println!(
+                "pipeline `{}` ({}) is valid",
+                pipeline.spec.name,
+                pipeline.file.display()
+            );
+            for (i, schema) in plan.stages.iter().enumerate() {
+                let name = if i == 0 {
+                    "source (decoded)".to_string()
+                } else {
+                    format!("step `{}`", plan.names[i - 1])
+                };
+                println!(
+                    "  {name}: {}",
+                    flowgate_sdk::columns::describe_schema(schema)
+                );
+            }
+            for (name, sink) in pipeline.spec.sinks.iter() {
+                let stage = plan.stage_of(sink.from.as_deref());
+                let kind = if sink.delta.is_some() {
+                    "delta"
+                } else if sink.parquet.is_some() {
+                    "parquet"
+                } else {
+                    "console"
+                };
+                println!(
+                    "  sink `{name}` ({kind}) reads {}",
+                    if stage == 0 {
+                        "the decoded records".to_string()
+                    } else {
+                        format!("step `{}`", plan.names[stage - 1])
+                    }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Produce(args) => produce::run(args),
         Command::Plugin(PluginCommand::Test(args)) => plugin_test::run(args),
         Command::Plugin(PluginCommand::Info { wasm, host }) => {
             let host = host.host()?;
@@ -129,8 +279,12 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     if let Some(p) = e.downcast_ref::<PluginError>() {
         return if p.kind() == ErrorKind::Config { 2 } else { 1 };
     }
+    if let Some(r) = e.downcast_ref::<crate::run::RunError>() {
+        return if r.kind() == ErrorKind::Config { 2 } else { 1 };
+    }
     if e.downcast_ref::<crate::yaml::YamlError>().is_some()
         || e.downcast_ref::<UsageError>().is_some()
+        || e.downcast_ref::<crate::config::ConfigError>().is_some()
     {
         return 2;
     }

@@ -16,6 +16,8 @@ pub struct RejectedRows {
     pub rows: RecordBatch,
     /// One reason per row.
     pub reasons: Vec<String>,
+    /// Each row's index in the batch the step was given.
+    pub indices: Vec<u32>,
 }
 
 /// What the chain produced for one input batch or watermark.
@@ -25,18 +27,29 @@ pub struct ChainOutput {
     pub batches: Vec<RecordBatch>,
     /// Rows refused anywhere along the chain.
     pub rejected: Vec<RejectedRows>,
+    /// Batches out of tapped steps before the last, with the step's index.
+    pub taps: Vec<(usize, RecordBatch)>,
 }
 
 /// Steps in order, for one partition.
 #[derive(Debug)]
 pub struct Chain {
     steps: Vec<Step>,
+    tapped: Vec<bool>,
 }
 
 impl Chain {
     /// A chain of `steps`; each step's input schema must be the previous step's output schema.
     pub fn new(steps: Vec<Step>) -> Self {
-        Chain { steps }
+        let tapped = vec![false; steps.len()];
+        Chain { steps, tapped }
+    }
+
+    /// Also hands out what step `index` emits (for sinks reading an earlier stage).
+    pub fn tap(&mut self, index: usize) {
+        if let Some(t) = self.tapped.get_mut(index) {
+            *t = true;
+        }
     }
 
     /// The steps.
@@ -52,7 +65,7 @@ impl Chain {
     /// Runs one batch through every step.
     pub fn process(&mut self, batch: RecordBatch) -> Result<ChainOutput, PluginError> {
         let mut out = ChainOutput::default();
-        out.batches = self.run_from(0, vec![batch], &mut out.rejected)?;
+        out.batches = self.run_from(0, vec![batch], &mut out)?;
         Ok(out)
     }
 
@@ -61,7 +74,11 @@ impl Chain {
         let mut out = ChainOutput::default();
         for i in 0..self.steps.len() {
             let emitted = self.steps[i].on_watermark(ts_ms)?;
-            let batches = self.run_from(i + 1, emitted.batches, &mut out.rejected)?;
+            if self.tapped[i] && i + 1 < self.steps.len() {
+                out.taps
+                    .extend(emitted.batches.iter().map(|b| (i, b.clone())));
+            }
+            let batches = self.run_from(i + 1, emitted.batches, &mut out)?;
             out.batches.extend(batches);
         }
         Ok(out)
@@ -71,9 +88,10 @@ impl Chain {
         &mut self,
         first: usize,
         mut batches: Vec<RecordBatch>,
-        rejected: &mut Vec<RejectedRows>,
+        out: &mut ChainOutput,
     ) -> Result<Vec<RecordBatch>, PluginError> {
-        for step in &mut self.steps[first..] {
+        let last = self.steps.len().saturating_sub(1);
+        for (index, step) in self.steps.iter_mut().enumerate().skip(first) {
             let mut next = Vec::with_capacity(batches.len());
             for batch in &batches {
                 let output = step.process(batch)?;
@@ -87,13 +105,17 @@ impl Chain {
                             call: "process",
                             message: format!("taking rejected rows: {e}"),
                         })?;
-                    rejected.push(RejectedRows {
+                    out.rejected.push(RejectedRows {
                         step: step.name().to_string(),
                         rows,
-                        reasons: output.rejected.into_iter().map(|r| r.reason).collect(),
+                        reasons: output.rejected.iter().map(|r| r.reason.clone()).collect(),
+                        indices: indices.values().to_vec(),
                     });
                 }
                 next.extend(output.batches);
+            }
+            if self.tapped[index] && index < last {
+                out.taps.extend(next.iter().map(|b| (index, b.clone())));
             }
             batches = next;
         }

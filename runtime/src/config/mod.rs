@@ -1,0 +1,567 @@
+//! The pipeline file: its YAML model, `${VAR}` interpolation, and the checks that run before
+//! anything starts. Every error names the file and, where it can, the line, column and key.
+//!
+//! Closed sets of kinds are externally tagged (`source: {kafka: {…}}`, a sink's `delta: {…}`),
+//! so the parser streams them and keeps line numbers and key paths in its errors.
+
+mod interpolate;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::decode::SchemaSpec;
+use flowgate_sdk::config::{Duration, OrderedMap};
+
+pub use interpolate::{env_lookup, interpolate};
+
+/// A pipeline file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    /// Names the pipeline in Delta transaction ids, dead letters and logs.
+    pub name: String,
+    /// Where records come from.
+    pub source: SourceSpec,
+    /// Record format; only `json` for now.
+    #[serde(default)]
+    pub format: Format,
+    /// Field name → type, in order (see [`crate::decode`]).
+    pub schema: SchemaSpec,
+    /// The event-time column: drives watermarks and the derived `date` column.
+    pub event_time: Option<String>,
+    /// Watermark settings.
+    #[serde(default)]
+    pub watermark: WatermarkSpec,
+    /// Batch bounds.
+    #[serde(default)]
+    pub batch: BatchSpec,
+    /// Transform steps, in order.
+    #[serde(default)]
+    pub transforms: Vec<TransformSpec>,
+    /// Sink name → sink.
+    pub sinks: OrderedMap<SinkSpec>,
+    /// Where rejected records go (a Delta table unless it says otherwise).
+    pub dead_letter: Option<SinkSpec>,
+    /// Checkpoint settings.
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+}
+
+/// Record formats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// One JSON object per record.
+    #[default]
+    Json,
+}
+
+/// Sources: exactly one of `kafka`, `file`, `generator`. (A struct of options rather than an
+/// enum: the YAML parser would want `!kafka` tags for an enum, and this keeps line numbers.)
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// A Kafka topic (or topics), consumed as a consumer group.
+    pub kafka: Option<KafkaSpec>,
+    /// A JSON-lines file, for replay and backfill (one partition; offset = line number − 1).
+    pub file: Option<FileSpec>,
+    /// Synthetic ticks into the embedded broker, for the demo.
+    pub generator: Option<GeneratorSpec>,
+}
+
+/// The source kind a [`SourceSpec`] names.
+#[derive(Debug, Clone, Copy)]
+pub enum SourceKind<'a> {
+    /// Kafka.
+    Kafka(&'a KafkaSpec),
+    /// A file.
+    File(&'a FileSpec),
+    /// The generator.
+    Generator(&'a GeneratorSpec),
+}
+
+impl SourceSpec {
+    /// The one kind given (checked when the pipeline loads).
+    pub fn kind(&self) -> Option<SourceKind<'_>> {
+        match (&self.kafka, &self.file, &self.generator) {
+            (Some(k), None, None) => Some(SourceKind::Kafka(k)),
+            (None, Some(f), None) => Some(SourceKind::File(f)),
+            (None, None, Some(g)) => Some(SourceKind::Generator(g)),
+            _ => None,
+        }
+    }
+}
+
+/// Kafka source settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSpec {
+    /// Bootstrap servers (a list, or `a:9092,b:9092`), or `embedded` for the in-process broker.
+    pub brokers: Brokers,
+    /// The topic.
+    pub topic: Option<String>,
+    /// Several topics.
+    pub topics: Option<Vec<String>>,
+    /// Consumer group id.
+    pub group: String,
+    /// Where a group with no committed position starts.
+    #[serde(default)]
+    pub start: StartFrom,
+    /// librdkafka settings, e.g. `fetch.min.bytes: "1"`.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+/// Bootstrap servers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Brokers {
+    /// `embedded`, or a comma-separated list.
+    One(String),
+    /// A list of `host:port`.
+    Many(Vec<String>),
+}
+
+impl Brokers {
+    /// The in-process mock broker?
+    pub fn is_embedded(&self) -> bool {
+        matches!(self, Brokers::One(s) if s == "embedded")
+    }
+
+    /// As librdkafka's `bootstrap.servers`.
+    pub fn bootstrap(&self) -> String {
+        match self {
+            Brokers::One(s) => s.clone(),
+            Brokers::Many(v) => v.join(","),
+        }
+    }
+}
+
+/// Start position for a group without committed offsets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    /// The oldest retained record.
+    #[default]
+    Earliest,
+    /// Only records produced from now on.
+    Latest,
+}
+
+/// File source settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    /// The JSON-lines file (relative to the pipeline file).
+    pub path: PathBuf,
+}
+
+/// Generator source settings: random-walk ticks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratorSpec {
+    /// Symbols to tick.
+    #[serde(default = "default_symbols")]
+    pub symbols: Vec<String>,
+    /// Ticks per second (all symbols together).
+    #[serde(default = "default_rate")]
+    pub rate: f64,
+    /// Topic in the embedded broker.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+}
+
+fn default_symbols() -> Vec<String> {
+    [
+        "AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "META", "TSLA", "AMD",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn default_rate() -> f64 {
+    2000.0
+}
+
+fn default_topic() -> String {
+    "ticks".into()
+}
+
+/// Watermark settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatermarkSpec {
+    /// How late a record may be: watermark = max event time seen − delay.
+    #[serde(default = "zero")]
+    pub delay: Duration,
+    /// A partition with no records for this long stops holding the pipeline watermark back.
+    #[serde(default = "thirty_seconds")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for WatermarkSpec {
+    fn default() -> Self {
+        WatermarkSpec {
+            delay: zero(),
+            idle_timeout: thirty_seconds(),
+        }
+    }
+}
+
+fn zero() -> Duration {
+    Duration::from_millis(0)
+}
+
+fn thirty_seconds() -> Duration {
+    Duration::from_millis(30_000)
+}
+
+/// Batch bounds: a batch closes at `max_records` or after `max_wait`, whichever comes first.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSpec {
+    /// Most records per batch.
+    #[serde(default = "default_max_records")]
+    pub max_records: usize,
+    /// Longest a record waits for its batch to fill.
+    #[serde(default = "default_max_wait")]
+    pub max_wait: Duration,
+}
+
+impl Default for BatchSpec {
+    fn default() -> Self {
+        BatchSpec {
+            max_records: default_max_records(),
+            max_wait: default_max_wait(),
+        }
+    }
+}
+
+fn default_max_records() -> usize {
+    16_384
+}
+
+fn default_max_wait() -> Duration {
+    Duration::from_millis(500)
+}
+
+/// What a step does with a batch its plugin fails on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Stop the pipeline (nothing is committed past the failing batch).
+    Fail,
+    /// Drop the batch, count it, and go on.
+    Skip,
+    /// Send the batch's rows to the dead letter with the error, and go on.
+    #[default]
+    DeadLetter,
+}
+
+/// One transform step.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformSpec {
+    /// Step name (unique): names the step in logs, dead letters and `from:`.
+    pub name: String,
+    /// The `.wasm` file, relative to the pipeline file.
+    pub plugin: PathBuf,
+    /// Handed to the plugin as JSON.
+    #[serde(default)]
+    pub config: serde_json::Value,
+    /// What to do when the plugin fails on a batch.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Capabilities beyond the default sandbox (`clock`).
+    #[serde(default)]
+    pub grants: Vec<String>,
+}
+
+/// A sink: exactly one of `delta`, `parquet`, `console`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSpec {
+    /// The step whose output this sink reads (default: the last step, or the decoded records).
+    pub from: Option<String>,
+    /// A Delta Lake table.
+    pub delta: Option<TableSpec>,
+    /// Parquet files with a commit log.
+    pub parquet: Option<TableSpec>,
+    /// A readable table on stdout, for debugging.
+    pub console: Option<ConsoleSpec>,
+}
+
+/// Where and how a table is written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSpec {
+    /// The table folder (relative to the pipeline file).
+    pub path: PathBuf,
+    /// Partition columns; `date` is derived from event time when the stage has no such column.
+    #[serde(default)]
+    pub partition_by: Vec<String>,
+    /// The timestamp column `date` is derived from (default: the pipeline's `event_time` if the
+    /// stage has it, else its first timestamp column).
+    pub date_from: Option<String>,
+    /// Data files are cut at about this size.
+    #[serde(default = "default_file_size")]
+    pub target_file_size: u64,
+}
+
+fn default_file_size() -> u64 {
+    128 << 20
+}
+
+/// Console sink settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSpec {
+    /// Most rows printed per commit.
+    #[serde(default = "default_console_rows")]
+    pub max_rows: usize,
+}
+
+fn default_console_rows() -> usize {
+    20
+}
+
+/// Checkpoint settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Where plugin state snapshots are kept (relative to the pipeline file).
+    #[serde(default = "default_checkpoint_path")]
+    pub path: PathBuf,
+    /// How often sinks commit (with offsets and state).
+    #[serde(default = "default_commit_interval")]
+    pub interval: Duration,
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        CheckpointSpec {
+            path: default_checkpoint_path(),
+            interval: default_commit_interval(),
+        }
+    }
+}
+
+fn default_checkpoint_path() -> PathBuf {
+    PathBuf::from("data/_checkpoints")
+}
+
+fn default_commit_interval() -> Duration {
+    Duration::from_millis(5_000)
+}
+
+/// A pipeline file that could not be used, with every problem found.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    /// One line per problem, each naming the file (and line, key) it is about.
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(problem: String) -> Self {
+        ConfigError {
+            problems: vec![problem],
+        }
+    }
+}
+
+/// A parsed and checked pipeline, with paths resolved against the pipeline file's folder.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// The file it came from.
+    pub file: PathBuf,
+    /// Its text after interpolation (for locating keys in later errors).
+    pub text: String,
+    /// The model.
+    pub spec: PipelineSpec,
+}
+
+impl Pipeline {
+    /// Reads, interpolates (`${VAR}`, with `overrides` first), parses and checks a pipeline file.
+    pub fn load(file: &Path, overrides: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let label = file.display().to_string();
+        let raw = std::fs::read_to_string(file).map_err(|e| {
+            ConfigError::one(format!("{label}: cannot read the pipeline file: {e}"))
+        })?;
+        let lookup = env_lookup(overrides);
+        let text =
+            interpolate(&raw, &lookup).map_err(|e| ConfigError::one(format!("{label}: {e}")))?;
+        let spec: PipelineSpec =
+            crate::yaml::from_str(&text, &label).map_err(|e| ConfigError::one(e.to_string()))?;
+        let pipeline = Pipeline {
+            file: file.to_path_buf(),
+            text,
+            spec,
+        };
+        pipeline.check()?;
+        Ok(pipeline)
+    }
+
+    /// `path` resolved against the pipeline file's folder.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            return path.to_path_buf();
+        }
+        self.file.parent().unwrap_or(Path::new(".")).join(path)
+    }
+
+    /// `file:line` of the first line containing `needle`, for errors about a value.
+    pub fn locate(&self, needle: &str) -> String {
+        let line = self
+            .text
+            .lines()
+            .position(|l| l.contains(needle))
+            .map(|n| format!(":{}", n + 1))
+            .unwrap_or_default();
+        format!("{}{line}", self.file.display())
+    }
+
+    /// Checks that need more than the parser: names, references, files. Collects every problem.
+    fn check(&self) -> Result<(), ConfigError> {
+        let s = &self.spec;
+        let mut problems = Vec::new();
+        let mut problem =
+            |needle: &str, text: String| problems.push(format!("{}: {text}", self.locate(needle)));
+        if s.source.kind().is_none() {
+            problem(
+                "source:",
+                "`source`: give exactly one of `kafka`, `file`, `generator`".into(),
+            );
+        }
+        if let Some(SourceKind::Kafka(k)) = s.source.kind() {
+            match (&k.topic, &k.topics) {
+                (None, None) => {
+                    problem("kafka:", "`source.kafka`: give `topic` or `topics`".into())
+                }
+                (Some(_), Some(_)) => problem(
+                    "topics:",
+                    "`source.kafka`: give `topic` or `topics`, not both".into(),
+                ),
+                (None, Some(t)) if t.is_empty() => {
+                    problem("topics:", "`source.kafka.topics` is empty".into())
+                }
+                _ => {}
+            }
+        }
+        if s.schema.is_empty() {
+            problem("schema:", "`schema` declares no fields".into());
+        }
+        if let Some(et) = &s.event_time {
+            match s.schema.iter().find(|(n, _)| n == et) {
+                None => problem(
+                    "event_time:",
+                    format!("`event_time`: `{et}` is not a field of `schema`"),
+                ),
+                Some((_, f))
+                    if !matches!(
+                        f.field_type(),
+                        crate::decode::FieldType::Timestamp | crate::decode::FieldType::Int64
+                    ) =>
+                {
+                    problem(
+                        "event_time:",
+                        format!(
+                            "`event_time`: `{et}` must be a timestamp or int64 (epoch ms) field"
+                        ),
+                    )
+                }
+                _ => {}
+            }
+        }
+        if s.batch.max_records == 0 {
+            problem(
+                "max_records:",
+                "`batch.max_records` must be at least 1".into(),
+            );
+        }
+        let mut names: Vec<&str> = Vec::new();
+        for (i, t) in s.transforms.iter().enumerate() {
+            if names.contains(&t.name.as_str()) {
+                problem(
+                    &format!("name: {}", t.name),
+                    format!("`transforms[{i}].name`: `{}` is used twice", t.name),
+                );
+            }
+            names.push(&t.name);
+            let plugin = self.resolve(&t.plugin);
+            if !plugin.is_file() {
+                problem(
+                    &t.plugin.display().to_string(),
+                    format!(
+                        "`transforms[{i}].plugin`: `{}` does not exist (run `make plugins`?)",
+                        plugin.display()
+                    ),
+                );
+            }
+            for g in &t.grants {
+                if g != "clock" {
+                    problem(
+                        g,
+                        format!("`transforms[{i}].grants`: unknown grant `{g}` (known: clock)"),
+                    );
+                }
+            }
+        }
+        if s.sinks.is_empty() {
+            problem("sinks:", "`sinks`: give at least one sink".into());
+        }
+        let sinks = s
+            .sinks
+            .iter()
+            .map(|(n, spec)| (format!("sinks.{n}"), spec))
+            .chain(s.dead_letter.iter().map(|d| ("dead_letter".to_string(), d)));
+        for (key, sink) in sinks {
+            let kinds = [
+                sink.delta.is_some(),
+                sink.parquet.is_some(),
+                sink.console.is_some(),
+            ]
+            .iter()
+            .filter(|k| **k)
+            .count();
+            if kinds != 1 {
+                problem(
+                    &format!("{}:", key.rsplit('.').next().unwrap_or(&key)),
+                    format!("`{key}`: give exactly one of `delta`, `parquet`, `console`"),
+                );
+            }
+            if let Some(from) = &sink.from
+                && !names.contains(&from.as_str())
+                && from != "source"
+            {
+                let known: Vec<&str> = std::iter::once("source")
+                    .chain(names.iter().copied())
+                    .collect();
+                problem(
+                    &format!("from: {from}"),
+                    format!(
+                        "`{key}.from`: no step named `{from}` (known: {})",
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+}
+
+impl crate::decode::FieldSpec {
+    /// The declared type.
+    pub fn field_type(&self) -> crate::decode::FieldType {
+        match self {
+            crate::decode::FieldSpec::Short(t) => *t,
+            crate::decode::FieldSpec::Long { field_type, .. } => *field_type,
+        }
+    }
+}

@@ -1,0 +1,811 @@
+//! The run loop: source → batches per partition → decode → plugin chain → sinks, with
+//! watermarks, checkpoints and the dead letter.
+//!
+//! One thread does it all, in order: poll, process due batches, advance the watermark, commit
+//! when the interval is up. WASM calls are CPU work and run here, off any async reactor; the
+//! Delta writer's async calls run on a small tokio runtime that the sinks block on.
+//!
+//! Exactly once: at a checkpoint, every partition's plugin state is stored for its last offset,
+//! then each sink commits its rows with those offsets (Delta `txn`), then Kafka gets the offsets.
+//! On start a partition resumes after the lowest offset its sinks hold, with the state stored
+//! for that offset; a sink that already holds more skips what it has.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, Int32Array, Int64Array, StringArray, TimestampMillisecondArray};
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+
+use crate::checkpoint::{CheckpointError, CheckpointStore};
+use crate::config::{OnError, Pipeline, SinkSpec, SourceKind};
+use crate::decode::{self, JsonDecoder};
+use crate::plugin::{Chain, ChainOutput, ErrorKind, Grants, Plugin, PluginError, PluginHost};
+use crate::sink::{self, ConsoleSink, DeltaSink, Offsets, Sink, SinkError, TableShape};
+use crate::source::{FileSource, KafkaSource, Record, Source, SourceError};
+
+/// Why a run stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A plugin could not be loaded or created, or failed in a way its `on_error` does not cover.
+    #[error("{location}: {source}")]
+    Plugin {
+        /// `file:line` of the step in the pipeline file.
+        location: String,
+        /// The plugin error.
+        source: PluginError,
+    },
+    /// A sink failed.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// The source failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The checkpoint store failed.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The pipeline does not fit together (checked before any record flows).
+    #[error("{0}")]
+    Config(String),
+}
+
+impl RunError {
+    /// Who must act.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RunError::Plugin { source, .. } => source.kind(),
+            RunError::Config(_)
+            | RunError::Sink(SinkError::Config { .. } | SinkError::SchemaMismatch { .. }) => {
+                ErrorKind::Config
+            }
+            RunError::Sink(_) | RunError::Source(_) | RunError::Checkpoint(_) => {
+                ErrorKind::External
+            }
+        }
+    }
+}
+
+/// When to stop besides Ctrl+C / SIGTERM.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop after this many input records.
+    pub max_records: Option<u64>,
+    /// Stop once no record arrived for this long.
+    pub until_idle: Option<Duration>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    /// Records read (after skipping those the sinks already held).
+    pub records: u64,
+    /// Records that did not decode.
+    pub undecodable: u64,
+    /// Rows refused by plugins.
+    pub rejected: u64,
+    /// Rows written to sinks (dead letter excluded).
+    pub rows_out: u64,
+    /// Checkpoints committed.
+    pub checkpoints: u64,
+}
+
+/// One step, ready to instantiate per partition.
+struct StepPlan {
+    name: String,
+    plugin: Plugin,
+    config: String,
+    grants: Grants,
+    on_error: OnError,
+    location: String,
+}
+
+/// The pipeline's steps with their schemas, checked end to end.
+pub struct Plan {
+    steps: Vec<StepPlan>,
+    /// Stage schemas: `[0]` is the decoded records, `[i + 1]` what step `i` emits.
+    pub stages: Vec<SchemaRef>,
+    /// Step names, in order.
+    pub names: Vec<String>,
+}
+
+impl Plan {
+    /// Loads every plugin and creates the chain once, so schemas are checked stage by stage.
+    pub fn build(pipeline: &Pipeline, host: &PluginHost) -> Result<Self, RunError> {
+        let schema = decode::to_schema(&pipeline.spec.schema);
+        let mut stages = vec![schema];
+        let mut steps = Vec::new();
+        for t in &pipeline.spec.transforms {
+            let location = pipeline.locate(&t.plugin.display().to_string());
+            let plugin =
+                host.load(&pipeline.resolve(&t.plugin))
+                    .map_err(|source| RunError::Plugin {
+                        location: location.clone(),
+                        source,
+                    })?;
+            let config = if t.config.is_null() {
+                "{}".to_string()
+            } else {
+                t.config.to_string()
+            };
+            let grants = Grants {
+                clock: t.grants.iter().any(|g| g == "clock"),
+            };
+            let input = stages
+                .last()
+                .cloned()
+                .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
+            let step = plugin
+                .instantiate(&t.name, &config, &input, grants)
+                .map_err(|source| RunError::Plugin {
+                    location: location.clone(),
+                    source,
+                })?;
+            stages.push(step.output_schema().clone());
+            steps.push(StepPlan {
+                name: t.name.clone(),
+                plugin,
+                config,
+                grants,
+                on_error: t.on_error,
+                location,
+            });
+        }
+        let names = steps.iter().map(|s| s.name.clone()).collect();
+        Ok(Plan {
+            steps,
+            stages,
+            names,
+        })
+    }
+
+    fn chain(&self) -> Result<Chain, RunError> {
+        let mut steps = Vec::new();
+        for (i, s) in self.steps.iter().enumerate() {
+            let step = s
+                .plugin
+                .instantiate(&s.name, &s.config, &self.stages[i], s.grants)
+                .map_err(|source| RunError::Plugin {
+                    location: s.location.clone(),
+                    source,
+                })?;
+            steps.push(step);
+        }
+        Ok(Chain::new(steps))
+    }
+
+    /// The stage index a sink reads: 0 = decoded records, i + 1 = step i.
+    pub fn stage_of(&self, from: Option<&str>) -> usize {
+        match from {
+            None => self.steps.len(),
+            Some("source") => 0,
+            Some(name) => self
+                .names
+                .iter()
+                .position(|n| n == name)
+                .map_or(self.steps.len(), |i| i + 1),
+        }
+    }
+}
+
+struct SinkSlot {
+    sink: Box<dyn Sink>,
+    stage: usize,
+}
+
+/// Per-partition work and state.
+struct Unit {
+    topic: Arc<str>,
+    partition: i32,
+    chain: Chain,
+    pending: Vec<Record>,
+    oldest: Option<Instant>,
+    last_seen: Instant,
+    /// Next offset to process; lower ones are already in the sinks (or in this run).
+    next: i64,
+    /// The offset each sink already holds: a sink skips output of input up to there.
+    floors: Vec<i64>,
+    processed_any: bool,
+    sought: bool,
+    max_event: Option<i64>,
+    dirty: bool,
+}
+
+/// Opens a sink for a stage schema.
+fn open_sink(
+    pipeline: &Pipeline,
+    name: &str,
+    spec: &SinkSpec,
+    schema: &SchemaRef,
+    rt: &Arc<tokio::runtime::Runtime>,
+) -> Result<Box<dyn Sink>, SinkError> {
+    let event_time = pipeline.spec.event_time.as_deref();
+    if let Some(t) = &spec.delta {
+        let shape = TableShape::new(
+            name,
+            schema,
+            &t.partition_by,
+            t.date_from.as_deref(),
+            event_time,
+        )?;
+        return Ok(Box::new(DeltaSink::open(
+            name,
+            &pipeline.resolve(&t.path),
+            &pipeline.spec.name,
+            shape,
+            &t.partition_by,
+            t.target_file_size,
+            rt.clone(),
+        )?));
+    }
+    if let Some(c) = &spec.console {
+        return Ok(Box::new(ConsoleSink::new(name, c.max_rows)));
+    }
+    Err(SinkError::Config {
+        sink: name.into(),
+        message: "parquet sinks are not available yet; use `delta` or `console`".into(),
+    })
+}
+
+/// Runs `pipeline` until `stop` is set or `options` say so; everything read is committed
+/// before it returns.
+pub fn run(
+    pipeline: &Pipeline,
+    host: &PluginHost,
+    options: &RunOptions,
+    stop: &AtomicBool,
+) -> Result<RunSummary, RunError> {
+    let spec = &pipeline.spec;
+    let plan = Plan::build(pipeline, host)?;
+    let rt = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| RunError::Config(format!("cannot start the I/O runtime: {e}")))?,
+    );
+    let mut sinks = Vec::new();
+    for (name, s) in spec.sinks.iter() {
+        let stage = plan.stage_of(s.from.as_deref());
+        sinks.push(SinkSlot {
+            sink: open_sink(pipeline, name, s, &plan.stages[stage], &rt)?,
+            stage,
+        });
+    }
+    let mut dead_letter = match &spec.dead_letter {
+        Some(d) => Some(open_sink(
+            pipeline,
+            "dead_letter",
+            d,
+            &sink::dead_letter_schema(),
+            &rt,
+        )?),
+        None => None,
+    };
+    let mut source: Box<dyn Source> = match spec.source.kind() {
+        None => {
+            return Err(RunError::Config(
+                "`source`: give exactly one of `kafka`, `file`, `generator`".into(),
+            ));
+        }
+        Some(SourceKind::File(f)) => Box::new(FileSource::open(&pipeline.resolve(&f.path))?),
+        Some(SourceKind::Kafka(k)) => {
+            if k.brokers.is_embedded() {
+                return Err(RunError::Config(
+                    "`brokers: embedded` is not available yet".into(),
+                ));
+            }
+            Box::new(KafkaSource::open(k, &k.brokers.bootstrap())?)
+        }
+        Some(SourceKind::Generator(_)) => {
+            return Err(RunError::Config(
+                "the `generator` source is not available yet".into(),
+            ));
+        }
+    };
+    let store = CheckpointStore::new(&pipeline.resolve(&spec.checkpoint.path), &spec.name);
+    let decoder = JsonDecoder::new(plan.stages[0].clone());
+    let event_time = spec
+        .event_time
+        .as_ref()
+        .and_then(|c| plan.stages[0].index_of(c).ok());
+    let delay = spec.watermark.delay.as_millis();
+    let idle_after = Duration::from_millis(spec.watermark.idle_timeout.as_millis().max(0) as u64);
+    let max_wait = Duration::from_millis(spec.batch.max_wait.as_millis().max(1) as u64);
+    let interval = Duration::from_millis(spec.checkpoint.interval.as_millis().max(1) as u64);
+    let max_records = spec.batch.max_records;
+
+    let mut ctx = Ctx {
+        pipeline,
+        plan: &plan,
+        sinks: &mut sinks,
+        dead_letter: &mut dead_letter,
+        summary: RunSummary::default(),
+        decoder,
+        event_time,
+    };
+    let mut units: HashMap<(Arc<str>, i32), Unit> = HashMap::new();
+    let mut watermark: Option<i64> = None;
+    let mut next_commit = Instant::now() + interval;
+    let mut last_record = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut polled = Vec::with_capacity(max_records);
+    let started = Instant::now();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            tracing::info!("stopping: flushing and committing");
+            break;
+        }
+        let budget = options
+            .max_records
+            .map(|m| m.saturating_sub(ctx.summary.records) as usize)
+            .unwrap_or(usize::MAX);
+        if budget == 0 {
+            break;
+        }
+        // Idle time counts once the source has partitions (a group join takes seconds).
+        if ctx.summary.records == 0
+            && source.assigned().is_empty()
+            && started.elapsed() < Duration::from_secs(60)
+        {
+            last_record = Instant::now();
+        }
+        if let Some(idle) = options.until_idle
+            && last_record.elapsed() >= idle
+        {
+            tracing::info!("no input for {idle:?}: stopping");
+            break;
+        }
+        polled.clear();
+        source.poll(
+            max_records.min(budget),
+            max_wait.min(Duration::from_millis(100)),
+            &mut polled,
+        )?;
+        if !polled.is_empty() {
+            last_record = Instant::now();
+        }
+        for (topic, partition) in source.revoked() {
+            if units
+                .remove(&(Arc::from(topic.as_str()), partition))
+                .is_some()
+            {
+                tracing::info!(
+                    topic,
+                    partition,
+                    "dropped revoked partition's uncommitted work; its new owner resumes from the sinks' offsets"
+                );
+            }
+        }
+        for record in polled.drain(..) {
+            let key = (record.topic.clone(), record.partition);
+            if !units.contains_key(&key) {
+                let unit = ctx.open_unit(&store, &record)?;
+                units.insert(key.clone(), unit);
+            }
+            let Some(unit) = units.get_mut(&key) else {
+                continue;
+            };
+            if record.offset < unit.next {
+                if !unit.sought && record.offset + 10_000 < unit.next {
+                    source.seek(&record.topic, record.partition, unit.next)?;
+                    unit.sought = true;
+                }
+                continue;
+            }
+            if record.offset > unit.next && !unit.processed_any && !unit.sought {
+                tracing::info!(topic = %record.topic, partition = record.partition, from = unit.next, "seeking back to the sinks' offset");
+                source.seek(&record.topic, record.partition, unit.next)?;
+                unit.sought = true;
+                continue;
+            }
+            unit.next = record.offset + 1;
+            unit.last_seen = Instant::now();
+            unit.oldest.get_or_insert_with(Instant::now);
+            unit.pending.push(record);
+            ctx.summary.records += 1;
+            if unit.pending.len() >= max_records {
+                ctx.process(unit)?;
+            }
+        }
+        for unit in units.values_mut() {
+            if unit.oldest.is_some_and(|t| t.elapsed() >= max_wait) {
+                ctx.process(unit)?;
+            }
+        }
+        if !waiting_for_partitions(source.as_ref(), &units, idle_after) {
+            ctx.advance_watermark(&mut units, &mut watermark, delay, idle_after)?;
+        }
+        if Instant::now() >= next_commit {
+            ctx.checkpoint(&store, &mut units, source.as_mut())?;
+            next_commit = Instant::now() + interval;
+        }
+        if last_progress.elapsed() >= Duration::from_secs(5) {
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(
+                "{} records ({:.0}/s), {} rows out, {} rejected, {} undecodable, watermark {}",
+                ctx.summary.records,
+                ctx.summary.records as f64 / secs,
+                ctx.summary.rows_out,
+                ctx.summary.rejected,
+                ctx.summary.undecodable,
+                watermark.map_or("none".to_string(), flowgate_sdk::columns::format_millis)
+            );
+            last_progress = Instant::now();
+        }
+    }
+    for unit in units.values_mut() {
+        if !unit.pending.is_empty() {
+            ctx.process(unit)?;
+        }
+    }
+    if !waiting_for_partitions(source.as_ref(), &units, idle_after) {
+        ctx.advance_watermark(&mut units, &mut watermark, delay, idle_after)?;
+    }
+    ctx.checkpoint(&store, &mut units, source.as_mut())?;
+    Ok(ctx.summary)
+}
+
+/// True while an assigned partition has sent nothing and is not yet idle: its records may be
+/// older than the others', so the watermark must wait for it.
+fn waiting_for_partitions(
+    source: &dyn Source,
+    units: &HashMap<(Arc<str>, i32), Unit>,
+    idle_after: Duration,
+) -> bool {
+    source.assigned().iter().any(|((t, p), since)| {
+        since.elapsed() < idle_after && !units.contains_key(&(Arc::from(t.as_str()), *p))
+    })
+}
+
+/// What the loop needs while it processes.
+struct Ctx<'a> {
+    pipeline: &'a Pipeline,
+    plan: &'a Plan,
+    sinks: &'a mut Vec<SinkSlot>,
+    dead_letter: &'a mut Option<Box<dyn Sink>>,
+    summary: RunSummary,
+    decoder: JsonDecoder,
+    event_time: Option<usize>,
+}
+
+impl Ctx<'_> {
+    /// A partition's first record: find where its sinks stand, restore its state, build its chain.
+    fn open_unit(&mut self, store: &CheckpointStore, record: &Record) -> Result<Unit, RunError> {
+        let (topic, partition) = (&*record.topic, record.partition);
+        let mut floors = Vec::new();
+        for slot in self.sinks.iter_mut() {
+            floors.push(slot.sink.committed(topic, partition)?.unwrap_or(-1));
+        }
+        let low = floors.iter().copied().min().unwrap_or(-1);
+        let mut chain = self.plan.chain()?;
+        for stage in self.sinks.iter().map(|s| s.stage) {
+            if stage > 0 && stage < self.plan.stages.len() - 1 {
+                chain.tap(stage - 1);
+            }
+        }
+        if low >= 0 {
+            match store.load(topic, partition, low)? {
+                Some(snapshots) => {
+                    for (step, state) in chain.steps_mut().iter_mut().zip(&snapshots) {
+                        step.restore(state).map_err(|source| RunError::Plugin {
+                            location: self.pipeline.file.display().to_string(),
+                            source,
+                        })?;
+                    }
+                    tracing::info!(topic, partition, offset = low, "restored plugin state");
+                }
+                None => tracing::warn!(
+                    topic,
+                    partition,
+                    offset = low,
+                    "no plugin state stored for this offset: stateful steps start empty"
+                ),
+            }
+            tracing::info!(
+                topic,
+                partition,
+                "resuming after offset {low}, as the sinks hold"
+            );
+        }
+        Ok(Unit {
+            topic: record.topic.clone(),
+            partition,
+            chain,
+            pending: Vec::new(),
+            oldest: None,
+            last_seen: Instant::now(),
+            next: low + 1,
+            floors,
+            processed_any: false,
+            sought: false,
+            max_event: None,
+            dirty: false,
+        })
+    }
+
+    fn dead_letters(
+        &mut self,
+        rows: Vec<(String, String, i64, String)>,
+        unit: &Unit,
+    ) -> Result<(), RunError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let Some(sink) = self.dead_letter.as_mut() else {
+            tracing::warn!(topic = %unit.topic, partition = unit.partition, "{} rows rejected and no `dead_letter` sink configured: first reason: {}", rows.len(), rows[0].1);
+            return Ok(());
+        };
+        let now = chrono::Utc::now().timestamp_millis();
+        let n = rows.len();
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(vec![self.pipeline.spec.name.as_str(); n])),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.0.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.1.as_str()),
+            )),
+            Arc::new(StringArray::from(vec![&*unit.topic; n])),
+            Arc::new(Int32Array::from(vec![unit.partition; n])),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.3.as_str()),
+            )),
+            Arc::new(TimestampMillisecondArray::from(vec![now; n]).with_timezone("UTC")),
+        ];
+        let batch = RecordBatch::try_new(sink::dead_letter_schema(), columns)
+            .map_err(|e| RunError::Config(format!("dead letter batch: {e}")))?;
+        sink.write(batch)?;
+        Ok(())
+    }
+
+    /// Routes a chain's output to sinks (skipping sinks that already hold `offset`) and its
+    /// rejected rows to the dead letter.
+    fn deliver(
+        &mut self,
+        unit: &Unit,
+        output: ChainOutput,
+        offset: i64,
+        decoded: Option<&RecordBatch>,
+        offsets: &[i64],
+    ) -> Result<(), RunError> {
+        let last_stage = self.plan.stages.len() - 1;
+        for (slot, floor) in self.sinks.iter_mut().zip(&unit.floors) {
+            if offset <= *floor {
+                continue;
+            }
+            if slot.stage == last_stage {
+                for b in &output.batches {
+                    self.summary.rows_out += b.num_rows() as u64;
+                    slot.sink.write(b.clone())?;
+                }
+            } else if slot.stage == 0 {
+                if let Some(d) = decoded {
+                    self.summary.rows_out += d.num_rows() as u64;
+                    slot.sink.write(d.clone())?;
+                }
+            } else {
+                for (i, b) in &output.taps {
+                    if i + 1 == slot.stage {
+                        self.summary.rows_out += b.num_rows() as u64;
+                        slot.sink.write(b.clone())?;
+                    }
+                }
+            }
+        }
+        let mut rows = Vec::new();
+        let first_step = self.plan.names.first();
+        for rejected in output.rejected {
+            self.summary.rejected += rejected.reasons.len() as u64;
+            let json = row_json(&rejected.rows);
+            // Rows refused by the first step map to their records; rows refused further on (or
+            // on a watermark) carry the last offset of the batch that led to them.
+            let exact = first_step == Some(&rejected.step) && decoded.is_some();
+            for ((reason, row), index) in
+                rejected.reasons.into_iter().zip(json).zip(rejected.indices)
+            {
+                let at = if exact {
+                    offsets.get(index as usize).copied().unwrap_or(offset)
+                } else {
+                    offset
+                };
+                rows.push((rejected.step.clone(), reason, at, row));
+            }
+        }
+        self.dead_letters(rows, unit)
+    }
+
+    fn process(&mut self, unit: &mut Unit) -> Result<(), RunError> {
+        let records = std::mem::take(&mut unit.pending);
+        unit.oldest = None;
+        if records.is_empty() {
+            return Ok(());
+        }
+        let last = records.last().map_or(-1, |r| r.offset);
+        let payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_slice()).collect();
+        let (batch, failures) = self.decoder.decode(&payloads);
+        let mut bad = Vec::new();
+        let mut failed = vec![false; records.len()];
+        for f in &failures {
+            failed[f.index] = true;
+            let r = &records[f.index];
+            bad.push((
+                "decode".to_string(),
+                f.reason.clone(),
+                r.offset,
+                String::from_utf8_lossy(&r.payload).into_owned(),
+            ));
+        }
+        self.summary.undecodable += failures.len() as u64;
+        self.dead_letters(bad, unit)?;
+        let offsets: Vec<i64> = records
+            .iter()
+            .zip(&failed)
+            .filter(|(_, f)| !**f)
+            .map(|(r, _)| r.offset)
+            .collect();
+        if let Some(et) = self.event_time
+            && let Ok(ms) = flowgate_sdk::columns::event_time_millis(&batch, et)
+            && let Some(max) = arrow::compute::max(&ms)
+        {
+            unit.max_event = Some(unit.max_event.map_or(max, |m| m.max(max)));
+        }
+        unit.processed_any = true;
+        unit.dirty = true;
+        match unit.chain.process(batch.clone()) {
+            Ok(output) => self.deliver(unit, output, last, Some(&batch), &offsets),
+            Err(e) => self.on_plugin_error(unit, e, &batch, last),
+        }
+    }
+
+    fn on_plugin_error(
+        &mut self,
+        unit: &Unit,
+        e: PluginError,
+        batch: &RecordBatch,
+        offset: i64,
+    ) -> Result<(), RunError> {
+        let step = match &e {
+            PluginError::Plugin { step, .. }
+            | PluginError::Trap { step, .. }
+            | PluginError::Timeout { step, .. }
+            | PluginError::MemoryLimit { step, .. }
+            | PluginError::SchemaMismatch { step, .. }
+            | PluginError::Protocol { step, .. }
+            | PluginError::Discarded { step, .. } => step.clone(),
+            _ => String::new(),
+        };
+        let plan = self.plan.steps.iter().find(|s| s.name == step);
+        let location = plan.map_or_else(
+            || self.pipeline.file.display().to_string(),
+            |s| s.location.clone(),
+        );
+        let policy = plan.map_or(OnError::Fail, |s| s.on_error);
+        // Only a refused batch is covered by `on_error`; a trap, timeout or bug stops the run,
+        // and the restart resumes from the last checkpoint.
+        if e.kind() != ErrorKind::Data || policy == OnError::Fail {
+            return Err(RunError::Plugin {
+                location,
+                source: e,
+            });
+        }
+        tracing::warn!(topic = %unit.topic, partition = unit.partition, offset, "{e}; batch of {} rows {}", batch.num_rows(), if policy == OnError::Skip { "skipped" } else { "sent to the dead letter" });
+        if policy == OnError::DeadLetter {
+            let reason = e.to_string();
+            let rows = row_json(batch)
+                .into_iter()
+                .map(|row| (step.clone(), reason.clone(), offset, row))
+                .collect();
+            self.summary.rejected += batch.num_rows() as u64;
+            self.dead_letters(rows, unit)?;
+        }
+        Ok(())
+    }
+
+    /// The pipeline watermark is the minimum over partitions that are not idle (all idle: the
+    /// maximum), less the allowed delay; when it moves, every partition's chain hears of it.
+    fn advance_watermark(
+        &mut self,
+        units: &mut HashMap<(Arc<str>, i32), Unit>,
+        watermark: &mut Option<i64>,
+        delay: i64,
+        idle_after: Duration,
+    ) -> Result<(), RunError> {
+        let active: Vec<i64> = units
+            .values()
+            .filter(|u| u.last_seen.elapsed() < idle_after)
+            .filter_map(|u| u.max_event)
+            .collect();
+        let candidate = if active.is_empty() {
+            units.values().filter_map(|u| u.max_event).max()
+        } else {
+            active.iter().copied().min()
+        };
+        if let Some(w) = candidate.map(|m| m.saturating_sub(delay))
+            && watermark.is_none_or(|old| w > old)
+        {
+            *watermark = Some(w);
+            for unit in units.values_mut() {
+                self.watermark(unit, w)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn watermark(&mut self, unit: &mut Unit, ts: i64) -> Result<(), RunError> {
+        if !unit.processed_any {
+            return Ok(());
+        }
+        let offset = unit.next - 1;
+        match unit.chain.watermark(ts) {
+            Ok(output) => {
+                unit.dirty = true;
+                self.deliver(unit, output, offset, None, &[])
+            }
+            Err(e) => Err(RunError::Plugin {
+                location: self.pipeline.file.display().to_string(),
+                source: e,
+            }),
+        }
+    }
+
+    fn checkpoint(
+        &mut self,
+        store: &CheckpointStore,
+        units: &mut HashMap<(Arc<str>, i32), Unit>,
+        source: &mut dyn Source,
+    ) -> Result<(), RunError> {
+        let mut offsets = Offsets::new();
+        for unit in units.values_mut() {
+            if !unit.processed_any {
+                continue;
+            }
+            let last = unit.next - 1;
+            if unit.dirty {
+                let mut snapshots = Vec::new();
+                for step in unit.chain.steps_mut() {
+                    snapshots.push(step.snapshot().map_err(|source| RunError::Plugin {
+                        location: self.pipeline.file.display().to_string(),
+                        source,
+                    })?);
+                }
+                store.save(&unit.topic, unit.partition, last, &snapshots)?;
+                unit.dirty = false;
+            }
+            offsets.insert((unit.topic.to_string(), unit.partition), last);
+        }
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let mut committed = false;
+        for slot in self.sinks.iter_mut() {
+            committed |= slot.sink.commit(&offsets)?;
+        }
+        if let Some(d) = self.dead_letter.as_mut() {
+            committed |= d.commit(&offsets)?;
+        }
+        source.commit(&offsets)?;
+        if committed {
+            self.summary.checkpoints += 1;
+            tracing::debug!(?offsets, "checkpoint committed");
+        }
+        Ok(())
+    }
+}
+
+/// Each row of `batch` as a JSON object.
+fn row_json(batch: &RecordBatch) -> Vec<String> {
+    let mut writer = arrow::json::writer::WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .build::<_, arrow::json::writer::LineDelimited>(Vec::new());
+    let text = writer
+        .write(batch)
+        .and_then(|_| writer.finish())
+        .map(|_| String::from_utf8_lossy(&writer.into_inner()).into_owned())
+        .unwrap_or_default();
+    let mut rows: Vec<String> = text.lines().map(str::to_string).collect();
+    rows.resize(batch.num_rows(), "{}".to_string());
+    rows
+}

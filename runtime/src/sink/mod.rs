@@ -1,0 +1,175 @@
+//! Sinks: where a stage's batches go. A sink buffers what it is given and makes it visible
+//! atomically on `commit`, together with the source offsets it covers; that commit is the record
+//! of truth a restart resumes from.
+
+mod console;
+mod delta;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Date32Array};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+
+pub use console::ConsoleSink;
+pub use delta::DeltaSink;
+
+/// Last source offset covered, per (topic, partition).
+pub type Offsets = BTreeMap<(String, i32), i64>;
+
+/// Errors from sinks. Each names the sink and the table.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The table exists with a schema the stage's output does not fit.
+    #[error("sink `{sink}`: the table at `{table}` does not fit the stage's output: {message}")]
+    SchemaMismatch {
+        /// Sink name.
+        sink: String,
+        /// Table location.
+        table: String,
+        /// The difference.
+        message: String,
+    },
+    /// The table could not be read, created or written.
+    #[error("sink `{sink}`: table `{table}`: {message}")]
+    Table {
+        /// Sink name.
+        sink: String,
+        /// Table location.
+        table: String,
+        /// What failed.
+        message: String,
+    },
+    /// The sink's config does not fit the stage.
+    #[error("sink `{sink}`: {message}")]
+    Config {
+        /// Sink name.
+        sink: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A sink.
+pub trait Sink: Send {
+    /// Its name.
+    fn name(&self) -> &str;
+    /// Buffers a batch (with the stage's output schema).
+    fn write(&mut self, batch: RecordBatch) -> Result<(), SinkError>;
+    /// Makes everything buffered visible, recording `offsets` with it. Returns whether it
+    /// committed anything.
+    fn commit(&mut self, offsets: &Offsets) -> Result<bool, SinkError>;
+    /// The last offset of `topic`/`partition` this sink has committed, if any.
+    fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<i64>, SinkError>;
+}
+
+/// Turns a stage's batches into what a table stores: timestamps as UTC microseconds (Delta's
+/// `timestamp`), and a derived `date` column when the table is partitioned by one.
+#[derive(Debug, Clone)]
+pub struct TableShape {
+    output: SchemaRef,
+    date_from: Option<usize>,
+}
+
+/// The table type of a stage type.
+fn table_type(data_type: &DataType) -> DataType {
+    match data_type {
+        DataType::Timestamp(_, _) => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        other => other.clone(),
+    }
+}
+
+impl TableShape {
+    /// The shape for a stage with `input` schema; `date_from` is the column `date` derives from
+    /// (`None`: no derived column).
+    pub fn new(
+        sink: &str,
+        input: &Schema,
+        partition_by: &[String],
+        date_from: Option<&str>,
+        event_time: Option<&str>,
+    ) -> Result<Self, SinkError> {
+        let mut fields: Vec<Field> = input
+            .fields()
+            .iter()
+            .map(|f| Field::new(f.name(), table_type(f.data_type()), f.is_nullable()))
+            .collect();
+        let needs_date =
+            partition_by.iter().any(|p| p == "date") && input.index_of("date").is_err();
+        let mut date_index = None;
+        if needs_date {
+            let is_time =
+                |i: usize| matches!(input.field(i).data_type(), DataType::Timestamp(_, _));
+            let index = match date_from {
+                Some(col) => input.index_of(col).ok().filter(|&i| is_time(i)).ok_or_else(|| SinkError::Config { sink: sink.into(), message: format!("`date_from`: `{col}` is not a timestamp column of the stage") })?,
+                None => event_time
+                    .and_then(|c| input.index_of(c).ok())
+                    .filter(|&i| is_time(i))
+                    .or_else(|| (0..input.fields().len()).find(|&i| is_time(i)))
+                    .ok_or_else(|| SinkError::Config { sink: sink.into(), message: "cannot derive `date`: the stage has no timestamp column (set `date_from`)".into() })?,
+            };
+            date_index = Some(index);
+            fields.push(Field::new(
+                "date",
+                DataType::Date32,
+                input.field(index).is_nullable(),
+            ));
+        }
+        for p in partition_by {
+            if !fields.iter().any(|f| f.name() == p) {
+                return Err(SinkError::Config {
+                    sink: sink.into(),
+                    message: format!("`partition_by`: `{p}` is not a column of the stage"),
+                });
+            }
+        }
+        Ok(TableShape {
+            output: Arc::new(Schema::new(fields)),
+            date_from: date_index,
+        })
+    }
+
+    /// The table's schema.
+    pub fn schema(&self) -> &SchemaRef {
+        &self.output
+    }
+
+    /// A stage batch in table form.
+    pub fn apply(&self, batch: &RecordBatch) -> Result<RecordBatch, arrow::error::ArrowError> {
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.output.fields().len());
+        for (column, field) in batch.columns().iter().zip(self.output.fields()) {
+            columns.push(if column.data_type() == field.data_type() {
+                column.clone()
+            } else {
+                cast(column, field.data_type())?
+            });
+        }
+        if let Some(index) = self.date_from {
+            let millis = flowgate_sdk::columns::event_time_millis(batch, index)
+                .map_err(|e| arrow::error::ArrowError::ComputeError(e.to_string()))?;
+            let days: Date32Array = millis
+                .iter()
+                .map(|m| m.map(|m| m.div_euclid(86_400_000) as i32))
+                .collect();
+            columns.push(Arc::new(days));
+        }
+        RecordBatch::try_new(self.output.clone(), columns)
+    }
+}
+
+/// The dead-letter table's schema.
+pub fn dead_letter_schema() -> SchemaRef {
+    let ts = DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+    Arc::new(Schema::new(vec![
+        Field::new("pipeline", DataType::Utf8, false),
+        Field::new("stage", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("topic", DataType::Utf8, false),
+        Field::new("partition", DataType::Int32, false),
+        Field::new("offset", DataType::Int64, false),
+        Field::new("payload", DataType::Utf8, false),
+        Field::new("time", ts, false),
+    ]))
+}

@@ -1,0 +1,199 @@
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::{Record, Source, SourceError};
+use crate::config::{KafkaSpec, StartFrom};
+use crate::sink::Offsets;
+
+/// Remembers revoked partitions for the run loop (rebalance callbacks run inside `poll`).
+#[derive(Default)]
+struct Context {
+    revoked: Mutex<Vec<(String, i32)>>,
+    assigned: Mutex<HashMap<(String, i32), Instant>>,
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(list) => {
+                let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+                let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+                for e in list.elements() {
+                    tracing::info!(
+                        topic = e.topic(),
+                        partition = e.partition(),
+                        "partition revoked"
+                    );
+                    revoked.push((e.topic().to_string(), e.partition()));
+                    assigned.remove(&(e.topic().to_string(), e.partition()));
+                }
+            }
+            Rebalance::Assign(list) => {
+                let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+                for e in list.elements() {
+                    tracing::info!(
+                        topic = e.topic(),
+                        partition = e.partition(),
+                        "partition assigned"
+                    );
+                    assigned.insert((e.topic().to_string(), e.partition()), Instant::now());
+                }
+            }
+            Rebalance::Error(e) => tracing::warn!("rebalance error: {e}"),
+        }
+    }
+}
+
+/// A Kafka consumer-group member (rdkafka). Offsets are committed to Kafka only after the sinks
+/// committed the rows they cover; `enable.auto.commit` is off.
+pub struct KafkaSource {
+    consumer: BaseConsumer<Context>,
+    topics: Vec<String>,
+}
+
+impl KafkaSource {
+    /// Joins `spec.group` on `bootstrap` and subscribes to the topics.
+    pub fn open(spec: &KafkaSpec, bootstrap: &str) -> Result<Self, SourceError> {
+        let topics: Vec<String> = spec
+            .topics
+            .clone()
+            .or_else(|| spec.topic.clone().map(|t| vec![t]))
+            .unwrap_or_default();
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", &spec.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "auto.offset.reset",
+                if spec.start == StartFrom::Latest {
+                    "latest"
+                } else {
+                    "earliest"
+                },
+            )
+            .set("fetch.min.bytes", "1")
+            .set("queued.max.messages.kbytes", "262144")
+            .set("enable.partition.eof", "false");
+        for (k, v) in &spec.options {
+            config.set(k, v);
+        }
+        let consumer: BaseConsumer<Context> = config
+            .create_with_context(Context::default())
+            .map_err(|e| {
+                SourceError::Io(format!(
+                    "cannot create the Kafka consumer for `{bootstrap}`: {e}"
+                ))
+            })?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&names)
+            .map_err(|e| SourceError::Io(format!("cannot subscribe to {names:?}: {e}")))?;
+        tracing::info!(brokers = bootstrap, group = %spec.group, topics = ?names, "joined the consumer group");
+        Ok(KafkaSource { consumer, topics })
+    }
+
+    /// The topics subscribed to.
+    pub fn topics(&self) -> &[String] {
+        &self.topics
+    }
+}
+
+impl Source for KafkaSource {
+    fn poll(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+        out: &mut Vec<Record>,
+    ) -> Result<(), SourceError> {
+        let mut wait = timeout;
+        let mut topic_cache: Option<Arc<str>> = None;
+        for _ in 0..max {
+            match self.consumer.poll(wait) {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!("Kafka: {e}");
+                    break;
+                }
+                Some(Ok(m)) => {
+                    let topic = match &topic_cache {
+                        Some(t) if &**t == m.topic() => t.clone(),
+                        _ => {
+                            let t: Arc<str> = m.topic().into();
+                            topic_cache = Some(t.clone());
+                            t
+                        }
+                    };
+                    out.push(Record {
+                        topic,
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        payload: m.payload().unwrap_or_default().to_vec(),
+                        timestamp_ms: m.timestamp().to_millis(),
+                    });
+                }
+            }
+            wait = Duration::ZERO;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, offsets: &Offsets) -> Result<(), SourceError> {
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), offset) in offsets {
+            list.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
+                .map_err(|e| SourceError::Io(e.to_string()))?;
+        }
+        if list.count() > 0
+            && let Err(e) = self.consumer.commit(&list, CommitMode::Async)
+        {
+            // The sinks hold the truth; a failed Kafka commit only delays what lag tools show.
+            tracing::warn!("committing offsets to Kafka failed (the sinks already hold them): {e}");
+        }
+        Ok(())
+    }
+
+    fn seek(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), SourceError> {
+        self.consumer
+            .seek(
+                topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(10),
+            )
+            .map_err(|e| {
+                SourceError::Io(format!("cannot seek {topic}/{partition} to {offset}: {e}"))
+            })
+    }
+
+    fn revoked(&mut self) -> Vec<(String, i32)> {
+        std::mem::take(
+            &mut *self
+                .consumer
+                .context()
+                .revoked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
+    fn assigned(&self) -> Vec<((String, i32), Instant)> {
+        self.consumer
+            .context()
+            .assigned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+}

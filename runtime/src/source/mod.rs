@@ -1,0 +1,60 @@
+//! Sources: where records come from. Each record carries its topic, partition and offset, which
+//! travel with it to the sinks' commits and the dead letter.
+
+mod file;
+mod kafka;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use file::FileSource;
+pub use kafka::KafkaSource;
+
+use crate::sink::Offsets;
+
+/// One record as read.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Topic (for the file source: `file:<name>`).
+    pub topic: Arc<str>,
+    /// Partition.
+    pub partition: i32,
+    /// Offset within the partition.
+    pub offset: i64,
+    /// The raw bytes.
+    pub payload: Vec<u8>,
+    /// Broker append time (ms), if the source has one.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Errors from sources.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The broker or file could not be reached or read.
+    #[error("source: {0}")]
+    Io(String),
+}
+
+/// A source of records.
+pub trait Source {
+    /// Appends up to `max` records to `out`, waiting at most `timeout` for the first.
+    fn poll(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+        out: &mut Vec<Record>,
+    ) -> Result<(), SourceError>;
+    /// Records that everything up to and including `offsets` is safely committed by the sinks.
+    fn commit(&mut self, offsets: &Offsets) -> Result<(), SourceError>;
+    /// Continues `topic`/`partition` from `offset`.
+    fn seek(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), SourceError>;
+    /// Partitions taken away (by a rebalance) since the last call.
+    fn revoked(&mut self) -> Vec<(String, i32)> {
+        Vec::new()
+    }
+    /// Partitions currently assigned, with when they were assigned; the watermark waits for an
+    /// assigned partition that has sent nothing yet (until it counts as idle).
+    fn assigned(&self) -> Vec<((String, i32), std::time::Instant)> {
+        Vec::new()
+    }
+}

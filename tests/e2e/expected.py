@@ -1,0 +1,48 @@
+"""Bars computed independently from raw ticks with pandas: what the stock pipeline must write."""
+import json
+import re
+
+import pandas as pd
+
+SYMBOL = re.compile(r"^[A-Z][A-Z0-9.]{0,9}$")
+
+
+def parse_ticks(lines):
+    """Valid, decodable ticks as a DataFrame (the rules of pipelines/stocks.yaml's validate step)."""
+    rows = []
+    for line in lines:
+        try:
+            t = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(t, dict):
+            continue
+        sym, price, vol, ts = t.get("symbol"), t.get("price"), t.get("volume"), t.get("ts")
+        if not isinstance(price, (int, float)) or isinstance(price, bool) or not isinstance(vol, int) or ts is None:
+            continue
+        if not isinstance(sym, str) or not SYMBOL.match(sym) or price <= 0 or vol < 0:
+            continue
+        rows.append({"symbol": sym, "price": float(price), "volume": vol,
+                     "ts": pd.Timestamp(ts).tz_convert("UTC").floor("ms")})
+    return pd.DataFrame(rows)
+
+
+def expected_bars(df, watermark_delay_ms):
+    """1-minute OHLCV bars per symbol with pct_change, for windows the final watermark closed."""
+    df = df.drop_duplicates(subset=["symbol", "ts"], keep="first").copy()
+    watermark = df["ts"].max() - pd.Timedelta(milliseconds=watermark_delay_ms)
+    df["window_start"] = df["ts"].dt.floor("1min")
+    df = df.sort_values(["symbol", "ts"], kind="stable")
+    g = df.groupby(["symbol", "window_start"], sort=True)
+    bars = pd.DataFrame({
+        "open": g["price"].first(),
+        "high": g["price"].max(),
+        "low": g["price"].min(),
+        "close": g["price"].last(),
+        "avg_price": g["price"].mean(),
+        "volume": g["volume"].sum(),
+        "trades": g["price"].count(),
+    }).reset_index()
+    bars = bars[bars["window_start"] + pd.Timedelta(minutes=1) <= watermark].copy()
+    bars["pct_change"] = bars.groupby("symbol")["close"].pct_change(fill_method=None)
+    return bars.sort_values(["symbol", "window_start"]).reset_index(drop=True)

@@ -1,0 +1,68 @@
+"""The seed pipeline over a JSON-lines file, into Delta, read back with the deltalake and polars
+packages and compared with bars computed by pandas; then run again: nothing duplicated."""
+import pathlib
+
+import numpy as np
+import polars as pl
+from deltalake import DeltaTable
+
+from conftest import REPO, run_flowgate
+from expected import expected_bars, parse_ticks
+
+SAMPLE = REPO / "pipelines" / "samples" / "ticks.jsonl"
+
+
+def read_bars(data_dir):
+    return pl.from_arrow(DeltaTable(str(data_dir / "bars")).to_pyarrow_table()).sort(["symbol", "window_start"])
+
+
+def test_file_pipeline_writes_the_bars_pandas_computes(data_dir: pathlib.Path):
+    env = {"DATA_DIR": str(data_dir), "INPUT": str(SAMPLE)}
+    out = run_flowgate("run", "pipelines/ticks-file.yaml", "--until-idle", "1s", env=env)
+    assert out.returncode == 0, out.stderr
+
+    bars = read_bars(data_dir)
+    assert bars.columns == ["symbol", "window_start", "window_end", "open", "high", "low", "close",
+                            "avg_price", "volume", "trades", "pct_change", "date"]
+    want = expected_bars(parse_ticks(SAMPLE.read_text().splitlines()), watermark_delay_ms=5000)
+    assert len(bars) == len(want) > 0
+    got = bars.to_pandas()
+    assert list(got["symbol"]) == list(want["symbol"])
+    assert [t.value for t in got["window_start"]] == [t.value for t in want["window_start"].dt.tz_convert("UTC")]
+    for col in ["open", "high", "low", "close", "avg_price"]:
+        np.testing.assert_allclose(got[col], want[col], rtol=1e-12, err_msg=col)
+    assert list(got["volume"]) == list(want["volume"])
+    assert list(got["trades"]) == list(want["trades"])
+    np.testing.assert_allclose(got["pct_change"].astype(float), want["pct_change"].astype(float), rtol=1e-9, equal_nan=True)
+    assert {str(d)[:10] for d in got["date"]} == {"2025-11-12"}
+
+    dead = pl.from_arrow(DeltaTable(str(data_dir / "dead_letter")).to_pyarrow_table())
+    stages = sorted(dead["stage"].to_list())
+    assert stages == ["decode", "decode", "validate", "validate"], dead
+    bad_price = dead.filter(pl.col("reason") == "price: must be > 0, got -3.5")
+    assert len(bad_price) == 1
+    # The offset is the record's line in the file (0-based), and the payload the row it was.
+    line = bad_price["offset"][0]
+    assert '"price":-3.5' in SAMPLE.read_text().splitlines()[line]
+    assert all(dead["pipeline"] == "ticks-file")
+
+    # Run again over the same input: the sinks hold every offset, nothing is written twice.
+    out = run_flowgate("run", "pipelines/ticks-file.yaml", "--until-idle", "1s", env=env)
+    assert out.returncode == 0, out.stderr
+    assert read_bars(data_dir).equals(bars)
+    assert len(DeltaTable(str(data_dir / "dead_letter")).to_pyarrow_table()) == len(dead)
+
+
+def test_validate_prints_each_stage(data_dir):
+    out = run_flowgate("validate", "pipelines/stocks.yaml", env={"DATA_DIR": str(data_dir)})
+    assert out.returncode == 0, out.stderr
+    assert "step `bars`: [symbol: Utf8, window_start: Timestamp(ms, \"UTC\") not null" in out.stdout or "step `bars`" in out.stdout
+    assert "sink `bars` (delta) reads step `pct_change`" in out.stdout
+
+
+def test_bad_pipeline_exits_2_naming_the_place(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsource:\n  file:\n    path: t.jsonl\nschema:\n  a: utf8\nsinkz: {}\n")
+    out = run_flowgate("run", str(bad))
+    assert out.returncode == 2
+    assert f"{bad}:7:1: unknown field `sinkz`" in out.stderr, out.stderr
