@@ -23,7 +23,9 @@ use crate::checkpoint::{CheckpointError, CheckpointStore};
 use crate::config::{OnError, Pipeline, SinkSpec, SourceKind};
 use crate::decode::{self, JsonDecoder};
 use crate::plugin::{Chain, ChainOutput, ErrorKind, Grants, Plugin, PluginError, PluginHost};
-use crate::sink::{self, ConsoleSink, DeltaSink, Offsets, Sink, SinkError, TableShape};
+use crate::sink::{
+    self, ConsoleSink, DeltaSink, Offsets, ParquetSink, Sink, SinkError, TableShape,
+};
 use crate::source::{FileSource, KafkaSource, Record, Source, SourceError};
 
 /// Why a run stopped with an error.
@@ -242,10 +244,27 @@ fn open_sink(
     if let Some(c) = &spec.console {
         return Ok(Box::new(ConsoleSink::new(name, c.max_rows)));
     }
-    Err(SinkError::Config {
-        sink: name.into(),
-        message: "parquet sinks are not available yet; use `delta` or `console`".into(),
-    })
+    match &spec.parquet {
+        Some(t) => {
+            let shape = TableShape::new(
+                name,
+                schema,
+                &t.partition_by,
+                t.date_from.as_deref(),
+                event_time,
+            )?;
+            Ok(Box::new(ParquetSink::open(
+                name,
+                &pipeline.resolve(&t.path),
+                shape,
+                &t.partition_by,
+            )?))
+        }
+        None => Err(SinkError::Config {
+            sink: name.into(),
+            message: "give one of `delta`, `parquet`, `console`".into(),
+        }),
+    }
 }
 
 /// Runs `pipeline` until `stop` is set or `options` say so; everything read is committed

@@ -16,6 +16,12 @@ def read_bars(data_dir):
     return pl.from_arrow(DeltaTable(str(data_dir / "bars")).to_pyarrow_table()).sort(["symbol", "window_start"])
 
 
+def read_raw(data_dir):
+    files = sorted((data_dir / "raw").glob("date=*/*.parquet"))
+    assert files, "no Parquet files in the raw tap"
+    return pl.read_parquet(files, hive_partitioning=True)
+
+
 def test_file_pipeline_writes_the_bars_pandas_computes(data_dir: pathlib.Path):
     env = {"DATA_DIR": str(data_dir), "INPUT": str(SAMPLE)}
     out = run_flowgate("run", "pipelines/ticks-file.yaml", "--until-idle", "1s", env=env)
@@ -36,6 +42,13 @@ def test_file_pipeline_writes_the_bars_pandas_computes(data_dir: pathlib.Path):
     np.testing.assert_allclose(got["pct_change"].astype(float), want["pct_change"].astype(float), rtol=1e-9, equal_nan=True)
     assert {str(d)[:10] for d in got["date"]} == {"2025-11-12"}
 
+    # The raw tap (Parquet, after dedup): each valid tick exactly once, under date=… folders.
+    raw = read_raw(data_dir)
+    valid = parse_ticks(SAMPLE.read_text().splitlines())
+    assert len(raw) == len(valid.drop_duplicates(subset=["symbol", "ts"])) > 0
+    assert raw.select(["symbol", "ts"]).is_duplicated().sum() == 0
+    assert set(raw["date"].cast(pl.Utf8).to_list()) == {"2025-11-12"}
+
     dead = pl.from_arrow(DeltaTable(str(data_dir / "dead_letter")).to_pyarrow_table())
     stages = sorted(dead["stage"].to_list())
     assert stages == ["decode", "decode", "validate", "validate"], dead
@@ -50,6 +63,7 @@ def test_file_pipeline_writes_the_bars_pandas_computes(data_dir: pathlib.Path):
     out = run_flowgate("run", "pipelines/ticks-file.yaml", "--until-idle", "1s", env=env)
     assert out.returncode == 0, out.stderr
     assert read_bars(data_dir).equals(bars)
+    assert len(read_raw(data_dir)) == len(raw)
     assert len(DeltaTable(str(data_dir / "dead_letter")).to_pyarrow_table()) == len(dead)
 
 
@@ -65,4 +79,4 @@ def test_bad_pipeline_exits_2_naming_the_place(tmp_path):
     bad.write_text("name: x\nsource:\n  file:\n    path: t.jsonl\nschema:\n  a: utf8\nsinkz: {}\n")
     out = run_flowgate("run", str(bad))
     assert out.returncode == 2
-    assert f"{bad}:7:1: unknown field `sinkz`" in out.stderr, out.stderr
+    assert f"{bad}:7:1: at `sinkz`: unknown field `sinkz`" in out.stderr, out.stderr

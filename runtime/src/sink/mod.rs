@@ -4,6 +4,7 @@
 
 mod console;
 mod delta;
+mod parquet;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use arrow::record_batch::RecordBatch;
 
 pub use console::ConsoleSink;
 pub use delta::DeltaSink;
+pub use parquet::ParquetSink;
 
 /// Last source offset covered, per (topic, partition).
 pub type Offsets = BTreeMap<(String, i32), i64>;

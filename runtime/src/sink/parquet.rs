@@ -1,0 +1,274 @@
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{RecordBatch, UInt32Array};
+use arrow::compute::take_record_batch;
+use arrow::datatypes::{Schema, SchemaRef};
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+
+use super::{Offsets, Sink, SinkError, TableShape};
+
+/// Parquet files under `column=value/` folders, with a commit log (`_flowgate_log/`), as Spark's
+/// file sink keeps. A file appears atomically (written under a temporary name, then renamed), and
+/// counts only once a log entry names it; files no entry names (left by a crash between the two)
+/// are deleted when the sink opens. Each entry records the source offsets it covers, so a restart
+/// does not write rows twice.
+pub struct ParquetSink {
+    name: String,
+    dir: PathBuf,
+    shape: TableShape,
+    partition_by: Vec<usize>,
+    file_schema: SchemaRef,
+    version: u64,
+    committed: Offsets,
+    pending: Vec<RecordBatch>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LogEntry {
+    version: u64,
+    files: Vec<String>,
+    rows: usize,
+    /// `topic/partition` → last offset covered.
+    offsets: BTreeMap<String, i64>,
+}
+
+const LOG: &str = "_flowgate_log";
+
+impl ParquetSink {
+    /// Opens (or starts) the table folder at `dir`, cleaning up files no commit names.
+    pub fn open(
+        name: &str,
+        dir: &Path,
+        shape: TableShape,
+        partition_by: &[String],
+    ) -> Result<Self, SinkError> {
+        let fail = |message: String| SinkError::Table {
+            sink: name.into(),
+            table: dir.display().to_string(),
+            message,
+        };
+        std::fs::create_dir_all(dir.join(LOG))
+            .map_err(|e| fail(format!("cannot create the folder: {e}")))?;
+        let schema = shape.schema().clone();
+        let partition_by: Vec<usize> = partition_by
+            .iter()
+            .map(|p| {
+                schema
+                    .index_of(p)
+                    .map_err(|_| fail(format!("no column `{p}`")))
+            })
+            .collect::<Result<_, _>>()?;
+        let file_fields: Vec<_> = schema
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !partition_by.contains(i))
+            .map(|(_, f)| f.clone())
+            .collect();
+        let file_schema = Arc::new(Schema::new(file_fields));
+        let mut sink = ParquetSink {
+            name: name.into(),
+            dir: dir.to_path_buf(),
+            shape,
+            partition_by,
+            file_schema,
+            version: 0,
+            committed: Offsets::new(),
+            pending: Vec::new(),
+        };
+        let mut known = std::collections::HashSet::new();
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir.join(LOG))
+            .map_err(|e| fail(e.to_string()))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        entries.sort();
+        for entry in entries {
+            let text = std::fs::read_to_string(&entry)
+                .map_err(|e| fail(format!("{}: {e}", entry.display())))?;
+            let log: LogEntry = serde_json::from_str(&text)
+                .map_err(|e| fail(format!("commit log {} is damaged: {e}", entry.display())))?;
+            sink.version = sink.version.max(log.version);
+            known.extend(log.files);
+            for (key, offset) in log.offsets {
+                if let Some((topic, partition)) = key
+                    .rsplit_once('/')
+                    .and_then(|(t, p)| p.parse::<i32>().ok().map(|p| (t.to_string(), p)))
+                {
+                    sink.committed.insert((topic, partition), offset);
+                }
+            }
+        }
+        sink.remove_orphans(dir, &known)
+            .map_err(|e| fail(format!("cleaning up uncommitted files: {e}")))?;
+        Ok(sink)
+    }
+
+    fn remove_orphans(
+        &self,
+        dir: &Path,
+        known: &std::collections::HashSet<String>,
+    ) -> std::io::Result<()> {
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d)? {
+                let path = entry?.path();
+                if path.is_dir() {
+                    if !path.ends_with(LOG) {
+                        stack.push(path);
+                    }
+                    continue;
+                }
+                let rel = path
+                    .strip_prefix(dir)
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let ours = rel.ends_with(".parquet") || rel.ends_with(".tmp");
+                if ours && !known.contains(&rel) {
+                    tracing::warn!(sink = %self.name, file = %path.display(), "removing a file no commit names (left by an interrupted write)");
+                    std::fs::remove_file(&path)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fail(&self, message: String) -> SinkError {
+        SinkError::Table {
+            sink: self.name.clone(),
+            table: self.dir.display().to_string(),
+            message,
+        }
+    }
+
+    /// Splits `batch` by the partition columns: `col=value/…` folder → rows.
+    fn split(
+        &self,
+        batch: &RecordBatch,
+    ) -> Result<Vec<(String, RecordBatch)>, arrow::error::ArrowError> {
+        let options = FormatOptions::default().with_null("__null__");
+        let formatters = self
+            .partition_by
+            .iter()
+            .map(|&i| ArrayFormatter::try_new(batch.column(i).as_ref(), &options))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut groups: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for row in 0..batch.num_rows() {
+            let mut key = String::new();
+            for (n, f) in formatters.iter().enumerate() {
+                let name = self.shape.schema().field(self.partition_by[n]).name();
+                key.push_str(&format!("{name}={}/", f.value(row)));
+            }
+            groups.entry(key).or_default().push(row as u32);
+        }
+        let keep: Vec<usize> = (0..batch.num_columns())
+            .filter(|i| !self.partition_by.contains(i))
+            .collect();
+        let data = batch.project(&keep)?;
+        groups
+            .into_iter()
+            .map(|(key, rows)| {
+                let part = if rows.len() == data.num_rows() {
+                    data.clone()
+                } else {
+                    take_record_batch(&data, &UInt32Array::from(rows))?
+                };
+                Ok((key, part))
+            })
+            .collect()
+    }
+}
+
+impl Sink for ParquetSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn write(&mut self, batch: RecordBatch) -> Result<(), SinkError> {
+        if batch.num_rows() > 0 {
+            let batch = self
+                .shape
+                .apply(&batch)
+                .map_err(|e| self.fail(format!("converting a batch: {e}")))?;
+            self.pending.push(batch);
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, offsets: &Offsets) -> Result<bool, SinkError> {
+        let moved = offsets
+            .iter()
+            .any(|(k, v)| self.committed.get(k) != Some(v));
+        if self.pending.is_empty() && !moved {
+            return Ok(false);
+        }
+        let version = self.version + 1;
+        let mut by_folder: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
+        let mut rows = 0;
+        for batch in std::mem::take(&mut self.pending) {
+            rows += batch.num_rows();
+            for (folder, part) in self
+                .split(&batch)
+                .map_err(|e| self.fail(format!("partitioning: {e}")))?
+            {
+                by_folder.entry(folder).or_default().push(part);
+            }
+        }
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .build();
+        let mut files = Vec::new();
+        for (n, (folder, parts)) in by_folder.into_iter().enumerate() {
+            let rel = format!("{folder}part-{version:010}-{n:04}.parquet");
+            let path = self.dir.join(&rel);
+            let tmp = path.with_extension("parquet.tmp");
+            let write = || -> Result<(), Box<dyn std::error::Error>> {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                let file = std::fs::File::create(&tmp)?;
+                let mut writer =
+                    ArrowWriter::try_new(file, self.file_schema.clone(), Some(props.clone()))?;
+                for p in &parts {
+                    writer.write(p)?;
+                }
+                writer.into_inner()?.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                Ok(())
+            };
+            write().map_err(|e| self.fail(format!("writing {rel}: {e}")))?;
+            files.push(rel);
+        }
+        let entry = LogEntry {
+            version,
+            files,
+            rows,
+            offsets: offsets
+                .iter()
+                .map(|((t, p), o)| (format!("{t}/{p}"), *o))
+                .collect(),
+        };
+        let log = self.dir.join(LOG).join(format!("{version:020}.json"));
+        let tmp = log.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(&entry).map_err(|e| self.fail(e.to_string()))?;
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, &log))
+            .map_err(|e| self.fail(format!("writing the commit log: {e}")))?;
+        self.version = version;
+        self.committed
+            .extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
+        tracing::debug!(sink = %self.name, version, rows, "committed Parquet files");
+        Ok(true)
+    }
+
+    fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<i64>, SinkError> {
+        Ok(self.committed.get(&(topic.to_string(), partition)).copied())
+    }
+}
