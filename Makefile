@@ -11,7 +11,7 @@ PYTHON       ?= python3
 
 export FLOWGATE_PLUGIN_DIR := $(CURDIR)/$(PLUGIN_DIR)
 
-.PHONY: help setup venv plugins test-plugins build test lint fmt run clean
+.PHONY: help setup venv plugins test-plugins build test lint fmt run plugin-demo clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -54,7 +54,11 @@ lint: ## rustfmt check and clippy with warnings as errors.
 fmt: ## Format the code.
 	$(CARGO) fmt --all
 
-run: build ## The plugin demo: sample ticks through validate → dedup → window → pct_change.
+run: build ## The demo: generated ticks → embedded Kafka → plugins → Delta tables under ./data.
+	$(CARGO) run -q -p flowgate -- run pipelines/demo.yaml --max-records 200000
+	@echo "Tables written under ./data: bars (Delta), raw (Parquet), dead_letter (Delta). See README: Reading the output."
+
+plugin-demo: build ## The plugin harness on the sample ticks: validate → dedup → window → pct_change.
 	$(CARGO) run -q -p flowgate -- plugin test $(PLUGIN_DIR)/flowgate_validate.wasm \
 	    --config pipelines/steps/validate.yaml \
 	    --plugin $(PLUGIN_DIR)/flowgate_dedup.wasm --config pipelines/steps/dedup.yaml \

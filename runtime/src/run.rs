@@ -26,7 +26,9 @@ use crate::plugin::{Chain, ChainOutput, ErrorKind, Grants, Plugin, PluginError, 
 use crate::sink::{
     self, ConsoleSink, DeltaSink, Offsets, ParquetSink, Sink, SinkError, TableShape,
 };
-use crate::source::{FileSource, KafkaSource, Record, Source, SourceError};
+use crate::source::{
+    EmbeddedBroker, FileSource, Generator, KafkaSource, Record, Source, SourceError,
+};
 
 /// Why a run stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -302,25 +304,64 @@ pub fn run(
         )?),
         None => None,
     };
+    // Declared before the source, so they outlive its consumer.
+    let mut _embedded: Option<EmbeddedBroker> = None;
+    let mut _generator: Option<Generator> = None;
     let mut source: Box<dyn Source> = match spec.source.kind() {
         None => {
             return Err(RunError::Config(
-                "`source`: give exactly one of `kafka`, `file`, `generator`".into(),
+                "`source`: give one of `kafka`, `file`, `generator`".into(),
             ));
         }
         Some(SourceKind::File(f)) => Box::new(FileSource::open(&pipeline.resolve(&f.path))?),
-        Some(SourceKind::Kafka(k)) => {
-            if k.brokers.is_embedded() {
-                return Err(RunError::Config(
-                    "`brokers: embedded` is not available yet".into(),
-                ));
-            }
-            Box::new(KafkaSource::open(k, &k.brokers.bootstrap())?)
+        Some(SourceKind::Kafka(k, generator)) => {
+            let bootstrap = if k.brokers.is_embedded() {
+                let topics = k
+                    .topics
+                    .clone()
+                    .or_else(|| k.topic.clone().map(|t| vec![t]))
+                    .unwrap_or_default();
+                let broker =
+                    EmbeddedBroker::start(topics.first().map_or("ticks", String::as_str), 3)?;
+                let bootstrap = broker.bootstrap();
+                match generator {
+                    Some(g) => {
+                        _generator = Some(Generator::start(
+                            g,
+                            &bootstrap,
+                            topics.first().map_or("ticks", String::as_str),
+                        )?)
+                    }
+                    None => tracing::warn!(
+                        "the embedded broker has no generator feeding it: add a `generator:` block to `source`"
+                    ),
+                }
+                _embedded = Some(broker);
+                bootstrap
+            } else {
+                k.brokers.bootstrap()
+            };
+            let source = KafkaSource::open(k, &bootstrap)?;
+            Box::new(if k.brokers.is_embedded() {
+                source.ephemeral()
+            } else {
+                source
+            })
         }
-        Some(SourceKind::Generator(_)) => {
-            return Err(RunError::Config(
-                "the `generator` source is not available yet".into(),
-            ));
+        Some(SourceKind::Generator(g)) => {
+            let broker = EmbeddedBroker::start(&g.topic, 3)?;
+            let bootstrap = broker.bootstrap();
+            _generator = Some(Generator::start(g, &bootstrap, &g.topic)?);
+            _embedded = Some(broker);
+            let kafka = crate::config::KafkaSpec {
+                brokers: crate::config::Brokers::One(bootstrap.clone()),
+                topic: Some(g.topic.clone()),
+                topics: None,
+                group: format!("flowgate-{}", spec.name),
+                start: crate::config::StartFrom::Earliest,
+                options: Default::default(),
+            };
+            Box::new(KafkaSource::open(&kafka, &bootstrap)?.ephemeral())
         }
     };
     let store = CheckpointStore::new(&pipeline.resolve(&spec.checkpoint.path), &spec.name);
@@ -400,7 +441,7 @@ pub fn run(
         for record in polled.drain(..) {
             let key = (record.topic.clone(), record.partition);
             if !units.contains_key(&key) {
-                let unit = ctx.open_unit(&store, &record)?;
+                let unit = ctx.open_unit(&store, &record, source.ephemeral())?;
                 units.insert(key.clone(), unit);
             }
             let Some(unit) = units.get_mut(&key) else {
@@ -491,11 +532,28 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     /// A partition's first record: find where its sinks stand, restore its state, build its chain.
-    fn open_unit(&mut self, store: &CheckpointStore, record: &Record) -> Result<Unit, RunError> {
+    fn open_unit(
+        &mut self,
+        store: &CheckpointStore,
+        record: &Record,
+        ephemeral: bool,
+    ) -> Result<Unit, RunError> {
         let (topic, partition) = (&*record.topic, record.partition);
         let mut floors = Vec::new();
         for slot in self.sinks.iter_mut() {
-            floors.push(slot.sink.committed(topic, partition)?.unwrap_or(-1));
+            let held = if ephemeral {
+                None
+            } else {
+                slot.sink.committed(topic, partition)?
+            };
+            floors.push(held.unwrap_or(-1));
+        }
+        if ephemeral {
+            tracing::info!(
+                topic,
+                partition,
+                "the embedded broker starts empty: this partition starts fresh, whatever offsets the tables hold"
+            );
         }
         let low = floors.iter().copied().min().unwrap_or(-1);
         let mut chain = self.plan.chain()?;

@@ -74,8 +74,8 @@ pub struct SourceSpec {
 /// The source kind a [`SourceSpec`] names.
 #[derive(Debug, Clone, Copy)]
 pub enum SourceKind<'a> {
-    /// Kafka.
-    Kafka(&'a KafkaSpec),
+    /// Kafka, with the generator feeding it when the broker is `embedded`.
+    Kafka(&'a KafkaSpec, Option<&'a GeneratorSpec>),
     /// A file.
     File(&'a FileSpec),
     /// The generator.
@@ -86,7 +86,10 @@ impl SourceSpec {
     /// The one kind given (checked when the pipeline loads).
     pub fn kind(&self) -> Option<SourceKind<'_>> {
         match (&self.kafka, &self.file, &self.generator) {
-            (Some(k), None, None) => Some(SourceKind::Kafka(k)),
+            (Some(k), None, None) => Some(SourceKind::Kafka(k, None)),
+            (Some(k), None, Some(g)) if k.brokers.is_embedded() => {
+                Some(SourceKind::Kafka(k, Some(g)))
+            }
             (None, Some(f), None) => Some(SourceKind::File(f)),
             (None, None, Some(g)) => Some(SourceKind::Generator(g)),
             _ => None,
@@ -168,9 +171,16 @@ pub struct GeneratorSpec {
     /// Ticks per second (all symbols together).
     #[serde(default = "default_rate")]
     pub rate: f64,
-    /// Topic in the embedded broker.
+    /// Topic in the embedded broker (when the source has no `kafka` block).
     #[serde(default = "default_topic")]
     pub topic: String,
+    /// How much faster than the wall clock event time runs (60: a minute of ticks per second).
+    #[serde(default = "one")]
+    pub speedup: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 fn default_symbols() -> Vec<String> {
@@ -435,7 +445,7 @@ impl Pipeline {
                 "`source`: give exactly one of `kafka`, `file`, `generator`".into(),
             );
         }
-        if let Some(SourceKind::Kafka(k)) = s.source.kind() {
+        if let Some(SourceKind::Kafka(k, _)) = s.source.kind() {
             match (&k.topic, &k.topics) {
                 (None, None) => {
                     problem("kafka:", "`source.kafka`: give `topic` or `topics`".into())

@@ -50,9 +50,15 @@ impl DeltaSink {
         let absolute = std::fs::canonicalize(path).map_err(|e| fail(e.to_string()))?;
         let url = deltalake::ensure_table_uri(absolute.display().to_string())
             .map_err(|e| fail(e.to_string()))?;
-        let mut table = rt
-            .block_on(DeltaTable::try_from_url(url))
-            .map_err(|e| fail(e.to_string()))?;
+        // A folder without a log is a table to create: don't ask the reader to load it.
+        let mut table = if absolute.join("_delta_log").is_dir() {
+            rt.block_on(DeltaTable::try_from_url(url))
+                .map_err(|e| fail(e.to_string()))?
+        } else {
+            deltalake::DeltaTableBuilder::from_url(url)
+                .and_then(|b| b.build())
+                .map_err(|e| fail(e.to_string()))?
+        };
         if table.version().is_none() {
             let schema: StructType = shape
                 .schema()

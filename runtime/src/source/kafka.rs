@@ -57,6 +57,7 @@ impl ConsumerContext for Context {
 pub struct KafkaSource {
     consumer: BaseConsumer<Context>,
     topics: Vec<String>,
+    ephemeral: bool,
 }
 
 impl KafkaSource {
@@ -99,7 +100,17 @@ impl KafkaSource {
             .subscribe(&names)
             .map_err(|e| SourceError::Io(format!("cannot subscribe to {names:?}: {e}")))?;
         tracing::info!(brokers = bootstrap, group = %spec.group, topics = ?names, "joined the consumer group");
-        Ok(KafkaSource { consumer, topics })
+        Ok(KafkaSource {
+            consumer,
+            topics,
+            ephemeral: false,
+        })
+    }
+
+    /// Marks the source as reading the embedded broker, whose offsets restart every run.
+    pub fn ephemeral(mut self) -> Self {
+        self.ephemeral = true;
+        self
     }
 
     /// The topics subscribed to.
@@ -173,6 +184,10 @@ impl Source for KafkaSource {
             .map_err(|e| {
                 SourceError::Io(format!("cannot seek {topic}/{partition} to {offset}: {e}"))
             })
+    }
+
+    fn ephemeral(&self) -> bool {
+        self.ephemeral
     }
 
     fn revoked(&mut self) -> Vec<(String, i32)> {

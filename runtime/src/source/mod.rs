@@ -2,12 +2,14 @@
 //! travel with it to the sinks' commits and the dead letter.
 
 mod file;
+mod generator;
 mod kafka;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use file::FileSource;
+pub use generator::{EmbeddedBroker, Generator};
 pub use kafka::KafkaSource;
 
 use crate::sink::Offsets;
@@ -51,6 +53,11 @@ pub trait Source {
     /// Partitions taken away (by a rebalance) since the last call.
     fn revoked(&mut self) -> Vec<(String, i32)> {
         Vec::new()
+    }
+    /// True if offsets mean nothing across runs (the embedded broker starts empty each time):
+    /// a partition then starts fresh instead of resuming from the sinks' offsets.
+    fn ephemeral(&self) -> bool {
+        false
     }
     /// Partitions currently assigned, with when they were assigned; the watermark waits for an
     /// assigned partition that has sent nothing yet (until it counts as idle).

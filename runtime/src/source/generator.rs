@@ -1,0 +1,128 @@
+//! The embedded broker (librdkafka's mock cluster) and the tick generator that feeds it: the
+//! demo runs with no Kafka and no Docker. The mock cluster keeps only recent messages in memory
+//! and nothing after the process exits.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+use super::SourceError;
+use crate::config::GeneratorSpec;
+
+/// An in-process Kafka cluster, alive as long as this value.
+pub struct EmbeddedBroker {
+    cluster: MockCluster<'static, DefaultProducerContext>,
+}
+
+impl EmbeddedBroker {
+    /// Starts a one-broker mock cluster with `topic` of `partitions` partitions.
+    pub fn start(topic: &str, partitions: i32) -> Result<Self, SourceError> {
+        let cluster = MockCluster::new(1)
+            .map_err(|e| SourceError::Io(format!("cannot start the embedded broker: {e}")))?;
+        cluster.create_topic(topic, partitions, 1).map_err(|e| {
+            SourceError::Io(format!(
+                "cannot create topic `{topic}` on the embedded broker: {e}"
+            ))
+        })?;
+        tracing::info!(
+            bootstrap = %cluster.bootstrap_servers(),
+            "started the embedded Kafka broker (librdkafka's mock cluster): it keeps recent messages in memory only, and nothing after this process exits"
+        );
+        Ok(EmbeddedBroker { cluster })
+    }
+
+    /// Its bootstrap servers.
+    pub fn bootstrap(&self) -> String {
+        self.cluster.bootstrap_servers()
+    }
+}
+
+/// Produces random-walk ticks (`symbol, price, volume, ts, ts_epoch_ms`) until stopped.
+pub struct Generator {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Generator {
+    /// Starts producing `spec.rate` ticks per second to `topic` on `bootstrap`. Event time starts
+    /// now and runs `spec.speedup` times faster than the wall clock.
+    pub fn start(spec: &GeneratorSpec, bootstrap: &str, topic: &str) -> Result<Self, SourceError> {
+        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("linger.ms", "5")
+            .create()
+            .map_err(|e| SourceError::Io(format!("cannot create the generator's producer: {e}")))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, spec, topic) = (stop.clone(), spec.clone(), topic.to_string());
+        let thread = std::thread::Builder::new()
+            .name("flowgate-generator".into())
+            .spawn(move || generate(&producer, &spec, &topic, &flag))
+            .map_err(|e| SourceError::Io(format!("cannot start the generator: {e}")))?;
+        Ok(Generator {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn generate(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    spec: &GeneratorSpec,
+    topic: &str,
+    stop: &AtomicBool,
+) {
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut prices: Vec<f64> = (0..spec.symbols.len())
+        .map(|i| 100.0 + 37.0 * i as f64)
+        .collect();
+    let start_ms = chrono::Utc::now().timestamp_millis();
+    let started = Instant::now();
+    let rate = spec.rate.max(1.0);
+    let mut sent: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let i = ((next() * spec.symbols.len() as f64) as usize)
+            .min(spec.symbols.len().saturating_sub(1));
+        prices[i] = (prices[i] * (1.0 + (next() - 0.5) * 0.004)).max(0.01);
+        let ts_ms = start_ms + (sent as f64 * 1000.0 / rate * spec.speedup) as i64;
+        let ts = chrono::DateTime::from_timestamp_millis(ts_ms).unwrap_or_default();
+        let tick = serde_json::json!({
+            "symbol": spec.symbols[i],
+            "price": (prices[i] * 100.0).round() / 100.0,
+            "volume": 1 + (next() * 999.0) as u64,
+            "ts": ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "ts_epoch_ms": ts_ms,
+        })
+        .to_string();
+        let record = BaseRecord::to(topic).key(&spec.symbols[i]).payload(&tick);
+        if producer.send(record).is_err() {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        sent += 1;
+        let due = Duration::from_secs_f64(sent as f64 / rate);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let _ = producer.flush(Duration::from_secs(5));
+}
