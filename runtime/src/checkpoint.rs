@@ -2,8 +2,9 @@
 //! snapshot. Written before the sinks commit that offset, so a restart that resumes after offset
 //! `O` (the offset the sinks hold) finds the state as it was right after `O`.
 //!
-//! Layout: `{dir}/{pipeline}/{topic}-{partition}/{offset:020}.state`; body: `FGCK`, step count
-//! (u32 LE), then per step a length (u32 LE) and the snapshot bytes. Files appear atomically
+//! Layout: `{dir}/{pipeline}/{topic}-{partition}/{offset:020}.state`; body: `FGCK`, the
+//! partition's newest event time (i64 LE, `i64::MIN` for none), step count (u32 LE), then per step
+//! a length (u32 LE) and the snapshot bytes. Files appear atomically
 //! (temp + rename); the newest few per partition are kept.
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,15 @@ pub enum CheckpointError {
         /// What is wrong.
         message: String,
     },
+}
+
+/// What a checkpoint holds for one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionState {
+    /// The newest event time seen (ms), so the watermark resumes where it was.
+    pub max_event: Option<i64>,
+    /// Each step's snapshot, in chain order.
+    pub snapshots: Vec<Vec<u8>>,
 }
 
 /// The store for one pipeline.
@@ -74,12 +84,15 @@ impl CheckpointStore {
         topic: &str,
         partition: i32,
         offset: i64,
-        snapshots: &[Vec<u8>],
+        state: &PartitionState,
     ) -> Result<(), CheckpointError> {
+        let snapshots = &state.snapshots;
         let dir = self.partition_dir(topic, partition);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let mut body = Vec::with_capacity(8 + snapshots.iter().map(|s| s.len() + 4).sum::<usize>());
+        let mut body =
+            Vec::with_capacity(16 + snapshots.iter().map(|s| s.len() + 4).sum::<usize>());
         body.extend_from_slice(MAGIC);
+        body.extend_from_slice(&state.max_event.unwrap_or(i64::MIN).to_le_bytes());
         body.extend_from_slice(&(snapshots.len() as u32).to_le_bytes());
         for s in snapshots {
             body.extend_from_slice(&(s.len() as u32).to_le_bytes());
@@ -113,7 +126,7 @@ impl CheckpointStore {
         topic: &str,
         partition: i32,
         offset: i64,
-    ) -> Result<Option<Vec<Vec<u8>>>, CheckpointError> {
+    ) -> Result<Option<PartitionState>, CheckpointError> {
         let file = self
             .partition_dir(topic, partition)
             .join(format!("{offset:020}.state"));
@@ -129,6 +142,10 @@ impl CheckpointStore {
         let rest = body
             .strip_prefix(MAGIC.as_slice())
             .ok_or_else(|| corrupt("bad header"))?;
+        let (max_event, rest) = rest
+            .split_at_checked(8)
+            .ok_or_else(|| corrupt("truncated"))?;
+        let max_event = i64::from_le_bytes(max_event.try_into().map_err(|_| corrupt("truncated"))?);
         let (count, mut rest) = rest
             .split_at_checked(4)
             .ok_or_else(|| corrupt("truncated"))?;
@@ -146,7 +163,10 @@ impl CheckpointStore {
             snapshots.push(snapshot.to_vec());
             rest = tail;
         }
-        Ok(Some(snapshots))
+        Ok(Some(PartitionState {
+            max_event: (max_event != i64::MIN).then_some(max_event),
+            snapshots,
+        }))
     }
 }
 
@@ -173,7 +193,7 @@ mod tests {
             .path()
             .join("p/ticks-3")
             .join(format!("{:020}.state", 9));
-        std::fs::write(&file, b"FGCK\x05\x00\x00\x00").unwrap();
+        std::fs::write(&file, b"FGCK\0\0\0\0\0\0\0\x80\x05\x00\x00\x00").unwrap();
         assert!(matches!(
             store.load("ticks", 3, 9),
             Err(CheckpointError::Corrupt { .. })

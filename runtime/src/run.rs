@@ -19,7 +19,7 @@ use arrow::array::{ArrayRef, Int32Array, Int64Array, StringArray, TimestampMilli
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
-use crate::checkpoint::{CheckpointError, CheckpointStore};
+use crate::checkpoint::{CheckpointError, CheckpointStore, PartitionState};
 use crate::config::{OnError, Pipeline, SinkSpec, SourceKind};
 use crate::decode::{self, JsonDecoder};
 use crate::plugin::{Chain, ChainOutput, ErrorKind, Grants, Plugin, PluginError, PluginHost};
@@ -438,10 +438,24 @@ pub fn run(
                 );
             }
         }
+        // Every assigned partition gets its unit (and restored state) at once, so a partition
+        // that has sent nothing yet holds the watermark back until it counts as idle.
+        for ((topic, partition), _) in source.assigned() {
+            let key: (Arc<str>, i32) = (topic.as_str().into(), partition);
+            if !units.contains_key(&key) {
+                let unit = ctx.open_unit(&store, key.0.clone(), partition, source.ephemeral())?;
+                units.insert(key, unit);
+            }
+        }
         for record in polled.drain(..) {
             let key = (record.topic.clone(), record.partition);
             if !units.contains_key(&key) {
-                let unit = ctx.open_unit(&store, &record, source.ephemeral())?;
+                let unit = ctx.open_unit(
+                    &store,
+                    record.topic.clone(),
+                    record.partition,
+                    source.ephemeral(),
+                )?;
                 units.insert(key.clone(), unit);
             }
             let Some(unit) = units.get_mut(&key) else {
@@ -474,9 +488,7 @@ pub fn run(
                 ctx.process(unit)?;
             }
         }
-        if !waiting_for_partitions(source.as_ref(), &units, idle_after) {
-            ctx.advance_watermark(&mut units, &mut watermark, delay, idle_after)?;
-        }
+        ctx.advance_watermark(&mut units, &mut watermark, delay, idle_after)?;
         if Instant::now() >= next_commit {
             ctx.checkpoint(&store, &mut units, source.as_mut())?;
             next_commit = Instant::now() + interval;
@@ -500,23 +512,9 @@ pub fn run(
             ctx.process(unit)?;
         }
     }
-    if !waiting_for_partitions(source.as_ref(), &units, idle_after) {
-        ctx.advance_watermark(&mut units, &mut watermark, delay, idle_after)?;
-    }
+    ctx.advance_watermark(&mut units, &mut watermark, delay, idle_after)?;
     ctx.checkpoint(&store, &mut units, source.as_mut())?;
     Ok(ctx.summary)
-}
-
-/// True while an assigned partition has sent nothing and is not yet idle: its records may be
-/// older than the others', so the watermark must wait for it.
-fn waiting_for_partitions(
-    source: &dyn Source,
-    units: &HashMap<(Arc<str>, i32), Unit>,
-    idle_after: Duration,
-) -> bool {
-    source.assigned().iter().any(|((t, p), since)| {
-        since.elapsed() < idle_after && !units.contains_key(&(Arc::from(t.as_str()), *p))
-    })
 }
 
 /// What the loop needs while it processes.
@@ -531,14 +529,15 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// A partition's first record: find where its sinks stand, restore its state, build its chain.
+    /// A new partition: find where its sinks stand, restore its state, build its chain.
     fn open_unit(
         &mut self,
         store: &CheckpointStore,
-        record: &Record,
+        topic_name: Arc<str>,
+        partition: i32,
         ephemeral: bool,
     ) -> Result<Unit, RunError> {
-        let (topic, partition) = (&*record.topic, record.partition);
+        let topic = &*topic_name;
         let mut floors = Vec::new();
         for slot in self.sinks.iter_mut() {
             let held = if ephemeral {
@@ -562,10 +561,12 @@ impl Ctx<'_> {
                 chain.tap(stage - 1);
             }
         }
+        let mut max_event = None;
         if low >= 0 {
             match store.load(topic, partition, low)? {
-                Some(snapshots) => {
-                    for (step, state) in chain.steps_mut().iter_mut().zip(&snapshots) {
+                Some(saved) => {
+                    max_event = saved.max_event;
+                    for (step, state) in chain.steps_mut().iter_mut().zip(&saved.snapshots) {
                         step.restore(state).map_err(|source| RunError::Plugin {
                             location: self.pipeline.file.display().to_string(),
                             source,
@@ -587,7 +588,7 @@ impl Ctx<'_> {
             );
         }
         Ok(Unit {
-            topic: record.topic.clone(),
+            topic: topic_name.clone(),
             partition,
             chain,
             pending: Vec::new(),
@@ -597,7 +598,7 @@ impl Ctx<'_> {
             floors,
             processed_any: false,
             sought: false,
-            max_event: None,
+            max_event,
             dirty: false,
         })
     }
@@ -790,11 +791,16 @@ impl Ctx<'_> {
         delay: i64,
         idle_after: Duration,
     ) -> Result<(), RunError> {
-        let active: Vec<i64> = units
+        let active: Vec<Option<i64>> = units
             .values()
             .filter(|u| u.last_seen.elapsed() < idle_after)
-            .filter_map(|u| u.max_event)
+            .map(|u| u.max_event)
             .collect();
+        // A live partition that has sent nothing yet may hold older records than the others.
+        if active.iter().any(Option::is_none) {
+            return Ok(());
+        }
+        let active: Vec<i64> = active.into_iter().flatten().collect();
         let candidate = if active.is_empty() {
             units.values().filter_map(|u| u.max_event).max()
         } else {
@@ -848,7 +854,11 @@ impl Ctx<'_> {
                         source,
                     })?);
                 }
-                store.save(&unit.topic, unit.partition, last, &snapshots)?;
+                let state = PartitionState {
+                    max_event: unit.max_event,
+                    snapshots,
+                };
+                store.save(&unit.topic, unit.partition, last, &state)?;
                 unit.dirty = false;
             }
             offsets.insert((unit.topic.to_string(), unit.partition), last);
