@@ -143,6 +143,11 @@ def test_stocks_pipeline_against_tansu_is_exactly_once(broker, data_dir):
     assert list(bars["volume"]) == list(want["volume"])
     assert (bars["close"] - want["close"]).abs().max() < 1e-9
 
+    # The raw tap holds each valid tick once (duplicate deliveries dropped by dedup).
+    raw = pl.read_parquet(sorted((data_dir / "raw").glob("date=*/*.parquet")), hive_partitioning=True)
+    assert len(raw) == len(everything.drop_duplicates(subset=["symbol", "ts"]))
+    assert raw.select(["symbol", "ts"]).is_duplicated().sum() == 0
+
     dead = read(data_dir, "dead_letter")
     assert sorted(dead["stage"].to_list()) == ["decode", "decode", "validate", "validate"], dead
     assert set(dead["topic"].to_list()) == {"ticks"}

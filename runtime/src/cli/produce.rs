@@ -28,7 +28,8 @@ pub struct ProduceArgs {
         default_value = "AAPL,MSFT,NVDA,AMZN,GOOG,META,TSLA,AMD"
     )]
     symbols: Vec<String>,
-    /// Records per second (0: as fast as possible).
+    /// Records per second; 0 produces as fast as possible, with event time moving 1 ms per
+    /// record and ending about now (a backlog spanning 1,000 s per million records).
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
     /// Stop after this many records.
@@ -134,6 +135,8 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         .map(|(i, _)| 100.0 + 37.0 * i as f64)
         .collect();
     let started = Instant::now();
+    // A backlog (`--rate 0 --count N`) ends about now: it starts N ms in the past.
+    let first_ts = chrono::Utc::now() - chrono::Duration::milliseconds(if args.rate > 0.0 { 0 } else { args.count.unwrap_or(0) as i64 });
     let mut last_log = Instant::now();
     let mut sent: u64 = 0;
     loop {
@@ -160,7 +163,8 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
                 let i = rng.below(args.symbols.len() as u64) as usize;
                 let step = (rng.unit() - 0.5) * 0.004;
                 prices[i] = (prices[i] * (1.0 + step)).max(0.01);
-                let mut ts = chrono::Utc::now();
+                // Real time, or with `--rate 0` (a backlog) a clock moving 1 ms per record.
+                let mut ts = if args.rate > 0.0 { chrono::Utc::now() } else { first_ts + chrono::Duration::milliseconds(sent as i64) };
                 if rng.unit() < args.late {
                     ts -= chrono::Duration::milliseconds(120_000 + rng.below(480_000) as i64);
                 }
