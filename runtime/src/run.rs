@@ -382,6 +382,7 @@ pub fn run(
         sinks: &mut sinks,
         dead_letter: &mut dead_letter,
         summary: RunSummary::default(),
+        last_commit: None,
         decoder,
         event_time,
     };
@@ -390,6 +391,8 @@ pub fn run(
     let mut next_commit = Instant::now() + interval;
     let mut last_record = Instant::now();
     let mut last_progress = Instant::now();
+    let mut progress_mark = (0u64, 0u64);
+    let live = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut polled = Vec::with_capacity(max_records);
     let started = Instant::now();
     loop {
@@ -493,19 +496,40 @@ pub fn run(
             ctx.checkpoint(&store, &mut units, source.as_mut())?;
             next_commit = Instant::now() + interval;
         }
-        if last_progress.elapsed() >= Duration::from_secs(5) {
-            let secs = started.elapsed().as_secs_f64();
-            tracing::info!(
-                "{} records ({:.0}/s), {} rows out, {} rejected, {} undecodable, watermark {}",
-                ctx.summary.records,
-                ctx.summary.records as f64 / secs,
-                ctx.summary.rows_out,
-                ctx.summary.rejected,
-                ctx.summary.undecodable,
-                watermark.map_or("none".to_string(), flowgate_sdk::columns::format_millis)
+        // On a terminal a live line every second; otherwise a log line every 5 seconds.
+        let every = if live {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        };
+        if last_progress.elapsed() >= every {
+            let secs = last_progress.elapsed().as_secs_f64();
+            let s = &ctx.summary;
+            let line = format!(
+                "{} records ({:.0}/s in, {:.0}/s out), {} rejected, {} undecodable, {} partitions, watermark {}, last commit {}",
+                s.records,
+                (s.records - progress_mark.0) as f64 / secs,
+                (s.rows_out - progress_mark.1) as f64 / secs,
+                s.rejected,
+                s.undecodable,
+                units.len(),
+                watermark.map_or("none".to_string(), flowgate_sdk::columns::format_millis),
+                ctx.last_commit.map_or("none yet".to_string(), |t| format!(
+                    "{:.0?} ago",
+                    t.elapsed()
+                )),
             );
+            if live {
+                eprint!("\r\x1b[2K{line}");
+            } else {
+                tracing::info!("{line}");
+            }
+            progress_mark = (s.records, s.rows_out);
             last_progress = Instant::now();
         }
+    }
+    if live {
+        eprintln!();
     }
     for unit in units.values_mut() {
         if !unit.pending.is_empty() {
@@ -524,6 +548,7 @@ struct Ctx<'a> {
     sinks: &'a mut Vec<SinkSlot>,
     dead_letter: &'a mut Option<Box<dyn Sink>>,
     summary: RunSummary,
+    last_commit: Option<Instant>,
     decoder: JsonDecoder,
     event_time: Option<usize>,
 }
@@ -876,6 +901,7 @@ impl Ctx<'_> {
         source.commit(&offsets)?;
         if committed {
             self.summary.checkpoints += 1;
+            self.last_commit = Some(Instant::now());
             tracing::debug!(?offsets, "checkpoint committed");
         }
         Ok(())

@@ -136,7 +136,12 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let started = Instant::now();
     // A backlog (`--rate 0 --count N`) ends about now: it starts N ms in the past.
-    let first_ts = chrono::Utc::now() - chrono::Duration::milliseconds(if args.rate > 0.0 { 0 } else { args.count.unwrap_or(0) as i64 });
+    let first_ts = chrono::Utc::now()
+        - chrono::Duration::milliseconds(if args.rate > 0.0 {
+            0
+        } else {
+            args.count.unwrap_or(0) as i64
+        });
     let mut last_log = Instant::now();
     let mut sent: u64 = 0;
     loop {
@@ -164,7 +169,11 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
                 let step = (rng.unit() - 0.5) * 0.004;
                 prices[i] = (prices[i] * (1.0 + step)).max(0.01);
                 // Real time, or with `--rate 0` (a backlog) a clock moving 1 ms per record.
-                let mut ts = if args.rate > 0.0 { chrono::Utc::now() } else { first_ts + chrono::Duration::milliseconds(sent as i64) };
+                let mut ts = if args.rate > 0.0 {
+                    chrono::Utc::now()
+                } else {
+                    first_ts + chrono::Duration::milliseconds(sent as i64)
+                };
                 if rng.unit() < args.late {
                     ts -= chrono::Duration::milliseconds(120_000 + rng.below(480_000) as i64);
                 }
