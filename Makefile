@@ -1,13 +1,12 @@
 # Flowgate — build, test and run. `make help` lists the targets.
 
 CARGO        ?= cargo
+PYTHON       ?= python3
 WASM_TARGET  := wasm32-wasip2
 PLUGIN_DIR   := target/$(WASM_TARGET)/plugin
 PLUGINS      := flowgate-validate flowgate-dedup flowgate-window flowgate-pct-change
 TEST_PLUGINS := flowgate-test-spin flowgate-test-hog flowgate-test-escape flowgate-test-badschema
-
 VENV         := .venv
-PYTHON       ?= python3
 
 export FLOWGATE_PLUGIN_DIR := $(CURDIR)/$(PLUGIN_DIR)
 
@@ -19,24 +18,17 @@ help: ## List the targets.
 setup: ## Install the wasm32-wasip2 Rust target if missing.
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 
-venv: $(VENV)/.installed ## Python virtualenv with the independent readers/clients the end-to-end tests use.
+venv: $(VENV)/.installed ## Python virtualenv with the independent readers and clients the end-to-end tests use.
 
 $(VENV)/.installed: tests/e2e/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
 	touch $@
 
-plugins: setup ## Build the four stock plugins to $(PLUGIN_DIR)/*.wasm.
+plugins: setup ## Build the four stock plugins to target/wasm32-wasip2/plugin/*.wasm.
 	$(CARGO) build --target $(WASM_TARGET) --profile plugin $(addprefix -p ,$(PLUGINS))
 
-test-venv: $(VENV)/.installed ## Python virtualenv with the independent readers/clients the end-to-end tests use.
-
-$(VENV)/.installed: tests/e2e/requirements.txt
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
-	touch $@
-
-plugins: setup ## Build the misbehaving plugins the sandbox tests use (never shipped).
+test-plugins: setup ## Build the misbehaving plugins the sandbox tests use (never shipped).
 	$(CARGO) build --target $(WASM_TARGET) --profile plugin $(addprefix -p ,$(TEST_PLUGINS))
 
 build: plugins ## Build the host and the stock plugins.
@@ -54,9 +46,9 @@ lint: ## rustfmt check and clippy with warnings as errors.
 fmt: ## Format the code.
 	$(CARGO) fmt --all
 
-run: build ## The demo: generated ticks → embedded Kafka → plugins → Delta tables under ./data.
+run: build ## The demo: generated ticks → embedded Kafka → plugins → Delta/Parquet tables under ./data.
 	$(CARGO) run -q -p flowgate -- run pipelines/demo.yaml --max-records 200000
-	@echo "Tables written under ./data: bars (Delta), raw (Parquet), dead_letter (Delta). See README: Reading the output."
+	@echo "Tables under ./data: bars (Delta), raw (Parquet), dead_letter (Delta). README: 'Reading the output'."
 
 plugin-demo: build ## The plugin harness on the sample ticks: validate → dedup → window → pct_change.
 	$(CARGO) run -q -p flowgate -- plugin test $(PLUGIN_DIR)/flowgate_validate.wasm \

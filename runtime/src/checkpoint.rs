@@ -179,14 +179,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointStore::new(dir.path(), "p");
         for offset in 0..10 {
-            store
-                .save("ticks", 3, offset, &[vec![1, 2, offset as u8], vec![]])
-                .unwrap();
+            let state = PartitionState {
+                max_event: Some(offset * 1000),
+                snapshots: vec![vec![1, 2, offset as u8], vec![]],
+            };
+            store.save("ticks", 3, offset, &state).unwrap();
         }
-        assert_eq!(
-            store.load("ticks", 3, 9).unwrap(),
-            Some(vec![vec![1, 2, 9], vec![]])
-        );
+        let want = PartitionState {
+            max_event: Some(9000),
+            snapshots: vec![vec![1, 2, 9], vec![]],
+        };
+        assert_eq!(store.load("ticks", 3, 9).unwrap(), Some(want));
         assert_eq!(store.load("ticks", 3, 2).unwrap(), None, "old ones pruned");
         assert_eq!(store.load("ticks", 4, 9).unwrap(), None);
         let file = dir

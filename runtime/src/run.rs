@@ -39,7 +39,7 @@ pub enum RunError {
         /// `file:line` of the step in the pipeline file.
         location: String,
         /// The plugin error.
-        source: PluginError,
+        source: Box<PluginError>,
     },
     /// A sink failed.
     #[error(transparent)]
@@ -126,7 +126,7 @@ impl Plan {
                 host.load(&pipeline.resolve(&t.plugin))
                     .map_err(|source| RunError::Plugin {
                         location: location.clone(),
-                        source,
+                        source: Box::new(source),
                     })?;
             let config = if t.config.is_null() {
                 "{}".to_string()
@@ -144,7 +144,7 @@ impl Plan {
                 .instantiate(&t.name, &config, &input, grants)
                 .map_err(|source| RunError::Plugin {
                     location: location.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             stages.push(step.output_schema().clone());
             steps.push(StepPlan {
@@ -172,7 +172,7 @@ impl Plan {
                 .instantiate(&s.name, &s.config, &self.stages[i], s.grants)
                 .map_err(|source| RunError::Plugin {
                     location: s.location.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             steps.push(step);
         }
@@ -445,9 +445,10 @@ pub fn run(
         // that has sent nothing yet holds the watermark back until it counts as idle.
         for ((topic, partition), _) in source.assigned() {
             let key: (Arc<str>, i32) = (topic.as_str().into(), partition);
-            if !units.contains_key(&key) {
-                let unit = ctx.open_unit(&store, key.0.clone(), partition, source.ephemeral())?;
-                units.insert(key, unit);
+            if let std::collections::hash_map::Entry::Vacant(slot) = units.entry(key) {
+                let unit =
+                    ctx.open_unit(&store, slot.key().0.clone(), partition, source.ephemeral())?;
+                slot.insert(unit);
             }
         }
         for record in polled.drain(..) {
@@ -594,7 +595,7 @@ impl Ctx<'_> {
                     for (step, state) in chain.steps_mut().iter_mut().zip(&saved.snapshots) {
                         step.restore(state).map_err(|source| RunError::Plugin {
                             location: self.pipeline.file.display().to_string(),
-                            source,
+                            source: Box::new(source),
                         })?;
                     }
                     tracing::info!(topic, partition, offset = low, "restored plugin state");
@@ -791,7 +792,7 @@ impl Ctx<'_> {
         if e.kind() != ErrorKind::Data || policy == OnError::Fail {
             return Err(RunError::Plugin {
                 location,
-                source: e,
+                source: Box::new(e),
             });
         }
         tracing::warn!(topic = %unit.topic, partition = unit.partition, offset, "{e}; batch of {} rows {}", batch.num_rows(), if policy == OnError::Skip { "skipped" } else { "sent to the dead letter" });
@@ -854,7 +855,7 @@ impl Ctx<'_> {
             }
             Err(e) => Err(RunError::Plugin {
                 location: self.pipeline.file.display().to_string(),
-                source: e,
+                source: Box::new(e),
             }),
         }
     }
@@ -876,7 +877,7 @@ impl Ctx<'_> {
                 for step in unit.chain.steps_mut() {
                     snapshots.push(step.snapshot().map_err(|source| RunError::Plugin {
                         location: self.pipeline.file.display().to_string(),
-                        source,
+                        source: Box::new(source),
                     })?);
                 }
                 let state = PartitionState {
