@@ -75,3 +75,35 @@ fn every_shipped_pipeline_is_valid() {
         dir.display()
     );
 }
+
+#[test]
+fn docker_compose_runs_the_seed_pipeline_against_kafka() {
+    // No Docker engine here: check the file's structure and that it names what exists.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text =
+        std::fs::read_to_string(root.join("docker-compose.yaml")).expect("docker-compose.yaml");
+    let compose: serde_json::Value =
+        flowgate::yaml::to_json(&text, "docker-compose.yaml").expect("valid YAML");
+    let services = compose["services"].as_object().expect("services");
+    for name in ["kafka", "producer", "flowgate"] {
+        assert!(services.contains_key(name), "service `{name}` missing");
+    }
+    let command: Vec<&str> = services["flowgate"]["command"]
+        .as_array()
+        .expect("command")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(command[0], "run");
+    assert!(
+        root.join(command[1]).is_file(),
+        "{} does not exist",
+        command[1]
+    );
+    assert_eq!(
+        services["flowgate"]["environment"]["KAFKA_BROKERS"],
+        "kafka:9092"
+    );
+    assert_eq!(services["producer"]["command"][0], "produce");
+    assert!(root.join("Dockerfile").is_file());
+}
