@@ -507,13 +507,14 @@ pub fn run(
             let secs = last_progress.elapsed().as_secs_f64();
             let s = &ctx.summary;
             let line = format!(
-                "{} records ({:.0}/s in, {:.0}/s out), {} rejected, {} undecodable, {} partitions, watermark {}, last commit {}",
+                "{} records ({:.0}/s in, {:.0}/s out), {} rejected, {} undecodable, {} partitions{}, watermark {}, last commit {}",
                 s.records,
                 (s.records - progress_mark.0) as f64 / secs,
                 (s.rows_out - progress_mark.1) as f64 / secs,
                 s.rejected,
                 s.undecodable,
                 units.len(),
+                lag_text(&source.lag()),
                 watermark.map_or("none".to_string(), flowgate_sdk::columns::format_millis),
                 ctx.last_commit.map_or("none yet".to_string(), |t| format!(
                     "{:.0?} ago",
@@ -540,6 +541,18 @@ pub fn run(
     ctx.advance_watermark(&mut units, &mut watermark, delay, idle_after)?;
     ctx.checkpoint(&store, &mut units, source.as_mut())?;
     Ok(ctx.summary)
+}
+
+/// ` (lag p0 12, p1 0)` for the progress line; empty when the source reports none.
+fn lag_text(lag: &[((String, i32), i64)]) -> String {
+    if lag.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = lag
+        .iter()
+        .map(|((t, p), l)| format!("{t}/{p} {l}"))
+        .collect();
+    format!(" (lag {})", parts.join(", "))
 }
 
 /// What the loop needs while it processes.

@@ -16,9 +16,22 @@ use crate::sink::Offsets;
 struct Context {
     revoked: Mutex<Vec<(String, i32)>>,
     assigned: Mutex<HashMap<(String, i32), Instant>>,
+    lag: Mutex<HashMap<(String, i32), i64>>,
 }
 
-impl ClientContext for Context {}
+impl ClientContext for Context {
+    /// librdkafka's statistics (every 5 s): keep each partition's consumer lag.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        for (topic, t) in statistics.topics {
+            for (partition, p) in t.partitions {
+                if partition >= 0 && p.consumer_lag >= 0 {
+                    lag.insert((topic.clone(), partition), p.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -84,7 +97,8 @@ impl KafkaSource {
             )
             .set("fetch.min.bytes", "1")
             .set("queued.max.messages.kbytes", "262144")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            .set("statistics.interval.ms", "5000");
         for (k, v) in &spec.options {
             config.set(k, v);
         }
@@ -199,6 +213,29 @@ impl Source for KafkaSource {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()),
         )
+    }
+
+    fn lag(&self) -> Vec<((String, i32), i64)> {
+        let assigned = self
+            .consumer
+            .context()
+            .assigned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let lag = self
+            .consumer
+            .context()
+            .lag
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<_> = lag
+            .iter()
+            .filter(|(k, _)| assigned.contains_key(*k))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        out.sort();
+        out
     }
 
     fn assigned(&self) -> Vec<((String, i32), Instant)> {

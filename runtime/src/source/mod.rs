@@ -54,6 +54,10 @@ pub trait Source {
     fn revoked(&mut self) -> Vec<(String, i32)> {
         Vec::new()
     }
+    /// Records behind the end of each assigned partition, as last reported (Kafka only).
+    fn lag(&self) -> Vec<((String, i32), i64)> {
+        Vec::new()
+    }
     /// True if offsets mean nothing across runs (the embedded broker starts empty each time):
     /// a partition then starts fresh instead of resuming from the sinks' offsets.
     fn ephemeral(&self) -> bool {
