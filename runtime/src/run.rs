@@ -11,8 +11,8 @@
 //! for that offset; a sink that already holds more skips what it has.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Int32Array, Int64Array, StringArray, TimestampMillisecondArray};
@@ -294,7 +294,7 @@ pub fn run(
             stage,
         });
     }
-    let mut dead_letter = match &spec.dead_letter {
+    let dead_letter = match &spec.dead_letter {
         Some(d) => Some(open_sink(
             pipeline,
             "dead_letter",
@@ -376,18 +376,38 @@ pub fn run(
     let interval = Duration::from_millis(spec.checkpoint.interval.as_millis().max(1) as u64);
     let max_records = spec.batch.max_records;
 
-    let mut ctx = Ctx {
-        pipeline,
-        plan: &plan,
-        sinks: &mut sinks,
-        dead_letter: &mut dead_letter,
+    let ctx = Ctx {
+        pipeline: pipeline.clone(),
+        plan,
+        sinks,
+        dead_letter,
         summary: RunSummary::default(),
         last_commit: None,
         decoder,
         event_time,
     };
-    let mut units: HashMap<(Arc<str>, i32), Unit> = HashMap::new();
-    let mut watermark: Option<i64> = None;
+    let engine = Arc::new(Mutex::new(Engine {
+        ctx,
+        units: HashMap::new(),
+        store,
+        watermark: None,
+        failed: None,
+    }));
+    {
+        // A rebalance runs inside `poll`, while the loop does not hold the lock.
+        let engine = engine.clone();
+        source.on_revoke(Box::new(move |revoked: &[(String, i32)]| {
+            let mut guard = lock(&engine);
+            match guard.revoke(revoked) {
+                Ok(offsets) => Some(offsets),
+                Err(e) => {
+                    tracing::error!("flushing revoked partitions failed: {e}");
+                    guard.failed = Some(e);
+                    None
+                }
+            }
+        }));
+    }
     let mut next_commit = Instant::now() + interval;
     let mut last_record = Instant::now();
     let mut last_progress = Instant::now();
@@ -396,19 +416,20 @@ pub fn run(
     let mut polled = Vec::with_capacity(max_records);
     let started = Instant::now();
     loop {
+        let records_so_far = lock(&engine).ctx.summary.records;
         if stop.load(Ordering::Relaxed) {
             tracing::info!("stopping: flushing and committing");
             break;
         }
         let budget = options
             .max_records
-            .map(|m| m.saturating_sub(ctx.summary.records) as usize)
+            .map(|m| m.saturating_sub(records_so_far) as usize)
             .unwrap_or(usize::MAX);
         if budget == 0 {
             break;
         }
         // Idle time counts once the source has partitions (a group join takes seconds).
-        if ctx.summary.records == 0
+        if records_so_far == 0
             && source.assigned().is_empty()
             && started.elapsed() < Duration::from_secs(60)
         {
@@ -429,6 +450,17 @@ pub fn run(
         if !polled.is_empty() {
             last_record = Instant::now();
         }
+        let mut guard = lock(&engine);
+        if let Some(e) = guard.failed.take() {
+            return Err(e);
+        }
+        let Engine {
+            ctx,
+            units,
+            store,
+            watermark,
+            ..
+        } = &mut *guard;
         for (topic, partition) in source.revoked() {
             if units
                 .remove(&(Arc::from(topic.as_str()), partition))
@@ -447,7 +479,7 @@ pub fn run(
             let key: (Arc<str>, i32) = (topic.as_str().into(), partition);
             if let std::collections::hash_map::Entry::Vacant(slot) = units.entry(key) {
                 let unit =
-                    ctx.open_unit(&store, slot.key().0.clone(), partition, source.ephemeral())?;
+                    ctx.open_unit(store, slot.key().0.clone(), partition, source.ephemeral())?;
                 slot.insert(unit);
             }
         }
@@ -455,7 +487,7 @@ pub fn run(
             let key = (record.topic.clone(), record.partition);
             if !units.contains_key(&key) {
                 let unit = ctx.open_unit(
-                    &store,
+                    store,
                     record.topic.clone(),
                     record.partition,
                     source.ephemeral(),
@@ -492,9 +524,10 @@ pub fn run(
                 ctx.process(unit)?;
             }
         }
-        ctx.advance_watermark(&mut units, &mut watermark, delay, idle_after)?;
+        ctx.advance_watermark(units, watermark, delay, idle_after)?;
         if Instant::now() >= next_commit {
-            ctx.checkpoint(&store, &mut units, source.as_mut())?;
+            let offsets = ctx.checkpoint(store, units)?;
+            source.commit(&offsets)?;
             next_commit = Instant::now() + interval;
         }
         // On a terminal a live line every second; otherwise a log line every 5 seconds.
@@ -533,14 +566,31 @@ pub fn run(
     if live {
         eprintln!();
     }
+    let mut guard = lock(&engine);
+    if let Some(e) = guard.failed.take() {
+        return Err(e);
+    }
+    let Engine {
+        ctx,
+        units,
+        store,
+        watermark,
+        ..
+    } = &mut *guard;
     for unit in units.values_mut() {
         if !unit.pending.is_empty() {
             ctx.process(unit)?;
         }
     }
-    ctx.advance_watermark(&mut units, &mut watermark, delay, idle_after)?;
-    ctx.checkpoint(&store, &mut units, source.as_mut())?;
-    Ok(ctx.summary)
+    ctx.advance_watermark(units, watermark, delay, idle_after)?;
+    let offsets = ctx.checkpoint(store, units)?;
+    source.commit(&offsets)?;
+    Ok(ctx.summary.clone())
+}
+
+/// The engine's lock; a panic elsewhere does not make its state unusable for a final commit.
+fn lock(engine: &Mutex<Engine>) -> std::sync::MutexGuard<'_, Engine> {
+    engine.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// ` (lag p0 12, p1 0)` for the progress line; empty when the source reports none.
@@ -555,19 +605,57 @@ fn lag_text(lag: &[((String, i32), i64)]) -> String {
     format!(" (lag {})", parts.join(", "))
 }
 
-/// What the loop needs while it processes.
-struct Ctx<'a> {
-    pipeline: &'a Pipeline,
-    plan: &'a Plan,
-    sinks: &'a mut Vec<SinkSlot>,
-    dead_letter: &'a mut Option<Box<dyn Sink>>,
+/// What the loop needs while it processes (owned, so a rebalance callback can use it too).
+struct Ctx {
+    pipeline: Pipeline,
+    plan: Plan,
+    sinks: Vec<SinkSlot>,
+    dead_letter: Option<Box<dyn Sink>>,
     summary: RunSummary,
     last_commit: Option<Instant>,
     decoder: JsonDecoder,
     event_time: Option<usize>,
 }
 
-impl Ctx<'_> {
+/// Everything the loop changes, behind one lock: the loop holds it except while it polls, and a
+/// Kafka rebalance (which runs inside the poll) takes it to flush and commit revoked partitions.
+struct Engine {
+    ctx: Ctx,
+    units: HashMap<(Arc<str>, i32), Unit>,
+    store: CheckpointStore,
+    watermark: Option<i64>,
+    /// An error raised inside a rebalance callback, for the loop to return.
+    failed: Option<RunError>,
+}
+
+impl Engine {
+    /// Flushes and commits everything, then lets go of `revoked` partitions; returns the offsets
+    /// committed, for the caller to commit to Kafka before the partitions move.
+    fn revoke(&mut self, revoked: &[(String, i32)]) -> Result<Offsets, RunError> {
+        for (topic, partition) in revoked {
+            if let Some(unit) = self.units.get_mut(&(Arc::from(topic.as_str()), *partition)) {
+                self.ctx.process(unit)?;
+            }
+        }
+        let offsets = self.ctx.checkpoint(&self.store, &mut self.units)?;
+        for (topic, partition) in revoked {
+            if self
+                .units
+                .remove(&(Arc::from(topic.as_str()), *partition))
+                .is_some()
+            {
+                tracing::info!(
+                    topic,
+                    partition,
+                    "flushed and committed the revoked partition before giving it up"
+                );
+            }
+        }
+        Ok(offsets)
+    }
+}
+
+impl Ctx {
     /// A new partition: find where its sinks stand, restore its state, build its chain.
     fn open_unit(
         &mut self,
@@ -877,8 +965,7 @@ impl Ctx<'_> {
         &mut self,
         store: &CheckpointStore,
         units: &mut HashMap<(Arc<str>, i32), Unit>,
-        source: &mut dyn Source,
-    ) -> Result<(), RunError> {
+    ) -> Result<Offsets, RunError> {
         let mut offsets = Offsets::new();
         for unit in units.values_mut() {
             if !unit.processed_any {
@@ -903,7 +990,7 @@ impl Ctx<'_> {
             offsets.insert((unit.topic.to_string(), unit.partition), last);
         }
         if offsets.is_empty() {
-            return Ok(());
+            return Ok(offsets);
         }
         let mut committed = false;
         for slot in self.sinks.iter_mut() {
@@ -912,13 +999,12 @@ impl Ctx<'_> {
         if let Some(d) = self.dead_letter.as_mut() {
             committed |= d.commit(&offsets)?;
         }
-        source.commit(&offsets)?;
         if committed {
             self.summary.checkpoints += 1;
             self.last_commit = Some(Instant::now());
             tracing::debug!(?offsets, "checkpoint committed");
         }
-        Ok(())
+        Ok(offsets)
     }
 }
 

@@ -19,7 +19,7 @@ from confluent_kafka import Producer
 from deltalake import DeltaTable
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from conftest import run_flowgate
+from conftest import FLOWGATE, REPO, run_flowgate
 from expected import expected_bars, parse_ticks
 
 SYMBOLS = ["AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "META"]
@@ -161,3 +161,44 @@ def test_stocks_pipeline_against_tansu_is_exactly_once(broker, data_dir):
     late_rows = dead.filter(pl.col("reason").str.starts_with("late:"))
     assert len(late_rows) == 1 and late_rows["stage"][0] == "bars", dead
     assert len(read(data_dir, "bars")) == len(bars), "no bar added or repeated by the late run"
+
+
+def test_a_second_process_takes_partitions_over_without_loss_or_duplicates(broker, data_dir):
+    """Two flowgate processes in one consumer group: when the second joins, the first flushes and
+    commits the partitions it gives up; every tick lands in the raw tap once, every bar once."""
+    admin = KafkaAdminClient(bootstrap_servers=broker)
+    admin.create_topics([NewTopic("ticks", num_partitions=PARTITIONS, replication_factor=1)])
+    admin.close()
+    rng = random.Random(7)
+    keyed = make_ticks(rng, pd.Timestamp("2025-11-12T14:30:00Z"), 3000)
+    first_half, second_half = keyed[:1500], keyed[1500:]
+    produced = produce(broker, first_half)
+
+    env = dict(os.environ, DATA_DIR=str(data_dir), KAFKA_BROKERS=broker, GROUP="pair")
+    cmd = [str(FLOWGATE), "run", "pipelines/stocks.yaml", "--until-idle", "12s"]
+    a = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    b = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    for p, values in produce(broker, second_half).items():
+        produced.setdefault(p, []).extend(values)
+    _, a_err = a.communicate(timeout=120)
+    _, b_err = b.communicate(timeout=120)
+    assert a.returncode == 0, a_err
+    assert b.returncode == 0, b_err
+    assert "flushed and committed the revoked partition before giving it up" in a_err, a_err
+
+    everything = pd.concat([parse_ticks(v) for v in produced.values()], ignore_index=True)
+    raw = pl.read_parquet(sorted((data_dir / "raw").glob("date=*/*.parquet")), hive_partitioning=True)
+    assert len(raw) == len(everything.drop_duplicates(subset=["symbol", "ts"]))
+    assert raw.select(["symbol", "ts"]).is_duplicated().sum() == 0
+
+    bars = read(data_dir, "bars").to_pandas()
+    assert len(bars) > 0
+    assert not bars.duplicated(subset=["symbol", "window_start"]).any(), "a bar was written twice"
+    every_window = expected_bars(everything.sort_values("ts", kind="stable"), watermark_delay_ms=-10**12)
+    want = every_window.set_index(["symbol", "window_start"])
+    for _, bar in bars.iterrows():
+        w = want.loc[(bar["symbol"], bar["window_start"])]
+        assert bar["trades"] == w["trades"] and bar["volume"] == w["volume"], (bar, w)
+        assert abs(bar["close"] - w["close"]) < 1e-9

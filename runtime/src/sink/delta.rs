@@ -171,7 +171,20 @@ impl Sink for DeltaSink {
                 for batch in pending {
                     writer.write(batch).await?;
                 }
-                writer.flush_and_commit(table).await
+                // Another process (other partitions of the same group) may commit in between:
+                // catch up with the table and try again; the staged files are kept.
+                let mut attempt = 0;
+                loop {
+                    match writer.flush_and_commit(table).await {
+                        Ok(version) => break Ok(version),
+                        Err(e) if attempt < 5 => {
+                            attempt += 1;
+                            tracing::debug!("Delta commit attempt {attempt} conflicted ({e}); reloading the table and retrying");
+                            table.update_state().await?;
+                        }
+                        Err(e) => break Err(e),
+                    }
+                }
             })
             .map_err(|e| SinkError::Table {
                 sink: self.name.clone(),
@@ -184,6 +197,10 @@ impl Sink for DeltaSink {
     }
 
     fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<i64>, SinkError> {
+        // The partition may have been written by another process until a moment ago.
+        self.rt
+            .block_on(self.table.update_state())
+            .map_err(|e| self.fail(format!("reloading the table: {e}")))?;
         let app_id = self.app_id(topic, partition);
         let state = self
             .table

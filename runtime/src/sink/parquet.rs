@@ -16,18 +16,26 @@ use super::{Offsets, Sink, SinkError, TableShape};
 /// Parquet files under `column=value/` folders, with a commit log (`_flowgate_log/`), as Spark's
 /// file sink keeps. A file appears atomically (written under a temporary name, then renamed), and
 /// counts only once a log entry names it; files no entry names (left by a crash between the two)
-/// are deleted when the sink opens. Each entry records the source offsets it covers, so a restart
-/// does not write rows twice.
+/// are deleted when a sink opens and they are older than ten minutes. Several processes may write
+/// one table: each names its files and log entries with its own writer id. Each entry records
+/// the source offsets it covers, so a restart does not write rows twice.
 pub struct ParquetSink {
     name: String,
     dir: PathBuf,
     shape: TableShape,
     partition_by: Vec<usize>,
     file_schema: SchemaRef,
+    /// This process's id in file names: several processes (one consumer group) may write one
+    /// table, each under its own names.
+    writer: String,
     version: u64,
     committed: Offsets,
     pending: Vec<RecordBatch>,
 }
+
+/// A file no commit names is removed at open once it is this old (younger ones may belong to
+/// another process's commit in progress).
+const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[derive(Serialize, Deserialize)]
 struct LogEntry {
@@ -39,6 +47,19 @@ struct LogEntry {
 }
 
 const LOG: &str = "_flowgate_log";
+
+/// A short id unique to this process and moment.
+fn writer_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{:08x}{:04x}",
+        (nanos % (1 << 32)) as u32,
+        std::process::id() % (1 << 16)
+    )
+}
 
 impl ParquetSink {
     /// Opens (or starts) the table folder at `dir`, cleaning up files no commit names.
@@ -78,9 +99,25 @@ impl ParquetSink {
             shape,
             partition_by,
             file_schema,
+            writer: writer_id(),
             version: 0,
             committed: Offsets::new(),
             pending: Vec::new(),
+        };
+        let known = sink.read_log()?;
+        sink.remove_orphans(dir, &known)
+            .map_err(|e| fail(format!("cleaning up uncommitted files: {e}")))?;
+        Ok(sink)
+    }
+
+    /// Reads every commit-log entry (all writers): the files committed, and the highest offset
+    /// committed per source partition.
+    fn read_log(&mut self) -> Result<std::collections::HashSet<String>, SinkError> {
+        let dir = self.dir.clone();
+        let fail = |message: String| SinkError::Table {
+            sink: self.name.clone(),
+            table: dir.display().to_string(),
+            message,
         };
         let mut known = std::collections::HashSet::new();
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir.join(LOG))
@@ -95,20 +132,18 @@ impl ParquetSink {
                 .map_err(|e| fail(format!("{}: {e}", entry.display())))?;
             let log: LogEntry = serde_json::from_str(&text)
                 .map_err(|e| fail(format!("commit log {} is damaged: {e}", entry.display())))?;
-            sink.version = sink.version.max(log.version);
             known.extend(log.files);
             for (key, offset) in log.offsets {
                 if let Some((topic, partition)) = key
                     .rsplit_once('/')
                     .and_then(|(t, p)| p.parse::<i32>().ok().map(|p| (t.to_string(), p)))
                 {
-                    sink.committed.insert((topic, partition), offset);
+                    let slot = self.committed.entry((topic, partition)).or_insert(offset);
+                    *slot = (*slot).max(offset);
                 }
             }
         }
-        sink.remove_orphans(dir, &known)
-            .map_err(|e| fail(format!("cleaning up uncommitted files: {e}")))?;
-        Ok(sink)
+        Ok(known)
     }
 
     fn remove_orphans(
@@ -131,7 +166,12 @@ impl ParquetSink {
                     .map(|p| p.to_string_lossy().into_owned())
                     .unwrap_or_default();
                 let ours = rel.ends_with(".parquet") || rel.ends_with(".tmp");
-                if ours && !known.contains(&rel) {
+                let old = std::fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= ORPHAN_AGE);
+                if ours && old && !known.contains(&rel) {
                     tracing::warn!(sink = %self.name, file = %path.display(), "removing a file no commit names (left by an interrupted write)");
                     std::fs::remove_file(&path)?;
                 }
@@ -226,7 +266,7 @@ impl Sink for ParquetSink {
             .build();
         let mut files = Vec::new();
         for (n, (folder, parts)) in by_folder.into_iter().enumerate() {
-            let rel = format!("{folder}part-{version:010}-{n:04}.parquet");
+            let rel = format!("{folder}part-{}-{version:06}-{n:04}.parquet", self.writer);
             let path = self.dir.join(&rel);
             let tmp = path.with_extension("parquet.tmp");
             let write = || -> Result<(), Box<dyn std::error::Error>> {
@@ -255,7 +295,10 @@ impl Sink for ParquetSink {
                 .map(|((t, p), o)| (format!("{t}/{p}"), *o))
                 .collect(),
         };
-        let log = self.dir.join(LOG).join(format!("{version:020}.json"));
+        let log = self
+            .dir
+            .join(LOG)
+            .join(format!("{version:020}-{}.json", self.writer));
         let tmp = log.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(&entry).map_err(|e| self.fail(e.to_string()))?;
         std::fs::write(&tmp, text)
@@ -269,6 +312,8 @@ impl Sink for ParquetSink {
     }
 
     fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<i64>, SinkError> {
+        // Another process of the group may have written this partition until a moment ago.
+        self.read_log()?;
         Ok(self.committed.get(&(topic.to_string(), partition)).copied())
     }
 }

@@ -1,5 +1,5 @@
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -7,7 +7,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::{Record, Source, SourceError};
+use super::{Record, RevokeHook, Source, SourceError};
 use crate::config::{KafkaSpec, StartFrom};
 use crate::sink::Offsets;
 
@@ -17,6 +17,7 @@ struct Context {
     revoked: Mutex<Vec<(String, i32)>>,
     assigned: Mutex<HashMap<(String, i32), Instant>>,
     lag: Mutex<HashMap<(String, i32), i64>>,
+    hook: OnceLock<RevokeHook>,
 }
 
 impl ClientContext for Context {
@@ -34,9 +35,31 @@ impl ClientContext for Context {
 }
 
 impl ConsumerContext for Context {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(list) => {
+                // Flush and commit before the partitions move, so their new owner starts where
+                // this process stopped instead of redoing its uncommitted work.
+                let gone: Vec<(String, i32)> = list
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                if let Some(hook) = self.hook.get()
+                    && let Some(offsets) = hook(&gone)
+                    && !offsets.is_empty()
+                {
+                    let mut tpl = TopicPartitionList::new();
+                    for ((topic, partition), offset) in &offsets {
+                        let _ =
+                            tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1));
+                    }
+                    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                        tracing::warn!(
+                            "committing offsets to Kafka on revoke failed (the sinks already hold them): {e}"
+                        );
+                    }
+                }
                 let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
                 let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
                 for e in list.elements() {
@@ -202,6 +225,10 @@ impl Source for KafkaSource {
 
     fn ephemeral(&self) -> bool {
         self.ephemeral
+    }
+
+    fn on_revoke(&mut self, hook: RevokeHook) {
+        let _ = self.consumer.context().hook.set(hook);
     }
 
     fn revoked(&mut self) -> Vec<(String, i32)> {

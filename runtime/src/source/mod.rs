@@ -14,6 +14,9 @@ pub use kafka::KafkaSource;
 
 use crate::sink::Offsets;
 
+/// Flushes and commits partitions that are being revoked; returns the offsets committed.
+pub type RevokeHook = Box<dyn Fn(&[(String, i32)]) -> Option<Offsets> + Send + Sync>;
+
 /// One record as read.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -53,6 +56,11 @@ pub trait Source {
     /// Partitions taken away (by a rebalance) since the last call.
     fn revoked(&mut self) -> Vec<(String, i32)> {
         Vec::new()
+    }
+    /// Called when partitions are about to be taken away by a rebalance, before they move: the
+    /// hook flushes and commits them and returns the offsets to commit to the broker.
+    fn on_revoke(&mut self, hook: RevokeHook) {
+        let _ = hook;
     }
     /// Records behind the end of each assigned partition, as last reported (Kafka only).
     fn lag(&self) -> Vec<((String, i32), i64)> {
