@@ -202,3 +202,34 @@ def test_a_second_process_takes_partitions_over_without_loss_or_duplicates(broke
         w = want.loc[(bar["symbol"], bar["window_start"])]
         assert bar["trades"] == w["trades"] and bar["volume"] == w["volume"], (bar, w)
         assert abs(bar["close"] - w["close"]) < 1e-9
+
+
+def test_flowgate_produce_writes_seed_ticks_with_the_faults_asked_for(broker):
+    admin = KafkaAdminClient(bootstrap_servers=broker)
+    admin.create_topics([NewTopic("ticks", num_partitions=PARTITIONS, replication_factor=1)])
+    admin.close()
+    out = run_flowgate("produce", "--brokers", broker, "--topic", "ticks", "--count", "2000", "--rate", "0",
+                       "--symbols", "AAPL,MSFT", "--duplicates", "0.1", "--malformed", "0.05")
+    assert out.returncode == 0, out.stderr
+    from confluent_kafka import Consumer
+    consumer = Consumer({"bootstrap.servers": broker, "group.id": "check", "auto.offset.reset": "earliest"})
+    consumer.subscribe(["ticks"])
+    values, deadline = [], time.time() + 30
+    while time.time() < deadline and len(values) < 2000:
+        m = consumer.poll(0.5)
+        if m is not None and not m.error():
+            values.append((m.key(), m.value()))
+    consumer.close()
+    assert len(values) == 2000, "--count counts every record sent, repeats included"
+    parsed = []
+    for key, value in values:
+        try:
+            parsed.append((key, json.loads(value)))
+        except json.JSONDecodeError:
+            pass
+    malformed = 2000 - len(parsed)
+    assert 40 <= malformed <= 200, malformed
+    assert all(k.decode() == t["symbol"] and t["symbol"] in ("AAPL", "MSFT") for k, t in parsed)
+    assert set(parsed[0][1]) == {"symbol", "price", "volume", "ts", "ts_epoch_ms"}
+    distinct = {(t["symbol"], t["ts"]) for _, t in parsed}
+    assert len(distinct) < len(parsed), "some ticks were sent twice"

@@ -192,6 +192,9 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         }
         let copies = if rng.unit() < args.duplicates { 2 } else { 1 };
         for _ in 0..copies {
+            if args.count.is_some_and(|c| sent >= c) {
+                break;
+            }
             let mut record = BaseRecord::to(&args.topic).key(&key).payload(&payload);
             loop {
                 match producer.send(record) {
