@@ -450,10 +450,7 @@ pub fn run(
         if !polled.is_empty() {
             last_record = Instant::now();
         }
-        let mut guard = lock(&engine);
-        if let Some(e) = guard.failed.take() {
-            return Err(e);
-        }
+        let mut guard = lock_checked(&engine)?;
         let Engine {
             ctx,
             units,
@@ -566,10 +563,7 @@ pub fn run(
     if live {
         eprintln!();
     }
-    let mut guard = lock(&engine);
-    if let Some(e) = guard.failed.take() {
-        return Err(e);
-    }
+    let mut guard = lock_checked(&engine)?;
     let Engine {
         ctx,
         units,
@@ -586,6 +580,15 @@ pub fn run(
     let offsets = ctx.checkpoint(store, units)?;
     source.commit(&offsets)?;
     Ok(ctx.summary.clone())
+}
+
+/// The engine's lock, failing with the error a rebalance callback left there, if any.
+fn lock_checked(engine: &Mutex<Engine>) -> Result<std::sync::MutexGuard<'_, Engine>, RunError> {
+    let mut guard = lock(engine);
+    match guard.failed.take() {
+        Some(e) => Err(e),
+        None => Ok(guard),
+    }
 }
 
 /// The engine's lock; a panic elsewhere does not make its state unusable for a final commit.

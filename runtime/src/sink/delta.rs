@@ -10,7 +10,7 @@ use deltalake::kernel::{StructType, Transaction};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use tokio::runtime::Runtime;
 
-use super::{Offsets, Sink, SinkError, TableShape};
+use super::{Offsets, Pending, Sink, SinkError, TableShape};
 
 /// A Delta Lake table. Each commit appends the buffered rows and records, per source partition,
 /// the last offset covered as a Delta `txn` action (app id `flowgate-{pipeline}-{topic}-{partition}`),
@@ -19,11 +19,10 @@ pub struct DeltaSink {
     name: String,
     location: String,
     pipeline: String,
-    shape: TableShape,
     target_file_size: u64,
     rt: Arc<Runtime>,
     table: DeltaTable,
-    pending: Vec<RecordBatch>,
+    pending: Pending,
     last: Offsets,
 }
 
@@ -111,11 +110,10 @@ impl DeltaSink {
             name: name.into(),
             location,
             pipeline: pipeline.into(),
-            shape,
             target_file_size,
             rt,
             table,
-            pending: Vec::new(),
+            pending: Pending::new(shape),
             last: Offsets::new(),
         })
     }
@@ -139,26 +137,20 @@ impl Sink for DeltaSink {
     }
 
     fn write(&mut self, batch: RecordBatch) -> Result<(), SinkError> {
-        if batch.num_rows() > 0 {
-            let batch = self
-                .shape
-                .apply(&batch)
-                .map_err(|e| self.fail(format!("converting a batch: {e}")))?;
-            self.pending.push(batch);
-        }
-        Ok(())
+        self.pending
+            .push(&batch)
+            .map_err(|e| self.fail(format!("converting a batch: {e}")))
     }
 
     fn commit(&mut self, offsets: &Offsets) -> Result<bool, SinkError> {
-        let moved = offsets.iter().any(|(k, v)| self.last.get(k) != Some(v));
-        if self.pending.is_empty() && !moved {
+        if !self.pending.worth_committing(offsets, &self.last) {
             return Ok(false);
         }
         let txns: Vec<Transaction> = offsets
             .iter()
             .map(|((t, p), o)| Transaction::new(self.app_id(t, *p), *o))
             .collect();
-        let pending = std::mem::take(&mut self.pending);
+        let pending = self.pending.take();
         let rows: usize = pending.iter().map(RecordBatch::num_rows).sum();
         let mut writer = RecordBatchWriter::for_table(&self.table)
             .map_err(|e| self.fail(e.to_string()))?

@@ -161,6 +161,43 @@ impl TableShape {
     }
 }
 
+/// Rows a table sink holds until its next commit, already in the table's shape.
+pub(crate) struct Pending {
+    shape: TableShape,
+    batches: Vec<RecordBatch>,
+}
+
+impl Pending {
+    pub(crate) fn new(shape: TableShape) -> Self {
+        Pending {
+            shape,
+            batches: Vec::new(),
+        }
+    }
+
+    pub(crate) fn shape(&self) -> &TableShape {
+        &self.shape
+    }
+
+    /// Converts and keeps `batch` (an empty one is dropped).
+    pub(crate) fn push(&mut self, batch: &RecordBatch) -> Result<(), arrow::error::ArrowError> {
+        if batch.num_rows() > 0 {
+            self.batches.push(self.shape.apply(batch)?);
+        }
+        Ok(())
+    }
+
+    /// Whether a commit has anything to record: rows, or offsets that moved since `last`.
+    pub(crate) fn worth_committing(&self, offsets: &Offsets, last: &Offsets) -> bool {
+        !self.batches.is_empty() || offsets.iter().any(|(k, v)| last.get(k) != Some(v))
+    }
+
+    /// Hands over the rows held.
+    pub(crate) fn take(&mut self) -> Vec<RecordBatch> {
+        std::mem::take(&mut self.batches)
+    }
+}
+
 /// The dead-letter table's schema.
 pub fn dead_letter_schema() -> SchemaRef {
     let ts = DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));

@@ -11,7 +11,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
-use super::{Offsets, Sink, SinkError, TableShape};
+use super::{Offsets, Pending, Sink, SinkError, TableShape};
 
 /// Parquet files under `column=value/` folders, with a commit log (`_flowgate_log/`), as Spark's
 /// file sink keeps. A file appears atomically (written under a temporary name, then renamed), and
@@ -22,7 +22,6 @@ use super::{Offsets, Sink, SinkError, TableShape};
 pub struct ParquetSink {
     name: String,
     dir: PathBuf,
-    shape: TableShape,
     partition_by: Vec<usize>,
     file_schema: SchemaRef,
     /// This process's id in file names: several processes (one consumer group) may write one
@@ -30,7 +29,7 @@ pub struct ParquetSink {
     writer: String,
     version: u64,
     committed: Offsets,
-    pending: Vec<RecordBatch>,
+    pending: Pending,
 }
 
 /// A file no commit names is removed at open once it is this old (younger ones may belong to
@@ -96,13 +95,12 @@ impl ParquetSink {
         let mut sink = ParquetSink {
             name: name.into(),
             dir: dir.to_path_buf(),
-            shape,
             partition_by,
             file_schema,
             writer: writer_id(),
             version: 0,
             committed: Offsets::new(),
-            pending: Vec::new(),
+            pending: Pending::new(shape),
         };
         let known = sink.read_log()?;
         sink.remove_orphans(dir, &known)
@@ -203,7 +201,12 @@ impl ParquetSink {
         for row in 0..batch.num_rows() {
             let mut key = String::new();
             for (n, f) in formatters.iter().enumerate() {
-                let name = self.shape.schema().field(self.partition_by[n]).name();
+                let name = self
+                    .pending
+                    .shape()
+                    .schema()
+                    .field(self.partition_by[n])
+                    .name();
                 key.push_str(&format!("{name}={}/", f.value(row)));
             }
             groups.entry(key).or_default().push(row as u32);
@@ -232,27 +235,19 @@ impl Sink for ParquetSink {
     }
 
     fn write(&mut self, batch: RecordBatch) -> Result<(), SinkError> {
-        if batch.num_rows() > 0 {
-            let batch = self
-                .shape
-                .apply(&batch)
-                .map_err(|e| self.fail(format!("converting a batch: {e}")))?;
-            self.pending.push(batch);
-        }
-        Ok(())
+        self.pending
+            .push(&batch)
+            .map_err(|e| self.fail(format!("converting a batch: {e}")))
     }
 
     fn commit(&mut self, offsets: &Offsets) -> Result<bool, SinkError> {
-        let moved = offsets
-            .iter()
-            .any(|(k, v)| self.committed.get(k) != Some(v));
-        if self.pending.is_empty() && !moved {
+        if !self.pending.worth_committing(offsets, &self.committed) {
             return Ok(false);
         }
         let version = self.version + 1;
         let mut by_folder: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
         let mut rows = 0;
-        for batch in std::mem::take(&mut self.pending) {
+        for batch in self.pending.take() {
             rows += batch.num_rows();
             for (folder, part) in self
                 .split(&batch)
