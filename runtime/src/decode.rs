@@ -207,6 +207,19 @@ impl JsonDecoder {
     }
 }
 
+/// Each row of `batch` as one JSON object (nulls written out): how rows are shown in the
+/// dead letter and by `flowgate plugin test`.
+pub fn rows_to_json(batch: &RecordBatch) -> Result<Vec<String>, arrow::error::ArrowError> {
+    let mut writer = arrow::json::writer::WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .build::<_, arrow::json::writer::LineDelimited>(Vec::new());
+    writer.write(batch)?;
+    writer.finish()?;
+    let text = String::from_utf8(writer.into_inner())
+        .map_err(|e| arrow::error::ArrowError::JsonError(e.to_string()))?;
+    Ok(text.lines().map(str::to_string).collect())
+}
+
 fn clean(e: &arrow::error::ArrowError) -> String {
     let text = e.to_string();
     text.strip_prefix("Json error: ")

@@ -1012,16 +1012,9 @@ impl Ctx {
 }
 
 /// Each row of `batch` as a JSON object.
+/// (A row that cannot be written as JSON still gets an entry, `{}`, so no rejection is lost.)
 fn row_json(batch: &RecordBatch) -> Vec<String> {
-    let mut writer = arrow::json::writer::WriterBuilder::new()
-        .with_explicit_nulls(true)
-        .build::<_, arrow::json::writer::LineDelimited>(Vec::new());
-    let text = writer
-        .write(batch)
-        .and_then(|_| writer.finish())
-        .map(|_| String::from_utf8_lossy(&writer.into_inner()).into_owned())
-        .unwrap_or_default();
-    let mut rows: Vec<String> = text.lines().map(str::to_string).collect();
+    let mut rows = decode::rows_to_json(batch).unwrap_or_default();
     rows.resize(batch.num_rows(), "{}".to_string());
     rows
 }

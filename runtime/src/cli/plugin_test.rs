@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use arrow::datatypes::SchemaRef;
-use arrow::json::writer::{LineDelimited, WriterBuilder};
 use arrow::record_batch::RecordBatch;
 use clap::{Args, ValueEnum};
 
@@ -201,16 +200,6 @@ struct Printer {
     rows_rejected: usize,
 }
 
-fn row_json(batch: &RecordBatch) -> anyhow::Result<Vec<String>> {
-    let mut writer = WriterBuilder::new()
-        .with_explicit_nulls(true)
-        .build::<_, LineDelimited>(Vec::new());
-    writer.write(batch)?;
-    writer.finish()?;
-    let text = String::from_utf8(writer.into_inner())?;
-    Ok(text.lines().map(str::to_string).collect())
-}
-
 impl Printer {
     fn new(format: Format) -> Self {
         Printer {
@@ -242,7 +231,10 @@ impl Printer {
     fn chain_output(&mut self, output: ChainOutput) -> anyhow::Result<()> {
         for rejected in output.rejected {
             self.rows_rejected += rejected.reasons.len();
-            for (row, reason) in row_json(&rejected.rows)?.into_iter().zip(rejected.reasons) {
+            for (row, reason) in decode::rows_to_json(&rejected.rows)?
+                .into_iter()
+                .zip(rejected.reasons)
+            {
                 match self.format {
                     Format::Jsonl => {
                         let step = serde_json::to_string(&rejected.step)?;
@@ -260,7 +252,7 @@ impl Printer {
             self.rows_out += batch.num_rows();
             match self.format {
                 Format::Jsonl => {
-                    for row in row_json(&batch)? {
+                    for row in decode::rows_to_json(&batch)? {
                         writeln!(self.stdout, r#"{{"kind":"output","row":{row}}}"#)?;
                     }
                 }

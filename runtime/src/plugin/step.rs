@@ -154,8 +154,13 @@ impl Loaded {
         store
     }
 
-    pub(crate) fn info(&self) -> Result<PluginInfo, PluginError> {
-        let mut store = self.store("info", Grants::default());
+    /// A fresh store and instance for `step`.
+    fn instantiate(
+        &self,
+        step: &str,
+        grants: Grants,
+    ) -> Result<(Store<HostState>, bindings::Plugin), PluginError> {
+        let mut store = self.store(step, grants);
         let instance = self
             .pre
             .instantiate(&mut store)
@@ -163,7 +168,11 @@ impl Loaded {
                 path: self.path.clone(),
                 message: format!("{e:#}"),
             })?;
-        store.set_epoch_deadline(deadline_ticks(self.config.call_timeout));
+        Ok((store, instance))
+    }
+
+    pub(crate) fn info(&self) -> Result<PluginInfo, PluginError> {
+        let (mut store, instance) = self.instantiate("info", Grants::default())?;
         let info = instance
             .flowgate_plugin_transform()
             .call_info(&mut store)
@@ -296,14 +305,7 @@ impl Step {
         input: &SchemaRef,
         grants: Grants,
     ) -> Result<(Store<HostState>, bindings::Plugin, ResourceAny, SchemaRef), PluginError> {
-        let mut store = loaded.store(name, grants);
-        let instance = loaded
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| PluginError::Invalid {
-                path: loaded.path.clone(),
-                message: format!("{e:#}"),
-            })?;
+        let (mut store, instance) = loaded.instantiate(name, grants)?;
         let protocol = |message: String| PluginError::Protocol {
             plugin: loaded.name.clone(),
             step: name.to_string(),
