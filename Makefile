@@ -7,10 +7,12 @@ PLUGIN_DIR   := target/$(WASM_TARGET)/plugin
 PLUGINS      := flowgate-validate flowgate-dedup flowgate-window flowgate-pct-change
 TEST_PLUGINS := flowgate-test-spin flowgate-test-hog flowgate-test-escape flowgate-test-badschema
 VENV         := .venv
+BENCH_VENV   := .venv-bench
+BENCH_ARGS   ?=
 
 export FLOWGATE_PLUGIN_DIR := $(CURDIR)/$(PLUGIN_DIR)
 
-.PHONY: help setup venv plugins test-plugins build test lint fmt run plugin-demo clean
+.PHONY: help setup venv plugins test-plugins build test lint fmt run plugin-demo bench broker clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -57,6 +59,19 @@ plugin-demo: build ## The plugin harness on the sample ticks: validate → dedup
 	    --plugin $(PLUGIN_DIR)/flowgate_window.wasm --config pipelines/steps/window.yaml \
 	    --plugin $(PLUGIN_DIR)/flowgate_pct_change.wasm --config pipelines/steps/pct_change.yaml \
 	    --schema pipelines/steps/ticks.schema.yaml --input pipelines/samples/ticks.jsonl --flush
+
+bench: plugins broker $(BENCH_VENV)/.installed ## The benchmark (BENCHMARKS.md): 10M ticks through Flowgate (file, generator, Tansu) and PySpark; writes BENCHMARKS.md.
+	$(CARGO) build --release -p flowgate -p flowgate-bench
+	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+broker: ## Install the Tansu test broker (a Kafka-protocol broker from crates.io) if missing; ~20 min cold.
+	@command -v tansu >/dev/null 2>&1 || [ -x "$(HOME)/.cargo/bin/tansu" ] || \
+	    $(CARGO) install tansu --locked --features dynostore,postgres
+
+$(BENCH_VENV)/.installed: bench/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	touch $@
 
 clean: ## Remove build output.
 	$(CARGO) clean

@@ -177,6 +177,12 @@ impl JsonDecoder {
 
     /// Decodes `records` (one JSON object each). Records that do not parse or do not fit the
     /// schema are returned as failures with the reason; the rest form the batch, in order.
+    ///
+    /// The whole batch is decoded at once. If that fails, records that are not well-formed JSON
+    /// objects are screened out (a cheap syntax check) and the rest decoded at once again; only if
+    /// a record still does not fit the schema is the batch split in halves until each bad record
+    /// is alone. A malformed record in every batch thus costs about one extra decode, not one
+    /// decoder per record.
     pub fn decode(&self, records: &[&[u8]]) -> (RecordBatch, Vec<DecodeFailure>) {
         let empty = || RecordBatch::new_empty(self.schema.clone());
         // Fast path: the whole batch at once.
@@ -186,24 +192,70 @@ impl JsonDecoder {
                 return (batch, Vec::new());
             }
         }
-        // Slow path: record by record, to find the bad ones.
-        let mut good = Vec::new();
         let mut failures = Vec::new();
+        let mut candidates: Vec<usize> = Vec::with_capacity(records.len());
         for (index, record) in records.iter().enumerate() {
-            match self.decode_all(std::slice::from_ref(record)) {
-                Ok(Some(batch)) if batch.num_rows() == 1 => good.push(batch),
-                Ok(_) => failures.push(DecodeFailure {
-                    index,
-                    reason: "not a JSON object".into(),
-                }),
-                Err(e) => failures.push(DecodeFailure {
-                    index,
-                    reason: clean(&e),
-                }),
+            match syntax_error(record) {
+                Some(reason) => failures.push(DecodeFailure { index, reason }),
+                None => candidates.push(index),
             }
         }
+        let mut good = Vec::new();
+        self.split(records, &candidates, &mut good, &mut failures);
+        failures.sort_by_key(|f| f.index);
         let batch = arrow::compute::concat_batches(&self.schema, &good).unwrap_or_else(|_| empty());
         (batch, failures)
+    }
+
+    /// Decodes the records at `indices` (ascending) into `good` batches in order, halving the set
+    /// while a decode fails.
+    fn split(
+        &self,
+        records: &[&[u8]],
+        indices: &[usize],
+        good: &mut Vec<RecordBatch>,
+        failures: &mut Vec<DecodeFailure>,
+    ) {
+        if indices.is_empty() {
+            return;
+        }
+        let subset: Vec<&[u8]> = indices.iter().map(|&i| records[i]).collect();
+        let result = self.decode_all(&subset);
+        match result {
+            Ok(Some(batch)) if batch.num_rows() == indices.len() => good.push(batch),
+            Ok(None) if indices.is_empty() => {}
+            _ if indices.len() > 1 => {
+                let (left, right) = indices.split_at(indices.len() / 2);
+                self.split(records, left, good, failures);
+                self.split(records, right, good, failures);
+            }
+            Ok(_) => failures.push(DecodeFailure {
+                index: indices[0],
+                reason: "not a JSON object".into(),
+            }),
+            Err(e) => failures.push(DecodeFailure {
+                index: indices[0],
+                reason: clean(&e),
+            }),
+        }
+    }
+}
+
+/// Why `record` is not one well-formed JSON object, if it is not (the reason arrow's decoder
+/// would give, so the dead letter reads the same either way).
+fn syntax_error(record: &[u8]) -> Option<String> {
+    let first = record.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Some(if first.is_none() {
+            "empty record".into()
+        } else {
+            "not a JSON object".into()
+        });
+    }
+    match serde_json::from_slice::<serde::de::IgnoredAny>(record) {
+        Ok(_) => None,
+        Err(e) if e.is_eof() => Some("incomplete JSON value".into()),
+        Err(e) => Some(format!("invalid JSON: {e}")),
     }
 }
 
@@ -279,5 +331,30 @@ mod tests {
         let bad: Vec<usize> = failures.iter().map(|f| f.index).collect();
         assert_eq!(bad, [1, 2, 3, 4], "{failures:?}");
         assert!(failures[0].reason.contains("price"), "{failures:?}");
+    }
+    #[test]
+    fn a_few_bad_records_in_a_large_batch_keep_every_good_row_in_order() {
+        let schema = to_schema(&spec("n: int64\n"));
+        let d = JsonDecoder::new(schema);
+        let texts: Vec<String> = (0..5000)
+            .map(|i| match i {
+                7 | 4095 => format!("{{\"n\":{i}"),     // truncated
+                1234 => "{\"n\":\"many\"}".to_string(), // wrong type
+                4999 => "[1]".to_string(),              // not an object
+                _ => format!("{{\"n\":{i}}}"),
+            })
+            .collect();
+        let records: Vec<&[u8]> = texts.iter().map(|t| t.as_bytes()).collect();
+        let (batch, failures) = d.decode(&records);
+        let bad: Vec<usize> = failures.iter().map(|f| f.index).collect();
+        assert_eq!(bad, [7, 1234, 4095, 4999], "{failures:?}");
+        let n = batch
+            .column(0)
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        let expected: Vec<i64> = (0..5000)
+            .filter(|i| ![7, 1234, 4095, 4999].contains(i))
+            .collect();
+        assert_eq!(n.values().to_vec(), expected);
+        assert!(failures[1].reason.contains('n'), "{failures:?}");
     }
 }

@@ -6,6 +6,7 @@
 //!   sandboxes them (call time limit, memory cap, no ambient I/O), and runs chains of steps.
 //! - [`decode`]: JSON records → Arrow batches with a declared schema; bad records are reported
 //!   one by one, never dropped silently.
+//! - [`metrics`]: time per stage and latency histograms for `flowgate run --report`.
 //! - [`yaml`]: YAML parsing with file, key path, line and column in every error.
 //! - [`cli`]: the `flowgate` command line; `main.rs` only parses arguments and calls it.
 //!
@@ -16,6 +17,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod decode;
+pub mod metrics;
 pub mod plugin;
 pub mod run;
 pub mod sink;

@@ -22,7 +22,10 @@ use arrow::record_batch::RecordBatch;
 use crate::checkpoint::{CheckpointError, CheckpointStore, PartitionState};
 use crate::config::{OnError, Pipeline, SinkSpec, SourceKind};
 use crate::decode::{self, JsonDecoder};
-use crate::plugin::{Chain, ChainOutput, ErrorKind, Grants, Plugin, PluginError, PluginHost};
+use crate::metrics::{Histogram, StageTime};
+use crate::plugin::{
+    Chain, ChainOutput, ErrorKind, Grants, Plugin, PluginError, PluginHost, StepTimings,
+};
 use crate::sink::{
     self, ConsoleSink, DeltaSink, Offsets, ParquetSink, Sink, SinkError, TableShape,
 };
@@ -93,6 +96,17 @@ pub struct RunSummary {
     pub rows_out: u64,
     /// Checkpoints committed.
     pub checkpoints: u64,
+    /// Wall time of the run, from start (plugins loaded, sinks opened) to the final commit.
+    pub wall: Duration,
+    /// When the first record arrived, counted from the start (a group join takes seconds).
+    pub first_record: Option<Duration>,
+    /// Time per stage, summed over partitions.
+    pub stages: Vec<StageTime>,
+    /// Kafka append time → the batch holding the record came out of the last plugin.
+    pub latency_to_output: Histogram,
+    /// Kafka append time → the checkpoint covering the record committed (every sink's table
+    /// version and the Kafka offsets).
+    pub latency_to_commit: Histogram,
 }
 
 /// One step, ready to instantiate per partition.
@@ -112,6 +126,8 @@ pub struct Plan {
     pub stages: Vec<SchemaRef>,
     /// Step names, in order.
     pub names: Vec<String>,
+    /// Per step: true if its plugin runs natively (see `PluginHost::link_native`).
+    pub native: Vec<bool>,
 }
 
 impl Plan {
@@ -120,6 +136,7 @@ impl Plan {
         let schema = decode::to_schema(&pipeline.spec.schema);
         let mut stages = vec![schema];
         let mut steps = Vec::new();
+        let mut native = Vec::new();
         for t in &pipeline.spec.transforms {
             let location = pipeline.locate(&t.plugin.display().to_string());
             let plugin =
@@ -147,6 +164,7 @@ impl Plan {
                     source: Box::new(source),
                 })?;
             stages.push(step.output_schema().clone());
+            native.push(step.is_native());
             steps.push(StepPlan {
                 name: t.name.clone(),
                 plugin,
@@ -161,6 +179,7 @@ impl Plan {
             steps,
             stages,
             names,
+            native,
         })
     }
 
@@ -385,6 +404,9 @@ pub fn run(
         last_commit: None,
         decoder,
         event_time,
+        clock: Clock::default(),
+        retired: Vec::new(),
+        uncommitted: HashMap::new(),
     };
     let engine = Arc::new(Mutex::new(Engine {
         ctx,
@@ -442,15 +464,21 @@ pub fn run(
             break;
         }
         polled.clear();
+        let polling = Instant::now();
         source.poll(
             max_records.min(budget),
             max_wait.min(Duration::from_millis(100)),
             &mut polled,
         )?;
+        let poll_time = polling.elapsed();
         if !polled.is_empty() {
             last_record = Instant::now();
         }
         let mut guard = lock_checked(&engine)?;
+        guard.ctx.clock.poll += poll_time;
+        if !polled.is_empty() && guard.ctx.summary.first_record.is_none() {
+            guard.ctx.summary.first_record = Some(started.elapsed());
+        }
         let Engine {
             ctx,
             units,
@@ -459,10 +487,8 @@ pub fn run(
             ..
         } = &mut *guard;
         for (topic, partition) in source.revoked() {
-            if units
-                .remove(&(Arc::from(topic.as_str()), partition))
-                .is_some()
-            {
+            if let Some(unit) = units.remove(&(Arc::from(topic.as_str()), partition)) {
+                ctx.retire(&unit);
                 tracing::info!(
                     topic,
                     partition,
@@ -524,7 +550,9 @@ pub fn run(
         ctx.advance_watermark(units, watermark, delay, idle_after)?;
         if Instant::now() >= next_commit {
             let offsets = ctx.checkpoint(store, units)?;
+            let committing = Instant::now();
             source.commit(&offsets)?;
+            ctx.clock.source_commit += committing.elapsed();
             next_commit = Instant::now() + interval;
         }
         // On a terminal a live line every second; otherwise a log line every 5 seconds.
@@ -578,8 +606,16 @@ pub fn run(
     }
     ctx.advance_watermark(units, watermark, delay, idle_after)?;
     let offsets = ctx.checkpoint(store, units)?;
+    let committing = Instant::now();
     source.commit(&offsets)?;
-    Ok(ctx.summary.clone())
+    ctx.clock.source_commit += committing.elapsed();
+    for unit in units.values() {
+        ctx.retire(unit);
+    }
+    let mut summary = ctx.summary.clone();
+    summary.wall = started.elapsed();
+    summary.stages = ctx.stages();
+    Ok(summary)
 }
 
 /// The engine's lock, failing with the error a rebalance callback left there, if any.
@@ -618,6 +654,23 @@ struct Ctx {
     last_commit: Option<Instant>,
     decoder: JsonDecoder,
     event_time: Option<usize>,
+    clock: Clock,
+    /// Step timings of partitions given up (a rebalance), per step.
+    retired: Vec<StepTimings>,
+    /// Kafka append times (ms) of records processed since the last checkpoint, with counts.
+    uncommitted: HashMap<i64, u64>,
+}
+
+/// Time spent in the run loop's own stages.
+#[derive(Debug, Default)]
+struct Clock {
+    poll: Duration,
+    decode: Duration,
+    /// Per sink (same order as `Ctx::sinks`), then the dead letter.
+    sink_write: Vec<Duration>,
+    sink_commit: Vec<Duration>,
+    snapshot: Duration,
+    source_commit: Duration,
 }
 
 /// Everything the loop changes, behind one lock: the loop holds it except while it polls, and a
@@ -642,11 +695,8 @@ impl Engine {
         }
         let offsets = self.ctx.checkpoint(&self.store, &mut self.units)?;
         for (topic, partition) in revoked {
-            if self
-                .units
-                .remove(&(Arc::from(topic.as_str()), *partition))
-                .is_some()
-            {
+            if let Some(unit) = self.units.remove(&(Arc::from(topic.as_str()), *partition)) {
+                self.ctx.retire(&unit);
                 tracing::info!(
                     topic,
                     partition,
@@ -659,6 +709,71 @@ impl Engine {
 }
 
 impl Ctx {
+    /// Keeps the step timings of a partition that is going away.
+    fn retire(&mut self, unit: &Unit) {
+        let steps = unit.chain.steps();
+        self.retired.resize(steps.len(), StepTimings::default());
+        for (sum, step) in self.retired.iter_mut().zip(steps) {
+            let t = step.timings();
+            sum.calls += t.calls;
+            sum.rows_in += t.rows_in;
+            sum.total += t.total;
+            sum.host_boundary += t.host_boundary;
+        }
+    }
+
+    /// Time per stage so far (step times of retired partitions only).
+    fn stages(&self) -> Vec<StageTime> {
+        let stage = |name: String, time: Duration| StageTime {
+            stage: name,
+            time,
+            ..Default::default()
+        };
+        let mut out = vec![
+            stage("source poll".into(), self.clock.poll),
+            stage("decode".into(), self.clock.decode),
+        ];
+        let native = self.plan.native.clone();
+        for (i, t) in self.retired.iter().enumerate() {
+            out.push(StageTime {
+                stage: format!("step {}", self.plan.names[i]),
+                time: t.total,
+                host_boundary: Some(t.host_boundary),
+                native: native.get(i).copied(),
+            });
+        }
+        let names = self
+            .sinks
+            .iter()
+            .map(|s| s.sink.name().to_string())
+            .chain(self.dead_letter.as_ref().map(|d| d.name().to_string()));
+        let encodes = self
+            .sinks
+            .iter()
+            .map(|s| s.sink.encode_time())
+            .chain(self.dead_letter.as_ref().map(|d| d.encode_time()));
+        for (i, (name, encode)) in names.zip(encodes).enumerate() {
+            let write = self.clock.sink_write.get(i).copied().unwrap_or_default();
+            let commit = self.clock.sink_commit.get(i).copied().unwrap_or_default();
+            out.push(stage(format!("sink {name} buffer"), write));
+            out.push(stage(format!("sink {name} encode"), encode));
+            out.push(stage(
+                format!("sink {name} commit"),
+                commit.saturating_sub(encode),
+            ));
+        }
+        out.push(stage("checkpoint state".into(), self.clock.snapshot));
+        out.push(stage("source commit".into(), self.clock.source_commit));
+        out
+    }
+
+    fn add_sink_time(times: &mut Vec<Duration>, index: usize, d: Duration) {
+        if times.len() <= index {
+            times.resize(index + 1, Duration::ZERO);
+        }
+        times[index] += d;
+    }
+
     /// A new partition: find where its sinks stand, restore its state, build its chain.
     fn open_unit(
         &mut self,
@@ -765,7 +880,13 @@ impl Ctx {
         ];
         let batch = RecordBatch::try_new(sink::dead_letter_schema(), columns)
             .map_err(|e| RunError::Config(format!("dead letter batch: {e}")))?;
+        let writing = Instant::now();
         sink.write(batch)?;
+        Self::add_sink_time(
+            &mut self.clock.sink_write,
+            self.sinks.len(),
+            writing.elapsed(),
+        );
         Ok(())
     }
 
@@ -780,10 +901,11 @@ impl Ctx {
         offsets: &[i64],
     ) -> Result<(), RunError> {
         let last_stage = self.plan.stages.len() - 1;
-        for (slot, floor) in self.sinks.iter_mut().zip(&unit.floors) {
+        for (index, (slot, floor)) in self.sinks.iter_mut().zip(&unit.floors).enumerate() {
             if offset <= *floor {
                 continue;
             }
+            let writing = Instant::now();
             if slot.stage == last_stage {
                 for b in &output.batches {
                     self.summary.rows_out += b.num_rows() as u64;
@@ -802,6 +924,7 @@ impl Ctx {
                     }
                 }
             }
+            Self::add_sink_time(&mut self.clock.sink_write, index, writing.elapsed());
         }
         let mut rows = Vec::new();
         let first_step = self.plan.names.first();
@@ -832,8 +955,10 @@ impl Ctx {
             return Ok(());
         }
         let last = records.last().map_or(-1, |r| r.offset);
+        let decoding = Instant::now();
         let payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_slice()).collect();
         let (batch, failures) = self.decoder.decode(&payloads);
+        self.clock.decode += decoding.elapsed();
         let mut bad = Vec::new();
         let mut failed = vec![false; records.len()];
         for f in &failures {
@@ -862,10 +987,39 @@ impl Ctx {
         }
         unit.processed_any = true;
         unit.dirty = true;
-        match unit.chain.process(batch.clone()) {
+        let result = unit.chain.process(batch.clone());
+        self.record_latency(&records);
+        match result {
             Ok(output) => self.deliver(unit, output, last, Some(&batch), &offsets),
             Err(e) => self.on_plugin_error(unit, e, &batch, last),
         }
+    }
+
+    /// Records how long ago `records` were appended to Kafka (they just left the last plugin),
+    /// and keeps their append times until the next checkpoint commits them.
+    fn record_latency(&mut self, records: &[Record]) {
+        let now_us = chrono::Utc::now().timestamp_micros();
+        // Consecutive records mostly share a millisecond: count runs, not records.
+        let mut run: Option<(i64, u64)> = None;
+        for ts in records.iter().filter_map(|r| r.timestamp_ms) {
+            match &mut run {
+                Some((t, n)) if *t == ts => *n += 1,
+                _ => {
+                    if let Some((t, n)) = run.replace((ts, 1)) {
+                        self.note_appended(now_us, t, n);
+                    }
+                }
+            }
+        }
+        if let Some((t, n)) = run {
+            self.note_appended(now_us, t, n);
+        }
+    }
+
+    fn note_appended(&mut self, now_us: i64, ts_ms: i64, n: u64) {
+        let age = now_us.saturating_sub(ts_ms.saturating_mul(1000)).max(0) as u64;
+        self.summary.latency_to_output.record_n(age, n);
+        *self.uncommitted.entry(ts_ms).or_default() += n;
     }
 
     fn on_plugin_error(
@@ -976,6 +1130,7 @@ impl Ctx {
             }
             let last = unit.next - 1;
             if unit.dirty {
+                let snapshotting = Instant::now();
                 let mut snapshots = Vec::new();
                 for step in unit.chain.steps_mut() {
                     snapshots.push(step.snapshot().map_err(|source| RunError::Plugin {
@@ -989,6 +1144,7 @@ impl Ctx {
                 };
                 store.save(&unit.topic, unit.partition, last, &state)?;
                 unit.dirty = false;
+                self.clock.snapshot += snapshotting.elapsed();
             }
             offsets.insert((unit.topic.to_string(), unit.partition), last);
         }
@@ -996,11 +1152,21 @@ impl Ctx {
             return Ok(offsets);
         }
         let mut committed = false;
-        for slot in self.sinks.iter_mut() {
+        for (index, slot) in self.sinks.iter_mut().enumerate() {
+            let committing = Instant::now();
             committed |= slot.sink.commit(&offsets)?;
+            Self::add_sink_time(&mut self.clock.sink_commit, index, committing.elapsed());
         }
         if let Some(d) = self.dead_letter.as_mut() {
+            let committing = Instant::now();
             committed |= d.commit(&offsets)?;
+            let index = self.sinks.len();
+            Self::add_sink_time(&mut self.clock.sink_commit, index, committing.elapsed());
+        }
+        let now_us = chrono::Utc::now().timestamp_micros();
+        for (ts_ms, n) in self.uncommitted.drain() {
+            let age = now_us.saturating_sub(ts_ms.saturating_mul(1000)).max(0) as u64;
+            self.summary.latency_to_commit.record_n(age, n);
         }
         if committed {
             self.summary.checkpoints += 1;

@@ -1,4 +1,5 @@
 """The demo on the embedded broker, stopping on SIGTERM, and a table that does not fit."""
+import json
 import os
 import signal
 import subprocess
@@ -42,3 +43,21 @@ def test_a_table_that_does_not_fit_the_stage_is_a_clear_error(data_dir):
                        env={"DATA_DIR": str(data_dir), "INPUT": str(REPO / "pipelines/samples/ticks.jsonl")})
     assert out.returncode == 2, out.stderr
     assert "sink `bars`: the table at" in out.stderr and "does not fit the stage's output" in out.stderr, out.stderr
+
+
+def test_produce_to_a_file_writes_the_ticks_asked_for(tmp_path):
+    out_file = tmp_path / "ticks.jsonl"
+    out = run_flowgate("produce", "--output", out_file, "--count", "3000", "--rate", "0", "--symbol-count", "25",
+                       "--duplicates", "0.1", "--malformed", "0.02")
+    assert out.returncode == 0, out.stderr
+    lines = out_file.read_text().splitlines()
+    assert len(lines) == 3000
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    assert 20 <= 3000 - len(parsed) <= 150, "about 2% malformed"
+    assert {t["symbol"] for t in parsed} == {f"S{i:05d}" for i in range(25)}
+    assert len({(t["symbol"], t["ts"]) for t in parsed}) < len(parsed), "some ticks were written twice"

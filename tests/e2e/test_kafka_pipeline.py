@@ -125,8 +125,23 @@ def test_stocks_pipeline_against_tansu_is_exactly_once(broker, data_dir):
     env = {"DATA_DIR": str(data_dir), "KAFKA_BROKERS": broker, "GROUP": "e2e"}
     first = run_flowgate("run", "pipelines/stocks.yaml", "--max-records", "300", env=env)
     assert first.returncode == 0, first.stderr
-    second = run_flowgate("run", "pipelines/stocks.yaml", "--until-idle", "3s", env=env)
+    report_file = data_dir / "report.json"
+    second = run_flowgate("run", "pipelines/stocks.yaml", "--until-idle", "3s", "--report", report_file, env=env)
     assert second.returncode == 0, second.stderr
+
+    # The run report: every record read counted, each stage timed, every record's latency seen.
+    report = json.loads(report_file.read_text())
+    assert report["records"] == len(keyed) - 300
+    stages = {s["stage"]: s for s in report["stages"]}
+    for stage in ["decode", "step validate", "step dedup", "step bars", "step pct_change",
+                  "sink bars encode", "sink raw encode", "sink bars commit"]:
+        assert stage in stages, stages.keys()
+    assert stages["step validate"]["seconds"] > 0 and stages["step validate"]["host_boundary_seconds"] > 0
+    assert stages["step validate"]["native"] is False
+    latency = report["latency"]
+    assert latency["append_to_last_plugin"]["count"] == report["records"]
+    assert latency["append_to_commit"]["count"] == report["records"]
+    assert 0 < latency["append_to_last_plugin"]["p50_ms"] <= latency["append_to_commit"]["p50_ms"]
 
     # The final watermark: the slowest partition's newest tick, less the 5 s delay.
     valid = {p: parse_ticks(v) for p, v in by_partition.items()}

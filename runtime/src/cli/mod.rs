@@ -10,6 +10,7 @@ use std::time::Duration;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Pipeline;
@@ -43,6 +44,11 @@ enum Command {
         /// Stop once no record arrived for this long (e.g. `10s`), with everything committed.
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         until_idle: Option<Duration>,
+        /// At exit, write a JSON report here: counts, time per stage (decode, each plugin with
+        /// its WASM boundary, each sink's encode and commit) and latency percentiles from Kafka
+        /// append to the last plugin and to the committed tables.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -186,25 +192,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             vars,
             max_records,
             until_idle,
+            report,
             host,
         } => {
             let pipeline = Pipeline::load(&pipeline, &vars.into_iter().collect())?;
             let host = host.host()?;
-            let stop = stop_on_signal();
-            let options = crate::run::RunOptions {
-                max_records,
-                until_idle,
-            };
-            let summary = crate::run::run(&pipeline, &host, &options, &stop)?;
-            tracing::info!(
-                "done: {} records, {} rows out, {} rejected, {} undecodable, {} checkpoints",
-                summary.records,
-                summary.rows_out,
-                summary.rejected,
-                summary.undecodable,
-                summary.checkpoints
-            );
-            Ok(ExitCode::SUCCESS)
+            run_pipeline(&pipeline, &host, max_records, until_idle, report.as_deref())
         }
         Command::Validate {
             pipeline,
@@ -272,6 +265,38 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `flowgate run` once the pipeline is loaded: runs it, logs the summary, writes the report.
+/// Also the entry point for embedders and the benchmark (which links plugins natively).
+pub fn run_pipeline(
+    pipeline: &Pipeline,
+    host: &PluginHost,
+    max_records: Option<u64>,
+    until_idle: Option<Duration>,
+    report: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let stop = stop_on_signal();
+    let options = crate::run::RunOptions {
+        max_records,
+        until_idle,
+    };
+    let summary = crate::run::run(pipeline, host, &options, &stop)?;
+    tracing::info!(
+        "done: {} records, {} rows out, {} rejected, {} undecodable, {} checkpoints",
+        summary.records,
+        summary.rows_out,
+        summary.rejected,
+        summary.undecodable,
+        summary.checkpoints
+    );
+    if let Some(path) = report {
+        let json = crate::metrics::report_json(&pipeline.spec.name, &summary);
+        let text = serde_json::to_string_pretty(&json)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write the run report `{}`", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The process exit code for an error: 2 for configuration errors, 1 otherwise.

@@ -1,6 +1,7 @@
 //! `flowgate produce`: the seed tick producer (random-walk prices per symbol), with optional
 //! duplicates, malformed and late records for testing, or a replay of a JSON-lines/CSV file.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -28,6 +29,12 @@ pub struct ProduceArgs {
         default_value = "AAPL,MSFT,NVDA,AMZN,GOOG,META,TSLA,AMD"
     )]
     symbols: Vec<String>,
+    /// Tick this many generated symbols instead (`S00000`, `S00001`, ...).
+    #[arg(long, value_name = "N", conflicts_with = "symbols")]
+    symbol_count: Option<usize>,
+    /// Write the records to this JSON-lines file instead of Kafka (same records, same seed).
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
     /// Records per second; 0 produces as fast as possible, with event time moving 1 ms per
     /// record and ending about now (a backlog spanning 1,000 s per million records).
     #[arg(long, default_value_t = 1000.0)]
@@ -50,9 +57,19 @@ pub struct ProduceArgs {
     /// Replay this file instead (`.jsonl`: one JSON object per line; `.csv`: a header row).
     #[arg(long, value_name = "FILE")]
     from: Option<PathBuf>,
+    /// How long the producer waits to fill a batch (librdkafka `linger.ms`); 0 sends at once,
+    /// so a record's Kafka timestamp is close to its append time (for latency measurements).
+    #[arg(long, default_value_t = 5, value_name = "MS")]
+    linger_ms: u32,
     /// Random seed, for repeatable runs.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+}
+
+/// Where records go.
+enum Out {
+    Kafka(ThreadedProducer<DefaultProducerContext>),
+    File(std::io::BufWriter<std::fs::File>),
 }
 
 /// A small xorshift generator: repeatable, no dependency.
@@ -98,15 +115,32 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
             return Err(UsageError(format!("{name} is a share between 0 and 1, got {p}")).into());
         }
     }
+    let mut args = args;
+    if let Some(n) = args.symbol_count {
+        if n == 0 {
+            return Err(UsageError("--symbol-count must be at least 1".into()).into());
+        }
+        args.symbols = (0..n).map(|i| format!("S{i:05}")).collect();
+    }
     if args.symbols.is_empty() || args.symbols.iter().any(String::is_empty) {
         return Err(UsageError("--symbols needs at least one non-empty symbol".into()).into());
     }
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .create()
-        .with_context(|| format!("cannot create a Kafka producer for `{}`", args.brokers))?;
+    let mut out = match &args.output {
+        Some(path) => Out::File(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create `{}`", path.display()))?,
+        )),
+        None => Out::Kafka(
+            ClientConfig::new()
+                .set("bootstrap.servers", &args.brokers)
+                .set("linger.ms", args.linger_ms.to_string())
+                .set("compression.type", "lz4")
+                .create()
+                .with_context(|| {
+                    format!("cannot create a Kafka producer for `{}`", args.brokers)
+                })?,
+        ),
+    };
     let mut rng = Rng(args.seed.max(1));
     let mut replay: Option<(Vec<String>, Box<dyn Iterator<Item = String>>)> = None;
     if let Some(path) = &args.from {
@@ -195,19 +229,29 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
             if args.count.is_some_and(|c| sent >= c) {
                 break;
             }
-            let mut record = BaseRecord::to(&args.topic).key(&key).payload(&payload);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((e, back))
-                        if e.rdkafka_error_code()
-                            == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
-                    {
-                        record = back;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err((e, _)) => {
-                        return Err(anyhow::anyhow!("producing to `{}` failed: {e}", args.topic));
+            match &mut out {
+                Out::File(file) => {
+                    writeln!(file, "{payload}").context("writing the output file")?;
+                }
+                Out::Kafka(producer) => {
+                    let mut record = BaseRecord::to(&args.topic).key(&key).payload(&payload);
+                    loop {
+                        match producer.send(record) {
+                            Ok(()) => break,
+                            Err((e, back))
+                                if e.rdkafka_error_code()
+                                    == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
+                            {
+                                record = back;
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            Err((e, _)) => {
+                                return Err(anyhow::anyhow!(
+                                    "producing to `{}` failed: {e}",
+                                    args.topic
+                                ));
+                            }
+                        }
                     }
                 }
             }
@@ -227,12 +271,20 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
             last_log = Instant::now();
         }
     }
-    producer
-        .flush(Duration::from_secs(30))
-        .context("flushing the producer")?;
+    let target = match out {
+        Out::File(mut file) => {
+            file.flush().context("writing the output file")?;
+            format!("`{}`", args.output.unwrap_or_default().display())
+        }
+        Out::Kafka(producer) => {
+            producer
+                .flush(Duration::from_secs(30))
+                .context("flushing the producer")?;
+            format!("`{}`", args.topic)
+        }
+    };
     tracing::info!(
-        "done: {sent} records sent to `{}` in {:.1?}",
-        args.topic,
+        "done: {sent} records sent to {target} in {:.1?}",
         started.elapsed()
     );
     Ok(ExitCode::SUCCESS)

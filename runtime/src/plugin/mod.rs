@@ -21,7 +21,7 @@ use wasmtime::{Config, Engine};
 pub use cache::{COMPILATIONS, LoadStats, default_dir as default_cache_dir};
 pub use chain::{Chain, ChainOutput, RejectedRows};
 pub use error::{ErrorKind, PluginError, PluginFault};
-pub use step::{Grants, Rejection, Step, StepOutput};
+pub use step::{Grants, NativeFactory, Rejection, Step, StepOutput, StepTimings};
 
 use step::HostState;
 
@@ -63,6 +63,7 @@ pub struct PluginHost {
     linker: Arc<Linker<HostState>>,
     config: HostConfig,
     ticker_stop: Arc<AtomicBool>,
+    natives: std::collections::HashMap<String, NativeFactory>,
 }
 
 impl std::fmt::Debug for PluginHost {
@@ -101,7 +102,16 @@ impl PluginHost {
             linker: Arc::new(linker),
             config,
             ticker_stop,
+            natives: Default::default(),
         })
+    }
+
+    /// Runs the plugin whose `info()` name is `name` as native code linked into this process
+    /// instead of its `.wasm`, unsandboxed (no time limit, memory cap or grants). For the
+    /// benchmark that measures what the sandbox costs, and for embedders; the `.wasm` is still
+    /// loaded, so a pipeline means the same thing either way.
+    pub fn link_native(&mut self, name: &str, factory: NativeFactory) {
+        self.natives.insert(name.to_string(), factory);
     }
 
     /// The host's limits.
@@ -128,7 +138,7 @@ impl PluginHost {
             .and_then(|s| s.to_str())
             .unwrap_or("plugin")
             .to_string();
-        Ok(Plugin {
+        let mut plugin = Plugin {
             inner: Arc::new(step::Loaded {
                 name,
                 path: path.to_path_buf(),
@@ -137,7 +147,13 @@ impl PluginHost {
                 config: self.config.clone(),
             }),
             stats,
-        })
+            native: None,
+        };
+        if !self.natives.is_empty() {
+            let info = plugin.info()?;
+            plugin.native = self.natives.get(&info.name).cloned();
+        }
+        Ok(plugin)
     }
 }
 
@@ -152,6 +168,7 @@ impl Drop for PluginHost {
 pub struct Plugin {
     inner: Arc<step::Loaded>,
     stats: LoadStats,
+    native: Option<NativeFactory>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -199,6 +216,11 @@ impl Plugin {
         input: &arrow::datatypes::SchemaRef,
         grants: Grants,
     ) -> Result<Step, PluginError> {
-        Step::new(self.inner.clone(), step, config_json, input, grants)
+        match &self.native {
+            Some(factory) => {
+                Step::native(factory.clone(), &self.inner.name, step, config_json, input)
+            }
+            None => Step::new(self.inner.clone(), step, config_json, input, grants),
+        }
     }
 }

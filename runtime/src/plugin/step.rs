@@ -2,10 +2,11 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
+use flowgate_sdk::DynTransform;
 use flowgate_sdk::ipc;
 use wasmtime::component::{HasSelf, Linker, ResourceAny, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, Trap};
@@ -39,12 +40,14 @@ pub(crate) struct Loaded {
 struct MemoryCap {
     limit: usize,
     refused: Option<usize>,
+    /// Linear memory held, in bytes (all memories; a new memory grows from 0).
+    size: usize,
 }
 
 impl ResourceLimiter for MemoryCap {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -52,6 +55,7 @@ impl ResourceLimiter for MemoryCap {
             self.refused = Some(desired);
             return Ok(false);
         }
+        self.size += desired.saturating_sub(current);
         Ok(true)
     }
 
@@ -142,6 +146,7 @@ impl Loaded {
             cap: MemoryCap {
                 limit: self.config.memory_limit,
                 refused: None,
+                size: 0,
             },
             step: step.into(),
             plugin: self.name.as_str().into(),
@@ -250,61 +255,77 @@ pub struct StepOutput {
     pub rejected: Vec<Rejection>,
 }
 
+/// Where a step's CPU time went, summed over its calls.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepTimings {
+    /// `process` and `on-watermark` calls made.
+    pub calls: u64,
+    /// Rows handed to `process`.
+    pub rows_in: u64,
+    /// Wall time in `process` and `on-watermark`, boundary included.
+    pub total: Duration,
+    /// Of `total`, the host's side of the WASM boundary: encoding input batches as Arrow IPC and
+    /// decoding and checking the output. (The guest's side is inside the call.) Zero natively.
+    pub host_boundary: Duration,
+}
+
+/// A plugin linked into the host as native code, standing in for its `.wasm` (see
+/// [`super::PluginHost::link_native`]).
+pub type NativeFactory = Arc<
+    dyn Fn(&str, &SchemaRef) -> flowgate_sdk::Result<(Box<dyn DynTransform>, SchemaRef)>
+        + Send
+        + Sync,
+>;
+
+/// A sandboxed WebAssembly instance of the plugin.
+struct Instance {
+    loaded: Arc<Loaded>,
+    grants: Grants,
+    store: Store<HostState>,
+    bindings: bindings::Plugin,
+    transformer: ResourceAny,
+    discarded: bool,
+}
+
+enum Backend {
+    Wasm(Instance),
+    Native {
+        factory: NativeFactory,
+        transform: Box<dyn DynTransform>,
+    },
+}
+
 /// One pipeline step's plugin instance (per partition). Reused across batches.
 pub struct Step {
-    loaded: Arc<Loaded>,
     name: String,
+    plugin: String,
     config_json: String,
     input: SchemaRef,
     output: SchemaRef,
-    grants: Grants,
-    store: Store<HostState>,
-    instance: bindings::Plugin,
-    transformer: ResourceAny,
-    discarded: bool,
+    backend: Backend,
+    timings: StepTimings,
 }
 
 impl std::fmt::Debug for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Step")
             .field("name", &self.name)
-            .field("plugin", &self.loaded.name)
+            .field("plugin", &self.plugin)
+            .field("native", &matches!(self.backend, Backend::Native { .. }))
             .finish_non_exhaustive()
     }
 }
 
-impl Step {
-    pub(crate) fn new(
-        loaded: Arc<Loaded>,
+impl Instance {
+    /// A fresh instance with its `transformer` created; returns it with the declared output
+    /// schema.
+    fn create(
+        loaded: &Arc<Loaded>,
         name: &str,
         config_json: &str,
         input: &SchemaRef,
         grants: Grants,
-    ) -> Result<Self, PluginError> {
-        let (store, instance, transformer, output) =
-            Self::build(&loaded, name, config_json, input, grants)?;
-        Ok(Step {
-            loaded,
-            name: name.to_string(),
-            config_json: config_json.to_string(),
-            input: input.clone(),
-            output,
-            grants,
-            store,
-            instance,
-            transformer,
-            discarded: false,
-        })
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn build(
-        loaded: &Loaded,
-        name: &str,
-        config_json: &str,
-        input: &SchemaRef,
-        grants: Grants,
-    ) -> Result<(Store<HostState>, bindings::Plugin, ResourceAny, SchemaRef), PluginError> {
+    ) -> Result<(Self, SchemaRef), PluginError> {
         let (mut store, instance) = loaded.instantiate(name, grants)?;
         let protocol = |message: String| PluginError::Protocol {
             plugin: loaded.name.clone(),
@@ -346,7 +367,118 @@ impl Step {
                 "the declared output schema is not valid Arrow IPC: {e}"
             ))
         })?;
-        Ok((store, instance, transformer, output))
+        let instance = Instance {
+            loaded: loaded.clone(),
+            grants,
+            store,
+            bindings: instance,
+            transformer,
+            discarded: false,
+        };
+        Ok((instance, output))
+    }
+
+    /// Runs one call with the deadline armed, turning traps into errors and discarding the
+    /// instance after one.
+    fn call<R>(
+        &mut self,
+        step: &str,
+        call: &'static str,
+        f: impl FnOnce(
+            &mut Store<HostState>,
+            &bindings::Plugin,
+            ResourceAny,
+        ) -> wasmtime::Result<Result<R, types::Error>>,
+    ) -> Result<R, PluginError> {
+        if self.discarded {
+            return Err(PluginError::Discarded {
+                plugin: self.loaded.name.clone(),
+                step: step.to_string(),
+            });
+        }
+        self.store
+            .set_epoch_deadline(deadline_ticks(self.loaded.config.call_timeout));
+        match f(&mut self.store, &self.bindings, self.transformer) {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(PluginError::Plugin {
+                plugin: self.loaded.name.clone(),
+                step: step.to_string(),
+                call,
+                fault: fault(e),
+            }),
+            Err(e) => {
+                self.discarded = true;
+                Err(classify(
+                    e,
+                    &self.store,
+                    &self.loaded.name,
+                    step,
+                    call,
+                    &self.loaded.config,
+                ))
+            }
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if !self.discarded {
+            let _ = self.transformer.resource_drop(&mut self.store);
+        }
+    }
+}
+
+fn native_fault(e: flowgate_sdk::Error) -> PluginFault {
+    match e {
+        flowgate_sdk::Error::InvalidConfig(m) => PluginFault::InvalidConfig(m),
+        flowgate_sdk::Error::BadInput(m) => PluginFault::BadInput(m),
+        flowgate_sdk::Error::Internal(m) => PluginFault::Internal(m),
+    }
+}
+
+impl Step {
+    pub(crate) fn new(
+        loaded: Arc<Loaded>,
+        name: &str,
+        config_json: &str,
+        input: &SchemaRef,
+        grants: Grants,
+    ) -> Result<Self, PluginError> {
+        let (instance, output) = Instance::create(&loaded, name, config_json, input, grants)?;
+        Ok(Step {
+            name: name.to_string(),
+            plugin: loaded.name.clone(),
+            config_json: config_json.to_string(),
+            input: input.clone(),
+            output,
+            backend: Backend::Wasm(instance),
+            timings: StepTimings::default(),
+        })
+    }
+
+    pub(crate) fn native(
+        factory: NativeFactory,
+        plugin: &str,
+        name: &str,
+        config_json: &str,
+        input: &SchemaRef,
+    ) -> Result<Self, PluginError> {
+        let (transform, output) = factory(config_json, input).map_err(|e| PluginError::Plugin {
+            plugin: plugin.to_string(),
+            step: name.to_string(),
+            call: "create",
+            fault: native_fault(e),
+        })?;
+        Ok(Step {
+            name: name.to_string(),
+            plugin: plugin.to_string(),
+            config_json: config_json.to_string(),
+            input: input.clone(),
+            output,
+            backend: Backend::Native { factory, transform },
+            timings: StepTimings::default(),
+        })
     }
 
     /// The step's name.
@@ -356,7 +488,7 @@ impl Step {
 
     /// The plugin's name.
     pub fn plugin(&self) -> &str {
-        &self.loaded.name
+        &self.plugin
     }
 
     /// The schema of the batches this step emits, as the plugin declared it.
@@ -369,73 +501,116 @@ impl Step {
         &self.input
     }
 
+    /// True if the plugin runs as native code linked into the host instead of WebAssembly.
+    pub fn is_native(&self) -> bool {
+        matches!(self.backend, Backend::Native { .. })
+    }
+
+    /// Where this step's time went so far.
+    pub fn timings(&self) -> StepTimings {
+        self.timings
+    }
+
+    /// The instance's linear memory in bytes: everything the plugin holds, state included (WASM
+    /// memory only grows). `None` for a native step.
+    pub fn memory_bytes(&self) -> Option<usize> {
+        match &self.backend {
+            Backend::Wasm(instance) => Some(instance.store.data().cap.size),
+            Backend::Native { .. } => None,
+        }
+    }
+
     /// Builds a fresh instance with the same config, restoring `state` if given: how a step comes
     /// back after a trap, a timeout or a memory error.
     pub fn rebuild(&mut self, state: Option<&[u8]>) -> Result<(), PluginError> {
-        let (store, instance, transformer, output) = Self::build(
-            &self.loaded,
-            &self.name,
-            &self.config_json,
-            &self.input,
-            self.grants,
-        )?;
-        (self.store, self.instance, self.transformer, self.output) =
-            (store, instance, transformer, output);
-        self.discarded = false;
+        match &mut self.backend {
+            Backend::Wasm(instance) => {
+                let (fresh, output) = Instance::create(
+                    &instance.loaded,
+                    &self.name,
+                    &self.config_json,
+                    &self.input,
+                    instance.grants,
+                )?;
+                *instance = fresh;
+                self.output = output;
+            }
+            Backend::Native { factory, transform } => {
+                let (fresh, output) =
+                    factory(&self.config_json, &self.input).map_err(|e| PluginError::Plugin {
+                        plugin: self.plugin.clone(),
+                        step: self.name.clone(),
+                        call: "create",
+                        fault: native_fault(e),
+                    })?;
+                *transform = fresh;
+                self.output = output;
+            }
+        }
         if let Some(state) = state {
             self.restore(state)?;
         }
         Ok(())
     }
 
-    /// Runs one call with the deadline armed, turning traps into errors and discarding the
-    /// instance after one.
-    fn call<R>(
-        &mut self,
-        call: &'static str,
-        f: impl FnOnce(
-            &mut Store<HostState>,
-            &bindings::Plugin,
-            ResourceAny,
-        ) -> wasmtime::Result<Result<R, types::Error>>,
-    ) -> Result<R, PluginError> {
-        if self.discarded {
-            return Err(PluginError::Discarded {
-                plugin: self.loaded.name.clone(),
-                step: self.name.clone(),
-            });
-        }
-        self.store
-            .set_epoch_deadline(deadline_ticks(self.loaded.config.call_timeout));
-        match f(&mut self.store, &self.instance, self.transformer) {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(PluginError::Plugin {
-                plugin: self.loaded.name.clone(),
-                step: self.name.clone(),
-                call,
-                fault: fault(e),
-            }),
-            Err(e) => {
-                self.discarded = true;
-                Err(classify(
-                    e,
-                    &self.store,
-                    &self.loaded.name,
-                    &self.name,
-                    call,
-                    &self.loaded.config,
-                ))
-            }
-        }
-    }
-
     fn protocol(&self, call: &'static str, message: String) -> PluginError {
         PluginError::Protocol {
-            plugin: self.loaded.name.clone(),
+            plugin: self.plugin.clone(),
             step: self.name.clone(),
             call,
             message,
         }
+    }
+
+    fn native_error(&self, call: &'static str, e: flowgate_sdk::Error) -> PluginError {
+        PluginError::Plugin {
+            plugin: self.plugin.clone(),
+            step: self.name.clone(),
+            call,
+            fault: native_fault(e),
+        }
+    }
+
+    /// Checks a call's output against the declared schema and the input's row count.
+    fn check(
+        &self,
+        call: &'static str,
+        batches: Vec<RecordBatch>,
+        rejected: Vec<(usize, String)>,
+        input_rows: usize,
+    ) -> Result<StepOutput, PluginError> {
+        let mut checked = Vec::with_capacity(batches.len());
+        for b in batches {
+            if !same_fields(&b.schema(), &self.output) {
+                return Err(PluginError::SchemaMismatch {
+                    plugin: self.plugin.clone(),
+                    step: self.name.clone(),
+                    expected: describe_schema(&self.output),
+                    got: describe_schema(&b.schema()),
+                });
+            }
+            // Keep the declared schema (and its metadata) on every batch.
+            checked.push(
+                RecordBatch::try_new(self.output.clone(), b.columns().to_vec())
+                    .map_err(|e| self.protocol(call, format!("output batch: {e}")))?,
+            );
+        }
+        let rejected = rejected
+            .into_iter()
+            .map(|(row, reason)| {
+                if row >= input_rows {
+                    return Err(self.protocol(
+                        call,
+                        format!("rejected row {row}, but the batch had {input_rows} rows"),
+                    ));
+                }
+                Ok(Rejection { row, reason })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(StepOutput {
+            batches: checked,
+            rejected,
+        })
     }
 
     fn decode(
@@ -450,86 +625,147 @@ impl Step {
             && !same_fields(&schema, &self.output)
         {
             return Err(PluginError::SchemaMismatch {
-                plugin: self.loaded.name.clone(),
+                plugin: self.plugin.clone(),
                 step: self.name.clone(),
                 expected: describe_schema(&self.output),
                 got: describe_schema(&schema),
             });
         }
-        // Keep the declared schema (and its metadata) on every batch.
-        let batches = batches
-            .into_iter()
-            .map(|b| RecordBatch::try_new(self.output.clone(), b.columns().to_vec()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.protocol(call, format!("output batch: {e}")))?;
         let rejected = output
             .rejected
             .into_iter()
-            .map(|r| {
-                let row = r.row as usize;
-                if row >= input_rows {
-                    return Err(self.protocol(
-                        call,
-                        format!("rejected row {row}, but the batch had {input_rows} rows"),
-                    ));
-                }
-                Ok(Rejection {
-                    row,
-                    reason: r.reason,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(StepOutput { batches, rejected })
+            .map(|r| (r.row as usize, r.reason))
+            .collect();
+        self.check(call, batches, rejected, input_rows)
+    }
+
+    fn native_output(
+        &self,
+        call: &'static str,
+        output: flowgate_sdk::Output,
+        input_rows: usize,
+    ) -> Result<StepOutput, PluginError> {
+        let rejected = output
+            .rejected
+            .into_iter()
+            .map(|r| (r.row as usize, r.reason))
+            .collect();
+        self.check(call, output.batches, rejected, input_rows)
     }
 
     /// Runs `process` on one batch of the input schema.
     pub fn process(&mut self, batch: &RecordBatch) -> Result<StepOutput, PluginError> {
+        let started = Instant::now();
+        let result = self.process_inner(batch);
+        self.timings.calls += 1;
+        self.timings.rows_in += batch.num_rows() as u64;
+        self.timings.total += started.elapsed();
+        result
+    }
+
+    fn process_inner(&mut self, batch: &RecordBatch) -> Result<StepOutput, PluginError> {
+        if let Backend::Native { transform, .. } = &mut self.backend {
+            let output = transform.process(batch.clone());
+            let output = output.map_err(|e| self.native_error("process", e))?;
+            return self.native_output("process", output, batch.num_rows());
+        }
+        let encoding = Instant::now();
         let bytes = ipc::encode_batches(&self.input, std::slice::from_ref(batch))
             .map_err(|e| self.protocol("process", format!("encoding the input batch: {e}")))?;
-        let output = self.call("process", |store, instance, t| {
-            instance
-                .flowgate_plugin_transform()
-                .transformer()
-                .call_process(store, t, &bytes)
-        })?;
-        self.decode("process", output, batch.num_rows())
+        let encoded = encoding.elapsed();
+        let name = self.name.clone();
+        let output = match &mut self.backend {
+            Backend::Wasm(instance) => instance.call(&name, "process", |store, plugin, t| {
+                plugin
+                    .flowgate_plugin_transform()
+                    .transformer()
+                    .call_process(store, t, &bytes)
+            })?,
+            Backend::Native { .. } => {
+                return Err(self.protocol("process", "the step changed backend".into()));
+            }
+        };
+        let decoding = Instant::now();
+        let output = self.decode("process", output, batch.num_rows());
+        self.timings.host_boundary += encoded + decoding.elapsed();
+        output
     }
 
     /// Tells the step event time reached `ts_ms`; returns what it emits (closed windows).
     pub fn on_watermark(&mut self, ts_ms: i64) -> Result<StepOutput, PluginError> {
-        let output = self.call("on-watermark", |store, instance, t| {
-            instance
-                .flowgate_plugin_transform()
-                .transformer()
-                .call_on_watermark(store, t, ts_ms)
-        })?;
+        let started = Instant::now();
+        let result = self.on_watermark_inner(ts_ms);
+        self.timings.calls += 1;
+        self.timings.total += started.elapsed();
+        result
+    }
+
+    fn on_watermark_inner(&mut self, ts_ms: i64) -> Result<StepOutput, PluginError> {
+        let name = self.name.clone();
+        let output = match &mut self.backend {
+            Backend::Native { transform, .. } => {
+                let output = transform
+                    .on_watermark(ts_ms)
+                    .map_err(|e| self.native_error("on-watermark", e))?;
+                if !output.rejected.is_empty() {
+                    return Err(self.protocol(
+                        "on-watermark",
+                        "rejected rows, but on-watermark has no input rows".into(),
+                    ));
+                }
+                return self.native_output("on-watermark", output, 0);
+            }
+            Backend::Wasm(instance) => {
+                instance.call(&name, "on-watermark", |store, plugin, t| {
+                    plugin
+                        .flowgate_plugin_transform()
+                        .transformer()
+                        .call_on_watermark(store, t, ts_ms)
+                })?
+            }
+        };
         if !output.rejected.is_empty() {
             return Err(self.protocol(
                 "on-watermark",
                 "rejected rows, but on-watermark has no input rows".into(),
             ));
         }
-        self.decode("on-watermark", output, 0)
+        let decoding = Instant::now();
+        let output = self.decode("on-watermark", output, 0);
+        self.timings.host_boundary += decoding.elapsed();
+        output
     }
 
     /// The plugin's state, to store with a checkpoint.
     pub fn snapshot(&mut self) -> Result<Vec<u8>, PluginError> {
-        self.call("snapshot", |store, instance, t| {
-            instance
-                .flowgate_plugin_transform()
-                .transformer()
-                .call_snapshot(store, t)
-        })
+        let name = self.name.clone();
+        match &mut self.backend {
+            Backend::Native { transform, .. } => transform
+                .snapshot()
+                .map_err(|e| self.native_error("snapshot", e)),
+            Backend::Wasm(instance) => instance.call(&name, "snapshot", |store, plugin, t| {
+                plugin
+                    .flowgate_plugin_transform()
+                    .transformer()
+                    .call_snapshot(store, t)
+            }),
+        }
     }
 
     /// Replaces the plugin's state with an earlier snapshot.
     pub fn restore(&mut self, state: &[u8]) -> Result<(), PluginError> {
-        self.call("restore", |store, instance, t| {
-            instance
-                .flowgate_plugin_transform()
-                .transformer()
-                .call_restore(store, t, state)
-        })
+        let name = self.name.clone();
+        match &mut self.backend {
+            Backend::Native { transform, .. } => transform
+                .restore(state)
+                .map_err(|e| self.native_error("restore", e)),
+            Backend::Wasm(instance) => instance.call(&name, "restore", |store, plugin, t| {
+                plugin
+                    .flowgate_plugin_transform()
+                    .transformer()
+                    .call_restore(store, t, state)
+            }),
+        }
     }
 }
 
@@ -540,12 +776,4 @@ fn same_fields(a: &arrow::datatypes::Schema, b: &arrow::datatypes::Schema) -> bo
             .iter()
             .zip(b.fields())
             .all(|(x, y)| x.name() == y.name() && x.data_type() == y.data_type())
-}
-
-impl Drop for Step {
-    fn drop(&mut self) {
-        if !self.discarded {
-            let _ = self.transformer.resource_drop(&mut self.store);
-        }
-    }
 }

@@ -24,6 +24,7 @@ pub struct DeltaSink {
     table: DeltaTable,
     pending: Pending,
     last: Offsets,
+    encode_time: std::time::Duration,
 }
 
 impl DeltaSink {
@@ -115,6 +116,7 @@ impl DeltaSink {
             table,
             pending: Pending::new(shape),
             last: Offsets::new(),
+            encode_time: std::time::Duration::ZERO,
         })
     }
 
@@ -156,13 +158,15 @@ impl Sink for DeltaSink {
             .map_err(|e| self.fail(e.to_string()))?
             .with_commit_properties(CommitProperties::default().with_application_transactions(txns))
             .with_target_file_size(self.target_file_size);
-        let table = &mut self.table;
+        let (table, encode_time) = (&mut self.table, &mut self.encode_time);
         let version = self
             .rt
             .block_on(async {
+                let encoding = std::time::Instant::now();
                 for batch in pending {
                     writer.write(batch).await?;
                 }
+                *encode_time += encoding.elapsed();
                 // Another process (other partitions of the same group) may commit in between:
                 // catch up with the table and try again; the staged files are kept.
                 let mut attempt = 0;
@@ -186,6 +190,10 @@ impl Sink for DeltaSink {
         tracing::debug!(sink = %self.name, version, rows, "committed Delta version");
         self.last = offsets.clone();
         Ok(true)
+    }
+
+    fn encode_time(&self) -> std::time::Duration {
+        self.encode_time
     }
 
     fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<i64>, SinkError> {

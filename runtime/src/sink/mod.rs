@@ -65,6 +65,10 @@ pub trait Sink: Send {
     fn commit(&mut self, offsets: &Offsets) -> Result<bool, SinkError>;
     /// The last offset of `topic`/`partition` this sink has committed, if any.
     fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<i64>, SinkError>;
+    /// Time spent so far turning rows into Parquet bytes (part of `commit`), for the run report.
+    fn encode_time(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// Turns a stage's batches into what a table stores: timestamps as UTC microseconds (Delta's

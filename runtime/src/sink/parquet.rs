@@ -30,6 +30,7 @@ pub struct ParquetSink {
     version: u64,
     committed: Offsets,
     pending: Pending,
+    encode_time: std::time::Duration,
 }
 
 /// A file no commit names is removed at open once it is this old (younger ones may belong to
@@ -101,6 +102,7 @@ impl ParquetSink {
             version: 0,
             committed: Offsets::new(),
             pending: Pending::new(shape),
+            encode_time: std::time::Duration::ZERO,
         };
         let known = sink.read_log()?;
         sink.remove_orphans(dir, &known)
@@ -260,21 +262,25 @@ impl Sink for ParquetSink {
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .build();
         let mut files = Vec::new();
+        let mut encoded = std::time::Duration::ZERO;
         for (n, (folder, parts)) in by_folder.into_iter().enumerate() {
             let rel = format!("{folder}part-{}-{version:06}-{n:04}.parquet", self.writer);
             let path = self.dir.join(&rel);
             let tmp = path.with_extension("parquet.tmp");
-            let write = || -> Result<(), Box<dyn std::error::Error>> {
+            let mut write = || -> Result<(), Box<dyn std::error::Error>> {
                 if let Some(parent) = path.parent() {
                     std::fs::create_dir_all(parent)?;
                 }
                 let file = std::fs::File::create(&tmp)?;
+                let encoding = std::time::Instant::now();
                 let mut writer =
                     ArrowWriter::try_new(file, self.file_schema.clone(), Some(props.clone()))?;
                 for p in &parts {
                     writer.write(p)?;
                 }
-                writer.into_inner()?.sync_all()?;
+                let file = writer.into_inner()?;
+                encoded += encoding.elapsed();
+                file.sync_all()?;
                 std::fs::rename(&tmp, &path)?;
                 Ok(())
             };
@@ -300,10 +306,15 @@ impl Sink for ParquetSink {
             .and_then(|_| std::fs::rename(&tmp, &log))
             .map_err(|e| self.fail(format!("writing the commit log: {e}")))?;
         self.version = version;
+        self.encode_time += encoded;
         self.committed
             .extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
         tracing::debug!(sink = %self.name, version, rows, "committed Parquet files");
         Ok(true)
+    }
+
+    fn encode_time(&self) -> std::time::Duration {
+        self.encode_time
     }
 
     fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<i64>, SinkError> {

@@ -97,13 +97,9 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
-    /// Joins `spec.group` on `bootstrap` and subscribes to the topics.
-    pub fn open(spec: &KafkaSpec, bootstrap: &str) -> Result<Self, SourceError> {
-        let topics: Vec<String> = spec
-            .topics
-            .clone()
-            .or_else(|| spec.topic.clone().map(|t| vec![t]))
-            .unwrap_or_default();
+    /// The consumer settings Flowgate uses for `spec` (the benchmark's consume-only run uses the
+    /// same): manual offsets, start per `spec.start`, then the pipeline's `options`.
+    pub fn client_config(spec: &KafkaSpec, bootstrap: &str) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", bootstrap)
@@ -125,6 +121,17 @@ impl KafkaSource {
         for (k, v) in &spec.options {
             config.set(k, v);
         }
+        config
+    }
+
+    /// Joins `spec.group` on `bootstrap` and subscribes to the topics.
+    pub fn open(spec: &KafkaSpec, bootstrap: &str) -> Result<Self, SourceError> {
+        let topics: Vec<String> = spec
+            .topics
+            .clone()
+            .or_else(|| spec.topic.clone().map(|t| vec![t]))
+            .unwrap_or_default();
+        let config = Self::client_config(spec, bootstrap);
         let consumer: BaseConsumer<Context> = config
             .create_with_context(Context::default())
             .map_err(|e| {

@@ -1,0 +1,130 @@
+"""Renders bench/run.py's results as the Markdown that goes into BENCHMARKS.md.
+
+    python bench/report.py bench/results/<date>.json     # print it again from a saved run
+"""
+
+import json
+import sys
+
+
+def _n(x, digits=0):
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def _ms(x):
+    return "–" if x is None else f"{x:,.1f} ms"
+
+
+def render(r):
+    m = r["machine"]
+    a = r["args"]
+    out = [
+        f"Run of {m['date']} at commit `{m['commit']}`: {m['cpu']}, {m['cores']} cores, "
+        f"{m['memory_gib']} GiB, Linux {m['kernel']}, {m['rustc']}, {m['java']}.",
+        "",
+        f"Command: `make bench BENCH_ARGS=\"{' '.join(_args(a))}\"`. Input: {a['ticks']:,} ticks "
+        f"({a['symbols']:,} symbols, {a['duplicates']:.1%} duplicates, {a['malformed']:.2%} malformed), "
+        f"{_n(r.get('input', {}).get('bytes', 0) / 2**20)} MiB of JSON lines. "
+        f"Throughput figures are the best of {a['repeat']} runs.",
+        "",
+    ]
+    rows = []
+    if "file" in r:
+        rows.append(("file source (`flowgate run`)", r["file"]))
+    if "generator" in r:
+        rows.append(("generator + embedded broker", r["generator"]))
+    if "kafka" in r:
+        rows.append((f"Tansu broker, {a['partitions']} partitions", r["kafka"]["flowgate"]))
+    if rows:
+        out += ["### End to end: pipelines/stocks.yaml", "",
+                "| source | records | events/s | CPU s | events/s per core | peak RSS |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for name, x in rows:
+            out.append(f"| {name} | {_n(x['records'])} | {_n(x['events_per_s'])} | {_n(x['cpu_s'], 2)} | "
+                       f"{_n(x['events_per_cpu_s'])} | {_n(x['peak_rss_mb'])} MB |")
+        out.append("")
+    if "kafka" in r:
+        k = r["kafka"]
+        out += ["### Ceiling: consume-only on the same broker", "",
+                f"rdkafka with Flowgate's consumer settings, reading the {a['kafka_ticks']:,} records and doing "
+                f"nothing: {', '.join(_n(c['records_per_second']) for c in k['consume_only'])} records/s. "
+                f"Flowgate from Kafka: {_n(k['flowgate']['events_per_s'])} events/s = "
+                f"**{k['ratio']:.0%} of consume-only**. (Producing the backlog took "
+                f"{k['produce']['wall_s']:.0f} s.)", ""]
+    if "wasm_vs_native" in r:
+        w = r["wasm_vs_native"]
+        out += ["### WASM vs native", "",
+                "Same pipeline, file source, same `flowgate-bench` binary; `--native` links the four plugins "
+                "into the host instead of loading their `.wasm`.", "",
+                "| plugins | events/s | events/s per core |", "|---|---:|---:|",
+                f"| WASM | {_n(w['wasm']['events_per_s'])} | {_n(w['wasm']['events_per_cpu_s'])} |",
+                f"| native | {_n(w['native']['events_per_s'])} | {_n(w['native']['events_per_cpu_s'])} |",
+                "", f"WASM/native: **{w['ratio']:.1%}** (per CPU second {w['cpu_ratio']:.1%}).", ""]
+        out += ["### Stage breakdown (seconds per million events)", "",
+                "From the run reports (`flowgate run --report`) of the two runs above. A step's time includes "
+                "its WASM boundary; the host's side of it (IPC encode, decode and checks) is in brackets.", "",
+                "| stage | WASM | native |", "|---|---:|---:|"]
+        native = {s["stage"]: s for s in w["native"]["report"]["stages"]}
+        for s in w["wasm"]["report"]["stages"]:
+            n = native.get(s["stage"], {})
+            boundary = s.get("host_boundary_seconds")
+            extra = f" ({boundary * 1e6 / w['wasm']['records']:.3f})" if boundary else ""
+            out.append(f"| {s['stage']} | {_n(s['seconds_per_million_records'], 3)}{extra} | "
+                       f"{_n(n.get('seconds_per_million_records'), 3)} |")
+        total_w = w["wasm"]["run_s"] * 1e6 / w["wasm"]["records"]
+        total_n = w["native"]["run_s"] * 1e6 / w["native"]["records"]
+        out += [f"| **wall, whole run** | {total_w:.3f} | {total_n:.3f} |", ""]
+    if "latency" in r:
+        lt = r["latency"]
+        out += ["### Latency at half load", "",
+                f"{lt['rate']:,} ticks/s (half of the {_n(lt['max_rate'])} events/s measured from Kafka), "
+                f"produced live to Tansu with `linger.ms=0`; latency runs from the record's Kafka timestamp "
+                f"(set by the producer just before the append) to the moment the batch holding it left the last "
+                f"plugin, and to the moment the checkpoint covering it committed (Delta versions, Parquet log, "
+                f"Kafka offsets; interval 5 s).", "",
+                "| batch settings | records | to last plugin p50 / p99 / p99.9 | to committed Delta p50 / p99 / p99.9 |",
+                "|---|---:|---|---|"]
+        for label, x in lt["runs"].items():
+            p, c = x["to_last_plugin"], x["to_commit"]
+            out.append(f"| {label} | {_n(x['records'])} | {_ms(p['p50_ms'])} / {_ms(p['p99_ms'])} / {_ms(p['p999_ms'])} "
+                       f"| {_ms(c['p50_ms'])} / {_ms(c['p99_ms'])} / {_ms(c['p999_ms'])} |")
+        out.append("")
+    if "state" in r:
+        d, w = r["state"]["dedup"], r["state"]["window"]
+        out += ["### State memory (inside the WASM instance)", "",
+                f"- `dedup` on (symbol, ts): **{d['bytes_per_million_keys'] / 2**20:.1f} MiB per million keys** "
+                f"of linear memory ({d['keys']:,} distinct keys; snapshot {d['snapshot_bytes_per_million_keys'] / 2**20:.1f} "
+                f"MiB per million).",
+                f"- `window` (the stock bar aggregates): **{w['bytes'] / 2**20:.2f} MiB for {w['symbols']:,} symbols** "
+                f"with an open window each ({_n(w['bytes_per_symbol'])} bytes per symbol).", ""]
+    if "spark" in r:
+        s = r["spark"]
+        f = r.get("file")
+        out += ["### Side by side with PySpark Structured Streaming", "",
+                f"Spark {s['spark_version']}, `local[2]`, `bench/spark_bars.py` over the same ticks split into "
+                f"{a['spark_files']} JSON-lines files (one per micro-batch); CPU is the JVM's process CPU time plus "
+                f"the Python driver's over the query (JVM start-up excluded).", "",
+                "| engine | events/s | CPU s | events/s per core | peak RSS |", "|---|---:|---:|---:|---:|",
+                f"| PySpark | {_n(s['events_per_s'])} | {_n(s['cpu_seconds'], 1)} | {_n(s['events_per_cpu_s'])} | "
+                f"{_n((s.get('jvm_peak_rss_kb') or 0) / 1024)} MB |"]
+        if f:
+            out.append(f"| Flowgate (file source) | {_n(f['events_per_s'])} | {_n(f['cpu_s'], 1)} | "
+                       f"{_n(f['events_per_cpu_s'])} | {_n(f['peak_rss_mb'])} MB |")
+            out += ["", f"Flowgate/Spark per core: **{f['events_per_cpu_s'] / s['events_per_cpu_s']:.1f}×**; "
+                    f"wall: {f['events_per_s'] / s['events_per_s']:.1f}×."]
+        c = s.get("comparison")
+        if c:
+            out += ["", f"Same bars? Flowgate wrote {c['flowgate']:,}, Spark {c['spark']:,}; {c['common']:,} in both, "
+                    f"**{c['mismatched']} values differ** (open, high, low, close, avg_price, volume, trades, "
+                    f"pct_change); {c['only_flowgate']} only in Flowgate, {c['only_spark']} only in Spark."]
+        out.append("")
+    return "\n".join(out)
+
+
+def _args(a):
+    defaults = {"ticks": 10_000_000, "symbols": 1000, "repeat": 2, "partitions": 3}
+    return [f"--{k} {a[k]}" for k, v in defaults.items() if a.get(k) != v]
+
+
+if __name__ == "__main__":
+    print(render(json.loads(open(sys.argv[1]).read())))

@@ -1,0 +1,400 @@
+#!/usr/bin/env python3
+"""Flowgate's benchmark (`make bench`): throughput, ceiling, WASM overhead, stage breakdown,
+latency, state memory, and PySpark side by side. See BENCHMARKS.md for what each figure means.
+
+    make bench                       # 10M ticks, every part
+    make bench BENCH_ARGS="--ticks 2000000 --skip spark"
+
+Inputs are generated (`flowgate produce`), the broker (Tansu, memory storage) runs on a free
+loopback port, every process's CPU seconds and peak RSS come from the OS (wait4). Results go to
+bench/results/<date>.json and into BENCHMARKS.md between the `results` markers.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASE = Path(os.environ.get("BENCH_BIN_DIR", ROOT / "target" / "release"))
+FLOWGATE = RELEASE / "flowgate"
+BENCH = RELEASE / "flowgate-bench"
+PLUGINS = ROOT / "target" / "wasm32-wasip2" / "plugin"
+PARTS = ["flowgate-file", "native", "generator", "kafka", "latency", "state", "spark"]
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def measure(cmd, stdout=None, stderr=None, env=None, started=None):
+    """Runs `cmd` to completion; returns wall seconds, CPU seconds and peak RSS from wait4."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=stdout, stderr=stderr,
+                            env={**os.environ, **(env or {})})
+    if started:
+        started(proc)
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    if code != 0:
+        raise RuntimeError(f"{cmd[0]} exited with {code}: {' '.join(map(str, cmd))}")
+    return {"wall_s": wall, "cpu_user_s": ru.ru_utime, "cpu_sys_s": ru.ru_stime,
+            "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mb": ru.ru_maxrss / 1024}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    mem = next((int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
+    rustc = subprocess.run(["rustc", "-V"], capture_output=True, text=True).stdout.strip()
+    java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**20, 1),
+            "kernel": platform.release(), "rustc": rustc, "java": java[0] if java else "?",
+            "commit": commit, "date": datetime.date.today().isoformat()}
+
+
+def derive(work, name, source, batch=None):
+    """pipelines/stocks.yaml with another source (and batch settings); everything else the same."""
+    spec = yaml.safe_load((ROOT / "pipelines" / "stocks.yaml").read_text())
+    spec["source"] = source
+    if batch:
+        spec["batch"] = {**spec["batch"], **batch}
+    for t in spec["transforms"]:
+        t["plugin"] = str((ROOT / "pipelines" / t["plugin"]).resolve())
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def run_pipeline(work, name, pipeline, records, native=False, binary="flowgate", extra=()):
+    """One pipeline run from a clean data folder, stopping after `records` input records."""
+    data = work / f"data-{name}"
+    shutil.rmtree(data, ignore_errors=True)
+    report = work / f"report-{name}.json"
+    if binary == "flowgate":
+        cmd = [FLOWGATE, "run", pipeline, "--max-records", records, "--report", report]
+    else:
+        cmd = [BENCH, "run", pipeline, "--max-records", records, "--report", report]
+        if native:
+            cmd.append("--native")
+    with open(work / f"{name}.log", "w") as err:
+        m = measure([*cmd, *extra], stderr=err, env={"DATA_DIR": str(data)})
+    r = json.loads(report.read_text())
+    busy = r["wall_seconds"] - (r["first_record_seconds"] or 0)
+    m.update(records=r["records"], rows_out=r["rows_out"], rejected=r["rejected"],
+             undecodable=r["undecodable"], run_s=busy, report=r, data=str(data))
+    m["events_per_s"] = r["records"] / busy
+    m["events_per_cpu_s"] = r["records"] / m["cpu_s"]
+    log(f"{name}: {r['records']:,} records in {busy:.2f} s → {m['events_per_s']:,.0f} ev/s, "
+        f"{m['events_per_cpu_s']:,.0f} ev/s per core (CPU {m['cpu_s']:.2f} s), peak RSS {m['peak_rss_mb']:.0f} MB")
+    return m
+
+
+def count_lines(path):
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+class Tansu:
+    def __init__(self, work):
+        self.port = free_port()
+        self.url = f"tcp://127.0.0.1:{self.port}"
+        binary = shutil.which("tansu") or str(Path.home() / ".cargo" / "bin" / "tansu")
+        self.binary = binary
+        self.log = open(work / "tansu.log", "w")
+        self.proc = subprocess.Popen(
+            [binary, "broker", "--listener-url", self.url, "--advertised-listener-url", self.url,
+             "--storage-engine", "memory://tansu/"], stdout=self.log, stderr=subprocess.STDOUT)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("Tansu did not start")
+
+    @property
+    def bootstrap(self):
+        return f"127.0.0.1:{self.port}"
+
+    def topic(self, name, partitions):
+        subprocess.run([self.binary, "topic", "create", name, "--broker", self.url,
+                        "--partitions", str(partitions)], check=True, capture_output=True)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def produce_args(args):
+    return ["--symbol-count", args.symbols, "--duplicates", args.duplicates,
+            "--malformed", args.malformed, "--seed", 42]
+
+
+def part_inputs(args, work, results):
+    ticks = work / "ticks.jsonl"
+    log(f"generating {args.ticks:,} ticks ({args.symbols} symbols, {args.duplicates:.1%} duplicates, "
+        f"{args.malformed:.2%} malformed) → {ticks}")
+    m = measure([FLOWGATE, "produce", "--rate", 0, "--count", args.ticks, "--output", ticks,
+                 *produce_args(args)], stderr=subprocess.DEVNULL)
+    results["input"] = {"ticks": args.ticks, "symbols": args.symbols, "duplicates": args.duplicates,
+                        "malformed": args.malformed, "bytes": ticks.stat().st_size,
+                        "generate_s": m["wall_s"]}
+    # The same lines split into files for Spark's file source, in order.
+    spark_in = work / "spark-in"
+    shutil.rmtree(spark_in, ignore_errors=True)
+    spark_in.mkdir()
+    per = -(-args.ticks // args.spark_files)
+    with open(ticks) as f:
+        for i in range(args.spark_files):
+            with open(spark_in / f"ticks-{i:03d}.json", "w") as out:
+                for _ in range(per):
+                    line = f.readline()
+                    if not line:
+                        break
+                    out.write(line)
+            time.sleep(0.01)  # distinct modification times keep Spark's file order
+    return ticks
+
+
+def part_file(args, work, results, ticks):
+    pipeline = derive(work, "file", {"file": {"path": str(ticks)}})
+    runs = [run_pipeline(work, f"file-{i}", pipeline, args.ticks) for i in range(args.repeat)]
+    best = max(runs, key=lambda r: r["events_per_s"])
+    results["file"] = best
+    results["file_runs"] = [{k: r[k] for k in ("events_per_s", "events_per_cpu_s", "peak_rss_mb")} for r in runs]
+
+
+def part_native(args, work, results, ticks):
+    pipeline = derive(work, "file", {"file": {"path": str(ticks)}})
+    wasm, native = [], []
+    for i in range(args.repeat):
+        wasm.append(run_pipeline(work, f"bench-wasm-{i}", pipeline, args.ticks, binary="bench"))
+        native.append(run_pipeline(work, f"bench-native-{i}", pipeline, args.ticks, binary="bench", native=True))
+    w = max(wasm, key=lambda r: r["events_per_s"])
+    n = max(native, key=lambda r: r["events_per_s"])
+    results["wasm_vs_native"] = {"wasm": w, "native": n, "ratio": w["events_per_s"] / n["events_per_s"],
+                                 "cpu_ratio": w["events_per_cpu_s"] / n["events_per_cpu_s"]}
+    log(f"WASM/native: {results['wasm_vs_native']['ratio']:.1%} (per CPU second {results['wasm_vs_native']['cpu_ratio']:.1%})")
+
+
+def part_generator(args, work, results):
+    symbols = [f"S{i:05d}" for i in range(args.symbols)]
+    # The embedded broker keeps only the newest 100k records per partition: a generator running
+    # ahead of the pipeline makes the consumer skip (offset resets), so it is offered the rate the
+    # file source sustained. Event time advances 1 ms per tick at any rate.
+    rate = int(results["file"]["events_per_s"]) if "file" in results else 500_000
+    pipeline = derive(work, "generator", {"generator": {"symbols": symbols, "rate": rate, "speedup": rate / 1000}})
+    results["generator"] = run_pipeline(work, "generator", pipeline, args.generator_ticks)
+    results["generator"]["offered_rate"] = rate
+
+
+def part_kafka(args, work, results, tansu):
+    n = args.kafka_ticks
+    tansu.topic("ticks", args.partitions)
+    log(f"producing {n:,} ticks to Tansu ({args.partitions} partitions)")
+    m = measure([FLOWGATE, "produce", "--brokers", tansu.bootstrap, "--topic", "ticks", "--rate", 0,
+                 "--count", n, *produce_args(args)], stderr=subprocess.DEVNULL)
+    log(f"produced in {m['wall_s']:.1f} s ({n / m['wall_s']:,.0f}/s)")
+    consume = []
+    for i in range(args.repeat):
+        out = subprocess.run([BENCH, "consume", "--brokers", tansu.bootstrap, "--topic", "ticks", "--count", n,
+                              "--group", f"consume-only-{i}"], capture_output=True, text=True, check=True)
+        c = json.loads(out.stdout)
+        consume.append(c)
+        log(f"consume-only: {c['records_per_second']:,.0f} records/s")
+    pipeline = derive(work, "kafka", {"kafka": {"brokers": tansu.bootstrap, "topic": "ticks",
+                                                "group": "flowgate-bench", "start": "earliest"}})
+    runs = []
+    for i in range(args.repeat):
+        spec = yaml.safe_load(pipeline.read_text())
+        spec["source"]["kafka"]["group"] = f"flowgate-bench-{i}"
+        p = work / f"kafka-{i}.yaml"
+        p.write_text(yaml.safe_dump(spec, sort_keys=False))
+        runs.append(run_pipeline(work, f"kafka-{i}", p, n))
+    best = max(runs, key=lambda r: r["events_per_s"])
+    ceiling = max(c["records_per_second"] for c in consume)
+    results["kafka"] = {"produce": m, "consume_only": consume, "ceiling": ceiling, "flowgate": best,
+                        "ratio": best["events_per_s"] / ceiling}
+    log(f"Flowgate from Kafka: {best['events_per_s']:,.0f} ev/s = {results['kafka']['ratio']:.0%} of consume-only")
+
+
+def part_latency(args, work, results, tansu, max_rate):
+    rate = int(max_rate * 0.5)
+    results["latency"] = {"rate": rate, "max_rate": max_rate, "runs": {}}
+    for label, batch in [("shipped batch settings (max_wait 500ms)", None),
+                         ("max_wait 1ms", {"max_wait": "1ms"})]:
+        topic = f"live-{len(results['latency']['runs'])}"
+        tansu.topic(topic, args.partitions)
+        pipeline = derive(work, f"latency-{topic}", {"kafka": {"brokers": tansu.bootstrap, "topic": topic,
+                                                               "group": f"latency-{topic}", "start": "earliest"}}, batch)
+        data = work / f"data-latency-{topic}"
+        report = work / f"report-latency-{topic}.json"
+        errlog = work / f"latency-{topic}.log"
+        producer = {}
+
+        def start_producer(proc):
+            # Produce once the group has its partitions: every record's latency is then real.
+            deadline = time.monotonic() + 60
+            while "partition assigned" not in errlog.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.5)
+            producer["proc"] = subprocess.Popen(
+                [str(c) for c in [FLOWGATE, "produce", "--brokers", tansu.bootstrap, "--topic", topic,
+                                  "--rate", rate, "--duration", f"{args.latency_seconds}s", "--linger-ms", 0,
+                                  *produce_args(args)]], stderr=subprocess.DEVNULL)
+
+        log(f"latency ({label}): {rate:,} ticks/s for {args.latency_seconds} s")
+        with open(errlog, "w") as err:
+            m = measure([FLOWGATE, "run", pipeline, "--until-idle", "3s", "--report", report], stderr=err,
+                        env={"DATA_DIR": str(data)}, started=start_producer)
+        producer["proc"].wait()
+        r = json.loads(report.read_text())
+        lat = r["latency"]
+        results["latency"]["runs"][label] = {"records": r["records"], "cpu_s": m["cpu_s"],
+                                             "to_last_plugin": lat["append_to_last_plugin"],
+                                             "to_commit": lat["append_to_commit"],
+                                             "commit_interval_s": 5.0}
+        log(f"  append → last plugin p50 {lat['append_to_last_plugin']['p50_ms']} ms, p99 "
+            f"{lat['append_to_last_plugin']['p99_ms']} ms, p99.9 {lat['append_to_last_plugin']['p999_ms']} ms; "
+            f"append → commit p99 {lat['append_to_commit']['p99_ms']} ms")
+
+
+def part_state(args, work, results):
+    out = subprocess.run([BENCH, "state", "--plugin-dir", PLUGINS], capture_output=True, text=True, check=True)
+    results["state"] = json.loads(out.stdout)
+    d, w = results["state"]["dedup"], results["state"]["window"]
+    log(f"dedup: {d['bytes_per_million_keys'] / 2**20:.1f} MiB per million keys; window: "
+        f"{w['bytes'] / 2**20:.1f} MiB for {w['symbols']:,} symbols")
+
+
+def part_spark(args, work, results):
+    out_dir, ckpt, report = work / "spark-bars", work / "spark-checkpoint", work / "spark-report.json"
+    for d in (out_dir, ckpt):
+        shutil.rmtree(d, ignore_errors=True)
+    log("PySpark Structured Streaming, local[2], same ticks (this takes a while)")
+    with open(work / "spark.log", "w") as err:
+        m = measure([sys.executable, ROOT / "bench" / "spark_bars.py", "--input", work / "spark-in",
+                     "--output", out_dir, "--checkpoint", ckpt, "--report", report], stdout=subprocess.DEVNULL,
+                    stderr=err)
+    s = json.loads(report.read_text())
+    s["process"] = m
+    s["events_per_s"] = args.ticks / s["query_wall_seconds"]
+    s["events_per_cpu_s"] = args.ticks / s["cpu_seconds"]
+    results["spark"] = s
+    log(f"Spark: {s['events_per_s']:,.0f} ev/s, {s['events_per_cpu_s']:,.0f} ev/s per core")
+    if "file" in results:
+        results["spark"]["comparison"] = compare_bars(Path(results["file"]["data"]) / "bars", out_dir)
+        c = results["spark"]["comparison"]
+        log(f"bars: {c['common']:,} in both, {c['mismatched']} differ, {c['only_flowgate']} only Flowgate, "
+            f"{c['only_spark']} only Spark")
+
+
+def compare_bars(delta_path, parquet_path):
+    import pandas as pd
+    from deltalake import DeltaTable
+
+    fg = DeltaTable(str(delta_path)).to_pandas()
+    sp = pd.read_parquet(parquet_path)
+    for df in (fg, sp):
+        df["window_start"] = pd.to_datetime(df["window_start"], utc=True).dt.tz_convert("UTC").astype("datetime64[us, UTC]")
+    key = ["symbol", "window_start"]
+    merged = fg.merge(sp, on=key, how="outer", suffixes=("_fg", "_sp"), indicator=True)
+    both = merged[merged["_merge"] == "both"]
+    bad = 0
+    for col in ["open", "high", "low", "close", "avg_price", "volume", "trades", "pct_change"]:
+        a, b = both[f"{col}_fg"].astype(float), both[f"{col}_sp"].astype(float)
+        same = ((a - b).abs() <= 1e-9 * b.abs().clip(lower=1)) | (a.isna() & b.isna())
+        bad += int((~same).sum())
+    return {"flowgate": len(fg), "spark": len(sp), "common": len(both), "mismatched": bad,
+            "only_flowgate": int((merged["_merge"] == "left_only").sum()),
+            "only_spark": int((merged["_merge"] == "right_only").sum())}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ticks", type=int, default=10_000_000, help="ticks in the file and for Spark")
+    p.add_argument("--kafka-ticks", type=int, help="ticks pre-filled on Tansu (default: --ticks)")
+    p.add_argument("--generator-ticks", type=int, help="ticks from the generator (default: --ticks / 2)")
+    p.add_argument("--symbols", type=int, default=1000)
+    p.add_argument("--duplicates", type=float, default=0.01)
+    p.add_argument("--malformed", type=float, default=0.0005)
+    p.add_argument("--partitions", type=int, default=3)
+    p.add_argument("--spark-files", type=int, default=20)
+    p.add_argument("--latency-seconds", type=int, default=30)
+    p.add_argument("--repeat", type=int, default=2, help="runs per throughput figure (the best is kept)")
+    p.add_argument("--skip", action="append", default=[], choices=PARTS)
+    p.add_argument("--only", action="append", default=[], choices=PARTS)
+    p.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
+    p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    args = p.parse_args()
+    args.kafka_ticks = args.kafka_ticks or args.ticks
+    args.generator_ticks = args.generator_ticks or args.ticks // 2
+    wanted = lambda part: part not in args.skip and (not args.only or part in args.only)
+    for binary in (FLOWGATE, BENCH):
+        if not binary.exists():
+            sys.exit(f"{binary} is missing: run `make bench` (it builds the release binaries first)")
+    args.work.mkdir(parents=True, exist_ok=True)
+    work = args.work
+    results = {"machine": machine(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    log(f"machine: {results['machine']}")
+    ticks = part_inputs(args, work, results)
+    if wanted("flowgate-file"):
+        part_file(args, work, results, ticks)
+    if wanted("native"):
+        part_native(args, work, results, ticks)
+    if wanted("generator"):
+        part_generator(args, work, results)
+    if wanted("state"):
+        part_state(args, work, results)
+    if wanted("kafka") or wanted("latency"):
+        tansu = Tansu(work)
+        try:
+            max_rate = None
+            if wanted("kafka"):
+                part_kafka(args, work, results, tansu)
+                max_rate = results["kafka"]["flowgate"]["events_per_s"]
+            if wanted("latency"):
+                part_latency(args, work, results, tansu, max_rate or 200_000)
+        finally:
+            tansu.stop()
+    if wanted("spark"):
+        part_spark(args, work, results)
+    out = ROOT / "bench" / "results" / f"{results['machine']['date']}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    log(f"results: {out}")
+    from report import render
+    text = render(results)
+    print(text)
+    if not args.no_write:
+        md = ROOT / "BENCHMARKS.md"
+        doc = md.read_text()
+        start, end = "<!-- results:start -->", "<!-- results:end -->"
+        if start in doc and end in doc:
+            doc = doc[: doc.index(start) + len(start)] + "\n" + text + "\n" + doc[doc.index(end):]
+            md.write_text(doc)
+            log("BENCHMARKS.md updated")
+
+
+if __name__ == "__main__":
+    main()
