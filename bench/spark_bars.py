@@ -10,11 +10,12 @@ and close by event time); pct_change of close per symbol; bars written as Parque
 
 Runs `local[2]` with `trigger(availableNow=True)` (every file present, then stop). Prints and
 writes a JSON report: rows in, bars out, query wall time, and the CPU seconds of the JVM (from
-its OperatingSystemMXBean) and of this Python driver over the query.
+/proc/<pid>/stat) and of this Python driver over the query.
 """
 
 import argparse
 import json
+import os
 import resource
 import time
 
@@ -25,8 +26,10 @@ SCHEMA = "symbol STRING, price DOUBLE, volume BIGINT, ts TIMESTAMP, ts_epoch_ms 
 
 
 def jvm_cpu_seconds(spark):
-    bean = spark._jvm.java.lang.management.ManagementFactory.getOperatingSystemMXBean()
-    return bean.getProcessCpuTime() / 1e9
+    """User + system CPU seconds of the JVM process so far, from /proc/<pid>/stat."""
+    with open(f"/proc/{jvm_pid(spark)}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def jvm_pid(spark):

@@ -200,9 +200,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 memory_limit: 4 << 30,
                 ..HostConfig::default()
             })?;
-            let dedup = dedup_memory(&host, &plugin_dir, keys)?;
+            let spread = dedup_memory(&host, &plugin_dir, keys, true)?;
+            let one_bucket = dedup_memory(&host, &plugin_dir, keys, false)?;
             let window = window_memory(&host, &plugin_dir, symbols)?;
-            println!("{}", json!({ "dedup": dedup, "window": window }));
+            println!(
+                "{}",
+                json!({ "dedup": spread, "dedup_one_bucket": one_bucket, "window": window })
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -252,24 +256,34 @@ fn ticks(
     )?)
 }
 
-/// Feeds `keys` distinct (symbol, ts) keys to a dedup step and reports the growth of its linear
-/// memory, and its snapshot size.
+/// Feeds `keys` distinct (symbol, ts) keys to a dedup step configured as in
+/// pipelines/stocks.yaml (10-minute retention) and reports the growth of its linear memory, and
+/// its snapshot size. `spread`: the keys' event times spread evenly over the retention, as in a
+/// steady stream (the keys fall into all of dedup's expiry buckets); otherwise all within one
+/// second (one bucket: the worst case for the hash table's growth).
 fn dedup_memory(
     host: &PluginHost,
     dir: &std::path::Path,
     keys: usize,
+    spread: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let schema = tick_schema();
     let plugin = host.load(&dir.join("flowgate_dedup.wasm"))?;
-    let config = r#"{"key": ["symbol", "ts"], "event_time": "ts", "retention": "1h"}"#;
+    let config = r#"{"key": ["symbol", "ts"], "event_time": "ts", "retention": "10m"}"#;
     let mut step = plugin.instantiate("dedup", config, &schema, Grants::default())?;
+    // Symbols per millisecond of event time: 1000 (one second for all keys) or spread over 10 min.
+    let per_ms = if spread {
+        keys.div_ceil(600_000).max(1)
+    } else {
+        1000
+    };
     // One small batch first, so the baseline includes the plugin's working buffers.
-    step.process(&ticks(&schema, 0, 1000, 1000)?)?;
+    step.process(&ticks(&schema, 0, 1000, per_ms)?)?;
     let before = step.memory_bytes().unwrap_or(0);
     let mut fed = 1000;
     while fed < keys {
         let to = (fed + ROWS).min(keys);
-        let out = step.process(&ticks(&schema, fed, to, 1000)?)?;
+        let out = step.process(&ticks(&schema, fed, to, per_ms)?)?;
         anyhow::ensure!(
             out.batches.iter().map(RecordBatch::num_rows).sum::<usize>() == to - fed,
             "dedup dropped distinct keys"
@@ -280,6 +294,7 @@ fn dedup_memory(
     let snapshot = step.snapshot()?.len();
     Ok(json!({
         "keys": keys,
+        "event_time_spread": if spread { "10 minutes (the retention)" } else { "1 second" },
         "memory_before_bytes": before,
         "memory_after_bytes": after,
         "bytes_per_million_keys": (after - before) as f64 * 1e6 / (keys - 1000) as f64,

@@ -30,7 +30,7 @@ use crate::sink::{
     self, ConsoleSink, DeltaSink, Offsets, ParquetSink, Sink, SinkError, TableShape,
 };
 use crate::source::{
-    EmbeddedBroker, FileSource, Generator, KafkaSource, Record, Source, SourceError,
+    EmbeddedBroker, FileSource, Generator, KafkaSource, Pace, Record, Source, SourceError,
 };
 
 /// Why a run stopped with an error.
@@ -326,6 +326,9 @@ pub fn run(
     // Declared before the source, so they outlive its consumer.
     let mut _embedded: Option<EmbeddedBroker> = None;
     let mut _generator: Option<Generator> = None;
+    // What the generator paces itself by: it starts once partitions are assigned, and stays
+    // within the embedded broker's retention of what has been read.
+    let pace = Arc::new(Pace::default());
     let mut source: Box<dyn Source> = match spec.source.kind() {
         None => {
             return Err(RunError::Config(
@@ -349,6 +352,7 @@ pub fn run(
                             g,
                             &bootstrap,
                             topics.first().map_or("ticks", String::as_str),
+                            pace.clone(),
                         )?)
                     }
                     None => tracing::warn!(
@@ -370,7 +374,7 @@ pub fn run(
         Some(SourceKind::Generator(g)) => {
             let broker = EmbeddedBroker::start(&g.topic, 3)?;
             let bootstrap = broker.bootstrap();
-            _generator = Some(Generator::start(g, &bootstrap, &g.topic)?);
+            _generator = Some(Generator::start(g, &bootstrap, &g.topic, pace.clone())?);
             _embedded = Some(broker);
             let kafka = crate::config::KafkaSpec {
                 brokers: crate::config::Brokers::One(bootstrap.clone()),
@@ -471,6 +475,11 @@ pub fn run(
             &mut polled,
         )?;
         let poll_time = polling.elapsed();
+        pace.consumed
+            .fetch_add(polled.len() as u64, Ordering::Relaxed);
+        if !pace.reading.load(Ordering::Relaxed) && !source.assigned().is_empty() {
+            pace.reading.store(true, Ordering::Relaxed);
+        }
         if !polled.is_empty() {
             last_record = Instant::now();
         }

@@ -3,7 +3,7 @@
 //! and nothing after the process exits.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,18 @@ impl EmbeddedBroker {
     }
 }
 
+/// What the generator paces itself by, shared with the run loop.
+#[derive(Debug, Default)]
+pub struct Pace {
+    /// Records the pipeline has read.
+    pub consumed: AtomicU64,
+    /// Set once the pipeline's consumer has its partitions.
+    pub reading: AtomicBool,
+}
+
+/// How far the generator may run ahead of the pipeline, in records (all partitions together).
+pub const HEADROOM: u64 = 120_000;
+
 /// Produces random-walk ticks (`symbol, price, volume, ts, ts_epoch_ms`) until stopped.
 pub struct Generator {
     stop: Arc<AtomicBool>,
@@ -51,17 +63,28 @@ pub struct Generator {
 impl Generator {
     /// Starts producing `spec.rate` ticks per second to `topic` on `bootstrap`. Event time starts
     /// now and runs `spec.speedup` times faster than the wall clock.
-    pub fn start(spec: &GeneratorSpec, bootstrap: &str, topic: &str) -> Result<Self, SourceError> {
+    ///
+    /// It starts once `pace.reading` is set (the pipeline has its partitions), and stays at most
+    /// [`HEADROOM`] records ahead of `pace.consumed`, because the embedded broker keeps only the
+    /// newest 100k records per partition and a consumer that falls further behind skips records.
+    pub fn start(
+        spec: &GeneratorSpec,
+        bootstrap: &str,
+        topic: &str,
+        pace: Arc<Pace>,
+    ) -> Result<Self, SourceError> {
         let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
-            .set("linger.ms", "5")
+            // A record's Kafka timestamp is taken when it is handed to the producer: a short linger
+            // keeps it close to the append time without a request per record.
+            .set("linger.ms", "1")
             .create()
             .map_err(|e| SourceError::Io(format!("cannot create the generator's producer: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, spec, topic) = (stop.clone(), spec.clone(), topic.to_string());
         let thread = std::thread::Builder::new()
             .name("flowgate-generator".into())
-            .spawn(move || generate(&producer, &spec, &topic, &flag))
+            .spawn(move || generate(&producer, &spec, &topic, &flag, &pace))
             .map_err(|e| SourceError::Io(format!("cannot start the generator: {e}")))?;
         Ok(Generator {
             stop,
@@ -84,7 +107,14 @@ fn generate(
     spec: &GeneratorSpec,
     topic: &str,
     stop: &AtomicBool,
+    pace: &Pace,
 ) {
+    while !pace.reading.load(Ordering::Relaxed) {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
     let mut next = move || {
         seed ^= seed << 13;
@@ -100,10 +130,16 @@ fn generate(
     let rate = spec.rate.max(1.0);
     let mut sent: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
+        if sent.saturating_sub(pace.consumed.load(Ordering::Relaxed)) >= HEADROOM {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
         let i = ((next() * spec.symbols.len() as f64) as usize)
             .min(spec.symbols.len().saturating_sub(1));
         prices[i] = (prices[i] * (1.0 + (next() - 0.5) * 0.004)).max(0.01);
-        let ts_ms = start_ms + (sent as f64 * 1000.0 / rate * spec.speedup) as i64;
+        // Event time follows the wall clock (times `speedup`), also when the generator waits for
+        // the pipeline.
+        let ts_ms = start_ms + (started.elapsed().as_secs_f64() * 1000.0 * spec.speedup) as i64;
         let ts = chrono::DateTime::from_timestamp_millis(ts_ms).unwrap_or_default();
         let tick = serde_json::json!({
             "symbol": spec.symbols[i],
@@ -119,8 +155,11 @@ fn generate(
             continue;
         }
         sent += 1;
+        // Sleep only when a millisecond or more ahead: sleeping per record overshoots.
         let due = Duration::from_secs_f64(sent as f64 / rate);
-        if let Some(wait) = due.checked_sub(started.elapsed()) {
+        if let Some(wait) = due.checked_sub(started.elapsed())
+            && wait >= Duration::from_millis(1)
+        {
             std::thread::sleep(wait);
         }
     }

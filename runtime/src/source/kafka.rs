@@ -115,7 +115,17 @@ impl KafkaSource {
                 },
             )
             .set("fetch.min.bytes", "1")
-            .set("queued.max.messages.kbytes", "262144")
+            // librdkafka stops fetching a partition once 100k records wait locally and then backs
+            // off for a full second: a pipeline catching up on a backlog spent most of its time
+            // waiting (bench: 122k → 435k events/s from Tansu). Prefetch by size instead, and
+            // retry soon.
+            .set("queued.min.messages", "1000000")
+            .set("queued.max.messages.kbytes", "65536")
+            .set("fetch.queue.backoff.ms", "10")
+            // A broker may hold a fetch this long waiting for more data (Tansu holds it even when
+            // data is there): 10 ms instead of 500 keeps latency low and the pipe full (bench:
+            // 470k → 650k events/s from Tansu), for ~100 empty fetches/s on an idle topic.
+            .set("fetch.wait.max.ms", "10")
             .set("enable.partition.eof", "false")
             .set("statistics.interval.ms", "5000");
         for (k, v) in &spec.options {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use file::FileSource;
-pub use generator::{EmbeddedBroker, Generator};
+pub use generator::{EmbeddedBroker, Generator, Pace};
 pub use kafka::KafkaSource;
 
 use crate::sink::Offsets;
