@@ -79,7 +79,7 @@ def render(r):
         out += ["### Latency", "",
                 f"Ticks from the generator at a steady rate — half of the {_n(lt['max_rate'])} events/s the "
                 f"generator run sustained, and a tenth — through the embedded broker; the generator's producer "
-                f"stamps each record as it sends it (`linger.ms=0`, Kafka `CreateTime`, just before the append). "
+                f"stamps each record as it hands it over (Kafka `CreateTime`; `linger.ms=1`, so up to 1 ms before the append). "
                 f"Latency runs from that timestamp to the moment the batch holding the record left the last plugin, "
                 f"and to the moment the checkpoint covering it committed (Delta versions, Parquet log, offsets; "
                 f"interval 5 s). The generator, the broker and the pipeline share the 2 cores.", "",
@@ -127,8 +127,8 @@ def render(r):
 
 
 def _args(a):
-    defaults = {"ticks": 10_000_000, "symbols": 1000, "repeat": 2, "partitions": 3}
-    return [f"--{k} {a[k]}" for k, v in defaults.items() if a.get(k) != v]
+    defaults = {"ticks": 10_000_000, "symbols": 1000, "repeat": 2, "partitions": 3, "latency_seconds": 20}
+    return [f"--{k.replace('_', '-')} {a[k]}" for k, v in defaults.items() if a.get(k) != v]
 
 
 if __name__ == "__main__":

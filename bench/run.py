@@ -223,13 +223,16 @@ def part_kafka(args, work, results, tansu):
     consume = []
     for i in range(args.repeat):
         out = subprocess.run([str(c) for c in [BENCH, "consume", "--brokers", tansu.bootstrap, "--topic", "ticks",
-                                                "--count", n, "--group", f"consume-only-{i}"]],
+                                                "--count", n, "--group", f"consume-only-{i}",
+                                                *[x for o in args.kafka_option for x in ("--option", o)]]],
                              capture_output=True, text=True, check=True)
         c = json.loads(out.stdout)
         consume.append(c)
         log(f"consume-only: {c['records_per_second']:,.0f} records/s")
+    options = dict(o.split("=", 1) for o in args.kafka_option)
     pipeline = derive(work, "kafka", {"kafka": {"brokers": tansu.bootstrap, "topic": "ticks",
-                                                "group": "flowgate-bench", "start": "earliest"}})
+                                                "group": "flowgate-bench", "start": "earliest",
+                                                "options": options}})
     runs = []
     for i in range(args.repeat):
         spec = yaml.safe_load(pipeline.read_text())
@@ -330,7 +333,9 @@ def main():
     p.add_argument("--malformed", type=float, default=0.0005)
     p.add_argument("--partitions", type=int, default=3)
     p.add_argument("--spark-files", type=int, default=20)
-    p.add_argument("--latency-seconds", type=int, default=30)
+    p.add_argument("--latency-seconds", type=int, default=20)
+    p.add_argument("--kafka-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="librdkafka setting for the Kafka runs (consume-only and Flowgate), as a pipeline's options")
     p.add_argument("--repeat", type=int, default=2, help="runs per throughput figure (the best is kept)")
     p.add_argument("--skip", action="append", default=[], choices=PARTS)
     p.add_argument("--only", action="append", default=[], choices=PARTS)
