@@ -340,7 +340,8 @@ def main():
     p.add_argument("--skip", action="append", default=[], choices=PARTS)
     p.add_argument("--only", action="append", default=[], choices=PARTS)
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
-    p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    p.add_argument("--no-write", action="store_true",
+                   help="leave BENCHMARKS.md and bench/results alone (results go to the work folder)")
     args = p.parse_args()
     args.kafka_ticks = args.kafka_ticks or args.ticks
     args.generator_ticks = args.generator_ticks or args.ticks // 2
@@ -372,7 +373,8 @@ def main():
             tansu.stop()
     if wanted("spark"):
         part_spark(args, work, results)
-    out = ROOT / "bench" / "results" / f"{results['machine']['date']}.json"
+    # A partial or trial run (`--no-write`) keeps its results in the work folder.
+    out = (work if args.no_write else ROOT / "bench" / "results") / f"{results['machine']['date']}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
     log(f"results: {out}")

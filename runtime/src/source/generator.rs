@@ -127,6 +127,7 @@ fn generate(
         .collect();
     let start_ms = chrono::Utc::now().timestamp_millis();
     let started = Instant::now();
+    let mut last_ts = vec![i64::MIN; spec.symbols.len()];
     let rate = spec.rate.max(1.0);
     let mut sent: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -137,9 +138,12 @@ fn generate(
         let i = ((next() * spec.symbols.len() as f64) as usize)
             .min(spec.symbols.len().saturating_sub(1));
         prices[i] = (prices[i] * (1.0 + (next() - 0.5) * 0.004)).max(0.01);
-        // Event time follows the wall clock (times `speedup`), also when the generator waits for
-        // the pipeline.
-        let ts_ms = start_ms + (started.elapsed().as_secs_f64() * 1000.0 * spec.speedup) as i64;
+        // Event time moves `1 / rate` s (times `speedup`) per tick, never falls behind the wall
+        // clock (times `speedup`) when the generator waits for the pipeline, and moves at least
+        // 1 ms per tick of one symbol, so (symbol, ts) stays unique in a burst.
+        let t = (sent as f64 / rate).max(started.elapsed().as_secs_f64());
+        let ts_ms = (start_ms + (t * 1000.0 * spec.speedup) as i64).max(last_ts[i] + 1);
+        last_ts[i] = ts_ms;
         let ts = chrono::DateTime::from_timestamp_millis(ts_ms).unwrap_or_default();
         let tick = serde_json::json!({
             "symbol": spec.symbols[i],
