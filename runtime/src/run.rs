@@ -764,7 +764,7 @@ impl Ctx {
         for (i, (name, encode)) in names.zip(encodes).enumerate() {
             let write = self.clock.sink_write.get(i).copied().unwrap_or_default();
             let commit = self.clock.sink_commit.get(i).copied().unwrap_or_default();
-            out.push(stage(format!("sink {name} buffer"), write));
+            out.push(stage(format!("sink {name} write"), write));
             out.push(stage(format!("sink {name} encode"), encode));
             out.push(stage(
                 format!("sink {name} commit"),

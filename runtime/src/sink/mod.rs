@@ -65,7 +65,8 @@ pub trait Sink: Send {
     fn commit(&mut self, offsets: &Offsets) -> Result<bool, SinkError>;
     /// The last offset of `topic`/`partition` this sink has committed, if any.
     fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<i64>, SinkError>;
-    /// Time spent so far turning rows into Parquet bytes (part of `commit`), for the run report.
+    /// Time spent so far in `commit` turning rows into Parquet bytes, for the run report (a sink
+    /// that encodes rows as they arrive counts that in `write`).
     fn encode_time(&self) -> std::time::Duration {
         std::time::Duration::ZERO
     }

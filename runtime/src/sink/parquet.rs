@@ -31,6 +31,22 @@ pub struct ParquetSink {
     committed: Offsets,
     pending: Pending,
     encode_time: std::time::Duration,
+    /// Files being written for the next commit, by partition folder: rows are encoded as they
+    /// arrive, so a commit only finishes the files (it used to encode everything at once and stall
+    /// the run loop for it).
+    open: BTreeMap<String, OpenFile>,
+    /// Rows in `open`.
+    rows: usize,
+    /// Files started so far (numbers file names within a commit).
+    files_started: u64,
+}
+
+/// A Parquet file under its temporary name, taking rows until the next commit.
+struct OpenFile {
+    rel: String,
+    path: PathBuf,
+    tmp: PathBuf,
+    writer: ArrowWriter<std::fs::File>,
 }
 
 /// A file no commit names is removed at open once it is this old (younger ones may belong to
@@ -103,6 +119,9 @@ impl ParquetSink {
             committed: Offsets::new(),
             pending: Pending::new(shape),
             encode_time: std::time::Duration::ZERO,
+            open: BTreeMap::new(),
+            rows: 0,
+            files_started: 0,
         };
         let known = sink.read_log()?;
         sink.remove_orphans(dir, &known)
@@ -180,6 +199,40 @@ impl ParquetSink {
         Ok(())
     }
 
+    /// A new file in `folder` for the next commit (version `self.version + 1`).
+    fn start_file(&mut self, folder: &str) -> Result<OpenFile, SinkError> {
+        self.files_started += 1;
+        let rel = format!(
+            "{folder}part-{}-{:06}-{:04}.parquet",
+            self.writer,
+            self.version + 1,
+            self.files_started
+        );
+        let path = self.dir.join(&rel);
+        let tmp = path.with_extension("parquet.tmp");
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .build();
+        let open = || -> Result<ArrowWriter<std::fs::File>, Box<dyn std::error::Error>> {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let file = std::fs::File::create(&tmp)?;
+            Ok(ArrowWriter::try_new(
+                file,
+                self.file_schema.clone(),
+                Some(props),
+            )?)
+        };
+        let writer = open().map_err(|e| self.fail(format!("creating {rel}: {e}")))?;
+        Ok(OpenFile {
+            rel,
+            path,
+            tmp,
+            writer,
+        })
+    }
+
     fn fail(&self, message: String) -> SinkError {
         SinkError::Table {
             sink: self.name.clone(),
@@ -237,54 +290,59 @@ impl Sink for ParquetSink {
     }
 
     fn write(&mut self, batch: RecordBatch) -> Result<(), SinkError> {
-        self.pending
-            .push(&batch)
-            .map_err(|e| self.fail(format!("converting a batch: {e}")))
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let batch = self
+            .pending
+            .shape()
+            .apply(&batch)
+            .map_err(|e| self.fail(format!("converting a batch: {e}")))?;
+        let parts = self
+            .split(&batch)
+            .map_err(|e| self.fail(format!("partitioning: {e}")))?;
+        for (folder, part) in parts {
+            if !self.open.contains_key(&folder) {
+                let file = self.start_file(&folder)?;
+                self.open.insert(folder.clone(), file);
+            }
+            if let Some(file) = self.open.get_mut(&folder)
+                && let Err(e) = file.writer.write(&part)
+            {
+                let rel = file.rel.clone();
+                return Err(self.fail(format!("writing {rel}: {e}")));
+            }
+        }
+        self.rows += batch.num_rows();
+        Ok(())
     }
 
     fn commit(&mut self, offsets: &Offsets) -> Result<bool, SinkError> {
-        if !self.pending.worth_committing(offsets, &self.committed) {
+        if self.open.is_empty()
+            && !offsets
+                .iter()
+                .any(|(k, v)| self.committed.get(k) != Some(v))
+        {
             return Ok(false);
         }
         let version = self.version + 1;
-        let mut by_folder: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
-        let mut rows = 0;
-        for batch in self.pending.take() {
-            rows += batch.num_rows();
-            for (folder, part) in self
-                .split(&batch)
-                .map_err(|e| self.fail(format!("partitioning: {e}")))?
-            {
-                by_folder.entry(folder).or_default().push(part);
-            }
-        }
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()))
-            .build();
+        let rows = std::mem::take(&mut self.rows);
         let mut files = Vec::new();
-        let mut encoded = std::time::Duration::ZERO;
-        for (n, (folder, parts)) in by_folder.into_iter().enumerate() {
-            let rel = format!("{folder}part-{}-{version:06}-{n:04}.parquet", self.writer);
-            let path = self.dir.join(&rel);
-            let tmp = path.with_extension("parquet.tmp");
-            let mut write = || -> Result<(), Box<dyn std::error::Error>> {
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
-                let file = std::fs::File::create(&tmp)?;
-                let encoding = std::time::Instant::now();
-                let mut writer =
-                    ArrowWriter::try_new(file, self.file_schema.clone(), Some(props.clone()))?;
-                for p in &parts {
-                    writer.write(p)?;
-                }
-                let file = writer.into_inner()?;
-                encoded += encoding.elapsed();
-                file.sync_all()?;
-                std::fs::rename(&tmp, &path)?;
-                Ok(())
-            };
-            write().map_err(|e| self.fail(format!("writing {rel}: {e}")))?;
+        for (_, file) in std::mem::take(&mut self.open) {
+            let OpenFile {
+                rel,
+                path,
+                tmp,
+                writer,
+            } = file;
+            let encoding = std::time::Instant::now();
+            let finished = writer.into_inner();
+            self.encode_time += encoding.elapsed();
+            finished
+                .map_err(|e| e.to_string())
+                .and_then(|f| f.sync_all().map_err(|e| e.to_string()))
+                .and_then(|_| std::fs::rename(&tmp, &path).map_err(|e| e.to_string()))
+                .map_err(|e| self.fail(format!("writing {rel}: {e}")))?;
             files.push(rel);
         }
         let entry = LogEntry {
@@ -306,13 +364,13 @@ impl Sink for ParquetSink {
             .and_then(|_| std::fs::rename(&tmp, &log))
             .map_err(|e| self.fail(format!("writing the commit log: {e}")))?;
         self.version = version;
-        self.encode_time += encoded;
         self.committed
             .extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
         tracing::debug!(sink = %self.name, version, rows, "committed Parquet files");
         Ok(true)
     }
 
+    /// Only what finishing the files at a commit takes; rows are encoded in `write`.
     fn encode_time(&self) -> std::time::Duration {
         self.encode_time
     }
