@@ -22,7 +22,7 @@ def render(r):
         f"Run of {m['date']} at commit `{m['commit']}`: {m['cpu']}, {m['cores']} cores, "
         f"{m['memory_gib']} GiB, Linux {m['kernel']}, {m['rustc']}, {m['java']}.",
         "",
-        f"Command: `make bench BENCH_ARGS=\"{' '.join(_args(a))}\"`. Input: {a['ticks']:,} ticks "
+        f"Command: `make bench{_bench_args(a)}`. Input: {a['ticks']:,} ticks "
         f"({a['symbols']:,} symbols, {a['duplicates']:.1%} duplicates, {a['malformed']:.2%} malformed), "
         f"{_n(r.get('input', {}).get('bytes', 0) / 2**20)} MiB of JSON lines. "
         f"Throughput figures are the best of {a['repeat']} runs.",
@@ -124,6 +124,11 @@ def render(r):
                     f"pct_change); {c['only_flowgate']} only in Flowgate, {c['only_spark']} only in Spark."]
         out.append("")
     return "\n".join(out)
+
+
+def _bench_args(a):
+    args = " ".join(_args(a))
+    return f' BENCH_ARGS="{args}"' if args else ""
 
 
 def _args(a):
