@@ -8,7 +8,6 @@
 //! - `state`: bytes of WASM linear memory held by `dedup` per million distinct keys, and by
 //!   `window` for 10,000 symbols.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -19,6 +18,7 @@ use arrow::array::{Float64Array, Int64Array, StringArray, TimestampMillisecondAr
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use clap::{Parser, Subcommand};
+use flowgate::cli::{parse_duration, parse_var};
 use flowgate::config::{Brokers, KafkaSpec, Pipeline, StartFrom};
 use flowgate::plugin::{Grants, HostConfig, NativeFactory, PluginHost};
 use flowgate::source::KafkaSource;
@@ -43,14 +43,14 @@ enum Command {
         #[arg(long)]
         native: bool,
         /// Set a `${VAR}` used in the pipeline file.
-        #[arg(long = "set", value_name = "VAR=VALUE")]
-        vars: Vec<String>,
+        #[arg(long = "set", value_name = "VAR=VALUE", value_parser = parse_var)]
+        vars: Vec<(String, String)>,
         /// Stop after this many input records.
         #[arg(long)]
         max_records: Option<u64>,
-        /// Stop once no record arrived for this long, in milliseconds.
-        #[arg(long, value_name = "MS")]
-        until_idle_ms: Option<u64>,
+        /// Stop once no record arrived for this long (e.g. `10s`).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        until_idle: Option<Duration>,
         /// Write the run report (JSON) here.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -71,8 +71,8 @@ enum Command {
         #[arg(long, default_value = "flowgate-bench-consume")]
         group: String,
         /// Extra librdkafka settings, `key=value`, as a pipeline's `options`.
-        #[arg(long = "option", value_name = "KEY=VALUE")]
-        options: Vec<String>,
+        #[arg(long = "option", value_name = "KEY=VALUE", value_parser = parse_var)]
+        options: Vec<(String, String)>,
     },
     /// Measure plugin state memory inside the WASM instances; print JSON.
     State {
@@ -99,12 +99,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn key_value(text: &str) -> anyhow::Result<(String, String)> {
-    text.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .with_context(|| format!("`{text}`: expected KEY=VALUE"))
-}
-
 fn native<T: flowgate_sdk::Transform + 'static>() -> NativeFactory {
     Arc::new(|config: &str, input: &SchemaRef| flowgate_sdk::create::<T>(config, input))
 }
@@ -116,14 +110,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             native: linked,
             vars,
             max_records,
-            until_idle_ms,
+            until_idle,
             report,
         } => {
-            let vars = vars
-                .iter()
-                .map(|v| key_value(v))
-                .collect::<anyhow::Result<HashMap<_, _>>>()?;
-            let pipeline = Pipeline::load(&pipeline, &vars)?;
+            let pipeline = Pipeline::load(&pipeline, &vars.into_iter().collect())?;
             let mut host = PluginHost::new(HostConfig::default())?;
             if linked {
                 host.link_native("validate", native::<flowgate_validate::Validate>());
@@ -135,7 +125,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &pipeline,
                 &host,
                 max_records,
-                until_idle_ms.map(Duration::from_millis),
+                until_idle,
                 report.as_deref(),
             )
         }
@@ -152,10 +142,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 topics: None,
                 group,
                 start: StartFrom::Earliest,
-                options: options
-                    .iter()
-                    .map(|o| key_value(o))
-                    .collect::<anyhow::Result<_>>()?,
+                options: options.into_iter().collect(),
             };
             let consumer: BaseConsumer = KafkaSource::client_config(&spec, &brokers)
                 .create()

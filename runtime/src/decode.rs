@@ -220,10 +220,8 @@ impl JsonDecoder {
             return;
         }
         let subset: Vec<&[u8]> = indices.iter().map(|&i| records[i]).collect();
-        let result = self.decode_all(&subset);
-        match result {
+        match self.decode_all(&subset) {
             Ok(Some(batch)) if batch.num_rows() == indices.len() => good.push(batch),
-            Ok(None) if indices.is_empty() => {}
             _ if indices.len() > 1 => {
                 let (left, right) = indices.split_at(indices.len() / 2);
                 self.split(records, left, good, failures);

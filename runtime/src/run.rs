@@ -399,6 +399,8 @@ pub fn run(
     let interval = Duration::from_millis(spec.checkpoint.interval.as_millis().max(1) as u64);
     let max_records = spec.batch.max_records;
 
+    // The sinks, then the dead letter (whether or not there is one), for the stage clocks.
+    let sink_count = sinks.len() + 1;
     let ctx = Ctx {
         pipeline: pipeline.clone(),
         plan,
@@ -408,7 +410,11 @@ pub fn run(
         last_commit: None,
         decoder,
         event_time,
-        clock: Clock::default(),
+        clock: Clock {
+            sink_write: vec![Duration::ZERO; sink_count],
+            sink_commit: vec![Duration::ZERO; sink_count],
+            ..Clock::default()
+        },
         retired: Vec::new(),
         uncommitted: HashMap::new(),
     };
@@ -675,7 +681,7 @@ struct Ctx {
 struct Clock {
     poll: Duration,
     decode: Duration,
-    /// Per sink (same order as `Ctx::sinks`), then the dead letter.
+    /// Per sink (same order as `Ctx::sinks`), then the dead letter: sized once at the start.
     sink_write: Vec<Duration>,
     sink_commit: Vec<Duration>,
     snapshot: Duration,
@@ -742,13 +748,12 @@ impl Ctx {
             stage("source poll".into(), self.clock.poll),
             stage("decode".into(), self.clock.decode),
         ];
-        let native = self.plan.native.clone();
         for (i, t) in self.retired.iter().enumerate() {
             out.push(StageTime {
                 stage: format!("step {}", self.plan.names[i]),
                 time: t.total,
                 host_boundary: Some(t.host_boundary),
-                native: native.get(i).copied(),
+                native: self.plan.native.get(i).copied(),
             });
         }
         let names = self
@@ -762,8 +767,7 @@ impl Ctx {
             .map(|s| s.sink.encode_time())
             .chain(self.dead_letter.as_ref().map(|d| d.encode_time()));
         for (i, (name, encode)) in names.zip(encodes).enumerate() {
-            let write = self.clock.sink_write.get(i).copied().unwrap_or_default();
-            let commit = self.clock.sink_commit.get(i).copied().unwrap_or_default();
+            let (write, commit) = (self.clock.sink_write[i], self.clock.sink_commit[i]);
             out.push(stage(format!("sink {name} write"), write));
             out.push(stage(format!("sink {name} encode"), encode));
             out.push(stage(
@@ -774,13 +778,6 @@ impl Ctx {
         out.push(stage("checkpoint state".into(), self.clock.snapshot));
         out.push(stage("source commit".into(), self.clock.source_commit));
         out
-    }
-
-    fn add_sink_time(times: &mut Vec<Duration>, index: usize, d: Duration) {
-        if times.len() <= index {
-            times.resize(index + 1, Duration::ZERO);
-        }
-        times[index] += d;
     }
 
     /// A new partition: find where its sinks stand, restore its state, build its chain.
@@ -891,11 +888,7 @@ impl Ctx {
             .map_err(|e| RunError::Config(format!("dead letter batch: {e}")))?;
         let writing = Instant::now();
         sink.write(batch)?;
-        Self::add_sink_time(
-            &mut self.clock.sink_write,
-            self.sinks.len(),
-            writing.elapsed(),
-        );
+        self.clock.sink_write[self.sinks.len()] += writing.elapsed();
         Ok(())
     }
 
@@ -933,7 +926,7 @@ impl Ctx {
                     }
                 }
             }
-            Self::add_sink_time(&mut self.clock.sink_write, index, writing.elapsed());
+            self.clock.sink_write[index] += writing.elapsed();
         }
         let mut rows = Vec::new();
         let first_step = self.plan.names.first();
@@ -1164,13 +1157,13 @@ impl Ctx {
         for (index, slot) in self.sinks.iter_mut().enumerate() {
             let committing = Instant::now();
             committed |= slot.sink.commit(&offsets)?;
-            Self::add_sink_time(&mut self.clock.sink_commit, index, committing.elapsed());
+            self.clock.sink_commit[index] += committing.elapsed();
         }
         if let Some(d) = self.dead_letter.as_mut() {
             let committing = Instant::now();
             committed |= d.commit(&offsets)?;
             let index = self.sinks.len();
-            Self::add_sink_time(&mut self.clock.sink_commit, index, committing.elapsed());
+            self.clock.sink_commit[index] += committing.elapsed();
         }
         let now_us = chrono::Utc::now().timestamp_micros();
         for (ts_ms, n) in self.uncommitted.drain() {

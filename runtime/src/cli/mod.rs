@@ -70,7 +70,8 @@ enum Command {
     Plugin(PluginCommand),
 }
 
-fn parse_var(text: &str) -> Result<(String, String), String> {
+/// `VAR=VALUE` → (VAR, VALUE), for `--set` and similar options.
+pub fn parse_var(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("`{text}`: expected VAR=VALUE"))
@@ -158,7 +159,8 @@ impl HostArgs {
     }
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+/// A duration as pipelines write it (`500ms`, `10s`, `1m`), for command-line options.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let d = flowgate_sdk::config::Duration::parse(text)?;
     u64::try_from(d.as_millis())
         .map(Duration::from_millis)

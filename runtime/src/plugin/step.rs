@@ -673,14 +673,15 @@ impl Step {
         let bytes = ipc::encode_batches(&self.input, std::slice::from_ref(batch))
             .map_err(|e| self.protocol("process", format!("encoding the input batch: {e}")))?;
         let encoded = encoding.elapsed();
-        let name = self.name.clone();
         let output = match &mut self.backend {
-            Backend::Wasm(instance) => instance.call(&name, "process", |store, plugin, t| {
-                plugin
-                    .flowgate_plugin_transform()
-                    .transformer()
-                    .call_process(store, t, &bytes)
-            })?,
+            Backend::Wasm(instance) => {
+                instance.call(&self.name, "process", |store, plugin, t| {
+                    plugin
+                        .flowgate_plugin_transform()
+                        .transformer()
+                        .call_process(store, t, &bytes)
+                })?
+            }
             Backend::Native { .. } => {
                 return Err(self.protocol("process", "the step changed backend".into()));
             }
@@ -701,22 +702,16 @@ impl Step {
     }
 
     fn on_watermark_inner(&mut self, ts_ms: i64) -> Result<StepOutput, PluginError> {
-        let name = self.name.clone();
         let output = match &mut self.backend {
             Backend::Native { transform, .. } => {
                 let output = transform
                     .on_watermark(ts_ms)
                     .map_err(|e| self.native_error("on-watermark", e))?;
-                if !output.rejected.is_empty() {
-                    return Err(self.protocol(
-                        "on-watermark",
-                        "rejected rows, but on-watermark has no input rows".into(),
-                    ));
-                }
+                self.no_rejections_on_watermark(output.rejected.is_empty())?;
                 return self.native_output("on-watermark", output, 0);
             }
             Backend::Wasm(instance) => {
-                instance.call(&name, "on-watermark", |store, plugin, t| {
+                instance.call(&self.name, "on-watermark", |store, plugin, t| {
                     plugin
                         .flowgate_plugin_transform()
                         .transformer()
@@ -724,26 +719,31 @@ impl Step {
                 })?
             }
         };
-        if !output.rejected.is_empty() {
-            return Err(self.protocol(
-                "on-watermark",
-                "rejected rows, but on-watermark has no input rows".into(),
-            ));
-        }
+        self.no_rejections_on_watermark(output.rejected.is_empty())?;
         let decoding = Instant::now();
         let output = self.decode("on-watermark", output, 0);
         self.timings.host_boundary += decoding.elapsed();
         output
     }
 
+    /// `on-watermark` has no input rows, so it cannot reject any.
+    fn no_rejections_on_watermark(&self, none: bool) -> Result<(), PluginError> {
+        if none {
+            return Ok(());
+        }
+        Err(self.protocol(
+            "on-watermark",
+            "rejected rows, but on-watermark has no input rows".into(),
+        ))
+    }
+
     /// The plugin's state, to store with a checkpoint.
     pub fn snapshot(&mut self) -> Result<Vec<u8>, PluginError> {
-        let name = self.name.clone();
         match &mut self.backend {
             Backend::Native { transform, .. } => transform
                 .snapshot()
                 .map_err(|e| self.native_error("snapshot", e)),
-            Backend::Wasm(instance) => instance.call(&name, "snapshot", |store, plugin, t| {
+            Backend::Wasm(instance) => instance.call(&self.name, "snapshot", |store, plugin, t| {
                 plugin
                     .flowgate_plugin_transform()
                     .transformer()
@@ -754,12 +754,11 @@ impl Step {
 
     /// Replaces the plugin's state with an earlier snapshot.
     pub fn restore(&mut self, state: &[u8]) -> Result<(), PluginError> {
-        let name = self.name.clone();
         match &mut self.backend {
             Backend::Native { transform, .. } => transform
                 .restore(state)
                 .map_err(|e| self.native_error("restore", e)),
-            Backend::Wasm(instance) => instance.call(&name, "restore", |store, plugin, t| {
+            Backend::Wasm(instance) => instance.call(&self.name, "restore", |store, plugin, t| {
                 plugin
                     .flowgate_plugin_transform()
                     .transformer()

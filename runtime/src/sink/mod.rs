@@ -166,6 +166,11 @@ impl TableShape {
     }
 }
 
+/// Whether any partition's offset in `offsets` differs from `last` (a commit would record news).
+pub(crate) fn offsets_moved(offsets: &Offsets, last: &Offsets) -> bool {
+    offsets.iter().any(|(k, v)| last.get(k) != Some(v))
+}
+
 /// Rows a table sink holds until its next commit, already in the table's shape.
 pub(crate) struct Pending {
     shape: TableShape,
@@ -180,10 +185,6 @@ impl Pending {
         }
     }
 
-    pub(crate) fn shape(&self) -> &TableShape {
-        &self.shape
-    }
-
     /// Converts and keeps `batch` (an empty one is dropped).
     pub(crate) fn push(&mut self, batch: &RecordBatch) -> Result<(), arrow::error::ArrowError> {
         if batch.num_rows() > 0 {
@@ -194,7 +195,7 @@ impl Pending {
 
     /// Whether a commit has anything to record: rows, or offsets that moved since `last`.
     pub(crate) fn worth_committing(&self, offsets: &Offsets, last: &Offsets) -> bool {
-        !self.batches.is_empty() || offsets.iter().any(|(k, v)| last.get(k) != Some(v))
+        !self.batches.is_empty() || offsets_moved(offsets, last)
     }
 
     /// Hands over the rows held.

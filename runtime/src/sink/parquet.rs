@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
-use super::{Offsets, Pending, Sink, SinkError, TableShape};
+use super::{Offsets, Sink, SinkError, TableShape, offsets_moved};
 
 /// Parquet files under `column=value/` folders, with a commit log (`_flowgate_log/`), as Spark's
 /// file sink keeps. A file appears atomically (written under a temporary name, then renamed), and
@@ -29,7 +30,7 @@ pub struct ParquetSink {
     writer: String,
     version: u64,
     committed: Offsets,
-    pending: Pending,
+    shape: TableShape,
     encode_time: std::time::Duration,
     /// Files being written for the next commit, by partition folder: rows are encoded as they
     /// arrive, so a commit only finishes the files (it used to encode everything at once and stall
@@ -117,7 +118,7 @@ impl ParquetSink {
             writer: writer_id(),
             version: 0,
             committed: Offsets::new(),
-            pending: Pending::new(shape),
+            shape,
             encode_time: std::time::Duration::ZERO,
             open: BTreeMap::new(),
             rows: 0,
@@ -252,19 +253,27 @@ impl ParquetSink {
             .iter()
             .map(|&i| ArrayFormatter::try_new(batch.column(i).as_ref(), &options))
             .collect::<Result<Vec<_>, _>>()?;
+        let schema = self.shape.schema();
+        let names: Vec<&String> = self
+            .partition_by
+            .iter()
+            .map(|&i| schema.field(i).name())
+            .collect();
         let mut groups: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        // One key buffer for all rows; a new String only for a folder not seen yet.
+        let mut key = String::new();
         for row in 0..batch.num_rows() {
-            let mut key = String::new();
-            for (n, f) in formatters.iter().enumerate() {
-                let name = self
-                    .pending
-                    .shape()
-                    .schema()
-                    .field(self.partition_by[n])
-                    .name();
-                key.push_str(&format!("{name}={}/", f.value(row)));
+            key.clear();
+            for (name, f) in names.iter().zip(&formatters) {
+                write!(key, "{name}={}/", f.value(row))
+                    .map_err(|e| arrow::error::ArrowError::ExternalError(Box::new(e)))?;
             }
-            groups.entry(key).or_default().push(row as u32);
+            match groups.get_mut(&key) {
+                Some(rows) => rows.push(row as u32),
+                None => {
+                    groups.insert(key.clone(), vec![row as u32]);
+                }
+            }
         }
         let keep: Vec<usize> = (0..batch.num_columns())
             .filter(|i| !self.partition_by.contains(i))
@@ -294,8 +303,7 @@ impl Sink for ParquetSink {
             return Ok(());
         }
         let batch = self
-            .pending
-            .shape()
+            .shape
             .apply(&batch)
             .map_err(|e| self.fail(format!("converting a batch: {e}")))?;
         let parts = self
@@ -318,11 +326,7 @@ impl Sink for ParquetSink {
     }
 
     fn commit(&mut self, offsets: &Offsets) -> Result<bool, SinkError> {
-        if self.open.is_empty()
-            && !offsets
-                .iter()
-                .any(|(k, v)| self.committed.get(k) != Some(v))
-        {
+        if self.open.is_empty() && !offsets_moved(offsets, &self.committed) {
             return Ok(false);
         }
         let version = self.version + 1;
