@@ -59,7 +59,17 @@ impl Instance for Wasm {
 }
 
 fn compare<T: Transform>(wasm: &str, scenarios: Vec<Scenario>) {
-    let host = common::host();
+    compare_in::<T>(&common::host(), wasm, scenarios, false);
+}
+
+/// Runs `scenarios` natively and through `host`'s steps for plugin `wasm`; the host's steps must
+/// be native (`link_native`) or WASM as `native_steps` says.
+fn compare_in<T: Transform>(
+    host: &flowgate::plugin::PluginHost,
+    wasm: &str,
+    scenarios: Vec<Scenario>,
+    native_steps: bool,
+) {
     let plugin: Plugin = host.load(&common::plugin(wasm)).expect("load plugin");
     assert!(!scenarios.is_empty());
     for scenario in scenarios {
@@ -72,6 +82,10 @@ fn compare<T: Transform>(wasm: &str, scenarios: Vec<Scenario>) {
                     &scenario.schema,
                     Default::default(),
                 )
+                .inspect(|step| {
+                    assert_eq!(step.is_native(), native_steps, "{}", scenario.name);
+                    assert_eq!(step.memory_bytes().is_some(), !native_steps);
+                })
                 .map(Wasm)
                 .map_err(sdk_error)
         });
@@ -99,6 +113,32 @@ fn validate_wasm_matches_native() {
 #[test]
 fn dedup_wasm_matches_native() {
     compare::<flowgate_dedup::Dedup>("flowgate_dedup", flowgate_dedup::scenarios::scenarios());
+}
+
+/// The benchmark's native path: `link_native` puts the plugin crate in place of its `.wasm`, and
+/// the host's steps then give the same transcripts without a WASM instance.
+#[test]
+fn linked_native_steps_match_the_plugin_run_natively() {
+    let mut host = common::host();
+    host.link_native(
+        "dedup",
+        std::sync::Arc::new(|config: &str, input: &arrow::datatypes::SchemaRef| {
+            flowgate_sdk::create::<flowgate_dedup::Dedup>(config, input)
+        }),
+    );
+    compare_in::<flowgate_dedup::Dedup>(
+        &host,
+        "flowgate_dedup",
+        flowgate_dedup::scenarios::scenarios(),
+        true,
+    );
+    // Other plugins on the same host stay WASM.
+    compare_in::<flowgate_window::Window>(
+        &host,
+        "flowgate_window",
+        flowgate_window::scenarios::scenarios(),
+        false,
+    );
 }
 
 #[test]
