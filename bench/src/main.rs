@@ -121,13 +121,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 host.link_native("window", native::<flowgate_window::Window>());
                 host.link_native("pct_change", native::<flowgate_pct_change::PctChange>());
             }
-            flowgate::cli::run_pipeline(
-                &pipeline,
-                &host,
+            let options = flowgate::engine::RunOptions {
                 max_records,
                 until_idle,
-                report.as_deref(),
-            )
+                reset_state: false,
+            };
+            flowgate::cli::run_pipeline(&pipeline, &host, &options, report.as_deref())
         }
         Command::Consume {
             brokers,

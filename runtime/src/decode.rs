@@ -1,8 +1,9 @@
 //! JSON → Arrow with a declared schema. The plugin harness and the pipeline decode with this one
 //! module, so what a plugin author tests is what the pipeline feeds.
 //!
-//! Types: `utf8` (or `string`), `int64`, `float64`, `bool`, `timestamp` (UTC milliseconds, read
-//! from RFC 3339 strings or epoch milliseconds). A field is `name: type`, or
+//! Types: `utf8` (or `string`), `int64`, `float64`, `bool`, `timestamp` (UTC microseconds,
+//! Delta's own precision: RFC 3339 strings keep their microseconds, integers are epoch
+//! milliseconds and stay exact). A field is `name: type`, or
 //! `name: {type: T, nullable: false}`; fields are nullable unless they say otherwise.
 
 use std::sync::Arc;
@@ -26,7 +27,7 @@ pub enum FieldType {
     /// true/false.
     #[serde(alias = "boolean")]
     Bool,
-    /// UTC timestamp in milliseconds.
+    /// UTC timestamp in microseconds.
     Timestamp,
 }
 
@@ -38,7 +39,7 @@ impl FieldType {
             FieldType::Int64 => DataType::Int64,
             FieldType::Float64 => DataType::Float64,
             FieldType::Bool => DataType::Boolean,
-            FieldType::Timestamp => DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            FieldType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
         }
     }
 }
@@ -172,7 +173,85 @@ impl JsonDecoder {
                 ));
             }
         }
-        decoder.flush()
+        match decoder.flush()? {
+            Some(batch) => self.fix_epoch_millis(records, batch).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Arrow's JSON reader takes an integer for a microsecond timestamp as microseconds; ours are
+    /// epoch milliseconds. A string parsed to microseconds divides (floored) to the same value
+    /// decoded at millisecond precision; an integer `v` does not (unless `v` is 0 or -1, where
+    /// the two readings agree anyway to the microsecond). Only columns with values before
+    /// 1973-03-03 as microseconds, where an integer could be, pay for the second decode.
+    fn fix_epoch_millis(
+        &self,
+        records: &[&[u8]],
+        batch: RecordBatch,
+    ) -> Result<RecordBatch, arrow::error::ArrowError> {
+        use arrow::array::{Array, AsArray, TimestampMicrosecondArray};
+        use arrow::datatypes::{TimestampMicrosecondType, TimestampMillisecondType};
+        const SUSPECT_BELOW: i64 = 100_000_000_000_000;
+        let suspects: Vec<usize> = (0..batch.num_columns())
+            .filter(|&i| {
+                matches!(
+                    batch.column(i).data_type(),
+                    DataType::Timestamp(TimeUnit::Microsecond, _)
+                ) && batch
+                    .column(i)
+                    .as_primitive::<TimestampMicrosecondType>()
+                    .iter()
+                    .flatten()
+                    .any(|v| v.abs() < SUSPECT_BELOW)
+            })
+            .collect();
+        if suspects.is_empty() {
+            return Ok(batch);
+        }
+        let millis_schema = Arc::new(Schema::new(
+            suspects
+                .iter()
+                .map(|&i| {
+                    let f = self.schema.field(i);
+                    Field::new(
+                        f.name(),
+                        DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                        true,
+                    )
+                })
+                .collect::<Vec<_>>(),
+        ));
+        let mut decoder = ReaderBuilder::new(millis_schema)
+            .with_batch_size(records.len().max(1))
+            .build_decoder()?;
+        for record in records {
+            decoder.decode(record)?;
+        }
+        let Some(millis) = decoder.flush()? else {
+            return Ok(batch);
+        };
+        let mut columns = batch.columns().to_vec();
+        for (j, &i) in suspects.iter().enumerate() {
+            let micros = batch.column(i).as_primitive::<TimestampMicrosecondType>();
+            let ms = millis.column(j).as_primitive::<TimestampMillisecondType>();
+            let fixed: TimestampMicrosecondArray = micros
+                .iter()
+                .zip(ms.iter())
+                .map(|(us, ms)| match (us, ms) {
+                    (Some(us), Some(ms)) if us.div_euclid(1000) != ms => {
+                        Some(ms.saturating_mul(1000))
+                    }
+                    (us, _) => us,
+                })
+                .collect();
+            let tz = match micros.data_type() {
+                DataType::Timestamp(_, tz) => tz.clone(),
+                _ => None,
+            };
+            columns[i] = Arc::new(fixed.with_timezone_opt(tz));
+            debug_assert_eq!(columns[i].len(), batch.num_rows());
+        }
+        RecordBatch::try_new(batch.schema(), columns)
     }
 
     /// Decodes `records` (one JSON object each). Records that do not parse or do not fit the
@@ -280,7 +359,7 @@ fn clean(e: &arrow::error::ArrowError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{AsArray, TimestampMillisecondArray};
+    use arrow::array::{AsArray, TimestampMicrosecondArray};
 
     fn spec(yaml: &str) -> SchemaSpec {
         crate::yaml::from_str(yaml, "test.yaml").expect("spec")
@@ -295,17 +374,26 @@ mod tests {
         let records: Vec<&[u8]> = vec![
             br#"{"symbol":"A","price":1.5,"ts":"2025-11-12T14:38:30.294758+00:00"}"#,
             br#"{"symbol":"B","price":2,"ts":1762958310294}"#,
+            br#"{"symbol":"C","price":2,"ts":"2025-11-12T14:38:30.294759Z"}"#,
+            br#"{"symbol":"D","price":2,"ts":"1970-01-01T00:00:01.000001Z"}"#,
         ];
         let (batch, failures) = d.decode(&records);
         assert!(failures.is_empty(), "{failures:?}");
         let ts = batch
             .column(2)
             .as_any()
-            .downcast_ref::<TimestampMillisecondArray>()
+            .downcast_ref::<TimestampMicrosecondArray>()
             .expect("ts");
+        // Microseconds kept from RFC 3339, epoch milliseconds exact, early dates not mistaken
+        // for integers.
         assert_eq!(
             ts.values().to_vec(),
-            vec![1_762_958_310_294, 1_762_958_310_294]
+            vec![
+                1_762_958_310_294_758,
+                1_762_958_310_294_000,
+                1_762_958_310_294_759,
+                1_000_001
+            ]
         );
         assert_eq!(batch.column(0).as_string::<i32>().value(1), "B");
     }

@@ -6,6 +6,10 @@
 //!   sandboxes them (call time limit, memory cap, no ambient I/O), and runs chains of steps.
 //! - [`decode`]: JSON records → Arrow batches with a declared schema; bad records are reported
 //!   one by one, never dropped silently.
+//! - [`engine`]: the run: a source thread routes records to partition tasks on worker threads,
+//!   cuts epochs, and a committer thread commits each epoch into every sink exactly once.
+//! - [`source`], [`sink`], [`checkpoint`]: where records come from, where rows go, where plugin
+//!   state is kept.
 //! - [`metrics`]: time per stage and latency histograms for `flowgate run --report`.
 //! - [`yaml`]: YAML parsing with file, key path, line and column in every error.
 //! - [`cli`]: the `flowgate` command line; `main.rs` only parses arguments and calls it.
@@ -17,9 +21,9 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod decode;
+pub mod engine;
 pub mod metrics;
 pub mod plugin;
-pub mod run;
 pub mod sink;
 pub mod source;
 pub mod yaml;

@@ -122,7 +122,7 @@ pub struct StageTime {
 }
 
 /// The run report as JSON.
-pub fn report_json(pipeline: &str, summary: &crate::run::RunSummary) -> Value {
+pub fn report_json(pipeline: &str, summary: &crate::engine::RunSummary) -> Value {
     let per_million = |d: Duration| {
         if summary.records == 0 {
             None

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use flowgate::config::Pipeline;
-use flowgate::run::Plan;
+use flowgate::engine::Plan;
 
 fn check(path: &Path) -> Result<Plan, String> {
     let pipeline = Pipeline::load(path, &HashMap::new()).map_err(|e| e.to_string())?;

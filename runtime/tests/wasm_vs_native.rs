@@ -163,11 +163,11 @@ fn plugins_describe_themselves() {
         .info()
         .expect("info");
     assert_eq!(info.name, "window");
-    assert_eq!(info.state_version, 1);
+    assert_eq!(info.state_version, 2);
     let info = host
         .load(&common::plugin("flowgate_validate"))
         .expect("load")
         .info()
         .expect("info");
-    assert_eq!((info.name.as_str(), info.state_version), ("validate", 0));
+    assert_eq!((info.name.as_str(), info.state_version), ("validate", 1));
 }

@@ -1,8 +1,9 @@
 //! Stable hashing of key columns, row by row. Stable across arrow versions and restarts, since
-//! the hashes live in snapshots: each value is hashed from its plain bytes.
+//! the hashes live in snapshots: each value is hashed from its plain bytes. Timestamps keep their
+//! full precision: two times in the same millisecond are different keys.
 
 use arrow::array::{Array, ArrayRef, AsArray};
-use arrow::datatypes::{DataType, Int64Type};
+use arrow::datatypes::{DataType, Int64Type, TimeUnit};
 use flowgate_sdk::{Error, Result};
 
 use crate::chain;
@@ -95,6 +96,29 @@ pub fn hash_column(column: &ArrayRef, hashes: &mut [u64]) -> Result<()> {
                     *h ^ NULL_SEED_SALT
                 } else {
                     chain(&a.value(i).to_le_bytes(), *h)
+                };
+            }
+        }
+        DataType::Timestamp(unit @ (TimeUnit::Microsecond | TimeUnit::Nanosecond), _) => {
+            // A time on a whole millisecond hashes as its epoch ms, as in a millisecond column,
+            // so keys hashed before the host decoded timestamps in µs still match. A finer time
+            // hashes its full value after a unit tag: 9 bytes, never equal to an 8-byte ms hash.
+            let (per_milli, tag) = match unit {
+                TimeUnit::Microsecond => (1_000, 1u8),
+                _ => (1_000_000, 2u8),
+            };
+            let a = arrow::compute::cast(column, &DataType::Int64)?;
+            let a = a.as_primitive::<Int64Type>();
+            let mut tagged = [tag; 9];
+            for (i, h) in hashes.iter_mut().enumerate() {
+                let v = a.value(i);
+                *h = if is_null(i) {
+                    *h ^ NULL_SEED_SALT
+                } else if v % per_milli == 0 {
+                    chain(&(v / per_milli).to_le_bytes(), *h)
+                } else {
+                    tagged[1..].copy_from_slice(&v.to_le_bytes());
+                    chain(&tagged, *h)
                 };
             }
         }

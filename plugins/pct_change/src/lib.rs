@@ -10,8 +10,12 @@
 //!
 //! The first row of a key gets null, as does a row whose value is null (which does not replace
 //! the previous value). Within a batch rows are taken in `order_by` order; across batches, in
-//! arrival order. The previous value per key survives across batches and snapshots; one value is
-//! kept per distinct key.
+//! arrival order. `order_by` is compared at its full precision (microsecond timestamps order
+//! within a millisecond). The previous value per key survives across batches and snapshots; one
+//! value is kept per distinct key.
+//!
+//! Snapshots (state version 2) store keys as [`flowgate_sdk::keys::KeyValue`]s, not as the
+//! `arrow::row` bytes kept in memory, whose encoding arrow-rs does not promise to keep.
 #![deny(unsafe_code)]
 
 use std::collections::HashMap;
@@ -19,6 +23,7 @@ use std::collections::HashMap;
 use arrow::array::ArrayRef;
 use arrow::row::{RowConverter, SortField};
 use flowgate_sdk::columns::{append_column, is_numeric_type};
+use flowgate_sdk::keys::{self, KeyValue};
 use flowgate_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +50,8 @@ fn default_output() -> String {
 /// The `pct_change` transform.
 pub struct PctChange {
     key_columns: Vec<usize>,
+    /// Types of the key columns, to rebuild keys from a snapshot.
+    key_types: Vec<DataType>,
     converter: Option<RowConverter>,
     order_by: usize,
     column: usize,
@@ -52,29 +59,36 @@ pub struct PctChange {
     previous: HashMap<Box<[u8]>, f64>,
 }
 
-#[derive(Serialize, Deserialize)]
+/// Snapshot body, state version 2 (postcard): each key (one value per key column) with its
+/// previous value, in key order. Version 1 held `arrow::row` bytes as keys.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct State {
-    previous: Vec<(Vec<u8>, f64)>,
+    previous: Vec<(Vec<KeyValue>, f64)>,
 }
 
 impl Transform for PctChange {
     type Config = Config;
     const NAME: &'static str = "pct_change";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const STATE_VERSION: u32 = 1;
+    /// 2: keys as [`KeyValue`]s (1 held `arrow::row` bytes).
+    const STATE_VERSION: u32 = 2;
 
     fn create(config: Config, input: &SchemaRef) -> Result<(Self, SchemaRef)> {
         let mut key_columns = Vec::new();
         let mut sort_fields = Vec::new();
+        let mut key_types = Vec::new();
         for (i, name) in config.key.iter().enumerate() {
             let index = column_index(input, name, &format!("key[{i}]"))?;
             let data_type = input.field(index).data_type().clone();
-            if !RowConverter::supports_fields(&[SortField::new(data_type.clone())]) {
+            if !keys::is_key_type(&data_type)
+                || !RowConverter::supports_fields(&[SortField::new(data_type.clone())])
+            {
                 return Err(Error::config(
                     &format!("key[{i}]"),
                     format!("{data_type} columns cannot be keys"),
                 ));
             }
+            key_types.push(data_type.clone());
             sort_fields.push(SortField::new(data_type));
             key_columns.push(index);
         }
@@ -104,6 +118,7 @@ impl Transform for PctChange {
         };
         let step = PctChange {
             key_columns,
+            key_types,
             converter,
             order_by,
             column,
@@ -154,11 +169,27 @@ impl Transform for PctChange {
     }
 
     fn snapshot(&self) -> Result<Vec<u8>> {
+        let mut previous: Vec<(&[u8], f64)> = self
+            .previous
+            .iter()
+            .map(|(k, v)| (k.as_ref(), *v))
+            .collect();
+        // Key order, so equal states give equal bytes.
+        previous.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let keys = match &self.converter {
+            Some(converter) => {
+                let parser = converter.parser();
+                let columns =
+                    converter.convert_rows(previous.iter().map(|(k, _)| parser.parse(k)))?;
+                keys::encode_rows(&columns, previous.len())?
+            }
+            None => vec![Vec::new(); previous.len()],
+        };
         let state = State {
-            previous: self
-                .previous
-                .iter()
-                .map(|(k, v)| (k.to_vec(), *v))
+            previous: keys
+                .into_iter()
+                .zip(previous)
+                .map(|(key, (_, v))| (key, v))
                 .collect(),
         };
         postcard::to_allocvec(&state).map_err(|e| Error::internal(format!("encoding state: {e}")))
@@ -166,18 +197,38 @@ impl Transform for PctChange {
 
     fn restore(&mut self, version: u32, state: &[u8]) -> Result<()> {
         if version != Self::STATE_VERSION {
+            let by = if version < Self::STATE_VERSION {
+                "an older"
+            } else {
+                "a newer"
+            };
             return Err(Error::bad_input(format!(
-                "pct_change reads state version {}, got {version}",
+                "pct_change state version {version} was written by {by} plugin version; this one \
+                 reads state version {} (restart the step without its state)",
                 Self::STATE_VERSION
             )));
         }
         let state: State = postcard::from_bytes(state)
             .map_err(|e| Error::bad_input(format!("pct_change state is corrupt: {e}")))?;
-        self.previous = state
-            .previous
-            .into_iter()
-            .map(|(k, v)| (k.into_boxed_slice(), v))
-            .collect();
+        let (keys, values): (Vec<Vec<KeyValue>>, Vec<f64>) = state.previous.into_iter().unzip();
+        let columns = keys::decode_rows(&keys, &self.key_types)
+            .map_err(|e| Error::bad_input(format!("pct_change state: {}", e.message())))?;
+        let rows = match &self.converter {
+            Some(converter) => Some(converter.convert_columns(&columns)?),
+            None => None,
+        };
+        let mut previous = HashMap::with_capacity(values.len());
+        for (n, value) in values.into_iter().enumerate() {
+            let key: Box<[u8]> = rows
+                .as_ref()
+                .map_or(Box::default(), |r| r.row(n).data().into());
+            if previous.insert(key, value).is_some() {
+                return Err(Error::bad_input(
+                    "pct_change state is corrupt: it holds a key twice",
+                ));
+            }
+        }
+        self.previous = previous;
         Ok(())
     }
 }

@@ -82,3 +82,174 @@ fn config_errors_name_the_key() {
         );
     }
 }
+
+use flowgate_sdk::prelude::{Error, SchemaRef};
+use flowgate_sdk::testing::{batch, rows, schema};
+
+#[test]
+fn order_by_keeps_microseconds() {
+    let ticks = schema(&[
+        ("symbol", "utf8", true),
+        ("ts", "timestamp", false),
+        ("price", "float64", true),
+    ]);
+    let (mut p, _) = flowgate_sdk::create::<PctChange>(
+        r#"{"key":["symbol"],"order_by":"ts","column":"price"}"#,
+        &ticks,
+    )
+    .expect("create");
+    // Same millisecond; the later tick arrives first.
+    let out = p
+        .process(batch(
+            &ticks,
+            &[
+                r#"{"symbol":"A","ts":"2025-11-12T14:38:30.294001Z","price":11}"#,
+                r#"{"symbol":"A","ts":"2025-11-12T14:38:30.294000Z","price":10}"#,
+            ],
+        ))
+        .expect("process");
+    let got: Vec<Value> = rows(&out.batches)
+        .iter()
+        .map(|r| r.get("pct_change").cloned().unwrap_or(Value::Null))
+        .collect();
+    assert_eq!(got, [json!(0.1), Value::Null]);
+}
+
+fn keyed() -> SchemaRef {
+    schema(&[
+        ("symbol", "utf8", true),
+        ("n", "int64", true),
+        ("at", "timestamp", true),
+        ("ts", "timestamp", false),
+        ("close", "float64", true),
+    ])
+}
+
+fn keyed_config(key: &str) -> String {
+    format!(r#"{{"key":{key},"order_by":"ts","column":"close"}}"#)
+}
+
+const BEFORE: &[&str] = &[
+    r#"{"symbol":"A","n":1,"at":"2025-11-12T10:00:00.000001Z","ts":"2025-11-12T14:00:00Z","close":10}"#,
+    r#"{"symbol":"B","n":2,"at":"2025-11-12T10:00:00Z","ts":"2025-11-12T14:00:00Z","close":20}"#,
+    r#"{"symbol":null,"n":null,"at":null,"ts":"2025-11-12T14:00:00Z","close":40}"#,
+    r#"{"symbol":"A","n":-7,"at":1762941700000,"ts":"2025-11-12T14:00:00Z","close":80}"#,
+];
+const AFTER: &[&str] = &[
+    r#"{"symbol":"A","n":1,"at":"2025-11-12T10:00:00.000001Z","ts":"2025-11-12T14:01:00Z","close":11}"#,
+    r#"{"symbol":"B","n":2,"at":"2025-11-12T10:00:00Z","ts":"2025-11-12T14:01:00Z","close":22}"#,
+    r#"{"symbol":null,"n":null,"at":null,"ts":"2025-11-12T14:01:00Z","close":44}"#,
+    r#"{"symbol":"A","n":-7,"at":1762941700000,"ts":"2025-11-12T14:01:00Z","close":88}"#,
+    r#"{"symbol":"C","n":3,"at":"2025-11-12T10:00:00.000002Z","ts":"2025-11-12T14:01:00Z","close":1}"#,
+];
+
+/// The `pct_change` column for `AFTER`, after `BEFORE` and optionally a snapshot → restore.
+fn run_keyed(config: &str, restore: bool) -> Vec<Value> {
+    let schema = keyed();
+    let (mut p, _) = flowgate_sdk::create::<PctChange>(config, &schema).expect("create");
+    p.process(batch(&schema, BEFORE)).expect("process");
+    if restore {
+        let state = p.snapshot().expect("snapshot");
+        let (mut fresh, _) = flowgate_sdk::create::<PctChange>(config, &schema).expect("create");
+        fresh.restore(&state).expect("restore");
+        assert_eq!(
+            fresh.snapshot().expect("snapshot"),
+            state,
+            "snapshots are stable"
+        );
+        p = fresh;
+    }
+    let out = p.process(batch(&schema, AFTER)).expect("process");
+    rows(&out.batches)
+        .iter()
+        .map(|r| r.get("pct_change").cloned().unwrap_or(Value::Null))
+        .collect()
+}
+
+#[test]
+fn snapshot_restore_gives_identical_output_for_every_key_type() {
+    for key in [
+        r#"["symbol"]"#,
+        r#"["n"]"#,
+        r#"["at"]"#,
+        r#"["symbol","n","at"]"#,
+        r#"[]"#,
+    ] {
+        let config = keyed_config(key);
+        assert_eq!(run_keyed(&config, true), run_keyed(&config, false), "{key}");
+    }
+    // Every key kept its own previous value, the null key included; C is new.
+    assert_eq!(
+        run_keyed(&keyed_config(r#"["symbol","n","at"]"#), true),
+        [json!(0.1), json!(0.1), json!(0.1), json!(0.1), Value::Null]
+    );
+    // By `at` alone, A/1 and A/-7 differ by 1µs: still two keys.
+    assert_eq!(
+        run_keyed(&keyed_config(r#"["at"]"#), true),
+        [json!(0.1), json!(0.1), json!(0.1), json!(0.1), Value::Null]
+    );
+}
+
+/// A version-2 snapshot after `BEFORE` with `key: [symbol, n, at]`: written by this plugin and
+/// checked in, so a change to the snapshot layout fails here.
+const GOLDEN_V2: &str = concat!(
+    "46475331020000000403000000000000000000444003050141020d0680a4ce9cdbd8a10602000000",
+    "00000054400305014102020682a09fbddad8a1060200000000000024400305014202040680a09fbd",
+    "dad8a106020000000000003440",
+);
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+#[test]
+fn golden_snapshot_still_decodes() {
+    let config = keyed_config(r#"["symbol","n","at"]"#);
+    let schema = keyed();
+    let (mut p, _) = flowgate_sdk::create::<PctChange>(&config, &schema).expect("create");
+    p.process(batch(&schema, BEFORE)).expect("process");
+    assert_eq!(
+        hex(&p.snapshot().expect("snapshot")),
+        GOLDEN_V2,
+        "the snapshot layout changed"
+    );
+    let (mut restored, _) = flowgate_sdk::create::<PctChange>(&config, &schema).expect("create");
+    restored.restore(&unhex(GOLDEN_V2)).expect("restore");
+    let out = restored.process(batch(&schema, AFTER)).expect("process");
+    let got: Vec<Value> = rows(&out.batches)
+        .iter()
+        .map(|r| r.get("pct_change").cloned().unwrap_or(Value::Null))
+        .collect();
+    assert_eq!(got, run_keyed(&config, false));
+}
+
+#[test]
+fn state_of_an_older_version_is_refused_by_name() {
+    let config = keyed_config(r#"["symbol"]"#);
+    let (mut p, _) = flowgate_sdk::create::<PctChange>(&config, &keyed()).expect("create");
+    let mut v1 = b"FGS1".to_vec();
+    v1.extend_from_slice(&1u32.to_le_bytes());
+    v1.push(0);
+    let err = p.restore(&v1).expect_err("version 1");
+    assert!(matches!(err, Error::BadInput(_)), "{err}");
+    assert!(
+        err.message()
+            .contains("version 1 was written by an older plugin version")
+            && err.message().contains("reads state version 2"),
+        "{err}"
+    );
+    // A key that does not fit the key column is refused, not a panic.
+    let mut bad = b"FGS1".to_vec();
+    bad.extend_from_slice(&2u32.to_le_bytes());
+    // One entry: a key of one `Int(-3)`, previous 0.0.
+    bad.extend_from_slice(&[1, 1, 2, 5, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let err = p.restore(&bad).expect_err("int key for a utf8 column");
+    assert!(matches!(err, Error::BadInput(_)), "{err}");
+}

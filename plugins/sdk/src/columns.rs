@@ -33,12 +33,25 @@ pub fn is_event_time_type(data_type: &DataType) -> bool {
 }
 
 /// Column `index` as epoch milliseconds (timestamps of any unit, dates, or int64 taken as ms).
+/// Finer timestamps are floored to their millisecond; see [`event_time_sub_millis_nanos`] for the
+/// rest.
 pub fn event_time_millis(batch: &RecordBatch, index: usize) -> Result<Int64Array> {
     let column = batch.column(index);
     let millis: ArrayRef = match column.data_type() {
         DataType::Int64 => column.clone(),
         DataType::Timestamp(TimeUnit::Millisecond, _) | DataType::Date64 => {
             cast(column, &DataType::Int64)?
+        }
+        // Finer units: floor to the millisecond (a cast would round towards zero before 1970).
+        DataType::Timestamp(TimeUnit::Microsecond, _) => {
+            let raw = cast(column, &DataType::Int64)?;
+            let raw = raw.as_primitive::<Int64Type>();
+            return Ok(raw.unary(|v: i64| v.div_euclid(1_000)));
+        }
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => {
+            let raw = cast(column, &DataType::Int64)?;
+            let raw = raw.as_primitive::<Int64Type>();
+            return Ok(raw.unary(|v: i64| v.div_euclid(1_000_000)));
         }
         DataType::Timestamp(_, tz) => {
             // Same zone, other unit: no time-zone arithmetic (and no tz database) needed.
@@ -56,6 +69,34 @@ pub fn event_time_millis(batch: &RecordBatch, index: usize) -> Result<Int64Array
         }
     };
     Ok(millis.as_primitive::<Int64Type>().clone())
+}
+
+/// Column `index`'s event time below the millisecond, in nanoseconds (`0..1_000_000`), so that
+/// `(event_time_millis, this)` orders rows at the column's full precision. `None` if the column
+/// cannot be finer than a millisecond (millisecond or second timestamps, dates, int64 epoch ms).
+/// Values at null rows are meaningless.
+pub fn event_time_sub_millis_nanos(batch: &RecordBatch, index: usize) -> Result<Option<Vec<u32>>> {
+    let column = batch.column(index);
+    let per_milli: i64 = match column.data_type() {
+        DataType::Timestamp(TimeUnit::Microsecond, _) => 1_000,
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => 1_000_000,
+        t if is_event_time_type(t) => return Ok(None),
+        other => {
+            return Err(Error::bad_input(format!(
+                "column {index} has type {other}, not a timestamp"
+            )));
+        }
+    };
+    let ns_per_unit = 1_000_000 / per_milli;
+    let raw = cast(column, &DataType::Int64)?;
+    let raw = raw.as_primitive::<Int64Type>();
+    Ok(Some(
+        raw.values()
+            .iter()
+            // In 0..1_000_000: fits a u32.
+            .map(|v| (v.rem_euclid(per_milli) * ns_per_unit) as u32)
+            .collect(),
+    ))
 }
 
 /// True if values of `data_type` convert to f64 for comparisons and sums.
@@ -130,14 +171,90 @@ pub fn format_millis(ms: i64) -> String {
     )
 }
 
+/// Formats an event time as [`format_millis`] does, with the digits below the millisecond when
+/// `sub_millis_nanos` (as from [`event_time_sub_millis_nanos`]) is not zero:
+/// `2025-11-12T14:38:30.294001Z`.
+pub fn format_event_time(ms: i64, sub_millis_nanos: u32) -> String {
+    let text = format_millis(ms);
+    if sub_millis_nanos == 0 {
+        return text;
+    }
+    let base = text.trim_end_matches('Z');
+    if sub_millis_nanos.is_multiple_of(1000) {
+        format!("{base}{:03}Z", sub_millis_nanos / 1000)
+    } else {
+        format!("{base}{sub_millis_nanos:06}Z")
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::format_millis;
+    use super::*;
+    use arrow::array::{
+        TimestampMicrosecondArray, TimestampMillisecondArray, TimestampNanosecondArray,
+    };
+    use arrow::datatypes::Field;
+
+    fn one_column(array: ArrayRef) -> RecordBatch {
+        let schema = Schema::new(vec![Field::new("ts", array.data_type().clone(), true)]);
+        RecordBatch::try_new(Arc::new(schema), vec![array]).expect("batch")
+    }
+
+    #[test]
+    fn event_time_of_every_unit_floors_to_millis_and_keeps_the_rest() {
+        let us = one_column(Arc::new(
+            TimestampMicrosecondArray::from(vec![Some(1_762_958_310_294_001), Some(-1), None])
+                .with_timezone("UTC"),
+        ));
+        let ms = event_time_millis(&us, 0).expect("millis");
+        assert_eq!(ms.value(0), 1_762_958_310_294);
+        assert_eq!(ms.value(1), -1, "floored, not rounded towards zero");
+        assert!(ms.is_null(2));
+        let sub = event_time_sub_millis_nanos(&us, 0)
+            .expect("sub")
+            .expect("finer than ms");
+        assert_eq!(&sub[..2], &[1_000, 999_000]);
+
+        let ns = one_column(Arc::new(TimestampNanosecondArray::from(vec![
+            1_762_958_310_294_000_007,
+        ])));
+        assert_eq!(
+            event_time_millis(&ns, 0).expect("ms").value(0),
+            1_762_958_310_294
+        );
+        assert_eq!(
+            event_time_sub_millis_nanos(&ns, 0).expect("sub"),
+            Some(vec![7])
+        );
+
+        let millis = one_column(Arc::new(
+            TimestampMillisecondArray::from(vec![1_762_958_310_294]).with_timezone("UTC"),
+        ));
+        assert_eq!(
+            event_time_millis(&millis, 0).expect("ms").value(0),
+            1_762_958_310_294
+        );
+        assert_eq!(event_time_sub_millis_nanos(&millis, 0).expect("sub"), None);
+        let epoch = one_column(Arc::new(Int64Array::from(vec![5])));
+        assert_eq!(event_time_sub_millis_nanos(&epoch, 0).expect("sub"), None);
+    }
 
     #[test]
     fn formats_rfc3339() {
         assert_eq!(format_millis(1_762_958_310_294), "2025-11-12T14:38:30.294Z");
         assert_eq!(format_millis(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(format_millis(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(
+            format_event_time(1_762_958_310_294, 0),
+            "2025-11-12T14:38:30.294Z"
+        );
+        assert_eq!(
+            format_event_time(1_762_958_310_294, 1_000),
+            "2025-11-12T14:38:30.294001Z"
+        );
+        assert_eq!(
+            format_event_time(1_762_958_310_294, 7),
+            "2025-11-12T14:38:30.294000007Z"
+        );
     }
 }

@@ -38,6 +38,7 @@ pub mod columns;
 pub mod config;
 mod error;
 pub mod ipc;
+pub mod keys;
 pub mod log;
 mod native;
 mod output;

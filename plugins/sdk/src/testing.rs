@@ -6,12 +6,17 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use arrow_json::{ArrayWriter, ReaderBuilder};
 
-/// A batch of `schema` from JSON lines (timestamps as RFC 3339 strings or epoch milliseconds).
+/// A batch of `schema` from JSON lines (timestamps as RFC 3339 strings, which keep their
+/// fraction up to the column's unit, or integers of epoch milliseconds, whatever the unit).
 ///
 /// # Panics
 /// If the lines do not fit the schema: this is for tests.
 pub fn batch(schema: &SchemaRef, lines: &[&str]) -> RecordBatch {
-    let text = lines.join("\n");
+    let text = lines
+        .iter()
+        .map(|line| epoch_millis_to_unit(schema, line))
+        .collect::<Vec<_>>()
+        .join("\n");
     let mut reader = ReaderBuilder::new(schema.clone())
         .with_batch_size(lines.len().max(1))
         .build(Cursor::new(text.into_bytes()))
@@ -19,6 +24,50 @@ pub fn batch(schema: &SchemaRef, lines: &[&str]) -> RecordBatch {
     match reader.next() {
         Some(batch) => batch.expect("lines fit the schema"),
         None => RecordBatch::new_empty(schema.clone()),
+    }
+}
+
+/// Rewrites integer values of timestamp fields of `line` from epoch ms to the field's unit (the
+/// JSON reader takes integers in the column's own unit).
+fn epoch_millis_to_unit(schema: &SchemaRef, line: &str) -> String {
+    let scale = |unit: &TimeUnit, ms: i64| -> i64 {
+        match unit {
+            TimeUnit::Second => ms.div_euclid(1000),
+            TimeUnit::Millisecond => ms,
+            TimeUnit::Microsecond => ms.checked_mul(1_000).expect("epoch ms in range"),
+            TimeUnit::Nanosecond => ms.checked_mul(1_000_000).expect("epoch ms in range"),
+        }
+    };
+    let rescaled: Vec<(&str, &TimeUnit)> = schema
+        .fields()
+        .iter()
+        .filter_map(|f| match f.data_type() {
+            DataType::Timestamp(unit, _) if *unit != TimeUnit::Millisecond => {
+                Some((f.name().as_str(), unit))
+            }
+            _ => None,
+        })
+        .collect();
+    if rescaled.is_empty() || line.trim().is_empty() {
+        return line.to_string();
+    }
+    let mut value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+    let Some(object) = value.as_object_mut() else {
+        return line.to_string();
+    };
+    let mut changed = false;
+    for (name, unit) in rescaled {
+        if let Some(v) = object.get_mut(name)
+            && let Some(ms) = v.as_i64()
+        {
+            *v = scale(unit, ms).into();
+            changed = true;
+        }
+    }
+    if changed {
+        value.to_string()
+    } else {
+        line.to_string()
     }
 }
 
@@ -41,7 +90,8 @@ use std::sync::Arc;
 
 use crate::{DynTransform, Output, Result};
 
-/// A schema from `(name, type, nullable)` triples, with `"timestamp"` meaning UTC milliseconds.
+/// A schema from `(name, type, nullable)` triples: `utf8`, `int64`, `float64`, `bool`,
+/// `timestamp` (UTC microseconds, as the host decodes it) and `timestamp_ms` (UTC milliseconds).
 pub fn schema(fields: &[(&str, &str, bool)]) -> SchemaRef {
     let fields: Vec<Field> = fields
         .iter()
@@ -51,7 +101,8 @@ pub fn schema(fields: &[(&str, &str, bool)]) -> SchemaRef {
                 "int64" => DataType::Int64,
                 "float64" => DataType::Float64,
                 "bool" => DataType::Boolean,
-                "timestamp" => DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                "timestamp" => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                "timestamp_ms" => DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
                 other => panic!("unknown test type {other}"),
             };
             Field::new(*name, data_type, *nullable)
@@ -168,4 +219,39 @@ pub fn lines_with<'a>(transcript: &'a [String], needle: &str) -> Vec<&'a str> {
         .filter(|l| l.contains(needle))
         .map(String::as_str)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{TimestampMicrosecondType, TimestampMillisecondType};
+
+    #[test]
+    fn timestamps_are_microseconds_and_integers_are_epoch_millis() {
+        let s = schema(&[("ts", "timestamp", true), ("ms", "timestamp_ms", true)]);
+        assert_eq!(
+            s.field(0).data_type(),
+            &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+        );
+        let b = batch(
+            &s,
+            &[
+                r#"{"ts":"2025-11-12T14:38:30.294001Z","ms":"2025-11-12T14:38:30.294Z"}"#,
+                r#"{"ts":1762958310294,"ms":1762958310294}"#,
+                r#"{"ts":null}"#,
+            ],
+        );
+        let us = b.column(0).as_primitive::<TimestampMicrosecondType>();
+        assert_eq!(us.value(0), 1_762_958_310_294_001);
+        assert_eq!(us.value(1), 1_762_958_310_294_000);
+        assert!(us.is_null(2));
+        let ms = b.column(1).as_primitive::<TimestampMillisecondType>();
+        assert_eq!(ms.value(0), 1_762_958_310_294);
+        assert_eq!(ms.value(1), 1_762_958_310_294);
+        assert_eq!(
+            rows(&[b.slice(0, 1)])[0]["ts"],
+            serde_json::json!("2025-11-12T14:38:30.294001Z")
+        );
+    }
 }

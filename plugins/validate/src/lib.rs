@@ -16,7 +16,9 @@ use std::collections::HashSet;
 
 use arrow::array::{BooleanArray, StringArray};
 use arrow::compute::cast;
-use flowgate_sdk::columns::{is_event_time_type, is_numeric_type};
+use flowgate_sdk::columns::{
+    event_time_sub_millis_nanos, format_event_time, is_event_time_type, is_numeric_type,
+};
 use flowgate_sdk::prelude::*;
 use regex::Regex;
 use serde::Deserialize;
@@ -368,16 +370,21 @@ fn run_check(
                 RelativeTo::ProcessingTime => "processing time",
             };
             let ts = event_time_millis(batch, index)?;
+            // Below the millisecond (microsecond columns): `t` is floored, so only a time in the
+            // limit's own millisecond needs its fraction to tell if it is past the limit.
+            let sub = event_time_sub_millis_nanos(batch, index)?;
+            let sub = |i: usize| sub.as_ref().map_or(0, |s| s[i]);
             for (i, t) in ts.values().iter().enumerate() {
                 if !valid(i) {
                     continue;
                 }
-                if future && *t > reference.saturating_add(*millis) {
+                let limit = reference.saturating_add(*millis);
+                if future && (*t > limit || (*t == limit && sub(i) > 0)) {
                     fail(
                         i,
                         format!(
                             "{} is more than {} ahead of {what} ({})",
-                            format_millis(*t),
+                            format_event_time(*t, sub(i)),
                             Duration::from_millis(*millis),
                             format_millis(reference)
                         ),
@@ -387,7 +394,7 @@ fn run_check(
                         i,
                         format!(
                             "{} is more than {} behind {what} ({})",
-                            format_millis(*t),
+                            format_event_time(*t, sub(i)),
                             Duration::from_millis(*millis),
                             format_millis(reference)
                         ),
@@ -411,6 +418,8 @@ impl Transform for Validate {
     type Config = Config;
     const NAME: &'static str = "validate";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    /// 1: the watermark `relative_to: watermark` rules measure against.
+    const STATE_VERSION: u32 = 1;
 
     fn create(config: Config, input: &SchemaRef) -> Result<(Self, SchemaRef)> {
         if config.rules.is_empty() {
@@ -480,6 +489,51 @@ impl Transform for Validate {
     fn on_watermark(&mut self, ts_ms: i64) -> Result<Output> {
         self.watermark = Some(self.watermark.map_or(ts_ms, |w| w.max(ts_ms)));
         Ok(Output::empty())
+    }
+
+    /// Version 1: the watermark, as one byte (0 none, 1 some) then, if some, its epoch ms as an
+    /// i64, little endian.
+    fn snapshot(&self) -> Result<Vec<u8>> {
+        Ok(match self.watermark {
+            None => vec![0],
+            Some(w) => {
+                let mut out = Vec::with_capacity(9);
+                out.push(1);
+                out.extend_from_slice(&w.to_le_bytes());
+                out
+            }
+        })
+    }
+
+    fn restore(&mut self, version: u32, state: &[u8]) -> Result<()> {
+        self.watermark = match (version, state) {
+            // Version 0: validate kept no state before its watermark was saved.
+            (0, []) => None,
+            (1, [0]) => None,
+            (1, [1, rest @ ..]) => {
+                let bytes: [u8; 8] = rest.try_into().map_err(|_| {
+                    Error::bad_input(format!(
+                        "validate state is corrupt: watermark of {} bytes, expected 8",
+                        rest.len()
+                    ))
+                })?;
+                Some(i64::from_le_bytes(bytes))
+            }
+            (0 | 1, _) => {
+                return Err(Error::bad_input(format!(
+                    "validate state version {version} is corrupt ({} bytes)",
+                    state.len()
+                )));
+            }
+            _ => {
+                return Err(Error::bad_input(format!(
+                    "validate state version {version} was written by a newer plugin version; \
+                     this one reads versions 0 and {}",
+                    Self::STATE_VERSION
+                )));
+            }
+        };
+        Ok(())
     }
 }
 

@@ -1,6 +1,6 @@
 use std::sync::Arc;
 
-use arrow::array::{Float64Array, Int64Array, TimestampMillisecondArray};
+use arrow::array::{Float64Array, Int64Array, TimestampMicrosecondArray};
 use flowgate_sdk::prelude::*;
 use flowgate_sdk::testing::lines_with;
 
@@ -70,6 +70,13 @@ fn time_rules_follow_the_watermark() {
         "{t:#?}"
     );
     assert_eq!(lines_with(&t, "step 5 out").len(), 1, "{t:#?}");
+    assert_eq!(
+        lines_with(&t, "step 5 rejected"),
+        [
+            "step 5 rejected 1: ts: 2025-11-12T14:46:00.000Z is more than 5m ahead of the watermark (2025-11-12T14:40:00.000Z)"
+        ],
+        "the restored step still measures against the watermark: {t:#?}"
+    );
 }
 
 #[test]
@@ -165,11 +172,11 @@ fn processing_time_rules_use_the_clock() {
         &schema,
     )
     .expect("native code has a clock");
-    let far = 4_102_444_800_000; // 2100-01-01
+    let far = 4_102_444_800_000_000; // 2100-01-01, in µs
     let batch = RecordBatch::try_new(
         schema,
         vec![Arc::new(
-            TimestampMillisecondArray::from(vec![0, far]).with_timezone("UTC"),
+            TimestampMicrosecondArray::from(vec![0, far]).with_timezone("UTC"),
         )],
     )
     .expect("batch");
@@ -177,4 +184,115 @@ fn processing_time_rules_use_the_clock() {
     assert_eq!(out.num_rows(), 1);
     assert_eq!(out.rejected.len(), 1);
     assert_eq!(out.rejected[0].row, 1);
+}
+
+/// 14:40:00 on 2025-11-12, epoch ms.
+const T1440: i64 = 1_762_958_400_000;
+
+fn ticks() -> SchemaRef {
+    flowgate_sdk::testing::schema(&[("symbol", "utf8", true), ("ts", "timestamp", true)])
+}
+
+fn reasons(out: &Output) -> Vec<(u32, &str)> {
+    out.rejected
+        .iter()
+        .map(|r| (r.row, r.reason.as_str()))
+        .collect()
+}
+
+#[test]
+fn watermark_survives_snapshot_and_restore() {
+    let config = r#"{"rules":{"ts":{"max_future":"5m","max_age":"1d"}}}"#;
+    let schema = ticks();
+    let lines = [
+        r#"{"symbol":"A","ts":"2025-11-12T14:44:00Z"}"#,
+        r#"{"symbol":"B","ts":"2025-11-12T14:46:00Z"}"#,
+        r#"{"symbol":"C","ts":"2025-11-10T14:40:00Z"}"#,
+    ];
+    let (mut before, _) = flowgate_sdk::create::<Validate>(config, &schema).expect("create");
+    before.on_watermark(T1440).expect("watermark");
+    let state = before.snapshot().expect("snapshot");
+    // Golden layout: header, version 1, then "some" and the watermark.
+    let mut golden = b"FGS1".to_vec();
+    golden.extend_from_slice(&1u32.to_le_bytes());
+    golden.push(1);
+    golden.extend_from_slice(&T1440.to_le_bytes());
+    assert_eq!(state, golden);
+
+    let (mut after, _) = flowgate_sdk::create::<Validate>(config, &schema).expect("create");
+    after.restore(&state).expect("restore");
+    let want = before
+        .process(flowgate_sdk::testing::batch(&schema, &lines))
+        .expect("process");
+    let got = after
+        .process(flowgate_sdk::testing::batch(&schema, &lines))
+        .expect("process");
+    assert_eq!(reasons(&got), reasons(&want));
+    assert_eq!(got.num_rows(), 1);
+    assert_eq!(
+        reasons(&got).iter().map(|r| r.0).collect::<Vec<_>>(),
+        [1, 2]
+    );
+
+    // No watermark yet: saved as such, and nothing is measured against one.
+    let (fresh, _) = flowgate_sdk::create::<Validate>(config, &schema).expect("create");
+    let empty = fresh.snapshot().expect("snapshot");
+    assert_eq!(&empty[8..], &[0]);
+    after.restore(&empty).expect("restore none");
+    let out = after
+        .process(flowgate_sdk::testing::batch(&schema, &lines))
+        .expect("process");
+    assert_eq!(out.num_rows(), 3);
+
+    // State from before the watermark was saved (version 0, empty) still restores.
+    let mut v0 = b"FGS1".to_vec();
+    v0.extend_from_slice(&0u32.to_le_bytes());
+    after.restore(&v0).expect("version 0");
+    let mut v2 = b"FGS1".to_vec();
+    v2.extend_from_slice(&2u32.to_le_bytes());
+    let err = after.restore(&v2).expect_err("newer version");
+    assert!(err.message().contains("newer plugin version"), "{err}");
+    let err = after.restore(&golden[..12]).expect_err("truncated");
+    assert!(matches!(err, Error::BadInput(_)), "{err}");
+}
+
+#[test]
+fn time_rules_keep_microseconds() {
+    let schema = ticks();
+    assert_eq!(
+        schema.field(1).data_type(),
+        &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into()))
+    );
+    let (mut v, _) = flowgate_sdk::create::<Validate>(
+        r#"{"rules":{"ts":{"max_future":"5m","max_age":"1d"}}}"#,
+        &schema,
+    )
+    .expect("create");
+    v.on_watermark(T1440).expect("watermark");
+    let out = v
+        .process(flowgate_sdk::testing::batch(
+            &schema,
+            &[
+                r#"{"symbol":"A","ts":"2025-11-12T14:45:00Z"}"#,
+                r#"{"symbol":"B","ts":"2025-11-12T14:45:00.000001Z"}"#,
+                r#"{"symbol":"C","ts":"2025-11-11T14:40:00Z"}"#,
+                r#"{"symbol":"D","ts":"2025-11-11T14:39:59.999999Z"}"#,
+                r#"{"symbol":"E","ts":1762958700000}"#,
+            ],
+        ))
+        .expect("process");
+    assert_eq!(
+        reasons(&out),
+        [
+            (
+                1,
+                "ts: 2025-11-12T14:45:00.000001Z is more than 5m ahead of the watermark (2025-11-12T14:40:00.000Z)"
+            ),
+            (
+                3,
+                "ts: 2025-11-11T14:39:59.999999Z is more than 1d behind the watermark (2025-11-12T14:40:00.000Z)"
+            ),
+        ]
+    );
+    assert_eq!(out.num_rows(), 3);
 }

@@ -17,8 +17,13 @@
 //!
 //! Output rows: the `group_by` columns, `window_start`, `window_end`, then the aggregates. A
 //! window is emitted once, when the watermark reaches its end; a row that only falls in windows
-//! already emitted is rejected as `late`. `first`/`last` follow event time, not arrival order
-//! (ties keep arrival order). Aggregates skip nulls; `count: "*"` counts rows.
+//! already emitted is rejected as `late`. `first`/`last` follow event time at the column's full
+//! precision (a microsecond timestamp orders within a millisecond), not arrival order (ties keep
+//! arrival order); windows and watermarks are in milliseconds. Aggregates skip nulls; `count: "*"`
+//! counts rows.
+//!
+//! Snapshots (state version 2) store group keys as [`flowgate_sdk::keys::KeyValue`]s, not as the
+//! `arrow::row` bytes kept in memory, whose encoding arrow-rs does not promise to keep.
 #![deny(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,7 +32,8 @@ use arrow::array::{ArrayRef, Float64Array, Int64Array, TimestampMillisecondArray
 use arrow::compute::cast;
 use arrow::datatypes::{Float64Type, Int64Type, TimeUnit};
 use arrow::row::{RowConverter, SortField};
-use flowgate_sdk::columns::{is_event_time_type, is_numeric_type};
+use flowgate_sdk::columns::{event_time_sub_millis_nanos, is_event_time_type, is_numeric_type};
+use flowgate_sdk::keys::{self, KeyValue};
 use flowgate_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -94,12 +100,18 @@ struct Agg {
 }
 
 /// Running value of one aggregate in one window and group. `value` holds i64 or f64 bits.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+/// `(ts, ts_sub_ns)` is the event time of `first`/`last`'s value: epoch ms, then nanoseconds
+/// within that millisecond. Part of the snapshot: field order is the layout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 struct Acc {
     value: i64,
     ts: i64,
+    ts_sub_ns: u32,
     count: i64,
 }
+
+/// Event time at full precision: epoch ms, then nanoseconds within the millisecond.
+type EventTime = (i64, u32);
 
 type Groups = HashMap<Box<[u8]>, Vec<Acc>>;
 
@@ -109,6 +121,8 @@ pub struct Window {
     size: i64,
     slide: i64,
     group_columns: Vec<usize>,
+    /// Types of the `group_by` columns, to rebuild keys from a snapshot.
+    group_types: Vec<DataType>,
     converter: Option<RowConverter>,
     aggs: Vec<Agg>,
     output: SchemaRef,
@@ -117,10 +131,15 @@ pub struct Window {
     watermark: Option<i64>,
 }
 
-/// One window in a snapshot: its start, and each group's key with its accumulators.
-type SavedWindow = (i64, Vec<(Vec<u8>, Vec<Acc>)>);
+/// One window in a snapshot: its start, and each group's key (one value per `group_by` column)
+/// with its accumulators, groups in key order.
+type SavedWindow = (i64, Vec<(Vec<KeyValue>, Vec<Acc>)>);
 
-#[derive(Serialize, Deserialize)]
+/// A window's groups by reference: key (row bytes) and accumulators.
+type GroupRefs<'a> = Vec<(&'a [u8], &'a Vec<Acc>)>;
+
+/// Snapshot body, state version 2 (postcard). Version 1 held `arrow::row` bytes as keys.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct State {
     watermark: Option<i64>,
     windows: Vec<SavedWindow>,
@@ -135,21 +154,22 @@ impl Window {
         self.watermark.is_some_and(|w| start + self.size <= w)
     }
 
-    fn update(acc: &mut Acc, func: Func, num: Num, value: i64, ts: i64) {
+    fn update(acc: &mut Acc, func: Func, num: Num, value: i64, ts: EventTime) {
         let (f, i) = (f64::from_bits(value as u64), value);
         let cur_f = f64::from_bits(acc.value as u64);
         let first = acc.count == 0;
+        let acc_ts = (acc.ts, acc.ts_sub_ns);
         match func {
             Func::First => {
-                if first || ts < acc.ts {
+                if first || ts < acc_ts {
                     acc.value = value;
-                    acc.ts = ts;
+                    (acc.ts, acc.ts_sub_ns) = ts;
                 }
             }
             Func::Last => {
-                if first || ts >= acc.ts {
+                if first || ts >= acc_ts {
                     acc.value = value;
-                    acc.ts = ts;
+                    (acc.ts, acc.ts_sub_ns) = ts;
                 }
             }
             Func::Min => {
@@ -255,7 +275,8 @@ impl Transform for Window {
     type Config = Config;
     const NAME: &'static str = "window";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const STATE_VERSION: u32 = 1;
+    /// 2: keys as [`KeyValue`]s (1 held `arrow::row` bytes).
+    const STATE_VERSION: u32 = 2;
 
     fn create(config: Config, input: &SchemaRef) -> Result<(Self, SchemaRef)> {
         let event_time = column_index(input, &config.event_time, "event_time")?;
@@ -289,16 +310,20 @@ impl Transform for Window {
         let mut fields = Vec::new();
         let mut group_columns = Vec::new();
         let mut sort_fields = Vec::new();
+        let mut group_types = Vec::new();
         for (i, name) in config.group_by.iter().enumerate() {
             let index = column_index(input, name, &format!("group_by[{i}]"))?;
             let field = input.field(index);
-            if !RowConverter::supports_fields(&[SortField::new(field.data_type().clone())]) {
+            if !keys::is_key_type(field.data_type())
+                || !RowConverter::supports_fields(&[SortField::new(field.data_type().clone())])
+            {
                 return Err(Error::config(
                     &format!("group_by[{i}]"),
                     format!("cannot group by {} columns", field.data_type()),
                 ));
             }
             sort_fields.push(SortField::new(field.data_type().clone()));
+            group_types.push(field.data_type().clone());
             fields.push(field.clone());
             group_columns.push(index);
         }
@@ -370,6 +395,7 @@ impl Transform for Window {
             event_time,
             size,
             slide,
+            group_types,
             group_columns,
             converter,
             aggs,
@@ -383,6 +409,7 @@ impl Transform for Window {
     fn process(&mut self, batch: RecordBatch) -> Result<Output> {
         let mut output = Output::empty();
         let times = event_time_millis(&batch, self.event_time)?;
+        let sub_millis = event_time_sub_millis_nanos(&batch, self.event_time)?;
         let rows = match &self.converter {
             Some(c) => {
                 let columns: Vec<ArrayRef> = self
@@ -427,6 +454,7 @@ impl Transform for Window {
                 continue;
             }
             let ts = times.value(row);
+            let event_time = (ts, sub_millis.as_ref().map_or(0, |s| s[row]));
             let key = rows.as_ref().map_or(empty, |r| r.row(row).data());
             let last_start = ts.div_euclid(self.slide) * self.slide;
             let mut start = last_start;
@@ -443,10 +471,16 @@ impl Transform for Window {
                     };
                     for (n, agg) in self.aggs.iter().enumerate() {
                         match &inputs[n] {
-                            None => Self::update(&mut accs[n], agg.func, agg.num, 0, ts),
+                            None => Self::update(&mut accs[n], agg.func, agg.num, 0, event_time),
                             Some((bits, nulls)) => {
                                 if nulls.as_ref().is_none_or(|nb| nb.is_valid(row)) {
-                                    Self::update(&mut accs[n], agg.func, agg.num, bits[row], ts);
+                                    Self::update(
+                                        &mut accs[n],
+                                        agg.func,
+                                        agg.num,
+                                        bits[row],
+                                        event_time,
+                                    );
                                 }
                             }
                         }
@@ -481,34 +515,74 @@ impl Transform for Window {
     }
 
     fn snapshot(&self) -> Result<Vec<u8>> {
-        let state = State {
-            watermark: self.watermark,
-            windows: self
-                .windows
-                .iter()
-                .map(|(s, groups)| {
-                    (
-                        *s,
-                        groups
-                            .iter()
-                            .map(|(k, a)| (k.to_vec(), a.clone()))
-                            .collect(),
-                    )
-                })
-                .collect(),
-        };
-        postcard::to_allocvec(&state).map_err(|e| Error::internal(format!("encoding state: {e}")))
+        postcard::to_allocvec(&self.state()?)
+            .map_err(|e| Error::internal(format!("encoding state: {e}")))
     }
 
     fn restore(&mut self, version: u32, state: &[u8]) -> Result<()> {
         if version != Self::STATE_VERSION {
+            let by = if version < Self::STATE_VERSION {
+                "an older"
+            } else {
+                "a newer"
+            };
             return Err(Error::bad_input(format!(
-                "window reads state version {}, got {version}",
+                "window state version {version} was written by {by} plugin version; this one \
+                 reads state version {} (restart the step without its state)",
                 Self::STATE_VERSION
             )));
         }
         let state: State = postcard::from_bytes(state)
             .map_err(|e| Error::bad_input(format!("window state is corrupt: {e}")))?;
+        self.set_state(state)
+    }
+}
+
+impl Window {
+    /// The state in its snapshot form: keys turned from row bytes into [`KeyValue`]s, groups in
+    /// key order (so equal states give equal bytes).
+    fn state(&self) -> Result<State> {
+        let mut windows: Vec<(i64, GroupRefs)> = self
+            .windows
+            .iter()
+            .map(|(start, groups)| {
+                let mut groups: GroupRefs = groups.iter().map(|(k, a)| (k.as_ref(), a)).collect();
+                groups.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                (*start, groups)
+            })
+            .collect();
+        let total: usize = windows.iter().map(|(_, g)| g.len()).sum();
+        let mut values = match &self.converter {
+            Some(converter) => {
+                let parser = converter.parser();
+                let columns = converter.convert_rows(
+                    windows
+                        .iter()
+                        .flat_map(|(_, g)| g.iter().map(|(k, _)| parser.parse(k))),
+                )?;
+                keys::encode_rows(&columns, total)?
+            }
+            None => vec![Vec::new(); total],
+        }
+        .into_iter();
+        let windows = windows
+            .drain(..)
+            .map(|(start, groups)| {
+                let groups = groups
+                    .into_iter()
+                    .map(|(_, accs)| (values.next().unwrap_or_default(), accs.clone()))
+                    .collect();
+                (start, groups)
+            })
+            .collect();
+        Ok(State {
+            watermark: self.watermark,
+            windows,
+        })
+    }
+
+    /// Replaces the state with a decoded snapshot.
+    fn set_state(&mut self, state: State) -> Result<()> {
         let aggs = self.aggs.len();
         if state
             .windows
@@ -519,20 +593,38 @@ impl Transform for Window {
                 "window state was written for a different set of aggregates (expected {aggs})"
             )));
         }
+        let mut windows: Vec<SavedWindow> = state.windows;
+        let mut key_values: Vec<Vec<KeyValue>> = Vec::new();
+        for (_, groups) in &mut windows {
+            for (key, _) in groups.iter_mut() {
+                key_values.push(std::mem::take(key));
+            }
+        }
+        let columns = keys::decode_rows(&key_values, &self.group_types)
+            .map_err(|e| Error::bad_input(format!("window state: {}", e.message())))?;
+        let rows = match &self.converter {
+            Some(converter) => Some(converter.convert_columns(&columns)?),
+            None => None,
+        };
+        let mut n = 0;
+        let mut restored: BTreeMap<i64, Groups> = BTreeMap::new();
+        for (start, groups) in windows {
+            let window = restored.entry(start).or_default();
+            for (_, accs) in groups {
+                let key: Box<[u8]> = rows
+                    .as_ref()
+                    .map_or(Box::default(), |r| r.row(n).data().into());
+                n += 1;
+                if window.insert(key, accs).is_some() {
+                    return Err(Error::bad_input(format!(
+                        "window state is corrupt: window {} holds a group twice",
+                        format_millis(start)
+                    )));
+                }
+            }
+        }
         self.watermark = state.watermark;
-        self.windows = state
-            .windows
-            .into_iter()
-            .map(|(s, groups)| {
-                (
-                    s,
-                    groups
-                        .into_iter()
-                        .map(|(k, a)| (k.into_boxed_slice(), a))
-                        .collect(),
-                )
-            })
-            .collect();
+        self.windows = restored;
         Ok(())
     }
 }

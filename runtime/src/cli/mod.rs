@@ -7,9 +7,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
@@ -49,6 +46,10 @@ enum Command {
         /// append to the last plugin and to the committed tables.
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
+        /// Start a partition's steps with empty state when the checkpoint store has none for the
+        /// offsets its sinks hold (without it, such a run refuses to start).
+        #[arg(long)]
+        reset_state: bool,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -77,39 +78,25 @@ pub fn parse_var(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{text}`: expected VAR=VALUE"))
 }
 
-/// Sets `stop` on Ctrl+C or SIGTERM.
-fn stop_on_signal() -> Arc<AtomicBool> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let _ = std::thread::Builder::new()
-        .name("flowgate-signals".into())
-        .spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                #[cfg(unix)]
-                {
-                    let Ok(mut term) =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
+/// Resolves on Ctrl+C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
                 }
-                #[cfg(not(unix))]
+            }
+            Err(_) => {
                 let _ = tokio::signal::ctrl_c().await;
-                tracing::info!("signal received: finishing the current batch, then committing");
-                flag.store(true, Ordering::Relaxed);
-            });
-        });
-    stop
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("signal received: finishing the current batches, then committing");
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,11 +182,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_records,
             until_idle,
             report,
+            reset_state,
             host,
         } => {
             let pipeline = Pipeline::load(&pipeline, &vars.into_iter().collect())?;
             let host = host.host()?;
-            run_pipeline(&pipeline, &host, max_records, until_idle, report.as_deref())
+            let options = crate::engine::RunOptions {
+                max_records,
+                until_idle,
+                reset_state,
+            };
+            run_pipeline(&pipeline, &host, &options, report.as_deref())
         }
         Command::Validate {
             pipeline,
@@ -208,7 +201,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let pipeline = Pipeline::load(&pipeline, &vars.into_iter().collect())?;
             let host = host.host()?;
-            let plan = crate::run::Plan::build(&pipeline, &host)?;
+            let plan = crate::engine::Plan::build(&pipeline, &host)?;
             println!(
                 "pipeline `{}` ({}) is valid",
                 pipeline.spec.name,
@@ -274,16 +267,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 pub fn run_pipeline(
     pipeline: &Pipeline,
     host: &PluginHost,
-    max_records: Option<u64>,
-    until_idle: Option<Duration>,
+    options: &crate::engine::RunOptions,
     report: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
-    let stop = stop_on_signal();
-    let options = crate::run::RunOptions {
-        max_records,
-        until_idle,
-    };
-    let summary = crate::run::run(pipeline, host, &options, &stop)?;
+    let summary = crate::engine::run(pipeline, host, options, shutdown_signal())?;
     tracing::info!(
         "done: {} records, {} rows out, {} rejected, {} undecodable, {} checkpoints",
         summary.records,
@@ -306,7 +293,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     if let Some(p) = e.downcast_ref::<PluginError>() {
         return if p.kind() == ErrorKind::Config { 2 } else { 1 };
     }
-    if let Some(r) = e.downcast_ref::<crate::run::RunError>() {
+    if let Some(r) = e.downcast_ref::<crate::engine::RunError>() {
         return if r.kind() == ErrorKind::Config { 2 } else { 1 };
     }
     if e.downcast_ref::<crate::yaml::YamlError>().is_some()

@@ -47,6 +47,9 @@ pub struct PipelineSpec {
     /// Checkpoint settings.
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
+    /// Worker threads that run the partition tasks (default: the machine's cores).
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
 
 /// Record formats.

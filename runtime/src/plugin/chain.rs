@@ -5,7 +5,8 @@ use arrow::array::UInt32Array;
 use arrow::compute::take_record_batch;
 use arrow::record_batch::RecordBatch;
 
-use super::{PluginError, Step};
+use super::{ErrorKind, PluginError, Step};
+use crate::config::OnError;
 
 /// Rows one step refused, with a reason each.
 #[derive(Debug, Clone)]
@@ -20,6 +21,20 @@ pub struct RejectedRows {
     pub indices: Vec<u32>,
 }
 
+/// A batch a step refused as a whole (a `bad-input` error) under `on_error: skip | dead_letter`:
+/// the steps before it keep what they did with it, the steps after it never see it.
+#[derive(Debug, Clone)]
+pub struct RefusedBatch {
+    /// The step that refused it.
+    pub step: String,
+    /// The batch as the step was given it.
+    pub rows: RecordBatch,
+    /// The step's error, as a reason.
+    pub reason: String,
+    /// The step's policy (`Skip` or `DeadLetter`).
+    pub policy: OnError,
+}
+
 /// What the chain produced for one input batch or watermark.
 #[derive(Debug, Clone, Default)]
 pub struct ChainOutput {
@@ -29,6 +44,8 @@ pub struct ChainOutput {
     pub rejected: Vec<RejectedRows>,
     /// Batches out of tapped steps before the last, with the step's index.
     pub taps: Vec<(usize, RecordBatch)>,
+    /// Batches refused whole by a step whose `on_error` lets the run go on.
+    pub refused: Vec<RefusedBatch>,
 }
 
 /// Steps in order, for one partition.
@@ -36,13 +53,28 @@ pub struct ChainOutput {
 pub struct Chain {
     steps: Vec<Step>,
     tapped: Vec<bool>,
+    policies: Vec<OnError>,
 }
 
 impl Chain {
     /// A chain of `steps`; each step's input schema must be the previous step's output schema.
+    /// Every step's `on_error` is `fail` until [`Chain::with_policies`] says otherwise.
     pub fn new(steps: Vec<Step>) -> Self {
         let tapped = vec![false; steps.len()];
-        Chain { steps, tapped }
+        let policies = vec![OnError::Fail; steps.len()];
+        Chain {
+            steps,
+            tapped,
+            policies,
+        }
+    }
+
+    /// What each step does with a batch it refuses (`bad-input`), in step order.
+    pub fn with_policies(mut self, policies: Vec<OnError>) -> Self {
+        for (slot, p) in self.policies.iter_mut().zip(policies) {
+            *slot = p;
+        }
+        self
     }
 
     /// Also hands out what step `index` emits (for sinks reading an earlier stage).
@@ -94,7 +126,21 @@ impl Chain {
         for (index, step) in self.steps.iter_mut().enumerate().skip(first) {
             let mut next = Vec::with_capacity(batches.len());
             for batch in &batches {
-                let output = step.process(batch)?;
+                let output = match step.process(batch) {
+                    Ok(output) => output,
+                    Err(e)
+                        if e.kind() == ErrorKind::Data && self.policies[index] != OnError::Fail =>
+                    {
+                        out.refused.push(RefusedBatch {
+                            step: step.name().to_string(),
+                            rows: batch.clone(),
+                            reason: e.to_string(),
+                            policy: self.policies[index],
+                        });
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 if !output.rejected.is_empty() {
                     let indices =
                         UInt32Array::from_iter_values(output.rejected.iter().map(|r| r.row as u32));

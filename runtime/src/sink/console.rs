@@ -1,6 +1,6 @@
 use arrow::record_batch::RecordBatch;
 
-use super::{Offsets, Sink, SinkError};
+use super::{Position, Positions, Sink, SinkError};
 
 /// Prints committed rows as a table on stdout (at most `max_rows` per commit), for debugging.
 pub struct ConsoleSink {
@@ -30,7 +30,7 @@ impl Sink for ConsoleSink {
         Ok(())
     }
 
-    fn commit(&mut self, _offsets: &Offsets) -> Result<bool, SinkError> {
+    fn commit(&mut self, _positions: &Positions) -> Result<bool, SinkError> {
         let batches = std::mem::take(&mut self.pending);
         let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
         if total == 0 {
@@ -64,7 +64,12 @@ impl Sink for ConsoleSink {
         Ok(true)
     }
 
-    fn committed(&mut self, _topic: &str, _partition: i32) -> Result<Option<i64>, SinkError> {
+    fn committed(&mut self, _topic: &str, _partition: i32) -> Result<Option<Position>, SinkError> {
         Ok(None)
+    }
+
+    /// It keeps nothing: a restart neither resumes from it nor replays for it.
+    fn durable(&self) -> bool {
+        false
     }
 }

@@ -5,16 +5,20 @@ use std::sync::Arc;
 use arrow::record_batch::RecordBatch;
 use deltalake::DeltaTable;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::transaction::CommitProperties;
-use deltalake::kernel::{StructType, Transaction};
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TableReference};
+use deltalake::kernel::{Action, Add, StructType, Transaction};
+use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use tokio::runtime::Runtime;
 
-use super::{Offsets, Pending, Sink, SinkError, TableShape};
+use super::{Position, Positions, Sink, SinkError, TableShape, positions_moved};
 
-/// A Delta Lake table. Each commit appends the buffered rows and records, per source partition,
-/// the last offset covered as a Delta `txn` action (app id `flowgate-{pipeline}-{topic}-{partition}`),
-/// as kafka-delta-ingest does; a restart resumes after those offsets.
+/// A Delta Lake table. Rows are encoded into data files as they are staged; a commit adds those
+/// files to the log in one version together with, per source partition, the last offset covered
+/// and the partition's checkpoint epoch as Delta `txn` actions (app ids
+/// `flowgate-{pipeline}-{topic}-{partition}` and `….epoch`), as kafka-delta-ingest does; a
+/// restart resumes after those offsets. Files written but not yet committed stay staged until a
+/// commit succeeds, so a failed commit attempt never records offsets without their rows.
 pub struct DeltaSink {
     name: String,
     location: String,
@@ -22,8 +26,12 @@ pub struct DeltaSink {
     target_file_size: u64,
     rt: Arc<Runtime>,
     table: DeltaTable,
-    pending: Pending,
-    last: Offsets,
+    shape: TableShape,
+    /// Encodes staged rows into data files.
+    writer: Option<RecordBatchWriter>,
+    /// Data files written for the next commit (a failed attempt keeps them for the next).
+    staged: Vec<Add>,
+    last: Positions,
     encode_time: std::time::Duration,
 }
 
@@ -114,14 +122,20 @@ impl DeltaSink {
             target_file_size,
             rt,
             table,
-            pending: Pending::new(shape),
-            last: Offsets::new(),
+            shape,
+            writer: None,
+            staged: Vec::new(),
+            last: Positions::new(),
             encode_time: std::time::Duration::ZERO,
         })
     }
 
     fn app_id(&self, topic: &str, partition: i32) -> String {
         format!("flowgate-{}-{topic}-{partition}", self.pipeline)
+    }
+
+    fn epoch_app_id(&self, topic: &str, partition: i32) -> String {
+        format!("flowgate-{}-{topic}-{partition}.epoch", self.pipeline)
     }
 
     fn fail(&self, message: String) -> SinkError {
@@ -139,44 +153,95 @@ impl Sink for DeltaSink {
     }
 
     fn write(&mut self, batch: RecordBatch) -> Result<(), SinkError> {
-        self.pending
-            .push(&batch)
-            .map_err(|e| self.fail(format!("converting a batch: {e}")))
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let batch = self
+            .shape
+            .apply(&batch)
+            .map_err(|e| self.fail(format!("converting a batch: {e}")))?;
+        if self.writer.is_none() {
+            let writer = RecordBatchWriter::for_table(&self.table)
+                .map_err(|e| self.fail(e.to_string()))?
+                .with_target_file_size(self.target_file_size);
+            self.writer = Some(writer);
+        }
+        let encoding = std::time::Instant::now();
+        if let Some(writer) = self.writer.as_mut() {
+            self.rt
+                .block_on(writer.write(batch))
+                .map_err(|e| SinkError::Table {
+                    sink: self.name.clone(),
+                    table: self.location.clone(),
+                    message: format!("staging rows: {e}"),
+                })?;
+        }
+        self.encode_time += encoding.elapsed();
+        Ok(())
     }
 
-    fn commit(&mut self, offsets: &Offsets) -> Result<bool, SinkError> {
-        if !self.pending.worth_committing(offsets, &self.last) {
+    fn commit(&mut self, positions: &Positions) -> Result<bool, SinkError> {
+        if let Some(mut writer) = self.writer.take() {
+            let encoding = std::time::Instant::now();
+            let adds = self
+                .rt
+                .block_on(writer.flush())
+                .map_err(|e| self.fail(format!("writing data files: {e}")))?;
+            self.encode_time += encoding.elapsed();
+            self.staged.extend(adds);
+        }
+        if self.staged.is_empty() && !positions_moved(positions, &self.last) {
             return Ok(false);
         }
-        let txns: Vec<Transaction> = offsets
-            .iter()
-            .map(|((t, p), o)| Transaction::new(self.app_id(t, *p), *o))
-            .collect();
-        let pending = self.pending.take();
-        let rows: usize = pending.iter().map(RecordBatch::num_rows).sum();
-        let mut writer = RecordBatchWriter::for_table(&self.table)
-            .map_err(|e| self.fail(e.to_string()))?
-            .with_commit_properties(CommitProperties::default().with_application_transactions(txns))
-            .with_target_file_size(self.target_file_size);
-        let (table, encode_time) = (&mut self.table, &mut self.encode_time);
+        let mut txns = Vec::with_capacity(positions.len() * 2);
+        for ((t, p), position) in positions {
+            txns.push(Transaction::new(self.app_id(t, *p), position.offset));
+            txns.push(Transaction::new(
+                self.epoch_app_id(t, *p),
+                position.epoch as i64,
+            ));
+        }
+        let actions: Vec<Action> = self.staged.iter().cloned().map(Action::Add).collect();
+        let files = self.staged.len();
+        let table = &mut self.table;
         let version = self
             .rt
             .block_on(async {
-                let encoding = std::time::Instant::now();
-                for batch in pending {
-                    writer.write(batch).await?;
-                }
-                *encode_time += encoding.elapsed();
                 // Another process (other partitions of the same group) may commit in between:
-                // catch up with the table and try again; the staged files are kept.
+                // the commit builder retries over its versions; an I/O failure is tried again
+                // with the same files after reloading the table.
                 let mut attempt = 0;
                 loop {
-                    match writer.flush_and_commit(table).await {
+                    let result = async {
+                        let snapshot = table.snapshot()?;
+                        let partition_by = snapshot.metadata().partition_columns().to_vec();
+                        let operation = DeltaOperation::Write {
+                            mode: SaveMode::Append,
+                            partition_by: (!partition_by.is_empty()).then_some(partition_by),
+                            predicate: None,
+                        };
+                        let properties = CommitProperties::default()
+                            .with_application_transactions(txns.clone());
+                        CommitBuilder::from(properties)
+                            .with_actions(actions.clone())
+                            .build(
+                                Some(snapshot as &dyn TableReference),
+                                table.log_store(),
+                                operation,
+                            )
+                            .await
+                            .map(|finalized| finalized.version())
+                    }
+                    .await;
+                    match result {
                         Ok(version) => break Ok(version),
-                        Err(e) if attempt < 5 => {
+                        Err(e) if attempt < 3 => {
                             attempt += 1;
-                            tracing::debug!("Delta commit attempt {attempt} conflicted ({e}); reloading the table and retrying");
-                            table.update_state().await?;
+                            tracing::warn!(
+                                "Delta commit attempt {attempt} failed ({e}); reloading the table and retrying with the same files"
+                            );
+                            tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+                            let _ = table.update_state().await;
                         }
                         Err(e) => break Err(e),
                     }
@@ -187,8 +252,12 @@ impl Sink for DeltaSink {
                 table: self.location.clone(),
                 message: format!("commit failed: {e}"),
             })?;
-        tracing::debug!(sink = %self.name, version, rows, "committed Delta version");
-        self.last = offsets.clone();
+        // The log has the new version; read it so the next commit builds on it.
+        let _ = self.rt.block_on(self.table.update_state());
+        self.staged.clear();
+        tracing::debug!(sink = %self.name, version, files, "committed Delta version");
+        self.last
+            .extend(positions.iter().map(|(k, v)| (k.clone(), *v)));
         Ok(true)
     }
 
@@ -196,24 +265,39 @@ impl Sink for DeltaSink {
         self.encode_time
     }
 
-    fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<i64>, SinkError> {
+    fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<Position>, SinkError> {
         // The partition may have been written by another process until a moment ago.
         self.rt
             .block_on(self.table.update_state())
             .map_err(|e| self.fail(format!("reloading the table: {e}")))?;
-        let app_id = self.app_id(topic, partition);
         let state = self
             .table
             .snapshot()
             .map_err(|e| self.fail(e.to_string()))?;
         let log_store = self.table.log_store();
-        let version = self
+        let (offset_id, epoch_id) = (
+            self.app_id(topic, partition),
+            self.epoch_app_id(topic, partition),
+        );
+        let (offset, epoch) = self
             .rt
-            .block_on(state.transaction_version(log_store.as_ref(), app_id))
+            .block_on(async {
+                let offset = state
+                    .transaction_version(log_store.as_ref(), offset_id)
+                    .await?;
+                let epoch = state
+                    .transaction_version(log_store.as_ref(), epoch_id)
+                    .await?;
+                Ok::<_, deltalake::DeltaTableError>((offset, epoch))
+            })
             .map_err(|e| self.fail(e.to_string()))?;
-        if let Some(v) = version {
-            self.last.insert((topic.to_string(), partition), v);
+        let position = offset.map(|offset| Position {
+            offset,
+            epoch: epoch.unwrap_or(0).max(0) as u64,
+        });
+        if let Some(p) = position {
+            self.last.insert((topic.to_string(), partition), p);
         }
-        Ok(version)
+        Ok(position)
     }
 }

@@ -21,6 +21,20 @@ pub use parquet::ParquetSink;
 /// Last source offset covered, per (topic, partition).
 pub type Offsets = BTreeMap<(String, i32), i64>;
 
+/// How far a sink holds one source partition: every row derived from records up to `offset`,
+/// as of the partition's checkpoint `epoch` (whose stored plugin state goes with it). A restart
+/// restores the state of `epoch` and resumes after `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    /// The last source offset covered.
+    pub offset: i64,
+    /// The partition's checkpoint number: state stored under it matches this position.
+    pub epoch: u64,
+}
+
+/// What a commit records, per (topic, partition).
+pub type Positions = BTreeMap<(String, i32), Position>;
+
 /// Errors from sinks. Each names the sink and the table.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -58,13 +72,18 @@ pub enum SinkError {
 pub trait Sink: Send {
     /// Its name.
     fn name(&self) -> &str;
-    /// Buffers a batch (with the stage's output schema).
+    /// Stages a batch (with the stage's output schema) for the next commit: nothing a reader
+    /// sees changes until then.
     fn write(&mut self, batch: RecordBatch) -> Result<(), SinkError>;
-    /// Makes everything buffered visible, recording `offsets` with it. Returns whether it
-    /// committed anything.
-    fn commit(&mut self, offsets: &Offsets) -> Result<bool, SinkError>;
-    /// The last offset of `topic`/`partition` this sink has committed, if any.
-    fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<i64>, SinkError>;
+    /// Makes everything staged visible in one atomic step, recording `positions` with it.
+    /// Returns whether it committed anything.
+    fn commit(&mut self, positions: &Positions) -> Result<bool, SinkError>;
+    /// How far this sink holds `topic`/`partition`, if it holds any of it.
+    fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<Position>, SinkError>;
+    /// Whether the sink keeps what it commits (and so takes part in recovery). A console does not.
+    fn durable(&self) -> bool {
+        true
+    }
     /// Time spent so far in `commit` turning rows into Parquet bytes, for the run report (a sink
     /// that encodes rows as they arrive counts that in `write`).
     fn encode_time(&self) -> std::time::Duration {
@@ -166,47 +185,15 @@ impl TableShape {
     }
 }
 
-/// Whether any partition's offset in `offsets` differs from `last` (a commit would record news).
-pub(crate) fn offsets_moved(offsets: &Offsets, last: &Offsets) -> bool {
-    offsets.iter().any(|(k, v)| last.get(k) != Some(v))
-}
-
-/// Rows a table sink holds until its next commit, already in the table's shape.
-pub(crate) struct Pending {
-    shape: TableShape,
-    batches: Vec<RecordBatch>,
-}
-
-impl Pending {
-    pub(crate) fn new(shape: TableShape) -> Self {
-        Pending {
-            shape,
-            batches: Vec::new(),
-        }
-    }
-
-    /// Converts and keeps `batch` (an empty one is dropped).
-    pub(crate) fn push(&mut self, batch: &RecordBatch) -> Result<(), arrow::error::ArrowError> {
-        if batch.num_rows() > 0 {
-            self.batches.push(self.shape.apply(batch)?);
-        }
-        Ok(())
-    }
-
-    /// Whether a commit has anything to record: rows, or offsets that moved since `last`.
-    pub(crate) fn worth_committing(&self, offsets: &Offsets, last: &Offsets) -> bool {
-        !self.batches.is_empty() || offsets_moved(offsets, last)
-    }
-
-    /// Hands over the rows held.
-    pub(crate) fn take(&mut self) -> Vec<RecordBatch> {
-        std::mem::take(&mut self.batches)
-    }
+/// Whether any partition's position in `positions` differs from `last` (a commit would record
+/// news).
+pub(crate) fn positions_moved(positions: &Positions, last: &Positions) -> bool {
+    positions.iter().any(|(k, v)| last.get(k) != Some(v))
 }
 
 /// The dead-letter table's schema.
 pub fn dead_letter_schema() -> SchemaRef {
-    let ts = DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     Arc::new(Schema::new(vec![
         Field::new("pipeline", DataType::Utf8, false),
         Field::new("stage", DataType::Utf8, false),

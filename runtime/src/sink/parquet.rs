@@ -12,14 +12,18 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
-use super::{Offsets, Sink, SinkError, TableShape, offsets_moved};
+use super::{Position, Positions, Sink, SinkError, TableShape, positions_moved};
 
-/// Parquet files under `column=value/` folders, with a commit log (`_flowgate_log/`), as Spark's
-/// file sink keeps. A file appears atomically (written under a temporary name, then renamed), and
-/// counts only once a log entry names it; files no entry names (left by a crash between the two)
-/// are deleted when a sink opens and they are older than ten minutes. Several processes may write
-/// one table: each names its files and log entries with its own writer id. Each entry records
-/// the source offsets it covers, so a restart does not write rows twice.
+/// Parquet files under `column=value/` folders (values escaped as Hive does, so a value can never
+/// name a folder outside the table), with a commit log (`_flowgate_log/`), as Spark's file sink
+/// keeps. Rows are encoded into files under `_flowgate_staging/` as they arrive, where plain
+/// readers (`date=*/*.parquet`, Spark, polars' hive reader) never look. A commit first writes the
+/// log entry naming the files, then moves them into place; a sink that opens after a crash
+/// finishes the moves of every entry (roll forward), and deletes staged files no entry names once
+/// they are ten minutes old. So a file is in place only if a commit names it, and each is there
+/// once. Several processes may write one table: each names its files and log entries with its
+/// own writer id. Each entry records the source positions it covers, so a restart does not
+/// write rows twice.
 pub struct ParquetSink {
     name: String,
     dir: PathBuf,
@@ -29,7 +33,7 @@ pub struct ParquetSink {
     /// table, each under its own names.
     writer: String,
     version: u64,
-    committed: Offsets,
+    committed: Positions,
     shape: TableShape,
     encode_time: std::time::Duration,
     /// Files being written for the next commit, by partition folder: rows are encoded as they
@@ -42,11 +46,9 @@ pub struct ParquetSink {
     files_started: u64,
 }
 
-/// A Parquet file under its temporary name, taking rows until the next commit.
+/// A Parquet file in the staging folder, taking rows until the next commit.
 struct OpenFile {
     rel: String,
-    path: PathBuf,
-    tmp: PathBuf,
     writer: ArrowWriter<std::fs::File>,
 }
 
@@ -61,9 +63,42 @@ struct LogEntry {
     rows: usize,
     /// `topic/partition` → last offset covered.
     offsets: BTreeMap<String, i64>,
+    /// `topic/partition` → the partition's checkpoint epoch at that offset.
+    #[serde(default)]
+    epochs: BTreeMap<String, u64>,
 }
 
 const LOG: &str = "_flowgate_log";
+const STAGING: &str = "_flowgate_staging";
+
+/// A partition value as a folder name: the characters Hive escapes (`/`, `=`, `%`, `:`, …,
+/// control characters) become `%XX`, so every value stays one folder inside the table.
+pub(crate) fn escape_partition_value(value: &str, out: &mut String) {
+    for c in value.chars() {
+        let escape = matches!(
+            c,
+            '"' | '#' | '%' | '\'' | '*' | '/' | ':' | '=' | '?' | '\\' | '{' | '[' | ']' | '^'
+        ) || c.is_control();
+        if escape {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                let _ = write!(out, "%{b:02X}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    // `.` and `..` alone are names of folders that already exist.
+    if value == "." || value == ".." || value.is_empty() {
+        out.truncate(out.len() - value.len());
+        for b in value.bytes() {
+            let _ = write!(out, "%{b:02X}");
+        }
+        if value.is_empty() {
+            out.push_str("__empty__");
+        }
+    }
+}
 
 /// A short id unique to this process and moment.
 fn writer_id() -> String {
@@ -92,6 +127,7 @@ impl ParquetSink {
             message,
         };
         std::fs::create_dir_all(dir.join(LOG))
+            .and_then(|_| std::fs::create_dir_all(dir.join(STAGING)))
             .map_err(|e| fail(format!("cannot create the folder: {e}")))?;
         let schema = shape.schema().clone();
         let partition_by: Vec<usize> = partition_by
@@ -117,7 +153,7 @@ impl ParquetSink {
             file_schema,
             writer: writer_id(),
             version: 0,
-            committed: Offsets::new(),
+            committed: Positions::new(),
             shape,
             encode_time: std::time::Duration::ZERO,
             open: BTreeMap::new(),
@@ -125,7 +161,9 @@ impl ParquetSink {
             files_started: 0,
         };
         let known = sink.read_log()?;
-        sink.remove_orphans(dir, &known)
+        sink.roll_forward(&known)
+            .map_err(|e| fail(format!("finishing an interrupted commit: {e}")))?;
+        sink.remove_orphans(&dir.join(STAGING), &known)
             .map_err(|e| fail(format!("cleaning up uncommitted files: {e}")))?;
         Ok(sink)
     }
@@ -154,16 +192,35 @@ impl ParquetSink {
                 .map_err(|e| fail(format!("commit log {} is damaged: {e}", entry.display())))?;
             known.extend(log.files);
             for (key, offset) in log.offsets {
+                let epoch = log.epochs.get(&key).copied().unwrap_or(0);
                 if let Some((topic, partition)) = key
                     .rsplit_once('/')
                     .and_then(|(t, p)| p.parse::<i32>().ok().map(|p| (t.to_string(), p)))
                 {
-                    let slot = self.committed.entry((topic, partition)).or_insert(offset);
-                    *slot = (*slot).max(offset);
+                    let position = Position { offset, epoch };
+                    let slot = self.committed.entry((topic, partition)).or_insert(position);
+                    *slot = (*slot).max(position);
                 }
             }
         }
         Ok(known)
+    }
+
+    /// Moves into place every staged file a log entry names (a crash between writing the entry
+    /// and moving its files leaves some in staging).
+    fn roll_forward(&self, known: &std::collections::HashSet<String>) -> std::io::Result<()> {
+        for rel in known {
+            let staged = self.dir.join(STAGING).join(rel);
+            if staged.exists() {
+                let path = self.dir.join(rel);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                tracing::info!(sink = %self.name, file = %rel, "moving a committed file into place (its commit was interrupted)");
+                std::fs::rename(&staged, &path)?;
+            }
+        }
+        Ok(())
     }
 
     fn remove_orphans(
@@ -176,9 +233,7 @@ impl ParquetSink {
             for entry in std::fs::read_dir(&d)? {
                 let path = entry?.path();
                 if path.is_dir() {
-                    if !path.ends_with(LOG) {
-                        stack.push(path);
-                    }
+                    stack.push(path);
                     continue;
                 }
                 let rel = path
@@ -209,13 +264,12 @@ impl ParquetSink {
             self.version + 1,
             self.files_started
         );
-        let path = self.dir.join(&rel);
-        let tmp = path.with_extension("parquet.tmp");
+        let tmp = self.dir.join(STAGING).join(&rel);
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .build();
         let open = || -> Result<ArrowWriter<std::fs::File>, Box<dyn std::error::Error>> {
-            if let Some(parent) = path.parent() {
+            if let Some(parent) = tmp.parent() {
                 std::fs::create_dir_all(parent)?;
             }
             let file = std::fs::File::create(&tmp)?;
@@ -226,12 +280,7 @@ impl ParquetSink {
             )?)
         };
         let writer = open().map_err(|e| self.fail(format!("creating {rel}: {e}")))?;
-        Ok(OpenFile {
-            rel,
-            path,
-            tmp,
-            writer,
-        })
+        Ok(OpenFile { rel, writer })
     }
 
     fn fail(&self, message: String) -> SinkError {
@@ -262,11 +311,17 @@ impl ParquetSink {
         let mut groups: BTreeMap<String, Vec<u32>> = BTreeMap::new();
         // One key buffer for all rows; a new String only for a folder not seen yet.
         let mut key = String::new();
+        let mut value = String::new();
         for row in 0..batch.num_rows() {
             key.clear();
             for (name, f) in names.iter().zip(&formatters) {
-                write!(key, "{name}={}/", f.value(row))
+                value.clear();
+                write!(value, "{}", f.value(row))
                     .map_err(|e| arrow::error::ArrowError::ExternalError(Box::new(e)))?;
+                key.push_str(name);
+                key.push('=');
+                escape_partition_value(&value, &mut key);
+                key.push('/');
             }
             match groups.get_mut(&key) {
                 Some(rows) => rows.push(row as u32),
@@ -325,37 +380,36 @@ impl Sink for ParquetSink {
         Ok(())
     }
 
-    fn commit(&mut self, offsets: &Offsets) -> Result<bool, SinkError> {
-        if self.open.is_empty() && !offsets_moved(offsets, &self.committed) {
+    fn commit(&mut self, positions: &Positions) -> Result<bool, SinkError> {
+        if self.open.is_empty() && !positions_moved(positions, &self.committed) {
             return Ok(false);
         }
         let version = self.version + 1;
         let rows = std::mem::take(&mut self.rows);
         let mut files = Vec::new();
         for (_, file) in std::mem::take(&mut self.open) {
-            let OpenFile {
-                rel,
-                path,
-                tmp,
-                writer,
-            } = file;
+            let OpenFile { rel, writer } = file;
             let encoding = std::time::Instant::now();
             let finished = writer.into_inner();
             self.encode_time += encoding.elapsed();
             finished
                 .map_err(|e| e.to_string())
                 .and_then(|f| f.sync_all().map_err(|e| e.to_string()))
-                .and_then(|_| std::fs::rename(&tmp, &path).map_err(|e| e.to_string()))
                 .map_err(|e| self.fail(format!("writing {rel}: {e}")))?;
             files.push(rel);
         }
+        let key = |t: &str, p: i32| format!("{t}/{p}");
         let entry = LogEntry {
             version,
             files,
             rows,
-            offsets: offsets
+            offsets: positions
                 .iter()
-                .map(|((t, p), o)| (format!("{t}/{p}"), *o))
+                .map(|((t, p), pos)| (key(t, *p), pos.offset))
+                .collect(),
+            epochs: positions
+                .iter()
+                .map(|((t, p), pos)| (key(t, *p), pos.epoch))
                 .collect(),
         };
         let log = self
@@ -365,11 +419,20 @@ impl Sink for ParquetSink {
         let tmp = log.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(&entry).map_err(|e| self.fail(e.to_string()))?;
         std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
             .and_then(|_| std::fs::rename(&tmp, &log))
             .map_err(|e| self.fail(format!("writing the commit log: {e}")))?;
+        // Committed: now move the files into place (a crash here is finished at the next open).
+        for rel in &entry.files {
+            let (staged, path) = (self.dir.join(STAGING).join(rel), self.dir.join(rel));
+            path.parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|_| std::fs::rename(&staged, &path))
+                .map_err(|e| self.fail(format!("moving {rel} into place: {e}")))?;
+        }
         self.version = version;
         self.committed
-            .extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
+            .extend(positions.iter().map(|(k, v)| (k.clone(), *v)));
         tracing::debug!(sink = %self.name, version, rows, "committed Parquet files");
         Ok(true)
     }
@@ -379,7 +442,7 @@ impl Sink for ParquetSink {
         self.encode_time
     }
 
-    fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<i64>, SinkError> {
+    fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<Position>, SinkError> {
         // Another process of the group may have written this partition until a moment ago.
         self.read_log()?;
         Ok(self.committed.get(&(topic.to_string(), partition)).copied())

@@ -1,33 +1,143 @@
+//! JSON-lines files as partitions, for replay and backfill (as Spark reads a folder of JSON
+//! files): a file, a folder (its `*.json` / `*.jsonl` / `*.ndjson` files), or a pattern with `*`
+//! in the file name (`ticks/part-*.jsonl`). Files are sorted by name; file `i` is partition `i`
+//! and a record's offset is its line number − 1.
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Record, Source, SourceError};
+use super::{Rebalance, Record, Source, SourceError, StartAt};
 use crate::sink::Offsets;
 
-/// A JSON-lines file as one partition: offset = line number − 1. For replay and backfill.
-pub struct FileSource {
+/// One file being read.
+struct FilePartition {
     path: PathBuf,
-    topic: Arc<str>,
     lines: std::io::Lines<BufReader<std::fs::File>>,
     next: i64,
-    opened: std::time::Instant,
+    done: bool,
+}
+
+impl FilePartition {
+    fn open(path: &Path) -> Result<Self, SourceError> {
+        let file = std::fs::File::open(path)
+            .map_err(|e| SourceError::Io(format!("cannot open `{}`: {e}", path.display())))?;
+        Ok(FilePartition {
+            path: path.to_path_buf(),
+            lines: BufReader::new(file).lines(),
+            next: 0,
+            done: false,
+        })
+    }
+
+    /// Skips to line `offset` (0-based).
+    fn skip_to(&mut self, offset: i64) {
+        while self.next < offset {
+            if self.lines.next().is_none() {
+                self.done = true;
+                break;
+            }
+            self.next += 1;
+        }
+    }
+}
+
+/// JSON-lines files, one partition each.
+pub struct FileSource {
+    topic: Arc<str>,
+    files: Vec<FilePartition>,
+    handler: Option<Arc<dyn Rebalance>>,
+    started: bool,
+    turn: usize,
+}
+
+/// The files `path` names: itself, a folder's JSON files, or a `*` pattern's matches, sorted.
+fn files_of(path: &Path) -> Result<Vec<PathBuf>, SourceError> {
+    let list = |dir: &Path, keep: &dyn Fn(&str) -> bool| -> Result<Vec<PathBuf>, SourceError> {
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| SourceError::Io(format!("cannot list `{}`: {e}", dir.display())))?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(keep))
+            .collect();
+        files.sort();
+        Ok(files)
+    };
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let files = if name.contains('*') {
+        let (prefix, suffix) = name.split_once('*').unwrap_or((name, ""));
+        if suffix.contains('*') {
+            return Err(SourceError::Io(format!(
+                "`{}`: only one `*` is supported in a file pattern",
+                path.display()
+            )));
+        }
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+        list(dir.unwrap_or(Path::new(".")), &|n: &str| {
+            n.len() >= prefix.len() + suffix.len() && n.starts_with(prefix) && n.ends_with(suffix)
+        })?
+    } else if path.is_dir() {
+        list(path, &|n: &str| {
+            [".json", ".jsonl", ".ndjson"]
+                .iter()
+                .any(|x| n.ends_with(x))
+        })?
+    } else {
+        vec![path.to_path_buf()]
+    };
+    if files.is_empty() {
+        return Err(SourceError::Io(format!(
+            "`{}` names no JSON-lines file",
+            path.display()
+        )));
+    }
+    Ok(files)
 }
 
 impl FileSource {
-    /// Opens `path`.
+    /// Opens the files `path` names.
     pub fn open(path: &Path) -> Result<Self, SourceError> {
-        let file = std::fs::File::open(path)
-            .map_err(|e| SourceError::Io(format!("cannot open `{}`: {e}", path.display())))?;
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("input");
+        let paths = files_of(path)?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("input")
+            .to_string();
+        let files = paths
+            .iter()
+            .map(|p| FilePartition::open(p))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(FileSource {
-            path: path.to_path_buf(),
             topic: format!("file:{name}").into(),
-            lines: BufReader::new(file).lines(),
-            next: 0,
-            opened: std::time::Instant::now(),
+            files,
+            handler: None,
+            started: false,
+            turn: 0,
         })
+    }
+
+    /// The partition count (one per file).
+    pub fn partitions(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Hands every file to the engine once, and starts each where it says.
+    fn start(&mut self) {
+        self.started = true;
+        let Some(handler) = self.handler.clone() else {
+            return;
+        };
+        let parts: Vec<(String, i32)> = (0..self.files.len())
+            .map(|i| (self.topic.to_string(), i as i32))
+            .collect();
+        for (file, start) in self.files.iter_mut().zip(handler.assigned(&parts)) {
+            if let StartAt::Offset(o) = start {
+                file.skip_to(o);
+            }
+        }
     }
 }
 
@@ -38,29 +148,44 @@ impl Source for FileSource {
         _timeout: Duration,
         out: &mut Vec<Record>,
     ) -> Result<(), SourceError> {
-        for _ in 0..max {
-            match self.lines.next() {
-                None => break,
-                Some(Err(e)) => {
-                    return Err(SourceError::Io(format!(
-                        "reading `{}` line {}: {e}",
-                        self.path.display(),
-                        self.next + 1
-                    )));
-                }
-                Some(Ok(line)) => {
-                    let offset = self.next;
-                    self.next += 1;
-                    if line.trim().is_empty() {
-                        continue;
+        if !self.started {
+            self.start();
+        }
+        // Round-robin in chunks, so every partition moves.
+        let n = self.files.len();
+        let chunk = (max / n.max(1)).max(1);
+        let mut taken = 0;
+        for _ in 0..n {
+            let index = self.turn % n;
+            self.turn += 1;
+            let file = &mut self.files[index];
+            let mut from_this = 0;
+            while from_this < chunk && taken < max && !file.done {
+                match file.lines.next() {
+                    None => file.done = true,
+                    Some(Err(e)) => {
+                        return Err(SourceError::Io(format!(
+                            "reading `{}` line {}: {e}",
+                            file.path.display(),
+                            file.next + 1
+                        )));
                     }
-                    out.push(Record {
-                        topic: self.topic.clone(),
-                        partition: 0,
-                        offset,
-                        payload: line.into_bytes(),
-                        timestamp_ms: None,
-                    });
+                    Some(Ok(line)) => {
+                        let offset = file.next;
+                        file.next += 1;
+                        if line.trim().is_empty() {
+                            continue;
+                        }
+                        out.push(Record {
+                            topic: self.topic.clone(),
+                            partition: index as i32,
+                            offset,
+                            payload: line.into_bytes(),
+                            timestamp_ms: None,
+                        });
+                        from_this += 1;
+                        taken += 1;
+                    }
                 }
             }
         }
@@ -71,20 +196,50 @@ impl Source for FileSource {
         Ok(())
     }
 
-    fn assigned(&self) -> Vec<((String, i32), std::time::Instant)> {
-        vec![((self.topic.to_string(), 0), self.opened)]
+    fn on_rebalance(&mut self, handler: Arc<dyn Rebalance>) {
+        self.handler = Some(handler);
     }
+}
 
-    fn seek(&mut self, _topic: &str, _partition: i32, offset: i64) -> Result<(), SourceError> {
-        if offset < self.next {
-            *self = FileSource::open(&self.path)?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_or_pattern_is_one_partition_per_file_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, lines) in [
+            ("b.jsonl", "3\n4\n"),
+            ("a.jsonl", "1\n\n2\n"),
+            ("c.txt", "x\n"),
+        ] {
+            std::fs::write(dir.path().join(name), lines).unwrap();
         }
-        while self.next < offset {
-            if self.lines.next().is_none() {
-                break;
-            }
-            self.next += 1;
-        }
-        Ok(())
+        let mut folder = FileSource::open(dir.path()).unwrap();
+        assert_eq!(folder.partitions(), 2);
+        let mut out = Vec::new();
+        folder.poll(100, Duration::ZERO, &mut out).unwrap();
+        let got: Vec<(i32, i64, String)> = out
+            .iter()
+            .map(|r| {
+                (
+                    r.partition,
+                    r.offset,
+                    String::from_utf8_lossy(&r.payload).into(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 0, "1".into()),
+                (0, 2, "2".into()),
+                (1, 0, "3".into()),
+                (1, 1, "4".into())
+            ]
+        );
+        let pattern = FileSource::open(&dir.path().join("*.txt")).unwrap();
+        assert_eq!(pattern.partitions(), 1);
+        assert!(FileSource::open(&dir.path().join("none-*.x")).is_err());
     }
 }

@@ -3,31 +3,44 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::{Record, RevokeHook, Source, SourceError};
+use super::{Rebalance, Record, Source, SourceError, StartAt};
 use crate::config::{KafkaSpec, StartFrom};
 use crate::sink::Offsets;
 
-/// Remembers revoked partitions for the run loop (rebalance callbacks run inside `poll`).
+/// The consumer's context: assignment goes through the engine's [`Rebalance`] handler, inside
+/// librdkafka's rebalance callback (which runs in `poll`, on the source thread).
 #[derive(Default)]
 struct Context {
-    revoked: Mutex<Vec<(String, i32)>>,
     assigned: Mutex<HashMap<(String, i32), Instant>>,
     lag: Mutex<HashMap<(String, i32), i64>>,
-    hook: OnceLock<RevokeHook>,
+    /// Each partition's end (high watermark), from librdkafka's statistics.
+    high: Mutex<HashMap<(String, i32), i64>>,
+    handler: OnceLock<Arc<dyn Rebalance>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ClientContext for Context {
-    /// librdkafka's statistics (every 5 s): keep each partition's consumer lag.
+    /// librdkafka's statistics: keep each partition's consumer lag and end.
     fn stats(&self, statistics: rdkafka::Statistics) {
-        let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut lag, mut high) = (locked(&self.lag), locked(&self.high));
         for (topic, t) in statistics.topics {
             for (partition, p) in t.partitions {
-                if partition >= 0 && p.consumer_lag >= 0 {
+                if partition < 0 {
+                    continue;
+                }
+                if p.consumer_lag >= 0 {
                     lag.insert((topic.clone(), partition), p.consumer_lag);
+                }
+                if p.hi_offset >= 0 {
+                    high.insert((topic.clone(), partition), p.hi_offset);
                 }
             }
         }
@@ -35,55 +48,92 @@ impl ClientContext for Context {
 }
 
 impl ConsumerContext for Context {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Revoke(list) => {
-                // Flush and commit before the partitions move, so their new owner starts where
-                // this process stopped instead of redoing its uncommitted work.
-                let gone: Vec<(String, i32)> = list
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_string(), e.partition()))
-                    .collect();
-                if let Some(hook) = self.hook.get()
-                    && let Some(offsets) = hook(&gone)
-                    && !offsets.is_empty()
-                {
-                    let mut tpl = TopicPartitionList::new();
-                    for ((topic, partition), offset) in &offsets {
-                        let _ =
-                            tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1));
-                    }
-                    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                        tracing::warn!(
-                            "committing offsets to Kafka on revoke failed (the sinks already hold them): {e}"
-                        );
+    /// Assigns partitions at the offsets the engine asks for (where the sinks stand), so no
+    /// record before them is ever fetched; on revoke, lets the engine finish and commit the
+    /// partitions before they move.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let parts: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Some(handler) = self.handler.get() {
+                    let starts = handler.assigned(&parts);
+                    for ((topic, partition), start) in parts.iter().zip(starts) {
+                        let offset = match start {
+                            StartAt::Stored => continue,
+                            StartAt::Beginning => Offset::Beginning,
+                            StartAt::Offset(o) => Offset::Offset(o),
+                        };
+                        if let Err(e) = tpl.set_partition_offset(topic, *partition, offset) {
+                            tracing::error!(topic, partition, "cannot set the start offset: {e}");
+                        }
                     }
                 }
-                let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
-                let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-                for e in list.elements() {
-                    tracing::info!(
-                        topic = e.topic(),
-                        partition = e.partition(),
-                        "partition revoked"
-                    );
-                    revoked.push((e.topic().to_string(), e.partition()));
-                    assigned.remove(&(e.topic().to_string(), e.partition()));
+                let mut assigned = locked(&self.assigned);
+                for (topic, partition) in &parts {
+                    tracing::info!(topic, partition, "partition assigned");
+                    assigned.insert((topic.clone(), *partition), Instant::now());
+                }
+                drop(assigned);
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = result {
+                    tracing::error!("assigning partitions failed: {e}");
                 }
             }
-            Rebalance::Assign(list) => {
-                let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-                for e in list.elements() {
-                    tracing::info!(
-                        topic = e.topic(),
-                        partition = e.partition(),
-                        "partition assigned"
-                    );
-                    assigned.insert((e.topic().to_string(), e.partition()), Instant::now());
+            _ => {
+                if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+                    if let Some(handler) = self.handler.get() {
+                        let offsets = handler.revoked(&parts);
+                        if !offsets.is_empty() {
+                            let mut list = TopicPartitionList::new();
+                            for ((topic, partition), offset) in &offsets {
+                                let _ = list.add_partition_offset(
+                                    topic,
+                                    *partition,
+                                    Offset::Offset(offset + 1),
+                                );
+                            }
+                            if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
+                                tracing::warn!(
+                                    "committing offsets to Kafka on revoke failed (the sinks already hold them): {e}"
+                                );
+                            }
+                        }
+                    }
+                } else {
+                    tracing::warn!("rebalance error: {err:?}");
+                }
+                let mut assigned = locked(&self.assigned);
+                for (topic, partition) in &parts {
+                    tracing::info!(topic, partition, "partition revoked");
+                    assigned.remove(&(topic.clone(), *partition));
+                }
+                drop(assigned);
+                let result = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = result {
+                    tracing::error!("unassigning partitions failed: {e}");
                 }
             }
-            Rebalance::Error(e) => tracing::warn!("rebalance error: {e}"),
         }
     }
 }
@@ -127,7 +177,7 @@ impl KafkaSource {
             // 470k → 650k events/s from Tansu), for ~100 empty fetches/s on an idle topic.
             .set("fetch.wait.max.ms", "10")
             .set("enable.partition.eof", "false")
-            .set("statistics.interval.ms", "5000");
+            .set("statistics.interval.ms", "1000");
         for (k, v) in &spec.options {
             config.set(k, v);
         }
@@ -227,52 +277,23 @@ impl Source for KafkaSource {
         Ok(())
     }
 
-    fn seek(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), SourceError> {
-        self.consumer
-            .seek(
-                topic,
-                partition,
-                Offset::Offset(offset),
-                Duration::from_secs(10),
-            )
-            .map_err(|e| {
-                SourceError::Io(format!("cannot seek {topic}/{partition} to {offset}: {e}"))
-            })
+    fn on_rebalance(&mut self, handler: Arc<dyn Rebalance>) {
+        let _ = self.consumer.context().handler.set(handler);
+    }
+
+    fn behind(&self, topic: &str, partition: i32, next: i64) -> bool {
+        locked(&self.consumer.context().high)
+            .get(&(topic.to_string(), partition))
+            .is_none_or(|&high| high > next)
     }
 
     fn ephemeral(&self) -> bool {
         self.ephemeral
     }
 
-    fn on_revoke(&mut self, hook: RevokeHook) {
-        let _ = self.consumer.context().hook.set(hook);
-    }
-
-    fn revoked(&mut self) -> Vec<(String, i32)> {
-        std::mem::take(
-            &mut *self
-                .consumer
-                .context()
-                .revoked
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        )
-    }
-
     fn lag(&self) -> Vec<((String, i32), i64)> {
-        let assigned = self
-            .consumer
-            .context()
-            .assigned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let lag = self
-            .consumer
-            .context()
-            .lag
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let assigned = locked(&self.consumer.context().assigned).clone();
+        let lag = locked(&self.consumer.context().lag);
         let mut out: Vec<_> = lag
             .iter()
             .filter(|(k, _)| assigned.contains_key(*k))
@@ -280,16 +301,5 @@ impl Source for KafkaSource {
             .collect();
         out.sort();
         out
-    }
-
-    fn assigned(&self) -> Vec<((String, i32), Instant)> {
-        self.consumer
-            .context()
-            .assigned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect()
     }
 }

@@ -14,8 +14,26 @@ pub use kafka::KafkaSource;
 
 use crate::sink::Offsets;
 
-/// Flushes and commits partitions that are being revoked; returns the offsets committed.
-pub type RevokeHook = Box<dyn Fn(&[(String, i32)]) -> Option<Offsets> + Send + Sync>;
+/// Where an assigned partition starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// The group's committed offset (or the `start:` setting when it has none).
+    Stored,
+    /// The partition's first record.
+    Beginning,
+    /// This offset.
+    Offset(i64),
+}
+
+/// The engine's side of partition assignment: called by the source (for Kafka, inside the
+/// consumer's rebalance callback, before any record of the partition is fetched).
+pub trait Rebalance: Send + Sync {
+    /// Partitions just assigned: sets up their tasks; returns where each starts.
+    fn assigned(&self, partitions: &[(String, i32)]) -> Vec<StartAt>;
+    /// Partitions about to be taken away: finishes and commits them, then lets them go;
+    /// returns the offsets committed, for the source to commit to the broker before they move.
+    fn revoked(&self, partitions: &[(String, i32)]) -> Offsets;
+}
 
 /// One record as read.
 #[derive(Debug, Clone)]
@@ -51,29 +69,22 @@ pub trait Source {
     ) -> Result<(), SourceError>;
     /// Records that everything up to and including `offsets` is safely committed by the sinks.
     fn commit(&mut self, offsets: &Offsets) -> Result<(), SourceError>;
-    /// Continues `topic`/`partition` from `offset`.
-    fn seek(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), SourceError>;
-    /// Partitions taken away (by a rebalance) since the last call.
-    fn revoked(&mut self) -> Vec<(String, i32)> {
-        Vec::new()
-    }
-    /// Called when partitions are about to be taken away by a rebalance, before they move: the
-    /// hook flushes and commits them and returns the offsets to commit to the broker.
-    fn on_revoke(&mut self, hook: RevokeHook) {
-        let _ = hook;
-    }
+    /// Registers the engine's partition handler; assignments from now on go through it.
+    fn on_rebalance(&mut self, handler: std::sync::Arc<dyn Rebalance>);
     /// Records behind the end of each assigned partition, as last reported (Kafka only).
     fn lag(&self) -> Vec<((String, i32), i64)> {
         Vec::new()
+    }
+    /// True if records of `topic`/`partition` from `next` on are known to be waiting at the
+    /// broker (or may be: a partition whose end is not known yet counts as behind). A partition
+    /// that is behind never counts as idle.
+    fn behind(&self, topic: &str, partition: i32, next: i64) -> bool {
+        let _ = (topic, partition, next);
+        false
     }
     /// True if offsets mean nothing across runs (the embedded broker starts empty each time):
     /// a partition then starts fresh instead of resuming from the sinks' offsets.
     fn ephemeral(&self) -> bool {
         false
-    }
-    /// Partitions currently assigned, with when they were assigned; the watermark waits for an
-    /// assigned partition that has sent nothing yet (until it counts as idle).
-    fn assigned(&self) -> Vec<((String, i32), std::time::Instant)> {
-        Vec::new()
     }
 }

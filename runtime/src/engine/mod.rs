@@ -1,0 +1,730 @@
+//! The engine: how records move from the source to committed tables.
+//!
+//! ```text
+//! source thread (coordinator) ── poll ──▶ records per partition ──▶ worker threads
+//!    │  rebalance: assign at the sinks' offsets / finish and commit on revoke
+//!    │  every `checkpoint.interval`: cut epoch E ── Barrier(E) ──▶ every worker
+//! worker: partition tasks (batch ▸ decode ▸ plugin chain ▸ stage output for sinks, epoch E)
+//!    │  at Barrier(E): finish, snapshot changed tasks ── EpochDone(E) ──▶ committer
+//! committer thread: sinks stage E's rows as they come; when every worker handed in E:
+//!    state → every sink commits E with its positions → Kafka offsets (back on the source thread)
+//! ```
+//!
+//! Modules: [`plan`] (what runs: steps, schemas, sinks, options), [`task`] (one partition's
+//! work), [`worker`] (a thread of tasks), [`committer`] (epochs into sinks, and where partitions
+//! resume). This file is the coordinator: the source loop, routing, epochs and rebalances.
+
+mod committer;
+pub mod plan;
+mod task;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use plan::{Plan, RunError, RunOptions, RunSummary};
+
+use crate::checkpoint::{FileStateStore, StateStore};
+use crate::config::{Pipeline, SourceKind};
+use crate::decode::JsonDecoder;
+use crate::metrics::StageTime;
+use crate::sink::Offsets;
+use crate::source::{
+    EmbeddedBroker, FileSource, Generator, KafkaSource, Pace, Rebalance, Record, Source, StartAt,
+};
+use committer::{CommitMsg, Committer, CommitterReport};
+use task::{Resume, SinkInput, TaskContext};
+use worker::{WorkerMsg, WorkerReport};
+
+/// A source partition: topic and partition number.
+pub(crate) type PartitionKey = (Arc<str>, i32);
+
+/// Counts every thread adds to, read by the progress line and the summary.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub records: AtomicU64,
+    pub undecodable: AtomicU64,
+    pub rejected: AtomicU64,
+    pub rows_out: AtomicU64,
+}
+
+/// What workers and the committer tell the coordinator.
+pub(crate) enum Event {
+    /// Epoch `epoch` is committed in every sink; `offsets` go to Kafka.
+    Committed { epoch: u64, offsets: Offsets },
+    /// A thread failed; the run stops with this error.
+    Failed(RunError),
+}
+
+/// The coordinator's view of one assigned partition.
+struct Slot {
+    worker: usize,
+    /// The task's watermark (`i64::MIN`: none yet), for idle partitions to follow.
+    watermark: Arc<AtomicI64>,
+    last_record: Instant,
+    /// The next offset the source will hand out.
+    next: i64,
+}
+
+/// Routing state, shared by the source loop and the rebalance callbacks (which run inside
+/// `poll`, on the same thread, while the loop does not hold the lock).
+struct Router {
+    workers: Vec<SyncSender<WorkerMsg>>,
+    slots: HashMap<PartitionKey, Slot>,
+    committer: SyncSender<CommitMsg>,
+    events: Receiver<Event>,
+    /// The epoch being assembled: staged output belongs to it until its barrier.
+    epoch: u64,
+    /// Offsets committed to the sinks and not yet to Kafka.
+    to_kafka: Offsets,
+    committed: u64,
+    failed: Option<RunError>,
+    ephemeral: bool,
+    /// Set once the run is over: a rebalance while the consumer closes does nothing.
+    closed: bool,
+}
+
+impl Router {
+    fn send(&self, worker: usize, msg: WorkerMsg) -> Result<(), RunError> {
+        self.workers[worker]
+            .send(msg)
+            .map_err(|_| RunError::Internal(format!("worker {worker} stopped")))
+    }
+
+    /// Cuts the current epoch: every worker gets the barrier; idle partitions follow the others'
+    /// watermark. Returns the epoch cut.
+    fn cut(&mut self, idle: HashMap<PartitionKey, i64>) -> Result<u64, RunError> {
+        let epoch = self.epoch;
+        for w in 0..self.workers.len() {
+            let idle = idle
+                .iter()
+                .filter(|(k, _)| self.slots.get(*k).is_some_and(|s| s.worker == w))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect();
+            self.send(w, WorkerMsg::Barrier { epoch, idle })?;
+        }
+        self.epoch += 1;
+        Ok(epoch)
+    }
+
+    /// Takes the events waiting; with `until`, blocks until that epoch is committed.
+    fn drain(&mut self, until: Option<u64>) -> Result<(), RunError> {
+        loop {
+            let event = match until {
+                Some(e) if self.committed < e => self
+                    .events
+                    .recv()
+                    .map_err(|_| RunError::Internal("the committer stopped".into()))?,
+                _ => match self.events.try_recv() {
+                    Ok(ev) => ev,
+                    Err(_) => return Ok(()),
+                },
+            };
+            match event {
+                Event::Committed { epoch, offsets } => {
+                    self.committed = self.committed.max(epoch);
+                    self.to_kafka.extend(offsets);
+                }
+                Event::Failed(e) => return Err(e),
+            }
+        }
+    }
+
+    fn assign(&mut self, parts: &[(String, i32)]) -> Result<Vec<StartAt>, RunError> {
+        let keys: Vec<PartitionKey> = parts
+            .iter()
+            .map(|(t, p)| (Arc::from(t.as_str()), *p))
+            .collect();
+        let (reply, answer) = mpsc::channel();
+        self.committer
+            .send(CommitMsg::Resume {
+                keys: keys.clone(),
+                ephemeral: self.ephemeral,
+                reply,
+            })
+            .map_err(|_| RunError::Internal("the committer stopped".into()))?;
+        let resumes: Vec<Resume> = answer
+            .recv()
+            .map_err(|_| RunError::Internal("the committer stopped".into()))??;
+        let mut starts = Vec::new();
+        for (key, resume) in keys.into_iter().zip(resumes) {
+            // The least loaded worker takes it.
+            let mut load = vec![0usize; self.workers.len()];
+            for s in self.slots.values() {
+                load[s.worker] += 1;
+            }
+            let worker = (0..load.len()).min_by_key(|&w| load[w]).unwrap_or(0);
+            starts.push(if resume.start >= 0 {
+                StartAt::Offset(resume.start + 1)
+            } else if resume.held {
+                StartAt::Beginning
+            } else {
+                StartAt::Stored
+            });
+            let watermark = Arc::new(AtomicI64::new(i64::MIN));
+            self.slots.insert(
+                key.clone(),
+                Slot {
+                    worker,
+                    watermark: watermark.clone(),
+                    last_record: Instant::now(),
+                    next: resume.start + 1,
+                },
+            );
+            tracing::debug!(topic = %key.0, partition = key.1, worker, "partition opened");
+            self.send(
+                worker,
+                WorkerMsg::Open {
+                    key,
+                    resume: Box::new(resume),
+                    watermark,
+                },
+            )?;
+        }
+        Ok(starts)
+    }
+
+    /// Finishes and commits everything, then closes the `parts` tasks.
+    fn revoke(&mut self, parts: &[(String, i32)]) -> Result<Offsets, RunError> {
+        let epoch = self.cut(HashMap::new())?;
+        self.drain(Some(epoch))?;
+        let mut offsets = Offsets::new();
+        for (topic, partition) in parts {
+            let key: PartitionKey = (Arc::from(topic.as_str()), *partition);
+            if let Some(slot) = self.slots.remove(&key) {
+                self.send(slot.worker, WorkerMsg::Close(key))?;
+                tracing::info!(
+                    topic,
+                    partition,
+                    "flushed and committed the revoked partition before giving it up"
+                );
+            }
+            if let Some(o) = self.to_kafka.get(&(topic.clone(), *partition)) {
+                offsets.insert((topic.clone(), *partition), *o);
+            }
+        }
+        Ok(offsets)
+    }
+}
+
+/// The rebalance handler the source calls; errors are kept for the loop to return.
+struct Rebalancer(Arc<Mutex<Router>>);
+
+fn lock(router: &Mutex<Router>) -> std::sync::MutexGuard<'_, Router> {
+    router.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Rebalance for Rebalancer {
+    fn assigned(&self, partitions: &[(String, i32)]) -> Vec<StartAt> {
+        let mut router = lock(&self.0);
+        if router.failed.is_some() || router.closed {
+            return vec![StartAt::Stored; partitions.len()];
+        }
+        match router.assign(partitions) {
+            Ok(starts) => starts,
+            Err(e) => {
+                tracing::error!("opening assigned partitions failed: {e}");
+                router.failed = Some(e);
+                vec![StartAt::Stored; partitions.len()]
+            }
+        }
+    }
+
+    fn revoked(&self, partitions: &[(String, i32)]) -> Offsets {
+        let mut router = lock(&self.0);
+        if router.failed.is_some() || router.closed {
+            return Offsets::new();
+        }
+        match router.revoke(partitions) {
+            Ok(offsets) => offsets,
+            Err(e) => {
+                tracing::error!("finishing revoked partitions failed: {e}");
+                router.failed = Some(e);
+                Offsets::new()
+            }
+        }
+    }
+}
+
+/// The source and whatever it needs kept alive (the embedded broker and its generator).
+struct OpenSource {
+    source: Box<dyn Source>,
+    pace: Arc<Pace>,
+    _generator: Option<Generator>,
+    _embedded: Option<EmbeddedBroker>,
+}
+
+fn open_source(pipeline: &Pipeline) -> Result<OpenSource, RunError> {
+    let spec = &pipeline.spec;
+    let pace = Arc::new(Pace::default());
+    let (mut generator, mut embedded) = (None, None);
+    let source: Box<dyn Source> = match spec.source.kind() {
+        None => {
+            return Err(RunError::Config(
+                "`source`: give one of `kafka`, `file`, `generator`".into(),
+            ));
+        }
+        Some(SourceKind::File(f)) => Box::new(FileSource::open(&pipeline.resolve(&f.path))?),
+        Some(SourceKind::Kafka(k, gen_spec)) => {
+            let bootstrap = if k.brokers.is_embedded() {
+                let topics = k
+                    .topics
+                    .clone()
+                    .or_else(|| k.topic.clone().map(|t| vec![t]))
+                    .unwrap_or_default();
+                let topic = topics.first().map_or("ticks", String::as_str);
+                let broker = EmbeddedBroker::start(topic, 3)?;
+                let bootstrap = broker.bootstrap();
+                match gen_spec {
+                    Some(g) => {
+                        generator = Some(Generator::start(g, &bootstrap, topic, pace.clone())?)
+                    }
+                    None => tracing::warn!(
+                        "the embedded broker has no generator feeding it: add a `generator:` block to `source`"
+                    ),
+                }
+                embedded = Some(broker);
+                bootstrap
+            } else {
+                k.brokers.bootstrap()
+            };
+            let source = KafkaSource::open(k, &bootstrap)?;
+            Box::new(if k.brokers.is_embedded() {
+                source.ephemeral()
+            } else {
+                source
+            })
+        }
+        Some(SourceKind::Generator(g)) => {
+            let broker = EmbeddedBroker::start(&g.topic, 3)?;
+            let bootstrap = broker.bootstrap();
+            generator = Some(Generator::start(g, &bootstrap, &g.topic, pace.clone())?);
+            embedded = Some(broker);
+            let kafka = crate::config::KafkaSpec {
+                brokers: crate::config::Brokers::One(bootstrap.clone()),
+                topic: Some(g.topic.clone()),
+                topics: None,
+                group: format!("flowgate-{}", spec.name),
+                start: crate::config::StartFrom::Earliest,
+                options: Default::default(),
+            };
+            Box::new(KafkaSource::open(&kafka, &bootstrap)?.ephemeral())
+        }
+    };
+    Ok(OpenSource {
+        source,
+        pace,
+        _generator: generator,
+        _embedded: embedded,
+    })
+}
+
+fn millis(d: flowgate_sdk::config::Duration) -> Duration {
+    Duration::from_millis(d.as_millis().max(1) as u64)
+}
+
+/// Runs `pipeline` until `shutdown` resolves (or `options` say so); everything read is
+/// committed before it returns. `main` passes Ctrl+C / SIGTERM; tests pass what they like.
+pub fn run(
+    pipeline: &Pipeline,
+    host: &crate::plugin::PluginHost,
+    options: &RunOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<RunSummary, RunError> {
+    let spec = &pipeline.spec;
+    let plan = Arc::new(Plan::build(pipeline, host)?);
+    let rt = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| RunError::Config(format!("cannot start the I/O runtime: {e}")))?,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        rt.spawn(async move {
+            shutdown.await;
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    // Sinks in config order, then the dead letter.
+    let mut sinks = Vec::new();
+    let mut inputs = Vec::new();
+    for (name, s) in spec.sinks.iter() {
+        let stage = plan.stage_of(s.from.as_deref());
+        sinks.push(plan::open_sink(
+            pipeline,
+            name,
+            s,
+            &plan.stages[stage],
+            &rt,
+        )?);
+        inputs.push(SinkInput::Stage(stage));
+    }
+    if let Some(d) = &spec.dead_letter {
+        sinks.push(plan::open_sink(
+            pipeline,
+            "dead_letter",
+            d,
+            &crate::sink::dead_letter_schema(),
+            &rt,
+        )?);
+        inputs.push(SinkInput::DeadLetter);
+    }
+    let workers = spec.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let store: Arc<dyn StateStore> = Arc::new(FileStateStore::new(
+        &pipeline.resolve(&spec.checkpoint.path),
+        &spec.name,
+    ));
+    let (events_tx, events) = mpsc::channel();
+    let (commit_tx, commit_rx) = mpsc::sync_channel(1024);
+    let committer = Committer::new(
+        sinks,
+        store,
+        workers,
+        options.reset_state,
+        events_tx.clone(),
+    );
+    let committer_thread = std::thread::Builder::new()
+        .name("flowgate-committer".into())
+        .spawn(move || committer.run(commit_rx))
+        .map_err(|e| RunError::Internal(format!("cannot start the committer: {e}")))?;
+    let counters = Arc::new(Counters::default());
+    let ctx = Arc::new(TaskContext {
+        plan: plan.clone(),
+        pipeline: spec.name.clone(),
+        decoder: JsonDecoder::new(plan.stages[0].clone()),
+        event_time: spec
+            .event_time
+            .as_ref()
+            .and_then(|c| plan.stages[0].index_of(c).ok()),
+        delay: spec.watermark.delay.as_millis(),
+        max_records: spec.batch.max_records.max(1),
+        max_wait: millis(spec.batch.max_wait),
+        inputs,
+        counters: counters.clone(),
+        committer: commit_tx.clone(),
+    });
+    let mut worker_tx = Vec::new();
+    let mut worker_threads = Vec::new();
+    for w in 0..workers {
+        let (tx, rx) = mpsc::sync_channel(64);
+        worker_tx.push(tx);
+        let (ctx, events) = (ctx.clone(), events_tx.clone());
+        worker_threads.push(
+            std::thread::Builder::new()
+                .name(format!("flowgate-worker-{w}"))
+                .spawn(move || worker::run_worker(w, ctx, rx, events))
+                .map_err(|e| RunError::Internal(format!("cannot start a worker: {e}")))?,
+        );
+    }
+    drop(ctx);
+    drop(events_tx);
+    let mut opened = open_source(pipeline)?;
+    let router = Arc::new(Mutex::new(Router {
+        workers: worker_tx,
+        slots: HashMap::new(),
+        committer: commit_tx,
+        events,
+        epoch: 1,
+        to_kafka: Offsets::new(),
+        committed: 0,
+        failed: None,
+        ephemeral: opened.source.ephemeral(),
+        closed: false,
+    }));
+    opened
+        .source
+        .on_rebalance(Arc::new(Rebalancer(router.clone())));
+    let started = Instant::now();
+    let mut loop_state = Loop {
+        options,
+        interval: millis(spec.checkpoint.interval),
+        idle_after: Duration::from_millis(spec.watermark.idle_timeout.as_millis().max(0) as u64),
+        max_records: spec.batch.max_records.max(1),
+        counters: counters.clone(),
+        started,
+        poll_time: Duration::ZERO,
+        kafka_commit: Duration::ZERO,
+        first_record: None,
+        routed: 0,
+    };
+    let result = loop_state.run(&mut opened, &router, &stop);
+    // Let the threads go: closing their channels ends them.
+    {
+        let mut r = lock(&router);
+        r.workers.clear();
+        let (tx, _) = mpsc::sync_channel(1);
+        r.committer = tx;
+    }
+    let reports: Vec<WorkerReport> = worker_threads
+        .into_iter()
+        .filter_map(|t| t.join().ok())
+        .collect();
+    drop(opened);
+    let committed = committer_thread.join().ok();
+    result?;
+    let committed = committed.unwrap_or_default();
+    Ok(loop_state.summary(&plan, reports, committed))
+}
+
+/// The source loop's settings and measurements.
+struct Loop<'a> {
+    options: &'a RunOptions,
+    interval: Duration,
+    idle_after: Duration,
+    max_records: usize,
+    counters: Arc<Counters>,
+    started: Instant,
+    poll_time: Duration,
+    kafka_commit: Duration,
+    first_record: Option<Duration>,
+    routed: u64,
+}
+
+impl Loop<'_> {
+    fn run(
+        &mut self,
+        opened: &mut OpenSource,
+        router: &Arc<Mutex<Router>>,
+        stop: &AtomicBool,
+    ) -> Result<(), RunError> {
+        let source = &mut opened.source;
+        let mut next_cut = Instant::now() + self.interval;
+        let mut last_record = Instant::now();
+        let mut last_progress = Instant::now();
+        let mut progress_mark = (0u64, 0u64);
+        let live = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let mut polled: Vec<Record> = Vec::with_capacity(self.max_records);
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                tracing::info!("stopping: finishing and committing what was read");
+                break;
+            }
+            let budget = self
+                .options
+                .max_records
+                .map(|m| m.saturating_sub(self.routed) as usize)
+                .unwrap_or(usize::MAX);
+            if budget == 0 {
+                break;
+            }
+            {
+                let r = lock(router);
+                // Idle time counts once the source has partitions (a group join takes seconds).
+                if self.routed == 0
+                    && r.slots.is_empty()
+                    && self.started.elapsed() < Duration::from_secs(60)
+                {
+                    last_record = Instant::now();
+                }
+            }
+            if let Some(idle) = self.options.until_idle
+                && last_record.elapsed() >= idle
+            {
+                tracing::info!("no input for {idle:?}: stopping");
+                break;
+            }
+            polled.clear();
+            let polling = Instant::now();
+            source.poll(
+                self.max_records.min(budget),
+                Duration::from_millis(50),
+                &mut polled,
+            )?;
+            self.poll_time += polling.elapsed();
+            let mut r = lock(router);
+            if let Some(e) = r.failed.take() {
+                return Err(e);
+            }
+            opened
+                .pace
+                .consumed
+                .fetch_add(polled.len() as u64, Ordering::Relaxed);
+            if !r.slots.is_empty() {
+                opened.pace.reading.store(true, Ordering::Relaxed);
+            }
+            if !polled.is_empty() {
+                last_record = Instant::now();
+                self.first_record.get_or_insert(self.started.elapsed());
+            }
+            self.route(&mut r, &mut polled)?;
+            r.drain(None)?;
+            if Instant::now() >= next_cut {
+                let idle = self.idle_watermarks(&r, source.as_ref());
+                r.cut(idle)?;
+                next_cut = Instant::now() + self.interval;
+            }
+            if !r.to_kafka.is_empty() {
+                let offsets = std::mem::take(&mut r.to_kafka);
+                let committing = Instant::now();
+                source.commit(&offsets)?;
+                self.kafka_commit += committing.elapsed();
+            }
+            let every = if live {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(5)
+            };
+            if last_progress.elapsed() >= every {
+                let secs = last_progress.elapsed().as_secs_f64();
+                let c = &self.counters;
+                let (records, rows_out) = (
+                    c.records.load(Ordering::Relaxed),
+                    c.rows_out.load(Ordering::Relaxed),
+                );
+                let line = format!(
+                    "{records} records ({:.0}/s in, {:.0}/s out), {} rejected, {} undecodable, {} partitions{}, epoch {} committed",
+                    (records - progress_mark.0.min(records)) as f64 / secs,
+                    (rows_out - progress_mark.1.min(rows_out)) as f64 / secs,
+                    c.rejected.load(Ordering::Relaxed),
+                    c.undecodable.load(Ordering::Relaxed),
+                    r.slots.len(),
+                    lag_text(&source.lag()),
+                    r.committed,
+                );
+                if live {
+                    eprint!("\r\x1b[2K{line}");
+                } else {
+                    tracing::info!("{line}");
+                }
+                progress_mark = (records, rows_out);
+                last_progress = Instant::now();
+            }
+        }
+        if live {
+            eprintln!();
+        }
+        let mut r = lock(router);
+        let idle = self.idle_watermarks(&r, source.as_ref());
+        let epoch = r.cut(idle)?;
+        r.drain(Some(epoch))?;
+        let offsets = std::mem::take(&mut r.to_kafka);
+        let committing = Instant::now();
+        source.commit(&offsets)?;
+        self.kafka_commit += committing.elapsed();
+        Ok(())
+    }
+
+    /// Hands polled records to their partitions' workers; records of partitions not assigned
+    /// (any more) are dropped: they were fetched before a revoke.
+    fn route(&mut self, r: &mut Router, polled: &mut Vec<Record>) -> Result<(), RunError> {
+        let mut by_partition: HashMap<PartitionKey, Vec<Record>> = HashMap::new();
+        for record in polled.drain(..) {
+            let key = (record.topic.clone(), record.partition);
+            let Some(slot) = r.slots.get_mut(&key) else {
+                continue;
+            };
+            slot.next = slot.next.max(record.offset + 1);
+            slot.last_record = Instant::now();
+            self.routed += 1;
+            by_partition.entry(key).or_default().push(record);
+        }
+        for (key, records) in by_partition {
+            if let Some(worker) = r.slots.get(&key).map(|s| s.worker) {
+                r.send(worker, WorkerMsg::Records(key, records))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Partitions silent for `idle_timeout` with nothing waiting at the broker: their watermark
+    /// follows the newest of the partitions that are not idle.
+    fn idle_watermarks(&self, r: &Router, source: &dyn Source) -> HashMap<PartitionKey, i64> {
+        let idle: Vec<&PartitionKey> = r
+            .slots
+            .iter()
+            .filter(|(k, s)| {
+                s.last_record.elapsed() >= self.idle_after && !source.behind(&k.0, k.1, s.next)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let lead = r
+            .slots
+            .iter()
+            .filter(|(k, _)| !idle.contains(k))
+            .map(|(_, s)| s.watermark.load(Ordering::Relaxed))
+            .filter(|&w| w != i64::MIN)
+            .max();
+        match lead {
+            Some(w) => idle.into_iter().map(|k| (k.clone(), w)).collect(),
+            None => HashMap::new(),
+        }
+    }
+
+    fn summary(
+        &self,
+        plan: &Plan,
+        workers: Vec<WorkerReport>,
+        committer: CommitterReport,
+    ) -> RunSummary {
+        let c = &self.counters;
+        let stage = |name: String, time: Duration| StageTime {
+            stage: name,
+            time,
+            ..Default::default()
+        };
+        let mut out = vec![
+            stage("source poll".into(), self.poll_time),
+            stage("decode".into(), workers.iter().map(|w| w.decode).sum()),
+        ];
+        let mut latency_to_output = crate::metrics::Histogram::default();
+        let mut steps = vec![crate::plugin::StepTimings::default(); plan.names.len()];
+        for w in &workers {
+            latency_to_output.merge(&w.latency_to_output);
+            for (sum, t) in steps.iter_mut().zip(&w.steps) {
+                sum.total += t.total;
+                sum.host_boundary += t.host_boundary;
+            }
+        }
+        for (i, t) in steps.iter().enumerate() {
+            out.push(StageTime {
+                stage: format!("step {}", plan.names[i]),
+                time: t.total,
+                host_boundary: Some(t.host_boundary),
+                native: plan.native.get(i).copied(),
+            });
+        }
+        for (i, name) in committer.sink_names.iter().enumerate() {
+            let encode = committer.sink_encode[i];
+            out.push(stage(format!("sink {name} write"), committer.sink_write[i]));
+            out.push(stage(format!("sink {name} encode"), encode));
+            out.push(stage(
+                format!("sink {name} commit"),
+                committer.sink_commit[i].saturating_sub(encode),
+            ));
+        }
+        out.push(stage("checkpoint state".into(), committer.state_save));
+        out.push(stage("source commit".into(), self.kafka_commit));
+        RunSummary {
+            records: c.records.load(Ordering::Relaxed),
+            undecodable: c.undecodable.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            rows_out: c.rows_out.load(Ordering::Relaxed),
+            checkpoints: committer.checkpoints,
+            wall: self.started.elapsed(),
+            first_record: self.first_record,
+            stages: out,
+            latency_to_output,
+            latency_to_commit: committer.latency_to_commit,
+        }
+    }
+}
+
+/// ` (lag p0 12, p1 0)` for the progress line; empty when the source reports none.
+fn lag_text(lag: &[((String, i32), i64)]) -> String {
+    if lag.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = lag
+        .iter()
+        .map(|((t, p), l)| format!("{t}/{p} {l}"))
+        .collect();
+    format!(" (lag {})", parts.join(", "))
+}

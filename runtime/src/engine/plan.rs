@@ -1,0 +1,271 @@
+//! What a run is made of before any record flows: the plan (every plugin loaded and every step
+//! created once, so schemas are checked stage by stage), the sinks opened on their stage schemas,
+//! and the run's options, summary and errors.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::datatypes::SchemaRef;
+
+use crate::checkpoint::CheckpointError;
+use crate::config::{OnError, Pipeline, SinkSpec};
+use crate::decode;
+use crate::metrics::{Histogram, StageTime};
+use crate::plugin::{Chain, ErrorKind, Grants, Plugin, PluginError, PluginHost};
+use crate::sink::{ConsoleSink, DeltaSink, ParquetSink, Sink, SinkError, TableShape};
+use crate::source::SourceError;
+
+/// Why a run stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A plugin could not be loaded or created, or failed in a way its `on_error` does not cover.
+    #[error("{location}: {source}")]
+    Plugin {
+        /// `file:line` of the step in the pipeline file.
+        location: String,
+        /// The plugin error.
+        source: Box<PluginError>,
+    },
+    /// A sink failed.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// The source failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The checkpoint store failed.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The pipeline does not fit together (checked before any record flows).
+    #[error("{0}")]
+    Config(String),
+    /// A partition's sinks hold offsets whose plugin state is not in the checkpoint store.
+    #[error(
+        "partition `{topic}/{partition}`: the sinks hold it up to offset {offset} (checkpoint epoch {epoch}), but the checkpoint store has no plugin state for that epoch; restore the checkpoint folder, or run with `--reset-state` to start this partition's steps empty"
+    )]
+    StateMissing {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// The offset the sinks hold.
+        offset: i64,
+        /// The checkpoint epoch they name.
+        epoch: u64,
+    },
+    /// A thread of the engine stopped unexpectedly.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl RunError {
+    /// Who must act.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RunError::Plugin { source, .. } => source.kind(),
+            RunError::Config(_)
+            | RunError::StateMissing { .. }
+            | RunError::Sink(SinkError::Config { .. } | SinkError::SchemaMismatch { .. }) => {
+                ErrorKind::Config
+            }
+            RunError::Sink(_) | RunError::Source(_) | RunError::Checkpoint(_) => {
+                ErrorKind::External
+            }
+            RunError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// When to stop besides Ctrl+C / SIGTERM.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop after this many input records.
+    pub max_records: Option<u64>,
+    /// Stop once no record arrived for this long.
+    pub until_idle: Option<Duration>,
+    /// Start partitions whose stored plugin state is missing with empty state instead of
+    /// refusing to run.
+    pub reset_state: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    /// Records read (after skipping those the sinks already held).
+    pub records: u64,
+    /// Records that did not decode.
+    pub undecodable: u64,
+    /// Rows refused by plugins.
+    pub rejected: u64,
+    /// Rows written to sinks (dead letter excluded).
+    pub rows_out: u64,
+    /// Checkpoints committed.
+    pub checkpoints: u64,
+    /// Wall time of the run, from start (plugins loaded, sinks opened) to the final commit.
+    pub wall: Duration,
+    /// When the first record arrived, counted from the start (a group join takes seconds).
+    pub first_record: Option<Duration>,
+    /// Time per stage, summed over partitions.
+    pub stages: Vec<StageTime>,
+    /// Kafka append time → the batch holding the record came out of the last plugin.
+    pub latency_to_output: Histogram,
+    /// Kafka append time → the checkpoint covering the record committed (every sink's table
+    /// version and the Kafka offsets).
+    pub latency_to_commit: Histogram,
+}
+
+/// One step, ready to instantiate per partition.
+pub(crate) struct StepPlan {
+    name: String,
+    plugin: Plugin,
+    config: String,
+    grants: Grants,
+    on_error: OnError,
+    location: String,
+}
+
+/// The pipeline's steps with their schemas, checked end to end.
+pub struct Plan {
+    steps: Vec<StepPlan>,
+    /// Stage schemas: `[0]` is the decoded records, `[i + 1]` what step `i` emits.
+    pub stages: Vec<SchemaRef>,
+    /// Step names, in order.
+    pub names: Vec<String>,
+    /// Per step: true if its plugin runs natively (see `PluginHost::link_native`).
+    pub native: Vec<bool>,
+}
+
+impl Plan {
+    /// Loads every plugin and creates the chain once, so schemas are checked stage by stage.
+    pub fn build(pipeline: &Pipeline, host: &PluginHost) -> Result<Self, RunError> {
+        let schema = decode::to_schema(&pipeline.spec.schema);
+        let mut stages = vec![schema];
+        let mut steps = Vec::new();
+        let mut native = Vec::new();
+        for t in &pipeline.spec.transforms {
+            let location = pipeline.locate(&t.plugin.display().to_string());
+            let plugin =
+                host.load(&pipeline.resolve(&t.plugin))
+                    .map_err(|source| RunError::Plugin {
+                        location: location.clone(),
+                        source: Box::new(source),
+                    })?;
+            let config = if t.config.is_null() {
+                "{}".to_string()
+            } else {
+                t.config.to_string()
+            };
+            let grants = Grants {
+                clock: t.grants.iter().any(|g| g == "clock"),
+            };
+            let input = stages
+                .last()
+                .cloned()
+                .unwrap_or_else(|| Arc::new(arrow::datatypes::Schema::empty()));
+            let step = plugin
+                .instantiate(&t.name, &config, &input, grants)
+                .map_err(|source| RunError::Plugin {
+                    location: location.clone(),
+                    source: Box::new(source),
+                })?;
+            stages.push(step.output_schema().clone());
+            native.push(step.is_native());
+            steps.push(StepPlan {
+                name: t.name.clone(),
+                plugin,
+                config,
+                grants,
+                on_error: t.on_error,
+                location,
+            });
+        }
+        let names = steps.iter().map(|s| s.name.clone()).collect();
+        Ok(Plan {
+            steps,
+            stages,
+            names,
+            native,
+        })
+    }
+
+    /// A fresh chain of every step, for one partition.
+    pub fn chain(&self) -> Result<Chain, RunError> {
+        let mut steps = Vec::new();
+        for (i, s) in self.steps.iter().enumerate() {
+            let step = s
+                .plugin
+                .instantiate(&s.name, &s.config, &self.stages[i], s.grants)
+                .map_err(|source| RunError::Plugin {
+                    location: s.location.clone(),
+                    source: Box::new(source),
+                })?;
+            steps.push(step);
+        }
+        Ok(Chain::new(steps).with_policies(self.steps.iter().map(|s| s.on_error).collect()))
+    }
+
+    /// The stage index a sink reads: 0 = decoded records, i + 1 = step i.
+    pub fn stage_of(&self, from: Option<&str>) -> usize {
+        match from {
+            None => self.steps.len(),
+            Some("source") => 0,
+            Some(name) => self
+                .names
+                .iter()
+                .position(|n| n == name)
+                .map_or(self.steps.len(), |i| i + 1),
+        }
+    }
+}
+
+/// Opens a sink for a stage schema.
+pub(crate) fn open_sink(
+    pipeline: &Pipeline,
+    name: &str,
+    spec: &SinkSpec,
+    schema: &SchemaRef,
+    rt: &Arc<tokio::runtime::Runtime>,
+) -> Result<Box<dyn Sink>, SinkError> {
+    let event_time = pipeline.spec.event_time.as_deref();
+    if let Some(t) = &spec.delta {
+        let shape = TableShape::new(
+            name,
+            schema,
+            &t.partition_by,
+            t.date_from.as_deref(),
+            event_time,
+        )?;
+        return Ok(Box::new(DeltaSink::open(
+            name,
+            &pipeline.resolve(&t.path),
+            &pipeline.spec.name,
+            shape,
+            &t.partition_by,
+            t.target_file_size,
+            rt.clone(),
+        )?));
+    }
+    if let Some(c) = &spec.console {
+        return Ok(Box::new(ConsoleSink::new(name, c.max_rows)));
+    }
+    match &spec.parquet {
+        Some(t) => {
+            let shape = TableShape::new(
+                name,
+                schema,
+                &t.partition_by,
+                t.date_from.as_deref(),
+                event_time,
+            )?;
+            Ok(Box::new(ParquetSink::open(
+                name,
+                &pipeline.resolve(&t.path),
+                shape,
+                &t.partition_by,
+            )?))
+        }
+        None => Err(SinkError::Config {
+            sink: name.into(),
+            message: "give one of `delta`, `parquet`, `console`".into(),
+        }),
+    }
+}

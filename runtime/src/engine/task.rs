@@ -1,0 +1,581 @@
+//! A partition task: one source partition's batcher, decoder, plugin chain and watermark. It
+//! lives on one worker thread, and stages what its chain emits for the sinks under the epoch it
+//! belongs to. At an epoch barrier it finishes what it has taken and snapshots its steps.
+//!
+//! Three positions, three names: `taken` (the last offset handed to this task), `processed`
+//! (the last offset whose records went through the chain) and — held by the sinks, not here —
+//! committed. Only `processed` is ever checkpointed.
+//!
+//! Late data is judged the same in a replay as live: the chain gets its own partition's
+//! watermark, and a batch is cut before any row older than the watermark the rows before it
+//! imply, which is handed to the chain first. So lateness depends on the records alone, never on
+//! how they were batched.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, ArrayRef, Int32Array, Int64Array, StringArray};
+use arrow::array::{RecordBatch, TimestampMicrosecondArray};
+
+use super::committer::{CommitMsg, Staged};
+use super::plan::{Plan, RunError};
+use super::{Counters, PartitionKey};
+use crate::checkpoint::{PartitionState, StepState};
+use crate::config::OnError;
+use crate::decode::{self, JsonDecoder};
+use crate::plugin::{ChainOutput, PluginError, StepTimings};
+use crate::sink;
+use crate::source::Record;
+
+/// Where a sink reads: a stage of the chain, or the dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SinkInput {
+    /// 0 = the decoded records, i + 1 = what step i emits.
+    Stage(usize),
+    /// Rows refused anywhere.
+    DeadLetter,
+}
+
+/// What every task of a run shares.
+pub(crate) struct TaskContext {
+    pub plan: Arc<Plan>,
+    pub pipeline: String,
+    pub decoder: JsonDecoder,
+    pub event_time: Option<usize>,
+    pub delay: i64,
+    pub max_records: usize,
+    pub max_wait: Duration,
+    /// Per sink index (the dead letter last, if any): what it reads.
+    pub inputs: Vec<SinkInput>,
+    pub counters: Arc<Counters>,
+    pub committer: std::sync::mpsc::SyncSender<CommitMsg>,
+}
+
+/// A sink that already holds more of this partition than the task's start: when `processed`
+/// reaches `offset`, the chain gets `watermark` (as it did when that checkpoint was taken) and
+/// the sinks join; until then they are not written.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub offset: i64,
+    pub watermark: Option<i64>,
+    pub sinks: Vec<usize>,
+}
+
+/// How a partition starts: decided from what its sinks hold (see the committer).
+#[derive(Debug, Clone)]
+pub(crate) struct Resume {
+    /// The last offset every joined sink holds (-1: none).
+    pub start: i64,
+    /// The last checkpoint epoch of the partition (the next one is `epoch + 1`).
+    pub epoch: u64,
+    /// The state stored for `start`, if any.
+    pub state: Option<PartitionState>,
+    /// Per sink: written from the start.
+    pub joined: Vec<bool>,
+    /// Sinks that hold more, in offset order.
+    pub targets: Vec<Target>,
+    /// Whether any sink holds anything of the partition (else the group's offset applies).
+    pub held: bool,
+}
+
+/// A checkpoint of one partition at an epoch barrier.
+#[derive(Debug)]
+pub(crate) struct TaskCheckpoint {
+    pub key: PartitionKey,
+    /// The partition's checkpoint epoch.
+    pub epoch: u64,
+    pub state: PartitionState,
+    /// Per sink: whether this checkpoint's position is recorded in it.
+    pub joined: Vec<bool>,
+}
+
+pub(crate) struct PartitionTask {
+    pub key: PartitionKey,
+    ctx: Arc<TaskContext>,
+    chain: crate::plugin::Chain,
+    pending: Vec<Record>,
+    oldest: Option<Instant>,
+    taken: i64,
+    processed: i64,
+    max_event: Option<i64>,
+    watermark: Option<i64>,
+    /// The watermark for the coordinator (`i64::MIN`: none yet).
+    published: Arc<AtomicI64>,
+    epoch: u64,
+    dirty: bool,
+    joined: Vec<bool>,
+    targets: VecDeque<Target>,
+    /// Kafka append times (ms) of records processed since the last barrier, with counts.
+    pub appended: HashMap<i64, u64>,
+    pub decode_time: Duration,
+    /// Append → out of the last plugin, per record (µs).
+    pub latency: crate::metrics::Histogram,
+}
+
+impl PartitionTask {
+    /// Builds the chain and restores the state `resume` names, step by step name.
+    pub fn open(
+        ctx: Arc<TaskContext>,
+        key: PartitionKey,
+        resume: Resume,
+        published: Arc<AtomicI64>,
+        epoch: u64,
+    ) -> Result<Self, RunError> {
+        let mut chain = ctx.plan.chain()?;
+        let last_stage = ctx.plan.stages.len() - 1;
+        for input in &ctx.inputs {
+            if let SinkInput::Stage(s) = input
+                && *s > 0
+                && *s < last_stage
+            {
+                chain.tap(s - 1);
+            }
+        }
+        let (mut max_event, mut watermark) = (None, None);
+        if let Some(state) = &resume.state {
+            max_event = state.max_event;
+            watermark = state.watermark;
+            for step in chain.steps_mut() {
+                match state.steps.iter().find(|s| s.step == step.name()) {
+                    Some(saved) => {
+                        step.restore(&saved.snapshot)
+                            .map_err(|source| RunError::Plugin {
+                                location: format!("step `{}`", step.name()),
+                                source: Box::new(source),
+                            })?
+                    }
+                    None => tracing::info!(
+                        topic = %key.0, partition = key.1, step = step.name(),
+                        "no stored state for this step (new in the pipeline?): it starts empty"
+                    ),
+                }
+            }
+            for saved in &state.steps {
+                if !chain.steps().iter().any(|s| s.name() == saved.step) {
+                    tracing::info!(topic = %key.0, partition = key.1, step = %saved.step, "stored state of a step no longer in the pipeline is not used");
+                }
+            }
+        }
+        published.store(watermark.unwrap_or(i64::MIN), Ordering::Relaxed);
+        let mut task = PartitionTask {
+            key,
+            ctx,
+            chain,
+            pending: Vec::new(),
+            oldest: None,
+            taken: resume.start,
+            processed: resume.start,
+            max_event,
+            watermark,
+            published,
+            epoch: resume.epoch,
+            dirty: false,
+            joined: resume.joined,
+            targets: resume.targets.into(),
+            appended: HashMap::new(),
+            decode_time: Duration::ZERO,
+            latency: Default::default(),
+        };
+        task.reach_targets(epoch)?;
+        Ok(task)
+    }
+
+    /// The step timings so far, per step.
+    pub fn timings(&self) -> Vec<StepTimings> {
+        self.chain.steps().iter().map(|s| s.timings()).collect()
+    }
+
+    /// When the oldest record waiting will have waited `max_wait` (nothing waiting: `None`).
+    pub fn due_at(&self) -> Option<Instant> {
+        self.oldest.map(|t| t + self.ctx.max_wait)
+    }
+
+    /// Takes records of this partition (in offset order); ones at or below `taken` (refetched
+    /// after a seek) are dropped. Processes a batch when it is full, and never lets a batch
+    /// straddle a sink's target offset.
+    pub fn take(&mut self, records: Vec<Record>, epoch: u64) -> Result<(), RunError> {
+        for record in records {
+            if record.offset <= self.taken {
+                continue;
+            }
+            if let Some(target) = self.targets.front()
+                && record.offset > target.offset
+                && !self.pending.is_empty()
+            {
+                self.process(epoch)?;
+            }
+            self.taken = record.offset;
+            self.oldest.get_or_insert_with(Instant::now);
+            self.pending.push(record);
+            if self.pending.len() >= self.ctx.max_records {
+                self.process(epoch)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs what is pending through decode and the chain.
+    pub fn process(&mut self, epoch: u64) -> Result<(), RunError> {
+        let records = std::mem::take(&mut self.pending);
+        self.oldest = None;
+        let Some(last) = records.last().map(|r| r.offset) else {
+            return Ok(());
+        };
+        let decoding = Instant::now();
+        let payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_slice()).collect();
+        let (batch, failures) = self.ctx.decoder.decode(&payloads);
+        self.decode_time += decoding.elapsed();
+        let mut dead = Vec::new();
+        let mut failed = vec![false; records.len()];
+        for f in &failures {
+            failed[f.index] = true;
+            let r = &records[f.index];
+            dead.push(DeadRow {
+                stage: "decode".into(),
+                reason: f.reason.clone(),
+                offset: r.offset,
+                payload: String::from_utf8_lossy(&r.payload).into_owned(),
+            });
+        }
+        self.ctx
+            .counters
+            .undecodable
+            .fetch_add(failures.len() as u64, Ordering::Relaxed);
+        let offsets: Vec<i64> = records
+            .iter()
+            .zip(&failed)
+            .filter(|(_, f)| !**f)
+            .map(|(r, _)| r.offset)
+            .collect();
+        self.dead_letter(dead, epoch)?;
+        self.dirty = true;
+        // Cut before every row behind the watermark the rows before it imply.
+        let times = match self.ctx.event_time {
+            Some(et) if batch.num_rows() > 0 => {
+                flowgate_sdk::columns::event_time_millis(&batch, et).ok()
+            }
+            _ => None,
+        };
+        let mut start = 0;
+        if let Some(times) = &times {
+            let delay = self.ctx.delay;
+            for row in 0..times.len() {
+                if times.is_null(row) {
+                    continue;
+                }
+                let t = times.value(row);
+                if let Some(max) = self.max_event {
+                    let implied = max.saturating_sub(delay);
+                    if t < implied && self.watermark.is_none_or(|w| w < implied) {
+                        if row > start {
+                            let slice = batch.slice(start, row - start);
+                            self.run_chain(slice, &offsets[start..row], epoch)?;
+                        }
+                        start = row;
+                        self.hand_watermark(implied, epoch)?;
+                    }
+                }
+                self.max_event = Some(self.max_event.map_or(t, |m| m.max(t)));
+            }
+        }
+        if start < batch.num_rows() || batch.num_rows() == 0 {
+            let slice = batch.slice(start, batch.num_rows() - start);
+            self.run_chain(slice, &offsets[start..], epoch)?;
+        }
+        self.processed = last;
+        self.ctx
+            .counters
+            .records
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        self.record_latency(&records);
+        if let Some(max) = self.max_event {
+            self.hand_watermark(max.saturating_sub(self.ctx.delay), epoch)?;
+        }
+        self.reach_targets(epoch)
+    }
+
+    fn run_chain(
+        &mut self,
+        batch: RecordBatch,
+        offsets: &[i64],
+        epoch: u64,
+    ) -> Result<(), RunError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let output = self
+            .chain
+            .process(batch.clone())
+            .map_err(|e| self.plugin_error(e, offsets))?;
+        self.deliver(output, epoch, Some(&batch), offsets)
+    }
+
+    fn plugin_error(&self, e: PluginError, offsets: &[i64]) -> RunError {
+        let range = match (offsets.first(), offsets.last()) {
+            (Some(a), Some(b)) => format!(" (offsets {a}..={b})"),
+            _ => String::new(),
+        };
+        RunError::Plugin {
+            location: format!("partition `{}/{}`{range}", self.key.0, self.key.1),
+            source: Box::new(e),
+        }
+    }
+
+    /// Hands the chain a new watermark (only ever forward) and delivers what it emits.
+    pub fn hand_watermark(&mut self, ts: i64, epoch: u64) -> Result<(), RunError> {
+        if self.watermark.is_some_and(|w| ts <= w) {
+            return Ok(());
+        }
+        self.watermark = Some(ts);
+        self.published.store(ts, Ordering::Relaxed);
+        self.dirty = true;
+        let output = self
+            .chain
+            .watermark(ts)
+            .map_err(|e| self.plugin_error(e, &[]))?;
+        self.deliver(output, epoch, None, &[])
+    }
+
+    /// Sinks whose target offset is reached get the watermark they saw there, then join.
+    fn reach_targets(&mut self, epoch: u64) -> Result<(), RunError> {
+        while let Some(target) = self.targets.front().cloned() {
+            if target.offset > self.processed {
+                break;
+            }
+            if let Some(w) = target.watermark {
+                self.hand_watermark(w, epoch)?;
+            }
+            for s in &target.sinks {
+                self.joined[*s] = true;
+            }
+            tracing::info!(topic = %self.key.0, partition = self.key.1, offset = target.offset, "replay caught up with a sink that held more; it is written again from here");
+            self.targets.pop_front();
+        }
+        Ok(())
+    }
+
+    fn stage(&self, epoch: u64, sink: usize, batch: RecordBatch) -> Result<(), RunError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.ctx
+            .committer
+            .send(CommitMsg::Stage(Staged { epoch, sink, batch }))
+            .map_err(|_| RunError::Internal("the committer stopped".into()))
+    }
+
+    /// Routes a chain's output to the joined sinks and its refusals to the dead letter.
+    fn deliver(
+        &mut self,
+        output: ChainOutput,
+        epoch: u64,
+        decoded: Option<&RecordBatch>,
+        offsets: &[i64],
+    ) -> Result<(), RunError> {
+        let last_stage = self.ctx.plan.stages.len() - 1;
+        let at = self.processed.max(offsets.last().copied().unwrap_or(-1));
+        let mut rows_out = 0u64;
+        for (index, input) in self.ctx.inputs.iter().enumerate() {
+            if !self.joined[index] {
+                continue;
+            }
+            let SinkInput::Stage(stage) = *input else {
+                continue;
+            };
+            if stage == last_stage {
+                for b in &output.batches {
+                    rows_out += b.num_rows() as u64;
+                    self.stage(epoch, index, b.clone())?;
+                }
+            } else if stage == 0 {
+                if let Some(d) = decoded {
+                    rows_out += d.num_rows() as u64;
+                    self.stage(epoch, index, d.clone())?;
+                }
+            } else {
+                for (i, b) in &output.taps {
+                    if i + 1 == stage {
+                        rows_out += b.num_rows() as u64;
+                        self.stage(epoch, index, b.clone())?;
+                    }
+                }
+            }
+        }
+        self.ctx
+            .counters
+            .rows_out
+            .fetch_add(rows_out, Ordering::Relaxed);
+        let first_step = self.ctx.plan.names.first();
+        let mut dead = Vec::new();
+        for rejected in output.rejected {
+            let json = row_json(&rejected.rows);
+            // Rows refused by the first step map to their records; rows refused further on (or
+            // on a watermark) carry the last offset processed.
+            let exact = first_step == Some(&rejected.step) && decoded.is_some();
+            for ((reason, row), index) in
+                rejected.reasons.into_iter().zip(json).zip(rejected.indices)
+            {
+                let offset = if exact {
+                    offsets.get(index as usize).copied().unwrap_or(at)
+                } else {
+                    at
+                };
+                dead.push(DeadRow {
+                    stage: rejected.step.clone(),
+                    reason,
+                    offset,
+                    payload: row,
+                });
+            }
+        }
+        for refused in output.refused {
+            let exact = first_step == Some(&refused.step) && decoded.is_some();
+            tracing::warn!(topic = %self.key.0, partition = self.key.1, step = %refused.step, "{}; batch of {} rows {}", refused.reason, refused.rows.num_rows(), if refused.policy == OnError::Skip { "skipped" } else { "sent to the dead letter" });
+            if refused.policy == OnError::Skip {
+                self.ctx
+                    .counters
+                    .rejected
+                    .fetch_add(refused.rows.num_rows() as u64, Ordering::Relaxed);
+                continue;
+            }
+            for (i, row) in row_json(&refused.rows).into_iter().enumerate() {
+                dead.push(DeadRow {
+                    stage: refused.step.clone(),
+                    reason: refused.reason.clone(),
+                    offset: if exact {
+                        offsets.get(i).copied().unwrap_or(at)
+                    } else {
+                        at
+                    },
+                    payload: row,
+                });
+            }
+        }
+        self.ctx
+            .counters
+            .rejected
+            .fetch_add(dead.len() as u64, Ordering::Relaxed);
+        self.dead_letter(dead, epoch)
+    }
+
+    fn dead_letter(&mut self, rows: Vec<DeadRow>, epoch: u64) -> Result<(), RunError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let Some(index) = self
+            .ctx
+            .inputs
+            .iter()
+            .position(|i| *i == SinkInput::DeadLetter)
+        else {
+            tracing::warn!(topic = %self.key.0, partition = self.key.1, "{} rows refused and no `dead_letter` sink configured: first reason: {}", rows.len(), rows[0].reason);
+            return Ok(());
+        };
+        if !self.joined[index] {
+            return Ok(());
+        }
+        let now = chrono::Utc::now().timestamp_micros();
+        let n = rows.len();
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(vec![self.ctx.pipeline.as_str(); n])),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.stage.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.reason.as_str()),
+            )),
+            Arc::new(StringArray::from(vec![&*self.key.0; n])),
+            Arc::new(Int32Array::from(vec![self.key.1; n])),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.offset))),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.payload.as_str()),
+            )),
+            Arc::new(TimestampMicrosecondArray::from(vec![now; n]).with_timezone("UTC")),
+        ];
+        let batch = RecordBatch::try_new(sink::dead_letter_schema(), columns)
+            .map_err(|e| RunError::Internal(format!("dead letter batch: {e}")))?;
+        self.stage(epoch, index, batch)
+    }
+
+    /// At an epoch barrier: finish what was taken, let an idle partition's watermark follow the
+    /// others', and snapshot the steps if anything changed.
+    pub fn barrier(
+        &mut self,
+        epoch: u64,
+        idle_watermark: Option<i64>,
+    ) -> Result<Option<TaskCheckpoint>, RunError> {
+        self.process(epoch)?;
+        if let Some(w) = idle_watermark {
+            self.hand_watermark(w, epoch)?;
+        }
+        if !self.dirty {
+            return Ok(None);
+        }
+        let mut steps = Vec::new();
+        for step in self.chain.steps_mut() {
+            let snapshot = step.snapshot().map_err(|source| RunError::Plugin {
+                location: format!("step `{}`", step.name()),
+                source: Box::new(source),
+            })?;
+            steps.push(StepState {
+                step: step.name().to_string(),
+                snapshot,
+            });
+        }
+        self.epoch += 1;
+        self.dirty = false;
+        Ok(Some(TaskCheckpoint {
+            key: self.key.clone(),
+            epoch: self.epoch,
+            state: PartitionState {
+                offset: self.processed,
+                max_event: self.max_event,
+                watermark: self.watermark,
+                steps,
+            },
+            joined: self.joined.clone(),
+        }))
+    }
+
+    /// Records how long ago `records` were appended to Kafka (they just left the last plugin),
+    /// and keeps their append times until the barrier.
+    fn record_latency(&mut self, records: &[Record]) {
+        let now_us = chrono::Utc::now().timestamp_micros();
+        let mut run: Option<(i64, u64)> = None;
+        let note = |ts: i64, n: u64, this: &mut Self| {
+            let age = now_us.saturating_sub(ts.saturating_mul(1000)).max(0) as u64;
+            this.latency.record_n(age, n);
+            *this.appended.entry(ts).or_default() += n;
+        };
+        for ts in records.iter().filter_map(|r| r.timestamp_ms) {
+            match &mut run {
+                Some((t, n)) if *t == ts => *n += 1,
+                _ => {
+                    if let Some((t, n)) = run.replace((ts, 1)) {
+                        note(t, n, self);
+                    }
+                }
+            }
+        }
+        if let Some((t, n)) = run {
+            note(t, n, self);
+        }
+    }
+}
+
+struct DeadRow {
+    stage: String,
+    reason: String,
+    offset: i64,
+    payload: String,
+}
+
+/// Each row of `batch` as a JSON object (a row that cannot be written still gets `{}`, so no
+/// refusal is lost).
+fn row_json(batch: &RecordBatch) -> Vec<String> {
+    let mut rows = decode::rows_to_json(batch).unwrap_or_default();
+    rows.resize(batch.num_rows(), "{}".to_string());
+    rows
+}

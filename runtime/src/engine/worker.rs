@@ -1,0 +1,150 @@
+//! A worker thread: hosts some partition tasks and runs them. WASM calls are CPU work, so they
+//! run here, never on an async reactor. A worker takes messages from the coordinator in order:
+//! records, barriers, partitions opened and closed. At a barrier it finishes every task's batch,
+//! snapshots them and hands the epoch to the committer, then goes on with the next epoch while
+//! the committer commits this one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use super::committer::{CommitMsg, EpochDone};
+use super::plan::RunError;
+use super::task::{PartitionTask, Resume, TaskContext};
+use super::{Event, PartitionKey};
+use crate::metrics::Histogram;
+use crate::plugin::StepTimings;
+use crate::source::Record;
+
+/// What the coordinator tells a worker.
+pub(crate) enum WorkerMsg {
+    /// Start a task for a newly assigned partition.
+    Open {
+        key: PartitionKey,
+        resume: Box<Resume>,
+        watermark: Arc<AtomicI64>,
+    },
+    /// Records of one partition, in offset order.
+    Records(PartitionKey, Vec<Record>),
+    /// Close epoch `epoch`: finish, snapshot, hand it to the committer. `idle` partitions get
+    /// the watermark given.
+    Barrier {
+        epoch: u64,
+        idle: HashMap<PartitionKey, i64>,
+    },
+    /// Drop a partition's task (its last epoch is committed; it moved elsewhere).
+    Close(PartitionKey),
+}
+
+/// What a worker measured, for the run report.
+#[derive(Debug, Default)]
+pub(crate) struct WorkerReport {
+    pub decode: Duration,
+    pub steps: Vec<StepTimings>,
+    pub latency_to_output: Histogram,
+}
+
+impl WorkerReport {
+    fn retire(&mut self, task: &PartitionTask) {
+        self.decode += task.decode_time;
+        self.latency_to_output.merge(&task.latency);
+        let timings = task.timings();
+        self.steps.resize(timings.len(), StepTimings::default());
+        for (sum, t) in self.steps.iter_mut().zip(timings) {
+            sum.calls += t.calls;
+            sum.rows_in += t.rows_in;
+            sum.total += t.total;
+            sum.host_boundary += t.host_boundary;
+        }
+    }
+}
+
+/// Runs worker `index` until its channel closes; errors go to the coordinator.
+pub(crate) fn run_worker(
+    index: usize,
+    ctx: Arc<TaskContext>,
+    inbox: Receiver<WorkerMsg>,
+    events: Sender<Event>,
+) -> WorkerReport {
+    let mut report = WorkerReport::default();
+    let mut tasks: HashMap<PartitionKey, PartitionTask> = HashMap::new();
+    if let Err(e) = work(index, &ctx, &inbox, &mut tasks, &mut report) {
+        tracing::debug!(worker = index, "worker stopped: {e}");
+        let _ = events.send(Event::Failed(e));
+    }
+    for task in tasks.values() {
+        report.retire(task);
+    }
+    report
+}
+
+fn work(
+    index: usize,
+    ctx: &Arc<TaskContext>,
+    inbox: &Receiver<WorkerMsg>,
+    tasks: &mut HashMap<PartitionKey, PartitionTask>,
+    report: &mut WorkerReport,
+) -> Result<(), RunError> {
+    // The epoch staged output belongs to until the next barrier.
+    let mut epoch = 1u64;
+    loop {
+        let next_due = tasks.values().filter_map(PartitionTask::due_at).min();
+        let wait = next_due.map_or(Duration::from_millis(100), |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        match inbox.recv_timeout(wait) {
+            Ok(WorkerMsg::Open {
+                key,
+                resume,
+                watermark,
+            }) => {
+                let task =
+                    PartitionTask::open(ctx.clone(), key.clone(), *resume, watermark, epoch)?;
+                tasks.insert(key, task);
+            }
+            Ok(WorkerMsg::Records(key, records)) => {
+                if let Some(task) = tasks.get_mut(&key) {
+                    task.take(records, epoch)?;
+                }
+            }
+            Ok(WorkerMsg::Barrier {
+                epoch: closing,
+                idle,
+            }) => {
+                let mut checkpoints = Vec::new();
+                let mut appended = HashMap::new();
+                for (key, task) in tasks.iter_mut() {
+                    if let Some(cp) = task.barrier(closing, idle.get(key).copied())? {
+                        checkpoints.push(cp);
+                    }
+                    for (ts, n) in task.appended.drain() {
+                        *appended.entry(ts).or_insert(0u64) += n;
+                    }
+                }
+                ctx.committer
+                    .send(CommitMsg::EpochDone(EpochDone {
+                        epoch: closing,
+                        checkpoints,
+                        appended,
+                    }))
+                    .map_err(|_| RunError::Internal("the committer stopped".into()))?;
+                epoch = closing + 1;
+            }
+            Ok(WorkerMsg::Close(key)) => {
+                if let Some(task) = tasks.remove(&key) {
+                    report.retire(&task);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+        let now = Instant::now();
+        for task in tasks.values_mut() {
+            if task.due_at().is_some_and(|t| t <= now) {
+                task.process(epoch)?;
+            }
+        }
+    }
+}
