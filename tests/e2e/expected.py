@@ -23,7 +23,7 @@ def parse_ticks(lines):
         if not isinstance(sym, str) or not SYMBOL.match(sym) or price <= 0 or vol < 0:
             continue
         rows.append({"symbol": sym, "price": float(price), "volume": vol,
-                     "ts": pd.Timestamp(ts).tz_convert("UTC").floor("ms")})
+                     "ts": pd.Timestamp(ts).tz_convert("UTC").floor("us")})
     return pd.DataFrame(rows)
 
 

@@ -301,3 +301,58 @@ impl Sink for DeltaSink {
         Ok(position)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    #[test]
+    fn a_failed_commit_keeps_its_files_for_the_next_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap(),
+        );
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let shape = TableShape::new("t", &schema, &[], None, None).unwrap();
+        let mut sink = DeltaSink::open("t", dir.path(), "p", shape, &[], 1 << 20, rt).unwrap();
+        let batch =
+            RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1, 2, 3]))]).unwrap();
+        sink.write(batch).unwrap();
+        let positions: Positions = [(
+            ("t".to_string(), 0),
+            Position {
+                offset: 2,
+                epoch: 1,
+            },
+        )]
+        .into();
+        // The log cannot be written: the commit fails.
+        let log = dir.path().join("_delta_log");
+        let aside = dir.path().join("log-aside");
+        std::fs::rename(&log, &aside).unwrap();
+        std::fs::write(&log, b"not a folder").unwrap();
+        assert!(sink.commit(&positions).is_err());
+        std::fs::remove_file(&log).unwrap();
+        std::fs::rename(&aside, &log).unwrap();
+        // The next commit records the offsets together with the rows of the failed one.
+        assert!(sink.commit(&positions).unwrap());
+        let table = sink.rt.block_on(DeltaTable::try_from_url(
+            deltalake::ensure_table_uri(dir.path().display().to_string()).unwrap(),
+        ));
+        let table = table.unwrap();
+        assert_eq!(table.get_file_uris().unwrap().count(), 1, "the staged file");
+        assert_eq!(
+            sink.committed("t", 0).unwrap(),
+            Some(Position {
+                offset: 2,
+                epoch: 1
+            })
+        );
+    }
+}

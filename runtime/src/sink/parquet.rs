@@ -448,3 +448,111 @@ impl Sink for ParquetSink {
         Ok(self.committed.get(&(topic.to_string(), partition)).copied())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field};
+
+    fn shape() -> TableShape {
+        let schema = Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("v", DataType::Int64, false),
+        ]);
+        TableShape::new("t", &schema, &["k".to_string()], None, None).unwrap()
+    }
+
+    fn batch(keys: &[&str]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        let values: Vec<i64> = (0..keys.len() as i64).collect();
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(keys.to_vec())),
+                Arc::new(Int64Array::from(values)),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn positions(offset: i64, epoch: u64) -> Positions {
+        [(("t".to_string(), 0), Position { offset, epoch })].into()
+    }
+
+    /// Files a plain reader sees: `*.parquet` outside folders starting with `_`.
+    fn visible(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                if p.is_dir() && !name.starts_with('_') {
+                    stack.push(p);
+                } else if name.ends_with(".parquet") {
+                    out.push(p.strip_prefix(dir).unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn partition_values_are_escaped_and_stay_inside_the_table() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("table");
+        let mut sink = ParquetSink::open("t", &dir, shape(), &["k".into()]).unwrap();
+        sink.write(batch(&["a/b", "..", "x=y", "../../escape", ""]))
+            .unwrap();
+        sink.commit(&positions(4, 1)).unwrap();
+        let folders: Vec<String> = visible(&dir)
+            .iter()
+            .map(|f| f.split('/').next().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            folders,
+            vec![
+                "k=%2E%2E",
+                "k=..%2F..%2Fescape",
+                "k=__empty__",
+                "k=a%2Fb",
+                "k=x%3Dy"
+            ]
+        );
+        let outside: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
+        assert_eq!(outside.len(), 1, "nothing written next to the table");
+    }
+
+    #[test]
+    fn staged_rows_are_invisible_until_committed_and_an_interrupted_commit_rolls_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = ParquetSink::open("t", dir.path(), shape(), &["k".into()]).unwrap();
+        sink.write(batch(&["a", "b"])).unwrap();
+        assert!(visible(dir.path()).is_empty(), "staged files are not visible");
+        sink.commit(&positions(1, 1)).unwrap();
+        let committed = visible(dir.path());
+        assert_eq!(committed.len(), 2);
+        // A crash after the log entry, before the files moved: put one back in staging.
+        let moved = &committed[0];
+        let staged = dir.path().join(STAGING).join(moved);
+        std::fs::create_dir_all(staged.parent().unwrap()).unwrap();
+        std::fs::rename(dir.path().join(moved), &staged).unwrap();
+        // Rows staged but never committed (a crash before the log entry) stay invisible.
+        sink.write(batch(&["c"])).unwrap();
+        drop(sink);
+        let mut reopened = ParquetSink::open("t", dir.path(), shape(), &["k".into()]).unwrap();
+        assert_eq!(visible(dir.path()), committed, "rolled forward, once");
+        assert_eq!(
+            reopened.committed("t", 0).unwrap(),
+            Some(Position {
+                offset: 1,
+                epoch: 1
+            })
+        );
+    }
+}
