@@ -1,7 +1,10 @@
 """Shared fixtures for the end-to-end tests: the flowgate binary, the repo, a scratch data dir."""
 import os
 import pathlib
+import shutil
+import socket
 import subprocess
+import time
 
 import pytest
 
@@ -23,3 +26,42 @@ def data_dir(tmp_path):
     d = tmp_path / "data"
     d.mkdir()
     return d
+
+
+def tansu_binary():
+    found = os.environ.get("TANSU_BIN") or shutil.which("tansu") or str(pathlib.Path.home() / ".cargo" / "bin" / "tansu")
+    assert pathlib.Path(found).exists(), "the Tansu broker is not installed: `cargo install tansu --locked --features dynostore,postgres` (.ci/run does it)"
+    return found
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def broker(tmp_path):
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log = open(tmp_path / "tansu.log", "w")
+    proc = subprocess.Popen([tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                             "--storage-engine", "memory://tansu/"], stdout=log, stderr=subprocess.STDOUT)
+    bootstrap = f"127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            assert proc.poll() is None, (tmp_path / "tansu.log").read_text()
+            assert time.time() < deadline, "Tansu did not start listening"
+            time.sleep(0.2)
+    try:
+        yield bootstrap
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
