@@ -12,7 +12,7 @@ BENCH_ARGS   ?=
 
 export FLOWGATE_PLUGIN_DIR := $(CURDIR)/$(PLUGIN_DIR)
 
-.PHONY: help setup venv plugins test-plugins build test lint fmt run plugin-demo bench broker clean
+.PHONY: help setup venv plugins test-plugins build test lint fmt run plugin-demo bench broker chaos clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -63,6 +63,12 @@ plugin-demo: build ## The plugin harness on the sample ticks: validate → dedup
 bench: plugins broker $(BENCH_VENV)/.installed ## The benchmark (BENCHMARKS.md): 10M ticks through Flowgate (file, generator, Tansu) and PySpark; writes BENCHMARKS.md.
 	$(CARGO) build --release -p flowgate -p flowgate-bench
 	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+KILLS ?= 50
+SEED  ?= 1
+chaos: plugins venv broker ## Kill -9 chaos against Tansu with more kills: `make chaos KILLS=50 SEED=7`.
+	$(CARGO) build -p flowgate
+	FLOWGATE_CHAOS_KILLS=$(KILLS) FLOWGATE_CHAOS_SEED=$(SEED) $(VENV)/bin/python -m pytest -q tests/e2e/test_chaos.py
 
 broker: ## Install the Tansu test broker (a Kafka-protocol broker from crates.io) if missing; ~20 min cold.
 	@command -v tansu >/dev/null 2>&1 || [ -x "$(HOME)/.cargo/bin/tansu" ] || \

@@ -459,6 +459,7 @@ pub fn run(
     // Let the threads go: closing their channels ends them.
     {
         let mut r = lock(&router);
+        r.closed = true;
         r.workers.clear();
         let (tx, _) = mpsc::sync_channel(1);
         r.committer = tx;

@@ -533,7 +533,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut sink = ParquetSink::open("t", dir.path(), shape(), &["k".into()]).unwrap();
         sink.write(batch(&["a", "b"])).unwrap();
-        assert!(visible(dir.path()).is_empty(), "staged files are not visible");
+        assert!(
+            visible(dir.path()).is_empty(),
+            "staged files are not visible"
+        );
         sink.commit(&positions(1, 1)).unwrap();
         let committed = visible(dir.path());
         assert_eq!(committed.len(), 2);

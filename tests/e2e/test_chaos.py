@@ -1,0 +1,183 @@
+"""Exactly once under kill -9: `flowgate run pipelines/stocks.yaml` against a Tansu broker (3
+partitions) with a backlog and a live producer, killed with SIGKILL at random moments (during
+start-up, mid-batch, mid-commit) and restarted each time, then run to idle. Every table is then
+compared with what was produced: the bars with bars computed independently, the raw tap with every
+valid tick once, the dead letter with every refused record once.
+
+`make chaos KILLS=50 SEED=7` runs the same with more kills (FLOWGATE_CHAOS_KILLS,
+FLOWGATE_CHAOS_SEED)."""
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+
+import pandas as pd
+import polars as pl
+from confluent_kafka import Producer
+from deltalake import DeltaTable
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from conftest import FLOWGATE, REPO
+from expected import expected_bars, parse_ticks
+
+KILLS = int(os.environ.get("FLOWGATE_CHAOS_KILLS", "10"))
+SEED = int(os.environ.get("FLOWGATE_CHAOS_SEED", "1"))
+SYMBOLS = ["AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "META", "TSLA", "NFLX"]
+
+
+class Ticks:
+    """Ticks in event-time order (never late), some sent twice, some malformed or invalid; remembers
+    where each landed (partition, offset)."""
+
+    def __init__(self, bootstrap, rng):
+        # One record per produce request: Tansu 0.6 returns nothing to a fetch that starts inside
+        # a multi-record batch.
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0, "batch.num.messages": 1})
+        self.rng = rng
+        self.ts = pd.Timestamp("2025-11-12T14:30:00Z")
+        self.prices = {s: 100.0 + 10 * i for i, s in enumerate(SYMBOLS)}
+        self.delivered = []  # (partition, offset, value)
+        self.errors = []
+
+    def _sent(self, err, msg):
+        if err is not None:
+            self.errors.append(err)
+        else:
+            self.delivered.append((msg.partition(), msg.offset(), msg.value().decode()))
+
+    def send(self, count):
+        for _ in range(count):
+            sym = self.rng.choice(SYMBOLS)
+            self.ts += pd.Timedelta(microseconds=self.rng.randint(20_000, 80_000))
+            self.prices[sym] = round(self.prices[sym] * (1 + self.rng.gauss(0, 0.001)), 2)
+            tick = {"symbol": sym, "price": self.prices[sym], "volume": self.rng.randint(1, 500),
+                    "ts": self.ts.isoformat(), "ts_epoch_ms": int(self.ts.value // 1_000_000)}
+            r = self.rng.random()
+            if r < 0.002:
+                value = json.dumps(tick)[:25]  # malformed
+            elif r < 0.004:
+                value = json.dumps(dict(tick, price=-1.0))  # refused by validate
+            else:
+                value = json.dumps(tick)
+            self.producer.produce("ticks", key=sym.encode(), value=value.encode(), on_delivery=self._sent)
+            if r > 0.97:  # delivered twice
+                self.producer.produce("ticks", key=sym.encode(), value=value.encode(), on_delivery=self._sent)
+            self.producer.poll(0)
+        assert self.producer.flush(60) == 0
+        assert not self.errors, self.errors
+
+
+def start(env, log):
+    return subprocess.Popen([str(FLOWGATE), "run", "pipelines/stocks.yaml"], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_kill_9_at_random_moments_loses_and_repeats_nothing(broker, data_dir, tmp_path):
+    admin = KafkaAdminClient(bootstrap_servers=broker)
+    admin.create_topics([NewTopic("ticks", num_partitions=3, replication_factor=1)])
+    admin.close()
+    rng = random.Random(SEED)
+    ticks = Ticks(broker, rng)
+    ticks.send(15_000)  # the backlog
+
+    env = dict(os.environ, DATA_DIR=str(data_dir), KAFKA_BROKERS=broker, GROUP="chaos",
+               KAFKA_SESSION_TIMEOUT_MS="1000", KAFKA_HEARTBEAT_MS="250", RUST_LOG="flowgate=info")
+    stop_live = threading.Event()
+
+    def live():
+        while not stop_live.is_set():
+            ticks.send(200)
+            time.sleep(0.5)
+
+    producer = threading.Thread(target=live)
+    producer.start()
+    log = open(tmp_path / "flowgate.log", "w")
+    try:
+        for kill in range(KILLS):
+            proc = start(env, log)
+            # Early kills hit start-up (plugin loading, group join); later ones mid-batch and
+            # mid-commit (a checkpoint every 5 s).
+            time.sleep(rng.choice([rng.uniform(0.2, 1.5), rng.uniform(2, 9)]))
+            assert proc.poll() is None, (tmp_path / "flowgate.log").read_text()[-3000:]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    finally:
+        stop_live.set()
+        producer.join()
+    final = subprocess.run([str(FLOWGATE), "run", "pipelines/stocks.yaml", "--until-idle", "8s"], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=600)
+    log.close()
+    assert final.returncode == 0, final.stderr
+
+    check_tables(data_dir, ticks.delivered)
+
+
+def check_tables(data_dir, delivered):
+    """Every table against what was produced: nothing missing, nothing twice."""
+    by_partition = {}
+    for p, offset, value in sorted(delivered):
+        by_partition.setdefault(p, []).append((offset, value))
+
+    # Bars: each partition closes its own windows (its newest tick less the 5 s delay).
+    want = pd.concat([expected_bars(parse_ticks([v for _, v in rows]), watermark_delay_ms=5000)
+                      for rows in by_partition.values()]).sort_values(["symbol", "window_start"]).reset_index(drop=True)
+    bars = pl.from_arrow(DeltaTable(str(data_dir / "bars")).to_pyarrow_table()).sort(["symbol", "window_start"]).to_pandas()
+    dup = bars[bars.duplicated(subset=["symbol", "window_start"], keep=False)]
+    assert dup.empty, f"bars written twice:\n{dup}"
+    got_keys = set(zip(bars["symbol"], bars["window_start"]))
+    want_keys = set(zip(want["symbol"], want["window_start"]))
+    assert not (want_keys - got_keys), f"bars missing: {sorted(want_keys - got_keys)[:10]}"
+    assert not (got_keys - want_keys), f"bars nobody asked for: {sorted(got_keys - want_keys)[:10]}"
+    assert list(bars["trades"]) == list(want["trades"])
+    assert list(bars["volume"]) == list(want["volume"])
+    assert (bars["close"] - want["close"]).abs().max() < 1e-9
+    assert (bars["pct_change"].astype(float) - want["pct_change"].astype(float)).abs().max() < 1e-9 or \
+        bars["pct_change"].isna().equals(want["pct_change"].isna())
+
+    # Raw tap: every valid tick once.
+    valid = pd.concat([parse_ticks([v for _, v in rows]) for rows in by_partition.values()])
+    raw = pl.read_parquet(sorted((data_dir / "raw").glob("date=*/*.parquet")), hive_partitioning=True)
+    assert raw.select(["symbol", "ts"]).is_duplicated().sum() == 0, "a tick written twice"
+    assert len(raw) == len(valid.drop_duplicates(subset=["symbol", "ts"]))
+
+    # Dead letter: every refused record once, at its offset.
+    refused = set()
+    for p, rows in by_partition.items():
+        for offset, value in rows:
+            if not len(parse_ticks([value])):
+                refused.add((p, offset))
+    dead = pl.from_arrow(DeltaTable(str(data_dir / "dead_letter")).to_pyarrow_table())
+    got = list(zip(dead["partition"].to_list(), dead["offset"].to_list()))
+    assert len(got) == len(set(got)), "a refused record written twice"
+    assert set(got) == refused
+
+
+def test_a_member_killed_mid_stream_leaves_its_partitions_to_the_survivor(broker, data_dir, tmp_path):
+    """Two processes in one group; one is killed with SIGKILL mid-stream. The survivor takes its
+    partitions over from what the sinks hold, and the tables end complete, nothing twice."""
+    admin = KafkaAdminClient(bootstrap_servers=broker)
+    admin.create_topics([NewTopic("ticks", num_partitions=3, replication_factor=1)])
+    admin.close()
+    rng = random.Random(SEED + 1)
+    ticks = Ticks(broker, rng)
+    ticks.send(6_000)
+    env = dict(os.environ, DATA_DIR=str(data_dir), KAFKA_BROKERS=broker, GROUP="pair",
+               KAFKA_SESSION_TIMEOUT_MS="1000", KAFKA_HEARTBEAT_MS="250", RUST_LOG="flowgate=info")
+    log = open(tmp_path / "victim.log", "w")
+    victim = start(env, log)
+    time.sleep(2)
+    survivor = subprocess.Popen([str(FLOWGATE), "run", "pipelines/stocks.yaml", "--until-idle", "15s"], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(6)
+    ticks.send(3_000)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    ticks.send(3_000)
+    out, _ = survivor.communicate(timeout=300)
+    log.close()
+    assert survivor.returncode == 0, out
+    assert (tmp_path / "victim.log").read_text().count("partition assigned") >= 1
+    check_tables(data_dir, ticks.delivered)
