@@ -70,7 +70,7 @@ pub(crate) fn run_worker(
 ) -> WorkerReport {
     let mut report = WorkerReport::default();
     let mut tasks: HashMap<PartitionKey, PartitionTask> = HashMap::new();
-    if let Err(e) = work(index, &ctx, &inbox, &mut tasks, &mut report) {
+    if let Err(e) = work(&ctx, &inbox, &mut tasks, &mut report) {
         tracing::debug!(worker = index, "worker stopped: {e}");
         let _ = events.send(Event::Failed(e));
     }
@@ -81,7 +81,6 @@ pub(crate) fn run_worker(
 }
 
 fn work(
-    index: usize,
     ctx: &Arc<TaskContext>,
     inbox: &Receiver<WorkerMsg>,
     tasks: &mut HashMap<PartitionKey, PartitionTask>,
