@@ -466,6 +466,9 @@ impl Pipeline {
         if s.schema.is_empty() {
             problem("schema:", "`schema` declares no fields".into());
         }
+        if s.workers == Some(0) {
+            problem("workers:", "`workers` must be at least 1".into());
+        }
         if let Some(et) = &s.event_time {
             match s.schema.iter().find(|(n, _)| n == et) {
                 None => problem(

@@ -193,15 +193,23 @@ impl Committer {
                     offset: cp.state.offset,
                     epoch: cp.epoch,
                 };
-                // A position never moves backwards (another writer's, or an older replay's).
-                match self.held[index].get(&cp.key) {
-                    Some(h) if h.offset > position.offset || h.epoch >= position.epoch => {
-                        tracing::warn!(sink = sink.name(), topic = %cp.key.0, partition = cp.key.1, held = ?h, new = ?position, "not recording an older position");
-                    }
-                    _ => {
-                        positions.insert((cp.key.0.to_string(), cp.key.1), position);
-                    }
+                // A position never moves backwards: if it would, another writer owns the partition
+                // now, and committing these rows would write them twice.
+                if let Some(h) = self.held[index].get(&cp.key)
+                    && (h.offset > position.offset || h.epoch >= position.epoch)
+                {
+                    return Err(RunError::Internal(format!(
+                        "sink `{}`: partition `{}/{}` is held at offset {} (epoch {}), past this process's offset {} (epoch {}): another process owns it; stopping without committing",
+                        sink.name(),
+                        cp.key.0,
+                        cp.key.1,
+                        h.offset,
+                        h.epoch,
+                        position.offset,
+                        position.epoch
+                    )));
                 }
+                positions.insert((cp.key.0.to_string(), cp.key.1), position);
             }
             let committing = Instant::now();
             committed_any |= sink.commit(&positions)?;
@@ -220,9 +228,14 @@ impl Committer {
                 .filter(|(_, s)| s.durable())
                 .filter_map(|(i, _)| self.held[i].get(&cp.key).copied())
                 .collect();
-            if let Some(low) = held.iter().min() {
-                self.store.prune(&cp.key.0, cp.key.1, low.epoch)?;
-                offsets.insert((cp.key.0.to_string(), cp.key.1), low.offset);
+            // Keep every epoch a sink still points at (during a replay the lowest offset may
+            // carry the newest epoch).
+            if let (Some(epoch), Some(offset)) = (
+                held.iter().map(|p| p.epoch).min(),
+                held.iter().map(|p| p.offset).min(),
+            ) {
+                self.store.prune(&cp.key.0, cp.key.1, epoch)?;
+                offsets.insert((cp.key.0.to_string(), cp.key.1), offset);
             }
         }
         let now_us = chrono::Utc::now().timestamp_micros();
@@ -281,7 +294,14 @@ impl Committer {
         let load = |p: Position,
                     this: &Self|
          -> Result<Option<crate::checkpoint::PartitionState>, RunError> {
-            match this.store.load(&key.0, key.1, p.epoch)? {
+            let loaded = match this.store.load(&key.0, key.1, p.epoch) {
+                Err(e) if this.reset_state => {
+                    tracing::warn!(topic = %key.0, partition = key.1, "{e}");
+                    None
+                }
+                other => other?,
+            };
+            match loaded {
                 Some(s) => Ok(Some(s)),
                 None if this.reset_state => {
                     tracing::warn!(topic = %key.0, partition = key.1, offset = p.offset, epoch = p.epoch, "no plugin state stored for this position: steps start empty (--reset-state)");

@@ -202,8 +202,10 @@ impl Router {
                     "flushed and committed the revoked partition before giving it up"
                 );
             }
-            if let Some(o) = self.to_kafka.get(&(topic.clone(), *partition)) {
-                offsets.insert((topic.clone(), *partition), *o);
+            // Committed to Kafka here, before the partition moves; never again from the loop,
+            // where it could overwrite the new owner's offset.
+            if let Some(o) = self.to_kafka.remove(&(topic.clone(), *partition)) {
+                offsets.insert((topic.clone(), *partition), o);
             }
         }
         Ok(offsets)

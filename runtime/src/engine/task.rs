@@ -200,11 +200,15 @@ impl PartitionTask {
             if record.offset <= self.taken {
                 continue;
             }
-            if let Some(target) = self.targets.front()
+            // A batch never straddles a target: finish what is before it, and reach it even if
+            // its own record is gone (compaction, an edited file).
+            while let Some(target) = self.targets.front()
                 && record.offset > target.offset
-                && !self.pending.is_empty()
             {
+                let target = target.offset;
                 self.process(epoch)?;
+                self.processed = self.processed.max(target);
+                self.reach_targets(epoch)?;
             }
             self.taken = record.offset;
             self.oldest.get_or_insert_with(Instant::now);

@@ -58,8 +58,14 @@ impl DeltaSink {
         let absolute = std::fs::canonicalize(path).map_err(|e| fail(e.to_string()))?;
         let url = deltalake::ensure_table_uri(absolute.display().to_string())
             .map_err(|e| fail(e.to_string()))?;
-        // A folder without a log is a table to create: don't ask the reader to load it.
-        let mut table = if absolute.join("_delta_log").is_dir() {
+        // A folder without a commit in its log is a table to create (a kill during the creation
+        // leaves `_delta_log/` with no version in it): don't ask the reader to load it.
+        let has_commit = std::fs::read_dir(absolute.join("_delta_log")).is_ok_and(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        });
+        let mut table = if has_commit {
             rt.block_on(DeltaTable::try_from_url(url))
                 .map_err(|e| fail(e.to_string()))?
         } else {
@@ -237,6 +243,29 @@ impl Sink for DeltaSink {
                         Ok(version) => break Ok(version),
                         Err(e) if attempt < 3 => {
                             attempt += 1;
+                            // The commit may have landed and only what follows it failed (the
+                            // post-commit checkpoint): then it is done, not to be made twice.
+                            let _ = table.update_state().await;
+                            if let (Some(first), Ok(snapshot)) = (txns.first(), table.snapshot()) {
+                                let held = snapshot
+                                    .transaction_version(table.log_store().as_ref(), first.app_id.clone())
+                                    .await
+                                    .ok()
+                                    .flatten();
+                                let epoch = txns.get(1).map(|t| t.version);
+                                let held_epoch = match txns.get(1) {
+                                    Some(t) => snapshot
+                                        .transaction_version(table.log_store().as_ref(), t.app_id.clone())
+                                        .await
+                                        .ok()
+                                        .flatten(),
+                                    None => None,
+                                };
+                                if held == Some(first.version) && held_epoch == epoch {
+                                    tracing::warn!("Delta commit reported {e}, but its version is in the log: not committing it again");
+                                    break Ok(snapshot.version());
+                                }
+                            }
                             tracing::warn!(
                                 "Delta commit attempt {attempt} failed ({e}); reloading the table and retrying with the same files"
                             );

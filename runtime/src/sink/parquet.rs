@@ -69,6 +69,15 @@ struct LogEntry {
 }
 
 const LOG: &str = "_flowgate_log";
+
+/// Renames a committed file from staging into place; already in place (another process finished
+/// the move) counts as done.
+fn move_into_place(staged: &Path, path: &Path) -> std::io::Result<()> {
+    match std::fs::rename(staged, path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.exists() => Ok(()),
+        other => other,
+    }
+}
 const STAGING: &str = "_flowgate_staging";
 
 /// A partition value as a folder name: the characters Hive escapes (`/`, `=`, `%`, `:`, …,
@@ -217,7 +226,7 @@ impl ParquetSink {
                     std::fs::create_dir_all(parent)?;
                 }
                 tracing::info!(sink = %self.name, file = %rel, "moving a committed file into place (its commit was interrupted)");
-                std::fs::rename(&staged, &path)?;
+                move_into_place(&staged, &path)?;
             }
         }
         Ok(())
@@ -427,7 +436,7 @@ impl Sink for ParquetSink {
             let (staged, path) = (self.dir.join(STAGING).join(rel), self.dir.join(rel));
             path.parent()
                 .map_or(Ok(()), std::fs::create_dir_all)
-                .and_then(|_| std::fs::rename(&staged, &path))
+                .and_then(|_| move_into_place(&staged, &path))
                 .map_err(|e| self.fail(format!("moving {rel} into place: {e}")))?;
         }
         self.version = version;
@@ -443,8 +452,11 @@ impl Sink for ParquetSink {
     }
 
     fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<Position>, SinkError> {
-        // Another process of the group may have written this partition until a moment ago.
-        self.read_log()?;
+        // Another process of the group may have written this partition until a moment ago, and
+        // may have died between its log entry and moving its files.
+        let known = self.read_log()?;
+        self.roll_forward(&known)
+            .map_err(|e| self.fail(format!("finishing an interrupted commit: {e}")))?;
         Ok(self.committed.get(&(topic.to_string(), partition)).copied())
     }
 }
