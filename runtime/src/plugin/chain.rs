@@ -168,3 +168,80 @@ impl Chain {
         Ok(batches)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+    use flowgate_sdk::DynTransform;
+    use flowgate_sdk::Output;
+
+    use super::*;
+    use crate::plugin::NativeFactory;
+
+    /// Passes batches through; or refuses every batch as bad input.
+    struct Fixed {
+        refuse: bool,
+    }
+
+    impl DynTransform for Fixed {
+        fn process(&mut self, batch: RecordBatch) -> flowgate_sdk::Result<Output> {
+            if self.refuse {
+                return Err(flowgate_sdk::Error::bad_input("no thanks"));
+            }
+            Ok(Output::batch(batch))
+        }
+        fn on_watermark(&mut self, _ts_ms: i64) -> flowgate_sdk::Result<Output> {
+            Ok(Output::empty())
+        }
+        fn snapshot(&self) -> flowgate_sdk::Result<Vec<u8>> {
+            Ok(Vec::new())
+        }
+        fn restore(&mut self, _state: &[u8]) -> flowgate_sdk::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn step(name: &str, refuse: bool, schema: &SchemaRef) -> Step {
+        let factory: NativeFactory = Arc::new(move |_config: &str, input: &SchemaRef| {
+            Ok((
+                Box::new(Fixed { refuse }) as Box<dyn DynTransform>,
+                input.clone(),
+            ))
+        });
+        Step::native(factory, name, name, "{}", schema).unwrap()
+    }
+
+    #[test]
+    fn a_refused_batch_keeps_what_the_steps_before_it_emitted() {
+        let schema: SchemaRef =
+            Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let batch =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![1, 2]))])
+                .unwrap();
+        let mut chain = Chain::new(vec![
+            step("first", false, &schema),
+            step("second", true, &schema),
+            step("third", false, &schema),
+        ])
+        .with_policies(vec![OnError::Fail, OnError::DeadLetter, OnError::Fail]);
+        chain.tap(0);
+        let out = chain.process(batch.clone()).unwrap();
+        assert_eq!(out.taps.len(), 1, "the tap of the step before the refusal");
+        assert_eq!(out.taps[0].1, batch);
+        assert!(out.batches.is_empty());
+        assert_eq!(out.refused.len(), 1);
+        assert_eq!(out.refused[0].step, "second");
+        assert_eq!(out.refused[0].rows, batch);
+        assert_eq!(out.refused[0].policy, OnError::DeadLetter);
+
+        // `fail` stops the chain with the error.
+        let mut failing = Chain::new(vec![
+            step("first", false, &schema),
+            step("second", true, &schema),
+        ]);
+        assert!(failing.process(batch).is_err());
+    }
+}
