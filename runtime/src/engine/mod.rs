@@ -228,7 +228,7 @@ impl Rebalance for Rebalancer {
         match router.assign(partitions) {
             Ok(starts) => starts,
             Err(e) => {
-                tracing::error!("opening assigned partitions failed: {e}");
+                tracing::debug!("opening assigned partitions failed: {e}");
                 router.failed = Some(e);
                 vec![StartAt::Stored; partitions.len()]
             }
@@ -243,7 +243,7 @@ impl Rebalance for Rebalancer {
         match router.revoke(partitions) {
             Ok(offsets) => offsets,
             Err(e) => {
-                tracing::error!("finishing revoked partitions failed: {e}");
+                tracing::debug!("finishing revoked partitions failed: {e}");
                 router.failed = Some(e);
                 Offsets::new()
             }
