@@ -43,6 +43,16 @@ def render(r):
             out.append(f"| {name} | {_n(x['records'])} | {_n(x['events_per_s'])} | {_n(x['cpu_s'], 2)} | "
                        f"{_n(x['events_per_cpu_s'])} | {_n(x['peak_rss_mb'])} MB |")
         out.append("")
+    if "workers" in r:
+        w = r["workers"]
+        out += ["### Worker threads: the same ticks as one file per partition", "",
+                f"{w['partitions']} partitions (split by symbol). Scaling 1 → 2 workers: "
+                f"**{w['scaling']:.2f}×**.", "",
+                "| workers | events/s | CPU s | events/s per core | peak RSS |", "|---:|---:|---:|---:|---:|"]
+        for n, x in (("1", w["one"]), ("2", w["two"])):
+            out.append(f"| {n} | {_n(x['events_per_s'])} | {_n(x['cpu_s'], 2)} | {_n(x['events_per_cpu_s'])} | "
+                       f"{_n(x['peak_rss_mb'])} MB |")
+        out.append("")
     if "kafka" in r:
         k = r["kafka"]
         out += ["### Ceiling: consume-only on the same broker", "",

@@ -21,16 +21,17 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE = Path(os.environ.get("BENCH_BIN_DIR", ROOT / "target" / "release"))
-FLOWGATE = RELEASE / "flowgate"
-BENCH = RELEASE / "flowgate-bench"
+FLOWGATE = Path(os.environ.get("FLOWGATE_BIN", RELEASE / "flowgate"))
+BENCH = Path(os.environ.get("FLOWGATE_BENCH_BIN", RELEASE / "flowgate-bench"))
 PLUGINS = ROOT / "target" / "wasm32-wasip2" / "plugin"
-PARTS = ["flowgate-file", "native", "generator", "kafka", "latency", "state", "spark"]
+PARTS = ["flowgate-file", "workers", "native", "generator", "kafka", "latency", "state", "spark"]
 
 
 def log(msg):
@@ -72,10 +73,13 @@ def machine():
             "commit": commit, "date": datetime.date.today().isoformat()}
 
 
-def derive(work, name, source, batch=None):
-    """pipelines/stocks.yaml with another source (and batch settings); everything else the same."""
+def derive(work, name, source, batch=None, workers=None):
+    """pipelines/stocks.yaml with another source (and batch settings, worker threads); everything
+    else the same."""
     spec = yaml.safe_load((ROOT / "pipelines" / "stocks.yaml").read_text())
     spec["source"] = source
+    if workers:
+        spec["workers"] = workers
     if batch:
         spec["batch"] = {**spec["batch"], **batch}
     for t in spec["transforms"]:
@@ -182,6 +186,31 @@ def part_file(args, work, results, ticks):
     best = max(runs, key=lambda r: r["events_per_s"])
     results["file"] = best
     results["file_runs"] = [{k: r[k] for k in ("events_per_s", "events_per_cpu_s", "peak_rss_mb")} for r in runs]
+
+
+def part_workers(args, work, results, ticks):
+    """The same ticks as one file per partition (split by symbol, as a keyed Kafka topic would
+    be), run with 1 and with 2 worker threads."""
+    folder = work / "ticks-partitioned"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    outs = [open(folder / f"part-{i}.jsonl", "w") for i in range(args.partitions)]
+    with open(ticks) as f:
+        for line in f:
+            parts = line.split('"', 4)
+            key = parts[3] if len(parts) > 3 else line
+            outs[zlib.crc32(key.encode()) % len(outs)].write(line)
+    for o in outs:
+        o.close()
+    runs = {}
+    for workers in (1, 2):
+        pipeline = derive(work, f"workers-{workers}", {"file": {"path": str(folder)}}, workers=workers)
+        best = max((run_pipeline(work, f"workers-{workers}-{i}", pipeline, args.ticks) for i in range(args.repeat)),
+                   key=lambda r: r["events_per_s"])
+        runs[workers] = best
+    results["workers"] = {"partitions": args.partitions, "one": runs[1], "two": runs[2],
+                          "scaling": runs[2]["events_per_s"] / runs[1]["events_per_s"]}
+    log(f"workers 1 → 2 on {args.partitions} file partitions: {results['workers']['scaling']:.2f}×")
 
 
 def part_native(args, work, results, ticks):
@@ -346,7 +375,7 @@ def main():
     args.kafka_ticks = args.kafka_ticks or args.ticks
     args.generator_ticks = args.generator_ticks or args.ticks // 2
     wanted = lambda part: part not in args.skip and (not args.only or part in args.only)
-    for binary in (FLOWGATE, BENCH):
+    for binary in (FLOWGATE, BENCH) if wanted("native") or wanted("state") or wanted("kafka") else (FLOWGATE,):
         if not binary.exists():
             sys.exit(f"{binary} is missing: run `make bench` (it builds the release binaries first)")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -356,6 +385,8 @@ def main():
     ticks = part_inputs(args, work, results)
     if wanted("flowgate-file"):
         part_file(args, work, results, ticks)
+    if wanted("workers"):
+        part_workers(args, work, results, ticks)
     if wanted("native"):
         part_native(args, work, results, ticks)
     if wanted("generator"):
