@@ -212,6 +212,19 @@ impl Scenario {
     }
 }
 
+/// Bytes as lowercase hex, for golden snapshots checked into tests.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hex (as [`hex`] writes it) back to bytes.
+pub fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
 /// Lines of `transcript` containing `needle`.
 pub fn lines_with<'a>(transcript: &'a [String], needle: &str) -> Vec<&'a str> {
     transcript

@@ -289,19 +289,9 @@ const GOLDEN_V2: &str = concat!(
     "80808080808080908001000002",
 );
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
-        .collect()
-}
-
 #[test]
 fn golden_snapshot_still_decodes() {
+    use flowgate_sdk::testing::{hex, unhex};
     let config = keyed_config(r#"["symbol","n","at"]"#);
     let schema = keyed();
     let (mut w, _) = flowgate_sdk::create::<Window>(&config, &schema).expect("create");
