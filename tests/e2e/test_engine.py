@@ -177,3 +177,40 @@ def test_a_sink_added_later_is_filled_from_the_start_and_the_others_keep_their_s
 
 def tables_without_raw(data_dir):
     return pl.from_arrow(DeltaTable(str(data_dir / "bars")).to_pyarrow_table()).drop("date")
+
+
+def test_an_idle_partition_follows_the_others_so_its_windows_close(tmp_path):
+    """A partition read to its end in one run has its last windows still open. In the next run it
+    gets nothing new while another partition moves on: once idle (no record for `idle_timeout`,
+    nothing left to read), its watermark follows the other's and its windows close."""
+    rng = random.Random(17)
+    folder = tmp_path / "ticks"
+    files = write_ticks(folder, rng)
+    data = tmp_path / "data"
+    env = {"DATA_DIR": str(data), "INPUT": str(folder)}
+    p = pipeline(tmp_path, "p.yaml")
+    p.write_text(p.read_text().replace("idle_timeout: 30s", "idle_timeout: 1s"))
+    first = run_flowgate("run", p, "--until-idle", "2s", env=env)
+    assert first.returncode == 0, first.stderr
+    before = tables_without_raw(data)
+    # Partition 1 gets five more minutes of ticks; partitions 0 and 2 get nothing.
+    last = json.loads(files[1][-1])
+    start = pd.Timestamp(last["ts"])
+    more = []
+    for i in range(1, 1200):
+        ts = start + pd.Timedelta(milliseconds=250 * i)
+        more.append(json.dumps({"symbol": last["symbol"], "price": 100.0, "volume": 1,
+                                "ts": ts.isoformat(), "ts_epoch_ms": int(ts.value // 1_000_000)}))
+    with open(folder / "part-1.jsonl", "a") as f:
+        f.write("\n".join(more) + "\n")
+    second = run_flowgate("run", p, "--until-idle", "3s", env=env)
+    assert second.returncode == 0, second.stderr
+    after = tables_without_raw(data)
+    for f in (0, 2):
+        symbols = {SYMBOLS[2 * f], SYMBOLS[2 * f + 1]}
+        ticks = parse_ticks(files[f])
+        every_window = expected_bars(ticks, watermark_delay_ms=-10**12)
+        had = before.filter(pl.col("symbol").is_in(list(symbols)))
+        now = after.filter(pl.col("symbol").is_in(list(symbols)))
+        assert len(had) < len(every_window), "its last windows were open after the first run"
+        assert len(now) == len(every_window), f"partition {f}: its last windows closed"

@@ -638,7 +638,7 @@ impl Loop<'_> {
     }
 
     /// Partitions silent for `idle_timeout` with nothing waiting at the broker: their watermark
-    /// follows the newest of the partitions that are not idle.
+    /// follows the newest of any partition.
     fn idle_watermarks(&self, r: &Router, source: &dyn Source) -> HashMap<PartitionKey, i64> {
         let idle: Vec<&PartitionKey> = r
             .slots
@@ -648,11 +648,12 @@ impl Loop<'_> {
             })
             .map(|(k, _)| k)
             .collect();
+        // The newest watermark of any partition (the others may be idle too: at the end of a
+        // stream every partition closes its windows up to the newest one's).
         let lead = r
             .slots
-            .iter()
-            .filter(|(k, _)| !idle.contains(k))
-            .map(|(_, s)| s.watermark.load(Ordering::Relaxed))
+            .values()
+            .map(|s| s.watermark.load(Ordering::Relaxed))
             .filter(|&w| w != i64::MIN)
             .max();
         match lead {
