@@ -181,3 +181,42 @@ def test_a_member_killed_mid_stream_leaves_its_partitions_to_the_survivor(broker
     assert survivor.returncode == 0, out
     assert (tmp_path / "victim.log").read_text().count("partition assigned") >= 1
     check_tables(data_dir, ticks.delivered)
+
+
+def test_a_member_frozen_past_its_session_commits_nothing_the_group_moved_on(broker, data_dir, tmp_path):
+    """Two processes in one group; one is frozen (SIGSTOP) with rows of an open epoch in hand for
+    longer than its session timeout, the group gives its partitions to the other, which commits
+    them further; then the frozen one is thawed (SIGCONT). Whatever it does next (its sinks see a
+    partition another process committed since, or the consumer reports the assignment lost), it
+    must not commit those rows: the tables end complete, nothing twice."""
+    admin = KafkaAdminClient(bootstrap_servers=broker)
+    admin.create_topics([NewTopic("ticks", num_partitions=3, replication_factor=1)])
+    admin.close()
+    rng = random.Random(SEED + 2)
+    ticks = Ticks(broker, rng)
+    ticks.send(6_000)
+    env = dict(os.environ, DATA_DIR=str(data_dir), KAFKA_BROKERS=broker, GROUP="frozen",
+               KAFKA_SESSION_TIMEOUT_MS="1000", KAFKA_HEARTBEAT_MS="250", RUST_LOG="flowgate=info")
+    with open(tmp_path / "frozen.log", "w") as log:
+        frozen = subprocess.Popen([str(FLOWGATE), "run", "pipelines/stocks.yaml", "--until-idle", "10s"],
+                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        time.sleep(2)
+        other = subprocess.Popen([str(FLOWGATE), "run", "pipelines/stocks.yaml", "--until-idle", "10s"], cwd=REPO,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(6)
+        ticks.send(3_000)
+        time.sleep(1)
+        frozen.send_signal(signal.SIGSTOP)
+        time.sleep(12)  # session 1 s; the other member takes over and commits (every 5 s)
+        ticks.send(2_000)
+        frozen.send_signal(signal.SIGCONT)
+        out, _ = other.communicate(timeout=300)
+        frozen.wait(timeout=300)
+    frozen_log = (tmp_path / "frozen.log").read_text()
+    print(frozen_log[-4000:])
+    assert other.returncode == 0, out
+    # Whatever either left open, a last run finishes; nothing may be written twice.
+    final = subprocess.run([str(FLOWGATE), "run", "pipelines/stocks.yaml", "--until-idle", "6s"], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr
+    check_tables(data_dir, ticks.delivered)

@@ -214,3 +214,43 @@ def test_an_idle_partition_follows_the_others_so_its_windows_close(tmp_path):
         now = after.filter(pl.col("symbol").is_in(list(symbols)))
         assert len(had) < len(every_window), "its last windows were open after the first run"
         assert len(now) == len(every_window), f"partition {f}: its last windows closed"
+
+
+def test_a_partition_with_records_waiting_is_never_idle(tmp_path):
+    """Idleness is judged by what waits to be read, not by the clock alone. Partition 0's ticks
+    are six hours behind partition 1's; `idle_timeout: 0s` lets a partition count as idle the
+    moment nothing of it waits. Read in small batches over many epochs, partition 0 keeps its
+    own watermark while lines wait in its file: none of its ticks is judged late, and every bar
+    of both partitions lands. (Were it idle, it would take partition 1's watermark at the first
+    barrier and dead-letter the rest of its ticks as `late`.)"""
+    rng = random.Random(23)
+    folder = tmp_path / "ticks"
+    folder.mkdir()
+    files = {}
+    for f, start in [(0, "2025-11-12T09:00:00Z"), (1, "2025-11-12T15:00:00Z")]:
+        start = pd.Timestamp(start)
+        lines = []
+        for i in range(12000):
+            sym = SYMBOLS[2 * f + rng.randint(0, 1)]
+            ts = start + pd.Timedelta(milliseconds=250 * i)
+            lines.append(json.dumps({"symbol": sym, "price": round(100 + rng.random(), 2), "volume": rng.randint(1, 50),
+                                     "ts": ts.isoformat(), "ts_epoch_ms": int(ts.value // 1_000_000)}))
+        files[f] = lines
+        (folder / f"part-{f}.jsonl").write_text("\n".join(lines) + "\n")
+    data = tmp_path / "data"
+    p = pipeline(tmp_path, "p.yaml", batch="{max_records: 20, max_wait: 5ms}")
+    text = p.read_text().replace("idle_timeout: 30s", "idle_timeout: 0s").replace("interval: 5s", "interval: 100ms")
+    assert "idle_timeout: 0s" in text and "interval: 100ms" in text
+    p.write_text(text)
+    out = run_flowgate("run", p, "--until-idle", "2s", env={"DATA_DIR": str(data), "INPUT": str(folder)})
+    assert out.returncode == 0, out.stderr
+    bars, dead, raw = tables(data)
+    assert dead.is_empty(), dead
+    assert len(raw) == 24000
+    # Partition 0 ends hours before partition 1's watermark: all its windows close.
+    for f, delay in [(0, -10**12), (1, 5000)]:
+        want = expected_bars(parse_ticks(files[f]), watermark_delay_ms=delay)
+        got = bars.filter(pl.col("symbol").is_in([SYMBOLS[2 * f], SYMBOLS[2 * f + 1]])).to_pandas()
+        assert len(got) == len(want) > 100, f
+        assert list(got["trades"]) == list(want["trades"])
+        assert (got["close"] - want["close"]).abs().max() < 1e-9

@@ -350,3 +350,117 @@ impl Committer {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Mutex, mpsc};
+
+    use super::*;
+    use crate::checkpoint::{FileStateStore, PartitionState};
+    use crate::sink::SinkError;
+
+    /// A sink that keeps its committed positions where the test can read them.
+    struct Table {
+        name: String,
+        held: Arc<Mutex<Positions>>,
+    }
+
+    impl Sink for Table {
+        fn name(&self) -> &str {
+            &self.name
+        }
+        fn write(&mut self, _batch: RecordBatch) -> Result<(), SinkError> {
+            Ok(())
+        }
+        fn commit(&mut self, positions: &Positions) -> Result<bool, SinkError> {
+            let mut held = self.held.lock().unwrap();
+            held.extend(positions.iter().map(|(k, p)| (k.clone(), *p)));
+            Ok(!positions.is_empty())
+        }
+        fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<Position>, SinkError> {
+            Ok(self.held.lock().unwrap().get(&(topic.to_string(), partition)).copied())
+        }
+    }
+
+    fn state(offset: i64) -> PartitionState {
+        PartitionState {
+            offset,
+            max_event: None,
+            watermark: None,
+            steps: Vec::new(),
+        }
+    }
+
+    /// Two sinks holding partition `t/0` at the positions given, the state for both stored.
+    fn committer(
+        dir: &std::path::Path,
+        at: [Position; 2],
+    ) -> (Committer, [Arc<Mutex<Positions>>; 2], mpsc::Receiver<Event>) {
+        let store = FileStateStore::new(dir, "p");
+        let tables: [Arc<Mutex<Positions>>; 2] = Default::default();
+        let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+        for (i, p) in at.iter().enumerate() {
+            store.save("t", 0, p.epoch, &state(p.offset)).unwrap();
+            tables[i].lock().unwrap().insert(("t".into(), 0), *p);
+            sinks.push(Box::new(Table {
+                name: format!("s{i}"),
+                held: tables[i].clone(),
+            }));
+        }
+        let (events, inbox) = mpsc::channel();
+        let committer = Committer::new(sinks, Arc::new(store), 1, false, events);
+        (committer, tables, inbox)
+    }
+
+    fn epoch_done(epoch: u64, cp_epoch: u64, offset: i64, joined: Vec<bool>) -> CommitMsg {
+        CommitMsg::EpochDone(EpochDone {
+            epoch,
+            checkpoints: vec![TaskCheckpoint {
+                key: ("t".into(), 0),
+                epoch: cp_epoch,
+                state: state(offset),
+                joined,
+            }],
+            appended: HashMap::new(),
+        })
+    }
+
+    fn held(table: &Arc<Mutex<Positions>>) -> Position {
+        table.lock().unwrap()[&("t".to_string(), 0)]
+    }
+
+    #[test]
+    fn a_sink_that_holds_more_is_never_moved_back_while_the_other_replays() {
+        let dir = tempfile::tempdir().unwrap();
+        let ahead = Position { offset: 239_046, epoch: 9 };
+        let behind = Position { offset: 176_025, epoch: 7 };
+        let (mut committer, tables, _events) = committer(dir.path(), [ahead, behind]);
+        let resume = committer.resume(&("t".into(), 0), false).unwrap();
+        assert_eq!(resume.start, 176_025, "the replay starts at the lowest position");
+        assert_eq!(resume.joined, vec![false, true]);
+        assert_eq!(resume.targets.len(), 1);
+        assert_eq!((resume.targets[0].offset, &resume.targets[0].sinks), (239_046, &vec![0]));
+
+        // An epoch of the replay below the target: only the sink behind records it.
+        committer.handle(epoch_done(1, 10, 200_000, vec![false, true])).unwrap();
+        assert_eq!(held(&tables[0]), ahead);
+        assert_eq!(held(&tables[1]), Position { offset: 200_000, epoch: 10 });
+        // Past the target both do.
+        committer.handle(epoch_done(2, 11, 250_000, vec![true, true])).unwrap();
+        assert_eq!(held(&tables[0]), Position { offset: 250_000, epoch: 11 });
+        assert_eq!(held(&tables[1]), Position { offset: 250_000, epoch: 11 });
+    }
+
+    #[test]
+    fn a_position_that_would_move_back_stops_the_run_without_committing() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = Position { offset: 239_046, epoch: 9 };
+        let (mut committer, tables, _events) = committer(dir.path(), [at, at]);
+        committer.resume(&("t".into(), 0), false).unwrap();
+        let refused = committer.handle(epoch_done(1, 10, 176_025, vec![true, true]));
+        let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("another process owns it"), "{message}");
+        assert_eq!(held(&tables[0]), at);
+        assert_eq!(held(&tables[1]), at);
+    }
+}

@@ -59,6 +59,25 @@ pub(crate) enum Event {
     Failed(RunError),
 }
 
+/// Runs a thread's body; a panic there becomes a failed run instead of a coordinator waiting
+/// forever for an epoch the thread will never hand in.
+fn guarded<T: Default>(thread: &str, events: &mpsc::Sender<Event>, body: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(value) => value,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            let _ = events.send(Event::Failed(RunError::Internal(format!(
+                "the {thread} thread panicked: {message} (a bug in Flowgate: please report it with the log; nothing of the unfinished epoch was committed)"
+            ))));
+            T::default()
+        }
+    }
+}
+
 /// The coordinator's view of one assigned partition.
 struct Slot {
     worker: usize,
@@ -235,6 +254,10 @@ impl Rebalance for Rebalancer {
         }
     }
 
+    fn lost(&self, partitions: &[(String, i32)]) {
+        self.lost_partitions(partitions);
+    }
+
     fn revoked(&self, partitions: &[(String, i32)]) -> Offsets {
         let mut router = lock(&self.0);
         if router.failed.is_some() || router.closed {
@@ -248,6 +271,17 @@ impl Rebalance for Rebalancer {
                 Offsets::new()
             }
         }
+    }
+}
+
+impl Rebalancer {
+    fn lost_partitions(&self, partitions: &[(String, i32)]) {
+        let mut router = lock(&self.0);
+        if router.failed.is_some() || router.closed {
+            return;
+        }
+        let names: Vec<String> = partitions.iter().map(|(t, p)| format!("{t}/{p}")).collect();
+        router.failed = Some(RunError::PartitionsLost(names.join(", ")));
     }
 }
 
@@ -393,9 +427,10 @@ pub fn run(
         options.reset_state,
         events_tx.clone(),
     );
+    let committer_events = events_tx.clone();
     let committer_thread = std::thread::Builder::new()
         .name("flowgate-committer".into())
-        .spawn(move || committer.run(commit_rx))
+        .spawn(move || guarded("committer", &committer_events, || committer.run(commit_rx)))
         .map_err(|e| RunError::Internal(format!("cannot start the committer: {e}")))?;
     let counters = Arc::new(Counters::default());
     let ctx = Arc::new(TaskContext {
@@ -422,7 +457,12 @@ pub fn run(
         worker_threads.push(
             std::thread::Builder::new()
                 .name(format!("flowgate-worker-{w}"))
-                .spawn(move || worker::run_worker(w, ctx, rx, events))
+                .spawn(move || {
+                    let guard = events.clone();
+                    guarded(&format!("worker {w}"), &guard, || {
+                        worker::run_worker(w, ctx, rx, events)
+                    })
+                })
                 .map_err(|e| RunError::Internal(format!("cannot start a worker: {e}")))?,
         );
     }
@@ -731,4 +771,24 @@ fn lag_text(lag: &[((String, i32), i64)]) -> String {
         .map(|((t, p), l)| format!("{t}/{p} {l}"))
         .collect();
     format!(" (lag {})", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_thread_fails_the_run_instead_of_hanging_it() {
+        let (events, inbox) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            guarded("worker 1", &events, || -> u32 { panic!("index out of bounds") })
+        });
+        assert_eq!(thread.join().ok(), Some(0));
+        match inbox.recv_timeout(Duration::from_secs(5)) {
+            Ok(Event::Failed(RunError::Internal(message))) => {
+                assert!(message.contains("worker 1 thread panicked: index out of bounds"), "{message}")
+            }
+            _ => panic!("no failure reported"),
+        }
+    }
 }

@@ -52,6 +52,12 @@ pub enum RunError {
         /// The checkpoint epoch they name.
         epoch: u64,
     },
+    /// The consumer group gave this process's partitions to another member while it was away
+    /// (it missed its session timeout): what it had not committed is left to the new owner.
+    #[error(
+        "the consumer group moved partitions {0} to another member while this process was unresponsive (longer than `session.timeout.ms`); stopping without committing them: restart to rejoin the group"
+    )]
+    PartitionsLost(String),
     /// A thread of the engine stopped unexpectedly.
     #[error("internal: {0}")]
     Internal(String),
@@ -67,9 +73,10 @@ impl RunError {
             | RunError::Sink(SinkError::Config { .. } | SinkError::SchemaMismatch { .. }) => {
                 ErrorKind::Config
             }
-            RunError::Sink(_) | RunError::Source(_) | RunError::Checkpoint(_) => {
-                ErrorKind::External
-            }
+            RunError::Sink(_)
+            | RunError::Source(_)
+            | RunError::Checkpoint(_)
+            | RunError::PartitionsLost(_) => ErrorKind::External,
             RunError::Internal(_) => ErrorKind::Internal,
         }
     }

@@ -32,7 +32,80 @@ pub struct DeltaSink {
     /// Data files written for the next commit (a failed attempt keeps them for the next).
     staged: Vec<Add>,
     last: Positions,
+    /// The table version this process last committed (or found at open): commits after it
+    /// are other processes', checked before each commit for partitions this one writes.
+    seen: u64,
     encode_time: std::time::Duration,
+}
+
+/// Why a commit attempt did not land.
+enum Attempt {
+    Delta(deltalake::DeltaTableError),
+    /// Another process committed a partition this one is committing (it took the partition
+    /// over after this process lost it): committing would write its rows twice.
+    Overtaken(String),
+}
+
+impl From<deltalake::DeltaTableError> for Attempt {
+    fn from(e: deltalake::DeltaTableError) -> Self {
+        Attempt::Delta(e)
+    }
+}
+
+impl std::fmt::Display for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attempt::Delta(e) => e.fmt(f),
+            Attempt::Overtaken(m) => f.write_str(m),
+        }
+    }
+}
+
+/// A partition about to be committed, as this process last saw it in the table.
+struct Claim {
+    offset_id: String,
+    epoch_id: String,
+    last: Option<Position>,
+}
+
+/// Reads the commits after `seen` up to `current`: if one of them records a partition further
+/// than this process last saw it, another process owns that partition now.
+async fn overtaken(
+    log_store: &dyn deltalake::logstore::LogStore,
+    seen: u64,
+    current: u64,
+    claims: &[Claim],
+) -> Result<Option<String>, deltalake::DeltaTableError> {
+    for version in seen.saturating_add(1)..=current {
+        let Some(bytes) = log_store.read_commit_entry(version).await? else {
+            continue;
+        };
+        let mut found: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        for line in bytes.split(|&b| b == b'\n') {
+            let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+                continue;
+            };
+            let txn = &action["txn"];
+            if let (Some(app), Some(v)) = (txn["appId"].as_str(), txn["version"].as_i64()) {
+                found.insert(app, v);
+            }
+        }
+        for claim in claims {
+            let Some(&offset) = found.get(claim.offset_id.as_str()) else {
+                continue;
+            };
+            let epoch = found.get(claim.epoch_id.as_str()).copied().unwrap_or(0).max(0) as u64;
+            let theirs = Position { offset, epoch };
+            if Some(theirs) > claim.last {
+                return Ok(Some(format!(
+                    "version {version} of the table records `{}` at offset {offset} (epoch {epoch}), past the {} this process holds: another process owns the partition now; not committing",
+                    claim.offset_id,
+                    claim.last.map_or("nothing".to_string(), |p| format!("offset {} (epoch {})", p.offset, p.epoch)),
+                )));
+            }
+        }
+    }
+    Ok(None)
 }
 
 impl DeltaSink {
@@ -132,6 +205,7 @@ impl DeltaSink {
             writer: None,
             staged: Vec::new(),
             last: Positions::new(),
+            seen: table.version().unwrap_or(0),
             encode_time: std::time::Duration::ZERO,
         })
     }
@@ -209,6 +283,15 @@ impl Sink for DeltaSink {
         }
         let actions: Vec<Action> = self.staged.iter().cloned().map(Action::Add).collect();
         let files = self.staged.len();
+        let claims: Vec<Claim> = positions
+            .keys()
+            .map(|(t, p)| Claim {
+                offset_id: self.app_id(t, *p),
+                epoch_id: self.epoch_app_id(t, *p),
+                last: self.last.get(&(t.clone(), *p)).copied(),
+            })
+            .collect();
+        let seen = self.seen;
         let table = &mut self.table;
         let version = self
             .rt
@@ -219,6 +302,16 @@ impl Sink for DeltaSink {
                 let mut attempt = 0;
                 loop {
                     let result = async {
+                        // Fencing: a partition another process committed since this one last
+                        // looked has moved to it (this process lost it to a rebalance).
+                        table.update_state().await?;
+                        let current = table.snapshot()?.version();
+                        if current > seen
+                            && let Some(why) =
+                                overtaken(table.log_store().as_ref(), seen, current, &claims).await?
+                        {
+                            return Err(Attempt::Overtaken(why));
+                        }
                         let snapshot = table.snapshot()?;
                         let partition_by = snapshot.metadata().partition_columns().to_vec();
                         let operation = DeltaOperation::Write {
@@ -237,10 +330,12 @@ impl Sink for DeltaSink {
                             )
                             .await
                             .map(|finalized| finalized.version())
+                            .map_err(Attempt::from)
                     }
                     .await;
                     match result {
                         Ok(version) => break Ok(version),
+                        Err(e @ Attempt::Overtaken(_)) => break Err(e),
                         Err(e) if attempt < 3 => {
                             attempt += 1;
                             // The commit may have landed and only what follows it failed (the
@@ -283,6 +378,7 @@ impl Sink for DeltaSink {
             })?;
         // The log has the new version; read it so the next commit builds on it.
         let _ = self.rt.block_on(self.table.update_state());
+        self.seen = version;
         self.staged.clear();
         tracing::debug!(sink = %self.name, version, files, "committed Delta version");
         self.last
@@ -383,5 +479,44 @@ mod tests {
                 epoch: 1
             })
         );
+    }
+
+    #[test]
+    fn a_partition_another_process_committed_since_is_not_committed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap(),
+        );
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let shape = TableShape::new("t", &schema, &[], None, None).unwrap();
+        let open = || {
+            DeltaSink::open("t", dir.path(), "p", shape.clone(), &[], 1 << 20, rt.clone()).unwrap()
+        };
+        let rows = |v: i64| {
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![v]))]).unwrap()
+        };
+        let at = |partition: i32, offset: i64, epoch: u64| -> Positions {
+            [(("t".to_string(), partition), Position { offset, epoch })].into()
+        };
+        // This process holds partitions 0 and 1; then it stalls past its session.
+        let mut stalled = open();
+        stalled.write(rows(1)).unwrap();
+        assert!(stalled.commit(&at(0, 10, 1)).unwrap());
+        assert!(stalled.commit(&at(1, 10, 1)).unwrap());
+        // The group moves partition 0 to another process, which goes on from there.
+        let mut other = open();
+        assert_eq!(other.committed("t", 0).unwrap(), Some(Position { offset: 10, epoch: 1 }));
+        other.write(rows(2)).unwrap();
+        assert!(other.commit(&at(0, 20, 2)).unwrap());
+        // The stalled process wakes up: partition 0 is refused, partition 1 (still its own) not.
+        let refused = stalled.commit(&at(0, 15, 2)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains("another process owns the partition"), "{refused}");
+        assert!(stalled.commit(&at(1, 15, 2)).unwrap());
+        assert_eq!(other.committed("t", 0).unwrap(), Some(Position { offset: 20, epoch: 2 }));
+        assert_eq!(other.committed("t", 1).unwrap(), Some(Position { offset: 15, epoch: 2 }));
     }
 }

@@ -44,6 +44,8 @@ pub struct ParquetSink {
     rows: usize,
     /// Files started so far (numbers file names within a commit).
     files_started: u64,
+    /// Commit-log entries read (or written) so far, by file name.
+    logs_read: std::collections::HashSet<std::ffi::OsString>,
 }
 
 /// A Parquet file in the staging folder, taking rows until the next commit.
@@ -55,6 +57,18 @@ struct OpenFile {
 /// A file no commit names is removed at open once it is this old (younger ones may belong to
 /// another process's commit in progress).
 const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl LogEntry {
+    /// The position recorded for each partition.
+    fn positions(&self) -> impl Iterator<Item = ((String, i32), Position)> + '_ {
+        self.offsets.iter().filter_map(|(key, &offset)| {
+            let epoch = self.epochs.get(key).copied().unwrap_or(0);
+            key.rsplit_once('/')
+                .and_then(|(t, p)| p.parse::<i32>().ok().map(|p| (t.to_string(), p)))
+                .map(|k| (k, Position { offset, epoch }))
+        })
+    }
+}
 
 #[derive(Serialize, Deserialize)]
 struct LogEntry {
@@ -168,6 +182,7 @@ impl ParquetSink {
             open: BTreeMap::new(),
             rows: 0,
             files_started: 0,
+            logs_read: Default::default(),
         };
         let known = sink.read_log()?;
         sink.roll_forward(&known)
@@ -180,39 +195,69 @@ impl ParquetSink {
     /// Reads every commit-log entry (all writers): the files committed, and the highest offset
     /// committed per source partition.
     fn read_log(&mut self) -> Result<std::collections::HashSet<String>, SinkError> {
-        let dir = self.dir.clone();
-        let fail = |message: String| SinkError::Table {
-            sink: self.name.clone(),
-            table: dir.display().to_string(),
-            message,
-        };
         let mut known = std::collections::HashSet::new();
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir.join(LOG))
-            .map_err(|e| fail(e.to_string()))?
+        for (name, log) in self.log_entries(false).map_err(|e| self.fail(e))? {
+            for (key, position) in log.positions() {
+                let slot = self.committed.entry(key).or_insert(position);
+                *slot = (*slot).max(position);
+            }
+            known.extend(log.files);
+            self.logs_read.insert(name);
+        }
+        Ok(known)
+    }
+
+    /// The commit-log entries in name order (with `only_new`, those not read before).
+    fn log_entries(
+        &self,
+        only_new: bool,
+    ) -> Result<Vec<(std::ffi::OsString, LogEntry)>, String> {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(self.dir.join(LOG))
+            .map_err(|e| e.to_string())?
             .filter_map(Result::ok)
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .filter(|p| {
+                !only_new || p.file_name().is_none_or(|n| !self.logs_read.contains(n))
+            })
             .collect();
         entries.sort();
-        for entry in entries {
-            let text = std::fs::read_to_string(&entry)
-                .map_err(|e| fail(format!("{}: {e}", entry.display())))?;
-            let log: LogEntry = serde_json::from_str(&text)
-                .map_err(|e| fail(format!("commit log {} is damaged: {e}", entry.display())))?;
-            known.extend(log.files);
-            for (key, offset) in log.offsets {
-                let epoch = log.epochs.get(&key).copied().unwrap_or(0);
-                if let Some((topic, partition)) = key
-                    .rsplit_once('/')
-                    .and_then(|(t, p)| p.parse::<i32>().ok().map(|p| (t.to_string(), p)))
-                {
-                    let position = Position { offset, epoch };
-                    let slot = self.committed.entry((topic, partition)).or_insert(position);
-                    *slot = (*slot).max(position);
+        entries
+            .into_iter()
+            .map(|entry| {
+                let text = std::fs::read_to_string(&entry)
+                    .map_err(|e| format!("{}: {e}", entry.display()))?;
+                let log: LogEntry = serde_json::from_str(&text)
+                    .map_err(|e| format!("commit log {} is damaged: {e}", entry.display()))?;
+                Ok((entry.file_name().unwrap_or_default().to_os_string(), log))
+            })
+            .collect()
+    }
+
+    /// Fencing: an entry another process wrote since this one last read the log, recording a
+    /// partition about to be committed further than this process holds it, means the group moved
+    /// the partition to that process (this one lost it): committing would write rows twice.
+    fn check_not_overtaken(&mut self, positions: &Positions) -> Result<(), SinkError> {
+        for (name, log) in self.log_entries(true).map_err(|e| self.fail(e))? {
+            for (key, theirs) in log.positions() {
+                let mine = self.committed.get(&key).copied();
+                if positions.contains_key(&key) && Some(theirs) > mine {
+                    return Err(self.fail(format!(
+                        "commit {} records partition `{}/{}` at offset {} (epoch {}), past the {} this process holds: another process owns the partition now; not committing",
+                        name.to_string_lossy(),
+                        key.0,
+                        key.1,
+                        theirs.offset,
+                        theirs.epoch,
+                        mine.map_or("nothing".to_string(), |p| format!("offset {} (epoch {})", p.offset, p.epoch)),
+                    )));
                 }
+                let slot = self.committed.entry(key).or_insert(theirs);
+                *slot = (*slot).max(theirs);
             }
+            self.logs_read.insert(name);
         }
-        Ok(known)
+        Ok(())
     }
 
     /// Moves into place every staged file a log entry names (a crash between writing the entry
@@ -393,6 +438,7 @@ impl Sink for ParquetSink {
         if self.open.is_empty() && !positions_moved(positions, &self.committed) {
             return Ok(false);
         }
+        self.check_not_overtaken(positions)?;
         let version = self.version + 1;
         let rows = std::mem::take(&mut self.rows);
         let mut files = Vec::new();
@@ -431,6 +477,9 @@ impl Sink for ParquetSink {
             .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
             .and_then(|_| std::fs::rename(&tmp, &log))
             .map_err(|e| self.fail(format!("writing the commit log: {e}")))?;
+        if let Some(name) = log.file_name() {
+            self.logs_read.insert(name.to_os_string());
+        }
         // Committed: now move the files into place (a crash here is finished at the next open).
         for rel in &entry.files {
             let (staged, path) = (self.dir.join(STAGING).join(rel), self.dir.join(rel));
@@ -569,5 +618,30 @@ mod tests {
                 epoch: 1
             })
         );
+    }
+
+    #[test]
+    fn a_partition_another_process_committed_since_is_not_committed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |partition: i32, offset: i64, epoch: u64| -> Positions {
+            [(("t".to_string(), partition), Position { offset, epoch })].into()
+        };
+        // This process commits partitions 0 and 1, then stalls past its session.
+        let mut stalled = ParquetSink::open("t", dir.path(), shape(), &["k".into()]).unwrap();
+        stalled.write(batch(&["a"])).unwrap();
+        assert!(stalled.commit(&at(0, 10, 1)).unwrap());
+        assert!(stalled.commit(&at(1, 10, 1)).unwrap());
+        // The group moves partition 0 to another process, which goes on from there.
+        let mut other = ParquetSink::open("t", dir.path(), shape(), &["k".into()]).unwrap();
+        assert_eq!(other.committed("t", 0).unwrap(), Some(Position { offset: 10, epoch: 1 }));
+        other.write(batch(&["b"])).unwrap();
+        assert!(other.commit(&at(0, 20, 2)).unwrap());
+        // The stalled process wakes up: partition 0 is refused, partition 1 (still its own) not.
+        let refused = stalled.commit(&at(0, 15, 2)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains("another process owns the partition"), "{refused}");
+        assert!(stalled.commit(&at(1, 15, 2)).unwrap());
+        let mut reader = ParquetSink::open("t", dir.path(), shape(), &["k".into()]).unwrap();
+        assert_eq!(reader.committed("t", 0).unwrap(), Some(Position { offset: 20, epoch: 2 }));
+        assert_eq!(reader.committed("t", 1).unwrap(), Some(Position { offset: 15, epoch: 2 }));
     }
 }

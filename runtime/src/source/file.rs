@@ -196,6 +196,14 @@ impl Source for FileSource {
         Ok(())
     }
 
+    /// A file with lines left to read is behind, however long since its last record.
+    fn behind(&self, _topic: &str, partition: i32, _next: i64) -> bool {
+        usize::try_from(partition)
+            .ok()
+            .and_then(|i| self.files.get(i))
+            .is_some_and(|f| !f.done)
+    }
+
     fn on_rebalance(&mut self, handler: Arc<dyn Rebalance>) {
         self.handler = Some(handler);
     }
@@ -241,5 +249,24 @@ mod tests {
         let pattern = FileSource::open(&dir.path().join("*.txt")).unwrap();
         assert_eq!(pattern.partitions(), 1);
         assert!(FileSource::open(&dir.path().join("none-*.x")).is_err());
+    }
+
+    #[test]
+    fn a_file_with_lines_left_is_behind_until_read_to_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.jsonl"), "1\n2\n3\n").unwrap();
+        std::fs::write(dir.path().join("b.jsonl"), "4\n").unwrap();
+        let mut source = FileSource::open(dir.path()).unwrap();
+        let topic = source.topic.clone();
+        assert!(source.behind(&topic, 0, 0) && source.behind(&topic, 1, 0));
+        let mut out = Vec::new();
+        source.poll(2, Duration::ZERO, &mut out).unwrap();
+        assert!(source.behind(&topic, 0, 1), "two lines of `a` are left");
+        for _ in 0..5 {
+            source.poll(2, Duration::ZERO, &mut out).unwrap();
+        }
+        assert_eq!(out.len(), 4);
+        assert!(!source.behind(&topic, 0, 3) && !source.behind(&topic, 1, 1));
+        assert!(!source.behind(&topic, 7, 0), "no such partition");
     }
 }

@@ -97,7 +97,15 @@ impl ConsumerContext for Context {
                 }
             }
             _ => {
-                if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+                if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS
+                    && consumer.assignment_lost()
+                {
+                    // The group moved these partitions on while this member was away: another
+                    // member may be writing them already, so nothing of them is committed.
+                    if let Some(handler) = self.handler.get() {
+                        handler.lost(&parts);
+                    }
+                } else if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
                     if let Some(handler) = self.handler.get() {
                         let offsets = handler.revoked(&parts);
                         if !offsets.is_empty() {

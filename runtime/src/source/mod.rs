@@ -33,6 +33,9 @@ pub trait Rebalance: Send + Sync {
     /// Partitions about to be taken away: finishes and commits them, then lets them go;
     /// returns the offsets committed, for the source to commit to the broker before they move.
     fn revoked(&self, partitions: &[(String, i32)]) -> Offsets;
+    /// Partitions the group already gave to another member (this one missed its session
+    /// timeout): nothing more of them may be committed.
+    fn lost(&self, partitions: &[(String, i32)]);
 }
 
 /// One record as read.
