@@ -65,3 +65,20 @@ def broker(tmp_path):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+POSTGRES_URL = os.environ.get("FLOWGATE_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_schema():
+    """A PostgreSQL schema of its own (on FLOWGATE_TEST_POSTGRES, default the machine's own
+    server), dropped afterwards; yields (url, schema, connection)."""
+    import psycopg
+    schema = f"fg_e2e_{os.getpid()}_{int(time.time() * 1000) % 10**9}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+        try:
+            yield POSTGRES_URL, schema, conn
+        finally:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

@@ -70,12 +70,31 @@ class Ticks:
         assert not self.errors, self.errors
 
 
-def start(env, log):
-    return subprocess.Popen([str(FLOWGATE), "run", "pipelines/stocks.yaml"], cwd=REPO, env=env,
+def start(env, log, pipeline="pipelines/stocks.yaml"):
+    return subprocess.Popen([str(FLOWGATE), "run", str(pipeline)], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
 
 
-def test_kill_9_at_random_moments_loses_and_repeats_nothing(broker, data_dir, tmp_path):
+def with_postgres_bars(tmp_path, url, schema):
+    """pipelines/stocks.yaml plus the bars appended to PostgreSQL: in `append` mode a bar written
+    twice stays twice, so the table shows any break of exactly-once."""
+    text = (REPO / "pipelines" / "stocks.yaml").read_text().replace("../target/", f"{REPO}/target/")
+    text = text.replace("\ndead_letter:\n", f"""  bars_pg:
+    postgres:
+      url: {url}
+      table: {schema}.bars
+
+dead_letter:
+""", 1)
+    assert "bars_pg:" in text
+    path = tmp_path / "stocks-pg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_kill_9_at_random_moments_loses_and_repeats_nothing(broker, data_dir, tmp_path, pg_schema):
+    url, schema, conn = pg_schema
+    pipeline = with_postgres_bars(tmp_path, url, schema)
     admin = KafkaAdminClient(bootstrap_servers=broker)
     admin.create_topics([NewTopic("ticks", num_partitions=3, replication_factor=1)])
     admin.close()
@@ -97,7 +116,7 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing(broker, data_dir, tm
     log = open(tmp_path / "flowgate.log", "w")
     try:
         for kill in range(KILLS):
-            proc = start(env, log)
+            proc = start(env, log, pipeline)
             # Early kills hit start-up (plugin loading, group join); later ones mid-batch and
             # mid-commit (a checkpoint every 5 s).
             time.sleep(rng.choice([rng.uniform(0.2, 1.5), rng.uniform(2, 9)]))
@@ -107,16 +126,17 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing(broker, data_dir, tm
     finally:
         stop_live.set()
         producer.join()
-    final = subprocess.run([str(FLOWGATE), "run", "pipelines/stocks.yaml", "--until-idle", "8s"], cwd=REPO,
+    final = subprocess.run([str(FLOWGATE), "run", str(pipeline), "--until-idle", "8s"], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=600)
     log.close()
     assert final.returncode == 0, final.stderr
 
-    check_tables(data_dir, ticks.delivered)
+    check_tables(data_dir, ticks.delivered, postgres=(conn, schema))
 
 
-def check_tables(data_dir, delivered):
-    """Every table against what was produced: nothing missing, nothing twice."""
+def check_tables(data_dir, delivered, postgres=None):
+    """Every table against what was produced: nothing missing, nothing twice (with `postgres`,
+    (connection, schema), the bars appended there too)."""
     by_partition = {}
     for p, offset, value in sorted(delivered):
         by_partition.setdefault(p, []).append((offset, value))
@@ -136,6 +156,18 @@ def check_tables(data_dir, delivered):
     assert (bars["close"] - want["close"]).abs().max() < 1e-9
     assert (bars["pct_change"].astype(float) - want["pct_change"].astype(float)).abs().max() < 1e-9 or \
         bars["pct_change"].isna().equals(want["pct_change"].isna())
+    if postgres:
+        conn, schema = postgres
+        rows = conn.execute(f"SELECT symbol, window_start, trades, volume, close FROM {schema}.bars "
+                            "ORDER BY symbol, window_start").fetchall()
+        pg = pd.DataFrame(rows, columns=["symbol", "window_start", "trades", "volume", "close"])
+        pg["window_start"] = [pd.Timestamp(t).tz_convert("UTC") for t in pg["window_start"]]
+        twice = pg[pg.duplicated(subset=["symbol", "window_start"], keep=False)]
+        assert twice.empty, f"bars appended to PostgreSQL twice:\n{twice}"
+        assert len(pg) == len(want), (len(pg), len(want))
+        assert list(pg["symbol"]) == list(want["symbol"])
+        assert list(pg["trades"]) == list(want["trades"])
+        assert (pg["close"].astype(float) - want["close"]).abs().max() < 1e-9
 
     # Raw tap: every valid tick once.
     valid = pd.concat([parse_ticks([v for _, v in rows]) for rows in by_partition.values()])

@@ -304,6 +304,36 @@ pub struct SinkSpec {
     pub parquet: Option<TableSpec>,
     /// A readable table on stdout, for debugging.
     pub console: Option<ConsoleSpec>,
+    /// A PostgreSQL table; each epoch's rows and offsets in one transaction.
+    pub postgres: Option<PostgresSpec>,
+}
+
+/// Where and how rows go into PostgreSQL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSpec {
+    /// Connection URL (`postgres://user:password@host:5432/db`); keep secrets in the environment
+    /// with `${DATABASE_URL}`.
+    pub url: String,
+    /// The table (`name` or `schema.name`); created from the stage's schema when missing.
+    pub table: String,
+    /// `append` (every row inserted) or `upsert` (a row replaces the one with the same `key`).
+    #[serde(default)]
+    pub mode: PostgresMode,
+    /// The columns that identify a row, for `upsert` (the table's primary key when created).
+    #[serde(default)]
+    pub key: Vec<String>,
+}
+
+/// How rows are written into a PostgreSQL table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PostgresMode {
+    /// Every row is inserted.
+    #[default]
+    Append,
+    /// A row replaces the one with the same key.
+    Upsert,
 }
 
 /// Where and how a table is written.
@@ -538,6 +568,7 @@ impl Pipeline {
                 sink.delta.is_some(),
                 sink.parquet.is_some(),
                 sink.console.is_some(),
+                sink.postgres.is_some(),
             ]
             .iter()
             .filter(|k| **k)
@@ -545,8 +576,29 @@ impl Pipeline {
             if kinds != 1 {
                 problem(
                     &format!("{}:", key.rsplit('.').next().unwrap_or(&key)),
-                    format!("`{key}`: give exactly one of `delta`, `parquet`, `console`"),
+                    format!("`{key}`: give exactly one of `delta`, `parquet`, `postgres`, `console`"),
                 );
+            }
+            for table in [&sink.delta, &sink.parquet].into_iter().flatten() {
+                if let Some(why) = unsupported_location(&table.path) {
+                    problem(
+                        &table.path.display().to_string(),
+                        format!("`{key}.path`: {why}"),
+                    );
+                }
+            }
+            if let Some(pg) = &sink.postgres {
+                match pg.mode {
+                    PostgresMode::Upsert if pg.key.is_empty() => problem(
+                        "mode: upsert",
+                        format!("`{key}.postgres`: `mode: upsert` needs `key` (the columns that identify a row)"),
+                    ),
+                    PostgresMode::Append if !pg.key.is_empty() => problem(
+                        "key:",
+                        format!("`{key}.postgres.key` is used only with `mode: upsert`"),
+                    ),
+                    _ => {}
+                }
             }
             if let Some(from) = &sink.from
                 && !names.contains(&from.as_str())
@@ -564,12 +616,34 @@ impl Pipeline {
                 );
             }
         }
+        if let Some(why) = unsupported_location(&s.checkpoint.path) {
+            problem(
+                &s.checkpoint.path.display().to_string(),
+                format!("`checkpoint.path`: {why}"),
+            );
+        }
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError { problems })
         }
     }
+}
+
+/// Why a table or checkpoint location cannot be used: a URL scheme (`s3://…`) names a store
+/// that is not supported yet, and must not quietly become a local folder named `s3:`.
+fn unsupported_location(path: &Path) -> Option<String> {
+    let text = path.to_string_lossy();
+    let (scheme, _) = text.split_once("://")?;
+    let is_scheme = !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    is_scheme.then(|| {
+        format!(
+            "`{text}`: `{scheme}://` locations are not supported yet; give a local folder (a path, relative to the pipeline file or absolute)"
+        )
+    })
 }
 
 impl crate::decode::FieldSpec {

@@ -254,6 +254,19 @@ pub(crate) fn open_sink(
     if let Some(c) = &spec.console {
         return Ok(Box::new(ConsoleSink::new(name, c.max_rows)));
     }
+    if let Some(pg) = &spec.postgres {
+        let shape = TableShape::new(name, schema, &[], None, None)?;
+        return Ok(Box::new(crate::sink::PostgresSink::open(
+            name,
+            &pg.url,
+            &pg.table,
+            pg.mode,
+            &pg.key,
+            &pipeline.spec.name,
+            shape,
+            rt.clone(),
+        )?));
+    }
     match &spec.parquet {
         Some(t) => {
             let shape = TableShape::new(
@@ -272,7 +285,7 @@ pub(crate) fn open_sink(
         }
         None => Err(SinkError::Config {
             sink: name.into(),
-            message: "give one of `delta`, `parquet`, `console`".into(),
+            message: "give one of `delta`, `parquet`, `postgres`, `console`".into(),
         }),
     }
 }

@@ -5,6 +5,7 @@
 mod console;
 mod delta;
 mod parquet;
+mod postgres;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use arrow::record_batch::RecordBatch;
 pub use console::ConsoleSink;
 pub use delta::DeltaSink;
 pub use parquet::ParquetSink;
+pub use postgres::PostgresSink;
 
 /// Last source offset covered, per (topic, partition).
 pub type Offsets = BTreeMap<(String, i32), i64>;
