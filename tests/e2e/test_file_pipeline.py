@@ -48,6 +48,14 @@ def test_file_pipeline_writes_the_bars_pandas_computes(data_dir: pathlib.Path):
     assert len(raw) == len(valid.drop_duplicates(subset=["symbol", "ts"])) > 0
     assert raw.select(["symbol", "ts"]).is_duplicated().sum() == 0
     assert set(raw["date"].cast(pl.Utf8).to_list()) == {"2025-11-12"}
+    # The same ticks as CSV (header, RFC 3339 timestamps), in the same date=… layout.
+    csv_files = sorted((data_dir / "raw_csv").glob("date=*/*.csv"))
+    assert [f.parent.name for f in csv_files] == ["date=2025-11-12"] * len(csv_files) and csv_files
+    raw_csv = pl.concat([pl.read_csv(f, try_parse_dates=True) for f in csv_files])
+    assert raw_csv.columns == [c for c in raw.columns if c != "date"]
+    assert raw_csv.sort(["symbol", "ts"])["price"].to_list() == raw.sort(["symbol", "ts"])["price"].to_list()
+    assert raw_csv.sort(["symbol", "ts"])["ts"].dt.epoch("us").to_list() == \
+        raw.sort(["symbol", "ts"])["ts"].dt.epoch("us").to_list()
 
     dead = pl.from_arrow(DeltaTable(str(data_dir / "dead_letter")).to_pyarrow_table())
     stages = sorted(dead["stage"].to_list())
@@ -64,6 +72,7 @@ def test_file_pipeline_writes_the_bars_pandas_computes(data_dir: pathlib.Path):
     assert out.returncode == 0, out.stderr
     assert read_bars(data_dir).equals(bars)
     assert len(read_raw(data_dir)) == len(raw)
+    assert sorted((data_dir / "raw_csv").glob("date=*/*.csv")) == csv_files
     assert len(DeltaTable(str(data_dir / "dead_letter")).to_pyarrow_table()) == len(dead)
 
 

@@ -292,7 +292,7 @@ pub struct TransformSpec {
     pub grants: Vec<String>,
 }
 
-/// A sink: exactly one of `delta`, `parquet`, `console`.
+/// A sink: exactly one of `delta`, `parquet`, `csv`, `postgres`, `console`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkSpec {
@@ -306,6 +306,35 @@ pub struct SinkSpec {
     pub console: Option<ConsoleSpec>,
     /// A PostgreSQL table; each epoch's rows and offsets in one transaction.
     pub postgres: Option<PostgresSpec>,
+    /// CSV files with a commit log (the Parquet sink's layout).
+    pub csv: Option<CsvSpec>,
+}
+
+/// Where and how CSV files are written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsvSpec {
+    /// The table folder (relative to the pipeline file).
+    pub path: PathBuf,
+    /// Partition columns (`col=value/` folders); `date` is derived as for Parquet.
+    #[serde(default)]
+    pub partition_by: Vec<String>,
+    /// The timestamp column `date` is derived from.
+    pub date_from: Option<String>,
+    /// A header line naming the columns in each file.
+    #[serde(default = "default_true")]
+    pub header: bool,
+    /// The field delimiter: one ASCII character.
+    #[serde(default = "default_delimiter")]
+    pub delimiter: String,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_delimiter() -> String {
+    ",".into()
 }
 
 /// Where and how rows go into PostgreSQL.
@@ -569,6 +598,7 @@ impl Pipeline {
                 sink.parquet.is_some(),
                 sink.console.is_some(),
                 sink.postgres.is_some(),
+                sink.csv.is_some(),
             ]
             .iter()
             .filter(|k| **k)
@@ -576,16 +606,29 @@ impl Pipeline {
             if kinds != 1 {
                 problem(
                     &format!("{}:", key.rsplit('.').next().unwrap_or(&key)),
-                    format!("`{key}`: give exactly one of `delta`, `parquet`, `postgres`, `console`"),
+                    format!("`{key}`: give exactly one of `delta`, `parquet`, `csv`, `postgres`, `console`"),
                 );
             }
-            for table in [&sink.delta, &sink.parquet].into_iter().flatten() {
-                if let Some(why) = unsupported_location(&table.path) {
-                    problem(
-                        &table.path.display().to_string(),
-                        format!("`{key}.path`: {why}"),
-                    );
+            let paths = [&sink.delta, &sink.parquet]
+                .into_iter()
+                .flatten()
+                .map(|t| &t.path)
+                .chain(sink.csv.iter().map(|c| &c.path));
+            for path in paths {
+                if let Some(why) = unsupported_location(path) {
+                    problem(&path.display().to_string(), format!("`{key}.path`: {why}"));
                 }
+            }
+            if let Some(csv) = &sink.csv
+                && !(csv.delimiter.len() == 1 && csv.delimiter.is_ascii())
+            {
+                problem(
+                    "delimiter:",
+                    format!(
+                        "`{key}.csv.delimiter`: `{}` is not one ASCII character",
+                        csv.delimiter
+                    ),
+                );
             }
             if let Some(pg) = &sink.postgres {
                 match pg.mode {

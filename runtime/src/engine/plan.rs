@@ -12,7 +12,7 @@ use crate::config::{OnError, Pipeline, SinkSpec};
 use crate::decode;
 use crate::metrics::{Histogram, StageTime};
 use crate::plugin::{Chain, ErrorKind, Grants, Plugin, PluginError, PluginHost};
-use crate::sink::{ConsoleSink, DeltaSink, ParquetSink, Sink, SinkError, TableShape};
+use crate::sink::{ConsoleSink, DeltaSink, FileFormat, FileTableSink, Sink, SinkError, TableShape};
 use crate::source::SourceError;
 
 /// Why a run stopped with an error.
@@ -267,6 +267,25 @@ pub(crate) fn open_sink(
             rt.clone(),
         )?));
     }
+    if let Some(c) = &spec.csv {
+        let shape = TableShape::new(
+            name,
+            schema,
+            &c.partition_by,
+            c.date_from.as_deref(),
+            event_time,
+        )?;
+        return Ok(Box::new(FileTableSink::open(
+            name,
+            &pipeline.resolve(&c.path),
+            shape,
+            &c.partition_by,
+            FileFormat::Csv {
+                header: c.header,
+                delimiter: c.delimiter.bytes().next().unwrap_or(b','),
+            },
+        )?));
+    }
     match &spec.parquet {
         Some(t) => {
             let shape = TableShape::new(
@@ -276,16 +295,17 @@ pub(crate) fn open_sink(
                 t.date_from.as_deref(),
                 event_time,
             )?;
-            Ok(Box::new(ParquetSink::open(
+            Ok(Box::new(FileTableSink::open(
                 name,
                 &pipeline.resolve(&t.path),
                 shape,
                 &t.partition_by,
+                FileFormat::Parquet,
             )?))
         }
         None => Err(SinkError::Config {
             sink: name.into(),
-            message: "give one of `delta`, `parquet`, `postgres`, `console`".into(),
+            message: "give one of `delta`, `parquet`, `csv`, `postgres`, `console`".into(),
         }),
     }
 }

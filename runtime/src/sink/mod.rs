@@ -4,7 +4,7 @@
 
 mod console;
 mod delta;
-mod parquet;
+mod files;
 mod postgres;
 
 use std::collections::BTreeMap;
@@ -17,7 +17,7 @@ use arrow::record_batch::RecordBatch;
 
 pub use console::ConsoleSink;
 pub use delta::DeltaSink;
-pub use parquet::ParquetSink;
+pub use files::{FileFormat, FileTableSink};
 pub use postgres::PostgresSink;
 
 /// Last source offset covered, per (topic, partition).

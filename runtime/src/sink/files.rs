@@ -1,5 +1,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,17 +15,40 @@ use serde::{Deserialize, Serialize};
 
 use super::{Position, Positions, Sink, SinkError, TableShape, positions_moved};
 
-/// Parquet files under `column=value/` folders (values escaped as Hive does, so a value can never
-/// name a folder outside the table), with a commit log (`_flowgate_log/`), as Spark's file sink
-/// keeps. Rows are encoded into files under `_flowgate_staging/` as they arrive, where plain
-/// readers (`date=*/*.parquet`, Spark, polars' hive reader) never look. A commit first writes the
-/// log entry naming the files, then moves them into place; a sink that opens after a crash
-/// finishes the moves of every entry (roll forward), and deletes staged files no entry names once
-/// they are ten minutes old. So a file is in place only if a commit names it, and each is there
-/// once. Several processes may write one table: each names its files and log entries with its
-/// own writer id. Each entry records the source positions it covers, so a restart does not
-/// write rows twice.
-pub struct ParquetSink {
+/// How a file table's files are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    /// Parquet, ZSTD-compressed.
+    Parquet,
+    /// CSV (RFC 4180 quoting; timestamps in RFC 3339), with a header line if `header`.
+    Csv {
+        /// A header line naming the columns in each file.
+        header: bool,
+        /// The field delimiter (one ASCII character).
+        delimiter: u8,
+    },
+}
+
+impl FileFormat {
+    fn extension(self) -> &'static str {
+        match self {
+            FileFormat::Parquet => "parquet",
+            FileFormat::Csv { .. } => "csv",
+        }
+    }
+}
+
+/// Files (Parquet or CSV) under `column=value/` folders (values escaped as Hive does, so a value
+/// can never name a folder outside the table), with a commit log (`_flowgate_log/`), as Spark's
+/// file sink keeps. Rows are encoded into files under `_flowgate_staging/` as they arrive, where
+/// plain readers (`date=*/*.parquet`, Spark, polars' hive reader) never look. A commit first
+/// writes the log entry naming the files, then moves them into place; a sink that opens after a
+/// crash finishes the moves of every entry (roll forward), and deletes staged files no entry
+/// names once they are ten minutes old. So a file is in place only if a commit names it, and each
+/// is there once. Several processes may write one table: each names its files and log entries
+/// with its own writer id. Each entry records the source positions it covers, so a restart does
+/// not write rows twice.
+pub struct FileTableSink {
     name: String,
     dir: PathBuf,
     partition_by: Vec<usize>,
@@ -46,12 +70,41 @@ pub struct ParquetSink {
     files_started: u64,
     /// Commit-log entries read (or written) so far, by file name.
     logs_read: std::collections::HashSet<std::ffi::OsString>,
+    format: FileFormat,
 }
 
-/// A Parquet file in the staging folder, taking rows until the next commit.
+/// A file in the staging folder, taking rows until the next commit.
 struct OpenFile {
     rel: String,
-    writer: ArrowWriter<std::fs::File>,
+    writer: FileWriter,
+}
+
+/// The encoder of one staged file.
+enum FileWriter {
+    Parquet(Box<ArrowWriter<std::fs::File>>),
+    Csv(arrow::csv::Writer<std::io::BufWriter<std::fs::File>>),
+}
+
+impl FileWriter {
+    fn write(&mut self, batch: &RecordBatch) -> Result<(), String> {
+        match self {
+            FileWriter::Parquet(w) => w.write(batch).map_err(|e| e.to_string()),
+            FileWriter::Csv(w) => w.write(batch).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Finishes the file and makes it durable.
+    fn finish(self) -> Result<(), String> {
+        let file = match self {
+            FileWriter::Parquet(w) => w.into_inner().map_err(|e| e.to_string())?,
+            FileWriter::Csv(w) => {
+                let mut buffered = w.into_inner();
+                buffered.flush().map_err(|e| e.to_string())?;
+                buffered.into_inner().map_err(|e| e.to_string())?
+            }
+        };
+        file.sync_all().map_err(|e| e.to_string())
+    }
 }
 
 /// A file no commit names is removed at open once it is this old (younger ones may belong to
@@ -136,13 +189,14 @@ fn writer_id() -> String {
     )
 }
 
-impl ParquetSink {
+impl FileTableSink {
     /// Opens (or starts) the table folder at `dir`, cleaning up files no commit names.
     pub fn open(
         name: &str,
         dir: &Path,
         shape: TableShape,
         partition_by: &[String],
+        format: FileFormat,
     ) -> Result<Self, SinkError> {
         let fail = |message: String| SinkError::Table {
             sink: name.into(),
@@ -169,7 +223,7 @@ impl ParquetSink {
             .map(|(_, f)| f.clone())
             .collect();
         let file_schema = Arc::new(Schema::new(file_fields));
-        let mut sink = ParquetSink {
+        let mut sink = FileTableSink {
             name: name.into(),
             dir: dir.to_path_buf(),
             partition_by,
@@ -183,6 +237,7 @@ impl ParquetSink {
             rows: 0,
             files_started: 0,
             logs_read: Default::default(),
+            format,
         };
         let known = sink.read_log()?;
         sink.roll_forward(&known)
@@ -294,7 +349,7 @@ impl ParquetSink {
                     .strip_prefix(dir)
                     .map(|p| p.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                let ours = rel.ends_with(".parquet") || rel.ends_with(".tmp");
+                let ours = rel.ends_with(".parquet") || rel.ends_with(".csv") || rel.ends_with(".tmp");
                 let old = std::fs::metadata(&path)
                     .and_then(|m| m.modified())
                     .ok()
@@ -313,25 +368,36 @@ impl ParquetSink {
     fn start_file(&mut self, folder: &str) -> Result<OpenFile, SinkError> {
         self.files_started += 1;
         let rel = format!(
-            "{folder}part-{}-{:06}-{:04}.parquet",
+            "{folder}part-{}-{:06}-{:04}.{}",
             self.writer,
             self.version + 1,
-            self.files_started
+            self.files_started,
+            self.format.extension()
         );
         let tmp = self.dir.join(STAGING).join(&rel);
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()))
-            .build();
-        let open = || -> Result<ArrowWriter<std::fs::File>, Box<dyn std::error::Error>> {
+        let open = || -> Result<FileWriter, Box<dyn std::error::Error>> {
             if let Some(parent) = tmp.parent() {
                 std::fs::create_dir_all(parent)?;
             }
             let file = std::fs::File::create(&tmp)?;
-            Ok(ArrowWriter::try_new(
-                file,
-                self.file_schema.clone(),
-                Some(props),
-            )?)
+            Ok(match self.format {
+                FileFormat::Parquet => {
+                    let props = WriterProperties::builder()
+                        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+                        .build();
+                    FileWriter::Parquet(Box::new(ArrowWriter::try_new(
+                        file,
+                        self.file_schema.clone(),
+                        Some(props),
+                    )?))
+                }
+                FileFormat::Csv { header, delimiter } => FileWriter::Csv(
+                    arrow::csv::WriterBuilder::new()
+                        .with_header(header)
+                        .with_delimiter(delimiter)
+                        .build(std::io::BufWriter::with_capacity(1 << 20, file)),
+                ),
+            })
         };
         let writer = open().map_err(|e| self.fail(format!("creating {rel}: {e}")))?;
         Ok(OpenFile { rel, writer })
@@ -402,7 +468,7 @@ impl ParquetSink {
     }
 }
 
-impl Sink for ParquetSink {
+impl Sink for FileTableSink {
     fn name(&self) -> &str {
         &self.name
     }
@@ -445,12 +511,9 @@ impl Sink for ParquetSink {
         for (_, file) in std::mem::take(&mut self.open) {
             let OpenFile { rel, writer } = file;
             let encoding = std::time::Instant::now();
-            let finished = writer.into_inner();
+            let finished = writer.finish();
             self.encode_time += encoding.elapsed();
-            finished
-                .map_err(|e| e.to_string())
-                .and_then(|f| f.sync_all().map_err(|e| e.to_string()))
-                .map_err(|e| self.fail(format!("writing {rel}: {e}")))?;
+            finished.map_err(|e| self.fail(format!("writing {rel}: {e}")))?;
             files.push(rel);
         }
         let key = |t: &str, p: i32| format!("{t}/{p}");
@@ -567,7 +630,7 @@ mod tests {
     fn partition_values_are_escaped_and_stay_inside_the_table() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("table");
-        let mut sink = ParquetSink::open("t", &dir, shape(), &["k".into()]).unwrap();
+        let mut sink = FileTableSink::open("t", &dir, shape(), &["k".into()], FileFormat::Parquet).unwrap();
         sink.write(batch(&["a/b", "..", "x=y", "../../escape", ""]))
             .unwrap();
         sink.commit(&positions(4, 1)).unwrap();
@@ -592,7 +655,7 @@ mod tests {
     #[test]
     fn staged_rows_are_invisible_until_committed_and_an_interrupted_commit_rolls_forward() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sink = ParquetSink::open("t", dir.path(), shape(), &["k".into()]).unwrap();
+        let mut sink = FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet).unwrap();
         sink.write(batch(&["a", "b"])).unwrap();
         assert!(
             visible(dir.path()).is_empty(),
@@ -609,7 +672,7 @@ mod tests {
         // Rows staged but never committed (a crash before the log entry) stay invisible.
         sink.write(batch(&["c"])).unwrap();
         drop(sink);
-        let mut reopened = ParquetSink::open("t", dir.path(), shape(), &["k".into()]).unwrap();
+        let mut reopened = FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet).unwrap();
         assert_eq!(visible(dir.path()), committed, "rolled forward, once");
         assert_eq!(
             reopened.committed("t", 0).unwrap(),
@@ -627,12 +690,12 @@ mod tests {
             [(("t".to_string(), partition), Position { offset, epoch })].into()
         };
         // This process commits partitions 0 and 1, then stalls past its session.
-        let mut stalled = ParquetSink::open("t", dir.path(), shape(), &["k".into()]).unwrap();
+        let mut stalled = FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet).unwrap();
         stalled.write(batch(&["a"])).unwrap();
         assert!(stalled.commit(&at(0, 10, 1)).unwrap());
         assert!(stalled.commit(&at(1, 10, 1)).unwrap());
         // The group moves partition 0 to another process, which goes on from there.
-        let mut other = ParquetSink::open("t", dir.path(), shape(), &["k".into()]).unwrap();
+        let mut other = FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet).unwrap();
         assert_eq!(other.committed("t", 0).unwrap(), Some(Position { offset: 10, epoch: 1 }));
         other.write(batch(&["b"])).unwrap();
         assert!(other.commit(&at(0, 20, 2)).unwrap());
@@ -640,8 +703,37 @@ mod tests {
         let refused = stalled.commit(&at(0, 15, 2)).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(refused.contains("another process owns the partition"), "{refused}");
         assert!(stalled.commit(&at(1, 15, 2)).unwrap());
-        let mut reader = ParquetSink::open("t", dir.path(), shape(), &["k".into()]).unwrap();
+        let mut reader = FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet).unwrap();
         assert_eq!(reader.committed("t", 0).unwrap(), Some(Position { offset: 20, epoch: 2 }));
         assert_eq!(reader.committed("t", 1).unwrap(), Some(Position { offset: 15, epoch: 2 }));
+    }
+
+    #[test]
+    fn csv_files_take_the_same_layout_and_commit_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = FileFormat::Csv { header: true, delimiter: b';' };
+        let mut sink = FileTableSink::open("t", dir.path(), shape(), &["k".into()], csv).unwrap();
+        sink.write(batch(&["a", "b", "a"])).unwrap();
+        sink.write(batch(&["a;b"])).unwrap();
+        assert!(sink.commit(&positions(3, 1)).unwrap());
+        let mut files: Vec<(String, String)> = Vec::new();
+        for folder in ["k=a", "k=b", "k=a;b"] {
+            for e in std::fs::read_dir(dir.path().join(folder)).unwrap() {
+                let p = e.unwrap().path();
+                assert_eq!(p.extension().unwrap(), "csv");
+                files.push((folder.into(), std::fs::read_to_string(p).unwrap()));
+            }
+        }
+        files.sort();
+        assert_eq!(
+            files,
+            vec![
+                ("k=a".into(), "v\n0\n2\n".into()),
+                ("k=a;b".into(), "v\n0\n".into()),
+                ("k=b".into(), "v\n1\n".into()),
+            ]
+        );
+        let mut reopened = FileTableSink::open("t", dir.path(), shape(), &["k".into()], csv).unwrap();
+        assert_eq!(reopened.committed("t", 0).unwrap(), Some(Position { offset: 3, epoch: 1 }));
     }
 }
