@@ -11,6 +11,7 @@
 //! - [`source`], [`sink`], [`checkpoint`]: where records come from, where rows go, where plugin
 //!   state is kept.
 //! - [`metrics`]: time per stage and latency histograms for `flowgate run --report`.
+//! - [`exporter`]: live metrics for Prometheus (`/metrics`, `/healthz`, `/readyz`).
 //! - [`yaml`]: YAML parsing with file, key path, line and column in every error.
 //! - [`cli`]: the `flowgate` command line; `main.rs` only parses arguments and calls it.
 //!
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod engine;
+pub mod exporter;
 pub mod metrics;
 pub mod plugin;
 pub mod sink;

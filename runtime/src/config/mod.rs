@@ -50,6 +50,16 @@ pub struct PipelineSpec {
     /// Worker threads that run the partition tasks (default: the machine's cores).
     #[serde(default)]
     pub workers: Option<usize>,
+    /// The Prometheus endpoint, if any.
+    pub metrics: Option<MetricsSpec>,
+}
+
+/// Where live metrics are served.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSpec {
+    /// `host:port` to serve `/metrics`, `/healthz` and `/readyz` on (`127.0.0.1:9464`).
+    pub listen: String,
 }
 
 /// Record formats.
@@ -658,6 +668,17 @@ impl Pipeline {
                     ),
                 );
             }
+        }
+        if let Some(m) = &s.metrics
+            && m.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            problem(
+                "listen:",
+                format!(
+                    "`metrics.listen`: `{}` is not an address to listen on (`127.0.0.1:9464`, `0.0.0.0:9464`)",
+                    m.listen
+                ),
+            );
         }
         if let Some(why) = unsupported_location(&s.checkpoint.path) {
             problem(

@@ -24,6 +24,7 @@ use super::plan::RunError;
 use super::task::{Resume, Target, TaskCheckpoint};
 use super::{Event, PartitionKey};
 use crate::checkpoint::StateStore;
+use crate::exporter::{Metrics, SinkLabels};
 use crate::metrics::Histogram;
 use crate::sink::{Offsets, Position, Positions, Sink};
 
@@ -79,6 +80,7 @@ pub(crate) struct Committer {
     parts: BTreeMap<u64, Vec<EpochDone>>,
     events: Sender<Event>,
     report: CommitterReport,
+    metrics: Arc<Metrics>,
 }
 
 impl Committer {
@@ -88,6 +90,7 @@ impl Committer {
         workers: usize,
         reset_state: bool,
         events: Sender<Event>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let n = sinks.len();
         let report = CommitterReport {
@@ -108,6 +111,7 @@ impl Committer {
             parts: BTreeMap::new(),
             events,
             report,
+            metrics,
         }
     }
 
@@ -212,8 +216,20 @@ impl Committer {
                 positions.insert((cp.key.0.to_string(), cp.key.1), position);
             }
             let committing = Instant::now();
-            committed_any |= sink.commit(&positions)?;
-            self.report.sink_commit[index] += committing.elapsed();
+            let wrote = sink.commit(&positions)?;
+            let took = committing.elapsed();
+            self.report.sink_commit[index] += took;
+            if wrote {
+                let labels = SinkLabels {
+                    sink: sink.name().to_string(),
+                };
+                self.metrics
+                    .commit
+                    .get_or_create(&labels)
+                    .observe(took.as_secs_f64());
+                self.metrics.committed(sink.name());
+            }
+            committed_any |= wrote;
             for ((topic, partition), position) in positions {
                 self.held[index].insert((topic.as_str().into(), partition), position);
             }
@@ -248,6 +264,9 @@ impl Committer {
         if committed_any {
             self.report.checkpoints += 1;
         }
+        self.metrics
+            .epoch
+            .set(i64::try_from(epoch).unwrap_or(i64::MAX));
         tracing::debug!(epoch, partitions = checkpoints.len(), "epoch committed");
         let _ = self.events.send(Event::Committed { epoch, offsets });
         Ok(())
@@ -408,7 +427,8 @@ mod tests {
             }));
         }
         let (events, inbox) = mpsc::channel();
-        let committer = Committer::new(sinks, Arc::new(store), 1, false, events);
+        let metrics = Arc::new(Metrics::new("p"));
+        let committer = Committer::new(sinks, Arc::new(store), 1, false, events, metrics);
         (committer, tables, inbox)
     }
 

@@ -30,6 +30,7 @@ pub use plan::{Plan, RunError, RunOptions, RunSummary};
 use crate::checkpoint::{FileStateStore, StateStore};
 use crate::config::{Pipeline, SourceKind};
 use crate::decode::JsonDecoder;
+use crate::exporter::{Metrics, PartitionLabels};
 use crate::metrics::StageTime;
 use crate::sink::Offsets;
 use crate::source::{
@@ -387,6 +388,19 @@ pub fn run(
             stop.store(true, Ordering::Relaxed);
         });
     }
+    let metrics = Arc::new(Metrics::new(&spec.name));
+    if let Some(m) = &spec.metrics {
+        let listen = m.listen.parse().map_err(|_| {
+            RunError::Config(format!("`metrics.listen`: `{}` is not an address", m.listen))
+        })?;
+        let bound = crate::exporter::serve(listen, metrics.clone(), &rt).map_err(|e| {
+            RunError::Config(format!(
+                "`metrics.listen`: cannot listen on {}: {e}",
+                m.listen
+            ))
+        })?;
+        tracing::info!("metrics at http://{bound}/metrics (and /healthz, /readyz)");
+    }
     // Sinks in config order, then the dead letter.
     let mut sinks = Vec::new();
     let mut inputs = Vec::new();
@@ -420,12 +434,14 @@ pub fn run(
     ));
     let (events_tx, events) = mpsc::channel();
     let (commit_tx, commit_rx) = mpsc::sync_channel(1024);
+    let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
     let committer = Committer::new(
         sinks,
         store,
         workers,
         options.reset_state,
         events_tx.clone(),
+        metrics.clone(),
     );
     let committer_events = events_tx.clone();
     let committer_thread = std::thread::Builder::new()
@@ -447,6 +463,8 @@ pub fn run(
         inputs,
         counters: counters.clone(),
         committer: commit_tx.clone(),
+        metrics: metrics.clone(),
+        sink_names,
     });
     let mut worker_tx = Vec::new();
     let mut worker_threads = Vec::new();
@@ -496,8 +514,10 @@ pub fn run(
         kafka_commit: Duration::ZERO,
         first_record: None,
         routed: 0,
+        metrics: metrics.clone(),
     };
     let result = loop_state.run(&mut opened, &router, &stop);
+    metrics.set_ready(false);
     // Let the threads go: closing their channels ends them.
     {
         let mut r = lock(&router);
@@ -529,6 +549,7 @@ struct Loop<'a> {
     kafka_commit: Duration,
     first_record: Option<Duration>,
     routed: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl Loop<'_> {
@@ -599,10 +620,12 @@ impl Loop<'_> {
             }
             self.route(&mut r, &mut polled)?;
             r.drain(None)?;
+            self.metrics.set_ready(!r.slots.is_empty());
             if Instant::now() >= next_cut {
                 let idle = self.idle_watermarks(&r, source.as_ref());
                 r.cut(idle)?;
                 next_cut = Instant::now() + self.interval;
+                self.publish_lag(source.as_ref());
             }
             if !r.to_kafka.is_empty() {
                 let offsets = std::mem::take(&mut r.to_kafka);
@@ -653,6 +676,16 @@ impl Loop<'_> {
         source.commit(&offsets)?;
         self.kafka_commit += committing.elapsed();
         Ok(())
+    }
+
+    /// Publishes each assigned partition's lag (series of partitions no longer assigned go).
+    fn publish_lag(&self, source: &dyn Source) {
+        let lag = &self.metrics.lag;
+        lag.clear();
+        for ((topic, partition), records) in source.lag() {
+            lag.get_or_create(&PartitionLabels { topic, partition })
+                .set(records);
+        }
     }
 
     /// Hands polled records to their partitions' workers; records of partitions not assigned

@@ -25,6 +25,7 @@ use super::{Counters, PartitionKey};
 use crate::checkpoint::{PartitionState, StepState};
 use crate::config::OnError;
 use crate::decode::{self, JsonDecoder};
+use crate::exporter::{InstanceLabels, Metrics, PartitionLabels, RejectLabels, SinkLabels, StageLabels};
 use crate::plugin::{ChainOutput, PluginError, StepTimings};
 use crate::sink;
 use crate::source::Record;
@@ -51,6 +52,10 @@ pub(crate) struct TaskContext {
     pub inputs: Vec<SinkInput>,
     pub counters: Arc<Counters>,
     pub committer: std::sync::mpsc::SyncSender<CommitMsg>,
+    /// Live metrics (served when the pipeline has `metrics:`).
+    pub metrics: Arc<Metrics>,
+    /// Per sink index: its name, for metrics.
+    pub sink_names: Vec<String>,
 }
 
 /// A sink that already holds more of this partition than the task's start: when `processed`
@@ -187,6 +192,75 @@ impl PartitionTask {
         self.chain.steps().iter().map(|s| s.timings()).collect()
     }
 
+    fn partition_labels(&self) -> PartitionLabels {
+        PartitionLabels {
+            topic: self.key.0.to_string(),
+            partition: self.key.1,
+        }
+    }
+
+    fn count_rejected(&self, stage: &str, reason: &str, n: usize) {
+        self.ctx
+            .metrics
+            .rejected
+            .get_or_create(&RejectLabels {
+                stage: stage.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc_by(n as u64);
+    }
+
+    /// Observes the plugin calls made since `before` (one chain call: at most one per step).
+    fn observe_calls(&self, before: &[StepTimings]) {
+        for (step, (was, now)) in self.chain.steps().iter().zip(before.iter().zip(self.timings())) {
+            if now.calls > was.calls {
+                let stage = StageLabels {
+                    stage: step.name().to_string(),
+                };
+                let metrics = &self.ctx.metrics;
+                metrics
+                    .step_call
+                    .get_or_create(&stage)
+                    .observe(now.total.saturating_sub(was.total).as_secs_f64());
+                metrics
+                    .step_boundary
+                    .get_or_create(&stage)
+                    .observe(now.host_boundary.saturating_sub(was.host_boundary).as_secs_f64());
+            }
+        }
+    }
+
+    /// Publishes each step's WASM linear memory for this partition.
+    pub fn report_memory(&self) {
+        for step in self.chain.steps() {
+            if let Some(bytes) = step.memory_bytes() {
+                self.ctx
+                    .metrics
+                    .wasm_memory
+                    .get_or_create(&self.instance_labels(step.name()))
+                    .set(bytes as i64);
+            }
+        }
+    }
+
+    /// Drops this partition's per-instance series (it moved elsewhere).
+    pub fn forget_metrics(&self) {
+        for step in self.chain.steps() {
+            self.ctx
+                .metrics
+                .wasm_memory
+                .remove(&self.instance_labels(step.name()));
+        }
+    }
+
+    fn instance_labels(&self, stage: &str) -> InstanceLabels {
+        InstanceLabels {
+            stage: stage.to_string(),
+            topic: self.key.0.to_string(),
+            partition: self.key.1,
+        }
+    }
+
     /// When the oldest record waiting will have waited `max_wait` (nothing waiting: `None`).
     pub fn due_at(&self) -> Option<Instant> {
         self.oldest.map(|t| t + self.ctx.max_wait)
@@ -247,6 +321,9 @@ impl PartitionTask {
             .counters
             .undecodable
             .fetch_add(failures.len() as u64, Ordering::Relaxed);
+        if !failures.is_empty() {
+            self.count_rejected("decode", "undecodable", failures.len());
+        }
         let offsets: Vec<i64> = records
             .iter()
             .zip(&failed)
@@ -293,6 +370,13 @@ impl PartitionTask {
             .counters
             .records
             .fetch_add(records.len() as u64, Ordering::Relaxed);
+        let partition = self.partition_labels();
+        let metrics = &self.ctx.metrics;
+        metrics
+            .records_in
+            .get_or_create(&partition)
+            .inc_by(records.len() as u64);
+        metrics.batches.get_or_create(&partition).inc();
         self.record_latency(&records);
         if let Some(max) = self.max_event {
             self.hand_watermark(max.saturating_sub(self.ctx.delay), epoch)?;
@@ -309,10 +393,12 @@ impl PartitionTask {
         if batch.num_rows() == 0 {
             return Ok(());
         }
+        let before = self.timings();
         let output = self
             .chain
             .process(batch.clone())
             .map_err(|e| self.plugin_error(e, offsets))?;
+        self.observe_calls(&before);
         self.deliver(output, epoch, Some(&batch), offsets)
     }
 
@@ -335,10 +421,12 @@ impl PartitionTask {
         self.watermark = Some(ts);
         self.published.store(ts, Ordering::Relaxed);
         self.dirty = true;
+        let before = self.timings();
         let output = self
             .chain
             .watermark(ts)
             .map_err(|e| self.plugin_error(e, &[]))?;
+        self.observe_calls(&before);
         self.deliver(output, epoch, None, &[])
     }
 
@@ -388,24 +476,29 @@ impl PartitionTask {
             let SinkInput::Stage(stage) = *input else {
                 continue;
             };
+            let mut rows = 0u64;
             if stage == last_stage {
                 for b in &output.batches {
-                    rows_out += b.num_rows() as u64;
+                    rows += b.num_rows() as u64;
                     self.stage(epoch, index, b.clone())?;
                 }
             } else if stage == 0 {
                 if let Some(d) = decoded {
-                    rows_out += d.num_rows() as u64;
+                    rows += d.num_rows() as u64;
                     self.stage(epoch, index, d.clone())?;
                 }
             } else {
                 for (i, b) in &output.taps {
                     if i + 1 == stage {
-                        rows_out += b.num_rows() as u64;
+                        rows += b.num_rows() as u64;
                         self.stage(epoch, index, b.clone())?;
                     }
                 }
             }
+            if rows > 0 {
+                self.count_sink_rows(index, rows);
+            }
+            rows_out += rows;
         }
         self.ctx
             .counters
@@ -418,6 +511,13 @@ impl PartitionTask {
             // Rows refused by the first step map to their records; rows refused further on (or
             // on a watermark) carry the last offset processed.
             let exact = first_step == Some(&rejected.step) && decoded.is_some();
+            let late = rejected.reasons.iter().filter(|r| r.starts_with("late")).count();
+            if late > 0 {
+                self.count_rejected(&rejected.step, "late", late);
+            }
+            if rejected.reasons.len() > late {
+                self.count_rejected(&rejected.step, "rejected", rejected.reasons.len() - late);
+            }
             for ((reason, row), index) in
                 rejected.reasons.into_iter().zip(json).zip(rejected.indices)
             {
@@ -442,8 +542,10 @@ impl PartitionTask {
                     .counters
                     .rejected
                     .fetch_add(refused.rows.num_rows() as u64, Ordering::Relaxed);
+                self.count_rejected(&refused.step, "skipped_batch", refused.rows.num_rows());
                 continue;
             }
+            self.count_rejected(&refused.step, "refused_batch", refused.rows.num_rows());
             for (i, row) in row_json(&refused.rows).into_iter().enumerate() {
                 dead.push(DeadRow {
                     stage: refused.step.clone(),
@@ -500,7 +602,18 @@ impl PartitionTask {
         ];
         let batch = RecordBatch::try_new(sink::dead_letter_schema(), columns)
             .map_err(|e| RunError::Internal(format!("dead letter batch: {e}")))?;
+        self.count_sink_rows(index, n as u64);
         self.stage(epoch, index, batch)
+    }
+
+    fn count_sink_rows(&self, index: usize, rows: u64) {
+        if let Some(sink) = self.ctx.sink_names.get(index) {
+            self.ctx
+                .metrics
+                .sink_rows
+                .get_or_create(&SinkLabels { sink: sink.clone() })
+                .inc_by(rows);
+        }
     }
 
     /// At an epoch barrier: finish what was taken, let an idle partition's watermark follow the

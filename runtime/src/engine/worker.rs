@@ -118,6 +118,7 @@ fn work(
                     if let Some(cp) = task.barrier(closing, idle.get(key).copied())? {
                         checkpoints.push(cp);
                     }
+                    task.report_memory();
                     for (ts, n) in task.appended.drain() {
                         *appended.entry(ts).or_insert(0u64) += n;
                     }
@@ -133,6 +134,7 @@ fn work(
             }
             Ok(WorkerMsg::Close(key)) => {
                 if let Some(task) = tasks.remove(&key) {
+                    task.forget_metrics();
                     report.retire(&task);
                 }
             }
