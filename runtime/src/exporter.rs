@@ -303,11 +303,23 @@ mod tests {
         m.committed("bars");
         let text = m.render();
         assert!(
-            text.contains("flowgate_records_in_total{pipeline=\"stocks\",topic=\"ticks\",partition=\"2\"} 7"),
+            text.contains(
+                "flowgate_records_in_total{pipeline=\"stocks\",topic=\"ticks\",partition=\"2\"} 7"
+            ),
             "{text}"
         );
-        assert!(text.contains("flowgate_step_call_seconds_count{pipeline=\"stocks\",stage=\"dedup\"} 1"), "{text}");
-        assert!(text.contains("flowgate_sink_last_commit_age_seconds{pipeline=\"stocks\",sink=\"bars\"}"), "{text}");
+        assert!(
+            text.contains(
+                "flowgate_step_call_seconds_count{pipeline=\"stocks\",stage=\"dedup\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "flowgate_sink_last_commit_age_seconds{pipeline=\"stocks\",sink=\"bars\"}"
+            ),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 }

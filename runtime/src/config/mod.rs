@@ -616,7 +616,9 @@ impl Pipeline {
             if kinds != 1 {
                 problem(
                     &format!("{}:", key.rsplit('.').next().unwrap_or(&key)),
-                    format!("`{key}`: give exactly one of `delta`, `parquet`, `csv`, `postgres`, `console`"),
+                    format!(
+                        "`{key}`: give exactly one of `delta`, `parquet`, `csv`, `postgres`, `console`"
+                    ),
                 );
             }
             let paths = [&sink.delta, &sink.parquet]
@@ -644,7 +646,9 @@ impl Pipeline {
                 match pg.mode {
                     PostgresMode::Upsert if pg.key.is_empty() => problem(
                         "mode: upsert",
-                        format!("`{key}.postgres`: `mode: upsert` needs `key` (the columns that identify a row)"),
+                        format!(
+                            "`{key}.postgres`: `mode: upsert` needs `key` (the columns that identify a row)"
+                        ),
                     ),
                     PostgresMode::Append if !pg.key.is_empty() => problem(
                         "key:",

@@ -396,8 +396,17 @@ mod tests {
             held.extend(positions.iter().map(|(k, p)| (k.clone(), *p)));
             Ok(!positions.is_empty())
         }
-        fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<Position>, SinkError> {
-            Ok(self.held.lock().unwrap().get(&(topic.to_string(), partition)).copied())
+        fn committed(
+            &mut self,
+            topic: &str,
+            partition: i32,
+        ) -> Result<Option<Position>, SinkError> {
+            Ok(self
+                .held
+                .lock()
+                .unwrap()
+                .get(&(topic.to_string(), partition))
+                .copied())
         }
     }
 
@@ -452,29 +461,66 @@ mod tests {
     #[test]
     fn a_sink_that_holds_more_is_never_moved_back_while_the_other_replays() {
         let dir = tempfile::tempdir().unwrap();
-        let ahead = Position { offset: 239_046, epoch: 9 };
-        let behind = Position { offset: 176_025, epoch: 7 };
+        let ahead = Position {
+            offset: 239_046,
+            epoch: 9,
+        };
+        let behind = Position {
+            offset: 176_025,
+            epoch: 7,
+        };
         let (mut committer, tables, _events) = committer(dir.path(), [ahead, behind]);
         let resume = committer.resume(&("t".into(), 0), false).unwrap();
-        assert_eq!(resume.start, 176_025, "the replay starts at the lowest position");
+        assert_eq!(
+            resume.start, 176_025,
+            "the replay starts at the lowest position"
+        );
         assert_eq!(resume.joined, vec![false, true]);
         assert_eq!(resume.targets.len(), 1);
-        assert_eq!((resume.targets[0].offset, &resume.targets[0].sinks), (239_046, &vec![0]));
+        assert_eq!(
+            (resume.targets[0].offset, &resume.targets[0].sinks),
+            (239_046, &vec![0])
+        );
 
         // An epoch of the replay below the target: only the sink behind records it.
-        committer.handle(epoch_done(1, 10, 200_000, vec![false, true])).unwrap();
+        committer
+            .handle(epoch_done(1, 10, 200_000, vec![false, true]))
+            .unwrap();
         assert_eq!(held(&tables[0]), ahead);
-        assert_eq!(held(&tables[1]), Position { offset: 200_000, epoch: 10 });
+        assert_eq!(
+            held(&tables[1]),
+            Position {
+                offset: 200_000,
+                epoch: 10
+            }
+        );
         // Past the target both do.
-        committer.handle(epoch_done(2, 11, 250_000, vec![true, true])).unwrap();
-        assert_eq!(held(&tables[0]), Position { offset: 250_000, epoch: 11 });
-        assert_eq!(held(&tables[1]), Position { offset: 250_000, epoch: 11 });
+        committer
+            .handle(epoch_done(2, 11, 250_000, vec![true, true]))
+            .unwrap();
+        assert_eq!(
+            held(&tables[0]),
+            Position {
+                offset: 250_000,
+                epoch: 11
+            }
+        );
+        assert_eq!(
+            held(&tables[1]),
+            Position {
+                offset: 250_000,
+                epoch: 11
+            }
+        );
     }
 
     #[test]
     fn a_position_that_would_move_back_stops_the_run_without_committing() {
         let dir = tempfile::tempdir().unwrap();
-        let at = Position { offset: 239_046, epoch: 9 };
+        let at = Position {
+            offset: 239_046,
+            epoch: 9,
+        };
         let (mut committer, tables, _events) = committer(dir.path(), [at, at]);
         committer.resume(&("t".into(), 0), false).unwrap();
         let refused = committer.handle(epoch_done(1, 10, 176_025, vec![true, true]));

@@ -72,7 +72,7 @@ fn guarded<T: Default>(thread: &str, events: &mpsc::Sender<Event>, body: impl Fn
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "no message".into());
             let _ = events.send(Event::Failed(RunError::Internal(format!(
-                "the {thread} thread panicked: {message} (a bug in Flowgate: please report it with the log; nothing of the unfinished epoch was committed)"
+                "the {thread} thread panicked: {message} (a bug in Flowgate: please report it with the log; what no sink committed is read again on restart)"
             ))));
             T::default()
         }
@@ -391,7 +391,10 @@ pub fn run(
     let metrics = Arc::new(Metrics::new(&spec.name));
     if let Some(m) = &spec.metrics {
         let listen = m.listen.parse().map_err(|_| {
-            RunError::Config(format!("`metrics.listen`: `{}` is not an address", m.listen))
+            RunError::Config(format!(
+                "`metrics.listen`: `{}` is not an address",
+                m.listen
+            ))
         })?;
         let bound = crate::exporter::serve(listen, metrics.clone(), &rt).map_err(|e| {
             RunError::Config(format!(
@@ -814,12 +817,17 @@ mod tests {
     fn a_panicking_thread_fails_the_run_instead_of_hanging_it() {
         let (events, inbox) = mpsc::channel();
         let thread = std::thread::spawn(move || {
-            guarded("worker 1", &events, || -> u32 { panic!("index out of bounds") })
+            guarded("worker 1", &events, || -> u32 {
+                panic!("index out of bounds")
+            })
         });
         assert_eq!(thread.join().ok(), Some(0));
         match inbox.recv_timeout(Duration::from_secs(5)) {
             Ok(Event::Failed(RunError::Internal(message))) => {
-                assert!(message.contains("worker 1 thread panicked: index out of bounds"), "{message}")
+                assert!(
+                    message.contains("worker 1 thread panicked: index out of bounds"),
+                    "{message}"
+                )
             }
             _ => panic!("no failure reported"),
         }

@@ -25,7 +25,9 @@ use super::{Counters, PartitionKey};
 use crate::checkpoint::{PartitionState, StepState};
 use crate::config::OnError;
 use crate::decode::{self, JsonDecoder};
-use crate::exporter::{InstanceLabels, Metrics, PartitionLabels, RejectLabels, SinkLabels, StageLabels};
+use crate::exporter::{
+    InstanceLabels, Metrics, PartitionLabels, RejectLabels, SinkLabels, StageLabels,
+};
 use crate::plugin::{ChainOutput, PluginError, StepTimings};
 use crate::sink;
 use crate::source::Record;
@@ -212,7 +214,12 @@ impl PartitionTask {
 
     /// Observes the plugin calls made since `before` (one chain call: at most one per step).
     fn observe_calls(&self, before: &[StepTimings]) {
-        for (step, (was, now)) in self.chain.steps().iter().zip(before.iter().zip(self.timings())) {
+        for (step, (was, now)) in self
+            .chain
+            .steps()
+            .iter()
+            .zip(before.iter().zip(self.timings()))
+        {
             if now.calls > was.calls {
                 let stage = StageLabels {
                     stage: step.name().to_string(),
@@ -222,10 +229,11 @@ impl PartitionTask {
                     .step_call
                     .get_or_create(&stage)
                     .observe(now.total.saturating_sub(was.total).as_secs_f64());
-                metrics
-                    .step_boundary
-                    .get_or_create(&stage)
-                    .observe(now.host_boundary.saturating_sub(was.host_boundary).as_secs_f64());
+                metrics.step_boundary.get_or_create(&stage).observe(
+                    now.host_boundary
+                        .saturating_sub(was.host_boundary)
+                        .as_secs_f64(),
+                );
             }
         }
     }
@@ -511,7 +519,11 @@ impl PartitionTask {
             // Rows refused by the first step map to their records; rows refused further on (or
             // on a watermark) carry the last offset processed.
             let exact = first_step == Some(&rejected.step) && decoded.is_some();
-            let late = rejected.reasons.iter().filter(|r| r.starts_with("late")).count();
+            let late = rejected
+                .reasons
+                .iter()
+                .filter(|r| r.starts_with("late"))
+                .count();
             if late > 0 {
                 self.count_rejected(&rejected.step, "late", late);
             }

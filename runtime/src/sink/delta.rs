@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::path::Path;
 use std::sync::Arc;
@@ -32,9 +33,12 @@ pub struct DeltaSink {
     /// Data files written for the next commit (a failed attempt keeps them for the next).
     staged: Vec<Add>,
     last: Positions,
-    /// The table version this process last committed (or found at open): commits after it
-    /// are other processes', checked before each commit for partitions this one writes.
+    /// The log version read through: commits after it are read before the next commit.
     seen: u64,
+    /// Per offset app id (one per source partition), the newest position any commit since
+    /// `seen` at open recorded: one past what this process holds means another process owns the
+    /// partition now.
+    latest: HashMap<String, Position>,
     encode_time: std::time::Duration,
 }
 
@@ -61,51 +65,57 @@ impl std::fmt::Display for Attempt {
     }
 }
 
-/// A partition about to be committed, as this process last saw it in the table.
+/// A partition about to be committed: as this process last saw it in the table, and where the
+/// commit moves it.
 struct Claim {
     offset_id: String,
-    epoch_id: String,
     last: Option<Position>,
+    new: Position,
 }
 
-/// Reads the commits after `seen` up to `current`: if one of them records a partition further
-/// than this process last saw it, another process owns that partition now.
-async fn overtaken(
+/// `offset 12 (epoch 3)`, or `nothing`.
+fn describe(position: Option<Position>) -> String {
+    position.map_or("nothing".to_string(), |p| {
+        format!("offset {} (epoch {})", p.offset, p.epoch)
+    })
+}
+
+/// Reads the commits after `seen` through `current` into `latest`: per offset app id, the newest
+/// position any commit recorded (its `….epoch` app id gives the epoch).
+async fn scan(
     log_store: &dyn deltalake::logstore::LogStore,
     seen: u64,
     current: u64,
-    claims: &[Claim],
-) -> Result<Option<String>, deltalake::DeltaTableError> {
+    latest: &mut HashMap<String, Position>,
+) -> Result<(), deltalake::DeltaTableError> {
     for version in seen.saturating_add(1)..=current {
         let Some(bytes) = log_store.read_commit_entry(version).await? else {
             continue;
         };
-        let mut found: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        let mut found: HashMap<String, i64> = HashMap::new();
         for line in bytes.split(|&b| b == b'\n') {
             let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
                 continue;
             };
             let txn = &action["txn"];
             if let (Some(app), Some(v)) = (txn["appId"].as_str(), txn["version"].as_i64()) {
-                found.insert(app, v);
+                found.insert(app.to_string(), v);
             }
         }
-        for claim in claims {
-            let Some(&offset) = found.get(claim.offset_id.as_str()) else {
+        for (app, &offset) in &found {
+            if app.ends_with(".epoch") {
                 continue;
-            };
-            let epoch = found.get(claim.epoch_id.as_str()).copied().unwrap_or(0).max(0) as u64;
-            let theirs = Position { offset, epoch };
-            if Some(theirs) > claim.last {
-                return Ok(Some(format!(
-                    "version {version} of the table records `{}` at offset {offset} (epoch {epoch}), past the {} this process holds: another process owns the partition now; not committing",
-                    claim.offset_id,
-                    claim.last.map_or("nothing".to_string(), |p| format!("offset {} (epoch {})", p.offset, p.epoch)),
-                )));
             }
+            let epoch = found.get(&format!("{app}.epoch")).copied().unwrap_or(0);
+            let position = Position {
+                offset,
+                epoch: u64::try_from(epoch).unwrap_or(0),
+            };
+            let slot = latest.entry(app.clone()).or_insert(position);
+            *slot = (*slot).max(position);
         }
     }
-    Ok(None)
+    Ok(())
 }
 
 impl DeltaSink {
@@ -194,6 +204,7 @@ impl DeltaSink {
                 });
             }
         }
+        let seen = table.version().unwrap_or(0);
         Ok(DeltaSink {
             name: name.into(),
             location,
@@ -205,7 +216,8 @@ impl DeltaSink {
             writer: None,
             staged: Vec::new(),
             last: Positions::new(),
-            seen: table.version().unwrap_or(0),
+            seen,
+            latest: HashMap::new(),
             encode_time: std::time::Duration::ZERO,
         })
     }
@@ -284,14 +296,14 @@ impl Sink for DeltaSink {
         let actions: Vec<Action> = self.staged.iter().cloned().map(Action::Add).collect();
         let files = self.staged.len();
         let claims: Vec<Claim> = positions
-            .keys()
-            .map(|(t, p)| Claim {
+            .iter()
+            .map(|((t, p), new)| Claim {
                 offset_id: self.app_id(t, *p),
-                epoch_id: self.epoch_app_id(t, *p),
                 last: self.last.get(&(t.clone(), *p)).copied(),
+                new: *new,
             })
             .collect();
-        let seen = self.seen;
+        let (seen, latest) = (&mut self.seen, &mut self.latest);
         let table = &mut self.table;
         let version = self
             .rt
@@ -302,15 +314,32 @@ impl Sink for DeltaSink {
                 let mut attempt = 0;
                 loop {
                     let result = async {
-                        // Fencing: a partition another process committed since this one last
-                        // looked has moved to it (this process lost it to a rebalance).
+                        // Read what was committed since the last look (other processes, and
+                        // this one's own attempt whose reply was lost).
                         table.update_state().await?;
                         let current = table.snapshot()?.version();
-                        if current > seen
-                            && let Some(why) =
-                                overtaken(table.log_store().as_ref(), seen, current, &claims).await?
+                        if current > *seen {
+                            scan(table.log_store().as_ref(), *seen, current, latest).await?;
+                            *seen = current;
+                        }
+                        // An earlier attempt landed and only its reply was lost: done.
+                        if claims.iter().any(|c| Some(c.new) != c.last)
+                            && claims.iter().all(|c| latest.get(&c.offset_id) == Some(&c.new))
                         {
-                            return Err(Attempt::Overtaken(why));
+                            return Ok(current);
+                        }
+                        // Fencing: a partition committed past what this process holds has moved
+                        // to another process (this one lost it to a rebalance).
+                        for c in &claims {
+                            let theirs = latest.get(&c.offset_id).copied();
+                            if theirs > c.last {
+                                return Err(Attempt::Overtaken(format!(
+                                    "the table records `{}` at {}, past the {} this process holds: another process owns the partition now; not committing",
+                                    c.offset_id,
+                                    describe(theirs),
+                                    describe(c.last),
+                                )));
+                            }
                         }
                         let snapshot = table.snapshot()?;
                         let partition_by = snapshot.metadata().partition_columns().to_vec();
@@ -338,34 +367,12 @@ impl Sink for DeltaSink {
                         Err(e @ Attempt::Overtaken(_)) => break Err(e),
                         Err(e) if attempt < 3 => {
                             attempt += 1;
-                            // The commit may have landed and only what follows it failed (the
-                            // post-commit checkpoint): then it is done, not to be made twice.
-                            let _ = table.update_state().await;
-                            if let (Some(first), Ok(snapshot)) = (txns.first(), table.snapshot()) {
-                                let held = snapshot
-                                    .transaction_version(table.log_store().as_ref(), first.app_id.clone())
-                                    .await
-                                    .ok()
-                                    .flatten();
-                                let epoch = txns.get(1).map(|t| t.version);
-                                let held_epoch = match txns.get(1) {
-                                    Some(t) => snapshot
-                                        .transaction_version(table.log_store().as_ref(), t.app_id.clone())
-                                        .await
-                                        .ok()
-                                        .flatten(),
-                                    None => None,
-                                };
-                                if held == Some(first.version) && held_epoch == epoch {
-                                    tracing::warn!("Delta commit reported {e}, but its version is in the log: not committing it again");
-                                    break Ok(snapshot.version());
-                                }
-                            }
+                            // The next attempt rereads the log first: if this one landed (only
+                            // what follows the commit failed), it is not made twice.
                             tracing::warn!(
-                                "Delta commit attempt {attempt} failed ({e}); reloading the table and retrying with the same files"
+                                "Delta commit attempt {attempt} failed ({e}); retrying with the same files"
                             );
                             tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
-                            let _ = table.update_state().await;
                         }
                         Err(e) => break Err(e),
                     }
@@ -378,7 +385,6 @@ impl Sink for DeltaSink {
             })?;
         // The log has the new version; read it so the next commit builds on it.
         let _ = self.rt.block_on(self.table.update_state());
-        self.seen = version;
         self.staged.clear();
         tracing::debug!(sink = %self.name, version, files, "committed Delta version");
         self.last
@@ -494,7 +500,16 @@ mod tests {
         let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
         let shape = TableShape::new("t", &schema, &[], None, None).unwrap();
         let open = || {
-            DeltaSink::open("t", dir.path(), "p", shape.clone(), &[], 1 << 20, rt.clone()).unwrap()
+            DeltaSink::open(
+                "t",
+                dir.path(),
+                "p",
+                shape.clone(),
+                &[],
+                1 << 20,
+                rt.clone(),
+            )
+            .unwrap()
         };
         let rows = |v: i64| {
             RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![v]))]).unwrap()
@@ -509,14 +524,40 @@ mod tests {
         assert!(stalled.commit(&at(1, 10, 1)).unwrap());
         // The group moves partition 0 to another process, which goes on from there.
         let mut other = open();
-        assert_eq!(other.committed("t", 0).unwrap(), Some(Position { offset: 10, epoch: 1 }));
+        assert_eq!(
+            other.committed("t", 0).unwrap(),
+            Some(Position {
+                offset: 10,
+                epoch: 1
+            })
+        );
         other.write(rows(2)).unwrap();
         assert!(other.commit(&at(0, 20, 2)).unwrap());
-        // The stalled process wakes up: partition 0 is refused, partition 1 (still its own) not.
-        let refused = stalled.commit(&at(0, 15, 2)).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(refused.contains("another process owns the partition"), "{refused}");
+        // The stalled process wakes up: partition 1 (still its own) commits; partition 0 is
+        // refused, though the commit of partition 1 already read past the other's version.
         assert!(stalled.commit(&at(1, 15, 2)).unwrap());
-        assert_eq!(other.committed("t", 0).unwrap(), Some(Position { offset: 20, epoch: 2 }));
-        assert_eq!(other.committed("t", 1).unwrap(), Some(Position { offset: 15, epoch: 2 }));
+        let refused = stalled
+            .commit(&at(0, 15, 2))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            refused.contains("another process owns the partition"),
+            "{refused}"
+        );
+        assert_eq!(
+            other.committed("t", 0).unwrap(),
+            Some(Position {
+                offset: 20,
+                epoch: 2
+            })
+        );
+        assert_eq!(
+            other.committed("t", 1).unwrap(),
+            Some(Position {
+                offset: 15,
+                epoch: 2
+            })
+        );
     }
 }

@@ -57,7 +57,11 @@ pub struct FileTableSink {
     /// table, each under its own names.
     writer: String,
     version: u64,
+    /// Per partition, the position this process holds (as committed by it, or found when the
+    /// partition was assigned to it).
     committed: Positions,
+    /// Per partition, the newest position any log entry read so far records.
+    latest: Positions,
     shape: TableShape,
     encode_time: std::time::Duration,
     /// Files being written for the next commit, by partition folder: rows are encoded as they
@@ -82,7 +86,7 @@ struct OpenFile {
 /// The encoder of one staged file.
 enum FileWriter {
     Parquet(Box<ArrowWriter<std::fs::File>>),
-    Csv(arrow::csv::Writer<std::io::BufWriter<std::fs::File>>),
+    Csv(Box<arrow::csv::Writer<std::io::BufWriter<std::fs::File>>>),
 }
 
 impl FileWriter {
@@ -98,7 +102,7 @@ impl FileWriter {
         let file = match self {
             FileWriter::Parquet(w) => w.into_inner().map_err(|e| e.to_string())?,
             FileWriter::Csv(w) => {
-                let mut buffered = w.into_inner();
+                let mut buffered = (*w).into_inner();
                 buffered.flush().map_err(|e| e.to_string())?;
                 buffered.into_inner().map_err(|e| e.to_string())?
             }
@@ -231,6 +235,7 @@ impl FileTableSink {
             writer: writer_id(),
             version: 0,
             committed: Positions::new(),
+            latest: Positions::new(),
             shape,
             encode_time: std::time::Duration::ZERO,
             open: BTreeMap::new(),
@@ -247,13 +252,13 @@ impl FileTableSink {
         Ok(sink)
     }
 
-    /// Reads every commit-log entry (all writers): the files committed, and the highest offset
-    /// committed per source partition.
+    /// Reads every commit-log entry (all writers): the files committed, and the newest position
+    /// per source partition (into `latest`).
     fn read_log(&mut self) -> Result<std::collections::HashSet<String>, SinkError> {
         let mut known = std::collections::HashSet::new();
         for (name, log) in self.log_entries(false).map_err(|e| self.fail(e))? {
             for (key, position) in log.positions() {
-                let slot = self.committed.entry(key).or_insert(position);
+                let slot = self.latest.entry(key).or_insert(position);
                 *slot = (*slot).max(position);
             }
             known.extend(log.files);
@@ -263,18 +268,13 @@ impl FileTableSink {
     }
 
     /// The commit-log entries in name order (with `only_new`, those not read before).
-    fn log_entries(
-        &self,
-        only_new: bool,
-    ) -> Result<Vec<(std::ffi::OsString, LogEntry)>, String> {
+    fn log_entries(&self, only_new: bool) -> Result<Vec<(std::ffi::OsString, LogEntry)>, String> {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(self.dir.join(LOG))
             .map_err(|e| e.to_string())?
             .filter_map(Result::ok)
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .filter(|p| {
-                !only_new || p.file_name().is_none_or(|n| !self.logs_read.contains(n))
-            })
+            .filter(|p| !only_new || p.file_name().is_none_or(|n| !self.logs_read.contains(n)))
             .collect();
         entries.sort();
         entries
@@ -294,23 +294,31 @@ impl FileTableSink {
     /// the partition to that process (this one lost it): committing would write rows twice.
     fn check_not_overtaken(&mut self, positions: &Positions) -> Result<(), SinkError> {
         for (name, log) in self.log_entries(true).map_err(|e| self.fail(e))? {
-            for (key, theirs) in log.positions() {
-                let mine = self.committed.get(&key).copied();
-                if positions.contains_key(&key) && Some(theirs) > mine {
-                    return Err(self.fail(format!(
-                        "commit {} records partition `{}/{}` at offset {} (epoch {}), past the {} this process holds: another process owns the partition now; not committing",
-                        name.to_string_lossy(),
-                        key.0,
-                        key.1,
-                        theirs.offset,
-                        theirs.epoch,
-                        mine.map_or("nothing".to_string(), |p| format!("offset {} (epoch {})", p.offset, p.epoch)),
-                    )));
-                }
-                let slot = self.committed.entry(key).or_insert(theirs);
-                *slot = (*slot).max(theirs);
+            for (key, position) in log.positions() {
+                let slot = self.latest.entry(key).or_insert(position);
+                *slot = (*slot).max(position);
             }
             self.logs_read.insert(name);
+        }
+        for key in positions.keys() {
+            let (theirs, mine) = (
+                self.latest.get(key).copied(),
+                self.committed.get(key).copied(),
+            );
+            if theirs > mine {
+                let describe = |p: Option<Position>| {
+                    p.map_or("nothing".to_string(), |p| {
+                        format!("offset {} (epoch {})", p.offset, p.epoch)
+                    })
+                };
+                return Err(self.fail(format!(
+                    "the commit log records partition `{}/{}` at {}, past the {} this process holds: another process owns the partition now; not committing",
+                    key.0,
+                    key.1,
+                    describe(theirs),
+                    describe(mine),
+                )));
+            }
         }
         Ok(())
     }
@@ -349,7 +357,8 @@ impl FileTableSink {
                     .strip_prefix(dir)
                     .map(|p| p.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                let ours = rel.ends_with(".parquet") || rel.ends_with(".csv") || rel.ends_with(".tmp");
+                let ours =
+                    rel.ends_with(".parquet") || rel.ends_with(".csv") || rel.ends_with(".tmp");
                 let old = std::fs::metadata(&path)
                     .and_then(|m| m.modified())
                     .ok()
@@ -391,12 +400,12 @@ impl FileTableSink {
                         Some(props),
                     )?))
                 }
-                FileFormat::Csv { header, delimiter } => FileWriter::Csv(
+                FileFormat::Csv { header, delimiter } => FileWriter::Csv(Box::new(
                     arrow::csv::WriterBuilder::new()
                         .with_header(header)
                         .with_delimiter(delimiter)
                         .build(std::io::BufWriter::with_capacity(1 << 20, file)),
-                ),
+                )),
             })
         };
         let writer = open().map_err(|e| self.fail(format!("creating {rel}: {e}")))?;
@@ -554,6 +563,8 @@ impl Sink for FileTableSink {
         self.version = version;
         self.committed
             .extend(positions.iter().map(|(k, v)| (k.clone(), *v)));
+        self.latest
+            .extend(positions.iter().map(|(k, v)| (k.clone(), *v)));
         tracing::debug!(sink = %self.name, version, rows, "committed Parquet files");
         Ok(true)
     }
@@ -569,7 +580,14 @@ impl Sink for FileTableSink {
         let known = self.read_log()?;
         self.roll_forward(&known)
             .map_err(|e| self.fail(format!("finishing an interrupted commit: {e}")))?;
-        Ok(self.committed.get(&(topic.to_string(), partition)).copied())
+        // This process holds the partition from here on, as far as the log records it.
+        let key = (topic.to_string(), partition);
+        let position = self.latest.get(&key).copied();
+        match position {
+            Some(p) => self.committed.insert(key, p),
+            None => self.committed.remove(&key),
+        };
+        Ok(position)
     }
 }
 
@@ -630,7 +648,8 @@ mod tests {
     fn partition_values_are_escaped_and_stay_inside_the_table() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("table");
-        let mut sink = FileTableSink::open("t", &dir, shape(), &["k".into()], FileFormat::Parquet).unwrap();
+        let mut sink =
+            FileTableSink::open("t", &dir, shape(), &["k".into()], FileFormat::Parquet).unwrap();
         sink.write(batch(&["a/b", "..", "x=y", "../../escape", ""]))
             .unwrap();
         sink.commit(&positions(4, 1)).unwrap();
@@ -655,7 +674,9 @@ mod tests {
     #[test]
     fn staged_rows_are_invisible_until_committed_and_an_interrupted_commit_rolls_forward() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sink = FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet).unwrap();
+        let mut sink =
+            FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet)
+                .unwrap();
         sink.write(batch(&["a", "b"])).unwrap();
         assert!(
             visible(dir.path()).is_empty(),
@@ -672,7 +693,9 @@ mod tests {
         // Rows staged but never committed (a crash before the log entry) stay invisible.
         sink.write(batch(&["c"])).unwrap();
         drop(sink);
-        let mut reopened = FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet).unwrap();
+        let mut reopened =
+            FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet)
+                .unwrap();
         assert_eq!(visible(dir.path()), committed, "rolled forward, once");
         assert_eq!(
             reopened.committed("t", 0).unwrap(),
@@ -690,28 +713,63 @@ mod tests {
             [(("t".to_string(), partition), Position { offset, epoch })].into()
         };
         // This process commits partitions 0 and 1, then stalls past its session.
-        let mut stalled = FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet).unwrap();
+        let mut stalled =
+            FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet)
+                .unwrap();
         stalled.write(batch(&["a"])).unwrap();
         assert!(stalled.commit(&at(0, 10, 1)).unwrap());
         assert!(stalled.commit(&at(1, 10, 1)).unwrap());
         // The group moves partition 0 to another process, which goes on from there.
-        let mut other = FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet).unwrap();
-        assert_eq!(other.committed("t", 0).unwrap(), Some(Position { offset: 10, epoch: 1 }));
+        let mut other =
+            FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet)
+                .unwrap();
+        assert_eq!(
+            other.committed("t", 0).unwrap(),
+            Some(Position {
+                offset: 10,
+                epoch: 1
+            })
+        );
         other.write(batch(&["b"])).unwrap();
         assert!(other.commit(&at(0, 20, 2)).unwrap());
-        // The stalled process wakes up: partition 0 is refused, partition 1 (still its own) not.
-        let refused = stalled.commit(&at(0, 15, 2)).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(refused.contains("another process owns the partition"), "{refused}");
+        // The stalled process wakes up: partition 1 (still its own) commits; partition 0 is
+        // refused, though the commit of partition 1 already read the other's entry.
         assert!(stalled.commit(&at(1, 15, 2)).unwrap());
-        let mut reader = FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet).unwrap();
-        assert_eq!(reader.committed("t", 0).unwrap(), Some(Position { offset: 20, epoch: 2 }));
-        assert_eq!(reader.committed("t", 1).unwrap(), Some(Position { offset: 15, epoch: 2 }));
+        let refused = stalled
+            .commit(&at(0, 15, 2))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            refused.contains("another process owns the partition"),
+            "{refused}"
+        );
+        let mut reader =
+            FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet)
+                .unwrap();
+        assert_eq!(
+            reader.committed("t", 0).unwrap(),
+            Some(Position {
+                offset: 20,
+                epoch: 2
+            })
+        );
+        assert_eq!(
+            reader.committed("t", 1).unwrap(),
+            Some(Position {
+                offset: 15,
+                epoch: 2
+            })
+        );
     }
 
     #[test]
     fn csv_files_take_the_same_layout_and_commit_log() {
         let dir = tempfile::tempdir().unwrap();
-        let csv = FileFormat::Csv { header: true, delimiter: b';' };
+        let csv = FileFormat::Csv {
+            header: true,
+            delimiter: b';',
+        };
         let mut sink = FileTableSink::open("t", dir.path(), shape(), &["k".into()], csv).unwrap();
         sink.write(batch(&["a", "b", "a"])).unwrap();
         sink.write(batch(&["a;b"])).unwrap();
@@ -733,7 +791,14 @@ mod tests {
                 ("k=b".into(), "v\n1\n".into()),
             ]
         );
-        let mut reopened = FileTableSink::open("t", dir.path(), shape(), &["k".into()], csv).unwrap();
-        assert_eq!(reopened.committed("t", 0).unwrap(), Some(Position { offset: 3, epoch: 1 }));
+        let mut reopened =
+            FileTableSink::open("t", dir.path(), shape(), &["k".into()], csv).unwrap();
+        assert_eq!(
+            reopened.committed("t", 0).unwrap(),
+            Some(Position {
+                offset: 3,
+                epoch: 1
+            })
+        );
     }
 }

@@ -161,6 +161,8 @@ fn cell(array: &dyn Array, i: usize) -> Cell<'_> {
 /// Where a commit attempt ended.
 enum Outcome {
     Committed,
+    /// An earlier attempt had committed (its reply was lost): nothing more to do.
+    Landed,
     /// Another process committed one of these partitions further: it owns them now.
     Overtaken(String),
 }
@@ -410,37 +412,68 @@ impl PostgresSink {
         positions: &Positions,
     ) -> Result<Outcome, tokio_postgres::Error> {
         let tx = client.transaction().await?;
-        // Fencing: the positions rows are locked for the transaction; one recorded further than
-        // this process last saw means another process took the partition over.
+        // Fencing: lock this commit's partitions' rows (made first, for a partition's first
+        // commit; they go with the transaction unless replaced by the real position below). A
+        // row recorded further than this process holds means another process took the
+        // partition over.
+        let topics: Vec<&str> = positions.keys().map(|(t, _)| t.as_str()).collect();
+        let partitions: Vec<i32> = positions.keys().map(|(_, p)| *p).collect();
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (pipeline, sink, topic, \"partition\", \"offset\", epoch) \
+                 SELECT $1, $2, t, p, -1, 0 FROM unnest($3::text[], $4::int4[]) AS u(t, p) \
+                 ON CONFLICT DO NOTHING",
+                self.offsets
+            ),
+            &[&self.pipeline, &self.name, &topics, &partitions],
+        )
+        .await?;
         let held = tx
             .query(
                 &format!(
                     "SELECT topic, \"partition\", \"offset\", epoch FROM {} \
-                     WHERE pipeline = $1 AND sink = $2 FOR UPDATE",
+                     WHERE pipeline = $1 AND sink = $2 \
+                     AND (topic, \"partition\") IN (SELECT * FROM unnest($3::text[], $4::int4[])) \
+                     FOR UPDATE",
                     self.offsets
                 ),
-                &[&self.pipeline, &self.name],
+                &[&self.pipeline, &self.name, &topics, &partitions],
             )
             .await?;
+        let mut table = Positions::new();
         for row in &held {
-            let key: (String, i32) = (row.get(0), row.get(1));
-            let theirs = Position {
-                offset: row.get(2),
-                epoch: row.get::<_, i64>(3).max(0) as u64,
-            };
-            let mine = self.last.get(&key).copied();
-            if positions.contains_key(&key) && Some(theirs) > mine {
+            let offset: i64 = row.get(2);
+            if offset >= 0 {
+                table.insert(
+                    (row.get(0), row.get(1)),
+                    Position {
+                        offset,
+                        epoch: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
+                    },
+                );
+            }
+        }
+        // An earlier attempt committed and only its reply was lost: done.
+        if positions_moved(positions, &self.last)
+            && positions.iter().all(|(k, p)| table.get(k) == Some(p))
+        {
+            return Ok(Outcome::Landed);
+        }
+        for key in positions.keys() {
+            let (theirs, mine) = (table.get(key).copied(), self.last.get(key).copied());
+            if theirs > mine {
+                let describe = |p: Option<Position>| {
+                    p.map_or("nothing".to_string(), |p| {
+                        format!("offset {} (epoch {})", p.offset, p.epoch)
+                    })
+                };
                 return Ok(Outcome::Overtaken(format!(
-                    "`{}` records partition `{}/{}` at offset {} (epoch {}), past the {} this process holds: another process owns the partition now; not committing",
+                    "`{}` records partition `{}/{}` at {}, past the {} this process holds: another process owns the partition now; not committing",
                     self.offsets,
                     key.0,
                     key.1,
-                    theirs.offset,
-                    theirs.epoch,
-                    mine.map_or("nothing".to_string(), |p| format!(
-                        "offset {} (epoch {})",
-                        p.offset, p.epoch
-                    )),
+                    describe(theirs),
+                    describe(mine),
                 )));
             }
         }
@@ -526,10 +559,7 @@ impl PostgresSink {
     }
 
     /// The positions the offsets table records for this sink.
-    async fn read_positions(
-        &self,
-        client: &Client,
-    ) -> Result<Positions, tokio_postgres::Error> {
+    async fn read_positions(&self, client: &Client) -> Result<Positions, tokio_postgres::Error> {
         let rows = client
             .query(
                 &format!(
@@ -541,6 +571,7 @@ impl PostgresSink {
             .await?;
         Ok(rows
             .iter()
+            .filter(|r| r.get::<_, i64>(2) >= 0)
             .map(|r| {
                 (
                     (r.get::<_, String>(0), r.get::<_, i32>(1)),
@@ -580,7 +611,7 @@ impl Sink for PostgresSink {
             let mut client = self.take_client()?;
             let result = self.rt.block_on(self.try_commit(&mut client, positions));
             match result {
-                Ok(Outcome::Committed) => {
+                Ok(Outcome::Committed | Outcome::Landed) => {
                     self.client = Some(client);
                     break;
                 }
@@ -669,7 +700,9 @@ mod tests {
             );
             let (client, connection) = rt
                 .block_on(tokio_postgres::connect(&url(), NoTls))
-                .unwrap_or_else(|e| panic!("PostgreSQL at {} (FLOWGATE_TEST_POSTGRES): {e}", url()));
+                .unwrap_or_else(|e| {
+                    panic!("PostgreSQL at {} (FLOWGATE_TEST_POSTGRES): {e}", url())
+                });
             rt.spawn(connection);
             let schema = format!("fg_{tag}_{}", std::process::id());
             rt.block_on(client.batch_execute(&format!(
@@ -687,7 +720,12 @@ mod tests {
             self.rt.block_on(self.client.query(sql, &[])).unwrap()
         }
 
-        fn open(&self, table: &str, mode: PostgresMode, key: &[&str]) -> Result<PostgresSink, SinkError> {
+        fn open(
+            &self,
+            table: &str,
+            mode: PostgresMode,
+            key: &[&str],
+        ) -> Result<PostgresSink, SinkError> {
             let key: Vec<String> = key.iter().map(|k| k.to_string()).collect();
             let shape = TableShape::new("bars", &schema(), &[], None, None).unwrap();
             PostgresSink::open(
@@ -705,9 +743,10 @@ mod tests {
 
     impl Drop for Scratch {
         fn drop(&mut self) {
-            let _ = self
-                .rt
-                .block_on(self.client.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema)));
+            let _ = self.rt.block_on(
+                self.client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema)),
+            );
         }
     }
 
@@ -734,8 +773,12 @@ mod tests {
                 ),
                 Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.2))),
                 Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.3))),
-                Arc::new(Date32Array::from_iter_values(rows.iter().map(|r| (r.1 / 86_400_000_000) as i32))),
-                Arc::new(BooleanArray::from_iter(rows.iter().map(|r| r.2.map(|c| c > 100.0)))),
+                Arc::new(Date32Array::from_iter_values(
+                    rows.iter().map(|r| (r.1 / 86_400_000_000) as i32),
+                )),
+                Arc::new(BooleanArray::from_iter(
+                    rows.iter().map(|r| r.2.map(|c| c > 100.0)),
+                )),
             ],
         )
         .unwrap()
@@ -751,9 +794,13 @@ mod tests {
     fn rows_and_positions_land_in_one_transaction_and_a_restart_reads_them() {
         let db = Scratch::new("append");
         let mut sink = db.open("bars", PostgresMode::Append, &[]).unwrap();
-        sink.write(bars(&[("AAPL", T0, Some(101.5), 3), ("MSFT", T0, None, 1)])).unwrap();
+        sink.write(bars(&[("AAPL", T0, Some(101.5), 3), ("MSFT", T0, None, 1)]))
+            .unwrap();
         let table = format!("{}.bars", db.schema);
-        assert!(db.rows(&format!("SELECT * FROM {table}")).is_empty(), "nothing before the commit");
+        assert!(
+            db.rows(&format!("SELECT * FROM {table}")).is_empty(),
+            "nothing before the commit"
+        );
         assert!(sink.commit(&at(0, 41, 2)).unwrap());
         let rows = db.rows(&format!(
             "SELECT symbol, (extract(epoch FROM window_start) * 1000000)::bigint, close, trades, day::text, up FROM {table} ORDER BY symbol"
@@ -765,26 +812,52 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                ("AAPL".into(), T0, Some(101.5), 3, "2025-11-12".into(), Some(true)),
+                (
+                    "AAPL".into(),
+                    T0,
+                    Some(101.5),
+                    3,
+                    "2025-11-12".into(),
+                    Some(true)
+                ),
                 ("MSFT".into(), T0, None, 1, "2025-11-12".into(), None),
             ]
         );
         // Another process (a restart) reads the position the rows came with.
         let mut reopened = db.open("bars", PostgresMode::Append, &[]).unwrap();
-        assert_eq!(reopened.committed("ticks", 0).unwrap(), Some(Position { offset: 41, epoch: 2 }));
+        assert_eq!(
+            reopened.committed("ticks", 0).unwrap(),
+            Some(Position {
+                offset: 41,
+                epoch: 2
+            })
+        );
         assert_eq!(reopened.committed("ticks", 1).unwrap(), None);
     }
 
     #[test]
     fn an_upsert_replaces_the_row_with_the_same_key() {
         let db = Scratch::new("upsert");
-        let mut sink = db.open("bars", PostgresMode::Upsert, &["symbol", "window_start"]).unwrap();
-        sink.write(bars(&[("AAPL", T0, Some(101.0), 3), ("AAPL", T0 + 60_000_000, Some(102.0), 1)])).unwrap();
+        let mut sink = db
+            .open("bars", PostgresMode::Upsert, &["symbol", "window_start"])
+            .unwrap();
+        sink.write(bars(&[
+            ("AAPL", T0, Some(101.0), 3),
+            ("AAPL", T0 + 60_000_000, Some(102.0), 1),
+        ]))
+        .unwrap();
         assert!(sink.commit(&at(0, 10, 1)).unwrap());
         // The same bar again (a later correction), twice within one epoch: the last one wins.
-        sink.write(bars(&[("AAPL", T0, Some(99.0), 4), ("AAPL", T0, Some(100.0), 5)])).unwrap();
+        sink.write(bars(&[
+            ("AAPL", T0, Some(99.0), 4),
+            ("AAPL", T0, Some(100.0), 5),
+        ]))
+        .unwrap();
         assert!(sink.commit(&at(0, 20, 2)).unwrap());
-        let rows = db.rows(&format!("SELECT close, trades FROM {}.bars ORDER BY window_start", db.schema));
+        let rows = db.rows(&format!(
+            "SELECT close, trades FROM {}.bars ORDER BY window_start",
+            db.schema
+        ));
         let got: Vec<(f64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         assert_eq!(got, vec![(100.0, 5), (102.0, 1)]);
     }
@@ -797,15 +870,29 @@ mod tests {
              CREATE TABLE {s}.nokey (symbol text, window_start timestamptz, close float8, trades bigint, day date, up boolean)",
             s = db.schema
         ));
-        let typed = db.open("typed", PostgresMode::Append, &[]).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(typed.contains("column `close` is text, the stage gives float8"), "{typed}");
+        let typed = db
+            .open("typed", PostgresMode::Append, &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            typed.contains("column `close` is text, the stage gives float8"),
+            "{typed}"
+        );
         let nokey = db
             .open("nokey", PostgresMode::Upsert, &["symbol", "window_start"])
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(nokey.contains("needs a primary key or unique index on exactly (symbol, window_start)"), "{nokey}");
-        let unknown = db.open("bars", PostgresMode::Upsert, &["sym"]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            nokey.contains("needs a primary key or unique index on exactly (symbol, window_start)"),
+            "{nokey}"
+        );
+        let unknown = db
+            .open("bars", PostgresMode::Upsert, &["sym"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(unknown.contains("`key`: no column `sym`"), "{unknown}");
     }
 
@@ -817,15 +904,36 @@ mod tests {
         assert!(stalled.commit(&at(0, 10, 1)).unwrap());
         assert!(stalled.commit(&at(1, 10, 1)).unwrap());
         let mut other = db.open("bars", PostgresMode::Append, &[]).unwrap();
-        assert_eq!(other.committed("ticks", 0).unwrap(), Some(Position { offset: 10, epoch: 1 }));
+        assert_eq!(
+            other.committed("ticks", 0).unwrap(),
+            Some(Position {
+                offset: 10,
+                epoch: 1
+            })
+        );
         other.write(bars(&[("MSFT", T0, Some(2.0), 1)])).unwrap();
         assert!(other.commit(&at(0, 20, 2)).unwrap());
         // The stalled process wakes up with rows of partition 0: refused, and nothing written.
-        stalled.write(bars(&[("AAPL", T0 + 1, Some(3.0), 1)])).unwrap();
-        let refused = stalled.commit(&at(0, 15, 2)).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(refused.contains("another process owns the partition"), "{refused}");
+        stalled
+            .write(bars(&[("AAPL", T0 + 1, Some(3.0), 1)]))
+            .unwrap();
+        let refused = stalled
+            .commit(&at(0, 15, 2))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            refused.contains("another process owns the partition"),
+            "{refused}"
+        );
         let count: i64 = db.rows(&format!("SELECT count(*) FROM {}.bars", db.schema))[0].get(0);
         assert_eq!(count, 2);
-        assert_eq!(other.committed("ticks", 0).unwrap(), Some(Position { offset: 20, epoch: 2 }));
+        assert_eq!(
+            other.committed("ticks", 0).unwrap(),
+            Some(Position {
+                offset: 20,
+                epoch: 2
+            })
+        );
     }
 }
