@@ -76,34 +76,134 @@ fn every_shipped_pipeline_is_valid() {
     );
 }
 
+/// `flowgate_…` metric names a PromQL expression uses, as registered (`_total`, `_bucket`,
+/// `_count`, `_sum` are sample suffixes).
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("flowgate_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        let base = ["_total", "_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name)
+            .to_string();
+        names.push(base);
+    }
+    names
+}
+
 #[test]
-fn docker_compose_runs_the_seed_pipeline_against_kafka() {
-    // No Docker engine here: check the file's structure and that it names what exists.
+fn the_docker_compose_deployment_fits_together() {
+    // No Docker engine here: check the files' structure, and that every name they use exists.
+    common::plugin("flowgate_validate");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let text =
-        std::fs::read_to_string(root.join("docker-compose.yaml")).expect("docker-compose.yaml");
-    let compose: serde_json::Value =
-        flowgate::yaml::to_json(&text, "docker-compose.yaml").expect("valid YAML");
+    let read = |rel: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(root.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        if rel.ends_with(".json") {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{rel}: {e}"))
+        } else {
+            flowgate::yaml::to_json(&text, rel).unwrap_or_else(|e| panic!("{rel}: {e}"))
+        }
+    };
+    let compose = read("docker-compose.yaml");
     let services = compose["services"].as_object().expect("services");
-    for name in ["kafka", "producer", "flowgate"] {
+    for name in ["kafka", "postgres", "producer", "flowgate", "flowgate-postgres", "prometheus", "grafana"] {
         assert!(services.contains_key(name), "service `{name}` missing");
     }
-    let command: Vec<&str> = services["flowgate"]["command"]
-        .as_array()
-        .expect("command")
-        .iter()
-        .filter_map(|v| v.as_str())
-        .collect();
-    assert_eq!(command[0], "run");
-    assert!(
-        root.join(command[1]).is_file(),
-        "{} does not exist",
-        command[1]
-    );
-    assert_eq!(
-        services["flowgate"]["environment"]["KAFKA_BROKERS"],
-        "kafka:9092"
-    );
     assert_eq!(services["producer"]["command"][0], "produce");
     assert!(root.join("Dockerfile").is_file());
+
+    // Each pipeline service runs a shipped pipeline that is valid, against the compose Kafka,
+    // with its metrics endpoint on the port Prometheus scrapes.
+    let prometheus = read("deploy/prometheus.yml");
+    let targets: Vec<&str> = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    let mut plans = HashMap::new();
+    for service in ["flowgate", "flowgate-postgres"] {
+        let s = &services[service];
+        assert_eq!(s["command"][0], "run", "{service}");
+        let file = s["command"][1].as_str().expect("pipeline");
+        let plan = check(&root.join(file)).unwrap_or_else(|e| panic!("{service}: {file}: {e}"));
+        assert_eq!(s["environment"]["KAFKA_BROKERS"], "kafka:9092", "{service}");
+        let listen = s["environment"]["METRICS_LISTEN"].as_str().expect("METRICS_LISTEN");
+        let port = listen.rsplit(':').next().unwrap_or_default();
+        assert!(targets.contains(&format!("{service}:{port}").as_str()), "Prometheus does not scrape {service}:{port}");
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        assert!(text.contains("listen: \"${METRICS_LISTEN:-}\""), "{file} serves no metrics");
+        plans.insert(service, (file.to_string(), plan));
+    }
+    for target in &targets {
+        let host = target.split(':').next().unwrap_or_default();
+        assert!(services.contains_key(host), "Prometheus scrapes `{target}`, which is no service");
+    }
+    assert!(services["flowgate-postgres"]["environment"]["DATABASE_URL"]
+        .as_str()
+        .is_some_and(|u| u.contains("@postgres:5432/")));
+
+    // Mounted configuration exists.
+    for service in ["prometheus", "grafana"] {
+        for volume in services[service]["volumes"].as_array().expect("volumes") {
+            let local = volume.as_str().and_then(|v| v.split(':').next()).unwrap_or_default();
+            assert!(root.join(local).exists(), "{service} mounts {local}, which does not exist");
+        }
+    }
+
+    // Dashboards: every datasource they name is provisioned; every Prometheus query names
+    // metrics Flowgate registers; every PostgreSQL query reads columns the bars table has.
+    let datasources = read("deploy/grafana/provisioning/datasources/datasources.yaml");
+    let uids: Vec<&str> = datasources["datasources"]
+        .as_array()
+        .expect("datasources")
+        .iter()
+        .filter_map(|d| d["uid"].as_str())
+        .collect();
+    let registered = flowgate::exporter::Metrics::new("x").render();
+    let (pg_file, pg_plan) = &plans["flowgate-postgres"];
+    let pg_pipeline = flowgate::config::Pipeline::load(&root.join(pg_file), &HashMap::new()).expect("pipeline");
+    let bars_from = pg_pipeline.spec.sinks.iter().find(|(n, _)| *n == "bars").and_then(|(_, s)| s.from.clone());
+    let bars = &pg_plan.stages[pg_plan.stage_of(bars_from.as_deref())];
+    let mut queries = 0;
+    for dashboard in ["deploy/grafana/dashboards/pipeline-health.json", "deploy/grafana/dashboards/bars.json"] {
+        let d = read(dashboard);
+        assert!(d["uid"].is_string() && d["title"].is_string(), "{dashboard}");
+        for panel in d["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                let uid = target["datasource"]["uid"].as_str().expect("datasource uid");
+                assert!(uids.contains(&uid), "{dashboard}: datasource `{uid}` is not provisioned");
+                if let Some(expr) = target["expr"].as_str() {
+                    let names = metric_names(expr);
+                    assert!(!names.is_empty(), "{dashboard}: `{expr}` names no flowgate metric");
+                    for name in names {
+                        assert!(
+                            registered.contains(&format!("# TYPE {name} ")),
+                            "{dashboard}: `{name}` is not a metric Flowgate serves"
+                        );
+                    }
+                    queries += 1;
+                }
+                if let Some(sql) = target["rawSql"].as_str() {
+                    let select = sql
+                        .split_once("SELECT ")
+                        .and_then(|(_, r)| r.split_once(" FROM bars"))
+                        .map(|(cols, _)| cols)
+                        .unwrap_or_else(|| panic!("{dashboard}: `{sql}` does not read `bars`"));
+                    for column in select.split(',') {
+                        let column = column.trim().trim_start_matches("DISTINCT ").split(' ').next().unwrap_or_default();
+                        assert!(bars.index_of(column).is_ok(), "{dashboard}: the bars table has no column `{column}`");
+                    }
+                    queries += 1;
+                }
+            }
+        }
+    }
+    assert!(queries >= 10, "{queries} queries checked");
 }

@@ -58,7 +58,8 @@ pub struct PipelineSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSpec {
-    /// `host:port` to serve `/metrics`, `/healthz` and `/readyz` on (`127.0.0.1:9464`).
+    /// `host:port` to serve `/metrics`, `/healthz` and `/readyz` on (`127.0.0.1:9464`); empty:
+    /// no endpoint (so `listen: "${METRICS_LISTEN:-}"` turns it on from the environment).
     pub listen: String,
 }
 
@@ -674,6 +675,7 @@ impl Pipeline {
             }
         }
         if let Some(m) = &s.metrics
+            && !m.listen.is_empty()
             && m.listen.parse::<std::net::SocketAddr>().is_err()
         {
             problem(

@@ -389,7 +389,9 @@ pub fn run(
         });
     }
     let metrics = Arc::new(Metrics::new(&spec.name));
-    if let Some(m) = &spec.metrics {
+    if let Some(m) = &spec.metrics
+        && !m.listen.is_empty()
+    {
         let listen = m.listen.parse().map_err(|_| {
             RunError::Config(format!(
                 "`metrics.listen`: `{}` is not an address",
