@@ -112,7 +112,15 @@ fn the_docker_compose_deployment_fits_together() {
     };
     let compose = read("docker-compose.yaml");
     let services = compose["services"].as_object().expect("services");
-    for name in ["kafka", "postgres", "producer", "flowgate", "flowgate-postgres", "prometheus", "grafana"] {
+    for name in [
+        "kafka",
+        "postgres",
+        "producer",
+        "flowgate",
+        "flowgate-postgres",
+        "prometheus",
+        "grafana",
+    ] {
         assert!(services.contains_key(name), "service `{name}` missing");
     }
     assert_eq!(services["producer"]["command"][0], "produce");
@@ -134,26 +142,45 @@ fn the_docker_compose_deployment_fits_together() {
         let file = s["command"][1].as_str().expect("pipeline");
         let plan = check(&root.join(file)).unwrap_or_else(|e| panic!("{service}: {file}: {e}"));
         assert_eq!(s["environment"]["KAFKA_BROKERS"], "kafka:9092", "{service}");
-        let listen = s["environment"]["METRICS_LISTEN"].as_str().expect("METRICS_LISTEN");
+        let listen = s["environment"]["METRICS_LISTEN"]
+            .as_str()
+            .expect("METRICS_LISTEN");
         let port = listen.rsplit(':').next().unwrap_or_default();
-        assert!(targets.contains(&format!("{service}:{port}").as_str()), "Prometheus does not scrape {service}:{port}");
+        assert!(
+            targets.contains(&format!("{service}:{port}").as_str()),
+            "Prometheus does not scrape {service}:{port}"
+        );
         let text = std::fs::read_to_string(root.join(file)).unwrap();
-        assert!(text.contains("listen: \"${METRICS_LISTEN:-}\""), "{file} serves no metrics");
+        assert!(
+            text.contains("listen: \"${METRICS_LISTEN:-}\""),
+            "{file} serves no metrics"
+        );
         plans.insert(service, (file.to_string(), plan));
     }
     for target in &targets {
         let host = target.split(':').next().unwrap_or_default();
-        assert!(services.contains_key(host), "Prometheus scrapes `{target}`, which is no service");
+        assert!(
+            services.contains_key(host),
+            "Prometheus scrapes `{target}`, which is no service"
+        );
     }
-    assert!(services["flowgate-postgres"]["environment"]["DATABASE_URL"]
-        .as_str()
-        .is_some_and(|u| u.contains("@postgres:5432/")));
+    assert!(
+        services["flowgate-postgres"]["environment"]["DATABASE_URL"]
+            .as_str()
+            .is_some_and(|u| u.contains("@postgres:5432/"))
+    );
 
     // Mounted configuration exists.
     for service in ["prometheus", "grafana"] {
         for volume in services[service]["volumes"].as_array().expect("volumes") {
-            let local = volume.as_str().and_then(|v| v.split(':').next()).unwrap_or_default();
-            assert!(root.join(local).exists(), "{service} mounts {local}, which does not exist");
+            let local = volume
+                .as_str()
+                .and_then(|v| v.split(':').next())
+                .unwrap_or_default();
+            assert!(
+                root.join(local).exists(),
+                "{service} mounts {local}, which does not exist"
+            );
         }
     }
 
@@ -168,20 +195,40 @@ fn the_docker_compose_deployment_fits_together() {
         .collect();
     let registered = flowgate::exporter::Metrics::new("x").render();
     let (pg_file, pg_plan) = &plans["flowgate-postgres"];
-    let pg_pipeline = flowgate::config::Pipeline::load(&root.join(pg_file), &HashMap::new()).expect("pipeline");
-    let bars_from = pg_pipeline.spec.sinks.iter().find(|(n, _)| *n == "bars").and_then(|(_, s)| s.from.clone());
+    let pg_pipeline =
+        flowgate::config::Pipeline::load(&root.join(pg_file), &HashMap::new()).expect("pipeline");
+    let bars_from = pg_pipeline
+        .spec
+        .sinks
+        .iter()
+        .find(|(n, _)| *n == "bars")
+        .and_then(|(_, s)| s.from.clone());
     let bars = &pg_plan.stages[pg_plan.stage_of(bars_from.as_deref())];
     let mut queries = 0;
-    for dashboard in ["deploy/grafana/dashboards/pipeline-health.json", "deploy/grafana/dashboards/bars.json"] {
+    for dashboard in [
+        "deploy/grafana/dashboards/pipeline-health.json",
+        "deploy/grafana/dashboards/bars.json",
+    ] {
         let d = read(dashboard);
-        assert!(d["uid"].is_string() && d["title"].is_string(), "{dashboard}");
+        assert!(
+            d["uid"].is_string() && d["title"].is_string(),
+            "{dashboard}"
+        );
         for panel in d["panels"].as_array().expect("panels") {
             for target in panel["targets"].as_array().expect("targets") {
-                let uid = target["datasource"]["uid"].as_str().expect("datasource uid");
-                assert!(uids.contains(&uid), "{dashboard}: datasource `{uid}` is not provisioned");
+                let uid = target["datasource"]["uid"]
+                    .as_str()
+                    .expect("datasource uid");
+                assert!(
+                    uids.contains(&uid),
+                    "{dashboard}: datasource `{uid}` is not provisioned"
+                );
                 if let Some(expr) = target["expr"].as_str() {
                     let names = metric_names(expr);
-                    assert!(!names.is_empty(), "{dashboard}: `{expr}` names no flowgate metric");
+                    assert!(
+                        !names.is_empty(),
+                        "{dashboard}: `{expr}` names no flowgate metric"
+                    );
                     for name in names {
                         assert!(
                             registered.contains(&format!("# TYPE {name} ")),
@@ -197,8 +244,16 @@ fn the_docker_compose_deployment_fits_together() {
                         .map(|(cols, _)| cols)
                         .unwrap_or_else(|| panic!("{dashboard}: `{sql}` does not read `bars`"));
                     for column in select.split(',') {
-                        let column = column.trim().trim_start_matches("DISTINCT ").split(' ').next().unwrap_or_default();
-                        assert!(bars.index_of(column).is_ok(), "{dashboard}: the bars table has no column `{column}`");
+                        let column = column
+                            .trim()
+                            .trim_start_matches("DISTINCT ")
+                            .split(' ')
+                            .next()
+                            .unwrap_or_default();
+                        assert!(
+                            bars.index_of(column).is_ok(),
+                            "{dashboard}: the bars table has no column `{column}`"
+                        );
                     }
                     queries += 1;
                 }

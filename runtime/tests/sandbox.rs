@@ -56,6 +56,47 @@ fn a_plugin_that_loops_forever_is_stopped_at_its_deadline() {
 }
 
 #[test]
+fn a_panic_is_reported_with_its_message_and_source_line() {
+    let host = common::host();
+    let (schema, _) = input();
+    let plugin = host
+        .load(&common::plugin("flowgate_test_panic"))
+        .expect("load");
+    let mut step = plugin
+        .instantiate("prices", "{}", &schema, Grants::default())
+        .expect("create");
+    let fine = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(vec!["A"])),
+            Arc::new(Int64Array::from(vec![1])),
+        ],
+    )
+    .expect("batch");
+    assert_eq!(step.process(&fine).expect("no panic").batches.len(), 1);
+    let poison = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(vec!["A", "POISON"])),
+            Arc::new(Int64Array::from(vec![1, 2])),
+        ],
+    )
+    .expect("batch");
+    let err = step.process(&poison).expect_err("the plugin panics");
+    assert!(matches!(err, PluginError::Trap { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("step `prices` (plugin `flowgate_test_panic`) trapped in process: the plugin panicked at tests/plugins/panic/src/lib.rs:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("called `Option::unwrap()` on a `None` value"),
+        "{text}"
+    );
+    assert!(!text.contains("wasm function"), "{text}");
+}
+
+#[test]
 fn a_plugin_past_its_memory_cap_fails_and_the_host_carries_on() {
     let host = common::host_with(Duration::from_secs(5), 64 << 20);
     let (schema, batch) = input();

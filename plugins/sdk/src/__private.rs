@@ -40,8 +40,32 @@ pub struct Adapter {
     output_schema: arrow::datatypes::SchemaRef,
 }
 
+/// Installs, once per instance, a panic hook that hands the host the panic's message and source
+/// line before the trap (`panic: panicked at src/lib.rs:12:5: …`, at error level): the host
+/// puts them in the error it reports, where a release build's trap only has `<wasm function N>`
+/// frames.
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let message = info
+                .payload_as_str()
+                .unwrap_or("(a panic without a message)");
+            let place = info
+                .location()
+                .map(|l| format!(" at {}:{}:{}", l.file(), l.line(), l.column()))
+                .unwrap_or_default();
+            crate::log::log(
+                crate::log::Level::Error,
+                &format!("panic: panicked{place}: {message}"),
+            );
+        }));
+    });
+}
+
 /// The exported `info`.
 pub fn info<T: Transform>() -> exports::PluginInfo {
+    install_panic_hook();
     let info = crate::info::<T>();
     exports::PluginInfo {
         name: info.name,
@@ -55,6 +79,7 @@ pub fn create<T: Transform>(
     config: &str,
     input_schema: &[u8],
 ) -> Result<(exports::Transformer, Vec<u8>), wit::Error> {
+    install_panic_hook();
     let input = ipc::decode_schema(input_schema)
         .map_err(|e| Error::bad_input(format!("input schema: {e}")))?;
     let (inner, output_schema) = crate::create::<T>(config, &input)?;

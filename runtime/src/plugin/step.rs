@@ -77,7 +77,12 @@ pub(crate) struct HostState {
     cap: MemoryCap,
     step: Arc<str>,
     plugin: Arc<str>,
+    /// What the plugin's panic hook reported (message and source line) in the current call.
+    panic: Option<String>,
 }
+
+/// How the SDK's panic hook starts the log line it hands the host before the trap.
+const PANIC_PREFIX: &str = "panic: ";
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
@@ -92,6 +97,13 @@ impl types::Host for HostState {}
 
 impl log::Host for HostState {
     fn log(&mut self, level: log::Level, message: String) {
+        if level == log::Level::Error
+            && let Some(panic) = message.strip_prefix(PANIC_PREFIX)
+        {
+            // Reported once, in the trap error that follows.
+            self.panic = Some(panic.to_string());
+            return;
+        }
         let (step, plugin) = (&*self.step, &*self.plugin);
         match level {
             log::Level::Trace => tracing::trace!(step, plugin, "{message}"),
@@ -150,6 +162,7 @@ impl Loaded {
             },
             step: step.into(),
             plugin: self.name.as_str().into(),
+            panic: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.cap);
@@ -221,11 +234,21 @@ fn classify(
             limit: config.call_timeout,
         };
     }
+    // A panic names its message and source line (the SDK's hook told the host); any other trap
+    // its cause. The wasm backtrace, frames of `<wasm function N>` in a release build, helps no
+    // one reading the error: it goes to the debug log.
+    tracing::debug!(step, plugin, "trap: {e:?}");
+    let message = match &store.data().panic {
+        Some(panic) => format!("the plugin {panic}"),
+        None => e
+            .downcast_ref::<Trap>()
+            .map_or_else(|| format!("{e}"), |trap| format!("{trap}")),
+    };
     PluginError::Trap {
         plugin,
         step,
         call,
-        message: format!("{e:?}"),
+        message,
     }
 }
 
@@ -398,6 +421,7 @@ impl Instance {
         }
         self.store
             .set_epoch_deadline(deadline_ticks(self.loaded.config.call_timeout));
+        self.store.data_mut().panic = None;
         match f(&mut self.store, &self.bindings, self.transformer) {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(PluginError::Plugin {
