@@ -193,7 +193,41 @@ fn the_docker_compose_deployment_fits_together() {
         .iter()
         .filter_map(|d| d["uid"].as_str())
         .collect();
-    let registered = flowgate::exporter::Metrics::new("x").render();
+    // A family shows in the text once it has a series: give each one.
+    let metrics = flowgate::exporter::Metrics::new("x");
+    {
+        use flowgate::exporter::*;
+        let partition = PartitionLabels {
+            topic: "t".into(),
+            partition: 0,
+        };
+        let stage = StageLabels { stage: "s".into() };
+        let sink = SinkLabels { sink: "k".into() };
+        metrics.records_in.get_or_create(&partition).inc();
+        metrics.batches.get_or_create(&partition).inc();
+        metrics.lag.get_or_create(&partition).set(1);
+        metrics
+            .rejected
+            .get_or_create(&RejectLabels {
+                stage: "s".into(),
+                reason: "late".into(),
+            })
+            .inc();
+        metrics.sink_rows.get_or_create(&sink).inc();
+        metrics.step_call.get_or_create(&stage).observe(0.1);
+        metrics.step_boundary.get_or_create(&stage).observe(0.1);
+        metrics.commit.get_or_create(&sink).observe(0.1);
+        metrics.committed("k");
+        metrics
+            .wasm_memory
+            .get_or_create(&InstanceLabels {
+                stage: "s".into(),
+                topic: "t".into(),
+                partition: 0,
+            })
+            .set(1);
+    }
+    let registered = metrics.render();
     let (pg_file, pg_plan) = &plans["flowgate-postgres"];
     let pg_pipeline =
         flowgate::config::Pipeline::load(&root.join(pg_file), &HashMap::new()).expect("pipeline");
