@@ -805,7 +805,8 @@ mod tests {
         let rows = db.rows(&format!(
             "SELECT symbol, (extract(epoch FROM window_start) * 1000000)::bigint, close, trades, day::text, up FROM {table} ORDER BY symbol"
         ));
-        let got: Vec<(String, i64, Option<f64>, i64, String, Option<bool>)> = rows
+        type Row = (String, i64, Option<f64>, i64, String, Option<bool>);
+        let got: Vec<Row> = rows
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
             .collect();
