@@ -103,7 +103,8 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing(broker, data_dir, tm
     ticks.send(15_000)  # the backlog
 
     env = dict(os.environ, DATA_DIR=str(data_dir), KAFKA_BROKERS=broker, GROUP="chaos",
-               KAFKA_SESSION_TIMEOUT_MS="1000", KAFKA_HEARTBEAT_MS="250", RUST_LOG="flowgate=info")
+               KAFKA_SESSION_TIMEOUT_MS="1000", KAFKA_HEARTBEAT_MS="250", KAFKA_MAX_POLL_INTERVAL_MS="10000",
+               RUST_LOG="flowgate=info")
     stop_live = threading.Event()
 
     def live():
@@ -128,8 +129,14 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing(broker, data_dir, tm
         producer.join()
     final = subprocess.run([str(FLOWGATE), "run", str(pipeline), "--until-idle", "8s"], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=600)
+    log.write("=== the final run\n" + final.stderr)
     log.close()
     assert final.returncode == 0, final.stderr
+    # Where each partition ends, for reading the log when a check fails.
+    ends = {}
+    for p, offset, _ in ticks.delivered:
+        ends[p] = max(ends.get(p, -1), offset)
+    print("last offset produced per partition:", ends)
 
     check_tables(data_dir, ticks.delivered, postgres=(conn, schema))
 
@@ -197,7 +204,8 @@ def test_a_member_killed_mid_stream_leaves_its_partitions_to_the_survivor(broker
     ticks = Ticks(broker, rng)
     ticks.send(6_000)
     env = dict(os.environ, DATA_DIR=str(data_dir), KAFKA_BROKERS=broker, GROUP="pair",
-               KAFKA_SESSION_TIMEOUT_MS="1000", KAFKA_HEARTBEAT_MS="250", RUST_LOG="flowgate=info")
+               KAFKA_SESSION_TIMEOUT_MS="1000", KAFKA_HEARTBEAT_MS="250", KAFKA_MAX_POLL_INTERVAL_MS="10000",
+               RUST_LOG="flowgate=info")
     log = open(tmp_path / "victim.log", "w")
     victim = start(env, log)
     time.sleep(2)
@@ -228,12 +236,19 @@ def test_a_member_frozen_past_its_session_commits_nothing_the_group_moved_on(bro
     ticks = Ticks(broker, rng)
     ticks.send(6_000)
     env = dict(os.environ, DATA_DIR=str(data_dir), KAFKA_BROKERS=broker, GROUP="frozen",
-               KAFKA_SESSION_TIMEOUT_MS="1000", KAFKA_HEARTBEAT_MS="250", RUST_LOG="flowgate=info")
+               KAFKA_SESSION_TIMEOUT_MS="1000", KAFKA_HEARTBEAT_MS="250", KAFKA_MAX_POLL_INTERVAL_MS="10000",
+               RUST_LOG="flowgate=info")
+    # The frozen member commits only on a revoke or a stop (checkpoint interval 60 s), so it is
+    # sure to hold uncommitted rows when it is frozen and to try to commit them when it wakes.
+    slow = tmp_path / "stocks-slow.yaml"
+    text = (REPO / "pipelines" / "stocks.yaml").read_text().replace("../target/", f"{REPO}/target/")
+    assert "  interval: 5s\n" in text
+    slow.write_text(text.replace("  interval: 5s\n", "  interval: 60s\n"))
     with open(tmp_path / "frozen.log", "w") as log:
-        frozen = subprocess.Popen([str(FLOWGATE), "run", "pipelines/stocks.yaml", "--until-idle", "10s"],
+        frozen = subprocess.Popen([str(FLOWGATE), "run", str(slow), "--until-idle", "10s"],
                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         time.sleep(2)
-        other = subprocess.Popen([str(FLOWGATE), "run", "pipelines/stocks.yaml", "--until-idle", "10s"], cwd=REPO,
+        other = subprocess.Popen([str(FLOWGATE), "run", "pipelines/stocks.yaml", "--until-idle", "25s"], cwd=REPO,
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(6)
         ticks.send(3_000)
@@ -244,9 +259,16 @@ def test_a_member_frozen_past_its_session_commits_nothing_the_group_moved_on(bro
         frozen.send_signal(signal.SIGCONT)
         out, _ = other.communicate(timeout=300)
         frozen.wait(timeout=300)
+    (tmp_path / "other.log").write_text(out)
     frozen_log = (tmp_path / "frozen.log").read_text()
     print(frozen_log[-4000:])
-    assert other.returncode == 0, out
+    # Tansu 0.6 stalls fetches of the frozen member's partitions while it is stopped, so which of
+    # the two writes first after the thaw varies: a refusal is allowed only as a fence.
+    for rc, text in [(other.returncode, out), (frozen.returncode, frozen_log)]:
+        fenced = "another process owns the partition" in text or "moved partitions" in text
+        assert rc == 0 or (rc == 1 and fenced), text[-3000:]
+    print("fenced:", [name for name, text in [("other", out), ("frozen", frozen_log)]
+                      if "another process owns the partition" in text or "moved partitions" in text])
     # Whatever either left open, a last run finishes; nothing may be written twice.
     final = subprocess.run([str(FLOWGATE), "run", "pipelines/stocks.yaml", "--until-idle", "6s"], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=600)
