@@ -12,7 +12,7 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use tokio::runtime::Runtime;
 
-use super::{Position, Positions, Sink, SinkError, TableShape, positions_moved};
+use super::{Fence, Position, Positions, Sink, SinkError, TableShape, fence, positions_moved};
 
 /// A Delta Lake table. Rows are encoded into data files as they are staged; a commit adds those
 /// files to the log in one version together with, per source partition, the last offset covered
@@ -65,19 +65,10 @@ impl std::fmt::Display for Attempt {
     }
 }
 
-/// A partition about to be committed: as this process last saw it in the table, and where the
-/// commit moves it.
+/// A partition about to be committed, and its offset app id.
 struct Claim {
+    key: (String, i32),
     offset_id: String,
-    last: Option<Position>,
-    new: Position,
-}
-
-/// `offset 12 (epoch 3)`, or `nothing`.
-fn describe(position: Option<Position>) -> String {
-    position.map_or("nothing".to_string(), |p| {
-        format!("offset {} (epoch {})", p.offset, p.epoch)
-    })
 }
 
 /// Reads the commits after `seen` through `current` into `latest`: per offset app id, the newest
@@ -296,12 +287,15 @@ impl Sink for DeltaSink {
         let actions: Vec<Action> = self.staged.iter().cloned().map(Action::Add).collect();
         let files = self.staged.len();
         let claims: Vec<Claim> = positions
-            .iter()
-            .map(|((t, p), new)| Claim {
+            .keys()
+            .map(|(t, p)| Claim {
+                key: (t.clone(), *p),
                 offset_id: self.app_id(t, *p),
-                last: self.last.get(&(t.clone(), *p)).copied(),
-                new: *new,
             })
+            .collect();
+        let held: Positions = positions
+            .keys()
+            .filter_map(|k| self.last.get(k).map(|p| (k.clone(), *p)))
             .collect();
         let (seen, latest) = (&mut self.seen, &mut self.latest);
         let table = &mut self.table;
@@ -322,24 +316,15 @@ impl Sink for DeltaSink {
                             scan(table.log_store().as_ref(), *seen, current, latest).await?;
                             *seen = current;
                         }
-                        // An earlier attempt landed and only its reply was lost: done.
-                        if claims.iter().any(|c| Some(c.new) != c.last)
-                            && claims.iter().all(|c| latest.get(&c.offset_id) == Some(&c.new))
-                        {
-                            return Ok(current);
-                        }
-                        // Fencing: a partition committed past what this process holds has moved
-                        // to another process (this one lost it to a rebalance).
-                        for c in &claims {
-                            let theirs = latest.get(&c.offset_id).copied();
-                            if theirs > c.last {
-                                return Err(Attempt::Overtaken(format!(
-                                    "the table records `{}` at {}, past the {} this process holds: another process owns the partition now; not committing",
-                                    c.offset_id,
-                                    describe(theirs),
-                                    describe(c.last),
-                                )));
-                            }
+                        let recorded: Positions = claims
+                            .iter()
+                            .filter_map(|c| latest.get(&c.offset_id).map(|p| (c.key.clone(), *p)))
+                            .collect();
+                        match fence("the Delta log", positions, &recorded, &held) {
+                            Fence::Clear => {}
+                            // An earlier attempt landed and only its reply was lost: done.
+                            Fence::Landed => return Ok(current),
+                            Fence::Overtaken(why) => return Err(Attempt::Overtaken(why)),
                         }
                         let snapshot = table.snapshot()?;
                         let partition_by = snapshot.metadata().partition_columns().to_vec();

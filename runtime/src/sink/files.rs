@@ -13,7 +13,9 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
-use super::{Position, Positions, Sink, SinkError, TableShape, positions_moved};
+use super::{
+    Fence, Position, Positions, Sink, SinkError, TableShape, fence, positions_moved, raise,
+};
 
 /// How a file table's files are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,8 +260,7 @@ impl FileTableSink {
         let mut known = std::collections::HashSet::new();
         for (name, log) in self.log_entries(false).map_err(|e| self.fail(e))? {
             for (key, position) in log.positions() {
-                let slot = self.latest.entry(key).or_insert(position);
-                *slot = (*slot).max(position);
+                raise(&mut self.latest, key, position);
             }
             known.extend(log.files);
             self.logs_read.insert(name);
@@ -295,32 +296,20 @@ impl FileTableSink {
     fn check_not_overtaken(&mut self, positions: &Positions) -> Result<(), SinkError> {
         for (name, log) in self.log_entries(true).map_err(|e| self.fail(e))? {
             for (key, position) in log.positions() {
-                let slot = self.latest.entry(key).or_insert(position);
-                *slot = (*slot).max(position);
+                raise(&mut self.latest, key, position);
             }
             self.logs_read.insert(name);
         }
-        for key in positions.keys() {
-            let (theirs, mine) = (
-                self.latest.get(key).copied(),
-                self.committed.get(key).copied(),
-            );
-            if theirs > mine {
-                let describe = |p: Option<Position>| {
-                    p.map_or("nothing".to_string(), |p| {
-                        format!("offset {} (epoch {})", p.offset, p.epoch)
-                    })
-                };
-                return Err(self.fail(format!(
-                    "the commit log records partition `{}/{}` at {}, past the {} this process holds: another process owns the partition now; not committing",
-                    key.0,
-                    key.1,
-                    describe(theirs),
-                    describe(mine),
-                )));
-            }
+        match fence("the commit log", positions, &self.latest, &self.committed) {
+            Fence::Clear => Ok(()),
+            Fence::Overtaken(why) => Err(self.fail(why)),
+            // This process reads its own entries as it writes them: positions it is about to
+            // commit, already in the log, were written by another process.
+            Fence::Landed => Err(self.fail(
+                "the commit log already records these positions, written by another process: another process owns the partition now; not committing"
+                    .to_string(),
+            )),
         }
-        Ok(())
     }
 
     /// Moves into place every staged file a log entry names (a crash between writing the entry

@@ -193,6 +193,58 @@ pub(crate) fn positions_moved(positions: &Positions, last: &Positions) -> bool {
     positions.iter().any(|(k, v)| last.get(k) != Some(v))
 }
 
+/// What a durable sink's fencing check found before a commit.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Fence {
+    /// Nothing stands in the way.
+    Clear,
+    /// The table already records exactly these positions: an earlier attempt landed and only
+    /// its reply was lost. Not to be committed twice.
+    Landed,
+    /// A partition is recorded past what this process holds: the group moved it to another
+    /// process (this one lost it to a rebalance), and committing would write rows twice. Why.
+    Overtaken(String),
+}
+
+/// The fencing check the durable sinks share: `recorded` is what the table records now for the
+/// partitions of `positions` (`record` names where: the Delta log, a commit log, a table),
+/// `held` what this process holds.
+pub(crate) fn fence(
+    record: &str,
+    positions: &Positions,
+    recorded: &Positions,
+    held: &Positions,
+) -> Fence {
+    if positions_moved(positions, held) && positions.iter().all(|(k, p)| recorded.get(k) == Some(p))
+    {
+        return Fence::Landed;
+    }
+    let describe = |p: Option<&Position>| {
+        p.map_or("nothing".to_string(), |p| {
+            format!("offset {} (epoch {})", p.offset, p.epoch)
+        })
+    };
+    for key in positions.keys() {
+        let (theirs, mine) = (recorded.get(key), held.get(key));
+        if theirs > mine {
+            return Fence::Overtaken(format!(
+                "{record} records partition `{}/{}` at {}, past the {} this process holds: another process owns the partition now; not committing",
+                key.0,
+                key.1,
+                describe(theirs),
+                describe(mine),
+            ));
+        }
+    }
+    Fence::Clear
+}
+
+/// Raises `key`'s position in `positions` to `position` if that is newer.
+pub(crate) fn raise(positions: &mut Positions, key: (String, i32), position: Position) {
+    let slot = positions.entry(key).or_insert(position);
+    *slot = (*slot).max(position);
+}
+
 /// The dead-letter table's schema.
 pub fn dead_letter_schema() -> SchemaRef {
     let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));

@@ -20,7 +20,7 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, NoTls};
 
-use super::{Position, Positions, Sink, SinkError, TableShape, positions_moved};
+use super::{Fence, Position, Positions, Sink, SinkError, TableShape, fence, positions_moved};
 use crate::config::PostgresMode;
 
 /// The table of committed positions, beside the sink's table.
@@ -453,29 +453,15 @@ impl PostgresSink {
                 );
             }
         }
-        // An earlier attempt committed and only its reply was lost: done.
-        if positions_moved(positions, &self.last)
-            && positions.iter().all(|(k, p)| table.get(k) == Some(p))
-        {
-            return Ok(Outcome::Landed);
-        }
-        for key in positions.keys() {
-            let (theirs, mine) = (table.get(key).copied(), self.last.get(key).copied());
-            if theirs > mine {
-                let describe = |p: Option<Position>| {
-                    p.map_or("nothing".to_string(), |p| {
-                        format!("offset {} (epoch {})", p.offset, p.epoch)
-                    })
-                };
-                return Ok(Outcome::Overtaken(format!(
-                    "`{}` records partition `{}/{}` at {}, past the {} this process holds: another process owns the partition now; not committing",
-                    self.offsets,
-                    key.0,
-                    key.1,
-                    describe(theirs),
-                    describe(mine),
-                )));
-            }
+        match fence(
+            &format!("`{}`", self.offsets),
+            positions,
+            &table,
+            &self.last,
+        ) {
+            Fence::Clear => {}
+            Fence::Landed => return Ok(Outcome::Landed),
+            Fence::Overtaken(why) => return Ok(Outcome::Overtaken(why)),
         }
         let rows: usize = self.staged.iter().map(RecordBatch::num_rows).sum();
         if rows > 0 {
@@ -577,7 +563,7 @@ impl PostgresSink {
                     (r.get::<_, String>(0), r.get::<_, i32>(1)),
                     Position {
                         offset: r.get(2),
-                        epoch: r.get::<_, i64>(3).max(0) as u64,
+                        epoch: u64::try_from(r.get::<_, i64>(3)).unwrap_or(0),
                     },
                 )
             })
