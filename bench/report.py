@@ -112,6 +112,30 @@ def render(r):
                    f"(one expiry bucket, so one hash table grows to hold them all)." if one else "."),
                 f"- `window` (the stock bar aggregates): **{w['bytes'] / 2**20:.2f} MiB for {w['symbols']:,} symbols** "
                 f"with an open window each ({_n(w['bytes_per_symbol'])} bytes per symbol).", ""]
+    if "sinks" in r:
+        k = r["sinks"]
+        out += ["### Rows per second into each sink", "",
+                f"{k['records']:,} ticks through `validate` only, into one sink per run (a commit every 5 s; "
+                "PostgreSQL: the machine's server on 127.0.0.1). *End to end* is rows over the run; "
+                "*per sink second* is rows over the time the run spent in the sink (write, encode, commit).", "",
+                "| sink | rows | rows/s end to end | sink seconds | rows per sink second | peak RSS |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for kind, x in k["sinks"].items():
+            out.append(f"| {kind} | {_n(x['rows'])} | {_n(x['rows_per_s'])} | {_n(x['sink_s'], 2)} | "
+                       f"{_n(x['rows_per_sink_s']) if x['rows_per_sink_s'] else '–'} | {_n(x['peak_rss_mb'])} MB |")
+        out.append("")
+    if "compaction" in r:
+        c = r["compaction"]
+        out += ["### Compaction", "",
+                f"A Delta table of **{c['commits']:,} commits** ({c['rows']:,} rows; the generator at a steady rate, "
+                "an epoch every 50 ms, the sink's own compaction off), read in full with the `deltalake` package "
+                "(best of 3, a fresh process each).", "",
+                "| table | data files | read |", "|---|---:|---:|",
+                f"| as written | {_n(c['before']['files'])} | {c['read_before_s']:.3f} s |",
+                f"| after `flowgate table optimize` ({c['optimize_s']:.1f} s) | {_n(c['after']['files'])} | "
+                f"{c['read_after_optimize_s']:.3f} s |",
+                f"| and `flowgate table checkpoint` | {_n(c['after']['files'])} | {c['read_after_checkpoint_s']:.3f} s |",
+                ""]
     if "spark" in r:
         s = r["spark"]
         f = r.get("file")

@@ -31,7 +31,9 @@ RELEASE = Path(os.environ.get("BENCH_BIN_DIR", ROOT / "target" / "release"))
 FLOWGATE = Path(os.environ.get("FLOWGATE_BIN", RELEASE / "flowgate"))
 BENCH = Path(os.environ.get("FLOWGATE_BENCH_BIN", RELEASE / "flowgate-bench"))
 PLUGINS = ROOT / "target" / "wasm32-wasip2" / "plugin"
-PARTS = ["flowgate-file", "workers", "native", "generator", "kafka", "latency", "state", "spark"]
+PARTS = ["flowgate-file", "workers", "native", "generator", "kafka", "latency", "state", "sinks", "compaction", "spark"]
+# The benchmark's own PostgreSQL (the machine's, trust auth); `sinks` writes a scratch schema.
+BENCH_PG = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
 
 
 def log(msg):
@@ -331,6 +333,122 @@ def part_spark(args, work, results):
             f"{c['only_spark']} only Spark")
 
 
+def sink_pipeline(work, name, ticks, sink):
+    """The decoded ticks (validated, nothing else) straight into one sink: what a sink takes per
+    second, with the plugins out of the way."""
+    spec = yaml.safe_load((ROOT / "pipelines" / "stocks.yaml").read_text())
+    validate = next(t for t in spec["transforms"] if t["name"] == "validate")
+    validate["plugin"] = str((ROOT / "pipelines" / validate["plugin"]).resolve())
+    spec.update(source={"file": {"path": str(ticks)}}, transforms=[validate],
+                sinks={"out": sink}, metrics=None)
+    spec.pop("metrics")
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def part_sinks(args, work, results, ticks):
+    """Rows/s into each sink: the same ticks through `validate` into Delta, Parquet, CSV and
+    PostgreSQL (append and upsert), one sink per run."""
+    records = min(args.ticks, args.sink_ticks)
+    pg_schema = "flowgate_bench"
+    subprocess.run(["psql", BENCH_PG, "-qc", f"DROP SCHEMA IF EXISTS {pg_schema} CASCADE; CREATE SCHEMA {pg_schema}"],
+                   check=True, capture_output=True)
+    sinks = {
+        "delta": {"delta": {"path": "${DATA_DIR}/out", "partition_by": ["date"]}},
+        "parquet": {"parquet": {"path": "${DATA_DIR}/out", "partition_by": ["date"]}},
+        "csv": {"csv": {"path": "${DATA_DIR}/out", "partition_by": ["date"]}},
+        "postgres-append": {"postgres": {"url": BENCH_PG, "table": f"{pg_schema}.ticks_append"}},
+        "postgres-upsert": {"postgres": {"url": BENCH_PG, "table": f"{pg_schema}.ticks_upsert",
+                                         "mode": "upsert", "key": ["symbol", "ts"]}},
+    }
+    out = {}
+    for kind, sink in sinks.items():
+        pipeline = sink_pipeline(work, f"sink-{kind}", ticks, sink)
+        runs = []
+        for i in range(args.repeat):
+            if kind.startswith("postgres"):
+                table = sink["postgres"]["table"]
+                subprocess.run(["psql", BENCH_PG, "-qc", f"DROP TABLE IF EXISTS {table}; "
+                                f"DELETE FROM {pg_schema}.flowgate_offsets WHERE true"],
+                               capture_output=True)
+            runs.append(run_pipeline(work, f"sink-{kind}-{i}", pipeline, records))
+        best = max(runs, key=lambda r: r["events_per_s"])
+        rows = best["rows_out"]
+        sink_s = sum(v for k, v in flat_stage_seconds(best["report"]).items() if k.startswith("sink out"))
+        out[kind] = {"rows": rows, "run_s": best["run_s"], "rows_per_s": rows / best["run_s"],
+                     "sink_s": sink_s, "rows_per_sink_s": rows / sink_s if sink_s else None,
+                     "cpu_s": best["cpu_s"], "peak_rss_mb": best["peak_rss_mb"]}
+        log(f"sink {kind}: {rows:,} rows, {out[kind]['rows_per_s']:,.0f} rows/s end to end"
+            + (f", {out[kind]['rows_per_sink_s']:,.0f} rows per second of sink time ({sink_s:.2f} s)" if sink_s else ""))
+    results["sinks"] = {"records": records, "sinks": out}
+
+
+def flat_stage_seconds(report):
+    """Stage name → seconds from a run report's `stages` (whatever nesting it uses)."""
+    found = {}
+    for stage in report.get("stages", []):
+        name = stage.get("stage") or stage.get("name") or "?"
+        for key, value in stage.items():
+            if key.endswith("seconds") and isinstance(value, (int, float)):
+                found[f"{name} {key}"] = value
+    return found
+
+
+def read_seconds(table, repeat=3):
+    """Best of `repeat` full reads of a Delta table with the deltalake package (a fresh process
+    each: no cache carries over)."""
+    code = ("import sys, time; from deltalake import DeltaTable; t = time.perf_counter(); "
+            "n = DeltaTable(sys.argv[1]).to_pyarrow_table().num_rows; print(n, time.perf_counter() - t)")
+    best, rows = None, None
+    for _ in range(repeat):
+        out = subprocess.run([sys.executable, "-c", code, str(table)], capture_output=True, text=True, check=True)
+        rows, seconds = out.stdout.split()
+        best = min(best or float(seconds), float(seconds))
+    return int(rows), best
+
+
+def table_info(table):
+    out = subprocess.run([FLOWGATE, "table", "info", table], capture_output=True, text=True, check=True).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return {"version": int(fields["version"]), "files": int(fields["data files"]),
+            "bytes": int(fields["bytes"].split()[0])}
+
+
+def part_compaction(args, work, results):
+    """A Delta table of at least 1,000 commits from a live source (the generator at a steady rate,
+    an epoch every 50 ms, compaction off), read before and after `flowgate table optimize` and a
+    log checkpoint."""
+    rate, seconds = 4000, args.compaction_seconds
+    pipeline = derive(work, "compaction", generator_source(rate))
+    spec = yaml.safe_load(pipeline.read_text())
+    spec["checkpoint"]["interval"] = "50ms"
+    spec["sinks"] = {"ticks": {"from": "validate", "delta": {
+        "path": "${DATA_DIR}/ticks", "partition_by": ["date"],
+        "maintenance": {"optimize_every": "0s", "checkpoint_every": 0}}}}
+    spec.pop("dead_letter", None)
+    spec.pop("metrics", None)
+    pipeline.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run = run_pipeline(work, "compaction", pipeline, rate * seconds)
+    table = Path(run["data"]) / "ticks"
+    before = table_info(table)
+    rows, read_before = read_seconds(table)
+    log(f"compaction: {before['version'] + 1} commits, {before['files']:,} files, {rows:,} rows, read in {read_before:.3f} s")
+    started = time.perf_counter()
+    subprocess.run([FLOWGATE, "table", "optimize", table], check=True, capture_output=True)
+    optimize_s = time.perf_counter() - started
+    after = table_info(table)
+    rows_after, read_after = read_seconds(table)
+    subprocess.run([FLOWGATE, "table", "checkpoint", table], check=True, capture_output=True)
+    rows_ckpt, read_ckpt = read_seconds(table)
+    assert rows == rows_after == rows_ckpt, (rows, rows_after, rows_ckpt)
+    results["compaction"] = {"commits": before["version"] + 1, "rows": rows, "before": before, "after": after,
+                             "optimize_s": optimize_s, "read_before_s": read_before,
+                             "read_after_optimize_s": read_after, "read_after_checkpoint_s": read_ckpt}
+    log(f"compaction: optimize {optimize_s:.1f} s → {after['files']:,} files; read {read_before:.3f} s → "
+        f"{read_after:.3f} s (compacted) → {read_ckpt:.3f} s (and checkpointed)")
+
+
 def compare_bars(delta_path, parquet_path):
     import pandas as pd
     from deltalake import DeltaTable
@@ -363,6 +481,9 @@ def main():
     p.add_argument("--partitions", type=int, default=3)
     p.add_argument("--spark-files", type=int, default=20)
     p.add_argument("--latency-seconds", type=int, default=20)
+    p.add_argument("--sink-ticks", type=int, default=2_000_000, help="ticks per sink run (`sinks`)")
+    p.add_argument("--compaction-seconds", type=int, default=75,
+                   help="seconds of live input for the compaction table (an epoch every 50 ms)")
     p.add_argument("--kafka-option", action="append", default=[], metavar="KEY=VALUE",
                    help="librdkafka setting for the Kafka runs (consume-only and Flowgate), as a pipeline's options")
     p.add_argument("--repeat", type=int, default=2, help="runs per throughput figure (the best is kept)")
@@ -402,6 +523,10 @@ def main():
             part_kafka(args, work, results, tansu)
         finally:
             tansu.stop()
+    if wanted("sinks"):
+        part_sinks(args, work, results, ticks)
+    if wanted("compaction"):
+        part_compaction(args, work, results)
     if wanted("spark"):
         part_spark(args, work, results)
     # A partial or trial run (`--no-write`) keeps its results in the work folder.

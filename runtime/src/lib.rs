@@ -10,6 +10,7 @@
 //!   cuts epochs, and a committer thread commits each epoch into every sink exactly once.
 //! - [`source`], [`sink`], [`checkpoint`]: where records come from, where rows go, where plugin
 //!   state is kept.
+//! - [`storage`]: where a Delta table lives (a folder, or S3 with conditional put).
 //! - [`metrics`]: time per stage and latency histograms for `flowgate run --report`.
 //! - [`exporter`]: live metrics for Prometheus (`/metrics`, `/healthz`, `/readyz`).
 //! - [`yaml`]: YAML parsing with file, key path, line and column in every error.
@@ -28,4 +29,5 @@ pub mod metrics;
 pub mod plugin;
 pub mod sink;
 pub mod source;
+pub mod storage;
 pub mod yaml;

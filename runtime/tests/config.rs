@@ -170,6 +170,46 @@ fn the_docker_compose_deployment_fits_together() {
             .is_some_and(|u| u.contains("@postgres:5432/"))
     );
 
+    // The Delta tables go to MinIO: the bucket the pipeline names is the one minio-init makes,
+    // at the minio service's endpoint with its credentials, and the pipeline puts bars there.
+    for name in ["minio", "minio-init"] {
+        assert!(services.contains_key(name), "service `{name}` missing");
+    }
+    let env = &services["flowgate"]["environment"];
+    let lake = env["LAKE"].as_str().expect("LAKE");
+    let bucket = lake
+        .strip_prefix("s3://")
+        .and_then(|rest| rest.split('/').next())
+        .expect("LAKE is an s3:// URL");
+    let init = services["minio-init"]["entrypoint"].to_string();
+    assert!(
+        init.contains(&format!("mc mb --ignore-existing lake/{bucket}")),
+        "{init}"
+    );
+    assert_eq!(env["AWS_ENDPOINT_URL"], "http://minio:9000");
+    assert!(services["minio"]["ports"].to_string().contains("9000:9000"));
+    assert_eq!(
+        services["minio"]["environment"]["MINIO_ROOT_USER"],
+        env["AWS_ACCESS_KEY_ID"]
+    );
+    assert_eq!(
+        services["minio"]["environment"]["MINIO_ROOT_PASSWORD"],
+        env["AWS_SECRET_ACCESS_KEY"]
+    );
+    let on_lake = flowgate::config::Pipeline::load(
+        &root.join("pipelines/stocks.yaml"),
+        &[("LAKE".to_string(), lake.to_string())].into(),
+    )
+    .expect("pipeline");
+    let bars_path = on_lake
+        .spec
+        .sinks
+        .iter()
+        .find(|(n, _)| *n == "bars")
+        .and_then(|(_, s)| s.delta.as_ref())
+        .map(|t| t.path.display().to_string());
+    assert_eq!(bars_path, Some(format!("{lake}/bars")));
+
     // Mounted configuration exists.
     for service in ["prometheus", "grafana"] {
         for volume in services[service]["volumes"].as_array().expect("volumes") {

@@ -82,3 +82,39 @@ def pg_schema():
             yield POSTGRES_URL, schema, conn
         finally:
             conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def s3(tmp_path):
+    """An S3-API server (moto, in memory) on a free loopback port with a bucket `flowgate`;
+    yields the environment a Flowgate process (object_store reads `AWS_*`) and the deltalake
+    package (as storage options) use to reach it."""
+    import sys
+    import boto3
+    port = free_port()
+    moto = pathlib.Path(sys.executable).parent / "moto_server"
+    log = open(tmp_path / "moto.log", "w")
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "flowgate", "AWS_SECRET_ACCESS_KEY": "flowgate-secret"}
+    deadline = time.time() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            assert proc.poll() is None, (tmp_path / "moto.log").read_text()
+            assert time.time() < deadline, "moto_server did not start listening"
+            time.sleep(0.1)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="flowgate", aws_secret_access_key="flowgate-secret")
+    client.create_bucket(Bucket="flowgate")
+    try:
+        yield {"env": env, "client": client}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -102,9 +102,11 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing(broker, data_dir, tm
     ticks = Ticks(broker, rng)
     ticks.send(15_000)  # the backlog
 
+    # Compaction every second and a log checkpoint every 3 commits: the kills also land in
+    # the middle of the table upkeep.
     env = dict(os.environ, DATA_DIR=str(data_dir), KAFKA_BROKERS=broker, GROUP="chaos",
                KAFKA_SESSION_TIMEOUT_MS="1000", KAFKA_HEARTBEAT_MS="250", KAFKA_MAX_POLL_INTERVAL_MS="10000",
-               RUST_LOG="flowgate=info")
+               DELTA_OPTIMIZE_EVERY="1s", DELTA_CHECKPOINT_EVERY="3", RUST_LOG="flowgate=info")
     stop_live = threading.Event()
 
     def live():
@@ -139,6 +141,11 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing(broker, data_dir, tm
     print("last offset produced per partition:", ends)
 
     check_tables(data_dir, ticks.delivered, postgres=(conn, schema))
+    # The upkeep ran among the kills: the tables above were compacted and checkpointed.
+    history = DeltaTable(str(data_dir / "bars")).history()
+    operations = [h.get("operation") for h in history]
+    assert "OPTIMIZE" in operations, operations
+    assert list((data_dir / "bars" / "_delta_log").glob("*.checkpoint.parquet")), "no log checkpoint"
 
 
 def check_tables(data_dir, delivered, postgres=None):

@@ -2,9 +2,11 @@
 
 mod plugin_test;
 mod produce;
+mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -69,6 +71,24 @@ enum Command {
     /// Work with transform plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Upkeep of a Delta table: info, optimize (compact small files), vacuum, checkpoint.
+    #[command(subcommand)]
+    Table(table::TableCommand),
+}
+
+/// The kind of sink a spec names, as the pipeline file spells it.
+fn sink_kind(sink: &crate::config::SinkSpec) -> &'static str {
+    if sink.delta.is_some() {
+        "delta"
+    } else if sink.parquet.is_some() {
+        "parquet"
+    } else if sink.csv.is_some() {
+        "csv"
+    } else if sink.postgres.is_some() {
+        "postgres"
+    } else {
+        "console"
+    }
 }
 
 /// `VAR=VALUE` → (VAR, VALUE), for `--set` and similar options.
@@ -203,7 +223,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let host = host.host()?;
             let plan = crate::engine::Plan::build(&pipeline, &host)?;
             println!(
-                "pipeline `{}` ({}) is valid",
+                "pipeline `{}` ({})",
                 pipeline.spec.name,
                 pipeline.file.display()
             );
@@ -218,27 +238,52 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     flowgate_sdk::columns::describe_schema(schema)
                 );
             }
-            for (name, sink) in pipeline.spec.sinks.iter() {
-                let stage = plan.stage_of(sink.from.as_deref());
-                let kind = if sink.delta.is_some() {
-                    "delta"
-                } else if sink.parquet.is_some() {
-                    "parquet"
+            // Each sink's table as it is now: a misfit is reported here, not at the first run.
+            let rt = Arc::new(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()?,
+            );
+            let mut problems = Vec::new();
+            let dead_letter_schema = crate::sink::dead_letter_schema();
+            let sinks = pipeline
+                .spec
+                .sinks
+                .iter()
+                .chain(pipeline.spec.dead_letter.iter().map(|d| ("dead_letter", d)));
+            for (name, sink) in sinks {
+                let (schema, reads) = if name == "dead_letter" && sink.from.is_none() {
+                    (&dead_letter_schema, "rejected records".to_string())
                 } else {
-                    "console"
-                };
-                println!(
-                    "  sink `{name}` ({kind}) reads {}",
-                    if stage == 0 {
+                    let stage = plan.stage_of(sink.from.as_deref());
+                    let reads = if stage == 0 {
                         "the decoded records".to_string()
                     } else {
                         format!("step `{}`", plan.names[stage - 1])
+                    };
+                    (&plan.stages[stage], reads)
+                };
+                let fit = match crate::engine::check_sink(&pipeline, name, sink, schema, &rt) {
+                    Ok(Some(fit)) => format!(": {fit}"),
+                    Ok(None) => String::new(),
+                    Err(e) => {
+                        problems.push(format!("{}: {e}", pipeline.locate(&format!("{name}:"))));
+                        ": DOES NOT FIT (below)".to_string()
                     }
-                );
+                };
+                println!("  sink `{name}` ({}) reads {reads}{fit}", sink_kind(sink));
             }
+            if !problems.is_empty() {
+                return Err(crate::config::ConfigError { problems }.into());
+            }
+            println!(
+                "valid: every plugin loads, every stage fits the next, every table fits its sink"
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Produce(args) => produce::run(args),
+        Command::Table(command) => table::run(command),
         Command::Plugin(PluginCommand::Test(args)) => plugin_test::run(args),
         Command::Plugin(PluginCommand::Info { wasm, host }) => {
             let host = host.host()?;

@@ -391,7 +391,69 @@ pub struct TableSpec {
     /// Data files are cut at about this size.
     #[serde(default = "default_file_size")]
     pub target_file_size: u64,
+    /// Delta only: settings of the object store a `s3://` path names (`aws_endpoint`,
+    /// `aws_region`, `aws_allow_http`, …; `${VAR}` keeps secrets in the environment). The
+    /// `AWS_*` environment variables apply first.
+    #[serde(default)]
+    pub storage_options: BTreeMap<String, String>,
+    /// Delta only: what happens when the stage's output has columns the table lacks.
+    #[serde(default)]
+    pub schema_mode: SchemaMode,
+    /// Delta only: compaction, log checkpoints and vacuum, run beside the pipeline.
+    pub maintenance: Option<MaintenanceSpec>,
 }
+
+/// How a Delta sink meets a table whose columns differ from the stage's output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemaMode {
+    /// The table must have exactly the stage's columns and types (the run refuses otherwise).
+    #[default]
+    Strict,
+    /// Columns the stage adds are added to the table (nullable); columns the table has and the
+    /// stage lacks are written as nulls. A column whose type changed is still refused.
+    Merge,
+}
+
+/// Upkeep of a Delta table, run as a background task beside the pipeline: it never holds up a
+/// commit, and its own commits never change data (the pipeline's exactly-once holds across them).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceSpec {
+    /// Compact small files at most this often (`0s`: never).
+    #[serde(default = "default_optimize_every")]
+    pub optimize_every: Duration,
+    /// Size compaction packs files up to, in bytes (default: the sink's `target_file_size`).
+    pub target_file_size: Option<u64>,
+    /// After a compaction, delete files that left the table longer ago than this (at least
+    /// `1h`: a younger file may be one a running writer staged). Absent: never delete.
+    pub vacuum_retention: Option<Duration>,
+    /// Write a log checkpoint every this many commits (`0`: never).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+}
+
+impl Default for MaintenanceSpec {
+    fn default() -> Self {
+        MaintenanceSpec {
+            optimize_every: default_optimize_every(),
+            target_file_size: None,
+            vacuum_retention: None,
+            checkpoint_every: default_checkpoint_every(),
+        }
+    }
+}
+
+fn default_optimize_every() -> Duration {
+    Duration::from_millis(10 * 60_000)
+}
+
+fn default_checkpoint_every() -> u64 {
+    100
+}
+
+/// The shortest `vacuum_retention` a pipeline may set.
+pub const MIN_VACUUM_RETENTION_MS: i64 = 3_600_000;
 
 fn default_file_size() -> u64 {
     128 << 20
@@ -622,14 +684,75 @@ impl Pipeline {
                     ),
                 );
             }
-            let paths = [&sink.delta, &sink.parquet]
-                .into_iter()
-                .flatten()
+            if let Some(t) = &sink.parquet {
+                if !t.storage_options.is_empty() {
+                    problem(
+                        "storage_options:",
+                        format!(
+                            "`{key}.parquet.storage_options`: Parquet tables take local folders only (object storage is for Delta sinks)"
+                        ),
+                    );
+                }
+                if t.maintenance.is_some() {
+                    problem(
+                        "maintenance:",
+                        format!("`{key}.parquet.maintenance` applies to Delta sinks only"),
+                    );
+                }
+                if t.schema_mode != SchemaMode::Strict {
+                    problem(
+                        "schema_mode:",
+                        format!(
+                            "`{key}.parquet.schema_mode`: Parquet tables keep one shape (only Delta sinks merge schemas)"
+                        ),
+                    );
+                }
+            }
+            if let Some(m) = sink.delta.as_ref().and_then(|t| t.maintenance.as_ref()) {
+                if m.optimize_every.as_millis() < 0 {
+                    problem(
+                        "optimize_every:",
+                        format!("`{key}.delta.maintenance.optimize_every` is negative"),
+                    );
+                }
+                if m.target_file_size == Some(0) {
+                    problem(
+                        "target_file_size:",
+                        format!("`{key}.delta.maintenance.target_file_size` must be above 0"),
+                    );
+                }
+                if let Some(r) = m.vacuum_retention
+                    && r.as_millis() < MIN_VACUUM_RETENTION_MS
+                {
+                    problem(
+                        "vacuum_retention:",
+                        format!(
+                            "`{key}.delta.maintenance.vacuum_retention`: `{r}` is under 1h; a running writer's staged files could be deleted before its commit (use `flowgate table vacuum --force` with no pipeline running instead)"
+                        ),
+                    );
+                }
+            }
+            if let Some(t) = &sink.delta
+                && let Some(why) = unsupported_location(&t.path, crate::storage::SCHEMES)
+            {
+                problem(
+                    &t.path.display().to_string(),
+                    format!("`{key}.path`: {why}"),
+                );
+            }
+            let folders = sink
+                .parquet
+                .iter()
                 .map(|t| &t.path)
                 .chain(sink.csv.iter().map(|c| &c.path));
-            for path in paths {
-                if let Some(why) = unsupported_location(path) {
-                    problem(&path.display().to_string(), format!("`{key}.path`: {why}"));
+            for path in folders {
+                if let Some(why) = unsupported_location(path, &[]) {
+                    problem(
+                        &path.display().to_string(),
+                        format!(
+                            "`{key}.path`: {why} (Parquet and CSV tables take local folders; `s3://` is for Delta sinks)"
+                        ),
+                    );
                 }
             }
             if let Some(csv) = &sink.csv
@@ -686,7 +809,7 @@ impl Pipeline {
                 ),
             );
         }
-        if let Some(why) = unsupported_location(&s.checkpoint.path) {
+        if let Some(why) = unsupported_location(&s.checkpoint.path, &[]) {
             problem(
                 &s.checkpoint.path.display().to_string(),
                 format!("`checkpoint.path`: {why}"),
@@ -700,18 +823,28 @@ impl Pipeline {
     }
 }
 
-/// Why a table or checkpoint location cannot be used: a URL scheme (`s3://…`) names a store
-/// that is not supported yet, and must not quietly become a local folder named `s3:`.
-fn unsupported_location(path: &Path) -> Option<String> {
+/// Why a table or checkpoint location cannot be used: a URL scheme other than those in
+/// `schemes` names a store that is not supported, and must not quietly become a local folder
+/// named `s3:`.
+fn unsupported_location(path: &Path, schemes: &[&str]) -> Option<String> {
     let text = path.to_string_lossy();
     let (scheme, _) = text.split_once("://")?;
     let is_scheme = !scheme.is_empty()
         && scheme
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-    is_scheme.then(|| {
+    if !is_scheme || schemes.contains(&scheme) {
+        return None;
+    }
+    let supported: Vec<String> = schemes.iter().map(|s| format!("`{s}://`")).collect();
+    Some(if supported.is_empty() {
         format!(
-            "`{text}`: `{scheme}://` locations are not supported yet; give a local folder (a path, relative to the pipeline file or absolute)"
+            "`{text}`: `{scheme}://` is not supported here; give a local folder (a path, relative to the pipeline file or absolute)"
+        )
+    } else {
+        format!(
+            "`{text}`: `{scheme}://` is not supported; give a local folder or {}",
+            supported.join(", ")
         )
     })
 }

@@ -25,6 +25,7 @@ use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub(crate) use plan::check_sink;
 pub use plan::{Plan, RunError, RunOptions, RunSummary};
 
 use crate::checkpoint::{FileStateStore, StateStore};
@@ -406,6 +407,16 @@ pub fn run(
         })?;
         tracing::info!("metrics at http://{bound}/metrics (and /healthz, /readyz)");
     }
+    // Every table is checked before any is opened: a sink that does not fit stops the run
+    // before another (a Delta schema merge, a table created) has changed anything.
+    let dead_letter_schema = crate::sink::dead_letter_schema();
+    for (name, s) in spec.sinks.iter() {
+        let stage = plan.stage_of(s.from.as_deref());
+        plan::check_sink(pipeline, name, s, &plan.stages[stage], &rt)?;
+    }
+    if let Some(d) = &spec.dead_letter {
+        plan::check_sink(pipeline, "dead_letter", d, &dead_letter_schema, &rt)?;
+    }
     // Sinks in config order, then the dead letter.
     let mut sinks = Vec::new();
     let mut inputs = Vec::new();
@@ -425,7 +436,7 @@ pub fn run(
             pipeline,
             "dead_letter",
             d,
-            &crate::sink::dead_letter_schema(),
+            &dead_letter_schema,
             &rt,
         )?);
         inputs.push(SinkInput::DeadLetter);

@@ -12,7 +12,9 @@ use crate::config::{OnError, Pipeline, SinkSpec};
 use crate::decode;
 use crate::metrics::{Histogram, StageTime};
 use crate::plugin::{Chain, ErrorKind, Grants, Plugin, PluginError, PluginHost};
-use crate::sink::{ConsoleSink, DeltaSink, FileFormat, FileTableSink, Sink, SinkError, TableShape};
+use crate::sink::{
+    ConsoleSink, DeltaSink, FileFormat, FileTableSink, Fit, Sink, SinkError, TableShape,
+};
 use crate::source::SourceError;
 
 /// Why a run stopped with an error.
@@ -224,6 +226,88 @@ impl Plan {
     }
 }
 
+/// Where a Delta sink's table is: a folder (relative to the pipeline file) or an `s3://` URL.
+fn delta_location(
+    pipeline: &Pipeline,
+    name: &str,
+    t: &crate::config::TableSpec,
+) -> Result<crate::storage::TableLocation, SinkError> {
+    let base = pipeline.file.parent().unwrap_or(std::path::Path::new("."));
+    let options = t
+        .storage_options
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    crate::storage::TableLocation::parse(&t.path.to_string_lossy(), base, options).map_err(
+        |message| SinkError::Config {
+            sink: name.into(),
+            message,
+        },
+    )
+}
+
+/// A Delta sink's options from its config (upkeep on by default: checkpoints every 100
+/// commits, compaction every 10 minutes).
+pub(crate) fn delta_options(t: &crate::config::TableSpec) -> crate::sink::DeltaOptions {
+    let m = t.maintenance.clone().unwrap_or_default();
+    let millis = |d: flowgate_sdk::config::Duration| {
+        std::time::Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(0))
+    };
+    crate::sink::DeltaOptions {
+        partition_by: t.partition_by.clone(),
+        target_file_size: t.target_file_size,
+        schema_mode: t.schema_mode,
+        maintenance: Some(crate::sink::maintenance::Plan {
+            optimize_every: (m.optimize_every.as_millis() > 0).then(|| millis(m.optimize_every)),
+            target_file_size: m.target_file_size.unwrap_or(t.target_file_size),
+            vacuum_retention: m.vacuum_retention.map(millis),
+            checkpoint_every: m.checkpoint_every,
+        }),
+    }
+}
+
+/// How a sink's table fits its stage schema, changing nothing (`None`: the sink has no table).
+/// What `flowgate validate` reports, so a misfit shows before anything runs.
+pub(crate) fn check_sink(
+    pipeline: &Pipeline,
+    name: &str,
+    spec: &SinkSpec,
+    schema: &SchemaRef,
+    rt: &Arc<tokio::runtime::Runtime>,
+) -> Result<Option<Fit>, SinkError> {
+    let event_time = pipeline.spec.event_time.as_deref();
+    let shape = |partition_by: &[String], date_from: Option<&str>| {
+        TableShape::new(name, schema, partition_by, date_from, event_time)
+    };
+    if let Some(t) = &spec.delta {
+        let shape = shape(&t.partition_by, t.date_from.as_deref())?;
+        let location = delta_location(pipeline, name, t)?;
+        return DeltaSink::check(name, &location, &shape, &delta_options(t), rt).map(Some);
+    }
+    if let Some(t) = &spec.parquet {
+        let shape = shape(&t.partition_by, t.date_from.as_deref())?;
+        return FileTableSink::check(name, &pipeline.resolve(&t.path), &shape).map(Some);
+    }
+    if let Some(c) = &spec.csv {
+        let shape = shape(&c.partition_by, c.date_from.as_deref())?;
+        return FileTableSink::check(name, &pipeline.resolve(&c.path), &shape).map(Some);
+    }
+    if let Some(pg) = &spec.postgres {
+        let shape = shape(&[], None)?;
+        return crate::sink::PostgresSink::check(
+            name,
+            &pg.url,
+            &pg.table,
+            pg.mode,
+            &pg.key,
+            shape,
+            rt.clone(),
+        )
+        .map(Some);
+    }
+    Ok(None)
+}
+
 /// Opens a sink for a stage schema.
 pub(crate) fn open_sink(
     pipeline: &Pipeline,
@@ -243,11 +327,10 @@ pub(crate) fn open_sink(
         )?;
         return Ok(Box::new(DeltaSink::open(
             name,
-            &pipeline.resolve(&t.path),
+            delta_location(pipeline, name, t)?,
             &pipeline.spec.name,
             shape,
-            &t.partition_by,
-            t.target_file_size,
+            delta_options(t),
             rt.clone(),
         )?));
     }

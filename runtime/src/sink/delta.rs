@@ -12,7 +12,12 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use tokio::runtime::Runtime;
 
-use super::{Fence, Position, Positions, Sink, SinkError, TableShape, fence, positions_moved};
+use super::{
+    Fence, Fit, Position, Positions, Sink, SinkError, TableShape, fence, fit_columns, maintenance,
+    positions_moved,
+};
+use crate::config::SchemaMode;
+use crate::storage::TableLocation;
 
 /// A Delta Lake table. Rows are encoded into data files as they are staged; a commit adds those
 /// files to the log in one version together with, per source partition, the last offset covered
@@ -40,6 +45,16 @@ pub struct DeltaSink {
     /// partition now.
     latest: HashMap<String, Position>,
     encode_time: std::time::Duration,
+    /// Compaction, checkpoints and vacuum beside the commits.
+    upkeep: Option<maintenance::Upkeep>,
+}
+
+impl Drop for DeltaSink {
+    fn drop(&mut self) {
+        if let Some(upkeep) = self.upkeep.as_mut() {
+            upkeep.finish(std::time::Duration::from_secs(10));
+        }
+    }
 }
 
 /// Why a commit attempt did not land.
@@ -109,44 +124,131 @@ async fn scan(
     Ok(())
 }
 
+/// How a Delta sink writes its table.
+#[derive(Debug, Clone)]
+pub struct DeltaOptions {
+    /// Partition columns.
+    pub partition_by: Vec<String>,
+    /// Data files are cut at about this size.
+    pub target_file_size: u64,
+    /// Whether new stage columns are added to an existing table.
+    pub schema_mode: SchemaMode,
+    /// Background upkeep (`None`: none).
+    pub maintenance: Option<maintenance::Plan>,
+}
+
+/// Whether the folder holds a table: a commit in its log (a kill during the creation leaves
+/// `_delta_log/` with no version in it, which is a table still to create).
+fn has_commit(path: &Path) -> bool {
+    std::fs::read_dir(path.join("_delta_log")).is_ok_and(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().ends_with(".json"))
+    })
+}
+
+/// How `shape` fits the loaded `table`: its columns (see [`fit_columns`]) and partitioning.
+fn fit_table(
+    name: &str,
+    location: &str,
+    table: &DeltaTable,
+    shape: &TableShape,
+    options: &DeltaOptions,
+) -> Result<Fit, SinkError> {
+    let mismatch = |message: String| SinkError::SchemaMismatch {
+        sink: name.into(),
+        table: location.into(),
+        message,
+    };
+    let state = table.snapshot().map_err(|e| SinkError::Table {
+        sink: name.into(),
+        table: location.into(),
+        message: e.to_string(),
+    })?;
+    let existing = state.snapshot().arrow_schema();
+    let fit = fit_columns(
+        &existing,
+        shape.schema(),
+        options.schema_mode == SchemaMode::Merge,
+    )
+    .map_err(mismatch)?;
+    let partitions = state.metadata().partition_columns().to_vec();
+    if partitions != options.partition_by {
+        return Err(mismatch(format!(
+            "table is partitioned by {partitions:?}, config says {:?}",
+            options.partition_by
+        )));
+    }
+    Ok(fit)
+}
+
+/// Loads the table at `location`; version `None`: no table there yet (one to create).
+async fn load(location: &TableLocation) -> Result<DeltaTable, deltalake::DeltaTableError> {
+    let mut table = deltalake::DeltaTableBuilder::from_url(location.url.clone())?
+        .with_storage_options(location.options.clone())
+        .build()?;
+    // A local folder without a commit in its log is a table to create (a kill during the
+    // creation leaves `_delta_log/` with no version in it): don't ask the reader to load it.
+    if location.local.as_deref().is_some_and(|p| !has_commit(p)) {
+        return Ok(table);
+    }
+    match table.load().await {
+        Ok(()) | Err(deltalake::DeltaTableError::NotATable(_)) => Ok(table),
+        Err(e) => Err(e),
+    }
+}
+
 impl DeltaSink {
-    /// Opens the table at `path`, creating it from `shape` (partitioned by `partition_by`) if it
-    /// does not exist; an existing table must have the same columns and types.
+    /// How the stage's output fits the table at `location`, without changing anything (for
+    /// `flowgate validate`).
+    pub fn check(
+        name: &str,
+        location: &TableLocation,
+        shape: &TableShape,
+        options: &DeltaOptions,
+        rt: &Runtime,
+    ) -> Result<Fit, SinkError> {
+        let shown = location.to_string();
+        if location.local.as_deref().is_some_and(|p| !has_commit(p)) {
+            return Ok(Fit::New);
+        }
+        let mut location = location.clone();
+        let fail = |message: String| SinkError::Table {
+            sink: name.into(),
+            table: shown.clone(),
+            message,
+        };
+        if let Some(path) = &location.local {
+            location.url = maintenance::table_url(path).map_err(fail)?;
+        }
+        let table = rt
+            .block_on(load(&location))
+            .map_err(|e| fail(e.to_string()))?;
+        if table.version().is_none() {
+            return Ok(Fit::New);
+        }
+        fit_table(name, &shown, &table, shape, options)
+    }
+
+    /// Opens the table at `location`, creating it from `shape` (partitioned by `partition_by`)
+    /// if it does not exist; an existing table must have the same columns and types, or, with
+    /// `schema_mode: merge`, gets the stage's new columns added.
     pub fn open(
         name: &str,
-        path: &Path,
+        mut place: TableLocation,
         pipeline: &str,
-        shape: TableShape,
-        partition_by: &[String],
-        target_file_size: u64,
+        mut shape: TableShape,
+        options: DeltaOptions,
         rt: Arc<Runtime>,
     ) -> Result<Self, SinkError> {
-        let location = path.display().to_string();
+        let location = place.to_string();
         let fail = |message: String| SinkError::Table {
             sink: name.into(),
             table: location.clone(),
             message,
         };
-        std::fs::create_dir_all(path)
-            .map_err(|e| fail(format!("cannot create the folder: {e}")))?;
-        let absolute = std::fs::canonicalize(path).map_err(|e| fail(e.to_string()))?;
-        let url = deltalake::ensure_table_uri(absolute.display().to_string())
-            .map_err(|e| fail(e.to_string()))?;
-        // A folder without a commit in its log is a table to create (a kill during the creation
-        // leaves `_delta_log/` with no version in it): don't ask the reader to load it.
-        let has_commit = std::fs::read_dir(absolute.join("_delta_log")).is_ok_and(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .any(|e| e.file_name().to_string_lossy().ends_with(".json"))
-        });
-        let mut table = if has_commit {
-            rt.block_on(DeltaTable::try_from_url(url))
-                .map_err(|e| fail(e.to_string()))?
-        } else {
-            deltalake::DeltaTableBuilder::from_url(url)
-                .and_then(|b| b.build())
-                .map_err(|e| fail(e.to_string()))?
-        };
+        place.create_folder().map_err(fail)?;
+        let mut table = rt.block_on(load(&place)).map_err(|e| fail(e.to_string()))?;
         if table.version().is_none() {
             let schema: StructType = shape
                 .schema()
@@ -156,51 +258,75 @@ impl DeltaSink {
             let create = table
                 .create()
                 .with_columns(schema.fields().cloned())
-                .with_partition_columns(partition_by.to_vec())
+                .with_partition_columns(options.partition_by.clone())
                 .with_table_name(name);
             table = rt
                 .block_on(create.into_future())
                 .map_err(|e| fail(format!("cannot create the table: {e}")))?;
             tracing::info!(sink = name, table = %location, "created Delta table");
         } else {
-            let state = table.snapshot().map_err(|e| fail(e.to_string()))?;
-            let existing = state.snapshot().arrow_schema();
-            let ours = shape.schema();
-            let describe = |s: &arrow::datatypes::Schema| flowgate_sdk::columns::describe_schema(s);
-            let same = existing.fields().len() == ours.fields().len()
-                && existing
-                    .fields()
+            // Another process may add the same columns at the same moment: then the second look
+            // finds them there.
+            let mut tries = 0;
+            loop {
+                let fit = fit_table(name, &location, &table, &shape, &options)?;
+                let Fit::Merge { added, .. } = &fit else {
+                    break;
+                };
+                if added.is_empty() {
+                    let existing = table
+                        .snapshot()
+                        .map_err(|e| fail(e.to_string()))?
+                        .snapshot()
+                        .arrow_schema();
+                    shape.fit_to(existing);
+                    break;
+                }
+                let fields: Vec<arrow::datatypes::Field> = added
                     .iter()
-                    .zip(ours.fields())
-                    .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
-            if !same {
-                return Err(SinkError::SchemaMismatch {
-                    sink: name.into(),
-                    table: location,
-                    message: format!(
-                        "table has {}, stage gives {}",
-                        describe(&existing),
-                        describe(ours)
-                    ),
-                });
-            }
-            let partitions = state.metadata().partition_columns().to_vec();
-            if partitions != partition_by {
-                return Err(SinkError::SchemaMismatch {
-                    sink: name.into(),
-                    table: location,
-                    message: format!(
-                        "table is partitioned by {partitions:?}, config says {partition_by:?}"
-                    ),
-                });
+                    .filter_map(|n| shape.schema().field_with_name(n).ok())
+                    .map(|f| f.clone().with_nullable(true))
+                    .collect();
+                let kernel: StructType = (&arrow::datatypes::Schema::new(fields))
+                    .try_into_kernel()
+                    .map_err(|e| fail(format!("schema: {e}")))?;
+                let added_text = added.join(", ");
+                match rt.block_on(
+                    table
+                        .clone()
+                        .add_columns()
+                        .with_fields(kernel.fields().cloned().collect::<Vec<_>>())
+                        .into_future(),
+                ) {
+                    Ok(merged) => {
+                        tracing::info!(sink = name, table = %location, columns = %added_text, "schema merge: added columns to the Delta table");
+                        table = merged;
+                    }
+                    Err(e) if tries == 0 => {
+                        tracing::info!(
+                            sink = name,
+                            "adding columns failed ({e}); reading the table again"
+                        );
+                        rt.block_on(table.update_state())
+                            .map_err(|e| fail(e.to_string()))?;
+                    }
+                    Err(e) => {
+                        return Err(fail(format!("adding columns {added_text}: {e}")));
+                    }
+                }
+                tries += 1;
             }
         }
         let seen = table.version().unwrap_or(0);
+        let upkeep = options
+            .maintenance
+            .clone()
+            .map(|plan| maintenance::Upkeep::new(name, place, plan));
         Ok(DeltaSink {
             name: name.into(),
             location,
             pipeline: pipeline.into(),
-            target_file_size,
+            target_file_size: options.target_file_size,
             rt,
             table,
             shape,
@@ -210,6 +336,7 @@ impl DeltaSink {
             seen,
             latest: HashMap::new(),
             encode_time: std::time::Duration::ZERO,
+            upkeep,
         })
     }
 
@@ -333,8 +460,11 @@ impl Sink for DeltaSink {
                             partition_by: (!partition_by.is_empty()).then_some(partition_by),
                             predicate: None,
                         };
+                        // Checkpoints are the upkeep task's: never on the commit path.
                         let properties = CommitProperties::default()
-                            .with_application_transactions(txns.clone());
+                            .with_application_transactions(txns.clone())
+                            .with_create_checkpoint(false)
+                            .with_cleanup_expired_logs(Some(false));
                         CommitBuilder::from(properties)
                             .with_actions(actions.clone())
                             .build(
@@ -374,6 +504,9 @@ impl Sink for DeltaSink {
         tracing::debug!(sink = %self.name, version, files, "committed Delta version");
         self.last
             .extend(positions.iter().map(|(k, v)| (k.clone(), *v)));
+        if let Some(upkeep) = self.upkeep.as_mut() {
+            upkeep.after_commit();
+        }
         Ok(true)
     }
 
@@ -424,6 +557,19 @@ mod tests {
     use arrow::array::Int64Array;
     use arrow::datatypes::{DataType, Field, Schema};
 
+    fn folder(path: &Path) -> TableLocation {
+        TableLocation::folder(path).unwrap()
+    }
+
+    fn options() -> DeltaOptions {
+        DeltaOptions {
+            partition_by: Vec::new(),
+            target_file_size: 1 << 20,
+            schema_mode: SchemaMode::Strict,
+            maintenance: None,
+        }
+    }
+
     #[test]
     fn a_failed_commit_keeps_its_files_for_the_next_attempt() {
         let dir = tempfile::tempdir().unwrap();
@@ -436,7 +582,7 @@ mod tests {
         );
         let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
         let shape = TableShape::new("t", &schema, &[], None, None).unwrap();
-        let mut sink = DeltaSink::open("t", dir.path(), "p", shape, &[], 1 << 20, rt).unwrap();
+        let mut sink = DeltaSink::open("t", folder(dir.path()), "p", shape, options(), rt).unwrap();
         let batch =
             RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1, 2, 3]))]).unwrap();
         sink.write(batch).unwrap();
@@ -487,11 +633,10 @@ mod tests {
         let open = || {
             DeltaSink::open(
                 "t",
-                dir.path(),
+                folder(dir.path()),
                 "p",
                 shape.clone(),
-                &[],
-                1 << 20,
+                options(),
                 rt.clone(),
             )
             .unwrap()

@@ -14,7 +14,7 @@ use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Fence, Position, Positions, Sink, SinkError, TableShape, fence, positions_moved, raise,
+    Fence, Fit, Position, Positions, Sink, SinkError, TableShape, fence, positions_moved, raise,
 };
 
 /// How a file table's files are written.
@@ -139,6 +139,76 @@ struct LogEntry {
     /// `topic/partition` → the partition's checkpoint epoch at that offset.
     #[serde(default)]
     epochs: BTreeMap<String, u64>,
+    /// The table's columns (partition columns included) as `[name, type]`: every file of the
+    /// table has this shape, and a sink whose stage gives another refuses to write (entries
+    /// written before this was recorded have none).
+    #[serde(default)]
+    columns: Vec<[String; 2]>,
+}
+
+/// A schema as a log entry records it.
+fn columns_of(schema: &Schema) -> Vec<[String; 2]> {
+    schema
+        .fields()
+        .iter()
+        .map(|f| [f.name().clone(), f.data_type().to_string()])
+        .collect()
+}
+
+/// The commit-log entries under `dir` in name order, except those `skip` names.
+fn read_entries(
+    dir: &Path,
+    skip: impl Fn(&std::ffi::OsStr) -> bool,
+) -> Result<Vec<(std::ffi::OsString, LogEntry)>, String> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir.join(LOG))
+        .map_err(|e| e.to_string())?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter(|p| p.file_name().is_none_or(|n| !skip(n)))
+        .collect();
+    entries.sort();
+    entries
+        .into_iter()
+        .map(|entry| {
+            let text =
+                std::fs::read_to_string(&entry).map_err(|e| format!("{}: {e}", entry.display()))?;
+            let log: LogEntry = serde_json::from_str(&text)
+                .map_err(|e| format!("commit log {} is damaged: {e}", entry.display()))?;
+            Ok((entry.file_name().unwrap_or_default().to_os_string(), log))
+        })
+        .collect()
+}
+
+/// Whether the table whose newest log entry (with columns) is among `entries` takes `shape`'s
+/// rows: Parquet and CSV tables keep one shape, so any difference is refused.
+fn fit_entries(
+    entries: &[(std::ffi::OsString, LogEntry)],
+    shape: &TableShape,
+) -> Result<Fit, String> {
+    let Some((name, entry)) = entries.iter().rev().find(|(_, e)| !e.columns.is_empty()) else {
+        return Ok(if entries.is_empty() {
+            Fit::New
+        } else {
+            Fit::Same
+        });
+    };
+    let ours = columns_of(shape.schema());
+    if entry.columns == ours {
+        return Ok(Fit::Same);
+    }
+    let describe = |c: &[[String; 2]]| {
+        c.iter()
+            .map(|[n, t]| format!("{n}: {t}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(format!(
+        "the table's files have ({}) (commit log entry {}), the stage gives ({}); files of two shapes in one table would break its readers: write to a new path, or move the old files away",
+        describe(&entry.columns),
+        name.to_string_lossy(),
+        describe(&ours)
+    ))
 }
 
 const LOG: &str = "_flowgate_log";
@@ -246,7 +316,13 @@ impl FileTableSink {
             logs_read: Default::default(),
             format,
         };
-        let known = sink.read_log()?;
+        let entries = read_entries(dir, |_| false).map_err(fail)?;
+        fit_entries(&entries, &sink.shape).map_err(|message| SinkError::SchemaMismatch {
+            sink: name.into(),
+            table: dir.display().to_string(),
+            message,
+        })?;
+        let known = sink.read_log(entries);
         sink.roll_forward(&known)
             .map_err(|e| fail(format!("finishing an interrupted commit: {e}")))?;
         sink.remove_orphans(&dir.join(STAGING), &known)
@@ -254,47 +330,49 @@ impl FileTableSink {
         Ok(sink)
     }
 
-    /// Reads every commit-log entry (all writers): the files committed, and the newest position
-    /// per source partition (into `latest`).
-    fn read_log(&mut self) -> Result<std::collections::HashSet<String>, SinkError> {
+    /// How the stage's output fits the table at `dir`, without changing anything (for
+    /// `flowgate validate`).
+    pub fn check(name: &str, dir: &Path, shape: &TableShape) -> Result<Fit, SinkError> {
+        if !dir.join(LOG).is_dir() {
+            return Ok(Fit::New);
+        }
+        let table = dir.display().to_string();
+        let entries = read_entries(dir, |_| false).map_err(|message| SinkError::Table {
+            sink: name.into(),
+            table: table.clone(),
+            message,
+        })?;
+        fit_entries(&entries, shape).map_err(|message| SinkError::SchemaMismatch {
+            sink: name.into(),
+            table,
+            message,
+        })
+    }
+
+    /// Takes in every commit-log entry (all writers): the files committed, and the newest
+    /// position per source partition (into `latest`).
+    fn read_log(
+        &mut self,
+        entries: Vec<(std::ffi::OsString, LogEntry)>,
+    ) -> std::collections::HashSet<String> {
         let mut known = std::collections::HashSet::new();
-        for (name, log) in self.log_entries(false).map_err(|e| self.fail(e))? {
+        for (name, log) in entries {
             for (key, position) in log.positions() {
                 raise(&mut self.latest, key, position);
             }
             known.extend(log.files);
             self.logs_read.insert(name);
         }
-        Ok(known)
-    }
-
-    /// The commit-log entries in name order (with `only_new`, those not read before).
-    fn log_entries(&self, only_new: bool) -> Result<Vec<(std::ffi::OsString, LogEntry)>, String> {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(self.dir.join(LOG))
-            .map_err(|e| e.to_string())?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .filter(|p| !only_new || p.file_name().is_none_or(|n| !self.logs_read.contains(n)))
-            .collect();
-        entries.sort();
-        entries
-            .into_iter()
-            .map(|entry| {
-                let text = std::fs::read_to_string(&entry)
-                    .map_err(|e| format!("{}: {e}", entry.display()))?;
-                let log: LogEntry = serde_json::from_str(&text)
-                    .map_err(|e| format!("commit log {} is damaged: {e}", entry.display()))?;
-                Ok((entry.file_name().unwrap_or_default().to_os_string(), log))
-            })
-            .collect()
+        known
     }
 
     /// Fencing: an entry another process wrote since this one last read the log, recording a
     /// partition about to be committed further than this process holds it, means the group moved
     /// the partition to that process (this one lost it): committing would write rows twice.
     fn check_not_overtaken(&mut self, positions: &Positions) -> Result<(), SinkError> {
-        for (name, log) in self.log_entries(true).map_err(|e| self.fail(e))? {
+        let read = &self.logs_read;
+        let entries = read_entries(&self.dir, |n| read.contains(n)).map_err(|e| self.fail(e))?;
+        for (name, log) in entries {
             for (key, position) in log.positions() {
                 raise(&mut self.latest, key, position);
             }
@@ -527,6 +605,7 @@ impl Sink for FileTableSink {
                 .iter()
                 .map(|((t, p), pos)| (key(t, *p), pos.epoch))
                 .collect(),
+            columns: columns_of(self.shape.schema()),
         };
         let log = self
             .dir
@@ -566,7 +645,8 @@ impl Sink for FileTableSink {
     fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<Position>, SinkError> {
         // Another process of the group may have written this partition until a moment ago, and
         // may have died between its log entry and moving its files.
-        let known = self.read_log()?;
+        let entries = read_entries(&self.dir, |_| false).map_err(|e| self.fail(e))?;
+        let known = self.read_log(entries);
         self.roll_forward(&known)
             .map_err(|e| self.fail(format!("finishing an interrupted commit: {e}")))?;
         // This process holds the partition from here on, as far as the log records it.
@@ -631,6 +711,50 @@ mod tests {
         }
         out.sort();
         out
+    }
+
+    #[test]
+    fn a_table_never_takes_files_of_a_second_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink =
+            FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet)
+                .unwrap();
+        sink.write(batch(&["a", "b"])).unwrap();
+        sink.commit(&positions(1, 1)).unwrap();
+        drop(sink);
+        assert_eq!(
+            FileTableSink::check("t", dir.path(), &shape()).unwrap(),
+            Fit::Same
+        );
+        // The stage gained a column: the table (and validate) refuse it, naming both shapes.
+        let wider = Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("v", DataType::Int64, false),
+            Field::new("w", DataType::Float64, true),
+        ]);
+        let wider = TableShape::new("t", &wider, &["k".to_string()], None, None).unwrap();
+        let checked = FileTableSink::check("t", dir.path(), &wider)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        let opened =
+            FileTableSink::open("t", dir.path(), wider, &["k".into()], FileFormat::Parquet)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+        for refused in [checked, opened] {
+            assert!(
+                refused.contains("does not fit")
+                    && refused.contains("have (k: Utf8, v: Int64)")
+                    && refused.contains("gives (k: Utf8, v: Int64, w: Float64)"),
+                "{refused}"
+            );
+        }
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(
+            FileTableSink::check("t", &empty.path().join("new"), &shape()).unwrap(),
+            Fit::New
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 mod console;
 mod delta;
 mod files;
+pub mod maintenance;
 mod postgres;
 
 use std::collections::BTreeMap;
@@ -16,7 +17,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 
 pub use console::ConsoleSink;
-pub use delta::DeltaSink;
+pub use delta::{DeltaOptions, DeltaSink};
 pub use files::{FileFormat, FileTableSink};
 pub use postgres::PostgresSink;
 
@@ -97,8 +98,111 @@ pub trait Sink: Send {
 /// `timestamp`), and a derived `date` column when the table is partitioned by one.
 #[derive(Debug, Clone)]
 pub struct TableShape {
+    /// The stage's columns in table types, then the derived `date`.
+    shaped: SchemaRef,
+    /// What the table stores: `shaped`, or an existing table's columns (see [`Self::fit_to`]).
     output: SchemaRef,
+    /// Per table column, the `shaped` column it takes (`None`: nulls), when the table's columns
+    /// differ from `shaped`.
+    projection: Option<Vec<Option<usize>>>,
     date_from: Option<usize>,
+}
+
+/// How a stage's output meets a table that exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fit {
+    /// No table yet: the sink creates it from the stage's output.
+    New,
+    /// The table has exactly the stage's columns.
+    Same,
+    /// The table takes the stage's output after the change a merge makes.
+    Merge {
+        /// Stage columns the table lacks, added to it (nullable).
+        added: Vec<String>,
+        /// Table columns the stage lacks, written as nulls.
+        missing: Vec<String>,
+    },
+}
+
+impl std::fmt::Display for Fit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fit::New => f.write_str("no table yet: created at the first run"),
+            Fit::Same => f.write_str("the table fits"),
+            Fit::Merge { added, missing } => {
+                let mut parts = Vec::new();
+                if !added.is_empty() {
+                    parts.push(format!("adds column(s) {}", added.join(", ")));
+                }
+                if !missing.is_empty() {
+                    parts.push(format!("writes nulls into {}", missing.join(", ")));
+                }
+                if parts.is_empty() {
+                    parts.push("columns in the table's order".into());
+                }
+                write!(
+                    f,
+                    "the table fits after a schema merge: {}",
+                    parts.join("; ")
+                )
+            }
+        }
+    }
+}
+
+/// How the columns of `ours` (a stage's output in table form) fit the table's `existing` ones:
+/// exactly (strict), or, with `merge`, once the stage's new columns are added to the table.
+/// Either way a column whose type differs does not fit. `Err` says what does not fit.
+pub fn fit_columns(existing: &Schema, ours: &Schema, merge: bool) -> Result<Fit, String> {
+    let describe = |s: &Schema| flowgate_sdk::columns::describe_schema(s);
+    let same = existing.fields().len() == ours.fields().len()
+        && existing
+            .fields()
+            .iter()
+            .zip(ours.fields())
+            .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
+    if same {
+        return Ok(Fit::Same);
+    }
+    if !merge {
+        return Err(format!(
+            "table has {}, stage gives {} (`schema_mode: merge` on a Delta sink adds new columns)",
+            describe(existing),
+            describe(ours)
+        ));
+    }
+    let mut problems = Vec::new();
+    let mut added = Vec::new();
+    for field in ours.fields() {
+        match existing.field_with_name(field.name()) {
+            Ok(have) if have.data_type() != field.data_type() => problems.push(format!(
+                "column `{}` is {} in the table and {} in the stage (a type change needs a new table)",
+                field.name(),
+                have.data_type(),
+                field.data_type()
+            )),
+            Ok(_) => {}
+            Err(_) => added.push(field.name().clone()),
+        }
+    }
+    let mut missing = Vec::new();
+    for field in existing.fields() {
+        if ours.field_with_name(field.name()).is_err() {
+            if field.is_nullable() {
+                missing.push(field.name().clone());
+            } else {
+                problems.push(format!(
+                    "the table's column `{}` is not nullable and the stage does not give it",
+                    field.name()
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(Fit::Merge { added, missing })
+    } else {
+        Err(problems.join("; "))
+    }
 }
 
 /// The table type of a stage type.
@@ -153,8 +257,11 @@ impl TableShape {
                 });
             }
         }
+        let shaped = Arc::new(Schema::new(fields));
         Ok(TableShape {
-            output: Arc::new(Schema::new(fields)),
+            output: shaped.clone(),
+            shaped,
+            projection: None,
             date_from: date_index,
         })
     }
@@ -164,10 +271,22 @@ impl TableShape {
         &self.output
     }
 
+    /// Writes batches in `table`'s columns (after a schema merge): each table column takes the
+    /// stage column of its name, or nulls if the stage has none.
+    pub fn fit_to(&mut self, table: SchemaRef) {
+        let projection = table
+            .fields()
+            .iter()
+            .map(|f| self.shaped.index_of(f.name()).ok())
+            .collect();
+        self.projection = Some(projection);
+        self.output = table;
+    }
+
     /// A stage batch in table form.
     pub fn apply(&self, batch: &RecordBatch) -> Result<RecordBatch, arrow::error::ArrowError> {
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.output.fields().len());
-        for (column, field) in batch.columns().iter().zip(self.output.fields()) {
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.shaped.fields().len());
+        for (column, field) in batch.columns().iter().zip(self.shaped.fields()) {
             columns.push(if column.data_type() == field.data_type() {
                 column.clone()
             } else {
@@ -182,6 +301,17 @@ impl TableShape {
                 .map(|m| m.map(|m| m.div_euclid(86_400_000) as i32))
                 .collect();
             columns.push(Arc::new(days));
+        }
+        if let Some(projection) = &self.projection {
+            let rows = batch.num_rows();
+            columns = projection
+                .iter()
+                .zip(self.output.fields())
+                .map(|(from, field)| match from {
+                    Some(i) => columns[*i].clone(),
+                    None => arrow::array::new_null_array(field.data_type(), rows),
+                })
+                .collect();
         }
         RecordBatch::try_new(self.output.clone(), columns)
     }

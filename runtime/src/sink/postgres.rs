@@ -20,7 +20,7 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, NoTls};
 
-use super::{Fence, Position, Positions, Sink, SinkError, TableShape, fence, positions_moved};
+use super::{Fence, Fit, Position, Positions, Sink, SinkError, TableShape, fence, positions_moved};
 use crate::config::PostgresMode;
 
 /// The table of committed positions, beside the sink's table.
@@ -192,6 +192,13 @@ pub struct PostgresSink {
     last: Positions,
 }
 
+/// The table a sink writes, and the columns it wants there (name, type, type name, nullable).
+struct Target {
+    schema: Option<String>,
+    table: String,
+    wanted: Vec<(String, Type, &'static str, bool)>,
+}
+
 impl PostgresSink {
     /// Connects, creates the table from `shape` when missing (with `key` as its primary key for
     /// upserts) and the offsets table, and checks that an existing table fits.
@@ -206,6 +213,43 @@ impl PostgresSink {
         shape: TableShape,
         rt: Arc<Runtime>,
     ) -> Result<Self, SinkError> {
+        let (mut sink, target) =
+            Self::unconnected(name, url, table, mode, key, pipeline, shape, rt)?;
+        let mut client = sink.take_client()?;
+        let prepared = sink.rt.block_on(sink.prepare(&mut client, &target, true));
+        sink.client = Some(client);
+        prepared?;
+        Ok(sink)
+    }
+
+    /// How the stage's output fits the table, without creating or changing anything (for
+    /// `flowgate validate`).
+    pub fn check(
+        name: &str,
+        url: &str,
+        table: &str,
+        mode: PostgresMode,
+        key: &[String],
+        shape: TableShape,
+        rt: Arc<Runtime>,
+    ) -> Result<Fit, SinkError> {
+        let (mut sink, target) = Self::unconnected(name, url, table, mode, key, "", shape, rt)?;
+        let mut client = sink.take_client()?;
+        sink.rt.block_on(sink.prepare(&mut client, &target, false))
+    }
+
+    /// The sink before it connects, and the table it writes.
+    #[allow(clippy::too_many_arguments)]
+    fn unconnected(
+        name: &str,
+        url: &str,
+        table: &str,
+        mode: PostgresMode,
+        key: &[String],
+        pipeline: &str,
+        shape: TableShape,
+        rt: Arc<Runtime>,
+    ) -> Result<(Self, Target), SinkError> {
         let config_error = |message: String| SinkError::Config {
             sink: name.into(),
             message,
@@ -239,7 +283,7 @@ impl PostgresSink {
             Some(s) => format!("{}.{}", quote(s), quote(t)),
             None => quote(t),
         };
-        let mut sink = PostgresSink {
+        let sink = PostgresSink {
             name: name.into(),
             location: format!("{} {table}", describe_url(url)),
             url: url.into(),
@@ -256,16 +300,12 @@ impl PostgresSink {
             staged: Vec::new(),
             last: Positions::new(),
         };
-        let mut client = sink.take_client()?;
-        let prepared = sink.rt.block_on(sink.prepare(
-            &mut client,
-            schema_name.as_deref(),
-            &table_name,
-            &wanted,
-        ));
-        sink.client = Some(client);
-        prepared?;
-        Ok(sink)
+        let target = Target {
+            schema: schema_name,
+            table: table_name,
+            wanted,
+        };
+        Ok((sink, target))
     }
 
     fn fail(&self, message: impl std::fmt::Display) -> SinkError {
@@ -310,10 +350,14 @@ impl PostgresSink {
     async fn prepare(
         &self,
         client: &mut Client,
-        schema: Option<&str>,
-        table: &str,
-        wanted: &[(String, Type, &'static str, bool)],
-    ) -> Result<(), SinkError> {
+        target: &Target,
+        create: bool,
+    ) -> Result<Fit, SinkError> {
+        let (schema, table, wanted) = (
+            target.schema.as_deref(),
+            target.table.as_str(),
+            &target.wanted,
+        );
         let fail = |what: &str, e: tokio_postgres::Error| self.fail(format!("{what}: {e}"));
         let found: Vec<(String, String)> = client
             .query(
@@ -327,6 +371,9 @@ impl PostgresSink {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
+        if found.is_empty() && !create {
+            return Ok(Fit::New);
+        }
         if found.is_empty() {
             let mut defs: Vec<String> = wanted
                 .iter()
@@ -391,6 +438,9 @@ impl PostgresSink {
                     message: problems.join("; "),
                 });
             }
+            if !create {
+                return Ok(Fit::Same);
+            }
         }
         client
             .batch_execute(&format!(
@@ -402,7 +452,7 @@ impl PostgresSink {
             ))
             .await
             .map_err(|e| fail("creating the offsets table", e))?;
-        Ok(())
+        Ok(Fit::Same)
     }
 
     /// One commit attempt: fence, rows, positions, all in one transaction.

@@ -1,0 +1,176 @@
+//! Where a Delta table lives: a local folder, or an S3 bucket (AWS, MinIO, or any store with
+//! S3's conditional put).
+//!
+//! Delta's commit protocol needs "create this log entry only if it does not exist" from the
+//! store: two writers racing for one version must not both win. Local files have it; on S3 the
+//! log entry is written with `If-None-Match: *` (conditional put, which AWS S3 and MinIO
+//! support), so no lock table is needed. delta-rs's `s3` feature would bring the AWS SDK and a
+//! DynamoDB locking client into the build; this registers `object_store`'s S3 client (already in
+//! the build through delta-rs) with delta-rs's default log store instead.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Once};
+
+use deltalake::logstore::{
+    LogStore, LogStoreFactory, ObjectStoreFactory, ObjectStoreRef, StorageConfig, default_logstore,
+    logstore_factories, object_store_factories,
+};
+use deltalake::{DeltaResult, DeltaTableError};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use url::Url;
+
+/// The URL schemes a Delta sink's `path` may have.
+pub const SCHEMES: &[&str] = &["s3"];
+
+/// A Delta table's location: its URL, the local folder when it is one, and the options for
+/// its store (`storage_options:` in the sink; credentials otherwise come from `AWS_*`).
+#[derive(Debug, Clone)]
+pub struct TableLocation {
+    /// `file:///abs/path` or `s3://bucket/prefix`.
+    pub url: Url,
+    /// The folder, for a local table.
+    pub local: Option<PathBuf>,
+    /// Store options (`aws_endpoint`, `aws_region`, …).
+    pub options: HashMap<String, String>,
+}
+
+impl TableLocation {
+    /// A location from what a pipeline or command line gives: a URL with a supported scheme,
+    /// or a folder (made absolute against `base` when relative; it need not exist yet).
+    pub fn parse(
+        text: &str,
+        base: &Path,
+        options: HashMap<String, String>,
+    ) -> Result<Self, String> {
+        if let Some((scheme, _)) = text.split_once("://") {
+            if !SCHEMES.contains(&scheme) {
+                return Err(format!(
+                    "`{text}`: `{scheme}://` is not a supported table location (local folders and `s3://bucket/prefix`)"
+                ));
+            }
+            register();
+            let url = Url::parse(text).map_err(|e| format!("`{text}`: {e}"))?;
+            if url.host_str().is_none_or(str::is_empty) {
+                return Err(format!("`{text}`: no bucket (`s3://bucket/prefix`)"));
+            }
+            return Ok(TableLocation {
+                url,
+                local: None,
+                options,
+            });
+        }
+        let path = Path::new(text);
+        let path = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            base.join(path)
+        };
+        Ok(TableLocation {
+            url: file_url(&path)?,
+            local: Some(path),
+            options,
+        })
+    }
+
+    /// A local folder's location.
+    pub fn folder(path: &Path) -> Result<Self, String> {
+        Ok(TableLocation {
+            url: file_url(path)?,
+            local: Some(path.to_path_buf()),
+            options: HashMap::new(),
+        })
+    }
+
+    /// Makes a local folder exist and its URL canonical (symlinks resolved), as delta-rs wants.
+    pub fn create_folder(&mut self) -> Result<(), String> {
+        if let Some(path) = &self.local {
+            std::fs::create_dir_all(path).map_err(|e| format!("cannot create the folder: {e}"))?;
+            let absolute = std::fs::canonicalize(path).map_err(|e| e.to_string())?;
+            self.url = deltalake::ensure_table_uri(absolute.display().to_string())
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for TableLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.local {
+            Some(path) => write!(f, "{}", path.display()),
+            None => write!(f, "{}", self.url),
+        }
+    }
+}
+
+/// `file://` URL of a path that may not exist yet (absolute against the working directory).
+fn file_url(path: &Path) -> Result<Url, String> {
+    let absolute = std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Url::from_directory_path(&absolute)
+        .map_err(|()| format!("{}: not a path a URL can name", absolute.display()))
+}
+
+/// S3 through `object_store`: settings from the `AWS_*` environment, then the sink's
+/// `storage_options` (keys as `object_store` names them: `aws_endpoint`, `aws_region`,
+/// `aws_allow_http`, `aws_access_key_id`, …, in any case).
+struct S3Stores;
+
+impl ObjectStoreFactory for S3Stores {
+    fn parse_url_opts(
+        &self,
+        url: &Url,
+        config: &StorageConfig,
+    ) -> DeltaResult<(ObjectStoreRef, object_store::path::Path)> {
+        let mut builder = AmazonS3Builder::from_env().with_url(url.as_str());
+        for (key, value) in &config.raw {
+            match key.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+                Ok(key) => builder = builder.with_config(key, value),
+                Err(_) => {
+                    return Err(DeltaTableError::Generic(format!(
+                        "`storage_options`: `{key}` is not an S3 setting (e.g. aws_endpoint, aws_region, aws_allow_http, aws_access_key_id, aws_secret_access_key)"
+                    )));
+                }
+            }
+        }
+        let store = builder
+            .build()
+            .map_err(|e| DeltaTableError::ObjectStore { source: e })?;
+        let prefix = object_store::path::Path::from_url_path(url.path())
+            .map_err(|e| DeltaTableError::Generic(format!("{url}: {e}")))?;
+        Ok((Arc::new(store), prefix))
+    }
+}
+
+/// delta-rs's default log store: commits written with `PutMode::Create`.
+struct ConditionalPutLogs;
+
+impl LogStoreFactory for ConditionalPutLogs {
+    fn with_options(
+        &self,
+        prefixed_store: ObjectStoreRef,
+        root_store: ObjectStoreRef,
+        location: &Url,
+        options: &StorageConfig,
+    ) -> DeltaResult<Arc<dyn LogStore>> {
+        Ok(default_logstore(
+            prefixed_store,
+            root_store,
+            location,
+            options,
+        ))
+    }
+}
+
+/// Registers the S3 store with delta-rs (once per process).
+pub fn register() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        for scheme in SCHEMES {
+            let Ok(url) = Url::parse(&format!("{scheme}://")) else {
+                continue;
+            };
+            object_store_factories().insert(url.clone(), Arc::new(S3Stores));
+            logstore_factories().insert(url, Arc::new(ConditionalPutLogs));
+        }
+    });
+}
