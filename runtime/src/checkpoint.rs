@@ -6,9 +6,10 @@
 //! a sink at epoch `E` finds the state that goes with it. A state is never overwritten by a
 //! different one under a committed epoch, and only epochs older than every sink's are pruned.
 //!
-//! Layout of the file store: `{dir}/{pipeline}/{topic}-{partition}/{epoch:020}.state`, written
-//! atomically (temp + rename); body: `FGC2` then the postcard encoding of [`PartitionState`].
-//! [`StateStore`] is the trait, so an object-store implementation can sit beside this one.
+//! Layout: `{dir}/{pipeline}/{topic}-{partition}/{epoch:020}.state`; body: `FGC2` then the
+//! postcard encoding of [`PartitionState`]. [`FileStateStore`] keeps it in a folder (written
+//! atomically: temp + rename); [`ObjectStateStore`] in an object store (`s3://bucket/prefix`,
+//! where a put is atomic), so processes on different hosts share it.
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +27,14 @@ pub enum CheckpointError {
         path: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// The object store could not be read or written.
+    #[error("checkpoint store `{location}`: {message}")]
+    Store {
+        /// The object's URL.
+        location: String,
+        /// Why.
+        message: String,
     },
     /// A state file is damaged.
     #[error("checkpoint `{path}` is damaged: {message}")]
@@ -83,6 +92,36 @@ pub trait StateStore: Send + Sync {
     fn prune(&self, topic: &str, partition: i32, keep_from: u64) -> Result<(), CheckpointError>;
 }
 
+/// A partition's folder name: the topic with characters a path must not hold replaced.
+fn partition_key(topic: &str, partition: i32) -> String {
+    let topic: String = topic
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{topic}-{partition}")
+}
+
+/// A state as stored: the magic, then postcard.
+fn encode(state: &PartitionState) -> Result<Vec<u8>, String> {
+    let mut body = MAGIC.to_vec();
+    body.extend(postcard::to_stdvec(state).map_err(|e| format!("cannot encode: {e}"))?);
+    Ok(body)
+}
+
+/// A stored state read back.
+fn decode(body: &[u8]) -> Result<PartitionState, String> {
+    let rest = body
+        .strip_prefix(MAGIC.as_slice())
+        .ok_or_else(|| "bad header (written by an older Flowgate?)".to_string())?;
+    postcard::from_bytes(rest).map_err(|e| e.to_string())
+}
+
 /// The file-system store: a local or shared folder.
 #[derive(Debug, Clone)]
 pub struct FileStateStore {
@@ -105,17 +144,7 @@ impl FileStateStore {
     }
 
     fn partition_dir(&self, topic: &str, partition: i32) -> PathBuf {
-        let topic: String = topic
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        self.dir.join(format!("{topic}-{partition}"))
+        self.dir.join(partition_key(topic, partition))
     }
 
     fn epochs(&self, dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
@@ -147,13 +176,10 @@ impl StateStore for FileStateStore {
         let dir = self.partition_dir(topic, partition);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let file = dir.join(format!("{epoch:020}.state"));
-        let mut body = MAGIC.to_vec();
-        body.extend(
-            postcard::to_stdvec(state).map_err(|e| CheckpointError::Corrupt {
-                path: file.clone(),
-                message: format!("cannot encode: {e}"),
-            })?,
-        );
+        let body = encode(state).map_err(|message| CheckpointError::Corrupt {
+            path: file.clone(),
+            message,
+        })?;
         let tmp = dir.join(format!(".{epoch:020}.{}.tmp", std::process::id()));
         std::fs::write(&tmp, &body).map_err(io(&tmp))?;
         std::fs::File::open(&tmp)
@@ -176,16 +202,12 @@ impl StateStore for FileStateStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io(&file)(e)),
         };
-        let corrupt = |message: String| CheckpointError::Corrupt {
-            path: file.clone(),
-            message,
-        };
-        let rest = body
-            .strip_prefix(MAGIC.as_slice())
-            .ok_or_else(|| corrupt("bad header (written by an older Flowgate?)".into()))?;
-        postcard::from_bytes(rest)
+        decode(&body)
             .map(Some)
-            .map_err(|e| corrupt(e.to_string()))
+            .map_err(|message| CheckpointError::Corrupt {
+                path: file.clone(),
+                message,
+            })
     }
 
     fn prune(&self, topic: &str, partition: i32, keep_from: u64) -> Result<(), CheckpointError> {
@@ -193,6 +215,156 @@ impl StateStore for FileStateStore {
         for (epoch, path) in self.epochs(&dir)? {
             if epoch < keep_from {
                 std::fs::remove_file(&path).map_err(io(&path))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The object-store store (`s3://bucket/prefix`): a put is atomic there, so no temp object.
+pub struct ObjectStateStore {
+    store: std::sync::Arc<dyn object_store::ObjectStore>,
+    /// `{prefix}/{pipeline}`.
+    root: object_store::path::Path,
+    /// `scheme://bucket`, for messages (object paths follow it).
+    url: String,
+    rt: std::sync::Arc<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for ObjectStateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectStateStore")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+impl ObjectStateStore {
+    /// A store at `url` (`s3://bucket/prefix`; settings from `AWS_*`, then `options`) for
+    /// pipeline `pipeline`; `rt` runs its requests.
+    pub fn open(
+        url: &url::Url,
+        options: &std::collections::HashMap<String, String>,
+        pipeline: &str,
+        rt: std::sync::Arc<tokio::runtime::Runtime>,
+    ) -> Result<Self, CheckpointError> {
+        let fail = |message: String| CheckpointError::Store {
+            location: url.to_string(),
+            message,
+        };
+        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str());
+        for (key, value) in options {
+            let key = key
+                .to_ascii_lowercase()
+                .parse::<object_store::aws::AmazonS3ConfigKey>()
+                .map_err(|_| fail(format!("`storage_options`: `{key}` is not an S3 setting")))?;
+            builder = builder.with_config(key, value);
+        }
+        let store = builder.build().map_err(|e| fail(e.to_string()))?;
+        let prefix =
+            object_store::path::Path::from_url_path(url.path()).map_err(|e| fail(e.to_string()))?;
+        let bucket = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
+        Ok(Self::new(
+            std::sync::Arc::new(store),
+            prefix,
+            &bucket,
+            pipeline,
+            rt,
+        ))
+    }
+
+    /// A store in `store` (at `url`, `scheme://bucket`) under `prefix`.
+    pub fn new(
+        store: std::sync::Arc<dyn object_store::ObjectStore>,
+        prefix: object_store::path::Path,
+        url: &str,
+        pipeline: &str,
+        rt: std::sync::Arc<tokio::runtime::Runtime>,
+    ) -> Self {
+        ObjectStateStore {
+            store,
+            root: prefix.join(pipeline),
+            url: url.to_string(),
+            rt,
+        }
+    }
+
+    fn object(&self, topic: &str, partition: i32, epoch: u64) -> object_store::path::Path {
+        self.root
+            .clone()
+            .join(partition_key(topic, partition))
+            .join(format!("{epoch:020}.state"))
+    }
+
+    fn fail(&self, path: &object_store::path::Path, e: impl std::fmt::Display) -> CheckpointError {
+        CheckpointError::Store {
+            location: format!("{}/{path}", self.url),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl StateStore for ObjectStateStore {
+    fn save(
+        &self,
+        topic: &str,
+        partition: i32,
+        epoch: u64,
+        state: &PartitionState,
+    ) -> Result<(), CheckpointError> {
+        use object_store::ObjectStoreExt;
+        let path = self.object(topic, partition, epoch);
+        let body = encode(state).map_err(|e| self.fail(&path, e))?;
+        self.rt
+            .block_on(self.store.put(&path, body.into()))
+            .map(|_| ())
+            .map_err(|e| self.fail(&path, e))
+    }
+
+    fn load(
+        &self,
+        topic: &str,
+        partition: i32,
+        epoch: u64,
+    ) -> Result<Option<PartitionState>, CheckpointError> {
+        use object_store::ObjectStoreExt;
+        let path = self.object(topic, partition, epoch);
+        let body = self.rt.block_on(async {
+            match self.store.get(&path).await {
+                Ok(got) => got.bytes().await.map(Some),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        });
+        match body.map_err(|e| self.fail(&path, e))? {
+            None => Ok(None),
+            Some(bytes) => decode(&bytes)
+                .map(Some)
+                .map_err(|message| CheckpointError::Corrupt {
+                    path: PathBuf::from(format!("{}/{path}", self.url)),
+                    message,
+                }),
+        }
+    }
+
+    fn prune(&self, topic: &str, partition: i32, keep_from: u64) -> Result<(), CheckpointError> {
+        use futures::TryStreamExt;
+        use object_store::ObjectStoreExt;
+        let dir = self.root.clone().join(partition_key(topic, partition));
+        let listed: Vec<object_store::ObjectMeta> = self
+            .rt
+            .block_on(self.store.list(Some(&dir)).try_collect())
+            .map_err(|e| self.fail(&dir, e))?;
+        for meta in listed {
+            let epoch = meta
+                .location
+                .filename()
+                .and_then(|n| n.strip_suffix(".state"))
+                .and_then(|n| n.parse::<u64>().ok());
+            if epoch.is_some_and(|e| e < keep_from) {
+                self.rt
+                    .block_on(self.store.delete(&meta.location))
+                    .map_err(|e| self.fail(&meta.location, e))?;
             }
         }
         Ok(())
@@ -219,6 +391,47 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn the_object_store_keeps_states_the_same_way() {
+        let rt = std::sync::Arc::new(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        );
+        let memory = std::sync::Arc::new(object_store::memory::InMemory::new());
+        let store = ObjectStateStore::new(
+            memory.clone(),
+            object_store::path::Path::from("run/_checkpoints"),
+            "memory://test",
+            "p",
+            rt.clone(),
+        );
+        for epoch in 1..=10 {
+            store.save("ticks", 3, epoch, &state(epoch as i64)).unwrap();
+        }
+        assert_eq!(store.load("ticks", 3, 9).unwrap(), Some(state(9)));
+        store.prune("ticks", 3, 8).unwrap();
+        assert_eq!(store.load("ticks", 3, 7).unwrap(), None, "older pruned");
+        assert_eq!(store.load("ticks", 3, 8).unwrap(), Some(state(8)), "kept");
+        assert_eq!(store.load("ticks", 4, 9).unwrap(), None);
+        use object_store::ObjectStoreExt;
+        let object =
+            object_store::path::Path::from(format!("run/_checkpoints/p/ticks-3/{:020}.state", 9));
+        rt.block_on(memory.put(&object, b"FGC2\xff\xff".to_vec().into()))
+            .unwrap();
+        let damaged = store
+            .load("ticks", 3, 9)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            damaged.contains("memory://test/run/_checkpoints/p/ticks-3/00000000000000000009.state")
+                && damaged.contains("is damaged"),
+            "{damaged}"
+        );
     }
 
     #[test]

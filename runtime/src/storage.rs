@@ -123,13 +123,17 @@ impl ObjectStoreFactory for S3Stores {
     ) -> DeltaResult<(ObjectStoreRef, object_store::path::Path)> {
         let mut builder = AmazonS3Builder::from_env().with_url(url.as_str());
         for (key, value) in &config.raw {
-            match key.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+            let lower = key.to_ascii_lowercase();
+            match lower.parse::<AmazonS3ConfigKey>() {
                 Ok(key) => builder = builder.with_config(key, value),
-                Err(_) => {
+                // Other keys are delta-rs's own (retries, limits); an `aws_…` key that is no S3
+                // setting is a typo.
+                Err(_) if lower.starts_with("aws_") => {
                     return Err(DeltaTableError::Generic(format!(
                         "`storage_options`: `{key}` is not an S3 setting (e.g. aws_endpoint, aws_region, aws_allow_http, aws_access_key_id, aws_secret_access_key)"
                     )));
                 }
+                Err(_) => {}
             }
         }
         let store = builder

@@ -16,12 +16,13 @@ from test_kafka_pipeline import make_ticks, produce
 
 
 def s3_pipeline(tmp_path, data_dir):
-    """stocks.yaml with `bars` and the dead letter on S3; the Parquet tap and the checkpoint
-    store stay local (they take folders only)."""
+    """stocks.yaml with `bars`, the dead letter and the checkpoint store on S3 (the Parquet tap
+    takes folders only: it stays under DATA_DIR)."""
     text = (REPO / "pipelines" / "stocks.yaml").read_text().replace("../target/", f"{REPO}/target/")
     text = text.replace("${LAKE:-${DATA_DIR:-../data}}/bars", "s3://flowgate/run/bars")
     text = text.replace("${LAKE:-${DATA_DIR:-../data}}/dead_letter", "s3://flowgate/run/dead_letter")
-    assert text.count("s3://flowgate/run/") == 2
+    text = text.replace("${DATA_DIR:-../data}/_checkpoints", "s3://flowgate/run/_checkpoints")
+    assert text.count("s3://flowgate/run/") == 3
     path = tmp_path / "stocks-s3.yaml"
     path.write_text(text)
     return path
@@ -69,6 +70,10 @@ def test_the_kafka_pipeline_writes_delta_on_s3_exactly_once_across_a_restart(bro
     keys = [o["Key"] for o in s3["client"].list_objects_v2(Bucket="flowgate", Prefix="run/bars/")["Contents"]]
     assert any(k.startswith("run/bars/_delta_log/") for k in keys)
     assert any(k.endswith(".parquet") and "/date=" in k for k in keys), keys
+    # So is the plugin state each partition resumed from.
+    states = s3["client"].list_objects_v2(Bucket="flowgate", Prefix="run/_checkpoints/stocks/")
+    assert any(o["Key"].endswith(".state") for o in states.get("Contents", [])), states
+    assert not (data_dir / "_checkpoints").exists()
 
     # Upkeep by hand on S3: compaction keeps every bar.
     out = run_flowgate("table", "optimize", "s3://flowgate/run/bars", env=s3["env"])

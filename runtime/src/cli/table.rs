@@ -134,7 +134,12 @@ pub fn run(command: TableCommand) -> anyhow::Result<ExitCode> {
             }
             let table = open(&path, &rt)?;
             let deleted = rt
-                .block_on(maintenance::vacuum(table, retention, dry_run))
+                .block_on(maintenance::vacuum(
+                    table,
+                    retention,
+                    dry_run,
+                    maintenance::VacuumMode::Full,
+                ))
                 .with_context(|| format!("vacuuming `{path}`"))?;
             let verb = if dry_run { "would delete" } else { "deleted" };
             println!("{verb} {} file(s)", deleted.len());

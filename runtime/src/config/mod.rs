@@ -482,6 +482,9 @@ pub struct CheckpointSpec {
     /// How often sinks commit (with offsets and state).
     #[serde(default = "default_commit_interval")]
     pub interval: Duration,
+    /// Settings of the object store an `s3://` path names (as a Delta sink's).
+    #[serde(default)]
+    pub storage_options: BTreeMap<String, String>,
 }
 
 impl Default for CheckpointSpec {
@@ -489,6 +492,7 @@ impl Default for CheckpointSpec {
         CheckpointSpec {
             path: default_checkpoint_path(),
             interval: default_commit_interval(),
+            storage_options: BTreeMap::new(),
         }
     }
 }
@@ -809,7 +813,7 @@ impl Pipeline {
                 ),
             );
         }
-        if let Some(why) = unsupported_location(&s.checkpoint.path, &[]) {
+        if let Some(why) = unsupported_location(&s.checkpoint.path, crate::storage::SCHEMES) {
             problem(
                 &s.checkpoint.path.display().to_string(),
                 format!("`checkpoint.path`: {why}"),

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 pub(crate) use plan::check_sink;
 pub use plan::{Plan, RunError, RunOptions, RunSummary};
 
-use crate::checkpoint::{FileStateStore, StateStore};
+use crate::checkpoint::{FileStateStore, ObjectStateStore, StateStore};
 use crate::config::{Pipeline, SourceKind};
 use crate::decode::JsonDecoder;
 use crate::exporter::{Metrics, PartitionLabels};
@@ -444,10 +444,7 @@ pub fn run(
     let workers = spec.workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
-    let store: Arc<dyn StateStore> = Arc::new(FileStateStore::new(
-        &pipeline.resolve(&spec.checkpoint.path),
-        &spec.name,
-    ));
+    let store = state_store(pipeline, &rt)?;
     let (events_tx, events) = mpsc::channel();
     let (commit_tx, commit_rx) = mpsc::sync_channel(1024);
     let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
@@ -845,4 +842,29 @@ mod tests {
             _ => panic!("no failure reported"),
         }
     }
+}
+
+/// The checkpoint store the pipeline names: a folder, or an object store (`s3://…`).
+fn state_store(
+    pipeline: &Pipeline,
+    rt: &Arc<tokio::runtime::Runtime>,
+) -> Result<Arc<dyn StateStore>, RunError> {
+    let spec = &pipeline.spec.checkpoint;
+    let text = spec.path.to_string_lossy();
+    if text.contains("://") {
+        crate::storage::register();
+        let url = url::Url::parse(&text)
+            .map_err(|e| RunError::Config(format!("`checkpoint.path`: `{text}`: {e}")))?;
+        let options = spec
+            .storage_options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let store = ObjectStateStore::open(&url, &options, &pipeline.spec.name, rt.clone())?;
+        return Ok(Arc::new(store));
+    }
+    Ok(Arc::new(FileStateStore::new(
+        &pipeline.resolve(&spec.path),
+        &pipeline.spec.name,
+    )))
 }

@@ -47,6 +47,7 @@ pub struct DeltaSink {
     encode_time: std::time::Duration,
     /// Compaction, checkpoints and vacuum beside the commits.
     upkeep: Option<maintenance::Upkeep>,
+    schema_mode: SchemaMode,
 }
 
 impl Drop for DeltaSink {
@@ -95,8 +96,12 @@ async fn scan(
     latest: &mut HashMap<String, Position>,
 ) -> Result<(), deltalake::DeltaTableError> {
     for version in seen.saturating_add(1)..=current {
+        // A version missing below the current one was cleaned up (the log retention passed
+        // while this process looked away): what it recorded cannot be checked, so no commit.
         let Some(bytes) = log_store.read_commit_entry(version).await? else {
-            continue;
+            return Err(deltalake::DeltaTableError::Generic(format!(
+                "log version {version} is gone (expired log entries were removed while this process was away): restart to read the table afresh"
+            )));
         };
         let mut found: HashMap<String, i64> = HashMap::new();
         for line in bytes.split(|&b| b == b'\n') {
@@ -337,6 +342,7 @@ impl DeltaSink {
             latest: HashMap::new(),
             encode_time: std::time::Duration::ZERO,
             upkeep,
+            schema_mode: options.schema_mode,
         })
     }
 
@@ -346,6 +352,47 @@ impl DeltaSink {
 
     fn epoch_app_id(&self, topic: &str, partition: i32) -> String {
         format!("flowgate-{}-{topic}-{partition}.epoch", self.pipeline)
+    }
+
+    /// Another process may have merged new columns into the table since this one opened it:
+    /// with `schema_mode: merge` this process writes nulls into them; otherwise it stops,
+    /// saying why (rows of the old shape would no longer fit the table).
+    fn follow_table_schema(&mut self) -> Result<(), SinkError> {
+        let table = self
+            .table
+            .snapshot()
+            .map_err(|e| self.fail(e.to_string()))?
+            .snapshot()
+            .arrow_schema();
+        let same = table.fields().len() == self.shape.schema().fields().len()
+            && table
+                .fields()
+                .iter()
+                .zip(self.shape.schema().fields())
+                .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
+        if same {
+            return Ok(());
+        }
+        match fit_columns(
+            &table,
+            self.shape.stage_schema(),
+            self.schema_mode == SchemaMode::Merge,
+        ) {
+            Ok(Fit::Merge { added, .. }) if added.is_empty() => {
+                tracing::info!(sink = %self.name, "the table gained columns (another process merged them): writing nulls into them");
+                self.shape.fit_to(table);
+                Ok(())
+            }
+            Ok(_) | Err(_) => Err(SinkError::SchemaMismatch {
+                sink: self.name.clone(),
+                table: self.location.clone(),
+                message: format!(
+                    "the table's columns changed while this process wrote it (another process merged a schema): table has {}, stage gives {}; restart to check it again",
+                    flowgate_sdk::columns::describe_schema(&table),
+                    flowgate_sdk::columns::describe_schema(self.shape.stage_schema())
+                ),
+            }),
+        }
     }
 
     fn fail(&self, message: String) -> SinkError {
@@ -366,16 +413,17 @@ impl Sink for DeltaSink {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let batch = self
-            .shape
-            .apply(&batch)
-            .map_err(|e| self.fail(format!("converting a batch: {e}")))?;
         if self.writer.is_none() {
+            self.follow_table_schema()?;
             let writer = RecordBatchWriter::for_table(&self.table)
                 .map_err(|e| self.fail(e.to_string()))?
                 .with_target_file_size(self.target_file_size);
             self.writer = Some(writer);
         }
+        let batch = self
+            .shape
+            .apply(&batch)
+            .map_err(|e| self.fail(format!("converting a batch: {e}")))?;
         let encoding = std::time::Instant::now();
         if let Some(writer) = self.writer.as_mut() {
             self.rt

@@ -23,7 +23,7 @@ use arrow::array::{ArrayRef, RecordBatch, StringArray, new_null_array};
 use arrow::compute::cast;
 use deltalake::kernel::Action;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TableReference};
-use deltalake::operations::vacuum::VacuumMode;
+pub use deltalake::operations::vacuum::VacuumMode;
 use deltalake::protocol::DeltaOperation;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
@@ -154,22 +154,61 @@ pub async fn compact(
             actions.push(Action::Add(add));
         }
     }
-    let operation = DeltaOperation::Optimize {
-        predicate: None,
-        target_size: i64::try_from(target).unwrap_or(i64::MAX),
+    // delta-rs's conflict check lets a removal that changes no data pass, so two compactions
+    // of the same files (two processes, or `flowgate table optimize` beside a pipeline) would
+    // both land and every compacted row would be there twice. So each attempt commits exactly
+    // at the version after the one it checked (no retries inside delta-rs: the log entry is a
+    // create-if-absent), and before the next attempt every file it rewrote must still be in
+    // the table; if one is gone another compaction got there first, and this one gives up.
+    let removed: std::collections::HashSet<String> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Remove(r) => Some(r.path.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut attempt = 0;
+    let version = loop {
+        let snapshot = table.snapshot()?.clone();
+        let operation = DeltaOperation::Optimize {
+            predicate: None,
+            target_size: i64::try_from(target).unwrap_or(i64::MAX),
+        };
+        let properties = CommitProperties::default()
+            .with_create_checkpoint(false)
+            .with_cleanup_expired_logs(Some(false));
+        let committed = CommitBuilder::from(properties)
+            .with_actions(actions.clone())
+            .with_max_retries(0)
+            .build(
+                Some(&snapshot as &dyn TableReference),
+                table.log_store(),
+                operation,
+            )
+            .await;
+        match committed {
+            Ok(finalized) => break finalized.version(),
+            Err(e) if attempt < 5 => {
+                attempt += 1;
+                tracing::debug!(
+                    "compaction commit attempt {attempt} lost its version ({e}); checking its files"
+                );
+                table.update_state().await?;
+                let active: std::collections::HashSet<String> = table
+                    .snapshot()?
+                    .log_data()
+                    .iter()
+                    .map(|v| v.path().to_string())
+                    .collect();
+                if let Some(gone) = removed.iter().find(|p| !active.contains(*p)) {
+                    return Err(DeltaTableError::Generic(format!(
+                        "another compaction rewrote `{gone}` first; this one is dropped (its files are left for vacuum)"
+                    )));
+                }
+            }
+            Err(e) => return Err(e),
+        }
     };
-    let properties = CommitProperties::default()
-        .with_create_checkpoint(false)
-        .with_cleanup_expired_logs(Some(false));
-    let version = CommitBuilder::from(properties)
-        .with_actions(actions)
-        .build(
-            Some(&snapshot as &dyn TableReference),
-            table.log_store(),
-            operation,
-        )
-        .await?
-        .version();
     report.version = u64::try_from(version).ok();
     table.update_state().await?;
     Ok(report)
@@ -200,7 +239,12 @@ fn table_batch(
             match partition_values.get(field.name()).cloned().flatten() {
                 Some(value) => {
                     let text: ArrayRef = Arc::new(StringArray::from(vec![value; rows]));
-                    cast(&text, field.data_type())?
+                    // A value that does not parse is an error, never a quiet null.
+                    let strict = arrow::compute::CastOptions {
+                        safe: false,
+                        ..Default::default()
+                    };
+                    arrow::compute::cast_with_options(&text, field.data_type(), &strict)?
                 }
                 None => new_null_array(field.data_type(), rows),
             }
@@ -230,13 +274,16 @@ pub async fn checkpoint(table: &mut DeltaTable) -> Result<u64, DeltaTableError> 
     Ok(u64::try_from(version).unwrap_or(0))
 }
 
-/// Deletes data files that left the table (compacted away) longer ago than `retention`, and
-/// files no commit names (a writer killed before its commit) older than that. Returns the files
+/// Deletes data files that left the table (compacted away) longer ago than `retention`; in
+/// [`VacuumMode::Full`] also files no commit names (a writer killed before its commit) older
+/// than that, which is only safe when no writer has files staged for a commit (a long epoch,
+/// a frozen process), so the pipeline's upkeep uses [`VacuumMode::Lite`]. Returns the files
 /// deleted (or, with `dry_run`, the files that would be).
 pub async fn vacuum(
     table: DeltaTable,
     retention: Duration,
     dry_run: bool,
+    mode: VacuumMode,
 ) -> Result<Vec<String>, DeltaTableError> {
     let retention = chrono::Duration::from_std(retention)
         .map_err(|e| DeltaTableError::Generic(format!("retention: {e}")))?;
@@ -244,7 +291,7 @@ pub async fn vacuum(
         .vacuum()
         .with_retention_period(retention)
         .with_enforce_retention_duration(false)
-        .with_mode(VacuumMode::Full)
+        .with_mode(mode)
         .with_dry_run(dry_run)
         .with_commit_properties(
             CommitProperties::default()
@@ -394,7 +441,9 @@ async fn upkeep(
         }
     }
     if let (true, Some(retention)) = (optimize, plan.vacuum_retention) {
-        match vacuum(table, retention, false).await {
+        // Lite: only files compacted away. Full would also take files a writer has staged for
+        // a commit it has not made yet (an epoch longer than the retention, a frozen member).
+        match vacuum(table, retention, false, VacuumMode::Lite).await {
             Ok(deleted) if !deleted.is_empty() => {
                 tracing::info!(sink, files = deleted.len(), "vacuum deleted unused files")
             }
@@ -600,6 +649,55 @@ mod tests {
     }
 
     #[test]
+    fn two_compactions_of_the_same_files_never_both_land() {
+        let dir = tempfile::tempdir().expect("dir");
+        let rt = runtime();
+        let mut sink = open_sink(dir.path(), &rt, None);
+        let mut n = 0;
+        for round in 0..4 {
+            for _ in 0..20 {
+                sink.write(rows(n..n + 3)).expect("write");
+                assert!(sink.commit(&at(n + 2)).expect("commit"));
+                n += 3;
+            }
+            // Two compactions start together on the same table (two processes of a group, or
+            // `flowgate table optimize` beside a pipeline).
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let outcomes: Vec<Result<CompactReport, String>> = (0..2)
+                .map(|_| {
+                    let (barrier, location) = (barrier.clone(), place(dir.path()));
+                    std::thread::spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("runtime");
+                        rt.block_on(async {
+                            let mut table = open(&location).await.map_err(|e| e.to_string())?;
+                            barrier.wait();
+                            compact(&mut table, 1 << 20)
+                                .await
+                                .map_err(|e| e.to_string())
+                        })
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().expect("thread"))
+                .collect();
+            let landed = outcomes
+                .iter()
+                .filter(|o| o.as_ref().is_ok_and(|r| r.version.is_some()))
+                .count();
+            assert!(landed >= 1, "round {round}: {outcomes:?}");
+            assert_eq!(
+                read_all(dir.path(), &rt),
+                expected(n),
+                "round {round}: {outcomes:?}"
+            );
+        }
+    }
+
+    #[test]
     fn vacuum_deletes_only_files_that_left_the_table() {
         let dir = tempfile::tempdir().expect("dir");
         let rt = runtime();
@@ -612,7 +710,12 @@ mod tests {
         rt.block_on(compact(&mut table, 1 << 20)).expect("compact");
         let kept = rt.block_on(open(&place(dir.path()))).expect("table");
         let would = rt
-            .block_on(vacuum(kept, Duration::from_secs(3600), true))
+            .block_on(vacuum(
+                kept,
+                Duration::from_secs(3600),
+                true,
+                VacuumMode::Full,
+            ))
             .expect("dry run");
         assert!(
             would.is_empty(),
@@ -620,7 +723,7 @@ mod tests {
         );
         let kept = rt.block_on(open(&place(dir.path()))).expect("table");
         let deleted = rt
-            .block_on(vacuum(kept, Duration::ZERO, false))
+            .block_on(vacuum(kept, Duration::ZERO, false, VacuumMode::Lite))
             .expect("vacuum");
         assert_eq!(deleted.len(), 10, "the ten compacted files: {deleted:?}");
         assert_eq!(read_all(dir.path(), &rt), expected(10));

@@ -271,6 +271,12 @@ impl TableShape {
         &self.output
     }
 
+    /// The stage's columns in table types (and the derived `date`), before any fit to an
+    /// existing table's columns.
+    pub fn stage_schema(&self) -> &SchemaRef {
+        &self.shaped
+    }
+
     /// Writes batches in `table`'s columns (after a schema merge): each table column takes the
     /// stage column of its name, or nulls if the stage has none.
     pub fn fit_to(&mut self, table: SchemaRef) {
