@@ -77,8 +77,11 @@ def start(env, log, pipeline="pipelines/stocks.yaml"):
 
 def with_postgres_bars(tmp_path, url, schema):
     """pipelines/stocks.yaml plus the bars appended to PostgreSQL: in `append` mode a bar written
-    twice stays twice, so the table shows any break of exactly-once."""
+    twice stays twice, so the table shows any break of exactly-once. A checkpoint every second
+    (not 5 s): more commits for the kills to land in, and small files for the compaction."""
     text = (REPO / "pipelines" / "stocks.yaml").read_text().replace("../target/", f"{REPO}/target/")
+    assert "  interval: 5s\n" in text
+    text = text.replace("  interval: 5s\n", "  interval: 1s\n")
     text = text.replace("\ndead_letter:\n", f"""  bars_pg:
     postgres:
       url: {url}
@@ -120,8 +123,8 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing(broker, data_dir, tm
     try:
         for kill in range(KILLS):
             proc = start(env, log, pipeline)
-            # Early kills hit start-up (plugin loading, group join); later ones mid-batch and
-            # mid-commit (a checkpoint every 5 s).
+            # Early kills hit start-up (plugin loading, group join); later ones mid-batch,
+            # mid-commit (a checkpoint every second) and mid-compaction.
             time.sleep(rng.choice([rng.uniform(0.2, 1.5), rng.uniform(2, 9)]))
             assert proc.poll() is None, (tmp_path / "flowgate.log").read_text()[-3000:]
             proc.send_signal(signal.SIGKILL)
@@ -129,7 +132,10 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing(broker, data_dir, tm
     finally:
         stop_live.set()
         producer.join()
-    final = subprocess.run([str(FLOWGATE), "run", str(pipeline), "--until-idle", "8s"], cwd=REPO,
+    # Idle for 15 s: a member killed in the middle of a group join keeps its partitions until
+    # the rebalance timeout (max.poll.interval.ms, 10 s here) passes, and the last run must
+    # still be there when they come free.
+    final = subprocess.run([str(FLOWGATE), "run", str(pipeline), "--until-idle", "15s"], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=600)
     log.write("=== the final run\n" + final.stderr)
     log.close()
