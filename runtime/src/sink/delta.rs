@@ -265,11 +265,23 @@ impl DeltaSink {
                 .with_columns(schema.fields().cloned())
                 .with_partition_columns(options.partition_by.clone())
                 .with_table_name(name);
-            table = rt
-                .block_on(create.into_future())
-                .map_err(|e| fail(format!("cannot create the table: {e}")))?;
-            tracing::info!(sink = name, table = %location, "created Delta table");
-        } else {
+            match rt.block_on(create.into_future()) {
+                Ok(created) => {
+                    table = created;
+                    tracing::info!(sink = name, table = %location, "created Delta table");
+                }
+                Err(e) => {
+                    // Another process of the group may have created it at the same moment:
+                    // then it is there now, and is checked like any existing table.
+                    table = rt.block_on(load(&place)).map_err(|e| fail(e.to_string()))?;
+                    if table.version().is_none() {
+                        return Err(fail(format!("cannot create the table: {e}")));
+                    }
+                    tracing::info!(sink = name, table = %location, "another process created the Delta table first");
+                }
+            }
+        }
+        if table.version().is_some() {
             // Another process may add the same columns at the same moment: then the second look
             // finds them there.
             let mut tries = 0;
@@ -616,6 +628,36 @@ mod tests {
             schema_mode: SchemaMode::Strict,
             maintenance: None,
         }
+    }
+
+    #[test]
+    fn processes_that_create_the_table_at_the_same_moment_all_open_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let shape = TableShape::new("t", &schema, &[], None, None).unwrap();
+        let barrier = Arc::new(std::sync::Barrier::new(4));
+        let opened: Vec<Result<(), String>> = (0..4)
+            .map(|_| {
+                let (barrier, shape, path) =
+                    (barrier.clone(), shape.clone(), dir.path().to_path_buf());
+                std::thread::spawn(move || {
+                    let rt = Arc::new(
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .unwrap(),
+                    );
+                    barrier.wait();
+                    DeltaSink::open("t", folder(&path), "p", shape, options(), rt)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        assert!(opened.iter().all(Result::is_ok), "{opened:?}");
     }
 
     #[test]
