@@ -40,6 +40,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+def wait_listening(proc, port, log, what, seconds=30):
+    """Waits until `proc` accepts connections on `port` (its log in the failure if it died)."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            assert proc.poll() is None, log.read_text()
+            assert time.time() < deadline, f"{what} did not start listening"
+            time.sleep(0.1)
+
+
 @pytest.fixture
 def broker(tmp_path):
     port = free_port()
@@ -48,15 +61,7 @@ def broker(tmp_path):
     proc = subprocess.Popen([tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
                              "--storage-engine", "memory://tansu/"], stdout=log, stderr=subprocess.STDOUT)
     bootstrap = f"127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            assert proc.poll() is None, (tmp_path / "tansu.log").read_text()
-            assert time.time() < deadline, "Tansu did not start listening"
-            time.sleep(0.2)
+    wait_listening(proc, port, tmp_path / "tansu.log", "Tansu")
     try:
         yield bootstrap
     finally:
@@ -98,15 +103,7 @@ def s3(tmp_path):
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
            "AWS_ACCESS_KEY_ID": "flowgate", "AWS_SECRET_ACCESS_KEY": "flowgate-secret"}
-    deadline = time.time() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            assert proc.poll() is None, (tmp_path / "moto.log").read_text()
-            assert time.time() < deadline, "moto_server did not start listening"
-            time.sleep(0.1)
+    wait_listening(proc, port, tmp_path / "moto.log", "moto_server")
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                           aws_access_key_id="flowgate", aws_secret_access_key="flowgate-secret")
     client.create_bucket(Bucket="flowgate")
