@@ -819,31 +819,6 @@ fn lag_text(lag: &[((String, i32), i64)]) -> String {
     format!(" (lag {})", parts.join(", "))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_panicking_thread_fails_the_run_instead_of_hanging_it() {
-        let (events, inbox) = mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            guarded("worker 1", &events, || -> u32 {
-                panic!("index out of bounds")
-            })
-        });
-        assert_eq!(thread.join().ok(), Some(0));
-        match inbox.recv_timeout(Duration::from_secs(5)) {
-            Ok(Event::Failed(RunError::Internal(message))) => {
-                assert!(
-                    message.contains("worker 1 thread panicked: index out of bounds"),
-                    "{message}"
-                )
-            }
-            _ => panic!("no failure reported"),
-        }
-    }
-}
-
 /// The checkpoint store the pipeline names: a folder, or an object store (`s3://…`).
 fn state_store(
     pipeline: &Pipeline,
@@ -867,4 +842,29 @@ fn state_store(
         &pipeline.resolve(&spec.path),
         &pipeline.spec.name,
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_thread_fails_the_run_instead_of_hanging_it() {
+        let (events, inbox) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            guarded("worker 1", &events, || -> u32 {
+                panic!("index out of bounds")
+            })
+        });
+        assert_eq!(thread.join().ok(), Some(0));
+        match inbox.recv_timeout(Duration::from_secs(5)) {
+            Ok(Event::Failed(RunError::Internal(message))) => {
+                assert!(
+                    message.contains("worker 1 thread panicked: index out of bounds"),
+                    "{message}"
+                )
+            }
+            _ => panic!("no failure reported"),
+        }
+    }
 }

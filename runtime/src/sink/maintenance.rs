@@ -209,7 +209,7 @@ pub async fn compact(
             Err(e) => return Err(e),
         }
     };
-    report.version = u64::try_from(version).ok();
+    report.version = Some(version);
     table.update_state().await?;
     Ok(report)
 }
@@ -271,7 +271,7 @@ pub async fn checkpoint(table: &mut DeltaTable) -> Result<u64, DeltaTableError> 
     if removed > 0 {
         tracing::info!(removed, "deleted expired log entries");
     }
-    Ok(u64::try_from(version).unwrap_or(0))
+    Ok(version)
 }
 
 /// Deletes data files that left the table (compacted away) longer ago than `retention`; in
