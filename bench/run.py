@@ -398,8 +398,11 @@ def flat_stage_seconds(report):
 def read_seconds(table, repeat=3):
     """Best of `repeat` full reads of a Delta table with the deltalake package (a fresh process
     each: no cache carries over)."""
-    code = ("import sys, time; from deltalake import DeltaTable; t = time.perf_counter(); "
-            "n = DeltaTable(sys.argv[1]).to_pyarrow_table().num_rows; print(n, time.perf_counter() - t)")
+    # os._exit: the deltalake package (1.6.6) now and then aborts at interpreter exit
+    # ("terminate called without an active exception") after the read is done.
+    code = ("import os, sys, time; from deltalake import DeltaTable; t = time.perf_counter(); "
+            "n = DeltaTable(sys.argv[1]).to_pyarrow_table().num_rows; "
+            "print(n, time.perf_counter() - t, flush=True); os._exit(0)")
     best, rows = None, None
     for _ in range(repeat):
         out = subprocess.run([sys.executable, "-c", code, str(table)], capture_output=True, text=True, check=True)
@@ -419,7 +422,7 @@ def part_compaction(args, work, results):
     """A Delta table of at least 1,000 commits from a live source (the generator at a steady rate,
     an epoch every 50 ms, compaction off), read before and after `flowgate table optimize` and a
     log checkpoint."""
-    rate, seconds = 4000, args.compaction_seconds
+    rate, seconds = 2000, args.compaction_seconds
     pipeline = derive(work, "compaction", generator_source(rate))
     spec = yaml.safe_load(pipeline.read_text())
     spec["checkpoint"]["interval"] = "50ms"
@@ -482,7 +485,7 @@ def main():
     p.add_argument("--spark-files", type=int, default=20)
     p.add_argument("--latency-seconds", type=int, default=20)
     p.add_argument("--sink-ticks", type=int, default=2_000_000, help="ticks per sink run (`sinks`)")
-    p.add_argument("--compaction-seconds", type=int, default=75,
+    p.add_argument("--compaction-seconds", type=int, default=300,
                    help="seconds of live input for the compaction table (an epoch every 50 ms)")
     p.add_argument("--kafka-option", action="append", default=[], metavar="KEY=VALUE",
                    help="librdkafka setting for the Kafka runs (consume-only and Flowgate), as a pipeline's options")
