@@ -40,6 +40,15 @@ def free_port():
         return s.getsockname()[1]
 
 
+def stop(proc):
+    """Stops a server the fixtures started: SIGTERM, then SIGKILL after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def wait_listening(proc, port, log, what, seconds=30):
     """Waits until `proc` accepts connections on `port` (its log in the failure if it died)."""
     deadline = time.time() + seconds
@@ -65,11 +74,7 @@ def broker(tmp_path):
     try:
         yield bootstrap
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 POSTGRES_URL = os.environ.get("FLOWGATE_TEST_POSTGRES", "postgres://postgres@127.0.0.1:5432/test")
@@ -110,8 +115,4 @@ def s3(tmp_path):
     try:
         yield {"env": env, "client": client}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
