@@ -117,9 +117,15 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing(broker, data_dir, tm
             ticks.send(200)
             time.sleep(0.5)
 
+    # Compile the plugins into the cache first (a fresh clone's .wasm may not be there yet):
+    # otherwise every early run dies compiling and the kills never reach a commit.
+    warm = subprocess.run([str(FLOWGATE), "validate", str(pipeline)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert warm.returncode == 0, warm.stdout + warm.stderr
     producer = threading.Thread(target=live)
     producer.start()
     log = open(tmp_path / "flowgate.log", "w")
+    final = None
     try:
         for kill in range(KILLS):
             proc = start(env, log, pipeline)
@@ -129,17 +135,21 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing(broker, data_dir, tm
             assert proc.poll() is None, (tmp_path / "flowgate.log").read_text()[-3000:]
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+        # The last run starts while ticks still arrive, so it commits (and compacts) several
+        # times before the input stops. Idle for 15 s: a member killed in the middle of a group
+        # join keeps its partitions until the rebalance timeout (max.poll.interval.ms, 10 s
+        # here) passes, and the last run must still be there when they come free.
+        final = subprocess.Popen([str(FLOWGATE), "run", str(pipeline), "--until-idle", "15s"], cwd=REPO,
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(8)
     finally:
         stop_live.set()
         producer.join()
-    # Idle for 15 s: a member killed in the middle of a group join keeps its partitions until
-    # the rebalance timeout (max.poll.interval.ms, 10 s here) passes, and the last run must
-    # still be there when they come free.
-    final = subprocess.run([str(FLOWGATE), "run", str(pipeline), "--until-idle", "15s"], cwd=REPO,
-                           env=env, capture_output=True, text=True, timeout=600)
-    log.write("=== the final run\n" + final.stderr)
+    assert final is not None
+    _, final_err = final.communicate(timeout=600)
+    log.write("=== the final run\n" + final_err)
     log.close()
-    assert final.returncode == 0, final.stderr
+    assert final.returncode == 0, final_err
     # Where each partition ends, for reading the log when a check fails.
     ends = {}
     for p, offset, _ in ticks.delivered:
