@@ -252,17 +252,7 @@ impl ObjectStateStore {
             location: url.to_string(),
             message,
         };
-        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str());
-        for (key, value) in options {
-            let key = key
-                .to_ascii_lowercase()
-                .parse::<object_store::aws::AmazonS3ConfigKey>()
-                .map_err(|_| fail(format!("`storage_options`: `{key}` is not an S3 setting")))?;
-            builder = builder.with_config(key, value);
-        }
-        let store = builder.build().map_err(|e| fail(e.to_string()))?;
-        let prefix =
-            object_store::path::Path::from_url_path(url.path()).map_err(|e| fail(e.to_string()))?;
+        let (store, prefix) = crate::storage::s3_store(url, options, |_| false).map_err(fail)?;
         let bucket = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
         Ok(Self::new(
             std::sync::Arc::new(store),

@@ -115,32 +115,42 @@ fn file_url(path: &Path) -> Result<Url, String> {
 /// `aws_allow_http`, `aws_access_key_id`, …, in any case).
 struct S3Stores;
 
+/// An S3 client for `url` (`s3://bucket/prefix`): settings from the `AWS_*` environment, then
+/// `options` (keys as `object_store` names them, in any case), and the prefix inside the
+/// bucket. A key that is no S3 setting is an error unless `foreign(key)` says another layer
+/// takes it.
+pub fn s3_store<'a>(
+    url: &Url,
+    options: impl IntoIterator<Item = (&'a String, &'a String)>,
+    foreign: impl Fn(&str) -> bool,
+) -> Result<(object_store::aws::AmazonS3, object_store::path::Path), String> {
+    let mut builder = AmazonS3Builder::from_env().with_url(url.as_str());
+    for (key, value) in options {
+        match key.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+            Ok(key) => builder = builder.with_config(key, value),
+            Err(_) if foreign(&key.to_ascii_lowercase()) => {}
+            Err(_) => {
+                return Err(format!(
+                    "`storage_options`: `{key}` is not an S3 setting (e.g. aws_endpoint, aws_region, aws_allow_http, aws_access_key_id, aws_secret_access_key)"
+                ));
+            }
+        }
+    }
+    let store = builder.build().map_err(|e| e.to_string())?;
+    let prefix =
+        object_store::path::Path::from_url_path(url.path()).map_err(|e| format!("{url}: {e}"))?;
+    Ok((store, prefix))
+}
+
 impl ObjectStoreFactory for S3Stores {
     fn parse_url_opts(
         &self,
         url: &Url,
         config: &StorageConfig,
     ) -> DeltaResult<(ObjectStoreRef, object_store::path::Path)> {
-        let mut builder = AmazonS3Builder::from_env().with_url(url.as_str());
-        for (key, value) in &config.raw {
-            let lower = key.to_ascii_lowercase();
-            match lower.parse::<AmazonS3ConfigKey>() {
-                Ok(key) => builder = builder.with_config(key, value),
-                // Other keys are delta-rs's own (retries, limits); an `aws_…` key that is no S3
-                // setting is a typo.
-                Err(_) if lower.starts_with("aws_") => {
-                    return Err(DeltaTableError::Generic(format!(
-                        "`storage_options`: `{key}` is not an S3 setting (e.g. aws_endpoint, aws_region, aws_allow_http, aws_access_key_id, aws_secret_access_key)"
-                    )));
-                }
-                Err(_) => {}
-            }
-        }
-        let store = builder
-            .build()
-            .map_err(|e| DeltaTableError::ObjectStore { source: e })?;
-        let prefix = object_store::path::Path::from_url_path(url.path())
-            .map_err(|e| DeltaTableError::Generic(format!("{url}: {e}")))?;
+        // Other keys than `aws_…` are delta-rs's own (retries, limits).
+        let (store, prefix) = s3_store(url, &config.raw, |key| !key.starts_with("aws_"))
+            .map_err(DeltaTableError::Generic)?;
         Ok((Arc::new(store), prefix))
     }
 }
