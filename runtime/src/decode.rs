@@ -332,7 +332,16 @@ fn syntax_error(record: &[u8]) -> Option<String> {
     match serde_json::from_slice::<serde::de::IgnoredAny>(record) {
         Ok(_) => None,
         Err(e) if e.is_eof() => Some("incomplete JSON value".into()),
-        Err(e) => Some(format!("invalid JSON: {e}")),
+        Err(e) => {
+            // JavaScript's non-finite numbers are the usual suspects.
+            let text = String::from_utf8_lossy(record);
+            let hint = ["NaN", "Infinity"]
+                .iter()
+                .find(|w| text.contains(*w))
+                .map(|w| format!(" (`{w}` is not a JSON number: send null, or the value as a string in a utf8 column)"))
+                .unwrap_or_default();
+            Some(format!("invalid JSON: {e}{hint}"))
+        }
     }
 }
 

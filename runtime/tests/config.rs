@@ -170,7 +170,7 @@ fn the_docker_compose_deployment_fits_together() {
             .is_some_and(|u| u.contains("@postgres:5432/"))
     );
 
-    // The Delta tables go to MinIO: the bucket the pipeline names is the one minio-init makes,
+    // The tables go to MinIO: the bucket the pipeline names is the one minio-init makes,
     // at the minio service's endpoint with its credentials, and the pipeline puts bars there.
     for name in ["minio", "minio-init"] {
         assert!(services.contains_key(name), "service `{name}` missing");
@@ -201,14 +201,17 @@ fn the_docker_compose_deployment_fits_together() {
         &[("LAKE".to_string(), lake.to_string())].into(),
     )
     .expect("pipeline");
-    let bars_path = on_lake
-        .spec
-        .sinks
-        .iter()
-        .find(|(n, _)| *n == "bars")
-        .and_then(|(_, s)| s.delta.as_ref())
-        .map(|t| t.path.display().to_string());
-    assert_eq!(bars_path, Some(format!("{lake}/bars")));
+    let path_of = |name: &str| {
+        on_lake
+            .spec
+            .sinks
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, s)| s.delta.as_ref().or(s.parquet.as_ref()))
+            .map(|t| t.path.display().to_string())
+    };
+    assert_eq!(path_of("bars"), Some(format!("{lake}/bars")));
+    assert_eq!(path_of("raw"), Some(format!("{lake}/raw")));
 
     // Mounted configuration exists.
     for service in ["prometheus", "grafana"] {

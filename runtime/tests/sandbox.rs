@@ -292,3 +292,91 @@ fn processing_time_rules_need_the_clock_grant() {
         .instantiate("fresh", config, &schema, Grants { clock: true })
         .expect("with the clock granted");
 }
+
+/// Symbols in one batch, as the panic plugin reads them (column 0).
+fn symbols(values: &[&str]) -> RecordBatch {
+    let (schema, _) = input();
+    let n: Vec<i64> = (0..values.len() as i64).collect();
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(values.to_vec())),
+            Arc::new(Int64Array::from(n)),
+        ],
+    )
+    .expect("batch")
+}
+
+/// The panic plugin's state: rows it passed on (the last 8 bytes of its framed snapshot).
+fn passed(snapshot: &[u8]) -> u64 {
+    let tail: [u8; 8] = snapshot[snapshot.len() - 8..].try_into().expect("8 bytes");
+    u64::from_le_bytes(tail)
+}
+
+#[test]
+fn poison_rows_are_isolated_and_the_step_state_ends_as_without_them() {
+    use flowgate::config::OnError;
+    use flowgate::plugin::Chain;
+    let host = common::host();
+    let (schema, _) = input();
+    let plugin = host
+        .load(&common::plugin("flowgate_test_panic"))
+        .expect("load");
+    let step = |name: &str| {
+        plugin
+            .instantiate(name, "{}", &schema, Grants::default())
+            .expect("create")
+    };
+    let mut chain = Chain::new(vec![step("guard")]).with_policies(vec![OnError::DeadLetter]);
+    // State before the epoch: restored, as after a restart.
+    let first = chain.process(symbols(&["A", "B", "C"])).expect("fine");
+    assert_eq!(first.batches[0].num_rows(), 3);
+    let states = chain.snapshot().expect("snapshot");
+    assert_eq!(passed(&states[0].1), 3);
+    let mut chain = Chain::new(vec![step("guard")]).with_policies(vec![OnError::DeadLetter]);
+    chain.restore(0, &states[0].1).expect("restore");
+    // This epoch: a batch and a watermark go through, then a batch with two poison rows.
+    chain.process(symbols(&["D", "E"])).expect("fine");
+    chain.watermark(1_000).expect("watermark");
+    let mut values: Vec<String> = (0..16).map(|i| format!("S{i}")).collect();
+    values[3] = "POISON".into();
+    values[11] = "POISON".into();
+    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+    let out = chain.process(symbols(&refs)).expect("isolated, not failed");
+    let through: Vec<String> = out
+        .batches
+        .iter()
+        .flat_map(|b| {
+            b.column(0)
+                .as_string::<i32>()
+                .iter()
+                .map(|s| s.unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let expected: Vec<String> = values.iter().filter(|v| *v != "POISON").cloned().collect();
+    assert_eq!(through, expected, "every other row, in order");
+    assert_eq!(out.rejected.len(), 1);
+    let rejected = &out.rejected[0];
+    assert_eq!(rejected.step, "guard");
+    assert_eq!(rejected.indices, vec![3, 11], "exactly the poison rows");
+    assert_eq!(rejected.rows.num_rows(), 2);
+    for reason in &rejected.reasons {
+        assert!(
+            reason.starts_with("the plugin trapped on this row: the plugin panicked at tests/plugins/panic/src/lib.rs:")
+                && reason.contains("called `Option::unwrap()` on a `None` value"),
+            "{reason}"
+        );
+    }
+    // The rebuilt instance counts each row it passed once: 3 restored + 2 + 14.
+    chain.process(symbols(&["Z"])).expect("the step goes on");
+    let states = chain.snapshot().expect("snapshot");
+    assert_eq!(passed(&states[0].1), 3 + 2 + 14 + 1);
+
+    // `on_error: fail` keeps the old behaviour: the run stops.
+    let mut failing = Chain::new(vec![step("guard")]).with_policies(vec![OnError::Fail]);
+    let err = failing
+        .process(symbols(&["A", "POISON"]))
+        .expect_err("fails");
+    assert!(matches!(err, PluginError::Trap { .. }), "{err}");
+}

@@ -27,10 +27,12 @@ def parse_ticks(lines):
     return pd.DataFrame(rows)
 
 
-def expected_bars(df, watermark_delay_ms):
-    """1-minute OHLCV bars per symbol with pct_change, for windows the final watermark closed."""
+def expected_bars(df, watermark_delay_ms, newest=None):
+    """1-minute OHLCV bars per symbol with pct_change, for windows the final watermark closed
+    (the newest event time `newest`, default the newest of `df`, less the delay)."""
     df = df.drop_duplicates(subset=["symbol", "ts"], keep="first").copy()
-    watermark = df["ts"].max() - pd.Timedelta(milliseconds=watermark_delay_ms)
+    newest = df["ts"].max() if newest is None else newest
+    watermark = newest - pd.Timedelta(milliseconds=watermark_delay_ms)
     df["window_start"] = df["ts"].dt.floor("1min")
     df = df.sort_values(["symbol", "ts"], kind="stable")
     g = df.groupby(["symbol", "window_start"], sort=True)

@@ -206,3 +206,20 @@ def test_flowgate_produce_writes_seed_ticks_with_the_faults_asked_for(broker):
     assert set(parsed[0][1]) == {"symbol", "price", "volume", "ts", "ts_epoch_ms"}
     distinct = {(t["symbol"], t["ts"]) for _, t in parsed}
     assert len(distinct) < len(parsed), "some ticks were sent twice"
+
+
+def test_brokers_that_never_answer_are_a_clear_error_after_a_bounded_wait(tmp_path, data_dir):
+    from conftest import free_port
+    text = (REPO / "pipelines" / "stocks.yaml").read_text().replace("../target/", f"{REPO}/target/")
+    text = text.replace("    start: earliest\n", "    start: earliest\n    connect_timeout: 3s\n")
+    assert "connect_timeout: 3s" in text
+    pipeline = tmp_path / "nobroker.yaml"
+    pipeline.write_text(text)
+    nobody = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    out = run_flowgate("run", pipeline, env={"DATA_DIR": str(data_dir), "KAFKA_BROKERS": nobody}, timeout=60)
+    took = time.monotonic() - started
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert f"cannot reach the Kafka brokers at `{nobody}` within 3s" in out.stderr, out.stderr[-2000:]
+    assert took < 30, f"gave up only after {took:.0f} s"
+    assert out.stderr.count("cannot reach the Kafka brokers") == 1, out.stderr[-2000:]

@@ -1,6 +1,7 @@
-"""pipelines/stocks.yaml with its Delta tables on S3 (moto's S3 API on a loopback port, a real
-HTTP server): Kafka (Tansu) → plugins → `s3://flowgate/…`, a bounded run and a resumed one, read
-back with the deltalake package and compared with bars computed by pandas. Also: two processes'
+"""pipelines/stocks.yaml with its tables on S3 (moto's S3 API on a loopback port, a real HTTP
+server): Kafka (Tansu) → plugins → `s3://flowgate/…` (Delta bars and dead letter, the Parquet
+tap, a CSV tap), a bounded run and a resumed one, read back with the deltalake package and
+pyarrow and compared with bars computed by pandas. Also: two processes'
 commits race on one table through S3's conditional put, and `flowgate table` works on S3."""
 import random
 import time
@@ -15,14 +16,22 @@ from expected import expected_bars, parse_ticks
 from test_kafka_pipeline import make_ticks, produce
 
 
-def s3_pipeline(tmp_path, data_dir):
-    """stocks.yaml with `bars`, the dead letter and the checkpoint store on S3 (the Parquet tap
-    takes folders only: it stays under DATA_DIR)."""
+def s3_pipeline(tmp_path, data_dir, csv_tap=False):
+    """stocks.yaml with every table and the checkpoint store on S3 (and, with `csv_tap`, a CSV
+    copy of the raw tap there too)."""
     text = (REPO / "pipelines" / "stocks.yaml").read_text().replace("../target/", f"{REPO}/target/")
-    text = text.replace("${LAKE:-${DATA_DIR:-../data}}/bars", "s3://flowgate/run/bars")
-    text = text.replace("${LAKE:-${DATA_DIR:-../data}}/dead_letter", "s3://flowgate/run/dead_letter")
+    text = text.replace("${LAKE:-${DATA_DIR:-../data}}/", "s3://flowgate/run/")
     text = text.replace("${DATA_DIR:-../data}/_checkpoints", "s3://flowgate/run/_checkpoints")
-    assert text.count("s3://flowgate/run/") == 3
+    assert text.count("s3://flowgate/run/") == 4
+    if csv_tap:
+        tap = "\ndead_letter:\n"
+        assert text.count(tap) == 1
+        text = text.replace(tap, """  raw_csv:
+    from: dedup
+    csv:
+      path: s3://flowgate/run/raw_csv
+      partition_by: [date]
+""" + tap)
     path = tmp_path / "stocks-s3.yaml"
     path.write_text(text)
     return path
@@ -33,7 +42,26 @@ def read(s3, table):
     return pl.from_arrow(DeltaTable(f"s3://flowgate/run/{table}", storage_options=options).to_pyarrow_table())
 
 
-def test_the_kafka_pipeline_writes_delta_on_s3_exactly_once_across_a_restart(broker, s3, tmp_path, data_dir):
+def read_files(s3, table, suffix):
+    """The data files of a Parquet or CSV table under `run/TABLE/` (outside `_flowgate_…`), read
+    with pyarrow / polars from bytes fetched with boto3 (no Flowgate code in the way)."""
+    import io
+    import pyarrow.parquet as pq
+    client = s3["client"]
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket="flowgate", Prefix=f"run/{table}/"):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    data = sorted(k for k in keys if k.endswith(suffix) and "/_flowgate_" not in k)
+    assert data, keys
+    assert all("/date=" in k for k in data), data
+    assert any("/_flowgate_log/" in k for k in keys), keys
+    bodies = [client.get_object(Bucket="flowgate", Key=k)["Body"].read() for k in data]
+    if suffix == ".parquet":
+        return pl.concat([pl.from_arrow(pq.read_table(io.BytesIO(b))) for b in bodies])
+    return pl.concat([pl.read_csv(io.BytesIO(b), try_parse_dates=True) for b in bodies])
+
+
+def test_the_kafka_pipeline_writes_its_tables_on_s3_exactly_once_across_a_restart(broker, s3, tmp_path, data_dir):
     admin = KafkaAdminClient(bootstrap_servers=broker)
     admin.create_topics([NewTopic("ticks", num_partitions=3, replication_factor=1)])
     admin.close()
@@ -42,7 +70,7 @@ def test_the_kafka_pipeline_writes_delta_on_s3_exactly_once_across_a_restart(bro
     keyed.insert(500, ("MSFT", "not json at all"))
     by_partition = produce(broker, keyed)
 
-    pipeline = s3_pipeline(tmp_path, data_dir)
+    pipeline = s3_pipeline(tmp_path, data_dir, csv_tap=True)
     env = {**s3["env"], "DATA_DIR": str(data_dir), "KAFKA_BROKERS": broker, "GROUP": "s3"}
     out = run_flowgate("validate", pipeline, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -64,6 +92,18 @@ def test_the_kafka_pipeline_writes_delta_on_s3_exactly_once_across_a_restart(bro
     assert (bars["close"] - want["close"]).abs().max() < 1e-9
     dead = read(s3, "dead_letter")
     assert dead["stage"].to_list() == ["decode"], dead
+    # The Parquet and CSV taps hold each valid tick once, in committed files only.
+    everything = pd.concat(valid.values())
+    unique = everything.drop_duplicates(subset=["symbol", "ts"])
+    raw = read_files(s3, "raw", ".parquet")
+    assert len(raw) == len(unique) > 1000
+    assert raw.select(["symbol", "ts"]).is_duplicated().sum() == 0
+    raw_csv = read_files(s3, "raw_csv", ".csv")
+    assert raw_csv.columns == [c for c in raw.columns if c != "date"]
+    assert len(raw_csv) == len(raw)
+    assert sorted(raw_csv["price"].to_list()) == sorted(raw["price"].to_list())
+    staged = s3["client"].list_objects_v2(Bucket="flowgate", Prefix="run/raw/_flowgate_staging/")
+    assert not staged.get("Contents"), "every staged file moved into place"
     # Nothing of the tables went to a local folder named `s3:`.
     assert not list(REPO.glob("**/s3:")) and not list(tmp_path.glob("**/s3:"))
     # The data files are in the bucket.

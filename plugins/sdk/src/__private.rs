@@ -132,8 +132,8 @@ impl exports::GuestTransformer for Adapter {
     fn process(&self, batch: Vec<u8>) -> Result<wit::Output, wit::Error> {
         let batch =
             ipc::decode_one(batch).map_err(|e| Error::bad_input(format!("input batch: {e}")))?;
-        let output = self.inner.borrow_mut().process(batch)?;
-        self.encode(output)
+        let output = self.inner.borrow_mut().process(batch.clone())?;
+        self.encode(output.settle(&batch)?)
     }
 
     fn on_watermark(&self, ts_ms: i64) -> Result<wit::Output, wit::Error> {

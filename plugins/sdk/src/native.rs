@@ -45,7 +45,7 @@ struct Framed<T>(T);
 
 impl<T: Transform> DynTransform for Framed<T> {
     fn process(&mut self, batch: RecordBatch) -> Result<Output> {
-        self.0.process(batch)
+        self.0.process(batch.clone())?.settle(&batch)
     }
 
     fn on_watermark(&mut self, ts_ms: i64) -> Result<Output> {

@@ -1,5 +1,6 @@
 //! The `flowgate` command line. `main.rs` parses arguments and calls [`run`].
 
+mod plugin_new;
 mod plugin_test;
 mod produce;
 mod table;
@@ -121,6 +122,8 @@ async fn shutdown_signal() {
 
 #[derive(Debug, Subcommand)]
 enum PluginCommand {
+    /// Write a new plugin crate (SDK vendored, so it builds anywhere) with a sample and a test.
+    New(plugin_new::NewArgs),
     /// Run one plugin (or a chain) over a JSON-lines file and print output and rejected rows.
     Test(plugin_test::TestArgs),
     /// Load a plugin and print its name, version and state version.
@@ -268,7 +271,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(Some(fit)) => format!(": {fit}"),
                     Ok(None) => String::new(),
                     Err(e) => {
-                        problems.push(format!("{}: {e}", pipeline.locate(&format!("{name}:"))));
+                        let key = if name == "dead_letter" {
+                            "dead_letter".to_string()
+                        } else {
+                            format!("sinks.{name}")
+                        };
+                        problems.push(format!("{}: {e}", pipeline.locate_key(&key)));
                         ": DOES NOT FIT (below)".to_string()
                     }
                 };
@@ -285,6 +293,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Produce(args) => produce::run(args),
         Command::Table(command) => table::run(command),
         Command::Plugin(PluginCommand::Test(args)) => plugin_test::run(args),
+        Command::Plugin(PluginCommand::New(args)) => plugin_new::run(args),
         Command::Plugin(PluginCommand::Info { wasm, host }) => {
             let host = host.host()?;
             let plugin = host.load(&wasm)?;

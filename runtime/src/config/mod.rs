@@ -129,6 +129,9 @@ pub struct KafkaSpec {
     /// librdkafka settings, e.g. `fetch.min.bytes: "1"`.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+    /// How long a run waits at start for the brokers to answer before it gives up (exit 1).
+    #[serde(default = "thirty_seconds")]
+    pub connect_timeout: Duration,
 }
 
 /// Bootstrap servers.
@@ -223,6 +226,10 @@ pub struct WatermarkSpec {
     /// A partition with no records for this long stops holding the pipeline watermark back.
     #[serde(default = "thirty_seconds")]
     pub idle_timeout: Duration,
+    /// A record whose event time is further than this ahead of the wall clock goes to the dead
+    /// letter at decode: it would move the watermark past every window still open.
+    #[serde(default = "one_day")]
+    pub max_future: Duration,
 }
 
 impl Default for WatermarkSpec {
@@ -230,8 +237,13 @@ impl Default for WatermarkSpec {
         WatermarkSpec {
             delay: zero(),
             idle_timeout: thirty_seconds(),
+            max_future: one_day(),
         }
     }
+}
+
+fn one_day() -> Duration {
+    Duration::from_millis(86_400_000)
 }
 
 fn zero() -> Duration {
@@ -252,6 +264,10 @@ pub struct BatchSpec {
     /// Longest a record waits for its batch to fill.
     #[serde(default = "default_max_wait")]
     pub max_wait: Duration,
+    /// A record larger than this (bytes) goes to the dead letter undecoded (Kafka's default
+    /// largest message, 1 MiB).
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
 }
 
 impl Default for BatchSpec {
@@ -259,8 +275,13 @@ impl Default for BatchSpec {
         BatchSpec {
             max_records: default_max_records(),
             max_wait: default_max_wait(),
+            max_record_bytes: default_max_record_bytes(),
         }
     }
+}
+
+fn default_max_record_bytes() -> usize {
+    1 << 20
 }
 
 fn default_max_records() -> usize {
@@ -325,7 +346,7 @@ pub struct SinkSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CsvSpec {
-    /// The table folder (relative to the pipeline file).
+    /// The table folder (relative to the pipeline file) or `s3://bucket/prefix`.
     pub path: PathBuf,
     /// Partition columns (`col=value/` folders); `date` is derived as for Parquet.
     #[serde(default)]
@@ -338,6 +359,9 @@ pub struct CsvSpec {
     /// The field delimiter: one ASCII character.
     #[serde(default = "default_delimiter")]
     pub delimiter: String,
+    /// Settings of the object store a `s3://` path names, as for Parquet and Delta.
+    #[serde(default)]
+    pub storage_options: BTreeMap<String, String>,
 }
 
 fn default_true() -> bool {
@@ -380,7 +404,7 @@ pub enum PostgresMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableSpec {
-    /// The table folder (relative to the pipeline file).
+    /// The table folder (relative to the pipeline file) or `s3://bucket/prefix`.
     pub path: PathBuf,
     /// Partition columns; `date` is derived from event time when the stage has no such column.
     #[serde(default)]
@@ -391,9 +415,9 @@ pub struct TableSpec {
     /// Data files are cut at about this size.
     #[serde(default = "default_file_size")]
     pub target_file_size: u64,
-    /// Delta only: settings of the object store a `s3://` path names (`aws_endpoint`,
-    /// `aws_region`, `aws_allow_http`, …; `${VAR}` keeps secrets in the environment). The
-    /// `AWS_*` environment variables apply first.
+    /// Settings of the object store a `s3://` path names (`aws_endpoint`, `aws_region`,
+    /// `aws_allow_http`, …; `${VAR}` keeps secrets in the environment). The `AWS_*`
+    /// environment variables apply first.
     #[serde(default)]
     pub storage_options: BTreeMap<String, String>,
     /// Delta only: what happens when the stage's output has columns the table lacks.
@@ -561,6 +585,15 @@ impl Pipeline {
         self.file.parent().unwrap_or(Path::new(".")).join(path)
     }
 
+    /// `file:line:column` of the key (or sequence item) at `path` (`transforms[2].config.size`),
+    /// or of the deepest part of it the file has.
+    pub fn locate_key(&self, path: &str) -> String {
+        match crate::yaml::locate(&self.text, &crate::yaml::parse_path(path)) {
+            Some(at) => format!("{}:{}:{}", self.file.display(), at.line, at.column),
+            None => self.file.display().to_string(),
+        }
+    }
+
     /// `file:line` of the first line containing `needle`, for errors about a value.
     pub fn locate(&self, needle: &str) -> String {
         let line = self
@@ -575,9 +608,18 @@ impl Pipeline {
     /// Checks that need more than the parser: names, references, files. Collects every problem.
     fn check(&self) -> Result<(), ConfigError> {
         let s = &self.spec;
-        let mut problems = Vec::new();
-        let mut problem =
-            |needle: &str, text: String| problems.push(format!("{}: {text}", self.locate(needle)));
+        let problems = std::cell::RefCell::new(Vec::new());
+        // At the first line holding `needle`, or at the key `path`.
+        let problem = |needle: &str, text: String| {
+            problems
+                .borrow_mut()
+                .push(format!("{}: {text}", self.locate(needle)))
+        };
+        let problem_at = |path: &str, text: String| {
+            problems
+                .borrow_mut()
+                .push(format!("{}: {text}", self.locate_key(path)))
+        };
         if s.source.kind().is_none() {
             problem(
                 "source:",
@@ -644,10 +686,21 @@ impl Pipeline {
             names.push(&t.name);
             let plugin = self.resolve(&t.plugin);
             if !plugin.is_file() {
-                problem(
-                    &t.plugin.display().to_string(),
+                let stock = plugin
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| {
+                        n.starts_with("flowgate_") && plugin.to_string_lossy().contains("/plugin/")
+                    });
+                let hint = if stock {
+                    "a plugin of the Flowgate repository: run `make plugins` there".to_string()
+                } else {
+                    "build it in its crate with `cargo build --release --target wasm32-wasip2` (the file lands in `target/wasm32-wasip2/release/`), or fix the path: it is relative to the pipeline file".to_string()
+                };
+                problem_at(
+                    &format!("transforms[{i}].plugin"),
                     format!(
-                        "`transforms[{i}].plugin`: `{}` does not exist (run `make plugins`?)",
+                        "`transforms[{i}].plugin`: `{}` does not exist ({hint})",
                         plugin.display()
                     ),
                 );
@@ -689,14 +742,6 @@ impl Pipeline {
                 );
             }
             if let Some(t) = &sink.parquet {
-                if !t.storage_options.is_empty() {
-                    problem(
-                        "storage_options:",
-                        format!(
-                            "`{key}.parquet.storage_options`: Parquet tables take local folders only (object storage is for Delta sinks)"
-                        ),
-                    );
-                }
                 if t.maintenance.is_some() {
                     problem(
                         "maintenance:",
@@ -736,27 +781,15 @@ impl Pipeline {
                     );
                 }
             }
-            if let Some(t) = &sink.delta
-                && let Some(why) = unsupported_location(&t.path, crate::storage::SCHEMES)
-            {
-                problem(
-                    &t.path.display().to_string(),
-                    format!("`{key}.path`: {why}"),
-                );
-            }
-            let folders = sink
-                .parquet
+            let tables = sink
+                .delta
                 .iter()
+                .chain(&sink.parquet)
                 .map(|t| &t.path)
                 .chain(sink.csv.iter().map(|c| &c.path));
-            for path in folders {
-                if let Some(why) = unsupported_location(path, &[]) {
-                    problem(
-                        &path.display().to_string(),
-                        format!(
-                            "`{key}.path`: {why} (Parquet and CSV tables take local folders; `s3://` is for Delta sinks)"
-                        ),
-                    );
+            for path in tables {
+                if let Some(why) = unsupported_location(path, crate::storage::SCHEMES) {
+                    problem(&path.display().to_string(), format!("`{key}.path`: {why}"));
                 }
             }
             if let Some(csv) = &sink.csv
@@ -819,6 +852,7 @@ impl Pipeline {
                 format!("`checkpoint.path`: {why}"),
             );
         }
+        let problems = problems.into_inner();
         if problems.is_empty() {
             Ok(())
         } else {

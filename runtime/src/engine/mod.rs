@@ -348,6 +348,7 @@ fn open_source(pipeline: &Pipeline) -> Result<OpenSource, RunError> {
                 group: format!("flowgate-{}", spec.name),
                 start: crate::config::StartFrom::Earliest,
                 options: Default::default(),
+                connect_timeout: flowgate_sdk::config::Duration::from_millis(30_000),
             };
             Box::new(KafkaSource::open(&kafka, &bootstrap)?.ephemeral())
         }
@@ -471,8 +472,10 @@ pub fn run(
             .as_ref()
             .and_then(|c| plan.stages[0].index_of(c).ok()),
         delay: spec.watermark.delay.as_millis(),
+        max_future: spec.watermark.max_future.as_millis(),
         max_records: spec.batch.max_records.max(1),
         max_wait: millis(spec.batch.max_wait),
+        max_record_bytes: spec.batch.max_record_bytes,
         inputs,
         counters: counters.clone(),
         committer: commit_tx.clone(),

@@ -150,8 +150,8 @@ impl Plan {
         let mut stages = vec![schema];
         let mut steps = Vec::new();
         let mut native = Vec::new();
-        for t in &pipeline.spec.transforms {
-            let location = pipeline.locate(&t.plugin.display().to_string());
+        for (i, t) in pipeline.spec.transforms.iter().enumerate() {
+            let location = pipeline.locate_key(&format!("transforms[{i}].plugin"));
             let plugin =
                 host.load(&pipeline.resolve(&t.plugin))
                     .map_err(|source| RunError::Plugin {
@@ -173,7 +173,8 @@ impl Plan {
             let step = plugin
                 .instantiate(&t.name, &config, &input, grants)
                 .map_err(|source| RunError::Plugin {
-                    location: location.clone(),
+                    location: config_location(pipeline, i, &source)
+                        .unwrap_or_else(|| location.clone()),
                     source: Box::new(source),
                 })?;
             stages.push(step.output_schema().clone());
@@ -226,24 +227,75 @@ impl Plan {
     }
 }
 
-/// Where a Delta sink's table is: a folder (relative to the pipeline file) or an `s3://` URL.
-fn delta_location(
+/// Where in step `index`'s `config:` a plugin's config error points: the key its message names
+/// (`` `rules.price`: … ``, or ``unknown field `x` ``), else the `config:` key itself.
+fn config_location(pipeline: &Pipeline, index: usize, error: &PluginError) -> Option<String> {
+    let PluginError::Plugin {
+        fault: crate::plugin::PluginFault::InvalidConfig(message),
+        ..
+    } = error
+    else {
+        return None;
+    };
+    let mut path = format!("transforms[{index}].config");
+    if let Some(key) = message
+        .strip_prefix('`')
+        .and_then(|rest| rest.split_once("`:"))
+        .map(|(key, _)| key)
+    {
+        path = format!("{path}.{key}");
+    }
+    if let Some(field) = message
+        .split_once("unknown field `")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(field, _)| field)
+    {
+        path = format!("{path}.{field}");
+    }
+    Some(pipeline.locate_key(&path))
+}
+
+/// Where a sink's table is: a folder (relative to the pipeline file) or an `s3://` URL.
+fn table_location(
     pipeline: &Pipeline,
     name: &str,
-    t: &crate::config::TableSpec,
+    path: &std::path::Path,
+    storage_options: &std::collections::BTreeMap<String, String>,
 ) -> Result<crate::storage::TableLocation, SinkError> {
     let base = pipeline.file.parent().unwrap_or(std::path::Path::new("."));
-    let options = t
-        .storage_options
+    let options = storage_options
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    crate::storage::TableLocation::parse(&t.path.to_string_lossy(), base, options).map_err(
+    crate::storage::TableLocation::parse(&path.to_string_lossy(), base, options).map_err(
         |message| SinkError::Config {
             sink: name.into(),
             message,
         },
     )
+}
+
+fn delta_location(
+    pipeline: &Pipeline,
+    name: &str,
+    t: &crate::config::TableSpec,
+) -> Result<crate::storage::TableLocation, SinkError> {
+    table_location(pipeline, name, &t.path, &t.storage_options)
+}
+
+/// Where a Parquet or CSV sink's files go.
+fn file_place(
+    pipeline: &Pipeline,
+    name: &str,
+    path: &std::path::Path,
+    storage_options: &std::collections::BTreeMap<String, String>,
+    rt: &Arc<tokio::runtime::Runtime>,
+) -> Result<crate::sink::Place, SinkError> {
+    let location = table_location(pipeline, name, path, storage_options)?;
+    crate::sink::Place::at(&location, rt).map_err(|message| SinkError::Config {
+        sink: name.into(),
+        message,
+    })
 }
 
 /// A Delta sink's options from its config (upkeep on by default: checkpoints every 100
@@ -286,11 +338,13 @@ pub(crate) fn check_sink(
     }
     if let Some(t) = &spec.parquet {
         let shape = shape(&t.partition_by, t.date_from.as_deref())?;
-        return FileTableSink::check(name, &pipeline.resolve(&t.path), &shape).map(Some);
+        let place = file_place(pipeline, name, &t.path, &t.storage_options, rt)?;
+        return FileTableSink::check_at(name, &place, &shape).map(Some);
     }
     if let Some(c) = &spec.csv {
         let shape = shape(&c.partition_by, c.date_from.as_deref())?;
-        return FileTableSink::check(name, &pipeline.resolve(&c.path), &shape).map(Some);
+        let place = file_place(pipeline, name, &c.path, &c.storage_options, rt)?;
+        return FileTableSink::check_at(name, &place, &shape).map(Some);
     }
     if let Some(pg) = &spec.postgres {
         let shape = shape(&[], None)?;
@@ -358,9 +412,9 @@ pub(crate) fn open_sink(
             c.date_from.as_deref(),
             event_time,
         )?;
-        return Ok(Box::new(FileTableSink::open(
+        return Ok(Box::new(FileTableSink::open_at(
             name,
-            &pipeline.resolve(&c.path),
+            file_place(pipeline, name, &c.path, &c.storage_options, rt)?,
             shape,
             &c.partition_by,
             FileFormat::Csv {
@@ -378,9 +432,9 @@ pub(crate) fn open_sink(
                 t.date_from.as_deref(),
                 event_time,
             )?;
-            Ok(Box::new(FileTableSink::open(
+            Ok(Box::new(FileTableSink::open_at(
                 name,
-                &pipeline.resolve(&t.path),
+                file_place(pipeline, name, &t.path, &t.storage_options, rt)?,
                 shape,
                 &t.partition_by,
                 FileFormat::Parquet,

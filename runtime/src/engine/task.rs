@@ -48,8 +48,12 @@ pub(crate) struct TaskContext {
     pub decoder: JsonDecoder,
     pub event_time: Option<usize>,
     pub delay: i64,
+    /// Event times further than this (ms) ahead of the clock are refused at decode.
+    pub max_future: i64,
     pub max_records: usize,
     pub max_wait: Duration,
+    /// Records larger than this go to the dead letter undecoded.
+    pub max_record_bytes: usize,
     /// Per sink index (the dead letter last, if any): what it reads.
     pub inputs: Vec<SinkInput>,
     pub counters: Arc<Counters>,
@@ -144,17 +148,17 @@ impl PartitionTask {
         if let Some(state) = &resume.state {
             max_event = state.max_event;
             watermark = state.watermark;
-            for step in chain.steps_mut() {
-                match state.steps.iter().find(|s| s.step == step.name()) {
-                    Some(saved) => {
-                        step.restore(&saved.snapshot)
-                            .map_err(|source| RunError::Plugin {
-                                location: format!("step `{}`", step.name()),
-                                source: Box::new(source),
-                            })?
-                    }
+            let names: Vec<String> = chain.steps().iter().map(|s| s.name().to_string()).collect();
+            for (index, name) in names.iter().enumerate() {
+                match state.steps.iter().find(|s| &s.step == name) {
+                    Some(saved) => chain.restore(index, &saved.snapshot).map_err(|source| {
+                        RunError::Plugin {
+                            location: format!("step `{name}`"),
+                            source: Box::new(source),
+                        }
+                    })?,
                     None => tracing::info!(
-                        topic = %key.0, partition = key.1, step = step.name(),
+                        topic = %key.0, partition = key.1, step = %name,
                         "no stored state for this step (new in the pipeline?): it starts empty"
                     ),
                 }
@@ -310,19 +314,37 @@ impl PartitionTask {
             return Ok(());
         };
         let decoding = Instant::now();
-        let payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_slice()).collect();
-        let (batch, failures) = self.ctx.decoder.decode(&payloads);
+        // Records that cannot be JSON at all never reach the decoder.
+        let mut failures: Vec<(usize, String)> = Vec::new();
+        let mut decodable = Vec::with_capacity(records.len());
+        for (i, r) in records.iter().enumerate() {
+            match precheck(r, self.ctx.max_record_bytes) {
+                Some(reason) => failures.push((i, reason)),
+                None => decodable.push(i),
+            }
+        }
+        let payloads: Vec<&[u8]> = decodable
+            .iter()
+            .map(|&i| records[i].payload.as_slice())
+            .collect();
+        let (mut batch, decode_failures) = self.ctx.decoder.decode(&payloads);
+        failures.extend(
+            decode_failures
+                .into_iter()
+                .map(|f| (decodable[f.index], f.reason)),
+        );
+        failures.sort_by_key(|(i, _)| *i);
         self.decode_time += decoding.elapsed();
         let mut dead = Vec::new();
         let mut failed = vec![false; records.len()];
-        for f in &failures {
-            failed[f.index] = true;
-            let r = &records[f.index];
+        for (index, reason) in &failures {
+            failed[*index] = true;
+            let r = &records[*index];
             dead.push(DeadRow {
                 stage: "decode".into(),
-                reason: f.reason.clone(),
+                reason: reason.clone(),
                 offset: r.offset,
-                payload: String::from_utf8_lossy(&r.payload).into_owned(),
+                payload: dead_payload(&r.payload),
             });
         }
         self.ctx
@@ -332,12 +354,48 @@ impl PartitionTask {
         if !failures.is_empty() {
             self.count_rejected("decode", "undecodable", failures.len());
         }
-        let offsets: Vec<i64> = records
-            .iter()
-            .zip(&failed)
-            .filter(|(_, f)| !**f)
-            .map(|(r, _)| r.offset)
-            .collect();
+        // Batch row → record.
+        let mut rows: Vec<usize> = (0..records.len()).filter(|&i| !failed[i]).collect();
+        // An event time far ahead of the clock would close every open window at once.
+        if let Some(et) = self.ctx.event_time
+            && batch.num_rows() > 0
+            && let Ok(times) = flowgate_sdk::columns::event_time_millis(&batch, et)
+        {
+            let now = chrono::Utc::now().timestamp_millis();
+            let limit = now.saturating_add(self.ctx.max_future);
+            let ahead: Vec<usize> = (0..times.len())
+                .filter(|&row| !times.is_null(row) && times.value(row) > limit)
+                .collect();
+            if !ahead.is_empty() {
+                for &row in &ahead {
+                    let r = &records[rows[row]];
+                    dead.push(DeadRow {
+                        stage: "decode".into(),
+                        reason: format!(
+                            "event time {} is more than `watermark.max_future` ({}) ahead of the clock: it would move the watermark past every open window",
+                            flowgate_sdk::columns::format_millis(times.value(row)),
+                            flowgate_sdk::config::Duration::from_millis(self.ctx.max_future)
+                        ),
+                        offset: r.offset,
+                        payload: dead_payload(&r.payload),
+                    });
+                }
+                self.count_rejected("decode", "future", ahead.len());
+                let keep: arrow::array::BooleanArray = (0..times.len())
+                    .map(|row| Some(ahead.binary_search(&row).is_err()))
+                    .collect();
+                batch = arrow::compute::filter_record_batch(&batch, &keep).map_err(|e| {
+                    RunError::Internal(format!("dropping records from the future: {e}"))
+                })?;
+                let mut row = 0;
+                rows.retain(|_| {
+                    let kept = ahead.binary_search(&row).is_err();
+                    row += 1;
+                    kept
+                });
+            }
+        }
+        let offsets: Vec<i64> = rows.iter().map(|&i| records[i].offset).collect();
         self.dead_letter(dead, epoch)?;
         self.dirty = true;
         // Cut before every row behind the watermark the rows before it imply.
@@ -642,17 +700,16 @@ impl PartitionTask {
         if !self.dirty {
             return Ok(None);
         }
-        let mut steps = Vec::new();
-        for step in self.chain.steps_mut() {
-            let snapshot = step.snapshot().map_err(|source| RunError::Plugin {
-                location: format!("step `{}`", step.name()),
+        let steps = self
+            .chain
+            .snapshot()
+            .map_err(|source| RunError::Plugin {
+                location: format!("partition `{}/{}`", self.key.0, self.key.1),
                 source: Box::new(source),
-            })?;
-            steps.push(StepState {
-                step: step.name().to_string(),
-                snapshot,
-            });
-        }
+            })?
+            .into_iter()
+            .map(|(step, snapshot)| StepState { step, snapshot })
+            .collect();
         self.epoch += 1;
         self.dirty = false;
         Ok(Some(TaskCheckpoint {
@@ -692,6 +749,45 @@ impl PartitionTask {
             note(t, n, self);
         }
     }
+}
+
+/// Why `record` cannot be decoded at all, before any JSON parsing: a tombstone, a record over
+/// the size limit, or bytes that are not UTF-8.
+fn precheck(record: &Record, max_bytes: usize) -> Option<String> {
+    if record.tombstone {
+        return Some(
+            "a tombstone (the record's value is null): there is nothing to decode; deletes of a compacted topic do not belong in this pipeline".into(),
+        );
+    }
+    if record.payload.len() > max_bytes {
+        return Some(format!(
+            "the record is {} bytes, over the limit of {max_bytes} (`batch.max_record_bytes`); the dead letter keeps its first {} bytes",
+            record.payload.len(),
+            DEAD_PAYLOAD_BYTES
+        ));
+    }
+    if let Err(e) = std::str::from_utf8(&record.payload) {
+        return Some(format!(
+            "not UTF-8 text (invalid byte at position {} of {}): records must be UTF-8 JSON; the dead letter shows the bytes with U+FFFD in place of invalid ones",
+            e.valid_up_to(),
+            record.payload.len()
+        ));
+    }
+    None
+}
+
+/// The most of a refused record's bytes a dead-letter row keeps.
+const DEAD_PAYLOAD_BYTES: usize = 64 << 10;
+
+/// A refused record's bytes as dead-letter text: UTF-8 (invalid bytes as U+FFFD), cut at
+/// [`DEAD_PAYLOAD_BYTES`].
+fn dead_payload(payload: &[u8]) -> String {
+    if payload.len() <= DEAD_PAYLOAD_BYTES {
+        return String::from_utf8_lossy(payload).into_owned();
+    }
+    let mut text = String::from_utf8_lossy(&payload[..DEAD_PAYLOAD_BYTES]).into_owned();
+    text.push_str(&format!("… [cut: {} bytes in all]", payload.len()));
+    text
 }
 
 struct DeadRow {

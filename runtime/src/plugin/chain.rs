@@ -48,12 +48,67 @@ pub struct ChainOutput {
     pub refused: Vec<RefusedBatch>,
 }
 
+/// What a step was handed since its last snapshot: replayed into a rebuilt instance.
+#[derive(Debug, Clone)]
+enum Entry {
+    Batch(RecordBatch),
+    Watermark(i64),
+}
+
+/// The most a chain journals per epoch (all steps together) for poison-record isolation; past
+/// it a trap stops the run as under `on_error: fail` (logged once).
+const JOURNAL_LIMIT: usize = 256 << 20;
+
 /// Steps in order, for one partition.
+///
+/// **Poison records.** A step whose `on_error` is `dead_letter` keeps a journal of what it was
+/// handed since its last snapshot. When its plugin traps, times out or runs out of memory on a
+/// batch, the chain rebuilds the instance from that snapshot, replays the journal into it, and
+/// bisects the batch: halves that go through flow on (in order), halves that fail are split
+/// again after another rebuild, down to single rows, which go to the dead letter with the
+/// failure. The step's state ends as if the poison rows had never been sent.
 #[derive(Debug)]
 pub struct Chain {
     steps: Vec<Step>,
     tapped: Vec<bool>,
     policies: Vec<OnError>,
+    /// Per step: the state at the last snapshot (`None`: as created).
+    base: Vec<Option<Vec<u8>>>,
+    /// Per step: what it was handed since.
+    journal: Vec<Vec<Entry>>,
+    journal_bytes: usize,
+    /// The journal outgrew [`JOURNAL_LIMIT`] this epoch: isolation is off until the snapshot.
+    journal_full: bool,
+}
+
+/// A poison-record failure: a trap, a timeout or a memory error (the instance is gone).
+fn is_poison(e: &PluginError) -> bool {
+    matches!(
+        e,
+        PluginError::Trap { .. } | PluginError::Timeout { .. } | PluginError::MemoryLimit { .. }
+    )
+}
+
+/// A dead-letter reason for a row a step failed on by itself.
+fn poison_reason(e: &PluginError) -> String {
+    match e {
+        PluginError::Trap { message, .. } => format!("the plugin trapped on this row: {message}"),
+        PluginError::Timeout { limit, .. } => {
+            format!("the plugin ran past its time limit of {limit:?} on this row")
+        }
+        PluginError::MemoryLimit { limit_mib, .. } => {
+            format!("the plugin needed more than its memory limit of {limit_mib} MiB on this row")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// What a step made of one batch, isolation included.
+#[derive(Default)]
+struct Handled {
+    batches: Vec<RecordBatch>,
+    /// (row in the batch, reason): the plugin's own rejections and poison rows.
+    rejected: Vec<(u32, String)>,
 }
 
 impl Chain {
@@ -62,10 +117,148 @@ impl Chain {
     pub fn new(steps: Vec<Step>) -> Self {
         let tapped = vec![false; steps.len()];
         let policies = vec![OnError::Fail; steps.len()];
+        let base = vec![None; steps.len()];
+        let journal = vec![Vec::new(); steps.len()];
         Chain {
             steps,
             tapped,
             policies,
+            base,
+            journal,
+            journal_bytes: 0,
+            journal_full: false,
+        }
+    }
+
+    /// Restores step `index` from `state` (kept as the state a rebuild starts from).
+    pub fn restore(&mut self, index: usize, state: &[u8]) -> Result<(), PluginError> {
+        self.steps[index].restore(state)?;
+        self.base[index] = Some(state.to_vec());
+        Ok(())
+    }
+
+    /// Snapshots every step (name, bytes), in order; the journals start over from here.
+    pub fn snapshot(&mut self) -> Result<Vec<(String, Vec<u8>)>, PluginError> {
+        let mut states = Vec::with_capacity(self.steps.len());
+        for (i, step) in self.steps.iter_mut().enumerate() {
+            let state = step.snapshot()?;
+            self.base[i] = Some(state.clone());
+            self.journal[i].clear();
+            states.push((step.name().to_string(), state));
+        }
+        self.journal_bytes = 0;
+        self.journal_full = false;
+        Ok(states)
+    }
+
+    /// Whether step `index` isolates poison records (and so journals its input).
+    fn isolates(&self, index: usize) -> bool {
+        self.policies[index] == OnError::DeadLetter && !self.journal_full
+    }
+
+    fn note(&mut self, index: usize, entry: Entry) {
+        if !self.isolates(index) {
+            return;
+        }
+        if let Entry::Batch(b) = &entry {
+            self.journal_bytes += b.get_array_memory_size();
+        }
+        if self.journal_bytes > JOURNAL_LIMIT {
+            tracing::warn!(
+                step = self.steps[index].name(),
+                "this epoch's input is over {} MiB: poison records are not isolated until the next checkpoint (a trap stops the run); a shorter `checkpoint.interval` keeps epochs smaller",
+                JOURNAL_LIMIT >> 20
+            );
+            self.journal_full = true;
+            for j in &mut self.journal {
+                j.clear();
+            }
+            return;
+        }
+        self.journal[index].push(entry);
+    }
+
+    /// A fresh instance of step `index` in the state it had after its journal.
+    fn recover(&mut self, index: usize) -> Result<(), PluginError> {
+        let step = &mut self.steps[index];
+        step.rebuild(self.base[index].as_deref())?;
+        for entry in &self.journal[index] {
+            match entry {
+                Entry::Batch(b) => step.process(b).map(|_| ())?,
+                Entry::Watermark(ts) => step.on_watermark(*ts).map(|_| ())?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Step `index` failed on `batch` (rows `start..start + len`, which failed as a whole):
+    /// splits it, after rebuilding the instance, until the rows that fail alone are found.
+    fn bisect(
+        &mut self,
+        index: usize,
+        batch: &RecordBatch,
+        start: usize,
+        len: usize,
+        error: &PluginError,
+        out: &mut Handled,
+    ) -> Result<(), PluginError> {
+        self.recover(index)?;
+        if len == 1 {
+            tracing::warn!(
+                step = self.steps[index].name(),
+                row = start,
+                "a row made the plugin fail by itself: it goes to the dead letter ({error})"
+            );
+            out.rejected.push((start as u32, poison_reason(error)));
+            return Ok(());
+        }
+        let half = len / 2;
+        for (from, n) in [(start, half), (start + half, len - half)] {
+            let part = batch.slice(from, n);
+            match self.steps[index].process(&part) {
+                Ok(output) => {
+                    self.note(index, Entry::Batch(part));
+                    out.batches.extend(output.batches);
+                    out.rejected.extend(
+                        output
+                            .rejected
+                            .into_iter()
+                            .map(|r| ((from + r.row) as u32, r.reason)),
+                    );
+                }
+                Err(e) if is_poison(&e) => self.bisect(index, batch, from, n, &e, out)?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Step `index` on `batch`: its output, or, on a poison failure the step isolates, the rows
+    /// that went through and those that failed alone.
+    fn handle(&mut self, index: usize, batch: &RecordBatch) -> Result<Handled, PluginError> {
+        match self.steps[index].process(batch) {
+            Ok(output) => {
+                self.note(index, Entry::Batch(batch.clone()));
+                Ok(Handled {
+                    batches: output.batches,
+                    rejected: output
+                        .rejected
+                        .into_iter()
+                        .map(|r| (r.row as u32, r.reason))
+                        .collect(),
+                })
+            }
+            Err(e) if is_poison(&e) && self.isolates(index) && batch.num_rows() > 0 => {
+                tracing::warn!(
+                    step = self.steps[index].name(),
+                    rows = batch.num_rows(),
+                    "{e}; rebuilding the instance from its last snapshot to find the rows that fail"
+                );
+                let mut out = Handled::default();
+                self.bisect(index, batch, 0, batch.num_rows(), &e, &mut out)?;
+                Ok(out)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -106,6 +299,7 @@ impl Chain {
         let mut out = ChainOutput::default();
         for i in 0..self.steps.len() {
             let emitted = self.steps[i].on_watermark(ts_ms)?;
+            self.note(i, Entry::Watermark(ts_ms));
             if self.tapped[i] && i + 1 < self.steps.len() {
                 out.taps
                     .extend(emitted.batches.iter().map(|b| (i, b.clone())));
@@ -123,16 +317,16 @@ impl Chain {
         out: &mut ChainOutput,
     ) -> Result<Vec<RecordBatch>, PluginError> {
         let last = self.steps.len().saturating_sub(1);
-        for (index, step) in self.steps.iter_mut().enumerate().skip(first) {
+        for index in first..self.steps.len() {
             let mut next = Vec::with_capacity(batches.len());
             for batch in &batches {
-                let output = match step.process(batch) {
+                let output = match self.handle(index, batch) {
                     Ok(output) => output,
                     Err(e)
                         if e.kind() == ErrorKind::Data && self.policies[index] != OnError::Fail =>
                     {
                         out.refused.push(RefusedBatch {
-                            step: step.name().to_string(),
+                            step: self.steps[index].name().to_string(),
                             rows: batch.clone(),
                             reason: e.to_string(),
                             policy: self.policies[index],
@@ -142,8 +336,9 @@ impl Chain {
                     Err(e) => return Err(e),
                 };
                 if !output.rejected.is_empty() {
+                    let step = &self.steps[index];
                     let indices =
-                        UInt32Array::from_iter_values(output.rejected.iter().map(|r| r.row as u32));
+                        UInt32Array::from_iter_values(output.rejected.iter().map(|(row, _)| *row));
                     let rows =
                         take_record_batch(batch, &indices).map_err(|e| PluginError::Protocol {
                             plugin: step.plugin().to_string(),
@@ -154,7 +349,7 @@ impl Chain {
                     out.rejected.push(RejectedRows {
                         step: step.name().to_string(),
                         rows,
-                        reasons: output.rejected.iter().map(|r| r.reason.clone()).collect(),
+                        reasons: output.rejected.into_iter().map(|(_, r)| r).collect(),
                         indices: indices.values().to_vec(),
                     });
                 }

@@ -1,7 +1,7 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{RecordBatch, UInt32Array};
@@ -13,6 +13,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
+use super::place::{Out, Place};
 use super::{
     Fence, Fit, Position, Positions, Sink, SinkError, TableShape, fence, positions_moved, raise,
 };
@@ -42,7 +43,8 @@ impl FileFormat {
 
 /// Files (Parquet or CSV) under `column=value/` folders (values escaped as Hive does, so a value
 /// can never name a folder outside the table), with a commit log (`_flowgate_log/`), as Spark's
-/// file sink keeps. Rows are encoded into files under `_flowgate_staging/` as they arrive, where
+/// file sink keeps, in a local folder or an object store (`s3://`, where "move" is a
+/// server-side copy and delete, and log entries are conditional puts). Rows are encoded into files under `_flowgate_staging/` as they arrive, where
 /// plain readers (`date=*/*.parquet`, Spark, polars' hive reader) never look. A commit first
 /// writes the log entry naming the files, then moves them into place; a sink that opens after a
 /// crash finishes the moves of every entry (roll forward), and deletes staged files no entry
@@ -52,7 +54,7 @@ impl FileFormat {
 /// not write rows twice.
 pub struct FileTableSink {
     name: String,
-    dir: PathBuf,
+    place: Place,
     partition_by: Vec<usize>,
     file_schema: SchemaRef,
     /// This process's id in file names: several processes (one consumer group) may write one
@@ -75,7 +77,9 @@ pub struct FileTableSink {
     /// Files started so far (numbers file names within a commit).
     files_started: u64,
     /// Commit-log entries read (or written) so far, by file name.
-    logs_read: std::collections::HashSet<std::ffi::OsString>,
+    logs_read: HashSet<String>,
+    /// Every file a log entry read so far names.
+    known: HashSet<String>,
     format: FileFormat,
 }
 
@@ -87,8 +91,8 @@ struct OpenFile {
 
 /// The encoder of one staged file.
 enum FileWriter {
-    Parquet(Box<ArrowWriter<std::fs::File>>),
-    Csv(Box<arrow::csv::Writer<std::io::BufWriter<std::fs::File>>>),
+    Parquet(Box<ArrowWriter<Out>>),
+    Csv(Box<arrow::csv::Writer<std::io::BufWriter<Out>>>),
 }
 
 impl FileWriter {
@@ -101,7 +105,7 @@ impl FileWriter {
 
     /// Finishes the file and makes it durable.
     fn finish(self) -> Result<(), String> {
-        let file = match self {
+        let out = match self {
             FileWriter::Parquet(w) => w.into_inner().map_err(|e| e.to_string())?,
             FileWriter::Csv(w) => {
                 let mut buffered = (*w).into_inner();
@@ -109,7 +113,7 @@ impl FileWriter {
                 buffered.into_inner().map_err(|e| e.to_string())?
             }
         };
-        file.sync_all().map_err(|e| e.to_string())
+        out.finish().map_err(|e| e.to_string())
     }
 }
 
@@ -189,37 +193,27 @@ fn type_name(data_type: &arrow::datatypes::DataType) -> String {
     }
 }
 
-/// The commit-log entries under `dir` in name order, except those `skip` names.
+/// The commit-log entries of the table at `place` in name order, except those `skip` names.
 fn read_entries(
-    dir: &Path,
-    skip: impl Fn(&std::ffi::OsStr) -> bool,
-) -> Result<Vec<(std::ffi::OsString, LogEntry)>, String> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir.join(LOG))
-        .map_err(|e| e.to_string())?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .filter(|p| p.file_name().is_none_or(|n| !skip(n)))
-        .collect();
-    entries.sort();
-    entries
+    place: &Place,
+    skip: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, LogEntry)>, String> {
+    place
+        .log_names()?
         .into_iter()
-        .map(|entry| {
-            let text =
-                std::fs::read_to_string(&entry).map_err(|e| format!("{}: {e}", entry.display()))?;
+        .filter(|name| !skip(name))
+        .map(|name| {
+            let text = place.read_log(&name)?;
             let log: LogEntry = serde_json::from_str(&text)
-                .map_err(|e| format!("commit log {} is damaged: {e}", entry.display()))?;
-            Ok((entry.file_name().unwrap_or_default().to_os_string(), log))
+                .map_err(|e| format!("commit log {place}/{LOG}/{name} is damaged: {e}"))?;
+            Ok((name, log))
         })
         .collect()
 }
 
 /// Whether the table whose newest log entry (with columns) is among `entries` takes `shape`'s
 /// rows: Parquet and CSV tables keep one shape, so any difference is refused.
-fn fit_entries(
-    entries: &[(std::ffi::OsString, LogEntry)],
-    shape: &TableShape,
-) -> Result<Fit, String> {
+fn fit_entries(entries: &[(String, LogEntry)], shape: &TableShape) -> Result<Fit, String> {
     let Some((name, entry)) = entries.iter().rev().find(|(_, e)| !e.columns.is_empty()) else {
         return Ok(if entries.is_empty() {
             Fit::New
@@ -240,22 +234,12 @@ fn fit_entries(
     Err(format!(
         "the table's files have ({}) (commit log entry {}), the stage gives ({}); files of two shapes in one table would break its readers: write to a new path, or move the old files away",
         describe(&entry.columns),
-        name.to_string_lossy(),
+        name,
         describe(&ours)
     ))
 }
 
-const LOG: &str = "_flowgate_log";
-
-/// Renames a committed file from staging into place; already in place (another process finished
-/// the move) counts as done.
-fn move_into_place(staged: &Path, path: &Path) -> std::io::Result<()> {
-    match std::fs::rename(staged, path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.exists() => Ok(()),
-        other => other,
-    }
-}
-const STAGING: &str = "_flowgate_staging";
+use super::place::LOG;
 
 /// A partition value as a folder name: the characters Hive escapes (`/`, `=`, `%`, `:`, …,
 /// control characters) become `%XX`, so every value stays one folder inside the table.
@@ -300,7 +284,7 @@ fn writer_id() -> String {
 }
 
 impl FileTableSink {
-    /// Opens (or starts) the table folder at `dir`, cleaning up files no commit names.
+    /// Opens (or starts) the table in local folder `dir`.
     pub fn open(
         name: &str,
         dir: &Path,
@@ -308,14 +292,30 @@ impl FileTableSink {
         partition_by: &[String],
         format: FileFormat,
     ) -> Result<Self, SinkError> {
+        Self::open_at(
+            name,
+            Place::Folder(dir.to_path_buf()),
+            shape,
+            partition_by,
+            format,
+        )
+    }
+
+    /// Opens (or starts) the table at `place`: finishes the moves of commits a crash
+    /// interrupted, and cleans up staged files no commit names.
+    pub(crate) fn open_at(
+        name: &str,
+        place: Place,
+        shape: TableShape,
+        partition_by: &[String],
+        format: FileFormat,
+    ) -> Result<Self, SinkError> {
         let fail = |message: String| SinkError::Table {
             sink: name.into(),
-            table: dir.display().to_string(),
+            table: place.to_string(),
             message,
         };
-        std::fs::create_dir_all(dir.join(LOG))
-            .and_then(|_| std::fs::create_dir_all(dir.join(STAGING)))
-            .map_err(|e| fail(format!("cannot create the folder: {e}")))?;
+        place.prepare().map_err(fail)?;
         let schema = shape.schema().clone();
         let partition_by: Vec<usize> = partition_by
             .iter()
@@ -333,9 +333,15 @@ impl FileTableSink {
             .map(|(_, f)| f.clone())
             .collect();
         let file_schema = Arc::new(Schema::new(file_fields));
+        let entries = read_entries(&place, |_| false).map_err(fail)?;
+        fit_entries(&entries, &shape).map_err(|message| SinkError::SchemaMismatch {
+            sink: name.into(),
+            table: place.to_string(),
+            message,
+        })?;
         let mut sink = FileTableSink {
             name: name.into(),
-            dir: dir.to_path_buf(),
+            place,
             partition_by,
             file_schema,
             writer: writer_id(),
@@ -347,71 +353,67 @@ impl FileTableSink {
             open: BTreeMap::new(),
             rows: 0,
             files_started: 0,
-            logs_read: Default::default(),
+            logs_read: HashSet::new(),
+            known: HashSet::new(),
             format,
         };
-        let entries = read_entries(dir, |_| false).map_err(fail)?;
-        fit_entries(&entries, &sink.shape).map_err(|message| SinkError::SchemaMismatch {
-            sink: name.into(),
-            table: dir.display().to_string(),
-            message,
-        })?;
-        let known = sink.read_log(entries);
-        sink.roll_forward(&known)
-            .map_err(|e| fail(format!("finishing an interrupted commit: {e}")))?;
-        sink.remove_orphans(&dir.join(STAGING), &known)
-            .map_err(|e| fail(format!("cleaning up uncommitted files: {e}")))?;
+        sink.take_in(entries);
+        sink.roll_forward()
+            .map_err(|e| sink.fail(format!("finishing an interrupted commit: {e}")))?;
+        sink.remove_orphans()
+            .map_err(|e| sink.fail(format!("cleaning up uncommitted files: {e}")))?;
         Ok(sink)
     }
 
-    /// How the stage's output fits the table at `dir`, without changing anything (for
-    /// `flowgate validate`).
+    /// How the stage's output fits the table in local folder `dir`, without changing anything.
     pub fn check(name: &str, dir: &Path, shape: &TableShape) -> Result<Fit, SinkError> {
-        if !dir.join(LOG).is_dir() {
-            return Ok(Fit::New);
-        }
-        let table = dir.display().to_string();
-        let entries = read_entries(dir, |_| false).map_err(|message| SinkError::Table {
+        Self::check_at(name, &Place::Folder(dir.to_path_buf()), shape)
+    }
+
+    /// How the stage's output fits the table at `place`, without changing anything (for
+    /// `flowgate validate`).
+    pub(crate) fn check_at(
+        name: &str,
+        place: &Place,
+        shape: &TableShape,
+    ) -> Result<Fit, SinkError> {
+        let entries = read_entries(place, |_| false).map_err(|message| SinkError::Table {
             sink: name.into(),
-            table: table.clone(),
+            table: place.to_string(),
             message,
         })?;
         fit_entries(&entries, shape).map_err(|message| SinkError::SchemaMismatch {
             sink: name.into(),
-            table,
+            table: place.to_string(),
             message,
         })
     }
 
-    /// Takes in every commit-log entry (all writers): the files committed, and the newest
-    /// position per source partition (into `latest`).
-    fn read_log(
-        &mut self,
-        entries: Vec<(std::ffi::OsString, LogEntry)>,
-    ) -> std::collections::HashSet<String> {
-        let mut known = std::collections::HashSet::new();
+    /// Takes in commit-log entries (any writer's): the files committed (into `known`), and the
+    /// newest position per source partition (into `latest`).
+    fn take_in(&mut self, entries: Vec<(String, LogEntry)>) {
         for (name, log) in entries {
             for (key, position) in log.positions() {
                 raise(&mut self.latest, key, position);
             }
-            known.extend(log.files);
+            self.known.extend(log.files);
             self.logs_read.insert(name);
         }
-        known
+    }
+
+    /// Reads the log entries written since this process last looked.
+    fn read_new_entries(&mut self) -> Result<(), SinkError> {
+        let read = &self.logs_read;
+        let entries = read_entries(&self.place, |n| read.contains(n)).map_err(|e| self.fail(e))?;
+        self.take_in(entries);
+        Ok(())
     }
 
     /// Fencing: an entry another process wrote since this one last read the log, recording a
     /// partition about to be committed further than this process holds it, means the group moved
     /// the partition to that process (this one lost it): committing would write rows twice.
     fn check_not_overtaken(&mut self, positions: &Positions) -> Result<(), SinkError> {
-        let read = &self.logs_read;
-        let entries = read_entries(&self.dir, |n| read.contains(n)).map_err(|e| self.fail(e))?;
-        for (name, log) in entries {
-            for (key, position) in log.positions() {
-                raise(&mut self.latest, key, position);
-            }
-            self.logs_read.insert(name);
-        }
+        self.read_new_entries()?;
         match fence("the commit log", positions, &self.latest, &self.committed) {
             Fence::Clear => Ok(()),
             Fence::Overtaken(why) => Err(self.fail(why)),
@@ -426,49 +428,26 @@ impl FileTableSink {
 
     /// Moves into place every staged file a log entry names (a crash between writing the entry
     /// and moving its files leaves some in staging).
-    fn roll_forward(&self, known: &std::collections::HashSet<String>) -> std::io::Result<()> {
-        for rel in known {
-            let staged = self.dir.join(STAGING).join(rel);
-            if staged.exists() {
-                let path = self.dir.join(rel);
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
-                tracing::info!(sink = %self.name, file = %rel, "moving a committed file into place (its commit was interrupted)");
-                move_into_place(&staged, &path)?;
+    fn roll_forward(&self) -> std::io::Result<()> {
+        for staged in self.place.staged_files()? {
+            if self.known.contains(&staged.rel) {
+                tracing::info!(sink = %self.name, file = %staged.rel, "moving a committed file into place (its commit was interrupted)");
+                self.place.move_into_place(&staged.rel)?;
             }
         }
         Ok(())
     }
 
-    fn remove_orphans(
-        &self,
-        dir: &Path,
-        known: &std::collections::HashSet<String>,
-    ) -> std::io::Result<()> {
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            for entry in std::fs::read_dir(&d)? {
-                let path = entry?.path();
-                if path.is_dir() {
-                    stack.push(path);
-                    continue;
-                }
-                let rel = path
-                    .strip_prefix(dir)
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let ours =
-                    rel.ends_with(".parquet") || rel.ends_with(".csv") || rel.ends_with(".tmp");
-                let old = std::fs::metadata(&path)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age >= ORPHAN_AGE);
-                if ours && old && !known.contains(&rel) {
-                    tracing::warn!(sink = %self.name, file = %path.display(), "removing a file no commit names (left by an interrupted write)");
-                    std::fs::remove_file(&path)?;
-                }
+    /// Deletes staged files no commit names once they are [`ORPHAN_AGE`] old (younger ones
+    /// may be another process's commit in progress).
+    fn remove_orphans(&self) -> std::io::Result<()> {
+        for staged in self.place.staged_files()? {
+            let rel = &staged.rel;
+            let ours = rel.ends_with(".parquet") || rel.ends_with(".csv") || rel.ends_with(".tmp");
+            let old = staged.age.is_some_and(|age| age >= ORPHAN_AGE);
+            if ours && old && !self.known.contains(rel) {
+                tracing::warn!(sink = %self.name, table = %self.place, file = %rel, "removing a file no commit names (left by an interrupted write)");
+                self.place.remove_staged(rel)?;
             }
         }
         Ok(())
@@ -484,19 +463,15 @@ impl FileTableSink {
             self.files_started,
             self.format.extension()
         );
-        let tmp = self.dir.join(STAGING).join(&rel);
         let open = || -> Result<FileWriter, Box<dyn std::error::Error>> {
-            if let Some(parent) = tmp.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let file = std::fs::File::create(&tmp)?;
+            let out = self.place.create_staged(&rel)?;
             Ok(match self.format {
                 FileFormat::Parquet => {
                     let props = WriterProperties::builder()
                         .set_compression(Compression::ZSTD(ZstdLevel::default()))
                         .build();
                     FileWriter::Parquet(Box::new(ArrowWriter::try_new(
-                        file,
+                        out,
                         self.file_schema.clone(),
                         Some(props),
                     )?))
@@ -505,7 +480,7 @@ impl FileTableSink {
                     arrow::csv::WriterBuilder::new()
                         .with_header(header)
                         .with_delimiter(delimiter)
-                        .build(std::io::BufWriter::with_capacity(1 << 20, file)),
+                        .build(std::io::BufWriter::with_capacity(1 << 20, out)),
                 )),
             })
         };
@@ -516,7 +491,7 @@ impl FileTableSink {
     fn fail(&self, message: String) -> SinkError {
         SinkError::Table {
             sink: self.name.clone(),
-            table: self.dir.display().to_string(),
+            table: self.place.to_string(),
             message,
         }
     }
@@ -641,33 +616,25 @@ impl Sink for FileTableSink {
                 .collect(),
             columns: columns_of(self.shape.schema()),
         };
-        let log = self
-            .dir
-            .join(LOG)
-            .join(format!("{version:020}-{}.json", self.writer));
-        let tmp = log.with_extension("json.tmp");
+        let log = format!("{version:020}-{}.json", self.writer);
         let text = serde_json::to_string_pretty(&entry).map_err(|e| self.fail(e.to_string()))?;
-        std::fs::write(&tmp, text)
-            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|_| std::fs::rename(&tmp, &log))
+        self.place
+            .write_log(&log, text)
             .map_err(|e| self.fail(format!("writing the commit log: {e}")))?;
-        if let Some(name) = log.file_name() {
-            self.logs_read.insert(name.to_os_string());
-        }
+        self.logs_read.insert(log);
         // Committed: now move the files into place (a crash here is finished at the next open).
         for rel in &entry.files {
-            let (staged, path) = (self.dir.join(STAGING).join(rel), self.dir.join(rel));
-            path.parent()
-                .map_or(Ok(()), std::fs::create_dir_all)
-                .and_then(|_| move_into_place(&staged, &path))
+            self.place
+                .move_into_place(rel)
                 .map_err(|e| self.fail(format!("moving {rel} into place: {e}")))?;
         }
+        self.known.extend(entry.files);
         self.version = version;
         self.committed
             .extend(positions.iter().map(|(k, v)| (k.clone(), *v)));
         self.latest
             .extend(positions.iter().map(|(k, v)| (k.clone(), *v)));
-        tracing::debug!(sink = %self.name, version, rows, "committed Parquet files");
+        tracing::debug!(sink = %self.name, version, rows, "committed files");
         Ok(true)
     }
 
@@ -677,11 +644,10 @@ impl Sink for FileTableSink {
     }
 
     fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<Position>, SinkError> {
-        // Another process of the group may have written this partition until a moment ago, and
-        // may have died between its log entry and moving its files.
-        let entries = read_entries(&self.dir, |_| false).map_err(|e| self.fail(e))?;
-        let known = self.read_log(entries);
-        self.roll_forward(&known)
+        // Another process of the group may have written this partition until a moment ago,
+        // and may have died between its log entry and moving its files.
+        self.read_new_entries()?;
+        self.roll_forward()
             .map_err(|e| self.fail(format!("finishing an interrupted commit: {e}")))?;
         // This process holds the partition from here on, as far as the log records it.
         let key = (topic.to_string(), partition);
@@ -696,6 +662,7 @@ impl Sink for FileTableSink {
 
 #[cfg(test)]
 mod tests {
+    use super::super::place::{Bucket, STAGING};
     use super::*;
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field};
@@ -947,5 +914,138 @@ mod tests {
                 epoch: 1
             })
         );
+    }
+
+    /// Objects under `root` in `store`, relative to it, with their contents.
+    fn objects(
+        store: &object_store::memory::InMemory,
+        rt: &tokio::runtime::Runtime,
+    ) -> BTreeMap<String, String> {
+        use futures::TryStreamExt;
+        use object_store::{ObjectStore, ObjectStoreExt};
+        let listed: Vec<object_store::ObjectMeta> =
+            rt.block_on(store.list(None).try_collect()).unwrap();
+        listed
+            .into_iter()
+            .map(|meta| {
+                let body = rt
+                    .block_on(async { store.get(&meta.location).await?.bytes().await })
+                    .unwrap();
+                (
+                    meta.location.to_string(),
+                    String::from_utf8_lossy(&body).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_table_in_an_object_store_commits_by_copy_and_rolls_forward() {
+        use object_store::ObjectStoreExt;
+        let rt = Arc::new(tokio::runtime::Runtime::new().unwrap());
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let place = || {
+            // Parts of 1 KiB: the bigger file goes up as a multipart upload.
+            Place::Bucket(
+                Bucket::new(store.clone(), "lake/t".into(), "s3://b/lake/t", rt.clone())
+                    .with_part_size(1024),
+            )
+        };
+        let csv = FileFormat::Csv {
+            header: false,
+            delimiter: b',',
+        };
+        let mut sink = FileTableSink::open_at("t", place(), shape(), &["k".into()], csv).unwrap();
+        let many: Vec<&str> = std::iter::repeat_n("a", 2000).collect();
+        sink.write(batch(&many)).unwrap();
+        sink.write(batch(&["b"])).unwrap();
+        let staged_only = objects(&store, &rt);
+        assert!(
+            staged_only
+                .keys()
+                .all(|k| k.starts_with("lake/t/_flowgate_staging/")),
+            "before the commit, only staged objects: {:?}",
+            staged_only.keys()
+        );
+        assert!(sink.commit(&positions(2000, 1)).unwrap());
+        let after = objects(&store, &rt);
+        let data: Vec<&String> = after
+            .keys()
+            .filter(|k| !k.contains("/_flowgate_"))
+            .collect();
+        assert_eq!(data.len(), 2, "{:?}", after.keys());
+        assert!(data[0].starts_with("lake/t/k=a/part-") && data[0].ends_with(".csv"));
+        assert!(data[1].starts_with("lake/t/k=b/part-"));
+        let expected: String = (0..2000).map(|v| format!("{v}\n")).collect();
+        assert_eq!(
+            after[data[0]], expected,
+            "the multipart upload holds every row"
+        );
+        assert_eq!(after[data[1]], "0\n");
+        assert!(
+            !after.keys().any(|k| k.contains(STAGING)),
+            "staging emptied by the moves"
+        );
+        assert_eq!(
+            after
+                .keys()
+                .filter(|k| k.contains("/_flowgate_log/"))
+                .count(),
+            1
+        );
+        // A crash after the log entry, before the moves: put a file back into staging.
+        let (final_path, staged_path) = (
+            object_store::path::Path::from(data[0].as_str()),
+            object_store::path::Path::from(data[0].replace("lake/t/", "lake/t/_flowgate_staging/")),
+        );
+        rt.block_on(store.rename(&final_path, &staged_path))
+            .unwrap();
+        sink.write(batch(&["c"])).unwrap();
+        drop(sink);
+        let mut reopened =
+            FileTableSink::open_at("t", place(), shape(), &["k".into()], csv).unwrap();
+        let rolled = objects(&store, &rt);
+        assert_eq!(rolled[data[0]], expected, "rolled forward by copy");
+        assert!(!rolled.contains_key(staged_path.as_ref()));
+        assert!(
+            !rolled.keys().any(|k| k.contains("k=c")),
+            "uncommitted rows stay invisible"
+        );
+        assert_eq!(
+            reopened.committed("t", 0).unwrap(),
+            Some(Position {
+                offset: 2000,
+                epoch: 1
+            })
+        );
+        // The table's shape is read from the bucket as from a folder.
+        assert_eq!(
+            FileTableSink::check_at("t", &place(), &shape()).unwrap(),
+            Fit::Same
+        );
+        let elsewhere = Place::Bucket(Bucket::new(
+            store.clone(),
+            "lake/none".into(),
+            "s3://b/lake/none",
+            rt.clone(),
+        ));
+        assert_eq!(
+            FileTableSink::check_at("t", &elsewhere, &shape()).unwrap(),
+            Fit::New
+        );
+    }
+
+    #[test]
+    fn a_log_entry_in_an_object_store_is_never_overwritten() {
+        let rt = Arc::new(tokio::runtime::Runtime::new().unwrap());
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let place = Place::Bucket(Bucket::new(store, "t".into(), "s3://b/t", rt));
+        place.write_log("00001-a.json", "{}".into()).unwrap();
+        let again = place.write_log("00001-a.json", "{\"x\":1}".into());
+        assert!(
+            again.as_ref().is_err_and(|e| e.contains("exists already")),
+            "{again:?}"
+        );
+        assert_eq!(place.read_log("00001-a.json").unwrap(), "{}");
     }
 }

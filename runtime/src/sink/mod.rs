@@ -6,6 +6,7 @@ mod console;
 mod delta;
 mod files;
 pub mod maintenance;
+mod place;
 mod postgres;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ use arrow::record_batch::RecordBatch;
 pub use console::ConsoleSink;
 pub use delta::{DeltaOptions, DeltaSink};
 pub use files::{FileFormat, FileTableSink};
+pub(crate) use place::Place;
 pub use postgres::PostgresSink;
 
 /// Last source offset covered, per (topic, partition).

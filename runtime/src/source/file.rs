@@ -181,6 +181,7 @@ impl Source for FileSource {
                             partition: index as i32,
                             offset,
                             payload: line.into_bytes(),
+                            tombstone: false,
                             timestamp_ms: None,
                         });
                         from_this += 1;

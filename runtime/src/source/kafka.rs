@@ -21,6 +21,50 @@ struct Context {
     /// Each partition's end (high watermark), from librdkafka's statistics.
     high: Mutex<HashMap<(String, i32), i64>>,
     handler: OnceLock<Arc<dyn Rebalance>>,
+    /// Since when the brokers have been unreachable (an outage is logged once, not per retry).
+    down: Mutex<Option<Instant>>,
+}
+
+/// Errors that mean "the brokers cannot be reached right now".
+fn is_outage(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::Resolve
+                | C::BrokerNotAvailable
+                | C::NetworkException
+                | C::RequestTimedOut
+                | C::OperationTimedOut
+                | C::CoordinatorNotAvailable
+                | C::NotCoordinator
+        )
+    )
+}
+
+impl Context {
+    /// Notes an outage; logs it once, when it starts.
+    fn outage(&self, what: &str) {
+        let mut down = locked(&self.down);
+        if down.is_none() {
+            *down = Some(Instant::now());
+            tracing::warn!(
+                "lost the Kafka brokers ({what}); waiting for them to come back (librdkafka retries; this is logged once per outage, `-vv` shows each retry)"
+            );
+        }
+    }
+
+    /// Records flow again: logs the end of an outage.
+    fn back(&self) {
+        if let Some(since) = locked(&self.down).take() {
+            tracing::info!(
+                "the Kafka brokers are back after {:.1} s",
+                since.elapsed().as_secs_f64()
+            );
+        }
+    }
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -28,6 +72,32 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ClientContext for Context {
+    /// librdkafka's log, through `tracing`; during an outage its per-retry complaints go to the
+    /// debug log.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if locked(&self.down).is_some() {
+            tracing::debug!(target: "librdkafka", "{fac}: {message}");
+            return;
+        }
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", "{fac}: {message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", "{fac}: {message}"),
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", "{fac}: {message}"),
+            L::Debug => tracing::debug!(target: "librdkafka", "{fac}: {message}"),
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if is_outage(&error) {
+            self.outage(reason);
+        } else {
+            tracing::error!(target: "librdkafka", "{error}: {reason}");
+        }
+    }
+
     /// librdkafka's statistics: keep each partition's consumer lag and end.
     fn stats(&self, statistics: rdkafka::Statistics) {
         let (mut lag, mut high) = (locked(&self.lag), locked(&self.high));
@@ -207,6 +277,21 @@ impl KafkaSource {
                     "cannot create the Kafka consumer for `{bootstrap}`: {e}"
                 ))
             })?;
+        // A broker that never answers is an error the user sees, not a silent wait.
+        let timeout = std::time::Duration::from_millis(
+            u64::try_from(spec.connect_timeout.as_millis()).unwrap_or(0),
+        );
+        let metadata = consumer.fetch_metadata(None, timeout).map_err(|e| {
+            SourceError::Io(format!(
+                "cannot reach the Kafka brokers at `{bootstrap}` within {} (`source.kafka.connect_timeout`): {e}; check `source.kafka.brokers` and that the brokers are up",
+                spec.connect_timeout
+            ))
+        })?;
+        for topic in &topics {
+            if !metadata.topics().iter().any(|t| t.name() == topic) {
+                tracing::warn!(topic = %topic, "the topic does not exist (yet): waiting for it");
+            }
+        }
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&names)
@@ -244,10 +329,15 @@ impl Source for KafkaSource {
             match self.consumer.poll(wait) {
                 None => break,
                 Some(Err(e)) => {
-                    tracing::warn!("Kafka: {e}");
+                    if is_outage(&e) {
+                        self.consumer.context().outage(&e.to_string());
+                    } else {
+                        tracing::warn!("Kafka: {e}");
+                    }
                     break;
                 }
                 Some(Ok(m)) => {
+                    self.consumer.context().back();
                     let topic = match &topic_cache {
                         Some(t) if &**t == m.topic() => t.clone(),
                         _ => {
@@ -261,6 +351,7 @@ impl Source for KafkaSource {
                         partition: m.partition(),
                         offset: m.offset(),
                         payload: m.payload().unwrap_or_default().to_vec(),
+                        tombstone: m.payload().is_none(),
                         timestamp_ms: m.timestamp().to_millis(),
                     });
                 }

@@ -49,6 +49,8 @@ pub struct Record {
     pub offset: i64,
     /// The raw bytes.
     pub payload: Vec<u8>,
+    /// The record's value is null (a Kafka tombstone): `payload` is empty.
+    pub tombstone: bool,
     /// Broker append time (ms), if the source has one.
     pub timestamp_ms: Option<i64>,
 }

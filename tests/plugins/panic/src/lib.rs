@@ -1,19 +1,25 @@
 //! Panics on a row whose `symbol` is `POISON` (an `unwrap` on a missing value, as a plugin author
 //! might write): the host must report the panic's message and source line, not a backtrace of
-//! `<wasm function N>` frames.
+//! `<wasm function N>` frames. It keeps state, the number of rows it passed on (its snapshot), so
+//! the poison-record tests can tell whether a rebuilt instance ends where it should.
 use flowgate_sdk::prelude::*;
 
 #[derive(Deserialize)]
 pub struct Config {}
 
-pub struct Panic;
+pub struct Panic {
+    passed: u64,
+}
 
 impl Transform for Panic {
     type Config = Config;
     const NAME: &'static str = "panic";
+    const STATE_VERSION: u32 = 1;
+
     fn create(_: Config, input: &SchemaRef) -> Result<(Self, SchemaRef)> {
-        Ok((Panic, input.clone()))
+        Ok((Panic { passed: 0 }, input.clone()))
     }
+
     fn process(&mut self, batch: RecordBatch) -> Result<Output> {
         let symbols = batch.column(0).as_string::<i32>();
         for i in 0..batch.num_rows() {
@@ -21,7 +27,20 @@ impl Transform for Panic {
             #[allow(clippy::unwrap_used)] // the point of this plugin
             std::hint::black_box(price.unwrap());
         }
+        self.passed += batch.num_rows() as u64;
         Ok(Output::batch(batch))
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>> {
+        Ok(self.passed.to_le_bytes().to_vec())
+    }
+
+    fn restore(&mut self, _version: u32, state: &[u8]) -> Result<()> {
+        let bytes: [u8; 8] = state
+            .try_into()
+            .map_err(|_| Error::bad_input("state is not 8 bytes"))?;
+        self.passed = u64::from_le_bytes(bytes);
+        Ok(())
     }
 }
 

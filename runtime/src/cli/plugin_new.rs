@@ -1,0 +1,390 @@
+//! `flowgate plugin new NAME`: a plugin crate that builds on its own, anywhere.
+//!
+//! The SDK is vendored into the new crate (`vendor/flowgate-sdk/`, with the WIT contract in
+//! `wit/`), copied from the SDK this binary was built with: the crate needs nothing from this
+//! repository, no git access, and its contract matches the host that made it. A newer host
+//! refreshes the copy with `flowgate plugin new NAME --sdk-only`.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use super::UsageError;
+
+/// `flowgate plugin new` arguments.
+#[derive(Debug, Args)]
+pub struct NewArgs {
+    /// The plugin's name: lower case letters, digits, `-` and `_` (e.g. `price-filter`).
+    name: String,
+    /// The folder to create (default: ./NAME).
+    #[arg(long, value_name = "DIR")]
+    path: Option<PathBuf>,
+    /// Only write (or refresh) the vendored SDK and WIT contract in an existing plugin crate.
+    #[arg(long)]
+    sdk_only: bool,
+}
+
+/// The SDK's sources, as this binary was built with them.
+const SDK_FILES: &[(&str, &str)] = &[
+    (
+        "src/lib.rs",
+        include_str!("../../../plugins/sdk/src/lib.rs"),
+    ),
+    (
+        "src/__private.rs",
+        include_str!("../../../plugins/sdk/src/__private.rs"),
+    ),
+    (
+        "src/columns.rs",
+        include_str!("../../../plugins/sdk/src/columns.rs"),
+    ),
+    (
+        "src/config.rs",
+        include_str!("../../../plugins/sdk/src/config.rs"),
+    ),
+    (
+        "src/error.rs",
+        include_str!("../../../plugins/sdk/src/error.rs"),
+    ),
+    (
+        "src/ipc.rs",
+        include_str!("../../../plugins/sdk/src/ipc.rs"),
+    ),
+    (
+        "src/keys.rs",
+        include_str!("../../../plugins/sdk/src/keys.rs"),
+    ),
+    (
+        "src/log.rs",
+        include_str!("../../../plugins/sdk/src/log.rs"),
+    ),
+    (
+        "src/native.rs",
+        include_str!("../../../plugins/sdk/src/native.rs"),
+    ),
+    (
+        "src/output.rs",
+        include_str!("../../../plugins/sdk/src/output.rs"),
+    ),
+    (
+        "src/testing.rs",
+        include_str!("../../../plugins/sdk/src/testing.rs"),
+    ),
+    (
+        "src/transform.rs",
+        include_str!("../../../plugins/sdk/src/transform.rs"),
+    ),
+];
+
+/// The WIT contract the host implements.
+const WIT: &str = include_str!("../../../wit/flowgate.wit");
+
+/// The vendored SDK's manifest: the workspace's versions, written out.
+const SDK_MANIFEST: &str = r#"# Vendored by `flowgate plugin new`: the Flowgate plugin SDK this host was built with.
+# `flowgate plugin new NAME --sdk-only` refreshes it from a newer host.
+[package]
+name = "flowgate-sdk"
+version = "0.1.0"
+edition = "2024"
+license = "Apache-2.0"
+publish = false
+
+[features]
+testing = ["dep:arrow-json", "arrow/chrono-tz"]
+
+[dependencies]
+arrow = { version = "59", default-features = false, features = ["ipc"] }
+arrow-json = { version = "59", optional = true }
+serde = { version = "1", features = ["derive"] }
+serde_json = "1"
+serde_path_to_error = "0.1"
+
+[target.'cfg(target_arch = "wasm32")'.dependencies]
+wit-bindgen = { version = "0.63", default-features = false, features = ["macros", "realloc", "std"] }
+"#;
+
+fn manifest(crate_name: &str) -> String {
+    format!(
+        r#"[package]
+name = "{crate_name}"
+version = "0.1.0"
+edition = "2024"
+publish = false
+
+# Its own workspace: the crate builds wherever it lives.
+[workspace]
+
+[lib]
+crate-type = ["cdylib", "rlib"]
+
+[dependencies]
+flowgate-sdk = {{ path = "vendor/flowgate-sdk" }}
+arrow = {{ version = "59", default-features = false }}
+serde = {{ version = "1", features = ["derive"] }}
+
+[profile.release]
+opt-level = 3
+lto = "thin"
+strip = true
+"#
+    )
+}
+
+fn lib_rs(name: &str, type_name: &str) -> String {
+    format!(
+        r#"//! `{name}`: keeps the rows whose `column` is at least `min`; a row whose value is
+//! missing goes to the dead letter with the reason.
+use flowgate_sdk::prelude::*;
+
+/// The step's `config:` block in the pipeline file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {{
+    /// A float64 column of the input.
+    pub column: String,
+    /// Rows below this are dropped.
+    pub min: f64,
+}}
+
+pub struct {type_name} {{
+    column: usize,
+    min: f64,
+}}
+
+impl Transform for {type_name} {{
+    type Config = Config;
+    const NAME: &'static str = "{name}";
+
+    fn create(config: Config, input: &SchemaRef) -> Result<(Self, SchemaRef)> {{
+        let column = column_index(input, &config.column, "column")?;
+        // Same columns out as in.
+        Ok(({type_name} {{ column, min: config.min }}, input.clone()))
+    }}
+
+    fn process(&mut self, batch: RecordBatch) -> Result<Output> {{
+        let values = float64_column(&batch, self.column)?;
+        let keep: arrow::array::BooleanArray = values
+            .iter()
+            .map(|v| Some(v.is_some_and(|v| v >= self.min)))
+            .collect();
+        let mut output = Output::batch(filter_record_batch(&batch, &keep)?);
+        for row in 0..batch.num_rows() {{
+            if values.is_null(row) {{
+                output.reject(row, "the value is missing");
+            }}
+        }}
+        Ok(output)
+    }}
+}}
+
+export_transform!({type_name});
+
+#[cfg(test)]
+mod tests {{
+    use super::*;
+
+    #[test]
+    fn keeps_rows_at_least_min_and_rejects_missing_values() {{
+        let schema = Arc::new(Schema::new(vec![Field::new("price", DataType::Float64, true)]));
+        let config = Config {{ column: "price".into(), min: 10.0 }};
+        let (mut step, _) = {type_name}::create(config, &schema).unwrap();
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![Arc::new(Float64Array::from(vec![Some(12.0), Some(3.0), None]))],
+        )
+        .unwrap();
+        let output = step.process(batch).unwrap();
+        assert_eq!(output.num_rows(), 1);
+        assert_eq!(output.rejected.len(), 1);
+        assert_eq!(output.rejected[0].row, 2);
+    }}
+}}
+"#
+    )
+}
+
+fn readme(name: &str, lib_name: &str, dir: &str) -> String {
+    format!(
+        r#"# {name}
+
+A Flowgate transform plugin. Three commands:
+
+```sh
+cargo build --release --target wasm32-wasip2        # → target/wasm32-wasip2/release/{lib_name}.wasm
+flowgate plugin test target/wasm32-wasip2/release/{lib_name}.wasm \
+    --config sample/config.yaml --schema sample/schema.yaml --input sample/input.jsonl
+cargo test                                          # the plugin's logic, natively
+```
+
+(`rustup target add wasm32-wasip2` once, if the build asks for it.)
+
+Add it to a pipeline (a relative `plugin:` path is relative to the pipeline file):
+
+```yaml
+transforms:
+  - name: {lib_name}
+    plugin: {dir}/target/wasm32-wasip2/release/{lib_name}.wasm
+    config:
+      column: price
+      min: 10
+```
+
+`src/lib.rs` is the plugin; `vendor/flowgate-sdk/` and `wit/` are the Flowgate SDK and contract
+this crate was made with (`flowgate plugin new {name} --path . --sdk-only` refreshes them from a
+newer Flowgate). A running pipeline picks up a rebuilt `.wasm` without a restart when its file
+changes.
+"#
+    )
+}
+
+const SAMPLE_INPUT: &str = r#"{"symbol":"AAPL","price":12.5,"ts":"2025-11-12T14:30:01Z"}
+{"symbol":"MSFT","price":3.25,"ts":"2025-11-12T14:30:02Z"}
+{"symbol":"GOOG","price":null,"ts":"2025-11-12T14:30:03Z"}
+{"symbol":"NVDA","price":10,"ts":"2025-11-12T14:30:04Z"}
+"#;
+
+const SAMPLE_SCHEMA: &str = "symbol: utf8\nprice: float64\nts: timestamp\n";
+
+const SAMPLE_CONFIG: &str = "column: price\nmin: 10\n";
+
+/// The crate name, its library name (`-` → `_`) and a type name (`price-filter` → `PriceFilter`).
+fn names(name: &str) -> Result<(String, String), UsageError> {
+    let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if !valid {
+        return Err(UsageError(format!(
+            "`{name}` is not a plugin name: use lower case letters, digits, `-` and `_`, starting with a letter (e.g. `price-filter`)"
+        )));
+    }
+    let lib_name = name.replace('-', "_");
+    let type_name = lib_name
+        .split('_')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let mut chars = p.chars();
+            chars
+                .next()
+                .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    Ok((lib_name, type_name))
+}
+
+fn write(root: &Path, rel: &str, text: &str) -> anyhow::Result<()> {
+    let path = root.join(rel);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", parent.display()))?;
+    }
+    std::fs::write(&path, text).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+}
+
+/// Writes the vendored SDK and WIT contract under `root`.
+fn write_sdk(root: &Path) -> anyhow::Result<()> {
+    let sdk = root.join("vendor/flowgate-sdk");
+    if sdk.exists() {
+        std::fs::remove_dir_all(&sdk)
+            .map_err(|e| anyhow::anyhow!("replacing {}: {e}", sdk.display()))?;
+    }
+    write(root, "vendor/flowgate-sdk/Cargo.toml", SDK_MANIFEST)?;
+    for (rel, text) in SDK_FILES {
+        write(root, &format!("vendor/flowgate-sdk/{rel}"), text)?;
+    }
+    write(root, "wit/flowgate.wit", WIT)
+}
+
+/// Runs `flowgate plugin new`.
+pub fn run(args: NewArgs) -> anyhow::Result<std::process::ExitCode> {
+    let (lib_name, type_name) = names(&args.name)?;
+    let root = args.path.unwrap_or_else(|| PathBuf::from(&args.name));
+    if args.sdk_only {
+        if !root.join("Cargo.toml").is_file() {
+            return Err(UsageError(format!(
+                "`{}` has no Cargo.toml: `--sdk-only` refreshes the SDK of an existing plugin crate",
+                root.display()
+            ))
+            .into());
+        }
+        write_sdk(&root)?;
+        println!(
+            "refreshed the Flowgate SDK and contract in {}",
+            root.display()
+        );
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let occupied = std::fs::read_dir(&root).is_ok_and(|mut entries| entries.next().is_some());
+    if occupied {
+        return Err(UsageError(format!(
+            "`{}` exists and is not empty: give a new folder with `--path`",
+            root.display()
+        ))
+        .into());
+    }
+    write(&root, "Cargo.toml", &manifest(&args.name))?;
+    write(&root, "src/lib.rs", &lib_rs(&lib_name, &type_name))?;
+    let absolute = std::fs::canonicalize(&root).unwrap_or_else(|_| root.clone());
+    write(
+        &root,
+        "README.md",
+        &readme(&args.name, &lib_name, &absolute.display().to_string()),
+    )?;
+    write(&root, "sample/input.jsonl", SAMPLE_INPUT)?;
+    write(&root, "sample/schema.yaml", SAMPLE_SCHEMA)?;
+    write(&root, "sample/config.yaml", SAMPLE_CONFIG)?;
+    write(&root, ".gitignore", "/target\n")?;
+    write_sdk(&root)?;
+    println!("created plugin `{}` in {}", args.name, root.display());
+    println!();
+    println!("  cd {}", root.display());
+    println!("  cargo build --release --target wasm32-wasip2");
+    println!(
+        "  flowgate plugin test target/wasm32-wasip2/release/{lib_name}.wasm --config sample/config.yaml --schema sample/schema.yaml --input sample/input.jsonl"
+    );
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sdk_source_is_vendored() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/sdk/src");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| format!("src/{}", e.unwrap().file_name().to_string_lossy()))
+            .collect();
+        on_disk.sort();
+        let mut vendored: Vec<String> = SDK_FILES.iter().map(|(p, _)| p.to_string()).collect();
+        vendored.sort();
+        assert_eq!(
+            vendored, on_disk,
+            "plugin_new.rs must embed every SDK source file"
+        );
+        // The vendored manifest asks for the versions the workspace builds with.
+        let workspace =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"))
+                .unwrap();
+        for dep in [
+            "arrow = { version = \"59\"",
+            "wit-bindgen = { version = \"0.63\"",
+        ] {
+            assert!(
+                workspace.contains(dep) && SDK_MANIFEST.contains(dep),
+                "{dep}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_become_crate_library_and_type_names() {
+        assert_eq!(
+            names("price-filter").unwrap(),
+            ("price_filter".to_string(), "PriceFilter".to_string())
+        );
+        assert!(names("Price").is_err() && names("9x").is_err() && names("a b").is_err());
+    }
+}
