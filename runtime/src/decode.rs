@@ -264,16 +264,35 @@ impl JsonDecoder {
     /// decoder per record.
     pub fn decode(&self, records: &[&[u8]]) -> (RecordBatch, Vec<DecodeFailure>) {
         let empty = || RecordBatch::new_empty(self.schema.clone());
+        // JSON nested thousands deep overflows the decoder's stack (it recurses): refused first.
+        let deep: Vec<(usize, usize)> = records
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| nesting_over(r, MAX_DEPTH).map(|d| (i, d)))
+            .collect();
         // Fast path: the whole batch at once.
-        if let Ok(batch) = self.decode_all(records) {
+        if deep.is_empty()
+            && let Ok(batch) = self.decode_all(records)
+        {
             let batch = batch.unwrap_or_else(empty);
             if batch.num_rows() == records.len() {
                 return (batch, Vec::new());
             }
         }
-        let mut failures = Vec::new();
+        let mut failures: Vec<DecodeFailure> = deep
+            .iter()
+            .map(|&(index, depth)| DecodeFailure {
+                index,
+                reason: format!(
+                    "JSON nested more than {MAX_DEPTH} levels deep (at least {depth}): a record of the declared schema needs one level"
+                ),
+            })
+            .collect();
         let mut candidates: Vec<usize> = Vec::with_capacity(records.len());
         for (index, record) in records.iter().enumerate() {
+            if deep.iter().any(|&(i, _)| i == index) {
+                continue;
+            }
             match syntax_error(record) {
                 Some(reason) => failures.push(DecodeFailure { index, reason }),
                 None => candidates.push(index),
@@ -316,6 +335,39 @@ impl JsonDecoder {
             }),
         }
     }
+}
+
+/// Deepest `[`/`{` nesting a record may have: the schema's fields are flat, and arrow's JSON
+/// decoder recurses once per level (50,000 levels overflowed a worker's stack).
+const MAX_DEPTH: usize = 64;
+
+/// The nesting depth of `record` (brackets outside strings) once it passes `limit`, else `None`.
+fn nesting_over(record: &[u8], limit: usize) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in record {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return Some(depth);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Why `record` is not one well-formed JSON object, if it is not (the reason arrow's decoder
@@ -405,6 +457,26 @@ mod tests {
             ]
         );
         assert_eq!(batch.column(0).as_string::<i32>().value(1), "B");
+    }
+
+    #[test]
+    fn json_nested_too_deep_is_refused_before_it_reaches_the_decoder() {
+        let decoder = JsonDecoder::new(to_schema(&spec("n: int64\ns: utf8")));
+        let deep = format!("{{\"s\":{}{}}}", "[".repeat(50_000), "]".repeat(50_000));
+        let brackets_in_a_string = format!("{{\"n\":1,\"s\":\"{}\"}}", "[".repeat(500));
+        let records: Vec<&[u8]> = vec![
+            br#"{"n":1}"#,
+            deep.as_bytes(),
+            brackets_in_a_string.as_bytes(),
+        ];
+        let (batch, failures) = decoder.decode(&records);
+        assert_eq!(batch.num_rows(), 2, "{failures:?}");
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].index, 1);
+        assert!(
+            failures[0].reason.starts_with("JSON nested more than 64 levels deep"),
+            "{failures:?}"
+        );
     }
 
     #[test]

@@ -25,7 +25,8 @@ GUARD = """  - name: guard
 def guarded_pipeline(tmp_path, policy):
     text = (REPO / "pipelines" / "stocks.yaml").read_text().replace("../target/", f"{REPO}/target/")
     step = GUARD.format(repo=REPO, policy=policy)
-    text = text.replace("  - name: bars\n", step + "  - name: bars\n")
+    # The first step, so each dead-letter row carries its record's own offset.
+    text = text.replace("  - name: validate\n", step + "  - name: validate\n")
     assert step in text
     path = tmp_path / f"guarded-{policy}.yaml"
     path.write_text(text)
