@@ -474,7 +474,9 @@ mod tests {
         assert_eq!(failures.len(), 1);
         assert_eq!(failures[0].index, 1);
         assert!(
-            failures[0].reason.starts_with("JSON nested more than 64 levels deep"),
+            failures[0]
+                .reason
+                .starts_with("JSON nested more than 64 levels deep"),
             "{failures:?}"
         );
     }

@@ -8,7 +8,7 @@ fn main() -> ExitCode {
     match flowgate::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", flowgate::cli::error_text(&e));
             ExitCode::from(flowgate::cli::exit_code(&e))
         }
     }

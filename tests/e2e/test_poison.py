@@ -95,6 +95,7 @@ def test_on_error_fail_stops_the_run_naming_the_place_once(broker, tmp_path, dat
     assert out.returncode == 1, out.stderr[-3000:]
     errors = [line for line in out.stderr.splitlines() if "panicked at" in line]
     assert len(errors) == 1, out.stderr[-3000:]
+    assert out.stderr.count("called `Option::unwrap()` on a `None` value") == 1, out.stderr[-3000:]
     line = errors[0]
     for part in ["partition `ticks/0`", "(offsets ", "step `guard`", "plugin `flowgate_test_panic`",
                  "called `Option::unwrap()` on a `None` value"]:

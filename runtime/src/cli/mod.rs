@@ -363,3 +363,34 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);
+
+/// An error and its causes as one line, each said once: an error whose text already includes
+/// its cause's (as `step … failed: …` does) is not followed by the cause again.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod error_tests {
+    #[test]
+    fn each_cause_is_said_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("step failed: {source}")]
+        struct Outer {
+            source: std::io::Error,
+        }
+        let inner = std::io::Error::other("the plugin panicked");
+        let e = anyhow::Error::new(Outer { source: inner });
+        assert_eq!(super::error_text(&e), "step failed: the plugin panicked");
+        let e = anyhow::anyhow!("disk full").context("writing the log");
+        assert_eq!(super::error_text(&e), "writing the log: disk full");
+    }
+}
