@@ -161,7 +161,12 @@ impl Chain {
             return;
         }
         if let Entry::Batch(b) = &entry {
-            self.journal_bytes += b.get_array_memory_size();
+            // A slice's own bytes (its parent's buffers are shared, not held twice).
+            self.journal_bytes += b
+                .columns()
+                .iter()
+                .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0))
+                .sum::<usize>();
         }
         if self.journal_bytes > JOURNAL_LIMIT {
             tracing::warn!(
@@ -202,6 +207,19 @@ impl Chain {
         error: &PluginError,
         out: &mut Handled,
     ) -> Result<(), PluginError> {
+        if self.journal_full {
+            // The journal stopped mid-epoch: a rebuild could not reach the state before `batch`.
+            let step = &self.steps[index];
+            return Err(PluginError::Protocol {
+                plugin: step.plugin().to_string(),
+                step: step.name().to_string(),
+                call: "process",
+                message: format!(
+                    "{error}; the rows that cause it cannot be isolated: this epoch's input passed {} MiB (a shorter `checkpoint.interval` keeps epochs smaller)",
+                    JOURNAL_LIMIT >> 20
+                ),
+            });
+        }
         self.recover(index)?;
         if len == 1 {
             tracing::warn!(
@@ -227,6 +245,13 @@ impl Chain {
                     );
                 }
                 Err(e) if is_poison(&e) => self.bisect(index, batch, from, n, &e, out)?,
+                // The plugin refused this part as bad input: its rows go to the dead letter
+                // with that reason (the step's `on_error` is `dead_letter`); the rest go on.
+                Err(e) if e.kind() == ErrorKind::Data => {
+                    let reason = e.to_string();
+                    out.rejected
+                        .extend((from..from + n).map(|row| (row as u32, reason.clone())));
+                }
                 Err(e) => return Err(e),
             }
         }

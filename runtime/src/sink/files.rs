@@ -48,7 +48,7 @@ impl FileFormat {
 /// plain readers (`date=*/*.parquet`, Spark, polars' hive reader) never look. A commit first
 /// writes the log entry naming the files, then moves them into place; a sink that opens after a
 /// crash finishes the moves of every entry (roll forward), and deletes staged files no entry
-/// names once they are ten minutes old. So a file is in place only if a commit names it, and each
+/// names once they are an hour old. So a file is in place only if a commit names it, and each
 /// is there once. Several processes may write one table: each names its files and log entries
 /// with its own writer id. Each entry records the source positions it covers, so a restart does
 /// not write rows twice.
@@ -117,9 +117,10 @@ impl FileWriter {
     }
 }
 
-/// A file no commit names is removed at open once it is this old (younger ones may belong to
-/// another process's commit in progress).
-const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+/// A staged file no commit names is removed at open once it is this old (younger ones may belong
+/// to another process's commit in progress: an epoch, `checkpoint.interval`, must stay well
+/// under this; a Parquet file's time is that of its last flushed row group).
+const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl LogEntry {
     /// The position recorded for each partition.
@@ -239,7 +240,7 @@ fn fit_entries(entries: &[(String, LogEntry)], shape: &TableShape) -> Result<Fit
     ))
 }
 
-use super::place::LOG;
+use super::place::{LOG, STAGING};
 
 /// A partition value as a folder name: the characters Hive escapes (`/`, `=`, `%`, `:`, …,
 /// control characters) become `%XX`, so every value stays one folder inside the table.
@@ -360,8 +361,7 @@ impl FileTableSink {
         sink.take_in(entries);
         sink.roll_forward()
             .map_err(|e| sink.fail(format!("finishing an interrupted commit: {e}")))?;
-        sink.remove_orphans()
-            .map_err(|e| sink.fail(format!("cleaning up uncommitted files: {e}")))?;
+        sink.remove_orphans()?;
         Ok(sink)
     }
 
@@ -440,14 +440,31 @@ impl FileTableSink {
 
     /// Deletes staged files no commit names once they are [`ORPHAN_AGE`] old (younger ones
     /// may be another process's commit in progress).
-    fn remove_orphans(&self) -> std::io::Result<()> {
-        for staged in self.place.staged_files()? {
-            let rel = &staged.rel;
-            let ours = rel.ends_with(".parquet") || rel.ends_with(".csv") || rel.ends_with(".tmp");
-            let old = staged.age.is_some_and(|age| age >= ORPHAN_AGE);
-            if ours && old && !self.known.contains(rel) {
+    fn remove_orphans(&mut self) -> Result<(), SinkError> {
+        let staged = self
+            .place
+            .staged_files()
+            .map_err(|e| self.fail(format!("listing staged files: {e}")))?;
+        let old: Vec<String> = staged
+            .into_iter()
+            .filter(|s| s.age.is_some_and(|age| age >= ORPHAN_AGE))
+            .map(|s| s.rel)
+            .filter(|rel| {
+                rel.ends_with(".parquet") || rel.ends_with(".csv") || rel.ends_with(".tmp")
+            })
+            .filter(|rel| !self.known.contains(rel))
+            .collect();
+        if old.is_empty() {
+            return Ok(());
+        }
+        // A commit that landed since the log was read may name them.
+        self.read_new_entries()?;
+        for rel in &old {
+            if !self.known.contains(rel) {
                 tracing::warn!(sink = %self.name, table = %self.place, file = %rel, "removing a file no commit names (left by an interrupted write)");
-                self.place.remove_staged(rel)?;
+                self.place
+                    .remove_staged(rel)
+                    .map_err(|e| self.fail(format!("removing {rel}: {e}")))?;
             }
         }
         Ok(())
@@ -626,7 +643,11 @@ impl Sink for FileTableSink {
         for rel in &entry.files {
             self.place
                 .move_into_place(rel)
-                .map_err(|e| self.fail(format!("moving {rel} into place: {e}")))?;
+                .map_err(|e| {
+                    self.fail(format!(
+                        "moving {rel} from `{STAGING}/` into place: {e} (the commit is recorded; the next start finishes the move if the staged file is there)"
+                    ))
+                })?;
         }
         self.known.extend(entry.files);
         self.version = version;
@@ -662,7 +683,7 @@ impl Sink for FileTableSink {
 
 #[cfg(test)]
 mod tests {
-    use super::super::place::{Bucket, STAGING};
+    use super::super::place::Bucket;
     use super::*;
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field};
@@ -958,7 +979,8 @@ mod tests {
         let mut sink = FileTableSink::open_at("t", place(), shape(), &["k".into()], csv).unwrap();
         let many: Vec<&str> = std::iter::repeat_n("a", 2000).collect();
         sink.write(batch(&many)).unwrap();
-        sink.write(batch(&["b"])).unwrap();
+        // A value the sink escapes: its folder is escaped once, in keys and listings alike.
+        sink.write(batch(&["b:c/d"])).unwrap();
         let staged_only = objects(&store, &rt);
         assert!(
             staged_only
@@ -975,7 +997,11 @@ mod tests {
             .collect();
         assert_eq!(data.len(), 2, "{:?}", after.keys());
         assert!(data[0].starts_with("lake/t/k=a/part-") && data[0].ends_with(".csv"));
-        assert!(data[1].starts_with("lake/t/k=b/part-"));
+        assert!(
+            data[1].starts_with("lake/t/k=b%3Ac%2Fd/part-"),
+            "{}",
+            data[1]
+        );
         let expected: String = (0..2000).map(|v| format!("{v}\n")).collect();
         assert_eq!(
             after[data[0]], expected,
@@ -993,19 +1019,21 @@ mod tests {
                 .count(),
             1
         );
-        // A crash after the log entry, before the moves: put a file back into staging.
-        let (final_path, staged_path) = (
-            object_store::path::Path::from(data[0].as_str()),
-            object_store::path::Path::from(data[0].replace("lake/t/", "lake/t/_flowgate_staging/")),
-        );
-        rt.block_on(store.rename(&final_path, &staged_path))
-            .unwrap();
+        // A crash after the log entry, before the moves: put both files back into staging.
+        let key = |k: &str| object_store::path::Path::parse(k).unwrap();
+        let staged_key = |k: &str| k.replace("lake/t/", "lake/t/_flowgate_staging/");
+        for d in &data {
+            rt.block_on(store.rename(&key(d), &key(&staged_key(d))))
+                .unwrap();
+        }
+        let staged_path = key(&staged_key(data[0]));
         sink.write(batch(&["c"])).unwrap();
         drop(sink);
         let mut reopened =
             FileTableSink::open_at("t", place(), shape(), &["k".into()], csv).unwrap();
         let rolled = objects(&store, &rt);
         assert_eq!(rolled[data[0]], expected, "rolled forward by copy");
+        assert_eq!(rolled[data[1]], "0\n", "the escaped folder too");
         assert!(!rolled.contains_key(staged_path.as_ref()));
         assert!(
             !rolled.keys().any(|k| k.contains("k=c")),

@@ -117,7 +117,7 @@ impl Place {
                     .collect(),
             },
             Place::Bucket(b) => b
-                .list(&b.root.clone().join(LOG))?
+                .list(&b.key(LOG).map_err(|e| e.to_string())?)?
                 .into_iter()
                 .map(|(rel, _)| rel)
                 .collect(),
@@ -135,7 +135,7 @@ impl Place {
                 std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
             }
             Place::Bucket(b) => {
-                let path = b.root.clone().join(LOG).join(name);
+                let path = b.key(&format!("{LOG}/{name}")).map_err(|e| e.to_string())?;
                 let body =
                     b.rt.block_on(async { b.store.get(&path).await?.bytes().await })
                         .map_err(|e| format!("{}/{LOG}/{name}: {e}", b.url))?;
@@ -157,7 +157,7 @@ impl Place {
                     .map_err(|e| e.to_string())
             }
             Place::Bucket(b) => {
-                let path = b.root.clone().join(LOG).join(name);
+                let path = b.key(&format!("{LOG}/{name}")).map_err(|e| e.to_string())?;
                 let options = PutOptions::from(PutMode::Create);
                 match b.rt.block_on(b.store.put_opts(&path, text.into(), options)) {
                     Ok(_) => Ok(()),
@@ -183,7 +183,7 @@ impl Place {
             }
             Place::Bucket(b) => Ok(Out::Object(Box::new(ObjectOut {
                 store: b.store.clone(),
-                path: b.staged(rel),
+                path: b.staged(rel)?,
                 rt: b.rt.clone(),
                 buffer: Vec::new(),
                 upload: None,
@@ -227,7 +227,7 @@ impl Place {
             }
             Place::Bucket(b) => {
                 let now = chrono::Utc::now();
-                Ok(b.list(&b.root.clone().join(STAGING))
+                Ok(b.list(&b.key(STAGING)?)
                     .map_err(std::io::Error::other)?
                     .into_iter()
                     .map(|(rel, modified)| Staged {
@@ -254,7 +254,7 @@ impl Place {
                 }
             }
             Place::Bucket(b) => {
-                let (staged, path) = (b.staged(rel), b.root.clone().join_rel(rel));
+                let (staged, path) = (b.staged(rel)?, b.key(rel)?);
                 b.rt.block_on(async {
                     match b.store.copy(&staged, &path).await {
                         Err(object_store::Error::NotFound { .. }) => {
@@ -278,23 +278,10 @@ impl Place {
         match self {
             Place::Folder(dir) => std::fs::remove_file(dir.join(STAGING).join(rel)),
             Place::Bucket(b) => {
-                b.rt.block_on(b.store.delete(&b.staged(rel)))
+                b.rt.block_on(b.store.delete(&b.staged(rel)?))
                     .map_err(io_error)
             }
         }
-    }
-}
-
-/// `rel` (`a=1/b=2/part-….parquet`) appended segment by segment.
-trait JoinRel {
-    fn join_rel(self, rel: &str) -> ObjectPath;
-}
-
-impl JoinRel for ObjectPath {
-    fn join_rel(self, rel: &str) -> ObjectPath {
-        rel.split('/')
-            .filter(|s| !s.is_empty())
-            .fold(self, |path, segment| path.join(segment))
     }
 }
 
@@ -317,8 +304,22 @@ impl Bucket {
         self
     }
 
-    fn staged(&self, rel: &str) -> ObjectPath {
-        self.root.clone().join(STAGING).join_rel(rel)
+    /// The object `rel` names under the table, taken as it is: partition folders are already
+    /// escaped (`k=a%2Fb`), and `ObjectPath::join` would escape their `%` a second time, so
+    /// keys and listings would disagree.
+    fn key(&self, rel: &str) -> std::io::Result<ObjectPath> {
+        let root = self.root.as_ref();
+        let full = if root.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{root}/{rel}")
+        };
+        ObjectPath::parse(&full)
+            .map_err(|e| std::io::Error::other(format!("`{full}` is no object key: {e}")))
+    }
+
+    fn staged(&self, rel: &str) -> std::io::Result<ObjectPath> {
+        self.key(&format!("{STAGING}/{rel}"))
     }
 
     /// The objects under `prefix`, as paths relative to it, with their modification times.
@@ -331,11 +332,11 @@ impl Bucket {
             .rt
             .block_on(self.store.list(Some(prefix)).try_collect())
             .map_err(|e| format!("listing {}/{prefix}: {e}", self.url))?;
+        let start = format!("{}/", prefix.as_ref());
         Ok(objects
             .into_iter()
             .filter_map(|meta| {
-                let rel: Vec<_> = meta.location.prefix_match(prefix)?.collect();
-                let rel = rel.iter().map(|p| p.as_ref()).collect::<Vec<_>>().join("/");
+                let rel = meta.location.as_ref().strip_prefix(&start)?.to_string();
                 Some((rel, meta.last_modified))
             })
             .collect())
