@@ -40,7 +40,7 @@ def make_ticks(rng, start, count):
     return lines
 
 
-def produce(bootstrap, keyed_lines):
+def produce(bootstrap, keyed_lines, timeout=30):
     # One record per produce request: Tansu 0.6 (memory storage) returns nothing to a fetch that
     # starts inside a multi-record batch, so a consumer resuming mid-batch would stall. Seen with
     # confluent-kafka as the consumer too; single-record batches keep every offset a batch start.
@@ -57,7 +57,7 @@ def produce(bootstrap, keyed_lines):
     for key, value in keyed_lines:
         producer.produce("ticks", key=key.encode(), value=value.encode(), on_delivery=delivered)
         producer.poll(0)
-    assert producer.flush(30) == 0
+    assert producer.flush(timeout) == 0
     assert not errors, errors
     return partitions
 

@@ -76,6 +76,10 @@ impl ClientContext for Context {
     /// debug log.
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
         use rdkafka::config::RDKafkaLogLevel as L;
+        // A failed connection is how an outage shows first.
+        if fac == "FAIL" {
+            self.outage(message);
+        }
         if locked(&self.down).is_some() {
             tracing::debug!(target: "librdkafka", "{fac}: {message}");
             return;
@@ -255,6 +259,10 @@ impl KafkaSource {
             // 470k → 650k events/s from Tansu), for ~100 empty fetches/s on an idle topic.
             .set("fetch.wait.max.ms", "10")
             .set("enable.partition.eof", "false")
+            // After an outage, find the broker again within a second of its return (librdkafka
+            // backs off up to 10 s by default).
+            .set("reconnect.backoff.ms", "100")
+            .set("reconnect.backoff.max.ms", "1000")
             .set("statistics.interval.ms", "1000");
         for (k, v) in &spec.options {
             config.set(k, v);
@@ -371,7 +379,13 @@ impl Source for KafkaSource {
             && let Err(e) = self.consumer.commit(&list, CommitMode::Async)
         {
             // The sinks hold the truth; a failed Kafka commit only delays what lag tools show.
-            tracing::warn!("committing offsets to Kafka failed (the sinks already hold them): {e}");
+            if is_outage(&e) {
+                self.consumer.context().outage(&e.to_string());
+            } else {
+                tracing::warn!(
+                    "committing offsets to Kafka failed (the sinks already hold them): {e}"
+                );
+            }
         }
         Ok(())
     }
