@@ -339,7 +339,7 @@ impl JsonDecoder {
 
 /// Deepest `[`/`{` nesting a record may have: the schema's fields are flat, and arrow's JSON
 /// decoder recurses once per level (50,000 levels overflowed a worker's stack).
-const MAX_DEPTH: usize = 64;
+const MAX_DEPTH: usize = 128;
 
 /// The nesting depth of `record` (brackets outside strings) once it passes `limit`, else `None`.
 fn nesting_over(record: &[u8], limit: usize) -> Option<usize> {
@@ -476,7 +476,7 @@ mod tests {
         assert!(
             failures[0]
                 .reason
-                .starts_with("JSON nested more than 64 levels deep"),
+                .starts_with("JSON nested more than 128 levels deep"),
             "{failures:?}"
         );
     }

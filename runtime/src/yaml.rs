@@ -75,11 +75,14 @@ pub fn parse_path(path: &str) -> Vec<Segment> {
         if !key.is_empty() {
             out.push(Segment::Key(key.to_string()));
         }
-        while let Some(end) = rest.find(']') {
-            if let Ok(i) = rest[1..end].parse() {
+        while let Some(inner) = rest.strip_prefix('[') {
+            let Some((index, after)) = inner.split_once(']') else {
+                break;
+            };
+            if let Ok(i) = index.parse() {
                 out.push(Segment::Index(i));
             }
-            rest = &rest[end + 1..];
+            rest = after;
         }
     }
     out
@@ -198,6 +201,12 @@ mod tests {
         // A key that is not there: the deepest part that is.
         assert_eq!(at("transforms[1].config.nope"), Some((7, 5)));
         assert_eq!(at("nothing"), None);
+        // Odd text from an error message never panics.
+        assert_eq!(
+            parse_path("tags[0]]"),
+            vec![Segment::Key("tags".into()), Segment::Index(0)]
+        );
+        assert_eq!(parse_path("a[é]"), vec![Segment::Key("a".into())]);
         assert_eq!(
             parse_path(".a[2][0].b"),
             vec![

@@ -27,7 +27,7 @@ def tick(i, **fields):
 BAD = [
     ("10 MB message", b"AAPL", tick(0, pad="x" * (10 << 20)).encode(), "decode", ["over the limit", "max_record_bytes"]),
     ("invalid UTF-8", b"AAPL", b'{"symbol":"AA\xff\xfePL","price":1.0}', "decode", ["not UTF-8", "position 13"]),
-    ("deeply nested JSON", b"AAPL", ('{"symbol":' + "[" * 50000 + "]" * 50000 + "}").encode(), "decode", ["nested more than 64 levels"]),
+    ("deeply nested JSON", b"AAPL", ('{"symbol":' + "[" * 50000 + "]" * 50000 + "}").encode(), "decode", ["nested more than 128 levels"]),
     ("NaN", b"AAPL", tick(0).replace('"price": 100.0', '"price": NaN').encode(), "decode", ["invalid JSON", "NaN"]),
     ("Infinity", b"AAPL", tick(0).replace('"price": 100.0', '"price": Infinity').encode(), "decode", ["Infinity"]),
     ("string as a number", b"AAPL", tick(0, symbol=12345).encode(), "decode", ["symbol"]),

@@ -68,10 +68,14 @@ def test_the_pipeline_waits_out_a_broker_restart_and_loses_nothing(s3, tmp_path,
         stop(tansu)
     text = (tmp_path / "flowgate.log").read_text()
     assert text.count("lost the Kafka brokers") == 1, text[-4000:]
+    # Not a line per retry: the few lines the outage's first moment gives (each librdkafka
+    # thread notices on its own before "all brokers down"), then silence until it is over.
+    complaints = [line for line in text.splitlines() if " WARN " in line or " ERROR " in line]
+    assert len(complaints) <= 8, "\n".join(complaints)
     match = re.search(r"^(\S+)\s+INFO.*the Kafka brokers are back after", text, re.M)
     assert match, text[-4000:]
     resumed = pd.Timestamp(match.group(1)).timestamp() - back_at
-    print(f"records flowed again {resumed:.1f} s after the broker was back")
+    print(f"the run had the brokers back {resumed:.1f} s after Tansu listened again")
     assert resumed < 5, f"resumed {resumed:.1f} s after the broker's return"
 
     valid = {p: parse_ticks(v) for p, v in by_partition.items()}

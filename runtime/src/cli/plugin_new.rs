@@ -269,7 +269,33 @@ fn names(name: &str) -> Result<(String, String), UsageError> {
                 .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
                 .unwrap_or_default()
         })
-        .collect();
+        .collect::<String>();
+    // Not a name the template or the SDK's prelude already uses (`output` → `OutputPlugin`).
+    const TAKEN: &[&str] = &[
+        "Config",
+        "Output",
+        "Result",
+        "Error",
+        "Transform",
+        "Schema",
+        "SchemaRef",
+        "Field",
+        "Arc",
+        "Rejected",
+        "Duration",
+        "OrderedMap",
+        "DataType",
+        "RecordBatch",
+        "Array",
+        "ArrayRef",
+        "Deserialize",
+        "Tests",
+    ];
+    let type_name = if TAKEN.contains(&type_name.as_str()) {
+        format!("{type_name}Plugin")
+    } else {
+        type_name
+    };
     Ok((lib_name, type_name))
 }
 
@@ -386,5 +412,6 @@ mod tests {
             ("price_filter".to_string(), "PriceFilter".to_string())
         );
         assert!(names("Price").is_err() && names("9x").is_err() && names("a b").is_err());
+        assert_eq!(names("output").unwrap().1, "OutputPlugin");
     }
 }

@@ -381,6 +381,10 @@ impl PartitionTask {
                     });
                 }
                 self.count_rejected("decode", "future", ahead.len());
+                self.ctx
+                    .counters
+                    .undecodable
+                    .fetch_add(ahead.len() as u64, Ordering::Relaxed);
                 let keep: arrow::array::BooleanArray = (0..times.len())
                     .map(|row| Some(ahead.binary_search(&row).is_err()))
                     .collect();

@@ -25,23 +25,10 @@ struct Context {
     down: Mutex<Option<Instant>>,
 }
 
-/// Errors that mean "the brokers cannot be reached right now".
+/// The error that means "no broker can be reached right now" (one broker of several failing,
+/// or a coordinator moving, is not an outage).
 fn is_outage(e: &rdkafka::error::KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            C::BrokerTransportFailure
-                | C::AllBrokersDown
-                | C::Resolve
-                | C::BrokerNotAvailable
-                | C::NetworkException
-                | C::RequestTimedOut
-                | C::OperationTimedOut
-                | C::CoordinatorNotAvailable
-                | C::NotCoordinator
-        )
-    )
+    e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
 }
 
 impl Context {
@@ -76,10 +63,6 @@ impl ClientContext for Context {
     /// debug log.
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
         use rdkafka::config::RDKafkaLogLevel as L;
-        // A failed connection is how an outage shows first.
-        if fac == "FAIL" {
-            self.outage(message);
-        }
         if locked(&self.down).is_some() {
             tracing::debug!(target: "librdkafka", "{fac}: {message}");
             return;
@@ -97,13 +80,20 @@ impl ClientContext for Context {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         if is_outage(&error) {
             self.outage(reason);
+        } else if locked(&self.down).is_some() {
+            // Each retry during an outage says the same.
+            tracing::debug!(target: "librdkafka", "{error}: {reason}");
         } else {
             tracing::error!(target: "librdkafka", "{error}: {reason}");
         }
     }
 
-    /// librdkafka's statistics: keep each partition's consumer lag and end.
+    /// librdkafka's statistics: keep each partition's consumer lag and end; a broker `UP` again
+    /// ends an outage (records may not flow yet on an idle topic).
     fn stats(&self, statistics: rdkafka::Statistics) {
+        if statistics.brokers.values().any(|b| b.state == "UP") {
+            self.back();
+        }
         let (mut lag, mut high) = (locked(&self.lag), locked(&self.high));
         for (topic, t) in statistics.topics {
             for (partition, p) in t.partitions {
@@ -339,6 +329,8 @@ impl Source for KafkaSource {
                 Some(Err(e)) => {
                     if is_outage(&e) {
                         self.consumer.context().outage(&e.to_string());
+                    } else if locked(&self.consumer.context().down).is_some() {
+                        tracing::debug!("Kafka: {e}");
                     } else {
                         tracing::warn!("Kafka: {e}");
                     }
@@ -381,6 +373,8 @@ impl Source for KafkaSource {
             // The sinks hold the truth; a failed Kafka commit only delays what lag tools show.
             if is_outage(&e) {
                 self.consumer.context().outage(&e.to_string());
+            } else if locked(&self.consumer.context().down).is_some() {
+                tracing::debug!("committing offsets to Kafka failed during the outage: {e}");
             } else {
                 tracing::warn!(
                     "committing offsets to Kafka failed (the sinks already hold them): {e}"
