@@ -288,9 +288,13 @@ impl JsonDecoder {
                 ),
             })
             .collect();
+        let mut too_deep = vec![false; records.len()];
+        for &(index, _) in &deep {
+            too_deep[index] = true;
+        }
         let mut candidates: Vec<usize> = Vec::with_capacity(records.len());
         for (index, record) in records.iter().enumerate() {
-            if deep.iter().any(|&(i, _)| i == index) {
+            if too_deep[index] {
                 continue;
             }
             match syntax_error(record) {

@@ -65,24 +65,16 @@ fn a_panic_is_reported_with_its_message_and_source_line() {
     let mut step = plugin
         .instantiate("prices", "{}", &schema, Grants::default())
         .expect("create");
-    let fine = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            Arc::new(StringArray::from(vec!["A"])),
-            Arc::new(Int64Array::from(vec![1])),
-        ],
-    )
-    .expect("batch");
-    assert_eq!(step.process(&fine).expect("no panic").batches.len(), 1);
-    let poison = RecordBatch::try_new(
-        schema,
-        vec![
-            Arc::new(StringArray::from(vec!["A", "POISON"])),
-            Arc::new(Int64Array::from(vec![1, 2])),
-        ],
-    )
-    .expect("batch");
-    let err = step.process(&poison).expect_err("the plugin panics");
+    assert_eq!(
+        step.process(&symbols(&["A"]))
+            .expect("no panic")
+            .batches
+            .len(),
+        1
+    );
+    let err = step
+        .process(&symbols(&["A", "POISON"]))
+        .expect_err("the plugin panics");
     assert!(matches!(err, PluginError::Trap { .. }), "{err}");
     let text = err.to_string();
     assert!(

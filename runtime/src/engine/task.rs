@@ -385,18 +385,19 @@ impl PartitionTask {
                     .counters
                     .undecodable
                     .fetch_add(ahead.len() as u64, Ordering::Relaxed);
-                let keep: arrow::array::BooleanArray = (0..times.len())
-                    .map(|row| Some(ahead.binary_search(&row).is_err()))
-                    .collect();
-                batch = arrow::compute::filter_record_batch(&batch, &keep).map_err(|e| {
+                let mut keep = vec![true; times.len()];
+                for &row in &ahead {
+                    keep[row] = false;
+                }
+                batch = arrow::compute::filter_record_batch(
+                    &batch,
+                    &arrow::array::BooleanArray::from(keep.clone()),
+                )
+                .map_err(|e| {
                     RunError::Internal(format!("dropping records from the future: {e}"))
                 })?;
-                let mut row = 0;
-                rows.retain(|_| {
-                    let kept = ahead.binary_search(&row).is_err();
-                    row += 1;
-                    kept
-                });
+                let mut kept = keep.into_iter();
+                rows.retain(|_| kept.next().unwrap_or(false));
             }
         }
         let offsets: Vec<i64> = rows.iter().map(|&i| records[i].offset).collect();
