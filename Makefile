@@ -12,7 +12,7 @@ BENCH_ARGS   ?=
 
 export FLOWGATE_PLUGIN_DIR := $(CURDIR)/$(PLUGIN_DIR)
 
-.PHONY: help setup venv plugins test-plugins build test lint fmt run plugin-demo bench broker chaos clean
+.PHONY: help setup venv plugins test-plugins build test lint fmt run plugin-demo bench broker chaos fuzz clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -69,6 +69,18 @@ SEED  ?= 1
 chaos: plugins venv broker ## Kill -9 chaos against Tansu with more kills: `make chaos KILLS=50 SEED=7`.
 	$(CARGO) build -p flowgate
 	FLOWGATE_CHAOS_KILLS=$(KILLS) FLOWGATE_CHAOS_SEED=$(SEED) $(VENV)/bin/python -m pytest -q tests/e2e/test_chaos.py
+
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS := decode pipeline_yaml
+fuzz: ## Fuzz the JSON decoder and the pipeline parser, FUZZ_SECONDS each (cargo-fuzz; by hand, not in CI).
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	@for t in $(FUZZ_TARGETS); do \
+	    mkdir -p fuzz/corpus/$$t; \
+	    echo "== fuzzing $$t for $(FUZZ_SECONDS) s"; \
+	    $(CARGO) fuzz run $$t --sanitizer none fuzz/corpus/$$t fuzz/seeds/$$t fuzz/regressions/$$t -- \
+	        -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -max_len=65536 || exit 1; \
+	done
+	@echo "A crash leaves its input in fuzz/artifacts/TARGET/: copy it to fuzz/regressions/TARGET/ (runtime/tests/fuzz_regressions.rs replays it)."
 
 broker: ## Install the Tansu test broker (a Kafka-protocol broker from crates.io) if missing; ~20 min cold.
 	@command -v tansu >/dev/null 2>&1 || [ -x "$(HOME)/.cargo/bin/tansu" ] || \

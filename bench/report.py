@@ -136,6 +136,16 @@ def render(r):
                 f"{c['read_after_optimize_s']:.3f} s |",
                 f"| and `flowgate table checkpoint` | {_n(c['after']['files'])} | {c['read_after_checkpoint_s']:.3f} s |",
                 ""]
+    if "swap" in r:
+        w = r["swap"]
+        out += ["### Live swap", "",
+                f"`pipelines/stocks.yaml` fed by the generator at {_n(w['rate'])} ticks/s, an epoch every second, "
+                f"its validate rule rewritten {w['rewrites']} times, 2 s apart. {w['applied']} swaps applied, "
+                f"{w['refused']} refused. " + (
+                    f"Input paused per swap (barrier → every partition on the new steps): "
+                    f"median **{w['median_ms']:.1f} ms**, max {w['max_ms']:.1f} ms "
+                    f"(all: {', '.join(f'{p:.1f}' for p in w['pause_ms'])})." if w["applied"] else
+                    "No swap was applied: see bench/work/swap.log."), ""]
     if "spark" in r:
         s = r["spark"]
         f = r.get("file")

@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +32,8 @@ RELEASE = Path(os.environ.get("BENCH_BIN_DIR", ROOT / "target" / "release"))
 FLOWGATE = Path(os.environ.get("FLOWGATE_BIN", RELEASE / "flowgate"))
 BENCH = Path(os.environ.get("FLOWGATE_BENCH_BIN", RELEASE / "flowgate-bench"))
 PLUGINS = ROOT / "target" / "wasm32-wasip2" / "plugin"
-PARTS = ["flowgate-file", "workers", "native", "generator", "kafka", "latency", "state", "sinks", "compaction", "spark"]
+PARTS = ["flowgate-file", "workers", "native", "generator", "kafka", "latency", "state", "sinks", "compaction", "swap",
+         "spark"]
 # The benchmark's own PostgreSQL (the machine's, trust auth); `sinks` writes a scratch schema.
 BENCH_PG = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
 
@@ -242,6 +244,43 @@ def part_generator(args, work, results):
     # the pipeline has read (the embedded broker keeps the newest 100k per partition).
     pipeline = derive(work, "generator", generator_source(10_000_000))
     results["generator"] = run_pipeline(work, "generator", pipeline, args.generator_ticks)
+
+
+def part_swap(args, work, results):
+    """Live swaps under load: pipelines/stocks.yaml fed by the generator at --swap-rate ticks/s,
+    an epoch every second, the validate rule rewritten every 2 s (volume min 0 ↔ 1, so each
+    rewrite is a real change). Each swap's pause (input held back from the barrier until every
+    partition runs the new steps) comes from the run report."""
+    pipeline = derive(work, "swap", generator_source(args.swap_rate))
+    spec = yaml.safe_load(pipeline.read_text())
+    spec["checkpoint"] = {**spec.get("checkpoint", {}), "interval": "1s"}
+    pipeline.write_text(yaml.safe_dump(spec, sort_keys=False))
+    data, report = work / "data-swap", work / "report-swap.json"
+    shutil.rmtree(data, ignore_errors=True)
+    with open(work / "swap.log", "w") as err:
+        proc = subprocess.Popen([str(FLOWGATE), "run", str(pipeline), "--report", str(report)],
+                                stderr=err, env=dict(os.environ, DATA_DIR=str(data)))
+        try:
+            time.sleep(8)  # the group join and the first epochs
+            for i in range(args.swaps):
+                spec["transforms"][0]["config"]["rules"]["volume"]["min"] = (i + 1) % 2
+                tmp = pipeline.with_suffix(".tmp")
+                tmp.write_text(yaml.safe_dump(spec, sort_keys=False))
+                os.replace(tmp, pipeline)
+                time.sleep(2)
+            time.sleep(2)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=300)
+    r = json.loads(report.read_text())
+    pauses = sorted(s["pause_ms"] for s in r["swaps"] if s["applied"])
+    refused = [s for s in r["swaps"] if not s["applied"]]
+    results["swap"] = {"rate": args.swap_rate, "rewrites": args.swaps, "applied": len(pauses),
+                       "refused": len(refused), "pause_ms": pauses, "records": r["records"],
+                       "median_ms": pauses[len(pauses) // 2] if pauses else None,
+                       "max_ms": pauses[-1] if pauses else None}
+    log(f"swap: {len(pauses)} swaps applied of {args.swaps} rewrites at {args.swap_rate:,} ticks/s; "
+        f"pause median {results['swap']['median_ms']} ms, max {results['swap']['max_ms']} ms")
 
 
 def part_kafka(args, work, results, tansu):
@@ -487,6 +526,8 @@ def main():
     p.add_argument("--sink-ticks", type=int, default=2_000_000, help="ticks per sink run (`sinks`)")
     p.add_argument("--compaction-seconds", type=int, default=300,
                    help="seconds of live input for the compaction table (an epoch every 50 ms)")
+    p.add_argument("--swap-rate", type=int, default=100_000, help="generator ticks/s during the live swaps (`swap`)")
+    p.add_argument("--swaps", type=int, default=10, help="pipeline rewrites during `swap`")
     p.add_argument("--kafka-option", action="append", default=[], metavar="KEY=VALUE",
                    help="librdkafka setting for the Kafka runs (consume-only and Flowgate), as a pipeline's options")
     p.add_argument("--repeat", type=int, default=2, help="runs per throughput figure (the best is kept)")
@@ -530,6 +571,8 @@ def main():
         part_sinks(args, work, results, ticks)
     if wanted("compaction"):
         part_compaction(args, work, results)
+    if wanted("swap"):
+        part_swap(args, work, results)
     if wanted("spark"):
         part_spark(args, work, results)
     # A partial or trial run (`--no-write`) keeps its results in the work folder.

@@ -125,6 +125,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_records,
                 until_idle,
                 reset_state: false,
+                reload: None,
             };
             flowgate::cli::run_pipeline(&pipeline, &host, &options, report.as_deref())
         }

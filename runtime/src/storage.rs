@@ -20,8 +20,7 @@ use deltalake::{DeltaResult, DeltaTableError};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use url::Url;
 
-/// The URL schemes a Delta sink's `path` may have.
-pub const SCHEMES: &[&str] = &["s3"];
+pub use crate::config::SCHEMES;
 
 /// A Delta table's location: its URL, the local folder when it is one, and the options for
 /// its store (`storage_options:` in the sink; credentials otherwise come from `AWS_*`).

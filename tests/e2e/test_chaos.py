@@ -9,6 +9,7 @@ FLOWGATE_CHAOS_SEED)."""
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -148,8 +149,24 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing(broker, data_dir, tm
     assert final is not None
     _, final_err = final.communicate(timeout=600)
     log.write("=== the final run\n" + final_err)
-    log.close()
     assert final.returncode == 0, final_err
+    # Tansu can hold a partition of a member killed in the middle of a join for longer than the
+    # final run's idle time; the final run then stops with that partition never handed to it.
+    # That is the broker's liveness, not the pipeline's: run again until every partition has been
+    # caught up by a run that started after the last kill. (A row lost or repeated is not undone
+    # by a rerun: the checks below still see it.)
+    caught_up = assigned_partitions(final_err)
+    for rerun in range(4):
+        if caught_up >= {0, 1, 2}:
+            break
+        again = subprocess.run([str(FLOWGATE), "run", str(pipeline), "--until-idle", "15s"], cwd=REPO,
+                               env=env, capture_output=True, text=True, timeout=600)
+        log.write(f"=== rerun {rerun + 1} of the final run (partitions caught up so far: {sorted(caught_up)})\n"
+                  + again.stderr)
+        assert again.returncode == 0, again.stderr
+        caught_up |= assigned_partitions(again.stderr)
+    log.close()
+    assert caught_up >= {0, 1, 2}, f"partitions {sorted({0, 1, 2} - caught_up)} never came to a final run"
     # Where each partition ends, for reading the log when a check fails.
     ends = {}
     for p, offset, _ in ticks.delivered:
@@ -162,6 +179,15 @@ def test_kill_9_at_random_moments_loses_and_repeats_nothing(broker, data_dir, tm
     operations = [h.get("operation") for h in history]
     assert "OPTIMIZE" in operations, operations
     assert list((data_dir / "bars" / "_delta_log").glob("*.checkpoint.parquet")), "no log checkpoint"
+
+
+def assigned_partitions(log_text):
+    """Partitions of `ticks` a run's log says it was assigned."""
+    return {int(m) for m in re.findall(r"partition assigned.*?partition=(\d+)", strip_ansi(log_text))}
+
+
+def strip_ansi(text):
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def check_tables(data_dir, delivered, postgres=None):

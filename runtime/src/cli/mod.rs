@@ -53,6 +53,10 @@ enum Command {
         /// offsets its sinks hold (without it, such a run refuses to start).
         #[arg(long)]
         reset_state: bool,
+        /// Do not watch the pipeline file and its plugins for changes (SIGHUP still reloads
+        /// them). By default a change to `transforms` or a plugin file is swapped in live.
+        #[arg(long)]
+        no_watch: bool,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -206,14 +210,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             until_idle,
             report,
             reset_state,
+            no_watch,
             host,
         } => {
-            let pipeline = Pipeline::load(&pipeline, &vars.into_iter().collect())?;
+            let vars: std::collections::HashMap<String, String> = vars.into_iter().collect();
+            let pipeline = Pipeline::load(&pipeline, &vars)?;
             let host = host.host()?;
             let options = crate::engine::RunOptions {
                 max_records,
                 until_idle,
                 reset_state,
+                reload: Some(crate::engine::Reload {
+                    vars,
+                    watch_files: !no_watch,
+                }),
             };
             run_pipeline(&pipeline, &host, &options, report.as_deref())
         }

@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::decode::SchemaSpec;
+
+/// The URL schemes a table's or the checkpoint store's `path` may have (see `storage`).
+pub const SCHEMES: &[&str] = &["s3"];
 use flowgate_sdk::config::{Duration, OrderedMap};
 
 pub use interpolate::{env_lookup, interpolate};
@@ -322,6 +325,22 @@ pub struct TransformSpec {
     /// Capabilities beyond the default sandbox (`clock`).
     #[serde(default)]
     pub grants: Vec<String>,
+    /// What happens to the step's stored state when its plugin cannot restore it (a new state
+    /// version, at a live swap or a restart): `keep` (the default) refuses, `reset` starts the
+    /// step empty.
+    #[serde(default)]
+    pub state: StateMode,
+}
+
+/// A step's `state:` policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateMode {
+    /// Carry the state over; refuse to go on if the plugin cannot restore it.
+    #[default]
+    Keep,
+    /// Carry the state over if the plugin restores it, else start the step empty.
+    Reset,
 }
 
 /// A sink: exactly one of `delta`, `parquet`, `csv`, `postgres`, `console`.
@@ -563,9 +582,19 @@ impl Pipeline {
         let raw = std::fs::read_to_string(file).map_err(|e| {
             ConfigError::one(format!("{label}: cannot read the pipeline file: {e}"))
         })?;
+        Self::parse(&raw, file, overrides)
+    }
+
+    /// [`Pipeline::load`] of text already read from `file`.
+    pub fn parse(
+        raw: &str,
+        file: &Path,
+        overrides: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let label = file.display().to_string();
         let lookup = env_lookup(overrides);
         let text =
-            interpolate(&raw, &lookup).map_err(|e| ConfigError::one(format!("{label}: {e}")))?;
+            interpolate(raw, &lookup).map_err(|e| ConfigError::one(format!("{label}: {e}")))?;
         let spec: PipelineSpec =
             crate::yaml::from_str(&text, &label).map_err(|e| ConfigError::one(e.to_string()))?;
         let pipeline = Pipeline {
@@ -788,7 +817,7 @@ impl Pipeline {
                 .map(|t| &t.path)
                 .chain(sink.csv.iter().map(|c| &c.path));
             for path in tables {
-                if let Some(why) = unsupported_location(path, crate::storage::SCHEMES) {
+                if let Some(why) = unsupported_location(path, SCHEMES) {
                     problem(&path.display().to_string(), format!("`{key}.path`: {why}"));
                 }
             }
@@ -846,7 +875,7 @@ impl Pipeline {
                 ),
             );
         }
-        if let Some(why) = unsupported_location(&s.checkpoint.path, crate::storage::SCHEMES) {
+        if let Some(why) = unsupported_location(&s.checkpoint.path, SCHEMES) {
             problem(
                 &s.checkpoint.path.display().to_string(),
                 format!("`checkpoint.path`: {why}"),

@@ -16,17 +16,20 @@
 
 mod committer;
 pub mod plan;
+mod swap;
 mod task;
 mod worker;
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub(crate) use plan::check_sink;
-pub use plan::{Plan, RunError, RunOptions, RunSummary};
+pub use plan::{Plan, Reload, RunError, RunOptions, RunSummary};
+pub use swap::SwapRecord;
 
 use crate::checkpoint::{FileStateStore, ObjectStateStore, StateStore};
 use crate::config::{Pipeline, SourceKind};
@@ -38,8 +41,25 @@ use crate::source::{
     EmbeddedBroker, FileSource, Generator, KafkaSource, Pace, Rebalance, Record, Source, StartAt,
 };
 use committer::{CommitMsg, Committer, CommitterReport};
+use swap::Candidate;
 use task::{Resume, SinkInput, TaskContext};
-use worker::{WorkerMsg, WorkerReport};
+use worker::{SwapAnswer, SwapOffer, WorkerMsg, WorkerReport};
+
+/// How a swap offered at a barrier ended.
+enum SwapOutcome {
+    /// Every partition runs the new steps; `commit_wait` of the pause went to committing the
+    /// epoch before the swap.
+    Switched {
+        epoch: u64,
+        commit_wait: Duration,
+    },
+    /// A partition is still catching up after a restart: offered again at the next barrier.
+    NotYet,
+    Refused {
+        epoch: u64,
+        why: String,
+    },
+}
 
 /// A source partition: topic and partition number.
 pub(crate) type PartitionKey = (Arc<str>, i32);
@@ -106,6 +126,9 @@ struct Router {
     ephemeral: bool,
     /// Set once the run is over: a rebalance while the consumer closes does nothing.
     closed: bool,
+    /// The tasks' context as of the last swap (`None` once the run is over: it holds a sender
+    /// to the committer, which ends when every sender is gone).
+    ctx: Option<Arc<TaskContext>>,
 }
 
 impl Router {
@@ -125,10 +148,88 @@ impl Router {
                 .filter(|(k, _)| self.slots.get(*k).is_some_and(|s| s.worker == w))
                 .map(|(k, v)| (k.clone(), *v))
                 .collect();
-            self.send(w, WorkerMsg::Barrier { epoch, idle })?;
+            self.send(
+                w,
+                WorkerMsg::Barrier {
+                    epoch,
+                    idle,
+                    swap: None,
+                },
+            )?;
         }
         self.epoch += 1;
         Ok(epoch)
+    }
+
+    /// Cuts the current epoch and swaps the plan there (see [`swap`]): every worker checkpoints
+    /// the epoch with its old chains, then prepares new ones; they switch only if all could, and
+    /// only once the epoch is committed in every sink, so a crash never replays a record from
+    /// before the swap through the new steps.
+    fn cut_and_swap(
+        &mut self,
+        idle: HashMap<PartitionKey, i64>,
+        ctx: Arc<TaskContext>,
+    ) -> Result<SwapOutcome, RunError> {
+        let epoch = self.epoch;
+        let (reply, answers) = mpsc::channel();
+        for w in 0..self.workers.len() {
+            let idle = idle
+                .iter()
+                .filter(|(k, _)| self.slots.get(*k).is_some_and(|s| s.worker == w))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect();
+            let swap = Some(SwapOffer {
+                ctx: ctx.clone(),
+                reply: reply.clone(),
+            });
+            self.send(w, WorkerMsg::Barrier { epoch, idle, swap })?;
+        }
+        drop(reply);
+        self.epoch += 1;
+        let (mut refused, mut later) = (None, false);
+        for _ in 0..self.workers.len() {
+            match answers.recv() {
+                Ok(SwapAnswer::Ready) => {}
+                Ok(SwapAnswer::NotYet) => later = true,
+                Ok(SwapAnswer::Refused(why)) => {
+                    refused.get_or_insert(why);
+                }
+                Err(_) => return Err(self.failure("a worker stopped during a live swap")),
+            }
+        }
+        let go = refused.is_none() && !later;
+        let committing = Instant::now();
+        if go {
+            self.drain(Some(epoch))?;
+        }
+        let commit_wait = committing.elapsed();
+        for w in 0..self.workers.len() {
+            self.send(w, WorkerMsg::Switch(go))?;
+        }
+        Ok(match refused {
+            Some(why) => SwapOutcome::Refused { epoch, why },
+            None if later => SwapOutcome::NotYet,
+            None => {
+                self.ctx = Some(ctx);
+                SwapOutcome::Switched { epoch, commit_wait }
+            }
+        })
+    }
+
+    /// The error a failed thread reported (it may still be on its way), else `fallback`.
+    fn failure(&mut self, fallback: &str) -> RunError {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(Event::Failed(e)) => return e,
+                Ok(Event::Committed { epoch, offsets }) => {
+                    self.committed = self.committed.max(epoch);
+                    self.to_kafka.extend(offsets);
+                }
+                Err(_) => return RunError::Internal(fallback.into()),
+            }
+        }
     }
 
     /// Takes the events waiting; with `until`, blocks until that epoch is committed.
@@ -374,6 +475,10 @@ pub fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<RunSummary, RunError> {
     let spec = &pipeline.spec;
+    let baseline = options
+        .reload
+        .as_ref()
+        .map(|_| swap::Baseline::of(pipeline));
     let plan = Arc::new(Plan::build(pipeline, host)?);
     let rt = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
@@ -420,7 +525,6 @@ pub fn run(
     }
     // Sinks in config order, then the dead letter.
     let mut sinks = Vec::new();
-    let mut inputs = Vec::new();
     for (name, s) in spec.sinks.iter() {
         let stage = plan.stage_of(s.from.as_deref());
         sinks.push(plan::open_sink(
@@ -430,7 +534,6 @@ pub fn run(
             &plan.stages[stage],
             &rt,
         )?);
-        inputs.push(SinkInput::Stage(stage));
     }
     if let Some(d) = &spec.dead_letter {
         sinks.push(plan::open_sink(
@@ -440,8 +543,8 @@ pub fn run(
             &dead_letter_schema,
             &rt,
         )?);
-        inputs.push(SinkInput::DeadLetter);
     }
+    let inputs = sink_inputs(pipeline, &plan);
     let workers = spec.workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
@@ -500,7 +603,6 @@ pub fn run(
                 .map_err(|e| RunError::Internal(format!("cannot start a worker: {e}")))?,
         );
     }
-    drop(ctx);
     drop(events_tx);
     let mut opened = open_source(pipeline)?;
     let router = Arc::new(Mutex::new(Router {
@@ -514,6 +616,7 @@ pub fn run(
         failed: None,
         ephemeral: opened.source.ephemeral(),
         closed: false,
+        ctx: Some(ctx),
     }));
     opened
         .source
@@ -531,13 +634,60 @@ pub fn run(
         first_record: None,
         routed: 0,
         metrics: metrics.clone(),
+        swaps_in: None,
+        swaps: Vec::new(),
     };
-    let result = loop_state.run(&mut opened, &router, &stop);
+    let result = std::thread::scope(|scope| {
+        let reloader_stop = Arc::new(AtomicBool::new(false));
+        if let (Some(reload), Some(baseline)) = (&options.reload, baseline) {
+            let (offers, swaps_in) = mpsc::sync_channel(1);
+            loop_state.swaps_in = Some(swaps_in);
+            let hangup = Arc::new(AtomicBool::new(false));
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{SignalKind, signal};
+                let hangup = hangup.clone();
+                let mut hup = rt
+                    .block_on(async { signal(SignalKind::hangup()) })
+                    .map_err(|e| RunError::Config(format!("cannot handle SIGHUP: {e}")))?;
+                rt.spawn(async move {
+                    while hup.recv().await.is_some() {
+                        hangup.store(true, Ordering::Relaxed);
+                    }
+                });
+            }
+            let watch = swap::Watch {
+                vars: reload.vars.clone(),
+                files: reload.watch_files,
+                hangup,
+                stop: reloader_stop.clone(),
+            };
+            let (running, running_plan) = (pipeline.clone(), plan.clone());
+            std::thread::Builder::new()
+                .name("flowgate-reloader".into())
+                .spawn_scoped(scope, move || {
+                    swap::reloader(host, running, running_plan, baseline, watch, offers)
+                })
+                .map_err(|e| RunError::Internal(format!("cannot start the reloader: {e}")))?;
+        }
+        // However the loop ends (a panic included), the reloader stops: the scope joins it.
+        struct StopOnDrop(Arc<AtomicBool>);
+        impl Drop for StopOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop_reloader = StopOnDrop(reloader_stop.clone());
+        let result = loop_state.run(pipeline, &mut opened, &router, &stop);
+        loop_state.swaps_in = None;
+        result
+    });
     metrics.set_ready(false);
     // Let the threads go: closing their channels ends them.
     {
         let mut r = lock(&router);
         r.closed = true;
+        r.ctx = None;
         r.workers.clear();
         let (tx, _) = mpsc::sync_channel(1);
         r.committer = tx;
@@ -566,16 +716,21 @@ struct Loop<'a> {
     first_record: Option<Duration>,
     routed: u64,
     metrics: Arc<Metrics>,
+    /// New plans from the reloader (when the run reloads), and the one waiting for a barrier.
+    swaps_in: Option<Receiver<Candidate>>,
+    swaps: Vec<SwapRecord>,
 }
 
 impl Loop<'_> {
     fn run(
         &mut self,
+        pipeline: &Pipeline,
         opened: &mut OpenSource,
         router: &Arc<Mutex<Router>>,
         stop: &AtomicBool,
     ) -> Result<(), RunError> {
         let source = &mut opened.source;
+        let mut waiting: Option<Candidate> = None;
         let mut next_cut = Instant::now() + self.interval;
         let mut last_record = Instant::now();
         let mut last_progress = Instant::now();
@@ -637,9 +792,19 @@ impl Loop<'_> {
             self.route(&mut r, &mut polled)?;
             r.drain(None)?;
             self.metrics.set_ready(!r.slots.is_empty());
+            if waiting.is_none()
+                && let Some(offers) = &self.swaps_in
+            {
+                waiting = offers.try_recv().ok();
+            }
             if Instant::now() >= next_cut {
                 let idle = self.idle_watermarks(&r, source.as_ref());
-                r.cut(idle)?;
+                match waiting.take() {
+                    Some(candidate) => waiting = self.swap(pipeline, &mut r, idle, candidate)?,
+                    None => {
+                        r.cut(idle)?;
+                    }
+                }
                 next_cut = Instant::now() + self.interval;
                 self.publish_lag(source.as_ref());
             }
@@ -672,7 +837,9 @@ impl Loop<'_> {
                     r.committed,
                 );
                 if live {
-                    eprint!("\r\x1b[2K{line}");
+                    // Not eprint!: a terminal gone (SIGHUP no longer ends the run) must not
+                    // panic the loop.
+                    let _ = write!(std::io::stderr(), "\r\x1b[2K{line}");
                 } else {
                     tracing::info!("{line}");
                 }
@@ -681,7 +848,7 @@ impl Loop<'_> {
             }
         }
         if live {
-            eprintln!();
+            let _ = writeln!(std::io::stderr());
         }
         let mut r = lock(router);
         let idle = self.idle_watermarks(&r, source.as_ref());
@@ -692,6 +859,61 @@ impl Loop<'_> {
         source.commit(&offsets)?;
         self.kafka_commit += committing.elapsed();
         Ok(())
+    }
+
+    /// Cuts an epoch and switches to `candidate`'s plan there, if every partition's steps can
+    /// take their state; logs and records the outcome, and answers the reloader. Returns the
+    /// candidate when it must wait for a later barrier.
+    fn swap(
+        &mut self,
+        pipeline: &Pipeline,
+        r: &mut Router,
+        idle: HashMap<PartitionKey, i64>,
+        candidate: Candidate,
+    ) -> Result<Option<Candidate>, RunError> {
+        let Some(base) = r.ctx.clone() else {
+            return Err(RunError::Internal("no task context to swap".into()));
+        };
+        let ctx = Arc::new(base.with_plan(
+            candidate.plan.clone(),
+            sink_inputs(&candidate.pipeline, &candidate.plan),
+        ));
+        let pausing = Instant::now();
+        let outcome = r.cut_and_swap(idle, ctx)?;
+        let pause = pausing.elapsed();
+        let file = pipeline.file.display();
+        let (epoch, refused, commit_wait) = match outcome {
+            SwapOutcome::NotYet => {
+                tracing::info!(
+                    "live swap: a partition is still catching up with its sinks after the restart; trying again at the next epoch barrier"
+                );
+                return Ok(Some(candidate));
+            }
+            SwapOutcome::Switched { epoch, commit_wait } => {
+                tracing::info!(
+                    "live swap: switched to the new steps of {file} at epoch {epoch}, input paused {:.1} ms ({:.1} ms of it committing epoch {epoch}): {}",
+                    pause.as_secs_f64() * 1e3,
+                    commit_wait.as_secs_f64() * 1e3,
+                    candidate.changes
+                );
+                (epoch, None, commit_wait)
+            }
+            SwapOutcome::Refused { epoch, why } => {
+                tracing::error!(
+                    "live swap refused at epoch {epoch}: {why}\nthe running plan goes on, its state as it was"
+                );
+                (epoch, Some(why), Duration::ZERO)
+            }
+        };
+        self.swaps.push(SwapRecord {
+            epoch,
+            changes: candidate.changes.clone(),
+            pause,
+            commit_wait,
+            refused: refused.clone(),
+        });
+        let _ = candidate.outcome.send(refused.map_or(Ok(()), Err));
+        Ok(None)
     }
 
     /// Publishes each assigned partition's lag (series of partitions no longer assigned go).
@@ -768,20 +990,36 @@ impl Loop<'_> {
             stage("decode".into(), workers.iter().map(|w| w.decode).sum()),
         ];
         let mut latency_to_output = crate::metrics::Histogram::default();
-        let mut steps = vec![crate::plugin::StepTimings::default(); plan.names.len()];
+        // Per step name: a swap can add, remove and reorder steps.
+        let mut steps: Vec<(String, crate::plugin::StepTimings)> = plan
+            .names
+            .iter()
+            .map(|n| (n.clone(), Default::default()))
+            .collect();
         for w in &workers {
             latency_to_output.merge(&w.latency_to_output);
-            for (sum, t) in steps.iter_mut().zip(&w.steps) {
-                sum.total += t.total;
-                sum.host_boundary += t.host_boundary;
+            for (name, t) in &w.steps {
+                let at = match steps.iter().position(|(n, _)| n == name) {
+                    Some(at) => at,
+                    None => {
+                        steps.push((name.clone(), Default::default()));
+                        steps.len() - 1
+                    }
+                };
+                steps[at].1.total += t.total;
+                steps[at].1.host_boundary += t.host_boundary;
             }
         }
-        for (i, t) in steps.iter().enumerate() {
+        for (name, t) in &steps {
             out.push(StageTime {
-                stage: format!("step {}", plan.names[i]),
+                stage: format!("step {name}"),
                 time: t.total,
                 host_boundary: Some(t.host_boundary),
-                native: plan.native.get(i).copied(),
+                native: plan
+                    .names
+                    .iter()
+                    .position(|n| n == name)
+                    .and_then(|i| plan.native.get(i).copied()),
             });
         }
         for (i, name) in committer.sink_names.iter().enumerate() {
@@ -806,8 +1044,23 @@ impl Loop<'_> {
             stages: out,
             latency_to_output,
             latency_to_commit: committer.latency_to_commit,
+            swaps: self.swaps.clone(),
         }
     }
+}
+
+/// What each sink reads, in sink order (the dead letter last, if any).
+fn sink_inputs(pipeline: &Pipeline, plan: &Plan) -> Vec<SinkInput> {
+    let spec = &pipeline.spec;
+    let mut inputs: Vec<SinkInput> = spec
+        .sinks
+        .iter()
+        .map(|(_, s)| SinkInput::Stage(plan.stage_of(s.from.as_deref())))
+        .collect();
+    if spec.dead_letter.is_some() {
+        inputs.push(SinkInput::DeadLetter);
+    }
+    inputs
 }
 
 /// ` (lag p0 12, p1 0)` for the progress line; empty when the source reports none.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use arrow::datatypes::SchemaRef;
 
 use crate::checkpoint::CheckpointError;
-use crate::config::{OnError, Pipeline, SinkSpec};
+use crate::config::{OnError, Pipeline, SinkSpec, StateMode};
 use crate::decode;
 use crate::metrics::{Histogram, StageTime};
 use crate::plugin::{Chain, ErrorKind, Grants, Plugin, PluginError, PluginHost};
@@ -54,6 +54,21 @@ pub enum RunError {
         /// The checkpoint epoch they name.
         epoch: u64,
     },
+    /// A step's plugin refused the state stored for it (`bad-input` from `restore`: a state
+    /// version it cannot read), and the step does not say `state: reset`.
+    #[error(
+        "partition `{partition}`: the plugin refuses the stored state of step `{step}`: {reason}; run a plugin that reads that state version, or add `state: reset` to the step to start it empty"
+    )]
+    StateRefused {
+        /// The step's name.
+        step: String,
+        /// The plugin's name (its refusal names it too).
+        plugin: String,
+        /// `topic/partition`.
+        partition: String,
+        /// The plugin's refusal.
+        reason: Box<PluginError>,
+    },
     /// The consumer group gave this process's partitions to another member while it was away
     /// (it missed its session timeout): what it had not committed is left to the new owner.
     #[error(
@@ -72,6 +87,7 @@ impl RunError {
             RunError::Plugin { source, .. } => source.kind(),
             RunError::Config(_)
             | RunError::StateMissing { .. }
+            | RunError::StateRefused { .. }
             | RunError::Sink(SinkError::Config { .. } | SinkError::SchemaMismatch { .. }) => {
                 ErrorKind::Config
             }
@@ -94,6 +110,17 @@ pub struct RunOptions {
     /// Start partitions whose stored plugin state is missing with empty state instead of
     /// refusing to run.
     pub reset_state: bool,
+    /// Swap the steps live when the pipeline file or a plugin changes (see `engine::swap`).
+    pub reload: Option<Reload>,
+}
+
+/// How a run reloads its pipeline file.
+#[derive(Debug, Clone, Default)]
+pub struct Reload {
+    /// The `--set` values the file was loaded with.
+    pub vars: std::collections::HashMap<String, String>,
+    /// Watch the pipeline file and its plugin files (without: SIGHUP only).
+    pub watch_files: bool,
 }
 
 /// What a run did.
@@ -120,6 +147,8 @@ pub struct RunSummary {
     /// Kafka append time → the checkpoint covering the record committed (every sink's table
     /// version and the Kafka offsets).
     pub latency_to_commit: Histogram,
+    /// Live swaps, applied or refused, in order.
+    pub swaps: Vec<super::SwapRecord>,
 }
 
 /// One step, ready to instantiate per partition.
@@ -129,6 +158,7 @@ pub(crate) struct StepPlan {
     config: String,
     grants: Grants,
     on_error: OnError,
+    state: StateMode,
     location: String,
 }
 
@@ -185,6 +215,7 @@ impl Plan {
                 config,
                 grants,
                 on_error: t.on_error,
+                state: t.state,
                 location,
             });
         }
@@ -211,6 +242,11 @@ impl Plan {
             steps.push(step);
         }
         Ok(Chain::new(steps).with_policies(self.steps.iter().map(|s| s.on_error).collect()))
+    }
+
+    /// Step `index`'s `state:` policy.
+    pub fn state_mode(&self, index: usize) -> StateMode {
+        self.steps.get(index).map_or(StateMode::Keep, |s| s.state)
     }
 
     /// The stage index a sink reads: 0 = decoded records, i + 1 = step i.

@@ -23,12 +23,12 @@ use super::committer::{CommitMsg, Staged};
 use super::plan::{Plan, RunError};
 use super::{Counters, PartitionKey};
 use crate::checkpoint::{PartitionState, StepState};
-use crate::config::OnError;
+use crate::config::{OnError, StateMode};
 use crate::decode::{self, JsonDecoder};
 use crate::exporter::{
     InstanceLabels, Metrics, PartitionLabels, RejectLabels, SinkLabels, StageLabels,
 };
-use crate::plugin::{ChainOutput, PluginError, StepTimings};
+use crate::plugin::{ChainOutput, PluginError, PluginFault, StepTimings};
 use crate::sink;
 use crate::source::Record;
 
@@ -62,6 +62,28 @@ pub(crate) struct TaskContext {
     pub metrics: Arc<Metrics>,
     /// Per sink index: its name, for metrics.
     pub sink_names: Vec<String>,
+}
+
+impl TaskContext {
+    /// The same context for another plan (a live swap): its steps, and where each sink reads.
+    pub fn with_plan(&self, plan: Arc<Plan>, inputs: Vec<SinkInput>) -> TaskContext {
+        TaskContext {
+            plan,
+            pipeline: self.pipeline.clone(),
+            decoder: self.decoder.clone(),
+            event_time: self.event_time,
+            delay: self.delay,
+            max_future: self.max_future,
+            max_records: self.max_records,
+            max_wait: self.max_wait,
+            max_record_bytes: self.max_record_bytes,
+            inputs,
+            counters: self.counters.clone(),
+            committer: self.committer.clone(),
+            metrics: self.metrics.clone(),
+            sink_names: self.sink_names.clone(),
+        }
+    }
 }
 
 /// A sink that already holds more of this partition than the task's start: when `processed`
@@ -134,40 +156,12 @@ impl PartitionTask {
         published: Arc<AtomicI64>,
         epoch: u64,
     ) -> Result<Self, RunError> {
-        let mut chain = ctx.plan.chain()?;
-        let last_stage = ctx.plan.stages.len() - 1;
-        for input in &ctx.inputs {
-            if let SinkInput::Stage(s) = input
-                && *s > 0
-                && *s < last_stage
-            {
-                chain.tap(s - 1);
-            }
-        }
+        let mut chain = chain_for(&ctx)?;
         let (mut max_event, mut watermark) = (None, None);
         if let Some(state) = &resume.state {
             max_event = state.max_event;
             watermark = state.watermark;
-            let names: Vec<String> = chain.steps().iter().map(|s| s.name().to_string()).collect();
-            for (index, name) in names.iter().enumerate() {
-                match state.steps.iter().find(|s| &s.step == name) {
-                    Some(saved) => chain.restore(index, &saved.snapshot).map_err(|source| {
-                        RunError::Plugin {
-                            location: format!("step `{name}`"),
-                            source: Box::new(source),
-                        }
-                    })?,
-                    None => tracing::info!(
-                        topic = %key.0, partition = key.1, step = %name,
-                        "no stored state for this step (new in the pipeline?): it starts empty"
-                    ),
-                }
-            }
-            for saved in &state.steps {
-                if !chain.steps().iter().any(|s| s.name() == saved.step) {
-                    tracing::info!(topic = %key.0, partition = key.1, step = %saved.step, "stored state of a step no longer in the pipeline is not used");
-                }
-            }
+            restore_chain(&ctx.plan, &mut chain, &state.steps, &key)?;
         }
         published.store(watermark.unwrap_or(i64::MIN), Ordering::Relaxed);
         let mut task = PartitionTask {
@@ -193,9 +187,64 @@ impl PartitionTask {
         Ok(task)
     }
 
-    /// The step timings so far, per step.
-    pub fn timings(&self) -> Vec<StepTimings> {
+    /// The step timings so far, per step name.
+    pub fn timings(&self) -> Vec<(String, StepTimings)> {
+        self.chain
+            .steps()
+            .iter()
+            .map(|s| (s.name().to_string(), s.timings()))
+            .collect()
+    }
+
+    fn step_timings(&self) -> Vec<StepTimings> {
         self.chain.steps().iter().map(|s| s.timings()).collect()
+    }
+
+    /// The first half of a live swap, at an epoch barrier (after [`PartitionTask::barrier`]):
+    /// a chain of `ctx`'s plan restored from this chain's state step by step name. Nothing
+    /// changes here; [`PartitionTask::switch`] puts the chain in place. The outer error is
+    /// fatal (the old chain failed); the inner one refuses the swap and leaves the old chain as
+    /// it was.
+    pub fn prepare_swap(&mut self, ctx: &TaskContext) -> Result<SwapReady, RunError> {
+        // A partition still catching up with sinks that hold more (after a restart) swaps
+        // later: those sinks' rows for the offsets ahead came from the old steps.
+        if !self.targets.is_empty() {
+            return Ok(SwapReady::NotYet);
+        }
+        let saved: Vec<StepState> = self
+            .chain
+            .snapshot()
+            .map_err(|source| RunError::Plugin {
+                location: format!("partition `{}/{}`", self.key.0, self.key.1),
+                source: Box::new(source),
+            })?
+            .into_iter()
+            .map(|(step, snapshot)| StepState { step, snapshot })
+            .collect();
+        let chain = chain_for(ctx).and_then(|mut chain| {
+            restore_chain(&ctx.plan, &mut chain, &saved, &self.key)?;
+            Ok(chain)
+        });
+        Ok(match chain {
+            Ok(chain) => SwapReady::Ready(Box::new(chain)),
+            Err(e) => SwapReady::Refused(e.to_string()),
+        })
+    }
+
+    /// The second half of a live swap: `chain` (from [`PartitionTask::prepare_swap`]) and `ctx`
+    /// take over. The next barrier checkpoints the new steps' state even if nothing arrives.
+    /// Returns the old chain's timings.
+    pub fn switch(
+        &mut self,
+        ctx: Arc<TaskContext>,
+        chain: crate::plugin::Chain,
+    ) -> Vec<(String, StepTimings)> {
+        let timings = self.timings();
+        self.forget_metrics();
+        self.ctx = ctx;
+        self.chain = chain;
+        self.dirty = true;
+        timings
     }
 
     fn partition_labels(&self) -> PartitionLabels {
@@ -222,7 +271,7 @@ impl PartitionTask {
             .chain
             .steps()
             .iter()
-            .zip(before.iter().zip(self.timings()))
+            .zip(before.iter().zip(self.step_timings()))
         {
             if now.calls > was.calls {
                 let stage = StageLabels {
@@ -464,7 +513,7 @@ impl PartitionTask {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let before = self.timings();
+        let before = self.step_timings();
         let output = self
             .chain
             .process(batch.clone())
@@ -492,7 +541,7 @@ impl PartitionTask {
         self.watermark = Some(ts);
         self.published.store(ts, Ordering::Relaxed);
         self.dirty = true;
-        let before = self.timings();
+        let before = self.step_timings();
         let output = self
             .chain
             .watermark(ts)
@@ -754,6 +803,97 @@ impl PartitionTask {
             note(t, n, self);
         }
     }
+}
+
+/// A partition task's answer to a swap offered at a barrier.
+pub(crate) enum SwapReady {
+    /// The new chain, its steps restored.
+    Ready(Box<crate::plugin::Chain>),
+    /// Not at this barrier: the partition is still catching up with sinks that hold more.
+    NotYet,
+    /// The new plan cannot take this partition's state (or its steps cannot be created).
+    Refused(String),
+}
+
+/// A fresh chain of `ctx`'s plan, with the intermediate stages its sinks read tapped.
+fn chain_for(ctx: &TaskContext) -> Result<crate::plugin::Chain, RunError> {
+    let mut chain = ctx.plan.chain()?;
+    let last_stage = ctx.plan.stages.len() - 1;
+    for input in &ctx.inputs {
+        if let SinkInput::Stage(s) = input
+            && *s > 0
+            && *s < last_stage
+        {
+            chain.tap(s - 1);
+        }
+    }
+    Ok(chain)
+}
+
+/// Restores `chain` from `saved`, step by step name: at a restart and at a live swap. A step
+/// with no saved entry (new in the pipeline) starts empty. A plugin that refuses its step's
+/// state (a state version it cannot read) starts empty when the step says `state: reset`;
+/// otherwise the refusal is the error.
+fn restore_chain(
+    plan: &Plan,
+    chain: &mut crate::plugin::Chain,
+    saved: &[StepState],
+    key: &PartitionKey,
+) -> Result<(), RunError> {
+    let names: Vec<String> = chain.steps().iter().map(|s| s.name().to_string()).collect();
+    for (index, name) in names.iter().enumerate() {
+        let Some(state) = saved.iter().find(|s| &s.step == name) else {
+            tracing::info!(
+                topic = %key.0, partition = key.1, step = %name,
+                "no stored state for this step (new in the pipeline?): it starts empty"
+            );
+            continue;
+        };
+        let Err(refusal) = chain.restore(index, &state.snapshot) else {
+            continue;
+        };
+        // Only the plugin's own refusal (a state version it cannot read) may be reset: a trap,
+        // a timeout or the memory cap while restoring is a failure, never a reason to drop
+        // state.
+        let refused = matches!(
+            &refusal,
+            PluginError::Plugin {
+                fault: PluginFault::BadInput(_),
+                ..
+            }
+        );
+        if !refused {
+            return Err(RunError::Plugin {
+                location: format!("step `{name}`, partition `{}/{}`", key.0, key.1),
+                source: Box::new(refusal),
+            });
+        }
+        if plan.state_mode(index) != StateMode::Reset {
+            return Err(RunError::StateRefused {
+                step: name.clone(),
+                plugin: chain.steps()[index].plugin().to_string(),
+                partition: format!("{}/{}", key.0, key.1),
+                reason: Box::new(refusal),
+            });
+        }
+        tracing::warn!(
+            topic = %key.0, partition = key.1, step = %name,
+            "the plugin cannot restore the step's stored state ({refusal}); `state: reset`: the step starts empty"
+        );
+        // The refused restore may have left the instance half-changed: start from a fresh one.
+        chain.steps_mut()[index]
+            .rebuild(None)
+            .map_err(|source| RunError::Plugin {
+                location: format!("step `{name}`"),
+                source: Box::new(source),
+            })?;
+    }
+    for s in saved {
+        if !names.contains(&s.step) {
+            tracing::info!(topic = %key.0, partition = key.1, step = %s.step, "stored state of a step no longer in the pipeline is not used");
+        }
+    }
+    Ok(())
 }
 
 /// Why `record` cannot be decoded at all, before any JSON parsing: a tombstone, a record over

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::committer::{CommitMsg, EpochDone};
 use super::plan::RunError;
-use super::task::{PartitionTask, Resume, TaskContext};
+use super::task::{PartitionTask, Resume, SwapReady, TaskContext};
 use super::{Event, PartitionKey};
 use crate::metrics::Histogram;
 use crate::plugin::StepTimings;
@@ -29,20 +29,42 @@ pub(crate) enum WorkerMsg {
     /// Records of one partition, in offset order.
     Records(PartitionKey, Vec<Record>),
     /// Close epoch `epoch`: finish, snapshot, hand it to the committer. `idle` partitions get
-    /// the watermark given.
+    /// the watermark given. With `swap`, then prepare every task's chain of the new plan and
+    /// answer whether all could take their state; a [`WorkerMsg::Switch`] follows.
     Barrier {
         epoch: u64,
         idle: HashMap<PartitionKey, i64>,
+        swap: Option<SwapOffer>,
     },
+    /// The coordinator's decision on the swap offered at the last barrier: `true` puts the
+    /// prepared chains in place, `false` drops them (the old plan runs on).
+    Switch(bool),
     /// Drop a partition's task (its last epoch is committed; it moved elsewhere).
     Close(PartitionKey),
+}
+
+/// A new plan's task context, offered at a barrier (a live swap).
+pub(crate) struct SwapOffer {
+    pub ctx: Arc<TaskContext>,
+    /// The worker's answer, once every task has its new chain ready or one cannot.
+    pub reply: Sender<SwapAnswer>,
+}
+
+/// A worker's answer to a [`SwapOffer`].
+#[derive(Debug)]
+pub(crate) enum SwapAnswer {
+    Ready,
+    /// A partition is still catching up after a restart: offer it again at a later barrier.
+    NotYet,
+    Refused(String),
 }
 
 /// What a worker measured, for the run report.
 #[derive(Debug, Default)]
 pub(crate) struct WorkerReport {
     pub decode: Duration,
-    pub steps: Vec<StepTimings>,
+    /// Per step name, in the order first seen (steps of swapped-out plans included).
+    pub steps: Vec<(String, StepTimings)>,
     pub latency_to_output: Histogram,
 }
 
@@ -50,9 +72,19 @@ impl WorkerReport {
     fn retire(&mut self, task: &PartitionTask) {
         self.decode += task.decode_time;
         self.latency_to_output.merge(&task.latency);
-        let timings = task.timings();
-        self.steps.resize(timings.len(), StepTimings::default());
-        for (sum, t) in self.steps.iter_mut().zip(timings) {
+        self.add_steps(task.timings());
+    }
+
+    fn add_steps(&mut self, timings: Vec<(String, StepTimings)>) {
+        for (name, t) in timings {
+            let at = match self.steps.iter().position(|(n, _)| *n == name) {
+                Some(at) => at,
+                None => {
+                    self.steps.push((name, StepTimings::default()));
+                    self.steps.len() - 1
+                }
+            };
+            let sum = &mut self.steps[at].1;
             sum.calls += t.calls;
             sum.rows_in += t.rows_in;
             sum.total += t.total;
@@ -70,7 +102,7 @@ pub(crate) fn run_worker(
 ) -> WorkerReport {
     let mut report = WorkerReport::default();
     let mut tasks: HashMap<PartitionKey, PartitionTask> = HashMap::new();
-    if let Err(e) = work(&ctx, &inbox, &mut tasks, &mut report) {
+    if let Err(e) = work(ctx, &inbox, &mut tasks, &mut report) {
         tracing::debug!(worker = index, "worker stopped: {e}");
         let _ = events.send(Event::Failed(e));
     }
@@ -81,13 +113,18 @@ pub(crate) fn run_worker(
 }
 
 fn work(
-    ctx: &Arc<TaskContext>,
+    mut ctx: Arc<TaskContext>,
     inbox: &Receiver<WorkerMsg>,
     tasks: &mut HashMap<PartitionKey, PartitionTask>,
     report: &mut WorkerReport,
 ) -> Result<(), RunError> {
     // The epoch staged output belongs to until the next barrier.
     let mut epoch = 1u64;
+    // A swap's new context and its chains, prepared at a barrier until the decision comes.
+    let mut prepared: Option<(
+        Arc<TaskContext>,
+        HashMap<PartitionKey, crate::plugin::Chain>,
+    )> = None;
     loop {
         let next_due = tasks.values().filter_map(PartitionTask::due_at).min();
         let wait = next_due.map_or(Duration::from_millis(100), |t| {
@@ -111,6 +148,7 @@ fn work(
             Ok(WorkerMsg::Barrier {
                 epoch: closing,
                 idle,
+                swap,
             }) => {
                 let mut checkpoints = Vec::new();
                 let mut appended = HashMap::new();
@@ -131,6 +169,38 @@ fn work(
                     }))
                     .map_err(|_| RunError::Internal("the committer stopped".into()))?;
                 epoch = closing + 1;
+                if let Some(offer) = swap {
+                    let mut chains = HashMap::new();
+                    let mut answer = SwapAnswer::Ready;
+                    for (key, task) in tasks.iter_mut() {
+                        match task.prepare_swap(&offer.ctx)? {
+                            SwapReady::Ready(chain) => {
+                                chains.insert(key.clone(), *chain);
+                            }
+                            SwapReady::NotYet => answer = SwapAnswer::NotYet,
+                            SwapReady::Refused(why) => {
+                                answer = SwapAnswer::Refused(why);
+                                break;
+                            }
+                        }
+                    }
+                    if matches!(answer, SwapAnswer::Ready) {
+                        prepared = Some((offer.ctx.clone(), chains));
+                    }
+                    let _ = offer.reply.send(answer);
+                }
+            }
+            Ok(WorkerMsg::Switch(commit)) => {
+                if let Some((next, mut chains)) = prepared.take()
+                    && commit
+                {
+                    for (key, task) in tasks.iter_mut() {
+                        if let Some(chain) = chains.remove(key) {
+                            report.add_steps(task.switch(next.clone(), chain));
+                        }
+                    }
+                    ctx = next;
+                }
             }
             Ok(WorkerMsg::Close(key)) => {
                 if let Some(task) = tasks.remove(&key) {

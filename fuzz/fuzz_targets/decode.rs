@@ -1,0 +1,31 @@
+//! The JSON decoder on arbitrary bytes: records split at newlines, decoded as one batch into the
+//! stock tick schema. It must never panic, and every record must come out exactly once: as a row
+//! of the batch or as a failure with a reason.
+#![no_main]
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use flowgate_fuzz::decode::JsonDecoder;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("symbol", DataType::Utf8, true),
+        Field::new("price", DataType::Float64, true),
+        Field::new("volume", DataType::Int64, true),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
+        Field::new("ok", DataType::Boolean, false),
+    ]));
+    let decoder = JsonDecoder::new(schema.clone());
+    let records: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
+    let (batch, failures) = decoder.decode(&records);
+    assert_eq!(batch.schema(), schema);
+    assert_eq!(batch.num_rows() + failures.len(), records.len());
+    let mut seen: Vec<usize> = failures.iter().map(|f| f.index).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), failures.len(), "a record failed twice");
+    assert!(seen.iter().all(|&i| i < records.len()));
+    assert!(failures.iter().all(|f| !f.reason.is_empty()));
+});
