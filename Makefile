@@ -75,7 +75,7 @@ FUZZ_TARGETS := decode pipeline_yaml
 fuzz: ## Fuzz the JSON decoder and the pipeline parser, FUZZ_SECONDS each (cargo-fuzz; by hand, not in CI).
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
 	@for t in $(FUZZ_TARGETS); do \
-	    mkdir -p fuzz/corpus/$$t; \
+	    mkdir -p fuzz/corpus/$$t fuzz/regressions/$$t; \
 	    echo "== fuzzing $$t for $(FUZZ_SECONDS) s"; \
 	    $(CARGO) fuzz run $$t --sanitizer none fuzz/corpus/$$t fuzz/seeds/$$t fuzz/regressions/$$t -- \
 	        -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -max_len=65536 || exit 1; \
