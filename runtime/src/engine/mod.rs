@@ -169,6 +169,7 @@ impl Router {
         &mut self,
         idle: HashMap<PartitionKey, i64>,
         ctx: Arc<TaskContext>,
+        carry: Arc<Vec<Option<usize>>>,
     ) -> Result<SwapOutcome, RunError> {
         let epoch = self.epoch;
         let (reply, answers) = mpsc::channel();
@@ -180,6 +181,7 @@ impl Router {
                 .collect();
             let swap = Some(SwapOffer {
                 ctx: ctx.clone(),
+                carry: carry.clone(),
                 reply: reply.clone(),
             });
             self.send(w, WorkerMsg::Barrier { epoch, idle, swap })?;
@@ -480,6 +482,7 @@ pub fn run(
         .as_ref()
         .map(|_| swap::Baseline::of(pipeline));
     let plan = Arc::new(Plan::build(pipeline, host)?);
+    let baseline = baseline.map(|b| b.settle(pipeline));
     let rt = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -879,7 +882,7 @@ impl Loop<'_> {
             sink_inputs(&candidate.pipeline, &candidate.plan),
         ));
         let pausing = Instant::now();
-        let outcome = r.cut_and_swap(idle, ctx)?;
+        let outcome = r.cut_and_swap(idle, ctx, Arc::new(candidate.carry.clone()))?;
         let pause = pausing.elapsed();
         let file = pipeline.file.display();
         let (epoch, refused, commit_wait) = match outcome {

@@ -230,18 +230,26 @@ impl Plan {
 
     /// A fresh chain of every step, for one partition.
     pub fn chain(&self) -> Result<Chain, RunError> {
-        let mut steps = Vec::new();
-        for (i, s) in self.steps.iter().enumerate() {
-            let step = s
-                .plugin
-                .instantiate(&s.name, &s.config, &self.stages[i], s.grants)
-                .map_err(|source| RunError::Plugin {
-                    location: s.location.clone(),
-                    source: Box::new(source),
-                })?;
-            steps.push(step);
-        }
-        Ok(Chain::new(steps).with_policies(self.steps.iter().map(|s| s.on_error).collect()))
+        let steps = (0..self.steps.len())
+            .map(|i| self.instantiate(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Chain::new(steps).with_policies(self.policies()))
+    }
+
+    /// A fresh instance of step `index`.
+    pub fn instantiate(&self, index: usize) -> Result<crate::plugin::Step, RunError> {
+        let s = &self.steps[index];
+        s.plugin
+            .instantiate(&s.name, &s.config, &self.stages[index], s.grants)
+            .map_err(|source| RunError::Plugin {
+                location: s.location.clone(),
+                source: Box::new(source),
+            })
+    }
+
+    /// Each step's `on_error`, in order.
+    pub fn policies(&self) -> Vec<OnError> {
+        self.steps.iter().map(|s| s.on_error).collect()
     }
 
     /// Step `index`'s `state:` policy.

@@ -34,6 +34,10 @@ pub(crate) struct Candidate {
     pub plan: Arc<Plan>,
     /// What changes, for the log and the run report (`validate (config) → dedup → …`).
     pub changes: String,
+    /// Per step of the new plan: the index of the running step it is (same name, plugin,
+    /// config and input schema), carried over as it is; `None`: a fresh instance, restored
+    /// from the running step of its name if there is one.
+    pub carry: Vec<Option<usize>>,
     /// The loop's answer: `Ok` once switched, else why not.
     pub outcome: Sender<Result<(), String>>,
 }
@@ -81,6 +85,15 @@ impl Baseline {
             prints: fingerprints(pipeline).unwrap_or_default(),
             signatures: signatures(&watched_files(pipeline)),
         }
+    }
+
+    /// After the plan is built: if a plugin file changed while it was loaded, which bytes run
+    /// is unknown, so no step counts as unchanged at the next reload.
+    pub fn settle(mut self, pipeline: &Pipeline) -> Self {
+        if fingerprints(pipeline).ok().as_ref() != Some(&self.prints) {
+            self.prints.clear();
+        }
+        self
     }
 }
 
@@ -148,12 +161,13 @@ pub(crate) fn reloader(
             Ok(None) => {
                 tracing::info!("reload: the steps, their plugins and configs are the same")
             }
-            Ok(Some((pipeline, next, next_prints, changes))) => {
+            Ok(Some((pipeline, next, next_prints, changes, carry))) => {
                 let (outcome, answer) = mpsc::channel();
                 let offer = Candidate {
                     pipeline: pipeline.clone(),
                     plan: next.clone(),
                     changes,
+                    carry,
                     outcome,
                 };
                 if to_loop.send(offer).is_err() {
@@ -228,7 +242,16 @@ fn candidate(
     prints: &[Fingerprint],
     pipeline: Pipeline,
     next_prints: Vec<Fingerprint>,
-) -> Result<Option<(Pipeline, Arc<Plan>, Vec<Fingerprint>, String)>, String> {
+) -> Result<
+    Option<(
+        Pipeline,
+        Arc<Plan>,
+        Vec<Fingerprint>,
+        String,
+        Vec<Option<usize>>,
+    )>,
+    String,
+> {
     let fixed = fixed_changes(&running.text, &pipeline.text, &running.file)?;
     if !fixed.is_empty() {
         return Err(format!(
@@ -246,6 +269,12 @@ fn candidate(
         return Ok(None);
     }
     let next = Plan::build(&pipeline, host).map_err(|e| e.to_string())?;
+    if fingerprints(&pipeline)? != next_prints {
+        return Err(format!(
+            "{}: a plugin file changed while it was loaded; the next look at the files tries again",
+            pipeline.file.display()
+        ));
+    }
     // Each sink keeps the schema its table was opened on.
     for (name, sink) in pipeline.spec.sinks.iter() {
         let from = sink.from.as_deref();
@@ -263,7 +292,23 @@ fn candidate(
         }
     }
     let changes = describe_changes(prints, &next_prints);
-    Ok(Some((pipeline, Arc::new(next), next_prints, changes)))
+    // A step that is the same (plugin bytes, config, policies, input schema) keeps running as
+    // it is: no snapshot, no restore, whatever its state's size.
+    let carry = next_prints
+        .iter()
+        .enumerate()
+        .map(|(i, print)| {
+            let j = prints.iter().position(|p| p.name == print.name)?;
+            (prints[j] == *print && same_columns(&plan.stages[j], &next.stages[i])).then_some(j)
+        })
+        .collect();
+    Ok(Some((
+        pipeline,
+        Arc::new(next),
+        next_prints,
+        changes,
+        carry,
+    )))
 }
 
 /// Top-level keys other than `transforms` whose value differs between two pipeline texts.

@@ -28,7 +28,7 @@ use crate::decode::{self, JsonDecoder};
 use crate::exporter::{
     InstanceLabels, Metrics, PartitionLabels, RejectLabels, SinkLabels, StageLabels,
 };
-use crate::plugin::{ChainOutput, PluginError, PluginFault, StepTimings};
+use crate::plugin::{ChainOutput, PluginError, PluginFault, StepParts, StepTimings};
 use crate::sink;
 use crate::source::Record;
 
@@ -201,50 +201,87 @@ impl PartitionTask {
     }
 
     /// The first half of a live swap, at an epoch barrier (after [`PartitionTask::barrier`]):
-    /// a chain of `ctx`'s plan restored from this chain's state step by step name. Nothing
-    /// changes here; [`PartitionTask::switch`] puts the chain in place. The outer error is
-    /// fatal (the old chain failed); the inner one refuses the swap and leaves the old chain as
-    /// it was.
-    pub fn prepare_swap(&mut self, ctx: &TaskContext) -> Result<SwapReady, RunError> {
+    /// fresh instances of the steps of `ctx`'s plan that `carry` does not carry over as they are
+    /// (see [`swap`](super::swap)), each restored from the old step of its name. Nothing changes
+    /// here; [`PartitionTask::switch`] puts the new chain together. The outer error is fatal (an
+    /// old step failed to snapshot); a refusal leaves the old chain as it was.
+    pub fn prepare_swap(
+        &mut self,
+        ctx: &TaskContext,
+        carry: &[Option<usize>],
+    ) -> Result<SwapReady, RunError> {
         // A partition still catching up with sinks that hold more (after a restart) swaps
         // later: those sinks' rows for the offsets ahead came from the old steps.
         if !self.targets.is_empty() {
             return Ok(SwapReady::NotYet);
         }
-        let saved: Vec<StepState> = self
-            .chain
-            .snapshot()
-            .map_err(|source| RunError::Plugin {
-                location: format!("partition `{}/{}`", self.key.0, self.key.1),
-                source: Box::new(source),
-            })?
-            .into_iter()
-            .map(|(step, snapshot)| StepState { step, snapshot })
-            .collect();
-        let chain = chain_for(ctx).and_then(|mut chain| {
-            restore_chain(&ctx.plan, &mut chain, &saved, &self.key)?;
-            Ok(chain)
-        });
-        Ok(match chain {
-            Ok(chain) => SwapReady::Ready(Box::new(chain)),
-            Err(e) => SwapReady::Refused(e.to_string()),
-        })
+        let mut fresh = Vec::with_capacity(carry.len());
+        for (index, carried) in carry.iter().enumerate() {
+            if carried.is_some() {
+                fresh.push(None);
+                continue;
+            }
+            let mut step = match ctx.plan.instantiate(index) {
+                Ok(step) => step,
+                Err(e) => return Ok(SwapReady::Refused(e.to_string())),
+            };
+            let name = step.name().to_string();
+            let old = self.chain.steps().iter().position(|s| s.name() == name);
+            let Some(old) = old else {
+                tracing::info!(topic = %self.key.0, partition = self.key.1, step = %name, "a new step: it starts empty");
+                fresh.push(Some(StepParts::fresh(step, None)));
+                continue;
+            };
+            let state =
+                self.chain.steps_mut()[old]
+                    .snapshot()
+                    .map_err(|source| RunError::Plugin {
+                        location: format!("partition `{}/{}`", self.key.0, self.key.1),
+                        source: Box::new(source),
+                    })?;
+            match restore_step(&ctx.plan, index, &mut step, &state, &self.key) {
+                Ok(restored) => fresh.push(Some(StepParts::fresh(step, restored.then_some(state)))),
+                Err(e) => return Ok(SwapReady::Refused(e.to_string())),
+            }
+        }
+        Ok(SwapReady::Ready(fresh))
     }
 
-    /// The second half of a live swap: `chain` (from [`PartitionTask::prepare_swap`]) and `ctx`
-    /// take over. The next barrier checkpoints the new steps' state even if nothing arrives.
-    /// Returns the old chain's timings.
+    /// The second half of a live swap: the chain of `ctx`'s plan, of the steps `carry` carries
+    /// over from the old chain (as they are, with what rebuilding them needs) and the `fresh`
+    /// ones from [`PartitionTask::prepare_swap`], takes over. The next barrier checkpoints the
+    /// new steps' state even if nothing arrives. Returns the timings of the old steps dropped.
     pub fn switch(
         &mut self,
         ctx: Arc<TaskContext>,
-        chain: crate::plugin::Chain,
-    ) -> Vec<(String, StepTimings)> {
-        let timings = self.timings();
+        mut fresh: Vec<Option<StepParts>>,
+        carry: &[Option<usize>],
+    ) -> Result<Vec<(String, StepTimings)>, RunError> {
         self.forget_metrics();
+        let old = std::mem::replace(&mut self.chain, crate::plugin::Chain::new(Vec::new()));
+        let (old, journal_full) = old.into_parts();
+        let mut old: Vec<Option<StepParts>> = old.into_iter().map(Some).collect();
+        let mut parts = Vec::with_capacity(carry.len());
+        for (index, carried) in carry.iter().enumerate() {
+            let part = match carried {
+                Some(from) => old.get_mut(*from).and_then(Option::take),
+                None => fresh.get_mut(index).and_then(Option::take),
+            };
+            parts.push(part.ok_or_else(|| {
+                RunError::Internal(format!("live swap: no step prepared for position {index}"))
+            })?);
+        }
+        let mut chain = crate::plugin::Chain::from_parts(parts, journal_full)
+            .with_policies(ctx.plan.policies());
+        tap_stages(&ctx, &mut chain);
         self.ctx = ctx;
         self.chain = chain;
         self.dirty = true;
-        timings
+        Ok(old
+            .into_iter()
+            .flatten()
+            .map(|p| (p.step().name().to_string(), p.step().timings()))
+            .collect())
     }
 
     fn partition_labels(&self) -> PartitionLabels {
@@ -807,8 +844,8 @@ impl PartitionTask {
 
 /// A partition task's answer to a swap offered at a barrier.
 pub(crate) enum SwapReady {
-    /// The new chain, its steps restored.
-    Ready(Box<crate::plugin::Chain>),
+    /// Per step of the new plan: its fresh instance, restored (`None`: carried over).
+    Ready(Vec<Option<StepParts>>),
     /// Not at this barrier: the partition is still catching up with sinks that hold more.
     NotYet,
     /// The new plan cannot take this partition's state (or its steps cannot be created).
@@ -818,6 +855,12 @@ pub(crate) enum SwapReady {
 /// A fresh chain of `ctx`'s plan, with the intermediate stages its sinks read tapped.
 fn chain_for(ctx: &TaskContext) -> Result<crate::plugin::Chain, RunError> {
     let mut chain = ctx.plan.chain()?;
+    tap_stages(ctx, &mut chain);
+    Ok(chain)
+}
+
+/// Taps the intermediate stages `ctx`'s sinks read.
+fn tap_stages(ctx: &TaskContext, chain: &mut crate::plugin::Chain) {
     let last_stage = ctx.plan.stages.len() - 1;
     for input in &ctx.inputs {
         if let SinkInput::Stage(s) = input
@@ -827,13 +870,10 @@ fn chain_for(ctx: &TaskContext) -> Result<crate::plugin::Chain, RunError> {
             chain.tap(s - 1);
         }
     }
-    Ok(chain)
 }
 
-/// Restores `chain` from `saved`, step by step name: at a restart and at a live swap. A step
-/// with no saved entry (new in the pipeline) starts empty. A plugin that refuses its step's
-/// state (a state version it cannot read) starts empty when the step says `state: reset`;
-/// otherwise the refusal is the error.
+/// Restores `chain` from `saved`, step by step name, at a restart. A step with no saved entry
+/// (new in the pipeline) starts empty; see [`restore_step`] for a plugin that refuses.
 fn restore_chain(
     plan: &Plan,
     chain: &mut crate::plugin::Chain,
@@ -849,44 +889,14 @@ fn restore_chain(
             );
             continue;
         };
-        let Err(refusal) = chain.restore(index, &state.snapshot) else {
-            continue;
-        };
-        // Only the plugin's own refusal (a state version it cannot read) may be reset: a trap,
-        // a timeout or the memory cap while restoring is a failure, never a reason to drop
-        // state.
-        let refused = matches!(
-            &refusal,
-            PluginError::Plugin {
-                fault: PluginFault::BadInput(_),
-                ..
-            }
-        );
-        if !refused {
-            return Err(RunError::Plugin {
-                location: format!("step `{name}`, partition `{}/{}`", key.0, key.1),
-                source: Box::new(refusal),
-            });
-        }
-        if plan.state_mode(index) != StateMode::Reset {
-            return Err(RunError::StateRefused {
-                step: name.clone(),
-                plugin: chain.steps()[index].plugin().to_string(),
-                partition: format!("{}/{}", key.0, key.1),
-                reason: Box::new(refusal),
-            });
-        }
-        tracing::warn!(
-            topic = %key.0, partition = key.1, step = %name,
-            "the plugin cannot restore the step's stored state ({refusal}); `state: reset`: the step starts empty"
-        );
-        // The refused restore may have left the instance half-changed: start from a fresh one.
-        chain.steps_mut()[index]
-            .rebuild(None)
-            .map_err(|source| RunError::Plugin {
-                location: format!("step `{name}`"),
-                source: Box::new(source),
-            })?;
+        let restored = restore_step(
+            plan,
+            index,
+            &mut chain.steps_mut()[index],
+            &state.snapshot,
+            key,
+        )?;
+        chain.set_base(index, restored.then(|| state.snapshot.clone()));
     }
     for s in saved {
         if !names.contains(&s.step) {
@@ -894,6 +904,54 @@ fn restore_chain(
         }
     }
     Ok(())
+}
+
+/// Restores step `index` of `plan` (the instance `step`) from `state`: `true` if restored,
+/// `false` if the plugin refused it and the step says `state: reset` (it starts empty, from a
+/// fresh instance). A refusal otherwise is [`RunError::StateRefused`]; a trap, a timeout or the
+/// memory cap while restoring is a failure, never a reason to drop state.
+fn restore_step(
+    plan: &Plan,
+    index: usize,
+    step: &mut crate::plugin::Step,
+    state: &[u8],
+    key: &PartitionKey,
+) -> Result<bool, RunError> {
+    let Err(refusal) = step.restore(state) else {
+        return Ok(true);
+    };
+    let name = step.name().to_string();
+    let refused = matches!(
+        &refusal,
+        PluginError::Plugin {
+            fault: PluginFault::BadInput(_),
+            ..
+        }
+    );
+    if !refused {
+        return Err(RunError::Plugin {
+            location: format!("step `{name}`, partition `{}/{}`", key.0, key.1),
+            source: Box::new(refusal),
+        });
+    }
+    if plan.state_mode(index) != StateMode::Reset {
+        return Err(RunError::StateRefused {
+            step: name,
+            plugin: step.plugin().to_string(),
+            partition: format!("{}/{}", key.0, key.1),
+            reason: Box::new(refusal),
+        });
+    }
+    tracing::warn!(
+        topic = %key.0, partition = key.1, step = %name,
+        "the plugin cannot restore the step's stored state ({refusal}); `state: reset`: the step starts empty"
+    );
+    // The refused restore may have left the instance half-changed: start from a fresh one.
+    step.rebuild(None).map_err(|source| RunError::Plugin {
+        location: format!("step `{name}`"),
+        source: Box::new(source),
+    })?;
+    Ok(false)
 }
 
 /// Why `record` cannot be decoded at all, before any JSON parsing: a tombstone, a record over

@@ -46,9 +46,19 @@ pub(crate) enum WorkerMsg {
 /// A new plan's task context, offered at a barrier (a live swap).
 pub(crate) struct SwapOffer {
     pub ctx: Arc<TaskContext>,
+    /// Per step of the new plan: the index of the old step carried over as it is (same plugin,
+    /// config and input schema), or `None` for a fresh instance restored from the old state.
+    pub carry: Arc<Vec<Option<usize>>>,
     /// The worker's answer, once every task has its new chain ready or one cannot.
     pub reply: Sender<SwapAnswer>,
 }
+
+/// A swap's new context, carry map and, per partition, its prepared steps, until the decision.
+type Prepared = (
+    Arc<TaskContext>,
+    Arc<Vec<Option<usize>>>,
+    HashMap<PartitionKey, Vec<Option<crate::plugin::StepParts>>>,
+);
 
 /// A worker's answer to a [`SwapOffer`].
 #[derive(Debug)]
@@ -121,10 +131,7 @@ fn work(
     // The epoch staged output belongs to until the next barrier.
     let mut epoch = 1u64;
     // A swap's new context and its chains, prepared at a barrier until the decision comes.
-    let mut prepared: Option<(
-        Arc<TaskContext>,
-        HashMap<PartitionKey, crate::plugin::Chain>,
-    )> = None;
+    let mut prepared: Option<Prepared> = None;
     loop {
         let next_due = tasks.values().filter_map(PartitionTask::due_at).min();
         let wait = next_due.map_or(Duration::from_millis(100), |t| {
@@ -173,9 +180,9 @@ fn work(
                     let mut chains = HashMap::new();
                     let mut answer = SwapAnswer::Ready;
                     for (key, task) in tasks.iter_mut() {
-                        match task.prepare_swap(&offer.ctx)? {
-                            SwapReady::Ready(chain) => {
-                                chains.insert(key.clone(), *chain);
+                        match task.prepare_swap(&offer.ctx, &offer.carry)? {
+                            SwapReady::Ready(fresh) => {
+                                chains.insert(key.clone(), fresh);
                             }
                             SwapReady::NotYet => answer = SwapAnswer::NotYet,
                             SwapReady::Refused(why) => {
@@ -185,18 +192,18 @@ fn work(
                         }
                     }
                     if matches!(answer, SwapAnswer::Ready) {
-                        prepared = Some((offer.ctx.clone(), chains));
+                        prepared = Some((offer.ctx.clone(), offer.carry.clone(), chains));
                     }
                     let _ = offer.reply.send(answer);
                 }
             }
             Ok(WorkerMsg::Switch(commit)) => {
-                if let Some((next, mut chains)) = prepared.take()
+                if let Some((next, carry, mut chains)) = prepared.take()
                     && commit
                 {
                     for (key, task) in tasks.iter_mut() {
-                        if let Some(chain) = chains.remove(key) {
-                            report.add_steps(task.switch(next.clone(), chain));
+                        if let Some(fresh) = chains.remove(key) {
+                            report.add_steps(task.switch(next.clone(), fresh, &carry)?);
                         }
                     }
                     ctx = next;

@@ -111,7 +111,73 @@ struct Handled {
     rejected: Vec<(u32, String)>,
 }
 
+/// One step of a chain with what rebuilding it needs: taken out of a chain by
+/// [`Chain::into_parts`] (a live swap carries an unchanged step into the new chain as it is), or
+/// fresh.
+#[derive(Debug)]
+pub struct StepParts {
+    step: Step,
+    base: Option<Vec<u8>>,
+    journal: Vec<Entry>,
+}
+
+impl StepParts {
+    /// A step just created, restored from `base` if given.
+    pub fn fresh(step: Step, base: Option<Vec<u8>>) -> Self {
+        StepParts {
+            step,
+            base,
+            journal: Vec::new(),
+        }
+    }
+
+    /// The step.
+    pub fn step(&self) -> &Step {
+        &self.step
+    }
+}
+
 impl Chain {
+    /// Takes the chain apart, step by step; `true` if the journals were cut short this epoch.
+    pub fn into_parts(self) -> (Vec<StepParts>, bool) {
+        let parts = self
+            .steps
+            .into_iter()
+            .zip(self.base)
+            .zip(self.journal)
+            .map(|((step, base), journal)| StepParts {
+                step,
+                base,
+                journal,
+            })
+            .collect();
+        (parts, self.journal_full)
+    }
+
+    /// A chain of `parts` (see [`Chain::into_parts`]); `journal_full` as the chain they came
+    /// from said. Policies and taps as in [`Chain::new`].
+    pub fn from_parts(parts: Vec<StepParts>, journal_full: bool) -> Self {
+        let mut chain = Chain::new(Vec::new());
+        for part in parts {
+            for entry in &part.journal {
+                if let Entry::Batch(b) = entry {
+                    chain.journal_bytes += b
+                        .columns()
+                        .iter()
+                        .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0))
+                        .sum::<usize>();
+                }
+            }
+            chain.steps.push(part.step);
+            chain.base.push(part.base);
+            chain.journal.push(part.journal);
+            chain.tapped.push(false);
+            chain.policies.push(OnError::Fail);
+        }
+        chain.journal_full = journal_full;
+        chain
+    }
+
     /// A chain of `steps`; each step's input schema must be the previous step's output schema.
     /// Every step's `on_error` is `fail` until [`Chain::with_policies`] says otherwise.
     pub fn new(steps: Vec<Step>) -> Self {
@@ -135,6 +201,13 @@ impl Chain {
         self.steps[index].restore(state)?;
         self.base[index] = Some(state.to_vec());
         Ok(())
+    }
+
+    /// Sets the state a rebuild of step `index` starts from (`None`: as created).
+    pub fn set_base(&mut self, index: usize, state: Option<Vec<u8>>) {
+        if let Some(base) = self.base.get_mut(index) {
+            *base = state;
+        }
     }
 
     /// Snapshots every step (name, bytes), in order; the journals start over from here.
