@@ -18,6 +18,9 @@ fuzz_target!(|data: &[u8]| {
         Field::new("ok", DataType::Boolean, false),
     ]));
     let decoder = JsonDecoder::new(schema.clone());
+    // A good tick decodes: otherwise only the failure paths would be fuzzed.
+    let good: &[u8] = br#"{"symbol":"A","price":1.5,"volume":3,"ts":"2025-11-12T14:30:00Z","ok":true}"#;
+    assert_eq!(decoder.decode(&[good]).0.num_rows(), 1, "a good tick did not decode");
     let records: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
     let (batch, failures) = decoder.decode(&records);
     assert_eq!(batch.schema(), schema);

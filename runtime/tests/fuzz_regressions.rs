@@ -37,6 +37,9 @@ fn the_decoder_accounts_for_every_record_of_every_kept_input() {
         Field::new("ok", DataType::Boolean, false),
     ]));
     let decoder = JsonDecoder::new(schema);
+    let good: &[u8] =
+        br#"{"symbol":"A","price":1.5,"volume":3,"ts":"2025-11-12T14:30:00Z","ok":true}"#;
+    assert_eq!(decoder.decode(&[good]).0.num_rows(), 1);
     let files = inputs("decode");
     assert!(!files.is_empty(), "no fuzz inputs found");
     for file in files {

@@ -130,9 +130,14 @@ def test_a_changed_rule_is_swapped_in_live_and_the_steps_keep_their_state(broker
     try:
         wait_committed(broker, "swap", counts(a), proc, log)
         mark = len(log.read_text())
-        write_atomically(pipeline, stocks_text().replace(RULE, STRICTER))
+        # validate gets the stricter rule; dedup a longer retention (a fresh instance restored
+        # from the running one's state); bars and pct_change are unchanged and carried over.
+        changed = stocks_text().replace(RULE, STRICTER).replace("retention: 10m", "retention: 11m")
+        write_atomically(pipeline, changed)
         swapped = wait_log(log, r"live swap: switched[^\n]*", proc, after=mark)
-        assert "validate (config)" in swapped.group(0), swapped.group(0)
+        line = swapped.group(0)
+        assert "validate (config) → dedup (config) → bars → pct_change" in line, line
+        assert "carried as they are: bars, pct_change" in line, line
         b = produce(broker, copies + later)
         # Killed mid-stream after the swap: what the new steps had not committed is replayed.
         time.sleep(random.Random(3).uniform(0.5, 4))
@@ -245,6 +250,7 @@ def test_changes_that_cannot_be_swapped_are_refused_and_the_run_goes_on(broker, 
         reset_text = swapped_text.replace("    config: {}\n", "    config: {}\n    state: reset\n", 1)
         m = reload(reset_text, r"live swap: switched[^\n]*")
         assert "dedup (new plugin, config)" in m.group(0), m.group(0)
+        assert "carried as they are: validate, bars, pct_change" in m.group(0), m.group(0)
 
         b = produce(broker, phase_b)
         wait_committed(broker, "refuse", counts(a, b), proc, log)
@@ -254,7 +260,7 @@ def test_changes_that_cannot_be_swapped_are_refused_and_the_run_goes_on(broker, 
         if proc.poll() is None:
             proc.kill()
     text_log = log.read_text()
-    assert "starts empty" in text_log
+    assert text_log.count("`state: reset`: the step starts empty") == 2  # one per partition
 
     frames = []
     for p in sorted(set(a) | set(b)):

@@ -291,7 +291,7 @@ fn candidate(
             ));
         }
     }
-    let changes = describe_changes(prints, &next_prints);
+    let mut changes = describe_changes(prints, &next_prints);
     // A step that is the same (plugin bytes, config, policies, input schema) keeps running as
     // it is: no snapshot, no restore, whatever its state's size.
     let carry = next_prints
@@ -299,9 +299,20 @@ fn candidate(
         .enumerate()
         .map(|(i, print)| {
             let j = prints.iter().position(|p| p.name == print.name)?;
-            (prints[j] == *print && same_columns(&plan.stages[j], &next.stages[i])).then_some(j)
+            // The input schema exactly (nullability and metadata too): a carried instance
+            // keeps the schema it was created with for the batches it reads.
+            (prints[j] == *print && plan.stages[j].fields() == next.stages[i].fields()).then_some(j)
         })
+        .collect::<Vec<_>>();
+    let carried: Vec<&str> = carry
+        .iter()
+        .zip(&next_prints)
+        .filter(|(c, _)| c.is_some())
+        .map(|(_, p)| p.name.as_str())
         .collect();
+    if !carried.is_empty() {
+        changes.push_str(&format!("; carried as they are: {}", carried.join(", ")));
+    }
     Ok(Some((
         pipeline,
         Arc::new(next),

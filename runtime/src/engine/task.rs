@@ -257,7 +257,6 @@ impl PartitionTask {
         mut fresh: Vec<Option<StepParts>>,
         carry: &[Option<usize>],
     ) -> Result<Vec<(String, StepTimings)>, RunError> {
-        self.forget_metrics();
         let old = std::mem::replace(&mut self.chain, crate::plugin::Chain::new(Vec::new()));
         let (old, journal_full) = old.into_parts();
         let mut old: Vec<Option<StepParts>> = old.into_iter().map(Some).collect();
@@ -277,9 +276,20 @@ impl PartitionTask {
         self.ctx = ctx;
         self.chain = chain;
         self.dirty = true;
-        Ok(old
-            .into_iter()
-            .flatten()
+        let dropped: Vec<StepParts> = old.into_iter().flatten().collect();
+        // Memory series of steps no longer running go; the chain's are published now.
+        for part in &dropped {
+            let name = part.step().name();
+            if !self.chain.steps().iter().any(|s| s.name() == name) {
+                self.ctx
+                    .metrics
+                    .wasm_memory
+                    .remove(&self.instance_labels(name));
+            }
+        }
+        self.report_memory();
+        Ok(dropped
+            .iter()
             .map(|p| (p.step().name().to_string(), p.step().timings()))
             .collect())
     }
