@@ -141,6 +141,16 @@ impl Router {
     /// Cuts the current epoch: every worker gets the barrier; idle partitions follow the others'
     /// watermark. Returns the epoch cut.
     fn cut(&mut self, idle: HashMap<PartitionKey, i64>) -> Result<u64, RunError> {
+        self.barrier(idle, |_| None)
+    }
+
+    /// Sends every worker the barrier of the current epoch (with `offer(worker)`'s swap, if any)
+    /// and the idle watermarks of its partitions; the next epoch begins. Returns the epoch cut.
+    fn barrier(
+        &mut self,
+        idle: HashMap<PartitionKey, i64>,
+        offer: impl Fn(usize) -> Option<SwapOffer>,
+    ) -> Result<u64, RunError> {
         let epoch = self.epoch;
         for w in 0..self.workers.len() {
             let idle = idle
@@ -148,14 +158,8 @@ impl Router {
                 .filter(|(k, _)| self.slots.get(*k).is_some_and(|s| s.worker == w))
                 .map(|(k, v)| (k.clone(), *v))
                 .collect();
-            self.send(
-                w,
-                WorkerMsg::Barrier {
-                    epoch,
-                    idle,
-                    swap: None,
-                },
-            )?;
+            let swap = offer(w);
+            self.send(w, WorkerMsg::Barrier { epoch, idle, swap })?;
         }
         self.epoch += 1;
         Ok(epoch)
@@ -171,23 +175,15 @@ impl Router {
         ctx: Arc<TaskContext>,
         carry: Arc<Vec<Option<usize>>>,
     ) -> Result<SwapOutcome, RunError> {
-        let epoch = self.epoch;
         let (reply, answers) = mpsc::channel();
-        for w in 0..self.workers.len() {
-            let idle = idle
-                .iter()
-                .filter(|(k, _)| self.slots.get(*k).is_some_and(|s| s.worker == w))
-                .map(|(k, v)| (k.clone(), *v))
-                .collect();
-            let swap = Some(SwapOffer {
+        let epoch = self.barrier(idle, |_| {
+            Some(SwapOffer {
                 ctx: ctx.clone(),
                 carry: carry.clone(),
                 reply: reply.clone(),
-            });
-            self.send(w, WorkerMsg::Barrier { epoch, idle, swap })?;
-        }
+            })
+        })?;
         drop(reply);
-        self.epoch += 1;
         let (mut refused, mut later) = (None, false);
         for _ in 0..self.workers.len() {
             match answers.recv() {

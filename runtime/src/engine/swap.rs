@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use super::plan::Plan;
 use crate::config::Pipeline;
-use crate::plugin::PluginHost;
+use crate::plugin::{PluginHost, same_fields};
 
 /// How often the watched files are looked at.
 const POLL: Duration = Duration::from_millis(500);
@@ -282,7 +282,7 @@ fn candidate(
             &plan.stages[plan.stage_of(from)],
             &next.stages[next.stage_of(from)],
         );
-        if !same_columns(was, now) {
+        if !same_fields(was, now) {
             return Err(format!(
                 "{}: sink `{name}` would get rows of another schema: {} instead of {}; a live swap keeps every sink's schema: restart the pipeline to change a table's",
                 pipeline.locate_key(&format!("sinks.{name}")),
@@ -409,15 +409,6 @@ fn describe_changes(old: &[Fingerprint], new: &[Fingerprint]) -> String {
         text.push_str(&format!("; removed: {}", removed.join(", ")));
     }
     text
-}
-
-/// Same column names and types, in order.
-fn same_columns(a: &arrow::datatypes::Schema, b: &arrow::datatypes::Schema) -> bool {
-    a.fields().len() == b.fields().len()
-        && a.fields()
-            .iter()
-            .zip(b.fields())
-            .all(|(x, y)| x.name() == y.name() && x.data_type() == y.data_type())
 }
 
 #[cfg(test)]

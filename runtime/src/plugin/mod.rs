@@ -21,7 +21,7 @@ use wasmtime::{Config, Engine};
 pub use cache::{COMPILATIONS, LoadStats, default_dir as default_cache_dir};
 pub use chain::{Chain, ChainOutput, RefusedBatch, RejectedRows, StepParts};
 pub use error::{ErrorKind, PluginError, PluginFault};
-pub use step::{Grants, NativeFactory, Rejection, Step, StepOutput, StepTimings};
+pub use step::{Grants, NativeFactory, Rejection, Step, StepOutput, StepTimings, same_fields};
 
 use step::HostState;
 

@@ -793,7 +793,7 @@ impl Step {
 }
 
 /// Same names, types and order (nullability and metadata aside).
-fn same_fields(a: &arrow::datatypes::Schema, b: &arrow::datatypes::Schema) -> bool {
+pub fn same_fields(a: &arrow::datatypes::Schema, b: &arrow::datatypes::Schema) -> bool {
     a.fields().len() == b.fields().len()
         && a.fields()
             .iter()
