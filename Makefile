@@ -48,9 +48,10 @@ lint: ## rustfmt check and clippy with warnings as errors.
 fmt: ## Format the code.
 	$(CARGO) fmt --all
 
-run: build ## The demo: generated ticks → embedded Kafka → plugins → Delta/Parquet tables under ./data.
-	$(CARGO) run -q -p flowgate -- run pipelines/demo.yaml --max-records 200000
-	@echo "Tables under ./data: bars (Delta), raw (Parquet), dead_letter (Delta). README: 'Reading the output'."
+DEMO_RECORDS ?= 200000
+run: build ## The demo: generated ticks → embedded Kafka → plugins → Delta/Parquet tables under ./data/demo (anew each run).
+	$(CARGO) run -q -p flowgate -- run pipelines/demo.yaml --max-records $(DEMO_RECORDS)
+	@echo "Tables under ./data/demo: bars (Delta), raw (Parquet), dead_letter (Delta). README: 'Reading the output'."
 
 plugin-demo: build ## The plugin harness on the sample ticks: validate → dedup → window → pct_change.
 	$(CARGO) run -q -p flowgate -- plugin test $(PLUGIN_DIR)/flowgate_validate.wasm \

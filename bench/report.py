@@ -34,7 +34,11 @@ def render(r):
     if "generator" in r:
         rows.append(("generator + embedded broker", r["generator"]))
     if "kafka" in r:
-        rows.append((f"Tansu broker, {a['partitions']} partitions", r["kafka"]["flowgate"]))
+        rows.append((f"Tansu broker, {a['partitions']} partitions, keyed producer, no repartition",
+                     r["kafka"]["flowgate"]))
+        if "hop" in r["kafka"]:
+            rows.append((f"Tansu broker, {a['partitions']} partitions, with the repartition hop "
+                         "(`pipelines/stocks.yaml` as shipped)", r["kafka"]["hop"]))
     if rows:
         out += ["### End to end: pipelines/stocks.yaml", "",
                 "| source | records | events/s | CPU s | events/s per core | peak RSS |",
@@ -136,6 +140,17 @@ def render(r):
                 f"{c['read_after_optimize_s']:.3f} s |",
                 f"| and `flowgate table checkpoint` | {_n(c['after']['files'])} | {c['read_after_checkpoint_s']:.3f} s |",
                 ""]
+    if "rebalance" in r:
+        rb = r["rebalance"]
+        out += ["### Rebalance: a third member joins", "",
+                "Two members read 6 partitions under a live producer (20k ticks/s); a third joins. The pause "
+                "is the longest stretch without progress, around the join, of a partition the first member holds "
+                "before and after (its `/metrics` sampled every 50 ms). Command: "
+                "`make bench BENCH_ARGS=\"--only rebalance\"`.", "",
+                "| assignment | partitions kept by member A | their longest pause |", "|---|---|---:|"]
+        for name, x in rb.items():
+            out.append(f"| {name} | {x['kept_partitions']} (of {x['partitions_before']}) | {x['pause_ms']:.0f} ms |")
+        out.append("")
     if "swap" in r:
         w = r["swap"]
         out += ["### Live swap", "",

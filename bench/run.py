@@ -33,7 +33,7 @@ FLOWGATE = Path(os.environ.get("FLOWGATE_BIN", RELEASE / "flowgate"))
 BENCH = Path(os.environ.get("FLOWGATE_BENCH_BIN", RELEASE / "flowgate-bench"))
 PLUGINS = ROOT / "target" / "wasm32-wasip2" / "plugin"
 PARTS = ["flowgate-file", "workers", "native", "generator", "kafka", "latency", "state", "sinks", "compaction", "swap",
-         "spark"]
+         "rebalance", "spark"]
 # The benchmark's own PostgreSQL (the machine's, trust auth); `sinks` writes a scratch schema.
 BENCH_PG = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
 
@@ -77,11 +77,14 @@ def machine():
             "commit": commit, "date": datetime.date.today().isoformat()}
 
 
-def derive(work, name, source, batch=None, workers=None):
+def derive(work, name, source, batch=None, workers=None, hop=False):
     """pipelines/stocks.yaml with another source (and batch settings, worker threads); everything
-    else the same."""
+    else the same. Without `hop`, no repartition (the file and generator sources cannot have one,
+    and the ticks are keyed by symbol)."""
     spec = yaml.safe_load((ROOT / "pipelines" / "stocks.yaml").read_text())
     spec["source"] = source
+    if not hop:
+        spec.pop("repartition", None)
     if workers:
         spec["workers"] = workers
     if batch:
@@ -311,10 +314,117 @@ def part_kafka(args, work, results, tansu):
         p.write_text(yaml.safe_dump(spec, sort_keys=False))
         runs.append(run_pipeline(work, f"kafka-{i}", p, n))
     best = max(runs, key=lambda r: r["events_per_s"])
+    # The same with the repartition hop (pipelines/stocks.yaml as shipped): every record crosses
+    # the internal topic before the steps; the run ends when the keyed half has read it all.
+    hop = derive(work, "kafka-hop", {"kafka": {"brokers": tansu.bootstrap, "topic": "ticks",
+                                               "group": "flowgate-bench-hop", "start": "earliest",
+                                               "options": options}}, hop=True)
+    hops = []
+    for i in range(args.repeat):
+        spec = yaml.safe_load(hop.read_text())
+        spec["source"]["kafka"]["group"] = f"flowgate-bench-hop-{i}"
+        spec["repartition"]["topic"] = f"bench-repartition-{i}"
+        p = work / f"kafka-hop-{i}.yaml"
+        p.write_text(yaml.safe_dump(spec, sort_keys=False))
+        hops.append(run_pipeline(work, f"kafka-hop-{i}", p, n))
+    best_hop = max(hops, key=lambda r: r["events_per_s"])
     ceiling = max(c["records_per_second"] for c in consume)
     results["kafka"] = {"produce": m, "consume_only": consume, "ceiling": ceiling, "flowgate": best,
-                        "ratio": best["events_per_s"] / ceiling}
-    log(f"Flowgate from Kafka: {best['events_per_s']:,.0f} ev/s = {results['kafka']['ratio']:.0%} of consume-only")
+                        "ratio": best["events_per_s"] / ceiling, "hop": best_hop}
+    log(f"Flowgate from Kafka: {best['events_per_s']:,.0f} ev/s = {results['kafka']['ratio']:.0%} of consume-only; "
+        f"with the repartition hop {best_hop['events_per_s']:,.0f} ev/s ({best_hop['events_per_cpu_s']:,.0f} per core)")
+
+
+def scrape_records_in(port, topic):
+    """flowgate_records_in_total per partition of `topic` from a running pipeline's /metrics."""
+    import urllib.request
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("flowgate_records_in_total{") and f'topic="{topic}"' in line:
+            m = re.search(r'partition="(\d+)"', line)
+            if m:
+                out[int(m.group(1))] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def part_rebalance(args, work, results):
+    """The pause of a member's partitions that do not move when a third member joins the group:
+    two members read 6 partitions under a live producer; a third joins; member A's /metrics is
+    sampled every 50 ms, and the longest stretch without progress of a partition A holds before
+    and after is the pause. Once with cooperative-sticky (Flowgate's setting), once with eager
+    `range` (every partition revoked and assigned again)."""
+    out = {}
+    for strategy in ("cooperative-sticky", "range"):
+        tansu = Tansu(work)
+        try:
+            tansu.topic("rb", 6)
+            producer = subprocess.Popen([str(FLOWGATE), "produce", "--brokers", tansu.bootstrap, "--topic", "rb",
+                                         "--rate", 20000, "--duration", "45s", "--symbol-count", 60],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            members = []
+            ports = [free_port() for _ in range(3)]
+            for i in range(3):
+                spec = yaml.safe_load(derive(work, f"rb-{strategy}-{i}", {"kafka": {
+                    "brokers": tansu.bootstrap, "topic": "rb", "group": f"rb-{strategy}", "start": "latest",
+                    "options": {"partition.assignment.strategy": strategy,
+                                "session.timeout.ms": "6000", "heartbeat.interval.ms": "500"}}}).read_text())
+                spec["metrics"] = {"listen": f"127.0.0.1:{ports[i]}"}
+                spec["checkpoint"]["interval"] = "1s"
+                path = work / f"rb-{strategy}-{i}.yaml"
+                path.write_text(yaml.safe_dump(spec, sort_keys=False))
+                members.append(path)
+            procs = []
+            logs = [open(work / f"rb-{strategy}-{i}.log", "w") for i in range(3)]
+            data = [work / f"data-rb-{strategy}-{i}" for i in range(3)]
+            for d in data:
+                shutil.rmtree(d, ignore_errors=True)
+            for i in range(2):
+                procs.append(subprocess.Popen([str(FLOWGATE), "run", str(members[i])], stderr=logs[i],
+                                              env=dict(os.environ, DATA_DIR=str(data[i]))))
+            samples = []
+            started = time.time()
+            joined_at = None
+            while time.time() - started < 30:
+                if joined_at is None and time.time() - started > 12:
+                    procs.append(subprocess.Popen([str(FLOWGATE), "run", str(members[2])], stderr=logs[2],
+                                                  env=dict(os.environ, DATA_DIR=str(data[2]))))
+                    joined_at = time.time()
+                samples.append((time.time(), scrape_records_in(ports[0], "rb")))
+                time.sleep(0.05)
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                p.wait(timeout=60)
+            producer.kill()
+        finally:
+            tansu.stop()
+        # Partitions A held just before the join and again at the end: did they stall meanwhile?
+        before = [s for t, s in samples if joined_at - 3 < t < joined_at]
+        after = [s for t, s in samples if t > joined_at + 10]
+        def moving(window):
+            if len(window) < 2:
+                return set()
+            return {p for p, v in window[-1].items() if v > window[0].get(p, 0)}
+        kept = moving(before) & moving(after)
+        pause = 0.0
+        for p in kept:
+            last_move, last_value = None, None
+            for t, s in samples:
+                if t < joined_at - 3 or p not in s:
+                    continue
+                if last_value is None or s[p] > last_value:
+                    if last_move is not None and t > joined_at - 1:
+                        pause = max(pause, t - last_move)
+                    last_move, last_value = t, s[p]
+        out[strategy] = {"kept_partitions": sorted(kept), "pause_ms": round(pause * 1000, 1),
+                         "partitions_before": sorted(moving(before)), "partitions_after": sorted(moving(after))}
+        log(f"rebalance ({strategy}): member A kept {sorted(kept)}; their longest pause around the join: "
+            f"{pause * 1000:.0f} ms")
+    results["rebalance"] = out
 
 
 def part_latency(args, work, results, max_rate):
@@ -573,6 +683,8 @@ def main():
         part_compaction(args, work, results)
     if wanted("swap"):
         part_swap(args, work, results)
+    if wanted("rebalance"):
+        part_rebalance(args, work, results)
     if wanted("spark"):
         part_spark(args, work, results)
     # A partial or trial run (`--no-write`) keeps its results in the work folder.

@@ -144,6 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 start: StartFrom::Earliest,
                 options: options.into_iter().collect(),
                 connect_timeout: flowgate_sdk::config::Duration::from_millis(30_000),
+                keyless: Default::default(),
             };
             let consumer: BaseConsumer = KafkaSource::client_config(&spec, &brokers)
                 .create()

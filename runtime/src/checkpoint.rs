@@ -15,7 +15,47 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-const MAGIC: &[u8; 4] = b"FGC2";
+/// The current encoding; [`OLD_MAGIC`] states (no lineage, no source marks) still read.
+const MAGIC: &[u8; 4] = b"FGC3";
+const OLD_MAGIC: &[u8; 4] = b"FGC2";
+
+/// How many low bits of a checkpoint epoch name its writer (see [`next_epoch`]).
+const WRITER_BITS: u32 = 24;
+
+/// A random tag naming this process's checkpoints (never 0), so two processes that both number
+/// a partition's next checkpoint "one past what the sinks hold" never store it under one name.
+pub fn writer_tag() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    (h.finish() & ((1 << WRITER_BITS) - 1)).max(1)
+}
+
+/// The checkpoint epoch after `epoch` for the writer tagged `tag`: the count above
+/// [`WRITER_BITS`] goes up by one, the writer's tag fills the bits below. So epochs still order
+/// in time, and two writers going on from one position store their states under different
+/// names: a process that lost its partition (frozen past its session) and wakes up can never
+/// overwrite the new owner's state, though both take "the next epoch".
+pub fn next_epoch(epoch: u64, tag: u64) -> u64 {
+    (((epoch >> WRITER_BITS) + 1) << WRITER_BITS) | (tag & ((1 << WRITER_BITS) - 1))
+}
+
+/// An epoch for people: `count.tag` (`7.3fa2c1`); epochs from before tags are plain numbers.
+pub fn epoch_label(epoch: u64) -> String {
+    if epoch >> WRITER_BITS == 0 {
+        return epoch.to_string();
+    }
+    format!(
+        "{}.{:06x}",
+        epoch >> WRITER_BITS,
+        epoch & ((1 << WRITER_BITS) - 1)
+    )
+}
 
 /// Errors reading or writing checkpoints.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +109,38 @@ pub struct PartitionState {
     pub watermark: Option<i64>,
     /// Each step's snapshot.
     pub steps: Vec<StepState>,
+    /// The checkpoint this one goes on from (restored from, or reached as a replay's target):
+    /// a replay walks these links back to hand every watermark the first run handed at the same
+    /// offsets, the ones an idle partition followed from others included. `None` in states
+    /// written before it was recorded.
+    pub previous: Option<u64>,
+    /// Behind a repartition hop: per source partition, the newest source offset taken and its
+    /// watermark (records at or below the offset are copies a restarted upstream sent again).
+    pub sources: Vec<SourceMark>,
+}
+
+/// How far one source partition has come through a repartition hop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceMark {
+    /// The source topic.
+    pub topic: String,
+    /// The source partition.
+    pub partition: i32,
+    /// The newest source offset taken.
+    pub offset: i64,
+    /// Its watermark (ms), as the upstream task last sent it.
+    pub watermark: Option<i64>,
+    /// Whether it was idle at that point (left out of the windows' watermark).
+    pub idle: bool,
+}
+
+/// [`PartitionState`] as `FGC2` stored it.
+#[derive(Deserialize)]
+struct OldState {
+    offset: i64,
+    max_event: Option<i64>,
+    watermark: Option<i64>,
+    steps: Vec<StepState>,
 }
 
 /// Where checkpoints live. One per pipeline.
@@ -90,6 +162,37 @@ pub trait StateStore: Send + Sync {
     ) -> Result<Option<PartitionState>, CheckpointError>;
     /// Deletes epochs older than `keep_from`.
     fn prune(&self, topic: &str, partition: i32, keep_from: u64) -> Result<(), CheckpointError>;
+    /// Deletes every state of the pipeline (its tables start anew).
+    fn clear(&self) -> Result<(), CheckpointError>;
+    /// Records how far sink `sink` holds `topic`/`partition`, beside its states (for a sink
+    /// whose target cannot record it: the repartition hop).
+    fn put_position(
+        &self,
+        sink: &str,
+        topic: &str,
+        partition: i32,
+        position: crate::sink::Position,
+    ) -> Result<(), CheckpointError>;
+    /// The position [`StateStore::put_position`] recorded last.
+    fn position(
+        &self,
+        sink: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<crate::sink::Position>, CheckpointError>;
+}
+
+/// A position as stored: `{"offset":…,"epoch":…}`.
+fn encode_position(p: crate::sink::Position) -> Vec<u8> {
+    format!("{{\"offset\":{},\"epoch\":{}}}", p.offset, p.epoch).into_bytes()
+}
+
+fn decode_position(body: &[u8]) -> Result<crate::sink::Position, String> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    match (v["offset"].as_i64(), v["epoch"].as_u64()) {
+        (Some(offset), Some(epoch)) => Ok(crate::sink::Position { offset, epoch }),
+        _ => Err("not a position".into()),
+    }
 }
 
 /// A partition's folder name: the topic with characters a path must not hold replaced.
@@ -116,10 +219,21 @@ fn encode(state: &PartitionState) -> Result<Vec<u8>, String> {
 
 /// A stored state read back.
 fn decode(body: &[u8]) -> Result<PartitionState, String> {
+    if let Some(rest) = body.strip_prefix(MAGIC.as_slice()) {
+        return postcard::from_bytes(rest).map_err(|e| e.to_string());
+    }
     let rest = body
-        .strip_prefix(MAGIC.as_slice())
+        .strip_prefix(OLD_MAGIC.as_slice())
         .ok_or_else(|| "bad header (written by an older Flowgate?)".to_string())?;
-    postcard::from_bytes(rest).map_err(|e| e.to_string())
+    let old: OldState = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
+    Ok(PartitionState {
+        offset: old.offset,
+        max_event: old.max_event,
+        watermark: old.watermark,
+        steps: old.steps,
+        previous: None,
+        sources: Vec::new(),
+    })
 }
 
 /// The file-system store: a local or shared folder.
@@ -219,6 +333,54 @@ impl StateStore for FileStateStore {
         }
         Ok(())
     }
+
+    fn clear(&self) -> Result<(), CheckpointError> {
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&self.dir)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn put_position(
+        &self,
+        sink: &str,
+        topic: &str,
+        partition: i32,
+        position: crate::sink::Position,
+    ) -> Result<(), CheckpointError> {
+        let dir = self.partition_dir(topic, partition);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let file = dir.join(format!("{sink}.position"));
+        let tmp = dir.join(format!(".{sink}.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, encode_position(position)).map_err(io(&tmp))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &file).map_err(io(&file))
+    }
+
+    fn position(
+        &self,
+        sink: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<crate::sink::Position>, CheckpointError> {
+        let file = self
+            .partition_dir(topic, partition)
+            .join(format!("{sink}.position"));
+        match std::fs::read(&file) {
+            Ok(body) => {
+                decode_position(&body)
+                    .map(Some)
+                    .map_err(|message| CheckpointError::Corrupt {
+                        path: file,
+                        message,
+                    })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&file)(e)),
+        }
+    }
 }
 
 /// The object-store store (`s3://bucket/prefix`): a put is atomic there, so no temp object.
@@ -284,6 +446,13 @@ impl ObjectStateStore {
             .clone()
             .join(partition_key(topic, partition))
             .join(format!("{epoch:020}.state"))
+    }
+
+    fn position_object(&self, sink: &str, topic: &str, partition: i32) -> object_store::path::Path {
+        self.root
+            .clone()
+            .join(partition_key(topic, partition))
+            .join(format!("{sink}.position"))
     }
 
     fn fail(&self, path: &object_store::path::Path, e: impl std::fmt::Display) -> CheckpointError {
@@ -359,6 +528,54 @@ impl StateStore for ObjectStateStore {
         }
         Ok(())
     }
+
+    fn clear(&self) -> Result<(), CheckpointError> {
+        crate::storage::remove_objects(self.store.as_ref(), &self.root, &self.rt)
+            .map_err(|e| self.fail(&self.root, e))
+    }
+
+    fn put_position(
+        &self,
+        sink: &str,
+        topic: &str,
+        partition: i32,
+        position: crate::sink::Position,
+    ) -> Result<(), CheckpointError> {
+        use object_store::ObjectStoreExt;
+        let path = self.position_object(sink, topic, partition);
+        self.rt
+            .block_on(self.store.put(&path, encode_position(position).into()))
+            .map(|_| ())
+            .map_err(|e| self.fail(&path, e))
+    }
+
+    fn position(
+        &self,
+        sink: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<crate::sink::Position>, CheckpointError> {
+        use object_store::ObjectStoreExt;
+        let path = self.position_object(sink, topic, partition);
+        let body = self.rt.block_on(async {
+            match self.store.get(&path).await {
+                Ok(got) => got.bytes().await.map(Some),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        });
+        match body.map_err(|e| self.fail(&path, e))? {
+            None => Ok(None),
+            Some(bytes) => {
+                decode_position(&bytes)
+                    .map(Some)
+                    .map_err(|message| CheckpointError::Corrupt {
+                        path: PathBuf::from(format!("{}/{path}", self.url)),
+                        message,
+                    })
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -380,7 +597,62 @@ mod tests {
                     snapshot: vec![],
                 },
             ],
+            previous: Some(offset as u64),
+            sources: vec![SourceMark {
+                topic: "ticks".into(),
+                partition: 2,
+                offset: offset * 7,
+                watermark: Some(offset),
+                idle: offset % 2 == 0,
+            }],
         }
+    }
+
+    #[test]
+    fn states_of_the_previous_format_still_read() {
+        let old = OldState {
+            offset: 41,
+            max_event: Some(9),
+            watermark: Some(4),
+            steps: vec![StepState {
+                step: "dedup".into(),
+                snapshot: vec![7],
+            }],
+        };
+        #[derive(Serialize)]
+        struct Written<'a>(i64, Option<i64>, Option<i64>, &'a [StepState]);
+        let mut body = OLD_MAGIC.to_vec();
+        body.extend(
+            postcard::to_stdvec(&Written(
+                old.offset,
+                old.max_event,
+                old.watermark,
+                &old.steps,
+            ))
+            .unwrap(),
+        );
+        let read = decode(&body).unwrap();
+        assert_eq!(
+            (read.offset, read.max_event, read.watermark),
+            (41, Some(9), Some(4))
+        );
+        assert_eq!(read.steps, old.steps);
+        assert_eq!((read.previous, read.sources.len()), (None, 0));
+    }
+
+    #[test]
+    fn two_writers_going_on_from_one_epoch_never_share_a_name() {
+        let (a, b) = (0x00ab_cdefu64, 0x0012_3456u64);
+        let legacy = 5;
+        let (ea, eb) = (next_epoch(legacy, a), next_epoch(legacy, b));
+        assert!(ea > legacy && eb > legacy && ea != eb);
+        assert!(
+            next_epoch(ea, b) > ea.max(eb),
+            "the count goes on whoever wrote last"
+        );
+        assert_eq!(epoch_label(ea), "1.abcdef");
+        assert_eq!(epoch_label(legacy), "5");
+        assert!(writer_tag() > 0 && writer_tag() < 1 << WRITER_BITS);
     }
 
     #[test]

@@ -187,3 +187,38 @@ pub fn register() {
         }
     });
 }
+
+/// Deletes everything at `location`: a local folder and all it holds, or every object under an
+/// `s3://` prefix (`rt` runs the requests). Nothing there is no error.
+pub fn remove_tree(location: &TableLocation, rt: &tokio::runtime::Runtime) -> Result<(), String> {
+    if let Some(dir) = &location.local {
+        return match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(format!("cannot remove `{}`: {e}", dir.display()))
+            }
+            _ => Ok(()),
+        };
+    }
+    let (store, prefix) = s3_store(&location.url, &location.options, |_| false)?;
+    remove_objects(&store, &prefix, rt).map_err(|e| format!("removing {}: {e}", location.url))
+}
+
+/// Deletes every object under `prefix` in `store`.
+pub fn remove_objects(
+    store: &dyn object_store::ObjectStore,
+    prefix: &object_store::path::Path,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(), object_store::Error> {
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    rt.block_on(async {
+        let listed: Vec<object_store::ObjectMeta> = store.list(Some(prefix)).try_collect().await?;
+        for meta in listed {
+            match store.delete(&meta.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
+}

@@ -339,3 +339,102 @@ fn the_docker_compose_deployment_fits_together() {
     }
     assert!(queries >= 10, "{queries} queries checked");
 }
+
+#[test]
+fn the_kubernetes_manifest_fits_together() {
+    // No cluster here: check the manifest's structure, and that the pipeline it runs keeps
+    // everything a moved partition needs (tables and plugin state) on S3, not on a replica.
+    common::plugin("flowgate_validate");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rel = "deploy/k8s/flowgate.yaml";
+    let text = std::fs::read_to_string(root.join(rel)).expect("manifest");
+    let manifest = flowgate::yaml::to_json(&text, rel).expect("YAML");
+    let items = manifest["items"].as_array().expect("a List");
+    let of_kind = |kind: &str| {
+        items
+            .iter()
+            .find(|i| i["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind}"))
+    };
+    let deployment = of_kind("Deployment");
+    let secret = of_kind("Secret");
+    assert!(
+        deployment["spec"]["replicas"]
+            .as_i64()
+            .is_some_and(|n| n >= 2)
+    );
+    assert_eq!(
+        deployment["spec"]["selector"]["matchLabels"],
+        deployment["spec"]["template"]["metadata"]["labels"]
+    );
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["args"][0], "run");
+    let file = container["args"][1].as_str().expect("pipeline");
+    check(&root.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let env: HashMap<String, String> = container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().expect("name").to_string(),
+                e["value"].as_str().expect("value").to_string(),
+            )
+        })
+        .collect();
+    let port = env["METRICS_LISTEN"].rsplit(':').next().expect("port");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(
+            container[probe]["httpGet"]["port"].to_string(),
+            port,
+            "{probe}"
+        );
+    }
+    assert_eq!(
+        container["envFrom"][0]["secretRef"]["name"],
+        secret["metadata"]["name"]
+    );
+    for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+        assert!(
+            secret["stringData"][key].is_string(),
+            "the Secret lacks {key}"
+        );
+    }
+    // The pipeline as the pods load it: every table and the checkpoint store on S3, the hop on.
+    let pipeline = Pipeline::load(&root.join(file), &env).expect("pipeline");
+    let spec = &pipeline.spec;
+    assert!(
+        spec.repartition.is_some(),
+        "replicas share keys only through the hop"
+    );
+    let on_s3 = |path: &Path| path.to_string_lossy().starts_with("s3://");
+    assert!(
+        on_s3(&spec.checkpoint.path),
+        "{}",
+        spec.checkpoint.path.display()
+    );
+    for (name, sink) in spec
+        .sinks
+        .iter()
+        .chain(spec.dead_letter.iter().map(|d| ("dead_letter", d)))
+    {
+        let path = sink
+            .delta
+            .as_ref()
+            .or(sink.parquet.as_ref())
+            .map(|t| t.path.clone())
+            .or(sink.csv.as_ref().map(|c| c.path.clone()));
+        if let Some(path) = path {
+            assert!(
+                on_s3(&path),
+                "sink `{name}` writes {} on the pod",
+                path.display()
+            );
+        }
+    }
+    let kafka = spec.source.kafka.as_ref().expect("kafka");
+    assert_eq!(kafka.brokers.bootstrap(), env["KAFKA_BROKERS"]);
+    assert_eq!(kafka.group, env["GROUP"]);
+}

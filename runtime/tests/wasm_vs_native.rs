@@ -163,7 +163,7 @@ fn plugins_describe_themselves() {
         .info()
         .expect("info");
     assert_eq!(info.name, "window");
-    assert_eq!(info.state_version, 2);
+    assert_eq!(info.state_version, 3);
     let info = host
         .load(&common::plugin("flowgate_validate"))
         .expect("load")

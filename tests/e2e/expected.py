@@ -48,3 +48,25 @@ def expected_bars(df, watermark_delay_ms, newest=None):
     bars = bars[bars["window_start"] + pd.Timedelta(minutes=1) <= watermark].copy()
     bars["pct_change"] = bars.groupby("symbol")["close"].pct_change(fill_method=None)
     return bars.sort_values(["symbol", "window_start"]).reset_index(drop=True)
+
+
+def newest_event(lines):
+    """The newest event time of the records that decode (what a partition's watermark follows:
+    records a step refuses later count too)."""
+    newest = None
+    for line in lines:
+        try:
+            t = json.loads(line)
+            ts = pd.Timestamp(t["ts"]).tz_convert("UTC").floor("us")
+        except Exception:
+            continue
+        newest = ts if newest is None or ts > newest else newest
+    return newest
+
+
+def expected_bars_hop(lines_by_partition, watermark_delay_ms):
+    """Bars behind the repartition hop: every tick of a symbol together, whatever partition it
+    came in; windows closed by the slowest source partition's watermark."""
+    lines = [line for ls in lines_by_partition.values() for line in ls]
+    slowest = min(n for n in (newest_event(ls) for ls in lines_by_partition.values()) if n is not None)
+    return expected_bars(parse_ticks(lines), watermark_delay_ms, newest=slowest)

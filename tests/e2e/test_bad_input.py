@@ -31,12 +31,13 @@ BAD = [
     ("NaN", b"AAPL", tick(0).replace('"price": 100.0', '"price": NaN').encode(), "decode", ["invalid JSON", "NaN"]),
     ("Infinity", b"AAPL", tick(0).replace('"price": 100.0', '"price": Infinity').encode(), "decode", ["Infinity"]),
     ("string as a number", b"AAPL", tick(0, symbol=12345).encode(), "decode", ["symbol"]),
-    ("missing field", b"AAPL", json.dumps({"symbol": "AAPL", "volume": 3, "ts": START.isoformat()}).encode(), "validate", ["price"]),
+    # Stamped like its neighbours (`NOW` is replaced at send time), so it is not late.
+    ("missing field", b"AAPL", json.dumps({"symbol": "AAPL", "volume": 3, "ts": "NOW"}).encode(), "validate", ["price"]),
     ("null value (tombstone)", b"AAPL", None, "decode", ["tombstone"]),
     ("timestamp far in the future", b"AAPL", tick(0, ts="2999-01-01T00:00:00Z", ts_epoch_ms=32472144000000).encode(), "decode", ["watermark.max_future", "2999-01-01"]),
     ("timestamp an hour ahead", b"AAPL", tick(0, ts=(pd.Timestamp.now(tz="UTC") + pd.Timedelta(hours=1)).isoformat()).encode(), "decode", ["watermark.max_future", "(1m)"]),
-    # Refused by the window step (a later step: the row carries its batch's last offset).
-    ("timestamp before 1970", b"AAPL", tick(0, ts="1969-07-20T20:17:00Z", ts_epoch_ms=-14182980000).encode(), "bars", ["late", "1969-07-20"]),
+    # Late against the partition's watermark: refused before the repartition hop, at its offset.
+    ("timestamp before 1970", b"AAPL", tick(0, ts="1969-07-20T20:17:00Z", ts_epoch_ms=-14182980000).encode(), "repartition", ["late", "1969-07-20"]),
     ("empty message", b"AAPL", b"", "decode", ["empty record"]),
     ("not JSON at all", b"AAPL", b"hello", "decode", ["not a JSON object"]),
 ]
@@ -66,6 +67,8 @@ def test_every_kind_of_bad_input_goes_to_the_dead_letter_and_none_stops_the_run(
     for n in range(40):
         send(b"AAPL", tick(i).encode()); i += 1
     for what, key, value, stage, words in BAD:
+        if value is not None and b'"NOW"' in value:
+            value = value.replace(b'"NOW"', json.dumps((START + pd.Timedelta(milliseconds=500 * i)).isoformat()).encode())
         send(key, value, stage, words, what)
         for n in range(5):
             send(b"AAPL", tick(i).encode()); i += 1

@@ -13,7 +13,7 @@ from deltalake import DeltaTable
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from conftest import FLOWGATE, REPO, free_port, stop, tansu_binary, wait_listening
-from expected import expected_bars, parse_ticks
+from expected import expected_bars_hop, parse_ticks
 from test_kafka_pipeline import make_ticks, produce
 
 
@@ -79,8 +79,7 @@ def test_the_pipeline_waits_out_a_broker_restart_and_loses_nothing(s3, tmp_path,
     assert resumed < 5, f"resumed {resumed:.1f} s after the broker's return"
 
     valid = {p: parse_ticks(v) for p, v in by_partition.items()}
-    want = pd.concat([expected_bars(df, watermark_delay_ms=5000) for df in valid.values() if len(df)])
-    want = want.sort_values(["symbol", "window_start"]).reset_index(drop=True)
+    want = expected_bars_hop(by_partition, 5000)
     bars = pl.from_arrow(DeltaTable(str(data_dir / "bars")).to_pyarrow_table()).sort(["symbol", "window_start"]).to_pandas()
     assert not bars.duplicated(subset=["symbol", "window_start"]).any(), "a bar was written twice"
     assert len(bars) == len(want) >= 6

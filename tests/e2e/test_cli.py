@@ -1,6 +1,7 @@
 """The demo on the embedded broker, stopping on SIGTERM, and a table that does not fit."""
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -61,3 +62,42 @@ def test_produce_to_a_file_writes_the_ticks_asked_for(tmp_path):
     assert 20 <= 3000 - len(parsed) <= 150, "about 2% malformed"
     assert {t["symbol"] for t in parsed} == {f"S{i:05d}" for i in range(25)}
     assert len({(t["symbol"], t["ts"]) for t in parsed}) < len(parsed), "some ticks were written twice"
+
+
+def test_make_run_twice_starts_the_demo_tables_anew():
+    """`make run && make run`: the embedded broker starts empty every run, so the second run
+    starts the demo's tables anew (it used to stop with "another process owns it")."""
+    data = REPO / "data" / "demo"
+    for attempt in (1, 2):
+        out = subprocess.run(["make", "run", "DEMO_RECORDS=20000"], cwd=REPO, capture_output=True, text=True,
+                             timeout=900)
+        assert out.returncode == 0, f"make run #{attempt}:\n{out.stdout}\n{out.stderr}"
+    assert "starts its tables anew: removed" in out.stderr, out.stderr
+    raw = pl.read_parquet(sorted((data / "raw").glob("date=*/*.parquet")), hive_partitioning=True)
+    assert len(raw) == 20000, "only the second run's ticks"
+    bars = pl.from_arrow(DeltaTable(str(data / "bars")).to_pyarrow_table())
+    assert bars["trades"].sum() <= 20000
+    assert bars.group_by("symbol", "window_start").len()["len"].max() == 1, "one bar per symbol and minute"
+
+
+def test_the_demo_never_touches_a_table_another_pipeline_wrote(data_dir):
+    out = run_flowgate("run", "pipelines/ticks-file.yaml", "--until-idle", "1s",
+                       env={"DATA_DIR": str(data_dir), "INPUT": str(REPO / "pipelines/samples/ticks.jsonl")})
+    assert out.returncode == 0, out.stderr
+    before = DeltaTable(str(data_dir / "bars")).version()
+    out = run_flowgate("run", "pipelines/demo.yaml", "--max-records", "1000", env={"DATA_DIR": str(data_dir)})
+    assert out.returncode == 2, out.stderr
+    assert "is not only its own" in out.stderr and "flowgate-ticks-file-file:ticks.jsonl-0" in out.stderr, out.stderr
+    assert DeltaTable(str(data_dir / "bars")).version() == before, "left untouched"
+
+
+def test_each_stock_pipeline_keeps_its_tables_in_a_folder_of_its_own():
+    """`make run` after `flowgate run pipelines/ticks-file.yaml` (or stocks.yaml) finds no
+    other pipeline's table in its way: the default folders differ."""
+    defaults = {}
+    for name in ("demo", "ticks-file", "stocks", "stocks-postgres"):
+        text = (REPO / "pipelines" / f"{name}.yaml").read_text()
+        folders = set(re.findall(r"\$\{DATA_DIR:-([^}]+)\}", text))
+        assert len(folders) == 1, (name, folders)
+        defaults[name] = folders.pop()
+    assert len(set(defaults.values())) == len(defaults), defaults

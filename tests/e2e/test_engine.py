@@ -63,7 +63,7 @@ def tables(data_dir):
     dead = pl.from_arrow(DeltaTable(str(data_dir / "dead_letter")).to_pyarrow_table())
     raw = pl.read_parquet(sorted((data_dir / "raw").glob("date=*/*.parquet")), hive_partitioning=True)
     return (bars.sort(["symbol", "window_start"]),
-            dead.select(["stage", "reason", "topic", "partition", "offset", "payload"]).sort(["partition", "offset", "stage", "payload"]),
+            dead.select(["stage", "reason", "topic", "partition", "offset", "payload"]).sort(["topic", "partition", "offset", "stage", "payload"]),
             raw.sort(["symbol", "ts"]))
 
 
@@ -88,7 +88,7 @@ def test_a_replay_judges_late_ticks_exactly_as_the_live_run_did(tmp_path):
     # plugins), so only those offsets may differ.
     def comparable(d):
         return d.with_columns(pl.when(pl.col("stage").is_in(["decode", "validate"])).then(pl.col("offset"))
-                              .otherwise(None).alias("offset")).sort(["partition", "stage", "payload", "offset"])
+                              .otherwise(None).alias("offset")).sort(["topic", "partition", "stage", "payload", "offset"])
     assert comparable(live_dead).equals(comparable(dead)), (live_dead, dead)
     assert live_bars.equals(bars)
     assert live_raw.equals(raw)
@@ -125,14 +125,14 @@ def test_state_follows_each_step_by_name_when_a_step_is_added(tmp_path):
     assert (got["close"] - want["close"]).abs().max() < 1e-9
     everything = pd.concat([parse_ticks(lines) for lines in files.values()])
     assert len(raw) == len(everything.drop_duplicates(subset=["symbol", "ts"]))
-    assert dead.select(["partition", "offset"]).is_duplicated().sum() == 0
+    assert dead.select(["topic", "partition", "offset"]).is_duplicated().sum() == 0
 
     # The state those offsets need is gone: the run refuses, naming the partition and the way out.
     shutil.rmtree(data / "_checkpoints")
     refused = run_flowgate("run", changed, "--until-idle", "1s", env=env)
     assert refused.returncode == 2, refused.stderr
     assert "has no plugin state for that epoch" in refused.stderr and "--reset-state" in refused.stderr
-    assert "file:ticks/" in refused.stderr
+    assert "file:part-0.jsonl/0" in refused.stderr
     reset = run_flowgate("run", changed, "--until-idle", "1s", "--reset-state", env=env)
     assert reset.returncode == 0, reset.stderr
 
@@ -152,7 +152,7 @@ def test_a_sink_added_later_is_filled_from_the_start_and_the_others_keep_their_s
     assert tap in text
     without = tmp_path / "without.yaml"
     without.write_text(text.replace(tap, "  unused_raw:\n    from: dedup\n    console: {max_rows: 0}\n").replace(
-        "    parquet:\n      path: ${DATA_DIR:-../data}/raw\n      partition_by: [date]\n", ""))
+        "    parquet:\n      path: ${DATA_DIR:-../data/ticks-file}/raw\n      partition_by: [date]\n", ""))
     first = run_flowgate("run", without, "--max-records", "3000", env=env)
     assert first.returncode == 0, first.stderr
     assert not (data / "raw").exists()
@@ -172,7 +172,7 @@ def test_a_sink_added_later_is_filled_from_the_start_and_the_others_keep_their_s
     assert len(bars) == len(want)
     assert not bars.select(["symbol", "window_start"]).is_duplicated().any()
     assert bars_before.join(bars, on=["symbol", "window_start"], how="anti").is_empty()
-    assert dead.select(["partition", "offset"]).is_duplicated().sum() == 0
+    assert dead.select(["topic", "partition", "offset"]).is_duplicated().sum() == 0
 
 
 def tables_without_raw(data_dir):

@@ -18,7 +18,7 @@ from deltalake import DeltaTable
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from conftest import FLOWGATE, REPO
-from expected import expected_bars, parse_ticks
+from expected import expected_bars, expected_bars_hop, parse_ticks
 from test_kafka_pipeline import make_ticks, produce
 
 RULE = "volume: { not_null: true, min: 0 }"
@@ -45,21 +45,30 @@ def create_topic(broker, partitions=2):
 
 
 def wait_committed(broker, group, ends, proc, log, seconds=90):
-    """Waits until the group's committed Kafka offsets reach `ends` ({partition: count})."""
-    # Asks for the offsets only (no subscribe: the group is not joined).
+    """Waits until the group's committed Kafka offsets reach `ends` ({partition: count}), and the
+    keyed half behind the repartition hop has committed everything the hop wrote."""
+    # Asks for the offsets only (no subscribe: the groups are not joined).
     consumer = Consumer({"bootstrap.servers": broker, "group.id": group, "enable.auto.commit": False})
+    keyed = Consumer({"bootstrap.servers": broker, "group.id": f"{group}-repartition", "enable.auto.commit": False})
     deadline = time.time() + seconds
     try:
         while True:
             asked = [TopicPartition("ticks", p) for p in ends]
             offsets = {tp.partition: tp.offset for tp in consumer.committed(asked, timeout=10)}
             if all(offsets.get(p, -1) >= n for p, n in ends.items()):
-                return
+                topic = keyed.list_topics("stocks-repartition", timeout=10).topics["stocks-repartition"]
+                parts = [TopicPartition("stocks-repartition", p) for p in topic.partitions]
+                done = {tp.partition: tp.offset for tp in keyed.committed(parts, timeout=10)}
+                highs = {p: keyed.get_watermark_offsets(TopicPartition("stocks-repartition", p), timeout=10)[1]
+                         for p in topic.partitions}
+                if all(done.get(p, -1) >= h for p, h in highs.items() if h > 0):
+                    return
             assert proc.poll() is None, log.read_text()[-4000:]
             assert time.time() < deadline, f"offsets {offsets}, want {ends}\n" + log.read_text()[-4000:]
             time.sleep(0.5)
     finally:
         consumer.close()
+        keyed.close()
 
 
 def wait_log(log, pattern, proc, after=0, seconds=60):
@@ -155,15 +164,17 @@ def test_a_changed_rule_is_swapped_in_live_and_the_steps_keep_their_state(broker
                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=300)
     assert again.returncode == 0, log.read_text()[-4000:]
 
-    frames, raw_want, refused_b = [], 0, 0
+    # Behind the repartition hop windows close at the slowest partition's watermark.
+    frames, newest, raw_want, refused_b = [], [], 0, 0
     for p in sorted(set(a) | set(b)):
         old, new = parse_ticks(a.get(p, [])), parse_ticks(b.get(p, []))
         everything = pd.concat([old, new])
         kept = pd.concat([old, new[new["volume"] >= 100]])
         refused_b += int((new["volume"] < 100).sum())
-        frames.append(expected_bars(kept, watermark_delay_ms=5000, newest=everything["ts"].max()))
+        frames.append(kept)
+        newest.append(everything["ts"].max())
         raw_want += len(kept.drop_duplicates(subset=["symbol", "ts"]))
-    want = pd.concat(frames).sort_values(["symbol", "window_start"]).reset_index(drop=True)
+    want = expected_bars(pd.concat(frames), watermark_delay_ms=5000, newest=min(newest))
     got = bars(data)
     assert_bars(got, want)
     # The window open at the swap holds ticks of both phases.
@@ -262,10 +273,7 @@ def test_changes_that_cannot_be_swapped_are_refused_and_the_run_goes_on(broker, 
     text_log = log.read_text()
     assert text_log.count("`state: reset`: the step starts empty") == 2  # one per partition
 
-    frames = []
-    for p in sorted(set(a) | set(b)):
-        frames.append(expected_bars(parse_ticks(a.get(p, []) + b.get(p, [])), watermark_delay_ms=5000))
-    want = pd.concat(frames).sort_values(["symbol", "window_start"]).reset_index(drop=True)
+    want = expected_bars_hop({p: a.get(p, []) + b.get(p, []) for p in set(a) | set(b)}, 5000)
     assert_bars(bars(data), want)
     assert not (data / "bars2").exists()
 

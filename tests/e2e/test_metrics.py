@@ -86,7 +86,8 @@ def test_a_running_pipeline_serves_metrics_that_match_what_it_did(tmp_path):
     assert all(labels.get("pipeline") == "ticks-file" for _, labels, _ in found)
 
     assert total(found, "flowgate_records_in_total") == len(lines)
-    assert {l["partition"] for n, l, _ in found if n == "flowgate_records_in_total"} == {"0", "1", "2"}
+    assert {(l["topic"], l["partition"]) for n, l, _ in found if n == "flowgate_records_in_total"} == \
+        {(f"file:part-{f}.jsonl", "0") for f in range(3)}, "each file its own partition"
     assert total(found, "flowgate_batches_total") >= len(lines) / 200
     undecodable = sum(1 for l in lines if not l.endswith("}"))
     assert undecodable > 0

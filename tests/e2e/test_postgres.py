@@ -74,14 +74,14 @@ def test_a_run_stopped_halfway_and_resumed_leaves_every_table_exact(tmp_path, pg
     assert len(ticks) == len(everything.drop_duplicates(subset=["symbol", "ts"]))
     assert not ticks.duplicated().any()
 
-    dead = query(conn, f'SELECT stage, reason, "partition", "offset" FROM {schema}.dead_letter')
+    dead = query(conn, f'SELECT stage, reason, topic, "partition", "offset" FROM {schema}.dead_letter')
     undecodable = sum(1 for lines in files.values() for l in lines if not l.endswith("}"))
     assert (dead["stage"] == "decode").sum() == undecodable > 0
-    assert not dead[["partition", "offset"]].duplicated().any()
+    assert not dead[["topic", "partition", "offset"]].duplicated().any()
 
     offsets = query(conn, f"SELECT sink, topic, \"partition\", \"offset\" FROM {schema}.flowgate_offsets")
     assert sorted(offsets["sink"].unique()) == ["bars", "dead_letter", "raw"]
-    assert set(offsets["partition"]) == {0, 1, 2}
+    assert set(zip(offsets["topic"], offsets["partition"])) == {(f"file:part-{f}.jsonl", 0) for f in range(3)}
 
 
 def test_a_table_that_does_not_fit_stops_the_run_before_anything_is_read(tmp_path, pg_schema):

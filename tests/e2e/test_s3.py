@@ -12,7 +12,7 @@ from deltalake import DeltaTable
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from conftest import REPO, run_flowgate
-from expected import expected_bars, parse_ticks
+from expected import expected_bars_hop, parse_ticks
 from test_kafka_pipeline import make_ticks, produce
 
 
@@ -20,8 +20,8 @@ def s3_pipeline(tmp_path, data_dir, csv_tap=False):
     """stocks.yaml with every table and the checkpoint store on S3 (and, with `csv_tap`, a CSV
     copy of the raw tap there too)."""
     text = (REPO / "pipelines" / "stocks.yaml").read_text().replace("../target/", f"{REPO}/target/")
-    text = text.replace("${LAKE:-${DATA_DIR:-../data}}/", "s3://flowgate/run/")
-    text = text.replace("${DATA_DIR:-../data}/_checkpoints", "s3://flowgate/run/_checkpoints")
+    text = text.replace("${LAKE:-${DATA_DIR:-../data/stocks}}/", "s3://flowgate/run/")
+    text = text.replace("${CHECKPOINTS:-${DATA_DIR:-../data/stocks}/_checkpoints}", "s3://flowgate/run/_checkpoints")
     assert text.count("s3://flowgate/run/") == 4
     if csv_tap:
         tap = "\ndead_letter:\n"
@@ -82,8 +82,7 @@ def test_the_kafka_pipeline_writes_its_tables_on_s3_exactly_once_across_a_restar
     assert "resuming" in second.stderr, second.stderr
 
     valid = {p: parse_ticks(v) for p, v in by_partition.items()}
-    want = pd.concat([expected_bars(df, watermark_delay_ms=5000) for df in valid.values() if len(df)])
-    want = want.sort_values(["symbol", "window_start"]).reset_index(drop=True)
+    want = expected_bars_hop(by_partition, 5000)
     bars = read(s3, "bars").sort(["symbol", "window_start"]).to_pandas()
     assert len(bars) == len(want) > 10
     assert not bars.duplicated(subset=["symbol", "window_start"]).any(), "a bar was written twice"
@@ -125,7 +124,7 @@ def test_the_kafka_pipeline_writes_its_tables_on_s3_exactly_once_across_a_restar
 
 def test_a_location_s3_cannot_serve_is_a_clear_error(s3, tmp_path):
     text = (REPO / "pipelines" / "ticks-file.yaml").read_text().replace("../target/", f"{REPO}/target/")
-    text = text.replace("${DATA_DIR:-../data}/bars", "s3://no-such-bucket/bars")
+    text = text.replace("${DATA_DIR:-../data/ticks-file}/bars", "s3://no-such-bucket/bars")
     path = tmp_path / "nobucket.yaml"
     path.write_text(text)
     out = run_flowgate("run", path, "--until-idle", "1s",
@@ -170,8 +169,7 @@ def test_two_processes_committing_into_one_s3_table_lose_no_commit(broker, s3, t
     assert all("partition assigned" in out for out in outs), "both members took partitions"
 
     valid = {p: parse_ticks(v) for p, v in by_partition.items()}
-    want = pd.concat([expected_bars(df, watermark_delay_ms=5000) for df in valid.values() if len(df)])
-    want = want.sort_values(["symbol", "window_start"]).reset_index(drop=True)
+    want = expected_bars_hop(by_partition, 5000)
     bars = read(s3, "bars").sort(["symbol", "window_start"]).to_pandas()
     assert not bars.duplicated(subset=["symbol", "window_start"]).any(), "a bar was written twice"
     assert len(bars) == len(want) > 10

@@ -1,7 +1,8 @@
 //! `dedup`: drops rows whose key columns were already seen, within a retention measured in event
-//! time (like Spark's `dropDuplicatesWithinWatermark`). The first row of a key passes; later
-//! rows with the same key are dropped until the watermark passes the first row's event time plus
-//! `retention`, when the key is forgotten.
+//! time (like Spark's `dropDuplicatesWithinWatermark`). The first row of a key passes; a later
+//! row with the same key is dropped while its event time is within `retention` of the first
+//! row's, and the key is forgotten once the watermark passes that first event time plus
+//! `retention`.
 //!
 //! ```yaml
 //! config:
@@ -10,12 +11,18 @@
 //!   retention: 10m
 //! ```
 //!
+//! Each row is judged by event time alone (its own against the remembered key's), never by when
+//! the key is evicted, so how the host batches rows never changes what passes.
+//!
 //! State is compact: a key is kept as its 64-bit xxh3 hash (a false duplicate needs two distinct
-//! keys to collide: about 1 in 3·10⁷ at a million live keys), in sets bucketed by expiry time, so
-//! eviction drops whole buckets.
+//! keys to collide: about 1 in 3·10⁷ at a million live keys) with its expiry, and listed in a
+//! bucket by expiry time, so eviction walks whole buckets. Snapshots (state version 2) store
+//! each key's first event time, the key columns and the event-time column: a changed
+//! `retention` restores correctly (expiries are recomputed), a changed `key` or `event_time` is
+//! refused (those keys mean something else now).
 #![deny(unsafe_code)]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use arrow::array::BooleanArray;
@@ -56,37 +63,62 @@ impl Hasher for IdentityHasher {
     }
 }
 
-type KeySet = HashSet<u64, BuildHasherDefault<IdentityHasher>>;
+type KeyMap = HashMap<u64, i64, BuildHasherDefault<IdentityHasher>>;
 
 /// The `dedup` transform.
 pub struct Dedup {
+    key_names: Vec<String>,
+    event_time_name: String,
     key_columns: Vec<usize>,
     event_time: usize,
     retention: i64,
     bucket_width: i64,
-    /// Expiry bucket (expiry time / bucket width) → key hashes expiring in it.
-    buckets: BTreeMap<i64, KeySet>,
+    /// Key hash → expiry (its first event time plus `retention`).
+    expiry: KeyMap,
+    /// Expiry bucket (expiry / bucket width) → key hashes that expired in it when inserted (a
+    /// key seen again after it expired moves to a later bucket; eviction checks `expiry`).
+    buckets: BTreeMap<i64, Vec<u64>>,
     watermark: i64,
 }
 
+/// Snapshot body, state version 2 (postcard).
 #[derive(Serialize, Deserialize)]
 struct State {
+    key: Vec<String>,
+    event_time: String,
+    watermark: i64,
+    /// Key hash and its first event time.
+    keys: Vec<(u64, i64)>,
+}
+
+/// State version 1: keys in expiry buckets of width `retention / 8`, no config recorded.
+#[derive(Deserialize)]
+struct StateV1 {
     watermark: i64,
     buckets: Vec<(i64, Vec<u64>)>,
 }
 
 /// How many expiry buckets a retention is split into: more buckets evict closer to the exact
-/// time, fewer make each lookup cheaper.
+/// time, fewer make each bucket bigger.
 const BUCKETS_PER_RETENTION: i64 = 8;
 
 impl Dedup {
-    fn seen(&self, hash: u64) -> bool {
-        self.buckets.values().rev().any(|set| set.contains(&hash))
-    }
-
     /// Keys currently remembered.
     pub fn live_keys(&self) -> usize {
-        self.buckets.values().map(HashSet::len).sum()
+        self.expiry.len()
+    }
+
+    /// Remembers `hash` as first seen at `first` (event time, ms).
+    fn remember(&mut self, hash: u64, first: i64) {
+        let expiry = first.saturating_add(self.retention);
+        if expiry < self.watermark {
+            return;
+        }
+        self.expiry.insert(hash, expiry);
+        self.buckets
+            .entry(expiry.div_euclid(self.bucket_width))
+            .or_default()
+            .push(hash);
     }
 }
 
@@ -94,7 +126,8 @@ impl Transform for Dedup {
     type Config = Config;
     const NAME: &'static str = "dedup";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const STATE_VERSION: u32 = 1;
+    /// 2: first event times with the key and event-time columns (1: expiry buckets only).
+    const STATE_VERSION: u32 = 2;
 
     fn create(config: Config, input: &SchemaRef) -> Result<(Self, SchemaRef)> {
         if config.key.is_empty() {
@@ -127,10 +160,13 @@ impl Transform for Dedup {
             return Err(Error::config("retention", "must be greater than zero"));
         }
         let dedup = Dedup {
+            key_names: config.key,
+            event_time_name: config.event_time,
             key_columns,
             event_time,
             retention,
             bucket_width: (retention / BUCKETS_PER_RETENTION).max(1),
+            expiry: KeyMap::default(),
             buckets: BTreeMap::new(),
             watermark: i64::MIN,
         };
@@ -152,15 +188,17 @@ impl Transform for Dedup {
                 output.reject(row, "event time is null");
                 continue;
             }
-            if self.seen(hash) {
-                keep.push(false);
-                continue;
-            }
-            keep.push(true);
-            let expiry = times.value(row).saturating_add(self.retention);
-            if expiry >= self.watermark {
-                let bucket = expiry.div_euclid(self.bucket_width);
-                self.buckets.entry(bucket).or_default().insert(hash);
+            let t = times.value(row);
+            // A duplicate is judged by event time: within `retention` of the key's first row
+            // (and the key not forgotten by the watermark). Never by whether an eviction ran
+            // since, so batching changes nothing.
+            let duplicate = self
+                .expiry
+                .get(&hash)
+                .is_some_and(|&e| e >= t && e >= self.watermark);
+            keep.push(!duplicate);
+            if !duplicate {
+                self.remember(hash, t);
             }
         }
         if keep.iter().all(|k| *k) {
@@ -173,39 +211,77 @@ impl Transform for Dedup {
 
     fn on_watermark(&mut self, ts_ms: i64) -> Result<Output> {
         self.watermark = self.watermark.max(ts_ms);
-        // A bucket holds expiries in [b·w, (b+1)·w): all expired once (b+1)·w ≤ watermark.
+        // A bucket holds expiries in [b·w, (b+1)·w): all passed once (b+1)·w ≤ watermark. A key
+        // seen again since has a later expiry (and a later bucket): it stays.
         let first_live = self.watermark.div_euclid(self.bucket_width);
-        self.buckets = self.buckets.split_off(&first_live);
+        let live = self.buckets.split_off(&first_live);
+        let passed = std::mem::replace(&mut self.buckets, live);
+        let end = first_live.saturating_mul(self.bucket_width);
+        for hash in passed.into_values().flatten() {
+            if self.expiry.get(&hash).is_some_and(|&e| e < end) {
+                self.expiry.remove(&hash);
+            }
+        }
         Ok(Output::empty())
     }
 
     fn snapshot(&self) -> Result<Vec<u8>> {
         let state = State {
+            key: self.key_names.clone(),
+            event_time: self.event_time_name.clone(),
             watermark: self.watermark,
-            buckets: self
-                .buckets
+            keys: self
+                .expiry
                 .iter()
-                .map(|(b, set)| (*b, set.iter().copied().collect()))
+                .map(|(&h, &e)| (h, e.saturating_sub(self.retention)))
                 .collect(),
         };
         postcard::to_allocvec(&state).map_err(|e| Error::internal(format!("encoding state: {e}")))
     }
 
     fn restore(&mut self, version: u32, state: &[u8]) -> Result<()> {
-        if version != Self::STATE_VERSION {
-            return Err(Error::bad_input(format!(
-                "dedup reads state version {}, got {version}",
-                Self::STATE_VERSION
-            )));
+        let (watermark, keys) = match version {
+            2 => {
+                let state: State = postcard::from_bytes(state)
+                    .map_err(|e| Error::bad_input(format!("dedup state is corrupt: {e}")))?;
+                if state.key != self.key_names || state.event_time != self.event_time_name {
+                    return Err(Error::bad_input(format!(
+                        "dedup state was written for key {:?} with event time `{}`; this step has key {:?} with event time `{}`: the keys it remembers mean something else now (add `state: reset` to start the step empty)",
+                        state.key, state.event_time, self.key_names, self.event_time_name
+                    )));
+                }
+                (state.watermark, state.keys)
+            }
+            // Version 1 kept only expiry buckets of `retention / 8`, and not the retention:
+            // read as written with this step's retention (the end of a bucket as the expiry).
+            1 => {
+                let state: StateV1 = postcard::from_bytes(state)
+                    .map_err(|e| Error::bad_input(format!("dedup state is corrupt: {e}")))?;
+                let keys = state
+                    .buckets
+                    .into_iter()
+                    .flat_map(|(b, hashes)| {
+                        let first = (b + 1)
+                            .saturating_mul(self.bucket_width)
+                            .saturating_sub(1)
+                            .saturating_sub(self.retention);
+                        hashes.into_iter().map(move |h| (h, first))
+                    })
+                    .collect();
+                (state.watermark, keys)
+            }
+            other => {
+                return Err(Error::bad_input(format!(
+                    "dedup reads state versions 1 and 2, got {other}"
+                )));
+            }
+        };
+        self.watermark = watermark;
+        self.expiry.clear();
+        self.buckets.clear();
+        for (hash, first) in keys {
+            self.remember(hash, first);
         }
-        let state: State = postcard::from_bytes(state)
-            .map_err(|e| Error::bad_input(format!("dedup state is corrupt: {e}")))?;
-        self.watermark = state.watermark;
-        self.buckets = state
-            .buckets
-            .into_iter()
-            .map(|(b, keys)| (b, keys.into_iter().collect()))
-            .collect();
         Ok(())
     }
 }

@@ -187,3 +187,138 @@ fn keys_saved_from_a_millisecond_column_match_a_microsecond_one() {
         .expect("process");
     assert_eq!(symbols_out(&out), [r#""A" "2025-11-12T14:38:30.294001Z""#]);
 }
+
+fn ids() -> SchemaRef {
+    flowgate_sdk::testing::schema(&[("id", "utf8", true), ("ts", "timestamp", true)])
+}
+
+fn tick(id: &str, minute: i64, second: i64) -> String {
+    format!(r#"{{"id":"{id}","ts":"2025-11-12T14:{minute:02}:{second:02}Z"}}"#)
+}
+
+fn ids_out(out: &Output) -> Vec<String> {
+    flowgate_sdk::testing::rows(&out.batches)
+        .iter()
+        .map(|r| format!("{} {}", r["id"].as_str().unwrap_or("?"), r["ts"]))
+        .collect()
+}
+
+#[test]
+fn what_passes_does_not_depend_on_how_rows_are_batched() {
+    // Key [id], retention 10m, watermark delay 0: A at 00:00, B at 00:20, A again at 00:21,
+    // 21 minutes after the first A: a new row, whether the three come in one batch or one by one
+    // (the host hands the watermark after each batch).
+    let config = r#"{"key":["id"],"event_time":"ts","retention":"10m"}"#;
+    let rows = [tick("A", 0, 0), tick("B", 20, 0), tick("A", 21, 0)];
+    let (mut together, _) = flowgate_sdk::create::<Dedup>(config, &ids()).expect("create");
+    let one =
+        flowgate_sdk::testing::batch(&ids(), &rows.iter().map(String::as_str).collect::<Vec<_>>());
+    let all = ids_out(&together.process(one).expect("process"));
+    let (mut apart, _) = flowgate_sdk::create::<Dedup>(config, &ids()).expect("create");
+    let mut each = Vec::new();
+    for row in &rows {
+        let out = apart
+            .process(flowgate_sdk::testing::batch(&ids(), &[row.as_str()]))
+            .expect("process");
+        each.extend(ids_out(&out));
+        let t: serde_json::Value = serde_json::from_str(row).expect("json");
+        let ms = chrono_ms(t["ts"].as_str().expect("ts"));
+        apart.on_watermark(ms).expect("watermark");
+    }
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert_eq!(all, each);
+}
+
+/// Epoch ms of `2025-11-12THH:MM:SSZ`.
+fn chrono_ms(text: &str) -> i64 {
+    let part = |range: std::ops::Range<usize>| -> i64 { text[range].parse().expect("number") };
+    1_762_905_600_000 + ((part(11..13) * 60 + part(14..16)) * 60 + part(17..19)) * 1000
+}
+
+/// A step with `retention`, restored from `state` (taken from another step), processing `rows`.
+fn restored(config: &str, state: &[u8], rows: &[String]) -> Result<Vec<String>> {
+    let (mut step, _) = flowgate_sdk::create::<Dedup>(config, &ids()).expect("create");
+    step.restore(state)?;
+    let out = step.process(flowgate_sdk::testing::batch(
+        &ids(),
+        &rows.iter().map(String::as_str).collect::<Vec<_>>(),
+    ))?;
+    Ok(ids_out(&out))
+}
+
+#[test]
+fn a_changed_retention_restores_the_keys_with_their_own_event_times() {
+    let ten = r#"{"key":["id"],"event_time":"ts","retention":"10m"}"#;
+    let (mut first, _) = flowgate_sdk::create::<Dedup>(ten, &ids()).expect("create");
+    first
+        .process(flowgate_sdk::testing::batch(
+            &ids(),
+            &[&tick("A", 0, 0), &tick("B", 5, 0)],
+        ))
+        .expect("process");
+    first
+        .on_watermark(chrono_ms("2025-11-12T14:05:00Z"))
+        .expect("watermark");
+    let state = first.snapshot().expect("snapshot");
+    // Shorter: 10m → 5m. A copy of B (first seen 14:05) at 14:09 is still within 5m: dropped;
+    // A (first seen 14:00) at 14:06 is past 5m: a new row.
+    let five = r#"{"key":["id"],"event_time":"ts","retention":"5m"}"#;
+    let out = restored(five, &state, &[tick("B", 9, 0), tick("A", 6, 0)]).expect("restore");
+    assert_eq!(out, [r#"A "2025-11-12T14:06:00Z""#]);
+    // Longer: 10m → 11m. A copy of A at 14:10:30 is within 11m of 14:00: dropped.
+    let eleven = r#"{"key":["id"],"event_time":"ts","retention":"11m"}"#;
+    let out = restored(eleven, &state, &[tick("A", 10, 30)]).expect("restore");
+    assert!(out.is_empty(), "{out:?}");
+    // And the keys are forgotten when the watermark passes first + 11m, not kept forever.
+    let (mut longer, _) =
+        <Dedup as Transform>::create(flowgate_sdk::config::parse(eleven).expect("cfg"), &ids())
+            .expect("create");
+    // The framed snapshot: 8 header bytes (magic, state version), then the body.
+    Transform::restore(&mut longer, 2, &state[8..]).expect("restore");
+    assert_eq!(longer.live_keys(), 2);
+    Transform::on_watermark(&mut longer, chrono_ms("2025-11-12T14:30:00Z")).expect("watermark");
+    assert_eq!(longer.live_keys(), 0);
+}
+
+#[test]
+fn state_of_another_key_or_event_time_is_refused() {
+    let (mut first, _) = flowgate_sdk::create::<Dedup>(
+        r#"{"key":["id"],"event_time":"ts","retention":"10m"}"#,
+        &ids(),
+    )
+    .expect("create");
+    first
+        .process(flowgate_sdk::testing::batch(&ids(), &[&tick("A", 0, 0)]))
+        .expect("process");
+    let state = first.snapshot().expect("snapshot");
+    let other = r#"{"key":["id","ts"],"event_time":"ts","retention":"10m"}"#;
+    let refused = restored(other, &state, &[])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        refused.contains("dedup state was written for key [\"id\"]"),
+        "{refused}"
+    );
+    assert!(refused.contains("state: reset"), "{refused}");
+}
+
+#[test]
+fn state_version_1_is_read_with_the_steps_retention() {
+    // Version 1: watermark, then (bucket, hashes) with buckets of retention / 8.
+    let config = r#"{"key":["id"],"event_time":"ts","retention":"8m"}"#;
+    let (mut probe, _) =
+        <Dedup as Transform>::create(flowgate_sdk::config::parse(config).expect("cfg"), &ids())
+            .expect("create");
+    probe
+        .process(flowgate_sdk::testing::batch(&ids(), &[&tick("A", 0, 0)]))
+        .expect("process");
+    let hash = probe.expiry.keys().copied().next().expect("a key");
+    let first = chrono_ms("2025-11-12T14:00:00Z");
+    let bucket = (first + 480_000) / 60_000;
+    let mut v1 = b"FGS1".to_vec();
+    v1.extend(1u32.to_le_bytes());
+    v1.extend(postcard::to_allocvec(&(i64::MIN, vec![(bucket, vec![hash])])).expect("encode"));
+    let out = restored(config, &v1, &[tick("A", 7, 0), tick("A", 9, 30)]).expect("restore v1");
+    assert_eq!(out, [r#"A "2025-11-12T14:09:30Z""#]);
+}

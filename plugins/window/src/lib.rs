@@ -22,8 +22,10 @@
 //! arrival order); windows and watermarks are in milliseconds. Aggregates skip nulls; `count: "*"`
 //! counts rows.
 //!
-//! Snapshots (state version 2) store group keys as [`flowgate_sdk::keys::KeyValue`]s, not as the
-//! `arrow::row` bytes kept in memory, whose encoding arrow-rs does not promise to keep.
+//! Snapshots (state version 3) store group keys as [`flowgate_sdk::keys::KeyValue`]s, not as the
+//! `arrow::row` bytes kept in memory, whose encoding arrow-rs does not promise to keep, and the
+//! definition the windows were opened under (event time, size, slide, groups, aggregates): a
+//! step configured otherwise refuses that state, since its open windows would come out wrong.
 #![deny(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -129,6 +131,8 @@ pub struct Window {
     /// Window start → group key (row format) → accumulators.
     windows: BTreeMap<i64, Groups>,
     watermark: Option<i64>,
+    /// The config the windows are opened under, as snapshots record it.
+    definition: String,
 }
 
 /// One window in a snapshot: its start, and each group's key (one value per `group_by` column)
@@ -138,11 +142,48 @@ type SavedWindow = (i64, Vec<(Vec<KeyValue>, Vec<Acc>)>);
 /// A window's groups by reference: key (row bytes) and accumulators.
 type GroupRefs<'a> = Vec<(&'a [u8], &'a Vec<Acc>)>;
 
-/// Snapshot body, state version 2 (postcard). Version 1 held `arrow::row` bytes as keys.
+/// Snapshot body, state version 3 (postcard). Version 2 lacked `definition`; version 1 held
+/// `arrow::row` bytes as keys.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct State {
+    definition: String,
     watermark: Option<i64>,
     windows: Vec<SavedWindow>,
+}
+
+/// State version 2: no definition recorded.
+#[derive(Deserialize)]
+struct StateV2 {
+    watermark: Option<i64>,
+    windows: Vec<SavedWindow>,
+}
+
+/// The config windows are opened under, in one line (`event_time: ts, size: 1m, …`).
+fn definition(config: &Config) -> String {
+    let aggregates: Vec<String> = config
+        .aggregates
+        .iter()
+        .map(|(name, a)| {
+            let (func, column) = match a {
+                Aggregate::First(c) => ("first", c),
+                Aggregate::Last(c) => ("last", c),
+                Aggregate::Min(c) => ("min", c),
+                Aggregate::Max(c) => ("max", c),
+                Aggregate::Avg(c) => ("avg", c),
+                Aggregate::Sum(c) => ("sum", c),
+                Aggregate::Count(c) => ("count", c),
+            };
+            format!("{name}: {{{func}: {column}}}")
+        })
+        .collect();
+    format!(
+        "event_time: {}, size: {}, slide: {}, group_by: [{}], aggregates: {{{}}}",
+        config.event_time,
+        config.size,
+        config.slide.unwrap_or(config.size),
+        config.group_by.join(", "),
+        aggregates.join(", ")
+    )
 }
 
 fn utc_millis() -> DataType {
@@ -275,10 +316,11 @@ impl Transform for Window {
     type Config = Config;
     const NAME: &'static str = "window";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    /// 2: keys as [`KeyValue`]s (1 held `arrow::row` bytes).
-    const STATE_VERSION: u32 = 2;
+    /// 3: with the definition (2: keys as [`KeyValue`]s; 1 held `arrow::row` bytes).
+    const STATE_VERSION: u32 = 3;
 
     fn create(config: Config, input: &SchemaRef) -> Result<(Self, SchemaRef)> {
+        let defined = definition(&config);
         let event_time = column_index(input, &config.event_time, "event_time")?;
         let et_type = input.field(event_time).data_type();
         if !is_event_time_type(et_type) {
@@ -402,6 +444,7 @@ impl Transform for Window {
             output: output.clone(),
             windows: BTreeMap::new(),
             watermark: None,
+            definition: defined,
         };
         Ok((window, output))
     }
@@ -520,20 +563,38 @@ impl Transform for Window {
     }
 
     fn restore(&mut self, version: u32, state: &[u8]) -> Result<()> {
-        if version != Self::STATE_VERSION {
-            let by = if version < Self::STATE_VERSION {
-                "an older"
-            } else {
-                "a newer"
-            };
+        let corrupt =
+            |e: postcard::Error| Error::bad_input(format!("window state is corrupt: {e}"));
+        let state = match version {
+            3 => postcard::from_bytes::<State>(state).map_err(corrupt)?,
+            // Written before the definition was recorded: read as this step's (the aggregates
+            // are still checked against what the state holds).
+            2 => {
+                let old: StateV2 = postcard::from_bytes(state).map_err(corrupt)?;
+                State {
+                    definition: self.definition.clone(),
+                    watermark: old.watermark,
+                    windows: old.windows,
+                }
+            }
+            _ => {
+                let by = if version < Self::STATE_VERSION {
+                    "an older"
+                } else {
+                    "a newer"
+                };
+                return Err(Error::bad_input(format!(
+                    "window state version {version} was written by {by} plugin version; this one \
+                     reads state versions 2 and 3 (add `state: reset` to start the step empty)"
+                )));
+            }
+        };
+        if state.definition != self.definition {
             return Err(Error::bad_input(format!(
-                "window state version {version} was written by {by} plugin version; this one \
-                 reads state version {} (restart the step without its state)",
-                Self::STATE_VERSION
+                "window state was written for `{}`; this step is configured `{}`: its open windows cannot be carried over (add `state: reset` to start the step empty)",
+                state.definition, self.definition
             )));
         }
-        let state: State = postcard::from_bytes(state)
-            .map_err(|e| Error::bad_input(format!("window state is corrupt: {e}")))?;
         self.set_state(state)
     }
 }
@@ -576,6 +637,7 @@ impl Window {
             })
             .collect();
         Ok(State {
+            definition: self.definition.clone(),
             watermark: self.watermark,
             windows,
         })

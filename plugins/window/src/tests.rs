@@ -289,6 +289,52 @@ const GOLDEN_V2: &str = concat!(
     "80808080808080908001000002",
 );
 
+/// The same state as version 3 (with the definition).
+const GOLDEN_V3: &str = concat!(
+    "4647533103000000a1016576656e745f74696d653a2074732c2073697a653a20316d2c20736c6964",
+    "653a20316d2c2067726f75705f62793a205b73796d626f6c2c206e2c2061745d2c20616767726567",
+    "617465733a207b6e5f726f77733a207b636f756e743a202a7d2c206f70656e3a207b66697273743a",
+    "2070726963657d2c20636c6f73653a207b6c6173743a2070726963657d2c20746f74616c3a207b73",
+    "756d3a2070726963657d7d000280eced85cf660303000000040000000280808080808080888001f0",
+    "9aee85cf66000280808080808080888001f09aee85cf660002808080808080808880010000020305",
+    "014102020682a09fbddad8a10602040000000480808080808080948001d0fbed85cf66e807048080",
+    "8080808080f07fd0fbed85cf66d00f04808080808080809880010000040305014202040680a09fbd",
+    "dad8a10602040000000280808080808080808001a08bee85cf66000280808080808080808001a08b",
+    "ee85cf66000280808080808080808001000002c095f585cf660103050141020d0680a09fbddad8a1",
+    "060204000000028080808080808090800180d4f585cf6600028080808080808090800180d4f585cf",
+    "66000280808080808080908001000002",
+);
+
+#[test]
+fn state_opened_under_another_definition_is_refused() {
+    let (mut w, _) = flowgate_sdk::create::<Window>(BARS, &keyed_ticks()).expect("create");
+    w.process(batch(
+        &keyed_ticks(),
+        &[r#"{"symbol":"A","price":1.0,"volume":1,"ts":"2025-11-12T14:00:01Z"}"#],
+    ))
+    .expect("process");
+    let state = w.snapshot().expect("snapshot");
+    for (from, to) in [
+        ("\"size\":\"1m\"", "\"size\":\"5m\""),
+        ("\"max\":\"price\"", "\"max\":\"volume\""),
+    ] {
+        assert!(BARS.contains(from), "{from}");
+        let changed = BARS.replace(from, to);
+        let (mut other, _) =
+            flowgate_sdk::create::<Window>(&changed, &keyed_ticks()).expect("create");
+        let err = other.restore(&state).expect_err("refused");
+        assert!(matches!(err, Error::BadInput(_)), "{err}");
+        assert!(
+            err.message()
+                .contains("window state was written for `event_time: ts, size: 1m")
+                && err.message().contains("state: reset"),
+            "{err}"
+        );
+    }
+    let (mut same, _) = flowgate_sdk::create::<Window>(BARS, &keyed_ticks()).expect("create");
+    same.restore(&state).expect("the same definition restores");
+}
+
 #[test]
 fn golden_snapshot_still_decodes() {
     use flowgate_sdk::testing::{hex, unhex};
@@ -297,7 +343,7 @@ fn golden_snapshot_still_decodes() {
     let (mut w, _) = flowgate_sdk::create::<Window>(&config, &schema).expect("create");
     w.process(batch(&schema, BEFORE)).expect("process");
     let state = w.snapshot().expect("snapshot");
-    assert_eq!(hex(&state), GOLDEN_V2, "the snapshot layout changed");
+    assert_eq!(hex(&state), GOLDEN_V3, "the snapshot layout changed");
 
     let (mut restored, _) = flowgate_sdk::create::<Window>(&config, &schema).expect("create");
     restored.restore(&unhex(GOLDEN_V2)).expect("restore");
@@ -326,7 +372,7 @@ fn state_of_an_older_version_is_refused_by_name() {
     assert!(
         err.message()
             .contains("version 1 was written by an older plugin version")
-            && err.message().contains("reads state version 2"),
+            && err.message().contains("reads state versions 2 and 3"),
         "{err}"
     );
 }

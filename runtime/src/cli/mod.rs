@@ -250,6 +250,24 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "  {name}: {}",
                     flowgate_sdk::columns::describe_schema(schema)
                 );
+                if i == 0
+                    && let Some(hop) = &pipeline.spec.repartition
+                {
+                    println!(
+                        "  repartition: late records dead-lettered against their own partition's watermark; the rest keyed by [{}] into topic `{}` ({} partitions); the steps below read it as group `{}`",
+                        hop.by.join(", "),
+                        hop.topic_of(&pipeline.spec.name),
+                        hop.partitions
+                            .map_or("as many as the source topic's".to_string(), |n| n
+                                .to_string()),
+                        pipeline
+                            .spec
+                            .source
+                            .kafka
+                            .as_ref()
+                            .map_or(String::new(), |k| format!("{}-repartition", k.group))
+                    );
+                }
             }
             // Each sink's table as it is now: a misfit is reported here, not at the first run.
             let rt = Arc::new(

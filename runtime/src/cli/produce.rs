@@ -45,6 +45,10 @@ pub struct ProduceArgs {
     /// Stop after this long (e.g. `30s`).
     #[arg(long, value_parser = super::parse_duration)]
     duration: Option<Duration>,
+    /// Send records without a Kafka key, as most producers do (the default keys by symbol):
+    /// the partitioner spreads a symbol's ticks over every partition.
+    #[arg(long)]
+    keyless: bool,
     /// Share of records sent twice (0–1).
     #[arg(long, default_value_t = 0.0)]
     duplicates: f64,
@@ -234,7 +238,10 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
                     writeln!(file, "{payload}").context("writing the output file")?;
                 }
                 Out::Kafka(producer) => {
-                    let mut record = BaseRecord::to(&args.topic).key(&key).payload(&payload);
+                    let mut record = BaseRecord::to(&args.topic).payload(&payload);
+                    if !args.keyless {
+                        record = record.key(&key);
+                    }
                     loop {
                         match producer.send(record) {
                             Ok(()) => break,

@@ -40,6 +40,9 @@ pub struct PipelineSpec {
     /// Batch bounds.
     #[serde(default)]
     pub batch: BatchSpec,
+    /// Repartition through Kafka before the steps: every record of a key meets in one task,
+    /// whatever the producer's partitioning (see [`RepartitionSpec`]).
+    pub repartition: Option<RepartitionSpec>,
     /// Transform steps, in order.
     #[serde(default)]
     pub transforms: Vec<TransformSpec>,
@@ -55,6 +58,37 @@ pub struct PipelineSpec {
     pub workers: Option<usize>,
     /// The Prometheus endpoint, if any.
     pub metrics: Option<MetricsSpec>,
+}
+
+/// The repartition hop: records are decoded, judged late against their own source
+/// partition's watermark, and written keyed by `by` to an internal topic, whose partitions the
+/// steps run on (Kafka Streams' repartition topic: Kafka is the shuffle).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepartitionSpec {
+    /// The columns whose rows must meet in one task (`[symbol]`).
+    pub by: Vec<String>,
+    /// The internal topic's partitions (default: the source topic's count).
+    pub partitions: Option<i32>,
+    /// The internal topic (default `{name}-repartition`).
+    pub topic: Option<String>,
+    /// How long the internal topic keeps records (default 7d): a keyed side stopped for longer
+    /// than this loses what it had not read.
+    #[serde(default = "seven_days")]
+    pub retention: Duration,
+}
+
+fn seven_days() -> Duration {
+    Duration::from_millis(7 * 24 * 3600 * 1000)
+}
+
+impl RepartitionSpec {
+    /// The internal topic of pipeline `name`.
+    pub fn topic_of(&self, name: &str) -> String {
+        self.topic
+            .clone()
+            .unwrap_or_else(|| format!("{name}-repartition"))
+    }
 }
 
 /// Where live metrics are served.
@@ -135,6 +169,22 @@ pub struct KafkaSpec {
     /// How long a run waits at start for the brokers to answer before it gives up (exit 1).
     #[serde(default = "thirty_seconds")]
     pub connect_timeout: Duration,
+    /// Records without a Kafka key on a topic of several partitions stop a pipeline with no
+    /// `repartition` (its keyed steps would see a key's records split over partitions);
+    /// `allow` says no step keeps state per key.
+    #[serde(default)]
+    pub keyless: Keyless,
+}
+
+/// What a pipeline without `repartition` does with records that have no Kafka key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Keyless {
+    /// Stop with an error that says to add `repartition`.
+    #[default]
+    Refuse,
+    /// Take them (no step keeps state per key).
+    Allow,
 }
 
 /// Bootstrap servers.
@@ -197,6 +247,9 @@ pub struct GeneratorSpec {
     /// How much faster than the wall clock event time runs (60: a minute of ticks per second).
     #[serde(default = "one")]
     pub speedup: f64,
+    /// Stop after this many ticks (absent: never); the pipeline then idles, waiting for more.
+    #[serde(default)]
+    pub count: Option<u64>,
 }
 
 fn one() -> f64 {
@@ -672,6 +725,47 @@ impl Pipeline {
         }
         if s.schema.is_empty() {
             problem("schema:", "`schema` declares no fields".into());
+        }
+        if let Some(r) = &s.repartition {
+            if s.sinks.iter().any(|(n, _)| n == "repartition") {
+                problem_at(
+                    "sinks.repartition",
+                    "`sinks.repartition`: the name is the repartition hop's own (its stage in the dead letter, its metrics): name the sink otherwise".into(),
+                );
+            }
+            if r.by.is_empty() {
+                problem_at(
+                    "repartition.by",
+                    "`repartition.by`: name at least one column".into(),
+                );
+            }
+            for (i, col) in r.by.iter().enumerate() {
+                if !s.schema.iter().any(|(n, _)| n == col) {
+                    problem_at(
+                        &format!("repartition.by[{i}]"),
+                        format!("`repartition.by[{i}]`: `{col}` is not a field of `schema`"),
+                    );
+                }
+            }
+            if r.partitions.is_some_and(|p| p < 1) {
+                problem_at(
+                    "repartition.partitions",
+                    "`repartition.partitions` must be at least 1".into(),
+                );
+            }
+            if !matches!(s.source.kind(), Some(SourceKind::Kafka(..))) {
+                problem(
+                    "repartition:",
+                    "`repartition` needs a `kafka` source: the hop goes through the same brokers"
+                        .into(),
+                );
+            }
+            if s.event_time.is_none() {
+                problem(
+                    "repartition:",
+                    "`repartition` needs `event_time`: each source partition's watermark travels through the hop".into(),
+                );
+            }
         }
         if s.workers == Some(0) {
             problem("workers:", "`workers` must be at least 1".into());

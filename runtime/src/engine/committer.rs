@@ -67,13 +67,53 @@ pub(crate) struct CommitterReport {
     pub latency_to_commit: Histogram,
 }
 
+/// A test hook (`FLOWGATE_TEST_ABORT_AFTER_COMMIT=SINK:watermark|offset`): the process aborts
+/// right after sink `SINK` commits an epoch in which a partition moved by its watermark alone
+/// (same offset, newer checkpoint), or by its offset. The end-to-end tests use it to kill the
+/// process between two sinks' commits at exactly the moment a crash test wants.
+#[derive(Debug, Clone)]
+struct AbortAfter {
+    sink: String,
+    by_offset: bool,
+}
+
+impl AbortAfter {
+    fn from_env() -> Option<Self> {
+        let text = std::env::var("FLOWGATE_TEST_ABORT_AFTER_COMMIT").ok()?;
+        let (sink, when) = text.split_once(':')?;
+        Some(AbortAfter {
+            sink: sink.to_string(),
+            by_offset: when == "offset",
+        })
+    }
+
+    /// Aborts if `positions`, committed by `sink` over `held`, is the commit asked for.
+    fn check(&self, sink: &str, positions: &Positions, held: &HashMap<PartitionKey, Position>) {
+        let hit = sink == self.sink
+            && positions.iter().any(|((t, p), at)| {
+                held.get(&(Arc::from(t.as_str()), *p))
+                    .is_some_and(|h| (h.offset != at.offset) == self.by_offset)
+            });
+        if hit {
+            tracing::error!(
+                "test hook: aborting right after sink `{sink}` committed (FLOWGATE_TEST_ABORT_AFTER_COMMIT)"
+            );
+            std::process::abort();
+        }
+    }
+}
+
 pub(crate) struct Committer {
+    abort_after: Option<AbortAfter>,
     sinks: Vec<Box<dyn Sink>>,
     store: Arc<dyn StateStore>,
     workers: usize,
     reset_state: bool,
     /// Per sink: the position it holds per partition.
     held: Vec<HashMap<PartitionKey, Position>>,
+    /// Per partition still replaying for sinks that hold more: the oldest epoch of its stops,
+    /// kept from pruning until every sink holds the last stop's offset.
+    stops: HashMap<PartitionKey, (u64, i64)>,
     /// The lowest epoch not committed yet: its batches go into the sinks as they come.
     open: u64,
     later: BTreeMap<u64, Vec<(usize, RecordBatch)>>,
@@ -101,7 +141,9 @@ impl Committer {
             ..Default::default()
         };
         Committer {
+            abort_after: AbortAfter::from_env(),
             held: vec![HashMap::new(); n],
+            stops: HashMap::new(),
             sinks,
             store,
             workers,
@@ -202,16 +244,18 @@ impl Committer {
                 if let Some(h) = self.held[index].get(&cp.key)
                     && (h.offset > position.offset || h.epoch >= position.epoch)
                 {
-                    return Err(RunError::Internal(format!(
-                        "sink `{}`: partition `{}/{}` is held at offset {} (epoch {}), past this process's offset {} (epoch {}): another process owns it; stopping without committing",
-                        sink.name(),
-                        cp.key.0,
-                        cp.key.1,
-                        h.offset,
-                        h.epoch,
-                        position.offset,
-                        position.epoch
-                    )));
+                    return Err(RunError::Overtaken {
+                        sink: sink.name().to_string(),
+                        partition: format!("{}/{}", cp.key.0, cp.key.1),
+                        held: h.offset,
+                        held_epoch: h.epoch,
+                        recorded: sink
+                            .provenance(&cp.key.0, cp.key.1)
+                            .map(|p| format!(", recorded by {p}"))
+                            .unwrap_or_default(),
+                        offset: position.offset,
+                        epoch: position.epoch,
+                    });
                 }
                 positions.insert((cp.key.0.to_string(), cp.key.1), position);
             }
@@ -230,6 +274,11 @@ impl Committer {
                 self.metrics.committed(sink.name());
             }
             committed_any |= wrote;
+            if let Some(hook) = &self.abort_after
+                && wrote
+            {
+                hook.check(sink.name(), &positions, &self.held[index]);
+            }
             for ((topic, partition), position) in positions {
                 self.held[index].insert((topic.as_str().into(), partition), position);
             }
@@ -245,11 +294,20 @@ impl Committer {
                 .filter_map(|(i, _)| self.held[i].get(&cp.key).copied())
                 .collect();
             // Keep every epoch a sink still points at (during a replay the lowest offset may
-            // carry the newest epoch).
-            if let (Some(epoch), Some(offset)) = (
+            // carry the newest epoch), and the stops a replay still has to pass: a sink that
+            // holds more went there through checkpoints older than the epochs the replay
+            // commits meanwhile, and another crash would need them again.
+            if let (Some(mut epoch), Some(offset)) = (
                 held.iter().map(|p| p.epoch).min(),
                 held.iter().map(|p| p.offset).min(),
             ) {
+                if let Some(&(oldest, until)) = self.stops.get(&cp.key) {
+                    if offset >= until {
+                        self.stops.remove(&cp.key);
+                    } else {
+                        epoch = epoch.min(oldest);
+                    }
+                }
                 self.store.prune(&cp.key.0, cp.key.1, epoch)?;
                 offsets.insert((cp.key.0.to_string(), cp.key.1), offset);
             }
@@ -296,46 +354,33 @@ impl Committer {
             .unwrap_or(0);
         let durable: Vec<usize> = (0..n).filter(|&i| self.sinks[i].durable()).collect();
         if ephemeral || positions.iter().all(Option::is_none) {
-            if ephemeral {
-                tracing::info!(topic = %key.0, partition = key.1, "the embedded broker starts empty: this partition starts fresh, whatever the tables hold");
-            }
             return Ok(Resume {
                 start: -1,
                 epoch,
+                base: None,
                 state: None,
                 joined: vec![true; n],
                 targets: Vec::new(),
                 held: false,
             });
         }
+        // The hop holds nothing of a partition other sinks hold: they were written without
+        // `repartition` (or its position files are gone), and the steps' tables behind it would
+        // get every record again.
+        if let Some(hop) = (0..n).find(|&i| self.sinks[i].name() == super::hop::HOP)
+            && positions[hop].is_none()
+            && let Some((other, held)) =
+                (0..n).find_map(|i| positions[i].map(|p| (self.sinks[i].name(), p)))
+        {
+            return Err(RunError::Config(format!(
+                "partition `{}/{}`: sink `{other}` holds it up to offset {}, but the repartition hop holds nothing of it: the tables were written without `repartition` (or the hop's position files in the checkpoint store are gone), and the tables behind the hop would get every record again. Give the sinks new table paths (and a new checkpoint folder) to start them with the hop, or remove `repartition`",
+                key.0, key.1, held.offset
+            )));
+        }
         // A durable sink that holds nothing starts the replay from the beginning.
         let lowest = durable.iter().map(|&i| positions[i]).min().flatten();
-        let load = |p: Position,
-                    this: &Self|
-         -> Result<Option<crate::checkpoint::PartitionState>, RunError> {
-            let loaded = match this.store.load(&key.0, key.1, p.epoch) {
-                Err(e) if this.reset_state => {
-                    tracing::warn!(topic = %key.0, partition = key.1, "{e}");
-                    None
-                }
-                other => other?,
-            };
-            match loaded {
-                Some(s) => Ok(Some(s)),
-                None if this.reset_state => {
-                    tracing::warn!(topic = %key.0, partition = key.1, offset = p.offset, epoch = p.epoch, "no plugin state stored for this position: steps start empty (--reset-state)");
-                    Ok(None)
-                }
-                None => Err(RunError::StateMissing {
-                    topic: key.0.to_string(),
-                    partition: key.1,
-                    offset: p.offset,
-                    epoch: p.epoch,
-                }),
-            }
-        };
         let (start, state) = match lowest {
-            Some(p) => (p.offset, load(p, self)?),
+            Some(p) => (p.offset, self.load_for(key, p)?),
             None => (-1, None),
         };
         let mut joined = vec![false; n];
@@ -346,27 +391,115 @@ impl Committer {
                 _ => joined[i] = true,
             }
         }
-        let mut targets = Vec::new();
+        // Every checkpoint between the start and a sink ahead is a stop of the replay: the
+        // first run handed the chain that checkpoint's watermark at that offset (an idle
+        // partition following the others', say), so the replay hands it there too, and late
+        // records are judged as they were.
+        let floor = lowest.map(|p| p.epoch);
+        let mut stops: BTreeMap<Position, Target> = BTreeMap::new();
         for (p, sinks) in by_position {
-            let watermark = load(p, self)?.and_then(|s| s.watermark);
             tracing::info!(topic = %key.0, partition = key.1, from = start, to = p.offset, sinks = ?sinks.iter().map(|&i| self.sinks[i].name().to_string()).collect::<Vec<_>>(), "some sinks hold more of this partition than others: replaying for the others");
-            targets.push(Target {
-                offset: p.offset,
-                watermark,
-                sinks,
-            });
+            let saved = self.load_for(key, p)?;
+            stops
+                .entry(p)
+                .or_insert_with(|| Target {
+                    offset: p.offset,
+                    epoch: p.epoch,
+                    watermark: saved.as_ref().and_then(|s| s.watermark),
+                    sinks: Vec::new(),
+                })
+                .sinks
+                .extend(sinks);
+            // The checkpoints that position went on from, back to where the replay starts.
+            let mut at = saved.and_then(|s| s.previous);
+            let mut steps = 0;
+            while let Some(epoch) = at.filter(|&e| Some(e) != floor && steps < 10_000) {
+                let Some(earlier) = self.store.load(&key.0, key.1, epoch)? else {
+                    break;
+                };
+                if earlier.offset < start {
+                    break;
+                }
+                stops
+                    .entry(Position {
+                        offset: earlier.offset,
+                        epoch,
+                    })
+                    .or_insert_with(|| Target {
+                        offset: earlier.offset,
+                        epoch,
+                        watermark: earlier.watermark,
+                        sinks: Vec::new(),
+                    });
+                at = earlier.previous;
+                steps += 1;
+            }
+        }
+        let targets: Vec<Target> = stops.into_values().collect();
+        match (
+            targets.iter().map(|t| t.epoch).min(),
+            targets.iter().map(|t| t.offset).max(),
+        ) {
+            (Some(oldest), Some(until)) => {
+                self.stops.insert(key.clone(), (oldest, until));
+            }
+            _ => {
+                self.stops.remove(key);
+            }
         }
         if start >= 0 {
-            tracing::info!(topic = %key.0, partition = key.1, "resuming after offset {start}, as the sinks hold (checkpoint epoch {epoch})");
+            tracing::info!(topic = %key.0, partition = key.1, "resuming after offset {start}, as the sinks hold (checkpoint epoch {})", crate::checkpoint::epoch_label(floor.unwrap_or(0)));
         }
         Ok(Resume {
             start,
             epoch,
+            base: lowest.filter(|_| state.is_some()).map(|p| p.epoch),
             state,
             joined,
             targets,
             held: true,
         })
+    }
+
+    /// The state stored for position `p` of partition `key`: it must be there (unless
+    /// `--reset-state`), and cover exactly the offset the sink holds; a state of another offset
+    /// under that name was written by another process.
+    fn load_for(
+        &self,
+        key: &PartitionKey,
+        p: Position,
+    ) -> Result<Option<crate::checkpoint::PartitionState>, RunError> {
+        let loaded = match self.store.load(&key.0, key.1, p.epoch) {
+            Err(e) if self.reset_state => {
+                tracing::warn!(topic = %key.0, partition = key.1, "{e}");
+                None
+            }
+            other => other?,
+        };
+        match loaded {
+            Some(s) if s.offset == p.offset => Ok(Some(s)),
+            Some(s) if self.reset_state => {
+                tracing::warn!(topic = %key.0, partition = key.1, offset = p.offset, stored = s.offset, epoch = p.epoch, "the plugin state stored for this position covers another offset: steps start empty (--reset-state)");
+                Ok(None)
+            }
+            Some(s) => Err(RunError::StateMismatch {
+                topic: key.0.to_string(),
+                partition: key.1,
+                offset: p.offset,
+                epoch: crate::checkpoint::epoch_label(p.epoch),
+                stored: s.offset,
+            }),
+            None if self.reset_state => {
+                tracing::warn!(topic = %key.0, partition = key.1, offset = p.offset, epoch = p.epoch, "no plugin state stored for this position: steps start empty (--reset-state)");
+                Ok(None)
+            }
+            None => Err(RunError::StateMissing {
+                topic: key.0.to_string(),
+                partition: key.1,
+                offset: p.offset,
+                epoch: p.epoch,
+            }),
+        }
     }
 }
 
@@ -375,7 +508,7 @@ mod tests {
     use std::sync::{Mutex, mpsc};
 
     use super::*;
-    use crate::checkpoint::{FileStateStore, PartitionState};
+    use crate::checkpoint::{FileStateStore, PartitionState, next_epoch};
     use crate::sink::SinkError;
 
     /// A sink that keeps its committed positions where the test can read them.
@@ -416,6 +549,8 @@ mod tests {
             max_event: None,
             watermark: None,
             steps: Vec::new(),
+            previous: None,
+            sources: Vec::new(),
         }
     }
 
@@ -525,8 +660,218 @@ mod tests {
         committer.resume(&("t".into(), 0), false).unwrap();
         let refused = committer.handle(epoch_done(1, 10, 176_025, vec![true, true]));
         let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(message.contains("another process owns it"), "{message}");
+        assert!(
+            message.contains("another process of the consumer group owns the partition now"),
+            "{message}"
+        );
         assert_eq!(held(&tables[0]), at);
         assert_eq!(held(&tables[1]), at);
+    }
+
+    #[test]
+    fn a_replay_hands_every_watermark_the_first_run_handed_on_the_way_to_a_sink_ahead() {
+        // The first run: checkpoint A at offset 100; the partition then sat idle and followed the
+        // others' watermark (checkpoint B, same offset, watermark 9000); records came, and
+        // checkpoint C at offset 150. A kill after each `bars` commit left `raw` at A and `bars`
+        // at C. Replaying from A, the chain must get B's watermark at offset 100, or the records
+        // after it are judged against an older watermark than the first run judged them.
+        let dir = tempfile::tempdir().unwrap();
+        let tag = 0x00c0ffee;
+        let a = next_epoch(0, tag);
+        let b = next_epoch(a, tag);
+        let c = next_epoch(b, tag);
+        let (mut committer, _tables, _events) = committer(
+            dir.path(),
+            [
+                Position {
+                    offset: 150,
+                    epoch: c,
+                },
+                Position {
+                    offset: 100,
+                    epoch: a,
+                },
+            ],
+        );
+        let saved = |offset, watermark, previous| PartitionState {
+            watermark: Some(watermark),
+            previous,
+            ..state(offset)
+        };
+        committer
+            .store
+            .save("t", 0, a, &saved(100, 1000, None))
+            .unwrap();
+        committer
+            .store
+            .save("t", 0, b, &saved(100, 9000, Some(a)))
+            .unwrap();
+        committer
+            .store
+            .save("t", 0, c, &saved(150, 9100, Some(b)))
+            .unwrap();
+        // A state of another writer, never committed anywhere: not a stop.
+        let stray = next_epoch(a, 0x0000_0001);
+        committer
+            .store
+            .save("t", 0, stray, &saved(120, 99_999, Some(a)))
+            .unwrap();
+        let resume = committer.resume(&("t".into(), 0), false).unwrap();
+        assert_eq!((resume.start, resume.base), (100, Some(a)));
+        let stops: Vec<(i64, u64, Option<i64>, Vec<usize>)> = resume
+            .targets
+            .iter()
+            .map(|t| (t.offset, t.epoch, t.watermark, t.sinks.clone()))
+            .collect();
+        assert_eq!(
+            stops,
+            vec![(100, b, Some(9000), vec![]), (150, c, Some(9100), vec![0])]
+        );
+    }
+
+    #[test]
+    fn a_member_that_lost_its_partition_never_overwrites_the_new_owners_state() {
+        use crate::sink::{DeltaOptions, DeltaSink, TableShape};
+        use arrow::datatypes::{DataType, Field, Schema};
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap(),
+        );
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let table = dir.path().join("table");
+        let store = Arc::new(FileStateStore::new(&dir.path().join("state"), "p"));
+        let member = |rt: &Arc<tokio::runtime::Runtime>| {
+            let shape = TableShape::new("t", &schema, &[], None, None).unwrap();
+            let options = DeltaOptions {
+                partition_by: Vec::new(),
+                target_file_size: 1 << 20,
+                schema_mode: crate::config::SchemaMode::Strict,
+                maintenance: None,
+            };
+            let sink = DeltaSink::open(
+                "t",
+                crate::storage::TableLocation::folder(&table).unwrap(),
+                "p",
+                shape,
+                options,
+                rt.clone(),
+            )
+            .unwrap();
+            let (events, inbox) = mpsc::channel();
+            let committer = Committer::new(
+                vec![Box::new(sink)],
+                store.clone(),
+                1,
+                false,
+                events,
+                Arc::new(Metrics::new("p")),
+            );
+            (committer, inbox)
+        };
+        let key: PartitionKey = ("t".into(), 0);
+        let checkpoint = |epoch, cp_epoch, offset| {
+            CommitMsg::EpochDone(EpochDone {
+                epoch,
+                checkpoints: vec![TaskCheckpoint {
+                    key: key.clone(),
+                    epoch: cp_epoch,
+                    state: state(offset),
+                    joined: vec![true],
+                }],
+                appended: HashMap::new(),
+            })
+        };
+        // The partition's first owner commits offset 10.
+        let (mut first, _e0) = member(&rt);
+        first.resume(&key, false).unwrap();
+        let e1 = next_epoch(0, 0x0000_0a0a);
+        first.handle(checkpoint(1, e1, 10)).unwrap();
+        // Two members resume it from there: B, then (after B froze past its session) A.
+        let (mut b, _eb) = member(&rt);
+        let (mut a, _ea) = member(&rt);
+        assert_eq!(b.resume(&key, false).unwrap().epoch, e1);
+        assert_eq!(a.resume(&key, false).unwrap().epoch, e1);
+        // A commits its next checkpoint at offset 20; B thaws and tries its own at offset 30.
+        let (tag_a, tag_b) = (0x0000_00aa, 0x0000_00bb);
+        a.handle(checkpoint(1, next_epoch(e1, tag_a), 20)).unwrap();
+        let refused = b.handle(checkpoint(1, next_epoch(e1, tag_b), 30));
+        assert!(refused.is_err(), "the table refuses B's commit");
+        // Whoever resumes next gets A's state for what the table holds.
+        let (mut next, _en) = member(&rt);
+        let resume = next.resume(&key, false).unwrap();
+        assert_eq!(resume.start, 20);
+        assert_eq!(
+            resume.state.map(|s| s.offset),
+            Some(20),
+            "A's state, not B's"
+        );
+    }
+
+    #[test]
+    fn the_stops_a_replay_still_has_to_pass_are_not_pruned_under_it() {
+        // Sink 0 went to offset 150 through checkpoints at 110..140 (one of them an idle
+        // watermark); sink 1 is back at 100. The replay's first checkpoint (offset 110) is
+        // numbered after all of them: pruning by "older than every sink's epoch" alone would
+        // delete the stops at 120..140, which a second crash needs again.
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (0x0000_0aaa, 0x0000_0bbb);
+        let mut lineage = vec![next_epoch(0, old)];
+        for _ in 0..5 {
+            let last = *lineage.last().unwrap();
+            lineage.push(next_epoch(last, old));
+        }
+        let (start, ahead) = (lineage[0], lineage[5]);
+        let (mut committer, _tables, _events) = committer(
+            dir.path(),
+            [
+                Position {
+                    offset: 150,
+                    epoch: ahead,
+                },
+                Position {
+                    offset: 100,
+                    epoch: start,
+                },
+            ],
+        );
+        for (i, &epoch) in lineage.iter().enumerate() {
+            let saved = PartitionState {
+                watermark: Some(1000 * i as i64),
+                previous: (i > 0).then(|| lineage[i - 1]),
+                ..state(100 + 10 * i as i64)
+            };
+            committer.store.save("t", 0, epoch, &saved).unwrap();
+        }
+        let resume = committer.resume(&("t".into(), 0), false).unwrap();
+        assert_eq!(resume.targets.len(), 5, "stops at 110..150");
+        let replayed = next_epoch(ahead, new);
+        committer
+            .handle(epoch_done(1, replayed, 110, vec![false, true]))
+            .unwrap();
+        for &epoch in &lineage[1..] {
+            assert!(
+                committer.store.load("t", 0, epoch).unwrap().is_some(),
+                "stop {} pruned",
+                crate::checkpoint::epoch_label(epoch)
+            );
+        }
+        // Once every sink holds the last stop, they go.
+        let caught_up = next_epoch(replayed, new);
+        committer
+            .handle(epoch_done(2, caught_up, 160, vec![true, true]))
+            .unwrap();
+        committer
+            .handle(epoch_done(
+                3,
+                next_epoch(caught_up, new),
+                170,
+                vec![true, true],
+            ))
+            .unwrap();
+        assert!(committer.store.load("t", 0, lineage[2]).unwrap().is_none());
     }
 }

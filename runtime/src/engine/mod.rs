@@ -15,6 +15,8 @@
 //! resume). This file is the coordinator: the source loop, routing, epochs and rebalances.
 
 mod committer;
+mod fresh;
+mod hop;
 pub mod plan;
 mod swap;
 mod task;
@@ -27,6 +29,7 @@ use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use hop::Origin;
 pub(crate) use plan::check_sink;
 pub use plan::{Plan, Reload, RunError, RunOptions, RunSummary};
 pub use swap::SwapRecord;
@@ -36,7 +39,7 @@ use crate::config::{Pipeline, SourceKind};
 use crate::decode::JsonDecoder;
 use crate::exporter::{Metrics, PartitionLabels};
 use crate::metrics::StageTime;
-use crate::sink::Offsets;
+use crate::sink::{Offsets, SinkError};
 use crate::source::{
     EmbeddedBroker, FileSource, Generator, KafkaSource, Pace, Rebalance, Record, Source, StartAt,
 };
@@ -277,6 +280,13 @@ impl Router {
                 load[s.worker] += 1;
             }
             let worker = (0..load.len()).min_by_key(|&w| load[w]).unwrap_or(0);
+            if resume.start >= 0 && !self.ephemeral {
+                // The group learns where the sinks stand (lag tools read the group's offsets;
+                // a new group that takes over has none of its own yet).
+                self.to_kafka
+                    .entry((key.0.to_string(), key.1))
+                    .or_insert(resume.start);
+            }
             starts.push(if resume.start >= 0 {
                 StartAt::Offset(resume.start + 1)
             } else if resume.held {
@@ -386,18 +396,66 @@ impl Rebalancer {
     }
 }
 
-/// The source and whatever it needs kept alive (the embedded broker and its generator).
-struct OpenSource {
-    source: Box<dyn Source>,
-    pace: Arc<Pace>,
+/// The embedded broker and the generator feeding it, started once for a run (both halves of a
+/// repartitioned pipeline use it).
+struct Embedded {
     _generator: Option<Generator>,
-    _embedded: Option<EmbeddedBroker>,
+    _broker: EmbeddedBroker,
+    bootstrap: String,
 }
 
-fn open_source(pipeline: &Pipeline) -> Result<OpenSource, RunError> {
+/// Starts the embedded broker if the pipeline runs on it, with the internal repartition topic
+/// beside the source topic.
+fn start_embedded(pipeline: &Pipeline, pace: &Arc<Pace>) -> Result<Option<Embedded>, RunError> {
     let spec = &pipeline.spec;
-    let pace = Arc::new(Pace::default());
-    let (mut generator, mut embedded) = (None, None);
+    let (topic, generator) = match spec.source.kind() {
+        Some(SourceKind::Kafka(k, g)) if k.brokers.is_embedded() => {
+            let topics = k
+                .topics
+                .clone()
+                .or_else(|| k.topic.clone().map(|t| vec![t]))
+                .unwrap_or_default();
+            (topics.first().cloned().unwrap_or_else(|| "ticks".into()), g)
+        }
+        Some(SourceKind::Generator(g)) => (g.topic.clone(), Some(g)),
+        _ => return Ok(None),
+    };
+    let broker = EmbeddedBroker::start(&topic, 3)?;
+    if let Some(hop) = &spec.repartition {
+        broker.create_topic(&hop.topic_of(&spec.name), hop.partitions.unwrap_or(3))?;
+    }
+    let bootstrap = broker.bootstrap();
+    let generator = match generator {
+        Some(g) => Some(Generator::start(g, &bootstrap, &topic, pace.clone())?),
+        None => {
+            tracing::warn!(
+                "the embedded broker has no generator feeding it: add a `generator:` block to `source`"
+            );
+            None
+        }
+    };
+    Ok(Some(Embedded {
+        _generator: generator,
+        _broker: broker,
+        bootstrap,
+    }))
+}
+
+/// The source of one half of a run.
+struct OpenSource {
+    source: Box<dyn Source>,
+    /// The generator's pacing, for the half that reads the topic it feeds.
+    pace: Option<Arc<Pace>>,
+}
+
+fn open_source(
+    pipeline: &Pipeline,
+    shared: &Shared,
+    role: &task::Role,
+) -> Result<OpenSource, RunError> {
+    let spec = &pipeline.spec;
+    let keyed = matches!(role, task::Role::Keyed(_));
+    let pace = (!keyed).then(|| shared.pace.clone());
     let source: Box<dyn Source> = match spec.source.kind() {
         None => {
             return Err(RunError::Config(
@@ -405,67 +463,74 @@ fn open_source(pipeline: &Pipeline) -> Result<OpenSource, RunError> {
             ));
         }
         Some(SourceKind::File(f)) => Box::new(FileSource::open(&pipeline.resolve(&f.path))?),
-        Some(SourceKind::Kafka(k, gen_spec)) => {
-            let bootstrap = if k.brokers.is_embedded() {
-                let topics = k
-                    .topics
-                    .clone()
-                    .or_else(|| k.topic.clone().map(|t| vec![t]))
-                    .unwrap_or_default();
-                let topic = topics.first().map_or("ticks", String::as_str);
-                let broker = EmbeddedBroker::start(topic, 3)?;
-                let bootstrap = broker.bootstrap();
-                match gen_spec {
-                    Some(g) => {
-                        generator = Some(Generator::start(g, &bootstrap, topic, pace.clone())?)
-                    }
-                    None => tracing::warn!(
-                        "the embedded broker has no generator feeding it: add a `generator:` block to `source`"
-                    ),
-                }
-                embedded = Some(broker);
-                bootstrap
-            } else {
-                k.brokers.bootstrap()
+        Some(SourceKind::Kafka(k, _)) => {
+            let bootstrap = match (&shared.embedded, k.brokers.is_embedded()) {
+                (Some(b), true) => b.clone(),
+                _ => k.brokers.bootstrap(),
             };
-            let source = KafkaSource::open(k, &bootstrap)?;
-            Box::new(if k.brokers.is_embedded() {
-                source.ephemeral()
-            } else {
-                source
-            })
+            let mut spec = k.clone();
+            if shared.embedded.is_some() {
+                // The in-process broker answers a fetch at once when data is there: a longer
+                // wait only saves wake-ups on an idle topic.
+                spec.options
+                    .entry("fetch.wait.max.ms".into())
+                    .or_insert_with(|| "100".into());
+            }
+            let mut source = KafkaSource::open(&spec, &bootstrap)?;
+            if shared.embedded.is_some() {
+                source = source.ephemeral();
+            }
+            source = match role {
+                task::Role::Keyed(_) => source.reading_hop(),
+                task::Role::Upstream(_) => source.keyless_ok(),
+                task::Role::Whole => source,
+            };
+            Box::new(source)
         }
         Some(SourceKind::Generator(g)) => {
-            let broker = EmbeddedBroker::start(&g.topic, 3)?;
-            let bootstrap = broker.bootstrap();
-            generator = Some(Generator::start(g, &bootstrap, &g.topic, pace.clone())?);
-            embedded = Some(broker);
+            let bootstrap = shared.embedded.clone().unwrap_or_default();
             let kafka = crate::config::KafkaSpec {
                 brokers: crate::config::Brokers::One(bootstrap.clone()),
                 topic: Some(g.topic.clone()),
                 topics: None,
                 group: format!("flowgate-{}", spec.name),
                 start: crate::config::StartFrom::Earliest,
-                options: Default::default(),
+                options: [("fetch.wait.max.ms".to_string(), "100".to_string())].into(),
                 connect_timeout: flowgate_sdk::config::Duration::from_millis(30_000),
+                keyless: crate::config::Keyless::Allow,
             };
             Box::new(KafkaSource::open(&kafka, &bootstrap)?.ephemeral())
         }
     };
-    Ok(OpenSource {
-        source,
-        pace,
-        _generator: generator,
-        _embedded: embedded,
-    })
+    Ok(OpenSource { source, pace })
 }
 
 fn millis(d: flowgate_sdk::config::Duration) -> Duration {
     Duration::from_millis(d.as_millis().max(1) as u64)
 }
 
+/// What the halves of a run share: the I/O runtime, live metrics, the checkpoint store, the
+/// stop signal, and the embedded broker.
+struct Shared {
+    rt: Arc<tokio::runtime::Runtime>,
+    metrics: Arc<Metrics>,
+    store: Arc<dyn StateStore>,
+    /// Ctrl+C / SIGTERM (or the caller's shutdown).
+    stop: Arc<AtomicBool>,
+    /// This attempt ends (one half failed, so the other stops too).
+    halt: AtomicBool,
+    pace: Arc<Pace>,
+    /// The embedded broker's address, when the pipeline runs on it.
+    embedded: Option<String>,
+}
+
 /// Runs `pipeline` until `shutdown` resolves (or `options` say so); everything read is
 /// committed before it returns. `main` passes Ctrl+C / SIGTERM; tests pass what they like.
+///
+/// A pipeline with `repartition` runs as two halves (see [`hop`]): the upstream half reads the
+/// source topic and writes the internal one; the keyed half reads that and runs the steps. When
+/// the upstream half stops (its `--max-records` or `--until-idle`), the keyed half reads what is
+/// left in its partitions of the internal topic, then stops too.
 pub fn run(
     pipeline: &Pipeline,
     host: &crate::plugin::PluginHost,
@@ -473,12 +538,6 @@ pub fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<RunSummary, RunError> {
     let spec = &pipeline.spec;
-    let baseline = options
-        .reload
-        .as_ref()
-        .map(|_| swap::Baseline::of(pipeline));
-    let plan = Arc::new(Plan::build(pipeline, host)?);
-    let baseline = baseline.map(|b| b.settle(pipeline));
     let rt = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -512,6 +571,240 @@ pub fn run(
         })?;
         tracing::info!("metrics at http://{bound}/metrics (and /healthz, /readyz)");
     }
+    let store = state_store(pipeline, &rt)?;
+    if fresh::ephemeral(pipeline) {
+        fresh::start_anew(pipeline, store.as_ref(), &rt)?;
+    }
+    let pace = Arc::new(Pace::default());
+    let embedded = start_embedded(pipeline, &pace)?;
+    let shared = Shared {
+        rt,
+        metrics,
+        store,
+        stop,
+        halt: AtomicBool::new(false),
+        pace,
+        embedded: embedded.as_ref().map(|e| e.bootstrap.clone()),
+    };
+    let Some(hop_spec) = &spec.repartition else {
+        return rejoining(&shared, || {
+            let half = Half {
+                role: task::Role::Whole,
+                drain: None,
+            };
+            run_half(pipeline, host, options, &shared, half)
+        });
+    };
+    let bootstrap = match (&shared.embedded, spec.source.kind()) {
+        (Some(b), _) => b.clone(),
+        (None, Some(SourceKind::Kafka(k, _))) => k.brokers.bootstrap(),
+        _ => {
+            return Err(RunError::Config(
+                "`repartition` needs a `kafka` source".into(),
+            ));
+        }
+    };
+    let Some(SourceKind::Kafka(kafka, _)) = spec.source.kind() else {
+        return Err(RunError::Config(
+            "`repartition` needs a `kafka` source".into(),
+        ));
+    };
+    let connect = Duration::from_millis(kafka.connect_timeout.as_millis().max(1000) as u64);
+    let topic = hop_spec.topic_of(&spec.name);
+    // The keyed tasks close windows only once every source partition sent its watermark.
+    let sources = if shared.embedded.is_some() {
+        // The embedded broker has the first topic, with 3 partitions (`start_embedded`).
+        let first = kafka
+            .topics
+            .as_ref()
+            .and_then(|t| t.first().cloned())
+            .or_else(|| kafka.topic.clone())
+            .unwrap_or_else(|| "ticks".into());
+        (0..3).map(|p| (Arc::from(first.as_str()), p)).collect()
+    } else {
+        hop::source_partitions(&bootstrap, kafka, connect)?
+    };
+    let wanted = hop_spec.partitions.unwrap_or_else(|| {
+        let mut per_topic: HashMap<&str, i32> = HashMap::new();
+        for (t, _) in &sources {
+            *per_topic.entry(t).or_default() += 1;
+        }
+        per_topic.values().copied().max().unwrap_or(1)
+    });
+    let partitions = if shared.embedded.is_some() {
+        hop_spec.partitions.unwrap_or(3)
+    } else {
+        let retention = Duration::from_millis(hop_spec.retention.as_millis().max(0) as u64);
+        hop::ensure_topic(&bootstrap, &topic, wanted, retention, connect)?
+    };
+    let decoded = crate::decode::to_schema(&spec.schema);
+    let (upstream, keyed) = hop::halves(pipeline, &bootstrap);
+    tracing::info!(
+        "repartition: records of `{}` are keyed by {:?} into `{topic}` ({partitions} partitions, consumer group `{}`), where the steps run",
+        kafka.topic.clone().unwrap_or_default(),
+        hop_spec.by,
+        hop::keyed_group(&kafka.group)
+    );
+    let sources = Arc::new(sources);
+    rejoining(&shared, || {
+        // A producer of its own per attempt: one a failed attempt left failing stays behind.
+        let out = Arc::new(hop::HopOut::open(
+            &bootstrap,
+            &topic,
+            partitions,
+            &hop_spec.by,
+            &decoded,
+            &kafka.options,
+        )?);
+        run_hop(&upstream, &keyed, &out, &sources, host, options, &shared)
+    })
+}
+
+/// Runs `attempt` again while it ends with the group having moved this process's partitions to
+/// another member (it was unresponsive past its session: a GC-like stall, a frozen VM, a broker
+/// that lost track of it): what it had not committed of them is left behind, and a new attempt
+/// rejoins the group and resumes every partition from what the sinks hold, as a restart would,
+/// without leaving the process to an orchestrator. Any other end (and a stop) is returned.
+fn rejoining(
+    shared: &Shared,
+    mut attempt: impl FnMut() -> Result<RunSummary, RunError>,
+) -> Result<RunSummary, RunError> {
+    // Attempts that end this way within a minute of their start, in a row: past the limit the
+    // cause is not a passing one (two deployments sharing one table and group, say).
+    let mut quick = 0;
+    loop {
+        shared.halt.store(false, Ordering::Relaxed);
+        let started = Instant::now();
+        let moved = |e: &RunError| {
+            matches!(
+                e,
+                // The group moved the partitions on while this process was unresponsive, or
+                // another process committed a partition past this one (the group moved it, or
+                // handed it here before its last owner's final commit landed).
+                RunError::PartitionsLost(_)
+                    | RunError::Overtaken { .. }
+                    | RunError::Sink(SinkError::Overtaken { .. })
+            )
+        };
+        match attempt() {
+            // Stopping anyway: what it read of the other partitions is committed; the moved
+            // ones are their new owner's. Not a failure of this process.
+            Err(e) if moved(&e) && shared.stop.load(Ordering::Relaxed) => {
+                tracing::warn!(
+                    "{e}; stopping as asked: the partitions it still held are committed, the moved ones are their new owner's"
+                );
+                return Ok(RunSummary::default());
+            }
+            Err(e) if moved(&e) => {
+                quick = if started.elapsed() < Duration::from_secs(60) {
+                    quick + 1
+                } else {
+                    0
+                };
+                if quick > REJOINS {
+                    tracing::error!(
+                        "rejoined the group {REJOINS} times in a row, each within a minute of the last: giving up"
+                    );
+                    return Err(e);
+                }
+                tracing::warn!(
+                    "{e}; nothing of it was committed here (it is the partition's owner's to write): rejoining the group, every partition resumes from what the sinks hold"
+                );
+            }
+            other => return other,
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// How many quick rejoins in a row [`rejoining`] makes before it gives up.
+const REJOINS: u32 = 10;
+
+/// One attempt at both halves of a repartitioned pipeline, side by side.
+fn run_hop(
+    upstream: &Pipeline,
+    keyed: &Pipeline,
+    out: &Arc<hop::HopOut>,
+    sources: &Arc<Vec<PartitionKey>>,
+    host: &crate::plugin::PluginHost,
+    options: &RunOptions,
+    shared: &Shared,
+) -> Result<RunSummary, RunError> {
+    let drain = Arc::new(AtomicBool::new(false));
+    std::thread::scope(|scope| {
+        let keyed_options = RunOptions {
+            max_records: None,
+            until_idle: None,
+            ..options.clone()
+        };
+        let drain_signal = drain.clone();
+        let keyed_half = std::thread::Builder::new()
+            .name("flowgate-keyed".into())
+            .spawn_scoped(scope, move || {
+                let half = Half {
+                    role: task::Role::Keyed(sources.clone()),
+                    drain: Some(drain_signal),
+                };
+                let result = run_half(keyed, host, &keyed_options, shared, half);
+                if result.is_err() {
+                    // The upstream half stops too (what it read is committed; a restart goes
+                    // on from there).
+                    shared.halt.store(true, Ordering::Relaxed);
+                }
+                result
+            })
+            .map_err(|e| RunError::Internal(format!("cannot start the keyed half: {e}")))?;
+        let upstream_options = RunOptions {
+            reload: None,
+            ..options.clone()
+        };
+        let half = Half {
+            role: task::Role::Upstream(out.clone()),
+            drain: None,
+        };
+        let up = run_half(upstream, host, &upstream_options, shared, half);
+        // Whatever the upstream half left in the internal topic is read before the keyed half
+        // stops (or it stops at once on Ctrl+C, with the stop signal both share).
+        drain.store(true, Ordering::Relaxed);
+        if up.is_err() {
+            shared.halt.store(true, Ordering::Relaxed);
+        }
+        let down = keyed_half
+            .join()
+            .map_err(|_| RunError::Internal("the keyed half panicked".into()))?;
+        match (up, down) {
+            (Ok(up), Ok(down)) => Ok(RunSummary::merge(up, down)),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
+    })
+}
+
+/// Which half of a run, and how the keyed half learns that the upstream half is done.
+struct Half {
+    role: task::Role,
+    /// Set once nothing more will be written to the internal topic: stop when caught up.
+    drain: Option<Arc<AtomicBool>>,
+}
+
+/// Runs one half of a pipeline (or all of one without a hop): plan, sinks, workers, committer
+/// and the source loop, until the loop stops; everything read is committed before it returns.
+fn run_half(
+    pipeline: &Pipeline,
+    host: &crate::plugin::PluginHost,
+    options: &RunOptions,
+    shared: &Shared,
+    half: Half,
+) -> Result<RunSummary, RunError> {
+    let Half { role, drain } = half;
+    let spec = &pipeline.spec;
+    let baseline = options
+        .reload
+        .as_ref()
+        .map(|_| swap::Baseline::of(pipeline));
+    let plan = Arc::new(Plan::build(pipeline, host)?);
+    let baseline = baseline.map(|b| b.settle(pipeline));
+    let (rt, metrics, store, stop) = (&shared.rt, &shared.metrics, &shared.store, &shared.stop);
+    let rt = rt.clone();
     // Every table is checked before any is opened: a sink that does not fit stops the run
     // before another (a Delta schema merge, a table created) has changed anything.
     let dead_letter_schema = crate::sink::dead_letter_schema();
@@ -534,6 +827,11 @@ pub fn run(
             &rt,
         )?);
     }
+    let mut inputs = sink_inputs(pipeline, &plan);
+    if let task::Role::Upstream(out) = &role {
+        sinks.push(Box::new(hop::HopSink::new(out.clone(), store.clone())));
+        inputs.insert(sinks.len() - 1, task::SinkInput::Hop);
+    }
     if let Some(d) = &spec.dead_letter {
         sinks.push(plan::open_sink(
             pipeline,
@@ -543,17 +841,15 @@ pub fn run(
             &rt,
         )?);
     }
-    let inputs = sink_inputs(pipeline, &plan);
     let workers = spec.workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
-    let store = state_store(pipeline, &rt)?;
     let (events_tx, events) = mpsc::channel();
     let (commit_tx, commit_rx) = mpsc::sync_channel(1024);
     let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
     let committer = Committer::new(
         sinks,
-        store,
+        store.clone(),
         workers,
         options.reset_state,
         events_tx.clone(),
@@ -583,6 +879,8 @@ pub fn run(
         committer: commit_tx.clone(),
         metrics: metrics.clone(),
         sink_names,
+        writer: crate::checkpoint::writer_tag(),
+        role: role.clone(),
     });
     let mut worker_tx = Vec::new();
     let mut worker_threads = Vec::new();
@@ -603,7 +901,7 @@ pub fn run(
         );
     }
     drop(events_tx);
-    let mut opened = open_source(pipeline)?;
+    let mut opened = open_source(pipeline, shared, &role)?;
     let router = Arc::new(Mutex::new(Router {
         workers: worker_tx,
         slots: HashMap::new(),
@@ -635,6 +933,9 @@ pub fn run(
         metrics: metrics.clone(),
         swaps_in: None,
         swaps: Vec::new(),
+        drain,
+        // The upstream half of a hop says nothing about readiness: the keyed half does.
+        signals_ready: !matches!(role, task::Role::Upstream(_)),
     };
     let result = std::thread::scope(|scope| {
         let reloader_stop = Arc::new(AtomicBool::new(false));
@@ -655,11 +956,19 @@ pub fn run(
                     }
                 });
             }
+            let derive: Option<swap::Derive> = match (&role, &pipeline.spec.source.kind()) {
+                (task::Role::Keyed(_), Some(SourceKind::Kafka(k, _))) => {
+                    let bootstrap = k.brokers.bootstrap();
+                    Some(Arc::new(move |p: Pipeline| hop::halves(&p, &bootstrap).1))
+                }
+                _ => None,
+            };
             let watch = swap::Watch {
                 vars: reload.vars.clone(),
                 files: reload.watch_files,
                 hangup,
                 stop: reloader_stop.clone(),
+                derive,
             };
             let (running, running_plan) = (pipeline.clone(), plan.clone());
             std::thread::Builder::new()
@@ -677,11 +986,13 @@ pub fn run(
             }
         }
         let _stop_reloader = StopOnDrop(reloader_stop.clone());
-        let result = loop_state.run(pipeline, &mut opened, &router, &stop);
+        let result = loop_state.run(pipeline, &mut opened, &router, stop, &shared.halt);
         loop_state.swaps_in = None;
         result
     });
-    metrics.set_ready(false);
+    if loop_state.signals_ready {
+        metrics.set_ready(false);
+    }
     // Let the threads go: closing their channels ends them.
     {
         let mut r = lock(&router);
@@ -718,6 +1029,10 @@ struct Loop<'a> {
     /// New plans from the reloader (when the run reloads), and the one waiting for a barrier.
     swaps_in: Option<Receiver<Candidate>>,
     swaps: Vec<SwapRecord>,
+    /// The keyed half of a hop: set once the upstream half stopped; stop when caught up.
+    drain: Option<Arc<AtomicBool>>,
+    /// Whether this loop's partitions make the process ready (`/readyz`).
+    signals_ready: bool,
 }
 
 impl Loop<'_> {
@@ -727,6 +1042,7 @@ impl Loop<'_> {
         opened: &mut OpenSource,
         router: &Arc<Mutex<Router>>,
         stop: &AtomicBool,
+        halt: &AtomicBool,
     ) -> Result<(), RunError> {
         let source = &mut opened.source;
         let mut waiting: Option<Candidate> = None;
@@ -739,6 +1055,10 @@ impl Loop<'_> {
         loop {
             if stop.load(Ordering::Relaxed) {
                 tracing::info!("stopping: finishing and committing what was read");
+                break;
+            }
+            if halt.load(Ordering::Relaxed) {
+                tracing::info!("the other half stopped: finishing and committing what was read");
                 break;
             }
             let budget = self
@@ -765,24 +1085,45 @@ impl Loop<'_> {
                 tracing::info!("no input for {idle:?}: stopping");
                 break;
             }
+            if self
+                .drain
+                .as_ref()
+                .is_some_and(|d| d.load(Ordering::Relaxed))
+                && last_record.elapsed() >= Duration::from_secs(2)
+            {
+                let r = lock(router);
+                if r.slots
+                    .iter()
+                    .all(|(k, slot)| !source.behind(&k.0, k.1, slot.next))
+                {
+                    tracing::info!(
+                        "the upstream half stopped and this process's partitions of the repartition topic are read: stopping"
+                    );
+                    break;
+                }
+            }
             polled.clear();
             let polling = Instant::now();
-            source.poll(
-                self.max_records.min(budget),
-                Duration::from_millis(50),
-                &mut polled,
-            )?;
+            // The loop's only wait: the source blocks until records come or the next epoch
+            // barrier is due, at most 50 ms (the loop's heartbeat for Ctrl+C, commits to hand to
+            // Kafka and swaps offered). A source with nothing to give must block here, never
+            // return at once: the workers and the committer block on their channels, so an idle
+            // run costs a few wake-ups a second.
+            let wait = next_cut
+                .saturating_duration_since(polling)
+                .min(Duration::from_millis(50));
+            source.poll(self.max_records.min(budget), wait, &mut polled)?;
             self.poll_time += polling.elapsed();
             let mut r = lock(router);
             if let Some(e) = r.failed.take() {
                 return Err(e);
             }
-            opened
-                .pace
-                .consumed
-                .fetch_add(polled.len() as u64, Ordering::Relaxed);
-            if !r.slots.is_empty() {
-                opened.pace.reading.store(true, Ordering::Relaxed);
+            if let Some(pace) = &opened.pace {
+                pace.consumed
+                    .fetch_add(polled.len() as u64, Ordering::Relaxed);
+                if !r.slots.is_empty() {
+                    pace.reading.store(true, Ordering::Relaxed);
+                }
             }
             if !polled.is_empty() {
                 last_record = Instant::now();
@@ -790,7 +1131,9 @@ impl Loop<'_> {
             }
             self.route(&mut r, &mut polled)?;
             r.drain(None)?;
-            self.metrics.set_ready(!r.slots.is_empty());
+            if self.signals_ready {
+                self.metrics.set_ready(!r.slots.is_empty());
+            }
             if waiting.is_none()
                 && let Some(offers) = &self.swaps_in
             {
@@ -959,17 +1302,17 @@ impl Loop<'_> {
             .map(|(k, _)| k)
             .collect();
         // The newest watermark of any partition (the others may be idle too: at the end of a
-        // stream every partition closes its windows up to the newest one's).
+        // stream every partition closes its windows up to the newest one's). None yet: the
+        // partitions are still told they are idle (`i64::MIN`, nothing to follow), which the
+        // upstream half of a hop passes on.
         let lead = r
             .slots
             .values()
             .map(|s| s.watermark.load(Ordering::Relaxed))
             .filter(|&w| w != i64::MIN)
-            .max();
-        match lead {
-            Some(w) => idle.into_iter().map(|k| (k.clone(), w)).collect(),
-            None => HashMap::new(),
-        }
+            .max()
+            .unwrap_or(i64::MIN);
+        idle.into_iter().map(|k| (k.clone(), lead)).collect()
     }
 
     fn summary(

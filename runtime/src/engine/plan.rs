@@ -54,6 +54,24 @@ pub enum RunError {
         /// The checkpoint epoch they name.
         epoch: u64,
     },
+    /// The state stored under the epoch a sink names covers another offset than the sink
+    /// holds: another process wrote it (states are named per writer, so only a store written
+    /// by hand or by an older Flowgate can hold one).
+    #[error(
+        "partition `{topic}/{partition}`: the sinks hold it up to offset {offset} (checkpoint epoch {epoch}), but the plugin state stored for that epoch covers offset {stored}: it belongs to another process's run; restore the checkpoint folder, or run with `--reset-state` to start this partition's steps empty"
+    )]
+    StateMismatch {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// The offset the sinks hold.
+        offset: i64,
+        /// The checkpoint epoch they name.
+        epoch: String,
+        /// The offset the stored state covers.
+        stored: i64,
+    },
     /// A step's plugin refused the state stored for it (`bad-input` from `restore`: a state
     /// version it cannot read), and the step does not say `state: reset`.
     #[error(
@@ -75,6 +93,27 @@ pub enum RunError {
         "the consumer group moved partitions {0} to another member while this process was unresponsive (longer than `session.timeout.ms`); stopping without committing them: restart to rejoin the group"
     )]
     PartitionsLost(String),
+    /// A sink holds a partition further than this process does: another process wrote it
+    /// since (the consumer group moved the partition), or the topic's offsets went back.
+    #[error(
+        "sink `{sink}`: the table holds partition `{partition}` up to offset {held} (checkpoint epoch {held_epoch}{recorded}), past this process's offset {offset} (epoch {epoch}); committing would write rows twice, so this process stops without committing. Either another process of the consumer group owns the partition now (it moved while this one was busy; a restart rejoins the group), or the topic's offsets went back (it was deleted and created again, or this is another cluster): then give the sinks new table paths, or remove the tables and the checkpoint folder to start over"
+    )]
+    Overtaken {
+        /// The sink's name.
+        sink: String,
+        /// `topic/partition`.
+        partition: String,
+        /// The offset the table holds.
+        held: i64,
+        /// Its checkpoint epoch.
+        held_epoch: u64,
+        /// `, recorded by …` (which commit, when, which pipeline), when the sink knows.
+        recorded: String,
+        /// This process's offset.
+        offset: i64,
+        /// This process's checkpoint epoch.
+        epoch: u64,
+    },
     /// A thread of the engine stopped unexpectedly.
     #[error("internal: {0}")]
     Internal(String),
@@ -87,14 +126,17 @@ impl RunError {
             RunError::Plugin { source, .. } => source.kind(),
             RunError::Config(_)
             | RunError::StateMissing { .. }
+            | RunError::StateMismatch { .. }
             | RunError::StateRefused { .. }
+            | RunError::Source(SourceError::Misfit(_))
             | RunError::Sink(SinkError::Config { .. } | SinkError::SchemaMismatch { .. }) => {
                 ErrorKind::Config
             }
             RunError::Sink(_)
             | RunError::Source(_)
             | RunError::Checkpoint(_)
-            | RunError::PartitionsLost(_) => ErrorKind::External,
+            | RunError::PartitionsLost(_)
+            | RunError::Overtaken { .. } => ErrorKind::External,
             RunError::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -149,6 +191,34 @@ pub struct RunSummary {
     pub latency_to_commit: Histogram,
     /// Live swaps, applied or refused, in order.
     pub swaps: Vec<super::SwapRecord>,
+}
+
+impl RunSummary {
+    /// The summary of a repartitioned run: records read by the upstream half, rows written by
+    /// the keyed one, refusals and times of both.
+    pub(crate) fn merge(up: RunSummary, down: RunSummary) -> RunSummary {
+        let label = |half: &str, mut stages: Vec<StageTime>| {
+            for s in &mut stages {
+                s.stage = format!("{half}: {}", s.stage);
+            }
+            stages
+        };
+        let mut stages = label("upstream", up.stages);
+        stages.extend(label("keyed", down.stages));
+        RunSummary {
+            records: up.records,
+            undecodable: up.undecodable + down.undecodable,
+            rejected: up.rejected + down.rejected,
+            rows_out: down.rows_out,
+            checkpoints: up.checkpoints + down.checkpoints,
+            wall: up.wall.max(down.wall),
+            first_record: up.first_record,
+            stages,
+            latency_to_output: down.latency_to_output,
+            latency_to_commit: down.latency_to_commit,
+            swaps: down.swaps,
+        }
+    }
 }
 
 /// One step, ready to instantiate per partition.
@@ -300,7 +370,7 @@ fn config_location(pipeline: &Pipeline, index: usize, error: &PluginError) -> Op
 }
 
 /// Where a sink's table is: a folder (relative to the pipeline file) or an `s3://` URL.
-fn table_location(
+pub(super) fn table_location(
     pipeline: &Pipeline,
     name: &str,
     path: &std::path::Path,
@@ -319,7 +389,7 @@ fn table_location(
     )
 }
 
-fn delta_location(
+pub(super) fn delta_location(
     pipeline: &Pipeline,
     name: &str,
     t: &crate::config::TableSpec,
@@ -328,7 +398,7 @@ fn delta_location(
 }
 
 /// Where a Parquet or CSV sink's files go.
-fn file_place(
+pub(super) fn file_place(
     pipeline: &Pipeline,
     name: &str,
     path: &std::path::Path,
@@ -458,6 +528,7 @@ pub(crate) fn open_sink(
         )?;
         return Ok(Box::new(FileTableSink::open_at(
             name,
+            &pipeline.spec.name,
             file_place(pipeline, name, &c.path, &c.storage_options, rt)?,
             shape,
             &c.partition_by,
@@ -478,6 +549,7 @@ pub(crate) fn open_sink(
             )?;
             Ok(Box::new(FileTableSink::open_at(
                 name,
+                &pipeline.spec.name,
                 file_place(pipeline, name, &t.path, &t.storage_options, rt)?,
                 shape,
                 &t.partition_by,

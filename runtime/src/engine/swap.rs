@@ -66,7 +66,12 @@ pub(crate) struct Watch {
     /// Set by the SIGHUP handler.
     pub hangup: Arc<AtomicBool>,
     pub stop: Arc<AtomicBool>,
+    /// The running half of a repartitioned pipeline, from the whole file as loaded.
+    pub derive: Option<Derive>,
 }
+
+/// Turns a loaded pipeline into the part of it a half runs.
+pub(crate) type Derive = Arc<dyn Fn(Pipeline) -> Pipeline + Send + Sync>;
 
 /// The running plan's files as they were when it was built: taken before the plan is built,
 /// so a change during the build shows as a change (a swap to the same steps at worst), never
@@ -135,7 +140,10 @@ pub(crate) fn reloader(
         } else {
             tracing::info!("{} or a plugin it loads changed: reloading", file.display());
         }
-        let loaded = Pipeline::load(&file, &watch.vars);
+        let loaded = Pipeline::load(&file, &watch.vars).map(|p| match &watch.derive {
+            Some(derive) => derive(p),
+            None => p,
+        });
         if let Ok(pipeline) = &loaded {
             // The plugin files the file names now are watched from here on, applied or not
             // (a plugin the new file names may not be built yet). The pipeline file keeps the

@@ -39,6 +39,20 @@ pub(crate) enum SinkInput {
     Stage(usize),
     /// Rows refused anywhere.
     DeadLetter,
+    /// The repartition hop (the upstream half): the task sends the rows itself.
+    Hop,
+}
+
+/// Which half of a pipeline with a repartition hop a task runs (see [`super::hop`]).
+#[derive(Clone)]
+pub(crate) enum Role {
+    /// No hop: decode and every step.
+    Whole,
+    /// Decode, judge late rows, send the rest to the internal topic.
+    Upstream(Arc<super::hop::HopOut>),
+    /// Read the internal topic: every step, on rows of every source partition (the source
+    /// partitions listed: windows wait for each one's watermark).
+    Keyed(Arc<Vec<PartitionKey>>),
 }
 
 /// What every task of a run shares.
@@ -48,7 +62,8 @@ pub(crate) struct TaskContext {
     pub decoder: JsonDecoder,
     pub event_time: Option<usize>,
     pub delay: i64,
-    /// Event times further than this (ms) ahead of the clock are refused at decode.
+    /// Event times further than this (ms) ahead of the record's Kafka timestamp (the clock for
+    /// a source without one) are refused at decode.
     pub max_future: i64,
     pub max_records: usize,
     pub max_wait: Duration,
@@ -62,6 +77,10 @@ pub(crate) struct TaskContext {
     pub metrics: Arc<Metrics>,
     /// Per sink index: its name, for metrics.
     pub sink_names: Vec<String>,
+    /// This process's tag in checkpoint epochs (see [`crate::checkpoint::next_epoch`]).
+    pub writer: u64,
+    /// Which half of a repartitioned pipeline the tasks run.
+    pub role: Role,
 }
 
 impl TaskContext {
@@ -82,16 +101,21 @@ impl TaskContext {
             committer: self.committer.clone(),
             metrics: self.metrics.clone(),
             sink_names: self.sink_names.clone(),
+            writer: self.writer,
+            role: self.role.clone(),
         }
     }
 }
 
-/// A sink that already holds more of this partition than the task's start: when `processed`
-/// reaches `offset`, the chain gets `watermark` (as it did when that checkpoint was taken) and
-/// the sinks join; until then they are not written.
+/// A stop of a replay: a checkpoint the first run took between the start and a sink that
+/// holds more. When `processed` reaches `offset`, the chain gets `watermark` (as it did when that
+/// checkpoint was taken) and `sinks` (those that hold exactly this checkpoint, if any) join;
+/// until then they are not written.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
     pub offset: i64,
+    /// The checkpoint's epoch: the task's lineage passes through it.
+    pub epoch: u64,
     pub watermark: Option<i64>,
     pub sinks: Vec<usize>,
 }
@@ -101,8 +125,10 @@ pub(crate) struct Target {
 pub(crate) struct Resume {
     /// The last offset every joined sink holds (-1: none).
     pub start: i64,
-    /// The last checkpoint epoch of the partition (the next one is `epoch + 1`).
+    /// The newest checkpoint epoch any sink holds (the next one is numbered after it).
     pub epoch: u64,
+    /// The epoch of `state`.
+    pub base: Option<u64>,
     /// The state stored for `start`, if any.
     pub state: Option<PartitionState>,
     /// Per sink: written from the start.
@@ -137,9 +163,18 @@ pub(crate) struct PartitionTask {
     /// The watermark for the coordinator (`i64::MIN`: none yet).
     published: Arc<AtomicI64>,
     epoch: u64,
+    /// The checkpoint this task's state goes on from (restored, or reached in a replay).
+    lineage: Option<u64>,
     dirty: bool,
     joined: Vec<bool>,
     targets: VecDeque<Target>,
+    /// Behind the hop: what each source partition has sent, and its watermark.
+    sources: super::hop::Sources,
+    /// Upstream of the hop: the watermark last sent to each internal partition.
+    sent: Vec<Option<i64>>,
+    /// Upstream of the hop: the keyed tasks were told this partition is idle (since its last
+    /// records).
+    idle_sent: bool,
     /// Kafka append times (ms) of records processed since the last barrier, with counts.
     pub appended: HashMap<i64, u64>,
     pub decode_time: Duration,
@@ -158,10 +193,19 @@ impl PartitionTask {
     ) -> Result<Self, RunError> {
         let mut chain = chain_for(&ctx)?;
         let (mut max_event, mut watermark) = (None, None);
+        let mut sources = super::hop::Sources::default();
         if let Some(state) = &resume.state {
             max_event = state.max_event;
             watermark = state.watermark;
+            sources = super::hop::Sources::from_marks(&state.sources);
             restore_chain(&ctx.plan, &mut chain, &state.steps, &key)?;
+        }
+        if let Role::Keyed(expected) = &ctx.role {
+            sources.expect(expected);
+        }
+        if let Role::Upstream(out) = &ctx.role {
+            // The keyed tasks hold their windows open for every source partition they heard of.
+            out.announce(&key, watermark)?;
         }
         published.store(watermark.unwrap_or(i64::MIN), Ordering::Relaxed);
         let mut task = PartitionTask {
@@ -176,9 +220,13 @@ impl PartitionTask {
             watermark,
             published,
             epoch: resume.epoch,
+            lineage: resume.base,
             dirty: false,
             joined: resume.joined,
             targets: resume.targets.into(),
+            sources,
+            sent: Vec::new(),
+            idle_sent: false,
             appended: HashMap::new(),
             decode_time: Duration::ZERO,
             latency: Default::default(),
@@ -409,6 +457,9 @@ impl PartitionTask {
         let Some(last) = records.last().map(|r| r.offset) else {
             return Ok(());
         };
+        if matches!(self.ctx.role, Role::Keyed(_)) {
+            return self.process_hop(records, last, epoch);
+        }
         let decoding = Instant::now();
         // Records that cannot be JSON at all never reach the decoder.
         let mut failures: Vec<(usize, String)> = Vec::new();
@@ -441,6 +492,7 @@ impl PartitionTask {
                 reason: reason.clone(),
                 offset: r.offset,
                 payload: dead_payload(&r.payload),
+                source: None,
             });
         }
         self.ctx
@@ -452,15 +504,22 @@ impl PartitionTask {
         }
         // Batch row → record.
         let mut rows: Vec<usize> = (0..records.len()).filter(|&i| !failed[i]).collect();
-        // An event time far ahead of the clock would close every open window at once.
+        // An event time far ahead of its time would close every open window at once.
         if let Some(et) = self.ctx.event_time
             && batch.num_rows() > 0
             && let Ok(times) = flowgate_sdk::columns::event_time_millis(&batch, et)
         {
+            // Judged against the record's own append time when the source has one (so a replay
+            // judges it as the live run did, whenever it runs), else against the clock.
             let now = chrono::Utc::now().timestamp_millis();
-            let limit = now.saturating_add(self.ctx.max_future);
+            let limit = |row: usize| {
+                records[rows[row]]
+                    .timestamp_ms
+                    .unwrap_or(now)
+                    .saturating_add(self.ctx.max_future)
+            };
             let ahead: Vec<usize> = (0..times.len())
-                .filter(|&row| !times.is_null(row) && times.value(row) > limit)
+                .filter(|&row| !times.is_null(row) && times.value(row) > limit(row))
                 .collect();
             if !ahead.is_empty() {
                 for &row in &ahead {
@@ -468,12 +527,13 @@ impl PartitionTask {
                     dead.push(DeadRow {
                         stage: "decode".into(),
                         reason: format!(
-                            "event time {} is more than `watermark.max_future` ({}) ahead of the clock: it would move the watermark past every open window",
+                            "event time {} is more than `watermark.max_future` ({}) ahead of when the record was written (its Kafka timestamp; the clock for a file): it would move the watermark past every open window",
                             flowgate_sdk::columns::format_millis(times.value(row)),
                             flowgate_sdk::config::Duration::from_millis(self.ctx.max_future)
                         ),
                         offset: r.offset,
                         payload: dead_payload(&r.payload),
+                        source: None,
                     });
                 }
                 self.count_rejected("decode", "future", ahead.len());
@@ -499,6 +559,13 @@ impl PartitionTask {
         let offsets: Vec<i64> = rows.iter().map(|&i| records[i].offset).collect();
         self.dead_letter(dead, epoch)?;
         self.dirty = true;
+        if let Role::Upstream(out) = &self.ctx.role {
+            let out = out.clone();
+            let times: Vec<Option<i64>> = rows.iter().map(|&i| records[i].timestamp_ms).collect();
+            self.send_upstream(&out, batch, &offsets, &times, epoch)?;
+            // Latency is recorded where the rows leave the last step, behind the hop.
+            return self.finish(&records, Some(&[]), last, epoch);
+        }
         // Cut before every row behind the watermark the rows before it imply.
         let times = match self.ctx.event_time {
             Some(et) if batch.num_rows() > 0 => {
@@ -519,7 +586,7 @@ impl PartitionTask {
                     if t < implied && self.watermark.is_none_or(|w| w < implied) {
                         if row > start {
                             let slice = batch.slice(start, row - start);
-                            self.run_chain(slice, &offsets[start..row], epoch)?;
+                            self.run_chain(slice, &offsets[start..row], &[], epoch)?;
                         }
                         start = row;
                         self.hand_watermark(implied, epoch)?;
@@ -530,8 +597,20 @@ impl PartitionTask {
         }
         if start < batch.num_rows() || batch.num_rows() == 0 {
             let slice = batch.slice(start, batch.num_rows() - start);
-            self.run_chain(slice, &offsets[start..], epoch)?;
+            self.run_chain(slice, &offsets[start..], &[], epoch)?;
         }
+        self.finish(&records, None, last, epoch)
+    }
+
+    /// After a batch: the offset processed, counts, latency, the watermark the batch implies,
+    /// and sinks whose target the batch reached.
+    fn finish(
+        &mut self,
+        records: &[Record],
+        source_times: Option<&[Option<i64>]>,
+        last: i64,
+        epoch: u64,
+    ) -> Result<(), RunError> {
         self.processed = last;
         self.ctx
             .counters
@@ -544,17 +623,238 @@ impl PartitionTask {
             .get_or_create(&partition)
             .inc_by(records.len() as u64);
         metrics.batches.get_or_create(&partition).inc();
-        self.record_latency(&records);
-        if let Some(max) = self.max_event {
-            self.hand_watermark(max.saturating_sub(self.ctx.delay), epoch)?;
+        match source_times {
+            Some(times) => self.record_latency(times.iter().copied()),
+            None => self.record_latency(records.iter().map(|r| r.timestamp_ms)),
+        }
+        match self.ctx.role {
+            Role::Keyed(_) => {
+                if let Some(w) = self.sources.watermark() {
+                    self.hand_watermark(w, epoch)?;
+                }
+            }
+            _ => {
+                if let Some(max) = self.max_event {
+                    self.hand_watermark(max.saturating_sub(self.ctx.delay), epoch)?;
+                }
+            }
         }
         self.reach_targets(epoch)
     }
 
+    /// Upstream of the hop: judges each row against this partition's own watermark (the newest
+    /// event time before it less the delay): late rows go to
+    /// the dead letter with their offsets; the others go to the internal topic, keyed, with the
+    /// watermark after them.
+    fn send_upstream(
+        &mut self,
+        out: &super::hop::HopOut,
+        batch: RecordBatch,
+        offsets: &[i64],
+        times: &[Option<i64>],
+        epoch: u64,
+    ) -> Result<(), RunError> {
+        let delay = self.ctx.delay;
+        let mut late = Vec::new();
+        if let Some(et) = self.ctx.event_time
+            && batch.num_rows() > 0
+            && let Ok(times) = flowgate_sdk::columns::event_time_millis(&batch, et)
+        {
+            for row in 0..times.len() {
+                if times.is_null(row) {
+                    continue;
+                }
+                let t = times.value(row);
+                let before = self
+                    .max_event
+                    .map(|m| m.saturating_sub(delay))
+                    .max(self.watermark);
+                if let Some(w) = before.filter(|&w| t < w) {
+                    late.push((row, t, w));
+                    continue;
+                }
+                self.max_event = Some(self.max_event.map_or(t, |m| m.max(t)));
+            }
+        }
+        let mut batch = batch;
+        let mut offsets = offsets.to_vec();
+        let mut times = times.to_vec();
+        if !late.is_empty() {
+            let rows = row_json(&batch);
+            let mut keep = vec![true; batch.num_rows()];
+            let mut dead = Vec::with_capacity(late.len());
+            for &(row, t, w) in &late {
+                keep[row] = false;
+                dead.push(DeadRow {
+                    stage: super::hop::HOP.into(),
+                    reason: format!(
+                        "late: event time {} is behind the watermark {} of partition `{}/{}` (its newest event time before it less `watermark.delay`, {})",
+                        flowgate_sdk::columns::format_millis(t),
+                        flowgate_sdk::columns::format_millis(w),
+                        self.key.0,
+                        self.key.1,
+                        flowgate_sdk::config::Duration::from_millis(delay)
+                    ),
+                    offset: offsets[row],
+                    payload: rows.get(row).cloned().unwrap_or_default(),
+                    source: None,
+                });
+            }
+            self.count_rejected(super::hop::HOP, "late", late.len());
+            self.ctx
+                .counters
+                .rejected
+                .fetch_add(late.len() as u64, Ordering::Relaxed);
+            self.dead_letter(dead, epoch)?;
+            batch = arrow::compute::filter_record_batch(
+                &batch,
+                &arrow::array::BooleanArray::from(keep.clone()),
+            )
+            .map_err(|e| RunError::Internal(format!("dropping late rows: {e}")))?;
+            let mut kept = keep.iter();
+            offsets.retain(|_| kept.next().copied().unwrap_or(false));
+            let mut kept = keep.iter();
+            times.retain(|_| kept.next().copied().unwrap_or(false));
+        }
+        if let Some(max) = self.max_event {
+            self.hand_watermark(max.saturating_sub(delay), epoch)?;
+        }
+        self.send_hop(out, &batch, &offsets, &times)
+    }
+
+    /// Whether the hop takes what this task sends (not while a replay catches up with it).
+    fn hop_joined(&self) -> bool {
+        self.ctx
+            .inputs
+            .iter()
+            .position(|i| *i == SinkInput::Hop)
+            .is_some_and(|index| self.joined[index])
+    }
+
+    /// Sends rows (or, with none, the watermark alone) to the internal topic, unless the hop
+    /// already holds this stretch (a replay for other sinks).
+    fn send_hop(
+        &mut self,
+        out: &super::hop::HopOut,
+        batch: &RecordBatch,
+        offsets: &[i64],
+        times: &[Option<i64>],
+    ) -> Result<(), RunError> {
+        self.idle_sent = false;
+        let Some(index) = self.ctx.inputs.iter().position(|i| *i == SinkInput::Hop) else {
+            return Ok(());
+        };
+        if !self.joined[index] {
+            return Ok(());
+        }
+        out.send(
+            &self.key,
+            batch,
+            offsets,
+            times,
+            self.watermark,
+            &mut self.sent,
+        )?;
+        if batch.num_rows() > 0 {
+            self.count_sink_rows(index, batch.num_rows() as u64);
+            self.ctx
+                .counters
+                .rows_out
+                .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Behind the hop: each message's rows not taken before (a restarted upstream sends copies),
+    /// through every step; then the watermark of the slowest source partition heard of.
+    fn process_hop(&mut self, records: Vec<Record>, last: i64, epoch: u64) -> Result<(), RunError> {
+        let decoding = Instant::now();
+        let schema = self.ctx.plan.stages[0].clone();
+        let mut batches = Vec::new();
+        let mut offsets = Vec::new();
+        let mut origins: Vec<(Arc<str>, i32)> = Vec::new();
+        let mut times: Vec<Option<i64>> = Vec::new();
+        let mut dead = Vec::new();
+        for r in &records {
+            let refuse = |reason: String| DeadRow {
+                stage: super::hop::HOP.into(),
+                reason,
+                offset: r.offset,
+                payload: dead_payload(&r.payload),
+                source: None,
+            };
+            let Some(origin) = r.origin.as_deref() else {
+                dead.push(refuse(
+                    "not a repartition message (no Flowgate headers): something else writes to the internal topic".into(),
+                ));
+                continue;
+            };
+            match super::hop::read_message(&r.payload) {
+                Err(e) => dead.push(refuse(format!(
+                    "a repartition message that does not decode: {e}"
+                ))),
+                Ok(None) => {}
+                Ok(Some(message)) => {
+                    let kept = self.sources.take(origin, &message.offsets);
+                    if !kept.is_empty() {
+                        let rows =
+                            RecordBatch::try_new(schema.clone(), message.rows.columns().to_vec())
+                                .and_then(|rows| {
+                                    if kept.len() == rows.num_rows() {
+                                        Ok(rows)
+                                    } else {
+                                        arrow::compute::take_record_batch(
+                                            &rows,
+                                            &arrow::array::UInt32Array::from(kept.clone()),
+                                        )
+                                    }
+                                });
+                        match rows {
+                            Ok(rows) => {
+                                offsets.extend(kept.iter().map(|&i| message.offsets[i as usize]));
+                                times.extend(kept.iter().map(|&i| message.times[i as usize]));
+                                origins.extend(
+                                    std::iter::repeat_n(
+                                        (origin.topic.clone(), origin.partition),
+                                        rows.num_rows(),
+                                    ),
+                                );
+                                batches.push(rows);
+                            }
+                            Err(e) => dead.push(refuse(format!(
+                                "a repartition message whose rows do not fit the pipeline's `schema` (written by another version of it?): {e}"
+                            ))),
+                        }
+                    }
+                }
+            }
+            self.sources.heard(origin);
+        }
+        self.decode_time += decoding.elapsed();
+        if !dead.is_empty() {
+            self.count_rejected(super::hop::HOP, "undecodable", dead.len());
+            self.ctx
+                .counters
+                .undecodable
+                .fetch_add(dead.len() as u64, Ordering::Relaxed);
+        }
+        self.dead_letter(dead, epoch)?;
+        self.dirty = true;
+        if !batches.is_empty() {
+            let batch = arrow::compute::concat_batches(&schema, &batches)
+                .map_err(|e| RunError::Internal(format!("repartition: {e}")))?;
+            self.run_chain(batch, &offsets, &origins, epoch)?;
+        }
+        self.finish(&records, Some(&times), last, epoch)
+    }
+
+    /// Runs `batch` (its rows from `offsets`, of `origins` behind the hop, else of this
+    /// partition) through the chain and delivers what comes out.
     fn run_chain(
         &mut self,
         batch: RecordBatch,
         offsets: &[i64],
+        origins: &[(Arc<str>, i32)],
         epoch: u64,
     ) -> Result<(), RunError> {
         if batch.num_rows() == 0 {
@@ -564,18 +864,47 @@ impl PartitionTask {
         let output = self
             .chain
             .process(batch.clone())
-            .map_err(|e| self.plugin_error(e, offsets))?;
+            .map_err(|e| self.plugin_error(e, offsets, origins))?;
         self.observe_calls(&before);
-        self.deliver(output, epoch, Some(&batch), offsets)
+        self.deliver(output, epoch, Some(&batch), offsets, origins)
     }
 
-    fn plugin_error(&self, e: PluginError, offsets: &[i64]) -> RunError {
-        let range = match (offsets.first(), offsets.last()) {
+    /// The error of a plugin call on rows from `offsets` (of `origins` behind the hop), naming
+    /// where those rows came from.
+    fn plugin_error(
+        &self,
+        e: PluginError,
+        offsets: &[i64],
+        origins: &[(Arc<str>, i32)],
+    ) -> RunError {
+        let range = |offsets: &[i64]| match (offsets.iter().min(), offsets.iter().max()) {
             (Some(a), Some(b)) => format!(" (offsets {a}..={b})"),
             _ => String::new(),
         };
+        let mut location = format!("partition `{}/{}`", self.key.0, self.key.1);
+        if origins.is_empty() {
+            location.push_str(&range(offsets));
+        } else {
+            let mut sources: Vec<&(Arc<str>, i32)> = origins.iter().collect();
+            sources.sort();
+            sources.dedup();
+            for source in sources {
+                let of: Vec<i64> = offsets
+                    .iter()
+                    .zip(origins)
+                    .filter(|(_, o)| *o == source)
+                    .map(|(&x, _)| x)
+                    .collect();
+                location.push_str(&format!(
+                    ", source partition `{}/{}`{}",
+                    source.0,
+                    source.1,
+                    range(&of)
+                ));
+            }
+        }
         RunError::Plugin {
-            location: format!("partition `{}/{}`{range}", self.key.0, self.key.1),
+            location,
             source: Box::new(e),
         }
     }
@@ -592,9 +921,9 @@ impl PartitionTask {
         let output = self
             .chain
             .watermark(ts)
-            .map_err(|e| self.plugin_error(e, &[]))?;
+            .map_err(|e| self.plugin_error(e, &[], &[]))?;
         self.observe_calls(&before);
-        self.deliver(output, epoch, None, &[])
+        self.deliver(output, epoch, None, &[], &[])
     }
 
     /// Sinks whose target offset is reached get the watermark they saw there, then join.
@@ -606,10 +935,13 @@ impl PartitionTask {
             if let Some(w) = target.watermark {
                 self.hand_watermark(w, epoch)?;
             }
+            self.lineage = Some(target.epoch);
             for s in &target.sinks {
                 self.joined[*s] = true;
             }
-            tracing::info!(topic = %self.key.0, partition = self.key.1, offset = target.offset, "replay caught up with a sink that held more; it is written again from here");
+            if !target.sinks.is_empty() {
+                tracing::info!(topic = %self.key.0, partition = self.key.1, offset = target.offset, "replay caught up with a sink that held more; it is written again from here");
+            }
             self.targets.pop_front();
         }
         Ok(())
@@ -632,9 +964,16 @@ impl PartitionTask {
         epoch: u64,
         decoded: Option<&RecordBatch>,
         offsets: &[i64],
+        origins: &[(Arc<str>, i32)],
     ) -> Result<(), RunError> {
         let last_stage = self.ctx.plan.stages.len() - 1;
-        let at = self.processed.max(offsets.last().copied().unwrap_or(-1));
+        // Where a row that maps to no record of its own is put: the last record taken. Behind
+        // the hop `offsets` are source offsets, so the internal topic's own is used.
+        let at = if origins.is_empty() {
+            self.processed.max(offsets.last().copied().unwrap_or(-1))
+        } else {
+            self.taken
+        };
         let mut rows_out = 0u64;
         for (index, input) in self.ctx.inputs.iter().enumerate() {
             if !self.joined[index] {
@@ -702,6 +1041,10 @@ impl PartitionTask {
                     reason,
                     offset,
                     payload: row,
+                    source: origins
+                        .get(index as usize)
+                        .filter(|_| exact && offsets.get(index as usize).is_some())
+                        .cloned(),
                 });
             }
         }
@@ -727,6 +1070,10 @@ impl PartitionTask {
                         at
                     },
                     payload: row,
+                    source: origins
+                        .get(i)
+                        .filter(|_| exact && offsets.get(i).is_some())
+                        .cloned(),
                 });
             }
         }
@@ -763,8 +1110,14 @@ impl PartitionTask {
             Arc::new(StringArray::from_iter_values(
                 rows.iter().map(|r| r.reason.as_str()),
             )),
-            Arc::new(StringArray::from(vec![&*self.key.0; n])),
-            Arc::new(Int32Array::from(vec![self.key.1; n])),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter()
+                    .map(|r| r.source.as_ref().map_or(&*self.key.0, |(t, _)| &**t)),
+            )),
+            Arc::new(Int32Array::from_iter_values(
+                rows.iter()
+                    .map(|r| r.source.as_ref().map_or(self.key.1, |(_, p)| *p)),
+            )),
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.offset))),
             Arc::new(StringArray::from_iter_values(
                 rows.iter().map(|r| r.payload.as_str()),
@@ -795,8 +1148,20 @@ impl PartitionTask {
         idle_watermark: Option<i64>,
     ) -> Result<Option<TaskCheckpoint>, RunError> {
         self.process(epoch)?;
-        if let Some(w) = idle_watermark {
-            self.hand_watermark(w, epoch)?;
+        match (&self.ctx.role, idle_watermark) {
+            (Role::Whole, Some(w)) if w != i64::MIN => self.hand_watermark(w, epoch)?,
+            // Upstream of the hop an idle partition keeps its own watermark (what it judges late
+            // stays a matter of its records alone, in a replay too) and says it is idle: the
+            // keyed tasks leave it out of their windows' watermark until it sends again.
+            (Role::Upstream(out), Some(_)) if !self.idle_sent => {
+                let out = out.clone();
+                if self.hop_joined() {
+                    out.idle(&self.key, self.watermark)?;
+                }
+                self.idle_sent = true;
+            }
+            // Behind the hop the watermark comes from the source partitions alone.
+            _ => {}
         }
         if !self.dirty {
             return Ok(None);
@@ -811,7 +1176,9 @@ impl PartitionTask {
             .into_iter()
             .map(|(step, snapshot)| StepState { step, snapshot })
             .collect();
-        self.epoch += 1;
+        let previous = self.lineage;
+        self.epoch = crate::checkpoint::next_epoch(self.epoch, self.ctx.writer);
+        self.lineage = Some(self.epoch);
         self.dirty = false;
         Ok(Some(TaskCheckpoint {
             key: self.key.clone(),
@@ -821,6 +1188,8 @@ impl PartitionTask {
                 max_event: self.max_event,
                 watermark: self.watermark,
                 steps,
+                previous,
+                sources: self.sources.marks(),
             },
             joined: self.joined.clone(),
         }))
@@ -828,7 +1197,7 @@ impl PartitionTask {
 
     /// Records how long ago `records` were appended to Kafka (they just left the last plugin),
     /// and keeps their append times until the barrier.
-    fn record_latency(&mut self, records: &[Record]) {
+    fn record_latency(&mut self, times: impl Iterator<Item = Option<i64>>) {
         let now_us = chrono::Utc::now().timestamp_micros();
         let mut run: Option<(i64, u64)> = None;
         let note = |ts: i64, n: u64, this: &mut Self| {
@@ -836,7 +1205,7 @@ impl PartitionTask {
             this.latency.record_n(age, n);
             *this.appended.entry(ts).or_default() += n;
         };
-        for ts in records.iter().filter_map(|r| r.timestamp_ms) {
+        for ts in times.flatten() {
             match &mut run {
                 Some((t, n)) if *t == ts => *n += 1,
                 _ => {
@@ -1008,6 +1377,8 @@ struct DeadRow {
     reason: String,
     offset: i64,
     payload: String,
+    /// The row's source topic and partition when not the task's own (behind the hop).
+    source: Option<(Arc<str>, i32)>,
 }
 
 /// Each row of `batch` as a JSON object (a row that cannot be written still gets `{}`, so no

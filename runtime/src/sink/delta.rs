@@ -44,6 +44,8 @@ pub struct DeltaSink {
     /// `seen` at open recorded: one past what this process holds means another process owns the
     /// partition now.
     latest: HashMap<String, Position>,
+    /// Per offset app id, the commit that recorded its newest position (as far as read).
+    recorded_by: HashMap<String, Recorded>,
     encode_time: std::time::Duration,
     /// Compaction, checkpoints and vacuum beside the commits.
     upkeep: Option<maintenance::Upkeep>,
@@ -94,6 +96,7 @@ async fn scan(
     seen: u64,
     current: u64,
     latest: &mut HashMap<String, Position>,
+    recorded_by: &mut HashMap<String, Recorded>,
 ) -> Result<(), deltalake::DeltaTableError> {
     for version in seen.saturating_add(1)..=current {
         // A version missing below the current one was cleaned up (the log retention passed
@@ -104,6 +107,7 @@ async fn scan(
             )));
         };
         let mut found: HashMap<String, i64> = HashMap::new();
+        let mut committed_ms = None;
         for line in bytes.split(|&b| b == b'\n') {
             let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
                 continue;
@@ -111,6 +115,9 @@ async fn scan(
             let txn = &action["txn"];
             if let (Some(app), Some(v)) = (txn["appId"].as_str(), txn["version"].as_i64()) {
                 found.insert(app.to_string(), v);
+            }
+            if let Some(t) = action["commitInfo"]["timestamp"].as_i64() {
+                committed_ms = Some(t);
             }
         }
         for (app, &offset) in &found {
@@ -122,11 +129,88 @@ async fn scan(
                 offset,
                 epoch: u64::try_from(epoch).unwrap_or(0),
             };
+            if latest.get(app).is_none_or(|p| *p < position) {
+                recorded_by.insert(
+                    app.clone(),
+                    Recorded {
+                        version,
+                        committed_ms,
+                    },
+                );
+            }
             let slot = latest.entry(app.clone()).or_insert(position);
             *slot = (*slot).max(position);
         }
     }
     Ok(())
+}
+
+/// What a Delta table's log says of its writers (see [`log_writers`]).
+#[derive(Debug, Default)]
+pub struct LogWriters {
+    /// The `txn` app ids of every commit entry the log still holds.
+    pub app_ids: std::collections::BTreeSet<String>,
+    /// The newest version.
+    pub version: u64,
+    /// When the newest version was committed (ms since the Unix epoch), if it says.
+    pub committed_ms: Option<i64>,
+    /// Whether any commit entry added a data file.
+    pub has_rows: bool,
+}
+
+/// Reads the writers of the table at `location` from its log (`None`: no table there).
+pub fn log_writers(location: &TableLocation, rt: &Runtime) -> Result<Option<LogWriters>, String> {
+    if location.local.as_deref().is_some_and(|p| !has_commit(p)) {
+        return Ok(None);
+    }
+    let mut location = location.clone();
+    if let Some(path) = &location.local {
+        location.url = maintenance::table_url(path)?;
+    }
+    rt.block_on(async {
+        let table = load(&location).await.map_err(|e| e.to_string())?;
+        let Some(current) = table.version() else {
+            return Ok(None);
+        };
+        let mut writers = LogWriters {
+            version: current,
+            ..Default::default()
+        };
+        let log_store = table.log_store();
+        for version in 0..=current {
+            let Some(bytes) = log_store
+                .read_commit_entry(version)
+                .await
+                .map_err(|e| e.to_string())?
+            else {
+                continue;
+            };
+            for line in bytes.split(|&b| b == b'\n') {
+                let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+                    continue;
+                };
+                if let Some(app) = action["txn"]["appId"].as_str() {
+                    writers.app_ids.insert(app.to_string());
+                }
+                if action.get("add").is_some() {
+                    writers.has_rows = true;
+                }
+                if version == current
+                    && let Some(t) = action["commitInfo"]["timestamp"].as_i64()
+                {
+                    writers.committed_ms = Some(t);
+                }
+            }
+        }
+        Ok(Some(writers))
+    })
+}
+
+/// Which commit recorded a position, for messages.
+#[derive(Debug, Clone, Copy)]
+struct Recorded {
+    version: u64,
+    committed_ms: Option<i64>,
 }
 
 /// How a Delta sink writes its table.
@@ -352,6 +436,7 @@ impl DeltaSink {
             last: Positions::new(),
             seen,
             latest: HashMap::new(),
+            recorded_by: HashMap::new(),
             encode_time: std::time::Duration::ZERO,
             upkeep,
             schema_mode: options.schema_mode,
@@ -484,7 +569,7 @@ impl Sink for DeltaSink {
             .keys()
             .filter_map(|k| self.last.get(k).map(|p| (k.clone(), *p)))
             .collect();
-        let (seen, latest) = (&mut self.seen, &mut self.latest);
+        let (seen, latest, recorded_by) = (&mut self.seen, &mut self.latest, &mut self.recorded_by);
         let table = &mut self.table;
         let version = self
             .rt
@@ -500,7 +585,14 @@ impl Sink for DeltaSink {
                         table.update_state().await?;
                         let current = table.snapshot()?.version();
                         if current > *seen {
-                            scan(table.log_store().as_ref(), *seen, current, latest).await?;
+                            scan(
+                                table.log_store().as_ref(),
+                                *seen,
+                                current,
+                                latest,
+                                recorded_by,
+                            )
+                            .await?;
                             *seen = current;
                         }
                         let recorded: Positions = claims
@@ -553,15 +645,46 @@ impl Sink for DeltaSink {
                     }
                 }
             })
-            .map_err(|e| SinkError::Table {
-                sink: self.name.clone(),
-                table: self.location.clone(),
-                message: format!("commit failed: {e}"),
+            .map_err(|e| {
+                let by = match &e {
+                    Attempt::Overtaken(_) => {
+                        let by: Vec<String> = positions
+                            .keys()
+                            .filter_map(|(t, p)| {
+                                self.provenance(t, *p).map(|w| format!("`{t}/{p}`: {w}"))
+                            })
+                            .collect();
+                        format!(" (recorded by {})", by.join("; "))
+                    }
+                    Attempt::Delta(_) => String::new(),
+                };
+                match e {
+                    Attempt::Overtaken(_) => SinkError::Overtaken {
+                        sink: self.name.clone(),
+                        table: self.location.clone(),
+                        message: format!("{e}{by}"),
+                    },
+                    Attempt::Delta(_) => SinkError::Table {
+                        sink: self.name.clone(),
+                        table: self.location.clone(),
+                        message: format!("commit failed: {e}"),
+                    },
+                }
             })?;
         // The log has the new version; read it so the next commit builds on it.
         let _ = self.rt.block_on(self.table.update_state());
         self.staged.clear();
         tracing::debug!(sink = %self.name, version, files, "committed Delta version");
+        let now = chrono::Utc::now().timestamp_millis();
+        for (t, p) in positions.keys() {
+            self.recorded_by.insert(
+                self.app_id(t, *p),
+                Recorded {
+                    version,
+                    committed_ms: Some(now),
+                },
+            );
+        }
         self.last
             .extend(positions.iter().map(|(k, v)| (k.clone(), *v)));
         if let Some(upkeep) = self.upkeep.as_mut() {
@@ -572,6 +695,19 @@ impl Sink for DeltaSink {
 
     fn encode_time(&self) -> std::time::Duration {
         self.encode_time
+    }
+
+    fn provenance(&self, topic: &str, partition: i32) -> Option<String> {
+        let r = self.recorded_by.get(&self.app_id(topic, partition))?;
+        let when = r
+            .committed_ms
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map(|t| format!(", committed {}", t.format("%Y-%m-%d %H:%M:%S UTC")))
+            .unwrap_or_default();
+        Some(format!(
+            "Delta version {}{when}, pipeline `{}`",
+            r.version, self.pipeline
+        ))
     }
 
     fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<Position>, SinkError> {

@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
@@ -54,6 +54,9 @@ impl FileFormat {
 /// not write rows twice.
 pub struct FileTableSink {
     name: String,
+    /// The pipeline writing: positions are its own (`pipeline`, topic, partition); another
+    /// pipeline's entries in the same table record other positions.
+    pipeline: String,
     place: Place,
     partition_by: Vec<usize>,
     file_schema: SchemaRef,
@@ -64,8 +67,10 @@ pub struct FileTableSink {
     /// Per partition, the position this process holds (as committed by it, or found when the
     /// partition was assigned to it).
     committed: Positions,
-    /// Per partition, the newest position any log entry read so far records.
+    /// Per partition, the newest position any of this pipeline's log entries read so far
+    /// records, and which entry recorded it (for messages).
     latest: Positions,
+    recorded_by: HashMap<(String, i32), Provenance>,
     shape: TableShape,
     encode_time: std::time::Duration,
     /// Files being written for the next commit, by partition folder: rows are encoded as they
@@ -149,6 +154,33 @@ struct LogEntry {
     /// written before this was recorded have none).
     #[serde(default)]
     columns: Vec<[String; 2]>,
+    /// The pipeline that wrote the entry: positions belong to (pipeline, topic, partition), so
+    /// two pipelines may write one table. Entries written before Flowgate recorded it have none
+    /// and count as the reading pipeline's.
+    #[serde(default)]
+    pipeline: String,
+    /// When the entry was written (ms since the Unix epoch; 0 in older entries).
+    #[serde(default)]
+    written_ms: i64,
+}
+
+/// Which log entry recorded a position, for messages that must say who wrote what, and when.
+#[derive(Debug, Clone)]
+struct Provenance {
+    entry: String,
+    written_ms: i64,
+}
+
+impl std::fmt::Display for Provenance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "commit log entry `{}`", self.entry)?;
+        if self.written_ms > 0
+            && let Some(t) = chrono::DateTime::from_timestamp_millis(self.written_ms)
+        {
+            write!(f, ", written {}", t.format("%Y-%m-%d %H:%M:%S UTC"))?;
+        }
+        Ok(())
+    }
 }
 
 /// A schema as a log entry records it: names and types in a spelling of Flowgate's own, so a
@@ -210,6 +242,33 @@ fn read_entries(
             Ok((name, log))
         })
         .collect()
+}
+
+/// What a Parquet/CSV table's commit log says of its writers.
+#[derive(Debug, Default)]
+pub struct FileWriters {
+    /// Per entry: the pipeline that wrote it (empty in entries older than that record) and the
+    /// topics of the positions it records.
+    pub entries: Vec<(String, Vec<String>)>,
+    /// When the newest entry was written (ms since the Unix epoch), if it says.
+    pub written_ms: Option<i64>,
+}
+
+/// Reads the writers of the table at `place` from its commit log (no entries: no table).
+pub(crate) fn file_writers(place: &Place) -> Result<FileWriters, String> {
+    let mut writers = FileWriters::default();
+    for (_, entry) in read_entries(place, |_| false)? {
+        let topics = entry
+            .offsets
+            .keys()
+            .filter_map(|k| k.rsplit_once('/').map(|(t, _)| t.to_string()))
+            .collect();
+        if entry.written_ms > 0 {
+            writers.written_ms = Some(entry.written_ms);
+        }
+        writers.entries.push((entry.pipeline, topics));
+    }
+    Ok(writers)
 }
 
 /// Whether the table whose newest log entry (with columns) is among `entries` takes `shape`'s
@@ -288,6 +347,7 @@ impl FileTableSink {
     /// Opens (or starts) the table in local folder `dir`.
     pub fn open(
         name: &str,
+        pipeline: &str,
         dir: &Path,
         shape: TableShape,
         partition_by: &[String],
@@ -295,6 +355,7 @@ impl FileTableSink {
     ) -> Result<Self, SinkError> {
         Self::open_at(
             name,
+            pipeline,
             Place::Folder(dir.to_path_buf()),
             shape,
             partition_by,
@@ -306,6 +367,7 @@ impl FileTableSink {
     /// interrupted, and cleans up staged files no commit names.
     pub(crate) fn open_at(
         name: &str,
+        pipeline: &str,
         place: Place,
         shape: TableShape,
         partition_by: &[String],
@@ -342,6 +404,7 @@ impl FileTableSink {
         })?;
         let mut sink = FileTableSink {
             name: name.into(),
+            pipeline: pipeline.into(),
             place,
             partition_by,
             file_schema,
@@ -349,6 +412,7 @@ impl FileTableSink {
             version: 0,
             committed: Positions::new(),
             latest: Positions::new(),
+            recorded_by: HashMap::new(),
             shape,
             encode_time: std::time::Duration::ZERO,
             open: BTreeMap::new(),
@@ -393,8 +457,19 @@ impl FileTableSink {
     /// newest position per source partition (into `latest`).
     fn take_in(&mut self, entries: Vec<(String, LogEntry)>) {
         for (name, log) in entries {
-            for (key, position) in log.positions() {
-                raise(&mut self.latest, key, position);
+            if log.pipeline.is_empty() || log.pipeline == self.pipeline {
+                for (key, position) in log.positions() {
+                    if self.latest.get(&key).is_none_or(|p| *p < position) {
+                        self.recorded_by.insert(
+                            key.clone(),
+                            Provenance {
+                                entry: name.clone(),
+                                written_ms: log.written_ms,
+                            },
+                        );
+                    }
+                    raise(&mut self.latest, key, position);
+                }
             }
             self.known.extend(log.files);
             self.logs_read.insert(name);
@@ -416,10 +491,16 @@ impl FileTableSink {
         self.read_new_entries()?;
         match fence("the commit log", positions, &self.latest, &self.committed) {
             Fence::Clear => Ok(()),
-            Fence::Overtaken(why) => Err(self.fail(why)),
+            Fence::Overtaken(why) => {
+                let by: Vec<String> = positions
+                    .keys()
+                    .filter_map(|(t, p)| self.provenance(t, *p).map(|w| format!("`{t}/{p}`: {w}")))
+                    .collect();
+                Err(self.overtaken(format!("{why} ({})", by.join("; "))))
+            }
             // This process reads its own entries as it writes them: positions it is about to
             // commit, already in the log, were written by another process.
-            Fence::Landed => Err(self.fail(
+            Fence::Landed => Err(self.overtaken(
                 "the commit log already records these positions, written by another process: another process owns the partition now; not committing"
                     .to_string(),
             )),
@@ -503,6 +584,14 @@ impl FileTableSink {
         };
         let writer = open().map_err(|e| self.fail(format!("creating {rel}: {e}")))?;
         Ok(OpenFile { rel, writer })
+    }
+
+    fn overtaken(&self, message: String) -> SinkError {
+        SinkError::Overtaken {
+            sink: self.name.clone(),
+            table: self.place.to_string(),
+            message,
+        }
     }
 
     fn fail(&self, message: String) -> SinkError {
@@ -632,12 +721,23 @@ impl Sink for FileTableSink {
                 .map(|((t, p), pos)| (key(t, *p), pos.epoch))
                 .collect(),
             columns: columns_of(self.shape.schema()),
+            pipeline: self.pipeline.clone(),
+            written_ms: chrono::Utc::now().timestamp_millis(),
         };
         let log = format!("{version:020}-{}.json", self.writer);
         let text = serde_json::to_string_pretty(&entry).map_err(|e| self.fail(e.to_string()))?;
         self.place
             .write_log(&log, text)
             .map_err(|e| self.fail(format!("writing the commit log: {e}")))?;
+        for key in positions.keys() {
+            self.recorded_by.insert(
+                key.clone(),
+                Provenance {
+                    entry: log.clone(),
+                    written_ms: entry.written_ms,
+                },
+            );
+        }
         self.logs_read.insert(log);
         // Committed: now move the files into place (a crash here is finished at the next open).
         for rel in &entry.files {
@@ -657,6 +757,12 @@ impl Sink for FileTableSink {
             .extend(positions.iter().map(|(k, v)| (k.clone(), *v)));
         tracing::debug!(sink = %self.name, version, rows, "committed files");
         Ok(true)
+    }
+
+    fn provenance(&self, topic: &str, partition: i32) -> Option<String> {
+        self.recorded_by
+            .get(&(topic.to_string(), partition))
+            .map(|p| format!("{p}, pipeline `{}`", self.pipeline))
     }
 
     /// Only what finishing the files at a commit takes; rows are encoded in `write`.
@@ -738,9 +844,15 @@ mod tests {
     #[test]
     fn a_table_never_takes_files_of_a_second_shape() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sink =
-            FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet)
-                .unwrap();
+        let mut sink = FileTableSink::open(
+            "t",
+            "p",
+            dir.path(),
+            shape(),
+            &["k".into()],
+            FileFormat::Parquet,
+        )
+        .unwrap();
         sink.write(batch(&["a", "b"])).unwrap();
         sink.commit(&positions(1, 1)).unwrap();
         drop(sink);
@@ -759,11 +871,17 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        let opened =
-            FileTableSink::open("t", dir.path(), wider, &["k".into()], FileFormat::Parquet)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
+        let opened = FileTableSink::open(
+            "t",
+            "p",
+            dir.path(),
+            wider,
+            &["k".into()],
+            FileFormat::Parquet,
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
         for refused in [checked, opened] {
             assert!(
                 refused.contains("does not fit")
@@ -784,7 +902,8 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("table");
         let mut sink =
-            FileTableSink::open("t", &dir, shape(), &["k".into()], FileFormat::Parquet).unwrap();
+            FileTableSink::open("t", "p", &dir, shape(), &["k".into()], FileFormat::Parquet)
+                .unwrap();
         sink.write(batch(&["a/b", "..", "x=y", "../../escape", ""]))
             .unwrap();
         sink.commit(&positions(4, 1)).unwrap();
@@ -809,9 +928,15 @@ mod tests {
     #[test]
     fn staged_rows_are_invisible_until_committed_and_an_interrupted_commit_rolls_forward() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sink =
-            FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet)
-                .unwrap();
+        let mut sink = FileTableSink::open(
+            "t",
+            "p",
+            dir.path(),
+            shape(),
+            &["k".into()],
+            FileFormat::Parquet,
+        )
+        .unwrap();
         sink.write(batch(&["a", "b"])).unwrap();
         assert!(
             visible(dir.path()).is_empty(),
@@ -828,9 +953,15 @@ mod tests {
         // Rows staged but never committed (a crash before the log entry) stay invisible.
         sink.write(batch(&["c"])).unwrap();
         drop(sink);
-        let mut reopened =
-            FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet)
-                .unwrap();
+        let mut reopened = FileTableSink::open(
+            "t",
+            "p",
+            dir.path(),
+            shape(),
+            &["k".into()],
+            FileFormat::Parquet,
+        )
+        .unwrap();
         assert_eq!(visible(dir.path()), committed, "rolled forward, once");
         assert_eq!(
             reopened.committed("t", 0).unwrap(),
@@ -842,22 +973,94 @@ mod tests {
     }
 
     #[test]
+    fn positions_are_the_pipelines_own() {
+        // Two pipelines tap the same topic into one table (the demo and the Kafka pipeline both
+        // wrote `../data/raw` once): neither takes the other's positions as its own.
+        let dir = tempfile::tempdir().unwrap();
+        let open = |pipeline: &str| {
+            FileTableSink::open(
+                "raw",
+                pipeline,
+                dir.path(),
+                shape(),
+                &["k".into()],
+                FileFormat::Parquet,
+            )
+            .unwrap()
+        };
+        let at: Positions = [(
+            ("ticks".to_string(), 0),
+            Position {
+                offset: 125_377,
+                epoch: 5,
+            },
+        )]
+        .into();
+        let mut demo = open("demo");
+        demo.write(batch(&["a"])).unwrap();
+        assert!(demo.commit(&at).unwrap());
+        let mut stocks = open("stocks");
+        assert_eq!(
+            stocks.committed("ticks", 0).unwrap(),
+            None,
+            "not stocks' position"
+        );
+        stocks.write(batch(&["b"])).unwrap();
+        let first: Positions = [(
+            ("ticks".to_string(), 0),
+            Position {
+                offset: 9,
+                epoch: 1,
+            },
+        )]
+        .into();
+        assert!(
+            stocks.commit(&first).unwrap(),
+            "no fence against another pipeline"
+        );
+        assert_eq!(
+            open("demo").committed("ticks", 0).unwrap(),
+            Some(Position {
+                offset: 125_377,
+                epoch: 5
+            })
+        );
+        let written = file_writers(&Place::Folder(dir.path().to_path_buf())).unwrap();
+        let mut pipelines: Vec<&str> = written.entries.iter().map(|(p, _)| p.as_str()).collect();
+        pipelines.sort();
+        assert_eq!(pipelines, ["demo", "stocks"]);
+        assert!(written.written_ms.is_some_and(|t| t > 0));
+    }
+
+    #[test]
     fn a_partition_another_process_committed_since_is_not_committed_again() {
         let dir = tempfile::tempdir().unwrap();
         let at = |partition: i32, offset: i64, epoch: u64| -> Positions {
             [(("t".to_string(), partition), Position { offset, epoch })].into()
         };
         // This process commits partitions 0 and 1, then stalls past its session.
-        let mut stalled =
-            FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet)
-                .unwrap();
+        let mut stalled = FileTableSink::open(
+            "t",
+            "p",
+            dir.path(),
+            shape(),
+            &["k".into()],
+            FileFormat::Parquet,
+        )
+        .unwrap();
         stalled.write(batch(&["a"])).unwrap();
         assert!(stalled.commit(&at(0, 10, 1)).unwrap());
         assert!(stalled.commit(&at(1, 10, 1)).unwrap());
         // The group moves partition 0 to another process, which goes on from there.
-        let mut other =
-            FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet)
-                .unwrap();
+        let mut other = FileTableSink::open(
+            "t",
+            "p",
+            dir.path(),
+            shape(),
+            &["k".into()],
+            FileFormat::Parquet,
+        )
+        .unwrap();
         assert_eq!(
             other.committed("t", 0).unwrap(),
             Some(Position {
@@ -879,9 +1082,15 @@ mod tests {
             refused.contains("another process owns the partition"),
             "{refused}"
         );
-        let mut reader =
-            FileTableSink::open("t", dir.path(), shape(), &["k".into()], FileFormat::Parquet)
-                .unwrap();
+        let mut reader = FileTableSink::open(
+            "t",
+            "p",
+            dir.path(),
+            shape(),
+            &["k".into()],
+            FileFormat::Parquet,
+        )
+        .unwrap();
         assert_eq!(
             reader.committed("t", 0).unwrap(),
             Some(Position {
@@ -905,7 +1114,8 @@ mod tests {
             header: true,
             delimiter: b';',
         };
-        let mut sink = FileTableSink::open("t", dir.path(), shape(), &["k".into()], csv).unwrap();
+        let mut sink =
+            FileTableSink::open("t", "p", dir.path(), shape(), &["k".into()], csv).unwrap();
         sink.write(batch(&["a", "b", "a"])).unwrap();
         sink.write(batch(&["a;b"])).unwrap();
         assert!(sink.commit(&positions(3, 1)).unwrap());
@@ -927,7 +1137,7 @@ mod tests {
             ]
         );
         let mut reopened =
-            FileTableSink::open("t", dir.path(), shape(), &["k".into()], csv).unwrap();
+            FileTableSink::open("t", "p", dir.path(), shape(), &["k".into()], csv).unwrap();
         assert_eq!(
             reopened.committed("t", 0).unwrap(),
             Some(Position {
@@ -976,7 +1186,8 @@ mod tests {
             header: false,
             delimiter: b',',
         };
-        let mut sink = FileTableSink::open_at("t", place(), shape(), &["k".into()], csv).unwrap();
+        let mut sink =
+            FileTableSink::open_at("t", "p", place(), shape(), &["k".into()], csv).unwrap();
         let many: Vec<&str> = std::iter::repeat_n("a", 2000).collect();
         sink.write(batch(&many)).unwrap();
         // A value the sink escapes: its folder is escaped once, in keys and listings alike.
@@ -1030,7 +1241,7 @@ mod tests {
         sink.write(batch(&["c"])).unwrap();
         drop(sink);
         let mut reopened =
-            FileTableSink::open_at("t", place(), shape(), &["k".into()], csv).unwrap();
+            FileTableSink::open_at("t", "p", place(), shape(), &["k".into()], csv).unwrap();
         let rolled = objects(&store, &rt);
         assert_eq!(rolled[data[0]], expected, "rolled forward by copy");
         assert_eq!(rolled[data[1]], "0\n", "the escaped folder too");

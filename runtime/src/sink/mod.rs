@@ -18,8 +18,9 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 
 pub use console::ConsoleSink;
-pub use delta::{DeltaOptions, DeltaSink};
-pub use files::{FileFormat, FileTableSink};
+pub use delta::{DeltaOptions, DeltaSink, LogWriters, log_writers};
+pub(crate) use files::file_writers;
+pub use files::{FileFormat, FileTableSink, FileWriters};
 pub(crate) use place::Place;
 pub use postgres::PostgresSink;
 
@@ -63,6 +64,18 @@ pub enum SinkError {
         /// What failed.
         message: String,
     },
+    /// Another process committed a partition past what this one holds: the group moved the
+    /// partition (this process lost it, or got it before its last owner's final commit landed).
+    /// Nothing was committed; the rows belong to the partition's new owner.
+    #[error("sink `{sink}`: table `{table}`: {message}")]
+    Overtaken {
+        /// Sink name.
+        sink: String,
+        /// Table location.
+        table: String,
+        /// Which partition, recorded where and by whom.
+        message: String,
+    },
     /// The sink's config does not fit the stage.
     #[error("sink `{sink}`: {message}")]
     Config {
@@ -85,6 +98,12 @@ pub trait Sink: Send {
     fn commit(&mut self, positions: &Positions) -> Result<bool, SinkError>;
     /// How far this sink holds `topic`/`partition`, if it holds any of it.
     fn committed(&mut self, topic: &str, partition: i32) -> Result<Option<Position>, SinkError>;
+    /// Where the position this sink holds for `topic`/`partition` was recorded, and when (for
+    /// messages: "Delta version 12, committed 2026-12-02 01:23:45 UTC, pipeline `demo`").
+    fn provenance(&self, topic: &str, partition: i32) -> Option<String> {
+        let _ = (topic, partition);
+        None
+    }
     /// Whether the sink keeps what it commits (and so takes part in recovery). A console does not.
     fn durable(&self) -> bool {
         true

@@ -653,7 +653,11 @@ impl Sink for PostgresSink {
                 }
                 Ok(Outcome::Overtaken(why)) => {
                     self.client = Some(client);
-                    return Err(self.fail(why));
+                    return Err(SinkError::Overtaken {
+                        sink: self.name.clone(),
+                        table: self.location.clone(),
+                        message: why,
+                    });
                 }
                 Err(e) => {
                     // The connection may have broken after the server committed: if the table

@@ -1,7 +1,9 @@
 //! JSON-lines files as partitions, for replay and backfill (as Spark reads a folder of JSON
 //! files): a file, a folder (its `*.json` / `*.jsonl` / `*.ndjson` files), or a pattern with `*`
-//! in the file name (`ticks/part-*.jsonl`). Files are sorted by name; file `i` is partition `i`
-//! and a record's offset is its line number − 1.
+//! in the file name (`ticks/part-*.jsonl`). Each file is a partition of its own, named by the
+//! file: topic `file:{name}`, partition 0, and a record's offset is its line number − 1. So a
+//! file keeps its positions and state however many files are added beside it or taken away (a
+//! position in a sorted list would pass one file's offsets to another).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,6 +15,8 @@ use crate::sink::Offsets;
 
 /// One file being read.
 struct FilePartition {
+    /// `file:{name}`: the partition's topic (its partition number is 0).
+    topic: Arc<str>,
     path: PathBuf,
     lines: std::io::Lines<BufReader<std::fs::File>>,
     next: i64,
@@ -23,7 +27,9 @@ impl FilePartition {
     fn open(path: &Path) -> Result<Self, SourceError> {
         let file = std::fs::File::open(path)
             .map_err(|e| SourceError::Io(format!("cannot open `{}`: {e}", path.display())))?;
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("input");
         Ok(FilePartition {
+            topic: format!("file:{name}").into(),
             path: path.to_path_buf(),
             lines: BufReader::new(file).lines(),
             next: 0,
@@ -45,7 +51,6 @@ impl FilePartition {
 
 /// JSON-lines files, one partition each.
 pub struct FileSource {
-    topic: Arc<str>,
     files: Vec<FilePartition>,
     handler: Option<Arc<dyn Rebalance>>,
     started: bool,
@@ -101,17 +106,11 @@ impl FileSource {
     /// Opens the files `path` names.
     pub fn open(path: &Path) -> Result<Self, SourceError> {
         let paths = files_of(path)?;
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("input")
-            .to_string();
         let files = paths
             .iter()
             .map(|p| FilePartition::open(p))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(FileSource {
-            topic: format!("file:{name}").into(),
             files,
             handler: None,
             started: false,
@@ -130,8 +129,10 @@ impl FileSource {
         let Some(handler) = self.handler.clone() else {
             return;
         };
-        let parts: Vec<(String, i32)> = (0..self.files.len())
-            .map(|i| (self.topic.to_string(), i as i32))
+        let parts: Vec<(String, i32)> = self
+            .files
+            .iter()
+            .map(|f| (f.topic.to_string(), 0))
             .collect();
         for (file, start) in self.files.iter_mut().zip(handler.assigned(&parts)) {
             if let StartAt::Offset(o) = start {
@@ -145,11 +146,18 @@ impl Source for FileSource {
     fn poll(
         &mut self,
         max: usize,
-        _timeout: Duration,
+        timeout: Duration,
         out: &mut Vec<Record>,
     ) -> Result<(), SourceError> {
         if !self.started {
             self.start();
+        }
+        // Every file read to its end: nothing will come, so wait out the timeout here (the run
+        // loop passes the time to its next deadline) instead of returning at once and being
+        // called again in a tight loop (a finished backfill spun a whole core on that).
+        if self.files.iter().all(|f| f.done) {
+            std::thread::sleep(timeout);
+            return Ok(());
         }
         // Round-robin in chunks, so every partition moves.
         let n = self.files.len();
@@ -177,12 +185,13 @@ impl Source for FileSource {
                             continue;
                         }
                         out.push(Record {
-                            topic: self.topic.clone(),
-                            partition: index as i32,
+                            topic: file.topic.clone(),
+                            partition: 0,
                             offset,
                             payload: line.into_bytes(),
                             tombstone: false,
                             timestamp_ms: None,
+                            origin: None,
                         });
                         from_this += 1;
                         taken += 1;
@@ -198,11 +207,8 @@ impl Source for FileSource {
     }
 
     /// A file with lines left to read is behind, however long since its last record.
-    fn behind(&self, _topic: &str, partition: i32, _next: i64) -> bool {
-        usize::try_from(partition)
-            .ok()
-            .and_then(|i| self.files.get(i))
-            .is_some_and(|f| !f.done)
+    fn behind(&self, topic: &str, _partition: i32, _next: i64) -> bool {
+        self.files.iter().any(|f| &*f.topic == topic && !f.done)
     }
 
     fn on_rebalance(&mut self, handler: Arc<dyn Rebalance>) {
@@ -228,10 +234,11 @@ mod tests {
         assert_eq!(folder.partitions(), 2);
         let mut out = Vec::new();
         folder.poll(100, Duration::ZERO, &mut out).unwrap();
-        let got: Vec<(i32, i64, String)> = out
+        let got: Vec<(String, i32, i64, String)> = out
             .iter()
             .map(|r| {
                 (
+                    r.topic.to_string(),
                     r.partition,
                     r.offset,
                     String::from_utf8_lossy(&r.payload).into(),
@@ -241,10 +248,10 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                (0, 0, "1".into()),
-                (0, 2, "2".into()),
-                (1, 0, "3".into()),
-                (1, 1, "4".into())
+                ("file:a.jsonl".into(), 0, 0, "1".into()),
+                ("file:a.jsonl".into(), 0, 2, "2".into()),
+                ("file:b.jsonl".into(), 0, 0, "3".into()),
+                ("file:b.jsonl".into(), 0, 1, "4".into())
             ]
         );
         let pattern = FileSource::open(&dir.path().join("*.txt")).unwrap();
@@ -258,16 +265,59 @@ mod tests {
         std::fs::write(dir.path().join("a.jsonl"), "1\n2\n3\n").unwrap();
         std::fs::write(dir.path().join("b.jsonl"), "4\n").unwrap();
         let mut source = FileSource::open(dir.path()).unwrap();
-        let topic = source.topic.clone();
-        assert!(source.behind(&topic, 0, 0) && source.behind(&topic, 1, 0));
+        let (a, b) = ("file:a.jsonl", "file:b.jsonl");
+        assert!(source.behind(a, 0, 0) && source.behind(b, 0, 0));
         let mut out = Vec::new();
         source.poll(2, Duration::ZERO, &mut out).unwrap();
-        assert!(source.behind(&topic, 0, 1), "two lines of `a` are left");
+        assert!(source.behind(a, 0, 1), "two lines of `a` are left");
         for _ in 0..5 {
             source.poll(2, Duration::ZERO, &mut out).unwrap();
         }
         assert_eq!(out.len(), 4);
-        assert!(!source.behind(&topic, 0, 3) && !source.behind(&topic, 1, 1));
-        assert!(!source.behind(&topic, 7, 0), "no such partition");
+        assert!(!source.behind(a, 0, 3) && !source.behind(b, 0, 1));
+        assert!(!source.behind("file:c.jsonl", 0, 0), "no such file");
+    }
+
+    /// The engine's side in these tests: starts each file where a table would have it.
+    struct Resume(std::collections::HashMap<String, i64>);
+
+    impl Rebalance for Resume {
+        fn assigned(&self, partitions: &[(String, i32)]) -> Vec<StartAt> {
+            partitions
+                .iter()
+                .map(|(t, _)| {
+                    self.0
+                        .get(t)
+                        .map_or(StartAt::Beginning, |o| StartAt::Offset(*o))
+                })
+                .collect()
+        }
+        fn revoked(&self, _: &[(String, i32)]) -> Offsets {
+            Offsets::new()
+        }
+        fn lost(&self, _: &[(String, i32)]) {}
+    }
+
+    #[test]
+    fn a_file_keeps_its_positions_when_files_are_added_beside_it_or_taken_away() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("b.jsonl"), "b0\nb1\nb2\n").unwrap();
+        std::fs::write(dir.path().join("c.jsonl"), "c0\nc1\n").unwrap();
+        // A table holds b up to line 1 and c up to line 0; then a.jsonl arrives and b goes.
+        std::fs::write(dir.path().join("a.jsonl"), "a0\n").unwrap();
+        std::fs::remove_file(dir.path().join("b.jsonl")).unwrap();
+        let held = [
+            ("file:b.jsonl".to_string(), 2),
+            ("file:c.jsonl".to_string(), 1),
+        ];
+        let mut source = FileSource::open(dir.path()).unwrap();
+        source.on_rebalance(Arc::new(Resume(held.into_iter().collect())));
+        let mut out = Vec::new();
+        source.poll(100, Duration::ZERO, &mut out).unwrap();
+        let got: Vec<String> = out
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+            .collect();
+        assert_eq!(got, vec!["a0", "c1"], "c resumes at its own line, a starts");
     }
 }

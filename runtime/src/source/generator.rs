@@ -36,6 +36,17 @@ impl EmbeddedBroker {
         Ok(EmbeddedBroker { cluster })
     }
 
+    /// Creates another topic (the repartition hop's).
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), SourceError> {
+        self.cluster
+            .create_topic(topic, partitions, 1)
+            .map_err(|e| {
+                SourceError::Io(format!(
+                    "cannot create topic `{topic}` on the embedded broker: {e}"
+                ))
+            })
+    }
+
     /// Its bootstrap servers.
     pub fn bootstrap(&self) -> String {
         self.cluster.bootstrap_servers()
@@ -54,7 +65,8 @@ pub struct Pace {
 /// How far the generator may run ahead of the pipeline, in records (all partitions together).
 pub const HEADROOM: u64 = 120_000;
 
-/// Produces random-walk ticks (`symbol, price, volume, ts, ts_epoch_ms`) until stopped.
+/// Produces random-walk ticks (`symbol, price, volume, ts, ts_epoch_ms`) until stopped, or until
+/// `count` are sent.
 pub struct Generator {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -130,7 +142,8 @@ fn generate(
     let mut last_ts = vec![i64::MIN; spec.symbols.len()];
     let rate = spec.rate.max(1.0);
     let mut sent: u64 = 0;
-    while !stop.load(Ordering::Relaxed) {
+    let limit = spec.count.unwrap_or(u64::MAX);
+    while !stop.load(Ordering::Relaxed) && sent < limit {
         if sent.saturating_sub(pace.consumed.load(Ordering::Relaxed)) >= HEADROOM {
             std::thread::sleep(Duration::from_millis(1));
             continue;
@@ -168,4 +181,7 @@ fn generate(
         }
     }
     let _ = producer.flush(Duration::from_secs(5));
+    if sent >= limit {
+        tracing::info!("the generator sent its {sent} ticks (`count`)");
+    }
 }

@@ -9,7 +9,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::{Rebalance, Record, Source, SourceError, StartAt};
-use crate::config::{KafkaSpec, StartFrom};
+use crate::config::{KafkaSpec, Keyless, StartFrom};
 use crate::sink::Offsets;
 
 /// The consumer's context: assignment goes through the engine's [`Rebalance`] handler, inside
@@ -21,9 +21,11 @@ struct Context {
     /// Each partition's end (high watermark), from librdkafka's statistics.
     high: Mutex<HashMap<(String, i32), i64>>,
     handler: OnceLock<Arc<dyn Rebalance>>,
-    /// Since when the brokers have been unreachable (an outage is logged once, not per retry).
-    down: Mutex<Option<Instant>>,
 }
+
+/// Since when the brokers have been unreachable: one outage for the whole process (both halves
+/// of a repartitioned pipeline have a consumer), logged once, not per consumer or retry.
+static DOWN: Mutex<Option<Instant>> = Mutex::new(None);
 
 /// The error that means "no broker can be reached right now" (one broker of several failing,
 /// or a coordinator moving, is not an outage).
@@ -31,26 +33,56 @@ fn is_outage(e: &rdkafka::error::KafkaError) -> bool {
     e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
 }
 
-impl Context {
-    /// Notes an outage; logs it once, when it starts.
-    fn outage(&self, what: &str) {
-        let mut down = locked(&self.down);
-        if down.is_none() {
-            *down = Some(Instant::now());
-            tracing::warn!(
-                "lost the Kafka brokers ({what}); waiting for them to come back (librdkafka retries; this is logged once per outage, `-vv` shows each retry)"
-            );
-        }
+/// Notes an outage; logs it once, when it starts.
+fn outage(what: &str) {
+    let mut down = locked(&DOWN);
+    if down.is_none() {
+        *down = Some(Instant::now());
+        tracing::warn!(
+            "lost the Kafka brokers ({what}); waiting for them to come back (librdkafka retries; this is logged once per outage, `-vv` shows each retry)"
+        );
     }
+}
 
-    /// Records flow again: logs the end of an outage.
-    fn back(&self) {
-        if let Some(since) = locked(&self.down).take() {
-            tracing::info!(
-                "the Kafka brokers are back after {:.1} s",
-                since.elapsed().as_secs_f64()
-            );
+/// Records flow again: logs the end of an outage.
+fn back() {
+    if let Some(since) = locked(&DOWN).take() {
+        tracing::info!(
+            "the Kafka brokers are back after {:.1} s",
+            since.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// librdkafka's log, through `tracing`, for every client of the process (the consumers and the
+/// repartition producer); during an outage its per-retry complaints go to the debug log.
+pub(crate) fn librdkafka_log(level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+    use rdkafka::config::RDKafkaLogLevel as L;
+    // Flowgate sets the gapless guarantee on purpose (see the repartition hop).
+    let known = fac == "CONFWARN" && message.contains("enable.gapless.guarantee");
+    if locked(&DOWN).is_some() || known {
+        tracing::debug!(target: "librdkafka", "{fac}: {message}");
+        return;
+    }
+    match level {
+        L::Emerg | L::Alert | L::Critical | L::Error => {
+            tracing::error!(target: "librdkafka", "{fac}: {message}")
         }
+        L::Warning => tracing::warn!(target: "librdkafka", "{fac}: {message}"),
+        L::Notice | L::Info => tracing::info!(target: "librdkafka", "{fac}: {message}"),
+        L::Debug => tracing::debug!(target: "librdkafka", "{fac}: {message}"),
+    }
+}
+
+/// An error a librdkafka client reports: an outage is logged once, its retries at debug.
+pub(crate) fn librdkafka_error(error: &rdkafka::error::KafkaError, reason: &str) {
+    if is_outage(error) {
+        outage(reason);
+    } else if locked(&DOWN).is_some() {
+        // Each retry during an outage says the same.
+        tracing::debug!(target: "librdkafka", "{error}: {reason}");
+    } else {
+        tracing::error!(target: "librdkafka", "{error}: {reason}");
     }
 }
 
@@ -62,37 +94,18 @@ impl ClientContext for Context {
     /// librdkafka's log, through `tracing`; during an outage its per-retry complaints go to the
     /// debug log.
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-        use rdkafka::config::RDKafkaLogLevel as L;
-        if locked(&self.down).is_some() {
-            tracing::debug!(target: "librdkafka", "{fac}: {message}");
-            return;
-        }
-        match level {
-            L::Emerg | L::Alert | L::Critical | L::Error => {
-                tracing::error!(target: "librdkafka", "{fac}: {message}")
-            }
-            L::Warning => tracing::warn!(target: "librdkafka", "{fac}: {message}"),
-            L::Notice | L::Info => tracing::info!(target: "librdkafka", "{fac}: {message}"),
-            L::Debug => tracing::debug!(target: "librdkafka", "{fac}: {message}"),
-        }
+        librdkafka_log(level, fac, message);
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        if is_outage(&error) {
-            self.outage(reason);
-        } else if locked(&self.down).is_some() {
-            // Each retry during an outage says the same.
-            tracing::debug!(target: "librdkafka", "{error}: {reason}");
-        } else {
-            tracing::error!(target: "librdkafka", "{error}: {reason}");
-        }
+        librdkafka_error(&error, reason);
     }
 
     /// librdkafka's statistics: keep each partition's consumer lag and end; a broker `UP` again
     /// ends an outage (records may not flow yet on an idle topic).
     fn stats(&self, statistics: rdkafka::Statistics) {
         if statistics.brokers.values().any(|b| b.state == "UP") {
-            self.back();
+            back();
         }
         let (mut lag, mut high) = (locked(&self.lag), locked(&self.high));
         for (topic, t) in statistics.topics {
@@ -216,6 +229,11 @@ pub struct KafkaSource {
     consumer: BaseConsumer<Context>,
     topics: Vec<String>,
     ephemeral: bool,
+    /// Read the repartition hop's headers into [`Record::origin`].
+    hop: bool,
+    /// Topics of several partitions whose records must carry a key (a pipeline with keyed
+    /// steps and no `repartition`), with their partition counts.
+    keyed: HashMap<String, usize>,
 }
 
 impl KafkaSource {
@@ -249,6 +267,10 @@ impl KafkaSource {
             // 470k → 650k events/s from Tansu), for ~100 empty fetches/s on an idle topic.
             .set("fetch.wait.max.ms", "10")
             .set("enable.partition.eof", "false")
+            // Incremental rebalancing: a member joining or leaving moves only the partitions
+            // that change owner; the others keep running (their tasks, state and open windows
+            // stay where they are). Listed alone: Tansu takes the first member's first protocol.
+            .set("partition.assignment.strategy", "cooperative-sticky")
             // After an outage, find the broker again within a second of its return (librdkafka
             // backs off up to 10 s by default).
             .set("reconnect.backoff.ms", "100")
@@ -285,9 +307,16 @@ impl KafkaSource {
                 spec.connect_timeout
             ))
         })?;
+        let mut keyed = HashMap::new();
         for topic in &topics {
-            if !metadata.topics().iter().any(|t| t.name() == topic) {
-                tracing::warn!(topic = %topic, "the topic does not exist (yet): waiting for it");
+            match metadata.topics().iter().find(|t| t.name() == topic) {
+                None => {
+                    tracing::warn!(topic = %topic, "the topic does not exist (yet): waiting for it")
+                }
+                Some(t) if t.partitions().len() > 1 && spec.keyless == Keyless::Refuse => {
+                    keyed.insert(topic.clone(), t.partitions().len());
+                }
+                Some(_) => {}
             }
         }
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -299,7 +328,22 @@ impl KafkaSource {
             consumer,
             topics,
             ephemeral: false,
+            hop: false,
+            keyed,
         })
+    }
+
+    /// Reads the internal repartition topic: each message's origin from its headers.
+    pub fn reading_hop(mut self) -> Self {
+        self.hop = true;
+        self.keyed.clear();
+        self
+    }
+
+    /// Takes records without a key (the pipeline repartitions, or says `keyless: allow`).
+    pub fn keyless_ok(mut self) -> Self {
+        self.keyed.clear();
+        self
     }
 
     /// Marks the source as reading the embedded broker, whose offsets restart every run.
@@ -328,8 +372,8 @@ impl Source for KafkaSource {
                 None => break,
                 Some(Err(e)) => {
                     if is_outage(&e) {
-                        self.consumer.context().outage(&e.to_string());
-                    } else if locked(&self.consumer.context().down).is_some() {
+                        outage(&e.to_string());
+                    } else if locked(&DOWN).is_some() {
                         tracing::debug!("Kafka: {e}");
                     } else {
                         tracing::warn!("Kafka: {e}");
@@ -337,7 +381,17 @@ impl Source for KafkaSource {
                     break;
                 }
                 Some(Ok(m)) => {
-                    self.consumer.context().back();
+                    back();
+                    if m.key().is_none()
+                        && let Some(n) = self.keyed.get(m.topic())
+                    {
+                        return Err(SourceError::Misfit(format!(
+                            "topic `{}` has {n} partitions and its records come without a Kafka key (partition {}, offset {}): the steps would see each key's records split over partitions and compute partial results (one bar per partition and minute, duplicates across partitions missed). Add `repartition: {{by: [COLUMNS]}}` to the pipeline (the columns the steps group by, e.g. `[symbol]`), or `keyless: allow` under `source.kafka` if no step keeps state per key",
+                            m.topic(),
+                            m.partition(),
+                            m.offset()
+                        )));
+                    }
                     let topic = match &topic_cache {
                         Some(t) if &**t == m.topic() => t.clone(),
                         _ => {
@@ -353,6 +407,11 @@ impl Source for KafkaSource {
                         payload: m.payload().unwrap_or_default().to_vec(),
                         tombstone: m.payload().is_none(),
                         timestamp_ms: m.timestamp().to_millis(),
+                        origin: if self.hop {
+                            crate::engine::Origin::read(&m).map(Box::new)
+                        } else {
+                            None
+                        },
                     });
                 }
             }
@@ -372,8 +431,8 @@ impl Source for KafkaSource {
         {
             // The sinks hold the truth; a failed Kafka commit only delays what lag tools show.
             if is_outage(&e) {
-                self.consumer.context().outage(&e.to_string());
-            } else if locked(&self.consumer.context().down).is_some() {
+                outage(&e.to_string());
+            } else if locked(&DOWN).is_some() {
                 tracing::debug!("committing offsets to Kafka failed during the outage: {e}");
             } else {
                 tracing::warn!(

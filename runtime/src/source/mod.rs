@@ -11,6 +11,7 @@ use std::time::Duration;
 pub use file::FileSource;
 pub use generator::{EmbeddedBroker, Generator, Pace};
 pub use kafka::KafkaSource;
+pub(crate) use kafka::{librdkafka_error, librdkafka_log};
 
 use crate::sink::Offsets;
 
@@ -53,6 +54,8 @@ pub struct Record {
     pub tombstone: bool,
     /// Broker append time (ms), if the source has one.
     pub timestamp_ms: Option<i64>,
+    /// Where the rows came from, for a message of the internal repartition topic.
+    pub origin: Option<Box<crate::engine::Origin>>,
 }
 
 /// Errors from sources.
@@ -61,6 +64,10 @@ pub enum SourceError {
     /// The broker or file could not be reached or read.
     #[error("source: {0}")]
     Io(String),
+    /// The records do not fit the pipeline (records without a key where keyed steps need
+    /// one); the user must change the pipeline.
+    #[error("source: {0}")]
+    Misfit(String),
 }
 
 /// A source of records.
