@@ -39,7 +39,7 @@ build: plugins ## Build the host and the stock plugins.
 test: plugins test-plugins venv ## Every test: unit tests, host tests on the real .wasm, end-to-end pipelines read back by Python.
 	$(CARGO) test --workspace
 	$(CARGO) build -p flowgate
-	$(VENV)/bin/python -m pytest -q tests/e2e
+	$(VENV)/bin/python -m pytest -q --durations=12 tests/e2e
 
 lint: ## rustfmt check and clippy with warnings as errors.
 	$(CARGO) fmt --all -- --check
