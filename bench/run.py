@@ -363,7 +363,7 @@ def part_rebalance(args, work, results):
         try:
             tansu.topic("rb", 6)
             producer = subprocess.Popen([str(FLOWGATE), "produce", "--brokers", tansu.bootstrap, "--topic", "rb",
-                                         "--rate", 20000, "--duration", "45s", "--symbol-count", 60],
+                                         "--rate", "20000", "--duration", "45s", "--symbol-count", "60"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             members = []
             ports = [free_port() for _ in range(3)]

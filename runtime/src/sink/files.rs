@@ -794,6 +794,11 @@ mod tests {
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field};
 
+    /// Table `t` of pipeline `p`: Parquet, partitioned by `k`.
+    fn open_parquet(dir: &Path) -> Result<FileTableSink, SinkError> {
+        FileTableSink::open("t", "p", dir, shape(), &["k".into()], FileFormat::Parquet)
+    }
+
     fn shape() -> TableShape {
         let schema = Schema::new(vec![
             Field::new("k", DataType::Utf8, false),
@@ -844,15 +849,7 @@ mod tests {
     #[test]
     fn a_table_never_takes_files_of_a_second_shape() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sink = FileTableSink::open(
-            "t",
-            "p",
-            dir.path(),
-            shape(),
-            &["k".into()],
-            FileFormat::Parquet,
-        )
-        .unwrap();
+        let mut sink = open_parquet(dir.path()).unwrap();
         sink.write(batch(&["a", "b"])).unwrap();
         sink.commit(&positions(1, 1)).unwrap();
         drop(sink);
@@ -928,15 +925,7 @@ mod tests {
     #[test]
     fn staged_rows_are_invisible_until_committed_and_an_interrupted_commit_rolls_forward() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sink = FileTableSink::open(
-            "t",
-            "p",
-            dir.path(),
-            shape(),
-            &["k".into()],
-            FileFormat::Parquet,
-        )
-        .unwrap();
+        let mut sink = open_parquet(dir.path()).unwrap();
         sink.write(batch(&["a", "b"])).unwrap();
         assert!(
             visible(dir.path()).is_empty(),
@@ -953,15 +942,7 @@ mod tests {
         // Rows staged but never committed (a crash before the log entry) stay invisible.
         sink.write(batch(&["c"])).unwrap();
         drop(sink);
-        let mut reopened = FileTableSink::open(
-            "t",
-            "p",
-            dir.path(),
-            shape(),
-            &["k".into()],
-            FileFormat::Parquet,
-        )
-        .unwrap();
+        let mut reopened = open_parquet(dir.path()).unwrap();
         assert_eq!(visible(dir.path()), committed, "rolled forward, once");
         assert_eq!(
             reopened.committed("t", 0).unwrap(),
@@ -1039,28 +1020,12 @@ mod tests {
             [(("t".to_string(), partition), Position { offset, epoch })].into()
         };
         // This process commits partitions 0 and 1, then stalls past its session.
-        let mut stalled = FileTableSink::open(
-            "t",
-            "p",
-            dir.path(),
-            shape(),
-            &["k".into()],
-            FileFormat::Parquet,
-        )
-        .unwrap();
+        let mut stalled = open_parquet(dir.path()).unwrap();
         stalled.write(batch(&["a"])).unwrap();
         assert!(stalled.commit(&at(0, 10, 1)).unwrap());
         assert!(stalled.commit(&at(1, 10, 1)).unwrap());
         // The group moves partition 0 to another process, which goes on from there.
-        let mut other = FileTableSink::open(
-            "t",
-            "p",
-            dir.path(),
-            shape(),
-            &["k".into()],
-            FileFormat::Parquet,
-        )
-        .unwrap();
+        let mut other = open_parquet(dir.path()).unwrap();
         assert_eq!(
             other.committed("t", 0).unwrap(),
             Some(Position {
@@ -1082,15 +1047,7 @@ mod tests {
             refused.contains("another process owns the partition"),
             "{refused}"
         );
-        let mut reader = FileTableSink::open(
-            "t",
-            "p",
-            dir.path(),
-            shape(),
-            &["k".into()],
-            FileFormat::Parquet,
-        )
-        .unwrap();
+        let mut reader = open_parquet(dir.path()).unwrap();
         assert_eq!(
             reader.committed("t", 0).unwrap(),
             Some(Position {
