@@ -186,8 +186,9 @@ def finish(broker, group, pipeline, env, log):
     pytest.fail("the groups never committed to the end")
 
 
-# Keyed with one process: test_kafka_pipeline.py (the same pipeline, bars compared exactly).
-@pytest.mark.parametrize("keyed,processes", [(False, 1), (False, 2)])
+# Keyed with one process: test_kafka_pipeline.py (the same pipeline, bars compared exactly); keyed
+# with three here.
+@pytest.mark.parametrize("keyed,processes", [(False, 1), (False, 2), (True, 3)])
 def test_keyed_and_keyless_producers_give_the_same_exact_tables(broker, tmp_path, data_dir, keyed, processes):
     admin = KafkaAdminClient(bootstrap_servers=broker)
     admin.create_topics([NewTopic("ticks", num_partitions=PARTITIONS, replication_factor=1)])
