@@ -461,6 +461,32 @@ impl ObjectStateStore {
             message: e.to_string(),
         }
     }
+
+    /// The object at `path` decoded with `decode`, or `None` when there is none; a failed read
+    /// or a body that does not decode names the object.
+    fn read<T>(
+        &self,
+        path: &object_store::path::Path,
+        decode: impl FnOnce(&[u8]) -> Result<T, String>,
+    ) -> Result<Option<T>, CheckpointError> {
+        use object_store::ObjectStoreExt;
+        let body = self.rt.block_on(async {
+            match self.store.get(path).await {
+                Ok(got) => got.bytes().await.map(Some),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        });
+        match body.map_err(|e| self.fail(path, e))? {
+            None => Ok(None),
+            Some(bytes) => decode(&bytes)
+                .map(Some)
+                .map_err(|message| CheckpointError::Corrupt {
+                    path: PathBuf::from(format!("{}/{path}", self.url)),
+                    message,
+                }),
+        }
+    }
 }
 
 impl StateStore for ObjectStateStore {
@@ -486,24 +512,7 @@ impl StateStore for ObjectStateStore {
         partition: i32,
         epoch: u64,
     ) -> Result<Option<PartitionState>, CheckpointError> {
-        use object_store::ObjectStoreExt;
-        let path = self.object(topic, partition, epoch);
-        let body = self.rt.block_on(async {
-            match self.store.get(&path).await {
-                Ok(got) => got.bytes().await.map(Some),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e),
-            }
-        });
-        match body.map_err(|e| self.fail(&path, e))? {
-            None => Ok(None),
-            Some(bytes) => decode(&bytes)
-                .map(Some)
-                .map_err(|message| CheckpointError::Corrupt {
-                    path: PathBuf::from(format!("{}/{path}", self.url)),
-                    message,
-                }),
-        }
+        self.read(&self.object(topic, partition, epoch), decode)
     }
 
     fn prune(&self, topic: &str, partition: i32, keep_from: u64) -> Result<(), CheckpointError> {
@@ -555,26 +564,10 @@ impl StateStore for ObjectStateStore {
         topic: &str,
         partition: i32,
     ) -> Result<Option<crate::sink::Position>, CheckpointError> {
-        use object_store::ObjectStoreExt;
-        let path = self.position_object(sink, topic, partition);
-        let body = self.rt.block_on(async {
-            match self.store.get(&path).await {
-                Ok(got) => got.bytes().await.map(Some),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e),
-            }
-        });
-        match body.map_err(|e| self.fail(&path, e))? {
-            None => Ok(None),
-            Some(bytes) => {
-                decode_position(&bytes)
-                    .map(Some)
-                    .map_err(|message| CheckpointError::Corrupt {
-                        path: PathBuf::from(format!("{}/{path}", self.url)),
-                        message,
-                    })
-            }
-        }
+        self.read(
+            &self.position_object(sink, topic, partition),
+            decode_position,
+        )
     }
 }
 
