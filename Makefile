@@ -12,7 +12,7 @@ BENCH_ARGS   ?=
 
 export FLOWGATE_PLUGIN_DIR := $(CURDIR)/$(PLUGIN_DIR)
 
-.PHONY: help setup venv plugins test-plugins build test lint fmt run plugin-demo bench broker chaos fuzz clean
+.PHONY: help setup venv plugins test-plugins build install test lint fmt run plugin-demo bench broker chaos fuzz clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -35,6 +35,9 @@ test-plugins: setup ## Build the misbehaving plugins the sandbox tests use (neve
 
 build: plugins ## Build the host and the stock plugins.
 	$(CARGO) build -p flowgate
+
+install: plugins ## Install the release `flowgate` binary into ~/.cargo/bin (on your PATH with rustup).
+	$(CARGO) install --locked --path runtime
 
 test: plugins test-plugins venv ## Every test: unit tests, host tests on the real .wasm, end-to-end pipelines read back by Python.
 	$(CARGO) test --workspace

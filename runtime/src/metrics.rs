@@ -158,7 +158,7 @@ pub fn report_json(pipeline: &str, summary: &crate::engine::RunSummary) -> Value
             "append_to_commit": summary.latency_to_commit.to_json(),
         },
         "swaps": summary.swaps.iter().map(|s| json!({
-            "epoch": s.epoch,
+            "epoch": (s.epoch > 0).then_some(s.epoch),
             "changes": s.changes,
             "applied": s.refused.is_none(),
             "refused": s.refused,

@@ -17,11 +17,14 @@ SYMBOLS = ["AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "META"]
 
 
 def pipeline(tmp_path, name="p.yaml", batch="{max_records: 16384, max_wait: 500ms}", extra_step="", workers=2):
-    """pipelines/ticks-file.yaml with absolute plugin paths, another batch size, and optionally a
-    step inserted before `bars`."""
+    """pipelines/ticks-file.yaml with absolute plugin paths, another batch size, `end: keep`, and
+    optionally a step inserted before `bars`."""
     text = (REPO / "pipelines" / "ticks-file.yaml").read_text()
     text = text.replace("../target/", f"{REPO}/target/")
-    text = text.replace("batch:\n  max_records: 16384\n  max_wait: 500ms\n", f"batch: {batch}\nworkers: {workers}\n")
+    # These tests are about watermarks: windows stay open when the input ends (`end: keep`),
+    # as they would on a live source; `end: flush` has its own test in test_file_pipeline.py.
+    text = text.replace("batch:\n  max_records: 16384\n  max_wait: 500ms\n",
+                        f"batch: {batch}\nworkers: {workers}\nend: keep\n")
     assert f"batch: {batch}" in text
     if extra_step:
         text = text.replace("  - name: bars\n", extra_step + "  - name: bars\n")

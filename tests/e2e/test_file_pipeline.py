@@ -1,6 +1,7 @@
 """The seed pipeline over a JSON-lines file, into Delta, read back with the deltalake and polars
 packages and compared with bars computed by pandas; then run again: nothing duplicated."""
 import pathlib
+import re
 
 import numpy as np
 import polars as pl
@@ -23,15 +24,20 @@ def read_raw(data_dir):
 
 
 def test_file_pipeline_writes_the_bars_pandas_computes(data_dir: pathlib.Path):
+    """A file read to its end closes every window (`end: flush`, the file source's default):
+    the bars are every window pandas computes from the file, the last minute included."""
     env = {"DATA_DIR": str(data_dir), "INPUT": str(SAMPLE)}
     out = run_flowgate("run", "pipelines/ticks-file.yaml", "--until-idle", "1s", env=env)
     assert out.returncode == 0, out.stderr
+    assert "closing every open window (`end: flush`)" in out.stderr, out.stderr
 
     bars = read_bars(data_dir)
     assert bars.columns == ["symbol", "window_start", "window_end", "open", "high", "low", "close",
                             "avg_price", "volume", "trades", "pct_change", "date"]
-    want = expected_bars(parse_ticks(SAMPLE.read_text().splitlines()), watermark_delay_ms=5000)
-    assert len(bars) == len(want) > 0
+    ticks = parse_ticks(SAMPLE.read_text().splitlines())
+    want = expected_bars(ticks, watermark_delay_ms=-10**12)
+    closed_by_the_watermark = expected_bars(ticks, watermark_delay_ms=5000)
+    assert len(bars) == len(want) > len(closed_by_the_watermark) > 0
     got = bars.to_pandas()
     assert list(got["symbol"]) == list(want["symbol"])
     assert [t.value for t in got["window_start"]] == [t.value for t in want["window_start"].dt.tz_convert("UTC")]
@@ -68,12 +74,48 @@ def test_file_pipeline_writes_the_bars_pandas_computes(data_dir: pathlib.Path):
     assert all(dead["pipeline"] == "ticks-file")
 
     # Run again over the same input: the sinks hold every offset, nothing is written twice.
+    first = out
     out = run_flowgate("run", "pipelines/ticks-file.yaml", "--until-idle", "1s", env=env)
     assert out.returncode == 0, out.stderr
     assert read_bars(data_dir).equals(bars)
     assert len(read_raw(data_dir)) == len(raw)
     assert sorted((data_dir / "raw_csv").glob("date=*/*.csv")) == csv_files
     assert len(DeltaTable(str(data_dir / "dead_letter")).to_pyarrow_table()) == len(dead)
+
+    # The end-of-run summary: rows per table as committed, the dead letter by stage and reason,
+    # bars per symbol (the first run's stderr; the second committed nothing new).
+    summary = first.stderr
+    rows = dict(re.findall(r"^  (\w+)\s+([\d,]+)$", summary, re.M))
+    assert int(rows["bars"].replace(",", "")) == len(bars), summary
+    assert int(rows["raw"].replace(",", "")) == len(raw), summary
+    assert int(rows["dead_letter"].replace(",", "")) == len(dead), summary
+    assert re.search(r"^  validate / price\s+1$", summary, re.M), summary
+    per_symbol = bars.group_by("symbol").len().sort("symbol")
+    assert "bars per symbol: " + ", ".join(f"{s} {n}" for s, n in per_symbol.iter_rows()) in summary, summary
+    assert "newest bars of symbol " in summary, summary
+
+    # `flowgate table info` reads both formats and shows the positions the commits recorded:
+    # the last line of the file (0-based), as pipeline `ticks-file` committed it.
+    last_line = len(SAMPLE.read_text().splitlines()) - 1
+    for table, kind in [("bars", "Delta"), ("raw", "Parquet or CSV")]:
+        info = run_flowgate("table", "info", str(data_dir / table))
+        assert info.returncode == 0, info.stderr
+        assert f"({kind}" in info.stdout, info.stdout
+        assert "ERROR" not in info.stderr, info.stderr
+        assert re.search(rf"ticks\.jsonl.0.*: offset {last_line}, epoch \d+", info.stdout), info.stdout
+
+
+def test_end_keep_leaves_the_last_windows_open_for_the_next_run(data_dir, tmp_path):
+    """`end: keep`: a file read to its end keeps its open windows in the checkpoint, as a live
+    source would; only the windows the watermark closed are written."""
+    pipeline = tmp_path / "keep.yaml"
+    text = (REPO / "pipelines" / "ticks-file.yaml").read_text().replace("../target/", f"{REPO}/target/")
+    pipeline.write_text(text.replace("event_time: ts\n", "event_time: ts\nend: keep\n", 1))
+    out = run_flowgate("run", pipeline, "--until-idle", "1s", env={"DATA_DIR": str(data_dir), "INPUT": str(SAMPLE)})
+    assert out.returncode == 0, out.stderr
+    assert "closing every open window" not in out.stderr
+    want = expected_bars(parse_ticks(SAMPLE.read_text().splitlines()), watermark_delay_ms=5000)
+    assert len(read_bars(data_dir)) == len(want) > 0
 
 
 def test_validate_prints_each_stage(data_dir):

@@ -5,6 +5,7 @@ mod plugin_test;
 mod produce;
 mod table;
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -354,13 +355,19 @@ pub fn run_pipeline(
 ) -> anyhow::Result<ExitCode> {
     let summary = crate::engine::run(pipeline, host, options, shutdown_signal())?;
     tracing::info!(
-        "done: {} records, {} rows out, {} rejected, {} undecodable, {} checkpoints",
+        "done: {} records read, {} rows written, {} rejected, {} undecodable, {} checkpoints, in {:.1?}",
         summary.records,
         summary.rows_out,
         summary.rejected,
         summary.undecodable,
-        summary.checkpoints
+        summary.checkpoints,
+        summary.wall,
     );
+    // The summary goes to stderr with the log: stdout is a console sink's.
+    let tables = crate::engine::tally::render(&summary.tables);
+    if !tables.is_empty() {
+        let _ = write!(std::io::stderr(), "{tables}");
+    }
     if let Some(path) = report {
         let json = crate::metrics::report_json(&pipeline.spec.name, &summary);
         let text = serde_json::to_string_pretty(&json)?;

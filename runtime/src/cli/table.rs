@@ -18,7 +18,8 @@ const SAFE_RETENTION: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Subcommand)]
 pub enum TableCommand {
-    /// Print a Delta table's version, data files, bytes and partitions.
+    /// Print a table's version, data files, rows or bytes, partitions, columns, and the
+    /// source position each pipeline's commits recorded per partition (Delta, Parquet or CSV).
     Info {
         /// The table: a folder, or `s3://bucket/prefix` (settings from `AWS_*`).
         path: String,
@@ -65,6 +66,84 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
+fn when(ms: Option<i64>) -> String {
+    ms.filter(|&ms| ms > 0)
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| "time not recorded".into())
+}
+
+/// `flowgate table info`: a Delta table from its log, else a Parquet/CSV table from its commit
+/// log (`_flowgate_log/`).
+fn info(path: &str, rt: tokio::runtime::Runtime) -> anyhow::Result<()> {
+    let rt = std::sync::Arc::new(rt);
+    let location =
+        TableLocation::parse(path, Path::new("."), HashMap::new()).map_err(super::UsageError)?;
+    let delta = crate::sink::log_writers(&location, &rt);
+    if let Ok(Some(writers)) = &delta {
+        let table = open(path, &rt)?;
+        let snapshot = table.snapshot()?;
+        let (mut files, mut bytes) = (0usize, 0u64);
+        let mut partitions = std::collections::BTreeSet::new();
+        for view in snapshot.log_data().iter() {
+            files += 1;
+            bytes += u64::try_from(view.size()).unwrap_or(0);
+            let mut values: Vec<_> = view.partition_values_map().into_iter().collect();
+            values.sort();
+            partitions.insert(values);
+        }
+        println!("table:      {path} (Delta)");
+        println!("version:    {}", snapshot.version());
+        println!("data files: {files}");
+        println!("bytes:      {bytes} ({})", mib(bytes));
+        println!("partitions: {}", partitions.len());
+        println!(
+            "columns:    {}",
+            flowgate_sdk::columns::describe_schema(&snapshot.snapshot().arrow_schema())
+        );
+        println!("positions:  {}", if writers.positions.is_empty() { "none recorded" } else { "(txn app id: last offset covered, checkpoint epoch, recorded by)" });
+        for (app, (position, version, ms)) in &writers.positions {
+            println!(
+                "  {app}: offset {}, epoch {}, version {version}, {}",
+                position.offset,
+                position.epoch,
+                when(*ms)
+            );
+        }
+        return Ok(());
+    }
+    let place = crate::sink::Place::at(&location, &rt).map_err(anyhow::Error::msg)?;
+    let writers = crate::sink::file_writers(&place).map_err(anyhow::Error::msg)?;
+    if writers.entries.is_empty() {
+        let why = match delta {
+            Err(e) => format!(": as Delta: {e}"),
+            _ => String::new(),
+        };
+        anyhow::bail!(
+            "no table at `{path}`: neither a Delta log (`_delta_log/`) nor a Flowgate Parquet/CSV commit log (`_flowgate_log/`) with entries{why}"
+        );
+    }
+    println!("table:      {path} (Parquet or CSV files with a Flowgate commit log)");
+    println!("commits:    {}, the newest {}", writers.entries.len(), when(writers.written_ms));
+    println!("data files: {}", writers.files);
+    println!("rows:       {}", writers.rows);
+    if !writers.columns.is_empty() {
+        let columns: Vec<String> = writers.columns.iter().map(|[n, t]| format!("{n}: {t}")).collect();
+        println!("columns:    {}", columns.join(", "));
+    }
+    println!("positions:  {}", if writers.positions.is_empty() { "none recorded" } else { "(pipeline, topic/partition: last offset covered, checkpoint epoch, recorded by)" });
+    for ((pipeline, partition), (position, entry, ms)) in &writers.positions {
+        let pipeline = if pipeline.is_empty() { "(unnamed)" } else { pipeline };
+        println!(
+            "  {pipeline}, {partition}: offset {}, epoch {}, entry {entry}, {}",
+            position.offset,
+            position.epoch,
+            when(Some(*ms))
+        );
+    }
+    Ok(())
+}
+
 /// Runs a `flowgate table` command.
 pub fn run(command: TableCommand) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -72,28 +151,7 @@ pub fn run(command: TableCommand) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     match command {
-        TableCommand::Info { path } => {
-            let table = open(&path, &rt)?;
-            let snapshot = table.snapshot()?;
-            let (mut files, mut bytes) = (0usize, 0u64);
-            let mut partitions = std::collections::BTreeSet::new();
-            for view in snapshot.log_data().iter() {
-                files += 1;
-                bytes += u64::try_from(view.size()).unwrap_or(0);
-                let mut values: Vec<_> = view.partition_values_map().into_iter().collect();
-                values.sort();
-                partitions.insert(values);
-            }
-            println!("table:      {path}");
-            println!("version:    {}", snapshot.version());
-            println!("data files: {files}");
-            println!("bytes:      {bytes} ({})", mib(bytes));
-            println!("partitions: {}", partitions.len());
-            println!(
-                "columns:    {}",
-                flowgate_sdk::columns::describe_schema(&snapshot.snapshot().arrow_schema())
-            );
-        }
+        TableCommand::Info { path } => info(&path, rt)?,
         TableCommand::Optimize {
             path,
             target_file_size,

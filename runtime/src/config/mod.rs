@@ -40,6 +40,9 @@ pub struct PipelineSpec {
     /// Batch bounds.
     #[serde(default)]
     pub batch: BatchSpec,
+    /// What happens to open windows when the input ends (see [`End`]); default `flush` for a
+    /// file source, `keep` otherwise.
+    pub end: Option<End>,
     /// Repartition through Kafka before the steps: every record of a key meets in one task,
     /// whatever the producer's partitioning (see [`RepartitionSpec`]).
     pub repartition: Option<RepartitionSpec>,
@@ -98,6 +101,29 @@ pub struct MetricsSpec {
     /// `host:port` to serve `/metrics`, `/healthz` and `/readyz` on (`127.0.0.1:9464`); empty:
     /// no endpoint (so `listen: "${METRICS_LISTEN:-}"` turns it on from the environment).
     pub listen: String,
+}
+
+/// What a pipeline does with its open windows when its input ends: a file source read to its
+/// end, or a run ended by `--max-records` or `--until-idle` (never by Ctrl+C on a live source).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum End {
+    /// Advance every partition's watermark to the end of time: every open window closes and is
+    /// written. The input is over: a record that comes later to the same partition is late.
+    Flush,
+    /// Keep open windows in the checkpoint, for the next run to continue.
+    Keep,
+}
+
+impl PipelineSpec {
+    /// The `end` in force: as written, else `flush` for a file source and `keep` for the rest.
+    pub fn end(&self) -> End {
+        self.end.unwrap_or(if self.source.file.is_some() {
+            End::Flush
+        } else {
+            End::Keep
+        })
+    }
 }
 
 /// Record formats.
@@ -250,6 +276,41 @@ pub struct GeneratorSpec {
     /// Stop after this many ticks (absent: never); the pipeline then idles, waiting for more.
     #[serde(default)]
     pub count: Option<u64>,
+    /// Bad ticks mixed in, as real feeds have them (none unless given).
+    #[serde(default)]
+    pub faults: Faults,
+}
+
+/// The bad ticks a generator mixes in, each a share of all ticks (0–1). They exercise every
+/// refusal: dedup drops the duplicates, decode dead-letters the malformed, validate the negative
+/// prices, and the watermark the late ones.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    /// Ticks sent twice (the same record: `dedup` drops the copy).
+    #[serde(default)]
+    pub duplicates: f64,
+    /// Ticks cut in half: JSON that does not parse.
+    #[serde(default)]
+    pub malformed: f64,
+    /// Ticks with a price below zero.
+    #[serde(default)]
+    pub negative_price: f64,
+    /// Ticks stamped 2–10 minutes (of event time) behind the others: behind the watermark.
+    #[serde(default)]
+    pub late: f64,
+}
+
+impl Faults {
+    /// Each share with its key, for checks and messages.
+    pub fn shares(&self) -> [(&'static str, f64); 4] {
+        [
+            ("duplicates", self.duplicates),
+            ("malformed", self.malformed),
+            ("negative_price", self.negative_price),
+            ("late", self.late),
+        ]
+    }
 }
 
 fn one() -> f64 {
@@ -760,6 +821,12 @@ impl Pipeline {
                         .into(),
                 );
             }
+            if s.end == Some(End::Flush) {
+                problem_at(
+                    "end",
+                    "`end: flush` is not supported with `repartition` yet (the keyed half would have to learn that every source partition ended): use `end: keep`".into(),
+                );
+            }
             if s.event_time.is_none() {
                 problem(
                     "repartition:",
@@ -769,6 +836,16 @@ impl Pipeline {
         }
         if s.workers == Some(0) {
             problem("workers:", "`workers` must be at least 1".into());
+        }
+        if let Some(g) = &s.source.generator {
+            for (key, share) in g.faults.shares() {
+                if !(0.0..=1.0).contains(&share) {
+                    problem_at(
+                        &format!("source.generator.faults.{key}"),
+                        format!("`source.generator.faults.{key}` is a share between 0 and 1, got {share}"),
+                    );
+                }
+            }
         }
         if let Some(et) = &s.event_time {
             match s.schema.iter().find(|(n, _)| n == et) {

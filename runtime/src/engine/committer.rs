@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 
 use super::plan::RunError;
+use super::tally::{TableTally, TallyKind};
 use super::task::{Resume, Target, TaskCheckpoint};
 use super::{Event, PartitionKey};
 use crate::checkpoint::StateStore;
@@ -65,6 +66,8 @@ pub(crate) struct CommitterReport {
     pub state_save: Duration,
     pub checkpoints: u64,
     pub latency_to_commit: Histogram,
+    /// What each sink committed.
+    pub tables: Vec<TableTally>,
 }
 
 /// A test hook (`FLOWGATE_TEST_ABORT_AFTER_COMMIT=SINK:watermark|offset`): the process aborts
@@ -121,6 +124,9 @@ pub(crate) struct Committer {
     events: Sender<Event>,
     report: CommitterReport,
     metrics: Arc<Metrics>,
+    /// Per sink: how its rows are counted, and the count of the open epoch's rows.
+    kinds: Vec<TallyKind>,
+    pending: Vec<TableTally>,
 }
 
 impl Committer {
@@ -131,15 +137,21 @@ impl Committer {
         reset_state: bool,
         events: Sender<Event>,
         metrics: Arc<Metrics>,
+        kinds: Vec<TallyKind>,
     ) -> Self {
         let n = sinks.len();
+        let tally = |i: usize, s: &Box<dyn Sink>| {
+            TableTally::new(s.name(), kinds.get(i).copied().unwrap_or(TallyKind::Rows))
+        };
         let report = CommitterReport {
             sink_names: sinks.iter().map(|s| s.name().to_string()).collect(),
             sink_write: vec![Duration::ZERO; n],
             sink_commit: vec![Duration::ZERO; n],
             sink_encode: vec![Duration::ZERO; n],
+            tables: sinks.iter().enumerate().map(|(i, s)| tally(i, s)).collect(),
             ..Default::default()
         };
+        let pending = sinks.iter().enumerate().map(|(i, s)| tally(i, s)).collect();
         Committer {
             abort_after: AbortAfter::from_env(),
             held: vec![HashMap::new(); n],
@@ -154,6 +166,8 @@ impl Committer {
             events,
             report,
             metrics,
+            kinds,
+            pending,
         }
     }
 
@@ -213,6 +227,8 @@ impl Committer {
     }
 
     fn write(&mut self, sink: usize, batch: RecordBatch) -> Result<(), RunError> {
+        let kind = self.kinds.get(sink).copied().unwrap_or(TallyKind::Rows);
+        self.pending[sink].count(&batch, kind);
         let started = Instant::now();
         self.sinks[sink].write(batch)?;
         self.report.sink_write[sink] += started.elapsed();
@@ -321,6 +337,10 @@ impl Committer {
         }
         if committed_any {
             self.report.checkpoints += 1;
+        }
+        for (table, pending) in self.report.tables.iter_mut().zip(&mut self.pending) {
+            let fresh = TableTally::new(&pending.name, TallyKind::Rows);
+            table.add(std::mem::replace(pending, fresh));
         }
         self.metrics
             .epoch
@@ -572,7 +592,15 @@ mod tests {
         }
         let (events, inbox) = mpsc::channel();
         let metrics = Arc::new(Metrics::new("p"));
-        let committer = Committer::new(sinks, Arc::new(store), 1, false, events, metrics);
+        let committer = Committer::new(
+            sinks,
+            Arc::new(store),
+            1,
+            false,
+            events,
+            metrics,
+            Vec::new(),
+        );
         (committer, tables, inbox)
     }
 
@@ -769,6 +797,7 @@ mod tests {
                 false,
                 events,
                 Arc::new(Metrics::new("p")),
+                Vec::new(),
             );
             (committer, inbox)
         };

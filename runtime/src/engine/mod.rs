@@ -19,6 +19,7 @@ mod fresh;
 mod hop;
 pub mod plan;
 mod swap;
+pub mod tally;
 mod task;
 mod worker;
 
@@ -842,6 +843,16 @@ fn run_half(
     let (events_tx, events) = mpsc::channel();
     let (commit_tx, commit_rx) = mpsc::sync_channel(1024);
     let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
+    // The chain's output is counted per key for the summary; other tables by rows.
+    let kinds = inputs
+        .iter()
+        .map(|input| match input {
+            task::SinkInput::Stage(s) if *s == plan.stages.len() - 1 => tally::TallyKind::Keyed,
+            task::SinkInput::Stage(_) => tally::TallyKind::Rows,
+            task::SinkInput::DeadLetter => tally::TallyKind::DeadLetter,
+            task::SinkInput::Hop => tally::TallyKind::Hidden,
+        })
+        .collect();
     let committer = Committer::new(
         sinks,
         store.clone(),
@@ -849,6 +860,7 @@ fn run_half(
         options.reset_state,
         events_tx.clone(),
         metrics.clone(),
+        kinds,
     );
     let committer_events = events_tx.clone();
     let committer_thread = std::thread::Builder::new()
@@ -932,6 +944,8 @@ fn run_half(
         // The upstream half of a hop says nothing about readiness: the keyed half does.
         signals_ready: !matches!(role, task::Role::Upstream(_)),
     };
+    // Changes the reloader refused before a barrier (the scope joins it before they are read).
+    let refusals = Arc::new(Mutex::new(Vec::new()));
     let result = std::thread::scope(|scope| {
         let reloader_stop = Arc::new(AtomicBool::new(false));
         if let (Some(reload), Some(baseline)) = (&options.reload, baseline) {
@@ -963,6 +977,7 @@ fn run_half(
                 files: reload.watch_files,
                 hangup,
                 stop: reloader_stop.clone(),
+                refusals: refusals.clone(),
                 derive,
             };
             let (running, running_plan) = (pipeline.clone(), plan.clone());
@@ -985,6 +1000,9 @@ fn run_half(
         loop_state.swaps_in = None;
         result
     });
+    loop_state
+        .swaps
+        .extend(refusals.lock().unwrap_or_else(|p| p.into_inner()).drain(..));
     if loop_state.signals_ready {
         metrics.set_ready(false);
     }
@@ -1006,6 +1024,11 @@ fn run_half(
     result?;
     let committed = committed.unwrap_or_default();
     Ok(loop_state.summary(&plan, reports, committed))
+}
+
+/// Every partition's watermark at the end of time (`end: flush`): each open window closes.
+fn flush_all(r: &Router) -> HashMap<PartitionKey, i64> {
+    r.slots.keys().map(|k| (k.clone(), i64::MAX)).collect()
 }
 
 /// The source loop's settings and measurements.
@@ -1047,6 +1070,10 @@ impl Loop<'_> {
         let mut progress_mark = (0u64, 0u64);
         let live = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let mut polled: Vec<Record> = Vec::with_capacity(self.max_records);
+        let flush_at_end = pipeline.spec.end() == crate::config::End::Flush;
+        // Whether the input ended (not merely the run): then `end: flush` closes every window.
+        let mut input_ended = false;
+        let mut flushed = false;
         loop {
             if stop.load(Ordering::Relaxed) {
                 tracing::info!("stopping: finishing and committing what was read");
@@ -1062,6 +1089,7 @@ impl Loop<'_> {
                 .map(|m| m.saturating_sub(self.routed) as usize)
                 .unwrap_or(usize::MAX);
             if budget == 0 {
+                input_ended = true;
                 break;
             }
             {
@@ -1078,6 +1106,7 @@ impl Loop<'_> {
                 && last_record.elapsed() >= idle
             {
                 tracing::info!("no input for {idle:?}: stopping");
+                input_ended = true;
                 break;
             }
             if self
@@ -1135,7 +1164,14 @@ impl Loop<'_> {
                 waiting = offers.try_recv().ok();
             }
             if Instant::now() >= next_cut {
-                let idle = self.idle_watermarks(&r, source.as_ref());
+                let mut idle = self.idle_watermarks(&r, source.as_ref());
+                if flush_at_end && !flushed && source.exhausted() {
+                    idle = flush_all(&r);
+                    flushed = true;
+                    tracing::info!(
+                        "the input is read to its end: closing every open window (`end: flush`)"
+                    );
+                }
                 match waiting.take() {
                     Some(candidate) => waiting = self.swap(pipeline, &mut r, idle, candidate)?,
                     None => {
@@ -1188,7 +1224,12 @@ impl Loop<'_> {
             let _ = writeln!(std::io::stderr());
         }
         let mut r = lock(router);
-        let idle = self.idle_watermarks(&r, source.as_ref());
+        let idle = if flush_at_end && !flushed && (input_ended || source.exhausted()) {
+            tracing::info!("the input ended: closing every open window (`end: flush`)");
+            flush_all(&r)
+        } else {
+            self.idle_watermarks(&r, source.as_ref())
+        };
         let epoch = r.cut(idle)?;
         r.drain(Some(epoch))?;
         let offsets = std::mem::take(&mut r.to_kafka);
@@ -1382,6 +1423,7 @@ impl Loop<'_> {
             latency_to_output,
             latency_to_commit: committer.latency_to_commit,
             swaps: self.swaps.clone(),
+            tables: committer.tables,
         }
     }
 }

@@ -191,6 +191,8 @@ pub struct RunSummary {
     pub latency_to_commit: Histogram,
     /// Live swaps, applied or refused, in order.
     pub swaps: Vec<super::SwapRecord>,
+    /// What each table committed.
+    pub tables: Vec<super::tally::TableTally>,
 }
 
 impl RunSummary {
@@ -217,6 +219,11 @@ impl RunSummary {
             latency_to_output: down.latency_to_output,
             latency_to_commit: down.latency_to_commit,
             swaps: down.swaps,
+            tables: {
+                let mut tables = up.tables;
+                super::tally::merge(&mut tables, down.tables);
+                tables
+            },
         }
     }
 }

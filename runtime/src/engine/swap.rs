@@ -45,7 +45,7 @@ pub(crate) struct Candidate {
 /// One swap as the run report lists it.
 #[derive(Debug, Clone)]
 pub struct SwapRecord {
-    /// The epoch barrier it happened at.
+    /// The epoch barrier it happened at (0: refused before reaching one).
     pub epoch: u64,
     /// What changed.
     pub changes: String,
@@ -65,6 +65,9 @@ pub(crate) struct Watch {
     pub files: bool,
     /// Set by the SIGHUP handler.
     pub hangup: Arc<AtomicBool>,
+    /// Changes refused before they reached a barrier (the file does not load, a step cannot
+    /// be built): the run report lists them with the swaps.
+    pub refusals: Arc<std::sync::Mutex<Vec<SwapRecord>>>,
     pub stop: Arc<AtomicBool>,
     /// The running half of a repartitioned pipeline, from the whole file as loaded.
     pub derive: Option<Derive>,
@@ -162,10 +165,21 @@ pub(crate) fn reloader(
             candidate(host, &running, &plan, &prints, pipeline, next_prints)
         });
         match built {
-            Err(problem) => tracing::error!(
-                "the change to {} is not applied, the running plan goes on: {problem}",
-                file.display()
-            ),
+            Err(problem) => {
+                tracing::error!(
+                    "the change to {} is not applied, the running plan goes on: {problem}",
+                    file.display()
+                );
+                if let Ok(mut refusals) = watch.refusals.lock() {
+                    refusals.push(SwapRecord {
+                        epoch: 0,
+                        changes: format!("the change to {}", file.display()),
+                        pause: Duration::ZERO,
+                        commit_wait: Duration::ZERO,
+                        refused: Some(problem),
+                    });
+                }
+            }
             Ok(None) => {
                 tracing::info!("reload: the steps, their plugins and configs are the same")
             }

@@ -347,7 +347,8 @@ impl Chain {
                 })
             }
             Err(e) if is_poison(&e) && self.isolates(index) && batch.num_rows() > 0 => {
-                tracing::warn!(
+                // One WARN per row isolated (in `bisect`), not another for the search.
+                tracing::debug!(
                     step = self.steps[index].name(),
                     rows = batch.num_rows(),
                     "{e}; rebuilding the instance from its last snapshot to find the rows that fail"

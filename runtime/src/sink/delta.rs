@@ -156,6 +156,9 @@ pub struct LogWriters {
     pub committed_ms: Option<i64>,
     /// Whether any commit entry added a data file.
     pub has_rows: bool,
+    /// Per offset app id (`flowgate-{pipeline}-{topic}-{partition}`): the newest position the
+    /// log records, the version that recorded it, and when (ms since the Unix epoch).
+    pub positions: std::collections::BTreeMap<String, (Position, u64, Option<i64>)>,
 }
 
 /// Reads the writers of the table at `location` from its log (`None`: no table there).
@@ -185,12 +188,20 @@ pub fn log_writers(location: &TableLocation, rt: &Runtime) -> Result<Option<LogW
             else {
                 continue;
             };
+            let mut found: HashMap<String, i64> = HashMap::new();
+            let mut committed_ms = None;
             for line in bytes.split(|&b| b == b'\n') {
                 let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
                     continue;
                 };
                 if let Some(app) = action["txn"]["appId"].as_str() {
                     writers.app_ids.insert(app.to_string());
+                    if let Some(v) = action["txn"]["version"].as_i64() {
+                        found.insert(app.to_string(), v);
+                    }
+                }
+                if let Some(t) = action["commitInfo"]["timestamp"].as_i64() {
+                    committed_ms = Some(t);
                 }
                 if action.get("add").is_some() {
                     writers.has_rows = true;
@@ -199,6 +210,22 @@ pub fn log_writers(location: &TableLocation, rt: &Runtime) -> Result<Option<LogW
                     && let Some(t) = action["commitInfo"]["timestamp"].as_i64()
                 {
                     writers.committed_ms = Some(t);
+                }
+            }
+            for (app, &offset) in found.iter().filter(|(a, _)| !a.ends_with(".epoch")) {
+                let epoch = found.get(&format!("{app}.epoch")).copied().unwrap_or(0);
+                let position = Position {
+                    offset,
+                    epoch: u64::try_from(epoch).unwrap_or(0),
+                };
+                if writers
+                    .positions
+                    .get(app)
+                    .is_none_or(|(held, _, _)| *held < position)
+                {
+                    writers
+                        .positions
+                        .insert(app.clone(), (position, version, committed_ms));
                 }
             }
         }

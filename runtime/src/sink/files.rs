@@ -252,12 +252,19 @@ pub struct FileWriters {
     pub entries: Vec<(String, Vec<String>)>,
     /// When the newest entry was written (ms since the Unix epoch), if it says.
     pub written_ms: Option<i64>,
+    /// Data files and rows the entries committed.
+    pub files: usize,
+    pub rows: u64,
+    /// The columns of the newest entry that records them, as `[name, type]`.
+    pub columns: Vec<[String; 2]>,
+    /// Per (pipeline, `topic/partition`): the newest position recorded, by which entry, when.
+    pub positions: BTreeMap<(String, String), (Position, String, i64)>,
 }
 
 /// Reads the writers of the table at `place` from its commit log (no entries: no table).
 pub(crate) fn file_writers(place: &Place) -> Result<FileWriters, String> {
     let mut writers = FileWriters::default();
-    for (_, entry) in read_entries(place, |_| false)? {
+    for (name, entry) in read_entries(place, |_| false)? {
         let topics = entry
             .offsets
             .keys()
@@ -265,6 +272,27 @@ pub(crate) fn file_writers(place: &Place) -> Result<FileWriters, String> {
             .collect();
         if entry.written_ms > 0 {
             writers.written_ms = Some(entry.written_ms);
+        }
+        writers.files += entry.files.len();
+        writers.rows += entry.rows as u64;
+        if !entry.columns.is_empty() {
+            writers.columns = entry.columns.clone();
+        }
+        for (partition, &offset) in &entry.offsets {
+            let position = Position {
+                offset,
+                epoch: entry.epochs.get(partition).copied().unwrap_or(0),
+            };
+            let key = (entry.pipeline.clone(), partition.clone());
+            if writers
+                .positions
+                .get(&key)
+                .is_none_or(|(held, _, _)| *held < position)
+            {
+                writers
+                    .positions
+                    .insert(key, (position, name.clone(), entry.written_ms));
+            }
         }
         writers.entries.push((entry.pipeline, topics));
     }

@@ -206,6 +206,10 @@ impl Source for FileSource {
         Ok(())
     }
 
+    fn exhausted(&self) -> bool {
+        self.started && self.files.iter().all(|f| f.done)
+    }
+
     /// A file with lines left to read is behind, however long since its last record.
     fn behind(&self, topic: &str, _partition: i32, _next: i64) -> bool {
         self.files.iter().any(|f| &*f.topic == topic && !f.done)

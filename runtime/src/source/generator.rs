@@ -157,21 +157,51 @@ fn generate(
         let t = (sent as f64 / rate).max(started.elapsed().as_secs_f64());
         let ts_ms = (start_ms + (t * 1000.0 * spec.speedup) as i64).max(last_ts[i] + 1);
         last_ts[i] = ts_ms;
+        // Faults draw from the random sequence only when asked for, so a generator without
+        // them sends the same ticks as before they existed.
+        let faults = &spec.faults;
+        // A late tick goes 2–10 minutes of event time back; it does not move `last_ts`.
+        let ts_ms = if faults.late > 0.0 && next() < faults.late {
+            ts_ms - 120_000 - (next() * 480_000.0) as i64
+        } else {
+            ts_ms
+        };
         let ts = chrono::DateTime::from_timestamp_millis(ts_ms).unwrap_or_default();
-        let tick = serde_json::json!({
+        let price = (prices[i] * 100.0).round() / 100.0;
+        let price = if faults.negative_price > 0.0 && next() < faults.negative_price {
+            -price
+        } else {
+            price
+        };
+        let mut tick = serde_json::json!({
             "symbol": spec.symbols[i],
-            "price": (prices[i] * 100.0).round() / 100.0,
+            "price": price,
             "volume": 1 + (next() * 999.0) as u64,
             "ts": ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             "ts_epoch_ms": ts_ms,
         })
         .to_string();
-        let record = BaseRecord::to(topic).key(&spec.symbols[i]).payload(&tick);
-        if producer.send(record).is_err() {
-            std::thread::sleep(Duration::from_millis(5));
-            continue;
+        if faults.malformed > 0.0 && next() < faults.malformed {
+            tick.truncate(tick.len() / 2);
         }
-        sent += 1;
+        let copies = if faults.duplicates > 0.0 && next() < faults.duplicates {
+            2
+        } else {
+            1
+        };
+        let mut copy = 0;
+        while copy < copies && sent < limit {
+            let record = BaseRecord::to(topic).key(&spec.symbols[i]).payload(&tick);
+            if producer.send(record).is_err() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            sent += 1;
+            copy += 1;
+        }
         // Sleep only when a millisecond or more ahead: sleeping per record overshoots.
         let due = Duration::from_secs_f64(sent as f64 / rate);
         if let Some(wait) = due.checked_sub(started.elapsed())

@@ -94,6 +94,10 @@ pub trait Source {
         let _ = (topic, partition, next);
         false
     }
+    /// True if nothing more will come: a file source whose every file is read to its end.
+    fn exhausted(&self) -> bool {
+        false
+    }
     /// True if offsets mean nothing across runs (the embedded broker starts empty each time):
     /// a partition then starts fresh instead of resuming from the sinks' offsets.
     fn ephemeral(&self) -> bool {

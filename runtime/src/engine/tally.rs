@@ -1,0 +1,413 @@
+//! What a run committed, table by table: rows, rows per key, the newest rows of each key, and
+//! dead-letter rows by stage and reason. The committer counts a batch when it writes it and adds
+//! the count when the epoch commits, so an epoch a crash or a failed commit loses is never
+//! counted. The summary at the end of a run prints it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt::Write as _;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::DataType;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+
+/// Rows kept per key, newest last.
+pub const NEWEST: usize = 8;
+/// Keys counted one by one per table; rows of further keys count under [`OTHER_KEYS`].
+pub const MAX_KEYS: usize = 1000;
+/// Where rows of keys beyond [`MAX_KEYS`] are counted.
+pub const OTHER_KEYS: &str = "(other keys)";
+
+/// What a sink's rows are counted by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TallyKind {
+    /// Rows only.
+    Rows,
+    /// Rows per key (the first text column) with the newest rows of each: the chain's output.
+    Keyed,
+    /// The dead letter: rows per stage and reason.
+    DeadLetter,
+    /// Not a table (the repartition hop's topic).
+    Hidden,
+}
+
+/// One table's tally.
+#[derive(Debug, Clone, Default)]
+pub struct TableTally {
+    /// The sink's name (`dead_letter` for the dead letter).
+    pub name: String,
+    /// Rows committed by this run.
+    pub rows: u64,
+    /// True for the dead letter.
+    pub dead_letter: bool,
+    /// The column rows are counted by, when counted by key.
+    pub key: Option<String>,
+    /// Rows per key value (at most [`MAX_KEYS`] values, then [`OTHER_KEYS`]).
+    pub per_key: BTreeMap<String, u64>,
+    /// Column names of the rows in `newest`.
+    pub columns: Vec<String>,
+    /// The newest rows of each key, formatted, oldest first.
+    pub newest: BTreeMap<String, VecDeque<Vec<String>>>,
+    /// Dead-letter rows by (stage, reason): the reason is its text up to the first `:`
+    /// (`price`, `late`, `invalid JSON`).
+    pub refused: BTreeMap<(String, String), u64>,
+    hidden: bool,
+}
+
+impl TableTally {
+    pub(crate) fn new(name: &str, kind: TallyKind) -> Self {
+        TableTally {
+            name: name.to_string(),
+            dead_letter: kind == TallyKind::DeadLetter,
+            hidden: kind == TallyKind::Hidden,
+            ..Default::default()
+        }
+    }
+
+    /// Counts `batch` as `kind` says.
+    pub(crate) fn count(&mut self, batch: &RecordBatch, kind: TallyKind) {
+        self.rows += batch.num_rows() as u64;
+        match kind {
+            TallyKind::Rows | TallyKind::Hidden => {}
+            TallyKind::Keyed => self.count_keys(batch),
+            TallyKind::DeadLetter => self.count_refusals(batch),
+        }
+    }
+
+    fn count_keys(&mut self, batch: &RecordBatch) {
+        let schema = batch.schema();
+        let Some(key) = schema
+            .fields()
+            .iter()
+            .position(|f| f.data_type() == &DataType::Utf8)
+        else {
+            return;
+        };
+        let Some(keys) = batch.column(key).as_string_opt::<i32>() else {
+            return;
+        };
+        self.key = Some(schema.field(key).name().clone());
+        // The newest rows of each key in this batch (rows come in event-time order per key).
+        let mut last: HashMap<&str, Vec<usize>> = HashMap::new();
+        for row in 0..batch.num_rows() {
+            let value = if keys.is_null(row) {
+                ""
+            } else {
+                keys.value(row)
+            };
+            let slot = if self.per_key.contains_key(value) || self.per_key.len() < MAX_KEYS {
+                value
+            } else {
+                OTHER_KEYS
+            };
+            match self.per_key.get_mut(slot) {
+                Some(n) => *n += 1,
+                None => {
+                    self.per_key.insert(slot.to_string(), 1);
+                }
+            }
+            if slot != OTHER_KEYS {
+                let rows = last.entry(value).or_default();
+                rows.push(row);
+                if rows.len() > NEWEST {
+                    rows.remove(0);
+                }
+            }
+        }
+        let options = FormatOptions::default().with_null("");
+        let formatters: Vec<ArrayFormatter> = match batch
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
+            .collect::<Result<_, _>>()
+        {
+            Ok(f) => f,
+            Err(_) => return,
+        };
+        self.columns = schema.fields().iter().map(|f| f.name().clone()).collect();
+        for (value, rows) in last {
+            let kept = self.newest.entry(value.to_string()).or_default();
+            for row in rows {
+                kept.push_back(formatters.iter().map(|f| f.value(row).to_string()).collect());
+                if kept.len() > NEWEST {
+                    kept.pop_front();
+                }
+            }
+        }
+    }
+
+    fn count_refusals(&mut self, batch: &RecordBatch) {
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .and_then(|c| c.as_string_opt::<i32>())
+        };
+        let (Some(stages), Some(reasons)) = (column("stage"), column("reason")) else {
+            return;
+        };
+        for row in 0..batch.num_rows() {
+            let reason = reasons.value(row);
+            let class = reason.split(':').next().unwrap_or(reason).trim();
+            let class: String = class.chars().take(40).collect();
+            *self
+                .refused
+                .entry((stages.value(row).to_string(), class))
+                .or_default() += 1;
+        }
+    }
+
+    /// Adds `other` (counted later) to this tally.
+    pub(crate) fn add(&mut self, other: TableTally) {
+        self.rows += other.rows;
+        if other.key.is_some() {
+            self.key = other.key;
+            self.columns = other.columns;
+        }
+        for (k, n) in other.per_key {
+            let slot = if self.per_key.contains_key(&k) || self.per_key.len() < MAX_KEYS {
+                k
+            } else {
+                OTHER_KEYS.to_string()
+            };
+            *self.per_key.entry(slot).or_default() += n;
+        }
+        for (k, rows) in other.newest {
+            let kept = self.newest.entry(k).or_default();
+            kept.extend(rows);
+            while kept.len() > NEWEST {
+                kept.pop_front();
+            }
+        }
+        for (k, n) in other.refused {
+            *self.refused.entry(k).or_default() += n;
+        }
+    }
+}
+
+/// Adds the tallies of `more` into `tables`, matching tables by name (the two halves of a
+/// repartitioned run share the dead letter).
+pub(crate) fn merge(tables: &mut Vec<TableTally>, more: Vec<TableTally>) {
+    for t in more {
+        match tables.iter_mut().find(|have| have.name == t.name) {
+            Some(have) => have.add(t),
+            None => tables.push(t),
+        }
+    }
+}
+
+/// The tables part of the end-of-run summary: rows per table, the dead letter by stage and
+/// reason, rows per key of the chain's output, and its newest rows for one key.
+pub fn render(tables: &[TableTally]) -> String {
+    let mut out = String::new();
+    let shown: Vec<&TableTally> = tables.iter().filter(|t| !t.hidden).collect();
+    if shown.is_empty() {
+        return out;
+    }
+    let width = shown.iter().map(|t| t.name.len()).max().unwrap_or(0);
+    let _ = writeln!(out, "rows committed by this run:");
+    for t in &shown {
+        let _ = writeln!(out, "  {:width$}  {:>10}", t.name, group(t.rows));
+    }
+    for t in shown.iter().filter(|t| t.dead_letter && !t.refused.is_empty()) {
+        let _ = writeln!(out, "{} by stage and reason:", t.name);
+        let width = t
+            .refused
+            .keys()
+            .map(|(s, r)| s.len() + r.len() + 3)
+            .max()
+            .unwrap_or(0);
+        for ((stage, reason), n) in &t.refused {
+            let label = format!("{stage} / {reason}");
+            let _ = writeln!(out, "  {label:width$}  {:>10}", group(*n));
+        }
+    }
+    for t in shown.iter().filter(|t| !t.per_key.is_empty()) {
+        let key = t.key.as_deref().unwrap_or("key");
+        let mut per_key: Vec<String> = t
+            .per_key
+            .iter()
+            .take(16)
+            .map(|(k, n)| format!("{k} {}", group(*n)))
+            .collect();
+        if t.per_key.len() > 16 {
+            per_key.push(format!("… {} more", t.per_key.len() - 16));
+        }
+        let _ = writeln!(out, "{} per {key}: {}", t.name, per_key.join(", "));
+        // The newest rows of the key with the most rows (the first of those, by name).
+        let Some((value, rows)) = t
+            .newest
+            .iter()
+            .max_by(|a, b| {
+                let count = |k: &String| t.per_key.get(k).copied().unwrap_or(0);
+                count(a.0).cmp(&count(b.0)).then(b.0.cmp(a.0))
+            })
+            .filter(|(_, rows)| !rows.is_empty())
+        else {
+            continue;
+        };
+        let _ = writeln!(out, "newest {} of {key} {value}:", t.name);
+        // The key itself is in the heading, and a `date` partition column repeats the time.
+        let keep: Vec<usize> = (0..t.columns.len())
+            .filter(|&c| Some(t.columns[c].as_str()) != t.key.as_deref() && t.columns[c] != "date")
+            .collect();
+        let cells: Vec<Vec<String>> = std::iter::once(keep.iter().map(|&c| t.columns[c].clone()).collect())
+            .chain(rows.iter().map(|r| {
+                keep.iter()
+                    .map(|&c| short(r.get(c).map(String::as_str).unwrap_or("")))
+                    .collect()
+            }))
+            .collect();
+        let widths: Vec<usize> = (0..keep.len())
+            .map(|c| cells.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+            .collect();
+        for row in &cells {
+            let line: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(cell, w)| format!("{cell:>w$}"))
+                .collect();
+            let _ = writeln!(out, "  {}", line.join("  "));
+        }
+    }
+    out
+}
+
+/// A cell made short for a terminal: timestamps to the second, floats to six significant
+/// digits.
+fn short(cell: &str) -> String {
+    if let Some((date, time)) = cell.split_once('T')
+        && date.len() == 10
+    {
+        let time: String = time.chars().take(8).collect();
+        return format!("{date} {time}");
+    }
+    if cell.contains('.')
+        && let Ok(v) = cell.parse::<f64>()
+    {
+        let text = format!("{v:.6}");
+        let text = text.trim_end_matches('0').trim_end_matches('.');
+        return match text.split_once('.') {
+            Some((whole, frac)) if whole.len() + frac.len() > 8 => {
+                let keep = 8usize.saturating_sub(whole.len()).max(2);
+                format!("{whole}.{}", &frac[..frac.len().min(keep)])
+            }
+            _ => text.to_string(),
+        };
+    }
+    cell.to_string()
+}
+
+/// `1234567` as `1,234,567`.
+fn group(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Float64Array, Int32Array, Int64Array, StringArray};
+    use arrow::datatypes::{Field, Schema};
+
+    use super::*;
+
+    fn bars(rows: &[(&str, f64)]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("symbol", DataType::Utf8, false),
+            Field::new("close", DataType::Float64, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(
+                    rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                )),
+                Arc::new(Float64Array::from(
+                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                )),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn counts_rows_per_key_and_keeps_the_newest_of_each() {
+        let mut t = TableTally::new("bars", TallyKind::Keyed);
+        let many: Vec<(&str, f64)> = (0..20).map(|i| ("AAPL", i as f64 + 0.5)).collect();
+        t.count(&bars(&many), TallyKind::Keyed);
+        let mut later = TableTally::new("bars", TallyKind::Keyed);
+        later.count(&bars(&[("MSFT", 1.25), ("AAPL", 99.5)]), TallyKind::Keyed);
+        t.add(later);
+        assert_eq!(t.rows, 22);
+        assert_eq!(t.per_key["AAPL"], 21);
+        assert_eq!(t.per_key["MSFT"], 1);
+        let newest = &t.newest["AAPL"];
+        assert_eq!(newest.len(), NEWEST);
+        assert_eq!(newest.back().unwrap(), &vec!["AAPL".to_string(), "99.5".into()]);
+        assert_eq!(newest.front().unwrap()[1], "13.5");
+        let text = render(&[t]);
+        assert!(text.contains("bars per symbol: AAPL 21, MSFT 1"), "{text}");
+        assert!(text.contains("newest bars of symbol AAPL:"), "{text}");
+        assert!(text.lines().last().unwrap().trim() == "99.5", "{text}");
+    }
+
+    #[test]
+    fn keys_beyond_the_limit_count_together() {
+        let names: Vec<String> = (0..MAX_KEYS + 5).map(|i| format!("S{i:05}")).collect();
+        let rows: Vec<(&str, f64)> = names.iter().map(|n| (n.as_str(), 1.0)).collect();
+        let mut t = TableTally::new("bars", TallyKind::Keyed);
+        t.count(&bars(&rows), TallyKind::Keyed);
+        assert_eq!(t.per_key.len(), MAX_KEYS + 1);
+        assert_eq!(t.per_key[OTHER_KEYS], 5);
+        assert_eq!(t.per_key.values().sum::<u64>(), t.rows);
+    }
+
+    #[test]
+    fn the_dead_letter_counts_by_stage_and_the_reason_before_its_colon() {
+        let schema = crate::sink::dead_letter_schema();
+        let n = 3;
+        let text = |v: &[&str]| Arc::new(StringArray::from(v.to_vec())) as Arc<dyn Array>;
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                text(&["p"; 3]),
+                text(&["validate", "validate", "decode"]),
+                text(&[
+                    "price: must be > 0, got -1",
+                    "price: must be > 0, got -2",
+                    "invalid JSON: EOF while parsing",
+                ]),
+                text(&["ticks"; 3]),
+                Arc::new(Int32Array::from(vec![0; n])),
+                Arc::new(Int64Array::from(vec![1, 2, 3])),
+                text(&["{}"; 3]),
+                Arc::new(
+                    arrow::array::TimestampMicrosecondArray::from(vec![0; n]).with_timezone("UTC"),
+                ),
+            ],
+        )
+        .unwrap();
+        let mut t = TableTally::new("dead_letter", TallyKind::DeadLetter);
+        t.count(&batch, TallyKind::DeadLetter);
+        assert_eq!(t.refused[&("validate".into(), "price".into())], 2);
+        assert_eq!(t.refused[&("decode".into(), "invalid JSON".into())], 1);
+        let text = render(&[t]);
+        assert!(text.contains("validate / price"), "{text}");
+    }
+
+    #[test]
+    fn cells_are_short() {
+        assert_eq!(short("2026-12-02T12:01:00.123456Z"), "2026-12-02 12:01:00");
+        assert_eq!(short("101.23000000000001"), "101.23");
+        assert_eq!(short("0.000123456789"), "0.000123");
+        assert_eq!(short("AAPL"), "AAPL");
+        assert_eq!(group(1234567), "1,234,567");
+    }
+}
