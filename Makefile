@@ -84,7 +84,7 @@ fuzz: ## Fuzz the JSON decoder and the pipeline parser, FUZZ_SECONDS each (cargo
 	    $(CARGO) fuzz run $$t --sanitizer none fuzz/corpus/$$t fuzz/seeds/$$t fuzz/regressions/$$t -- \
 	        -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -max_len=65536 || exit 1; \
 	done
-	@echo "A crash leaves its input in fuzz/artifacts/TARGET/: copy it to fuzz/regressions/TARGET/ (runtime/tests/fuzz_regressions.rs replays it)."
+	@echo "A crash leaves its input in fuzz/artifacts/TARGET/: copy it to fuzz/regressions/TARGET/ (runtime/tests/it/fuzz_regressions.rs replays it)."
 
 broker: ## Install the Tansu test broker (a Kafka-protocol broker from crates.io) if missing; ~20 min cold.
 	@command -v tansu >/dev/null 2>&1 || [ -x "$(HOME)/.cargo/bin/tansu" ] || \

@@ -1,7 +1,7 @@
 //! Every plugin scenario, run natively and through the compiled `.wasm` in the host: the
 //! transcripts (output rows, rejected rows with reasons, errors) must be identical.
 
-mod common;
+use crate::common;
 
 use arrow::record_batch::RecordBatch;
 use flowgate::plugin::{Plugin, PluginError, PluginFault, Step};

@@ -1,7 +1,7 @@
 //! `flowgate plugin test` end to end: the shipped step configs run the sample ticks through the
 //! four compiled plugins, and the bars must equal bars computed independently here.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! Pipeline files: each kind of mistake gives an error naming the place (golden `.err` files
 //! beside the fixtures; `FLOWGATE_BLESS=1` rewrites them), and every shipped pipeline is valid.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! The compiled-plugin cache: the second load of a plugin does not compile it again.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The sandbox: plugins that loop, hog memory, reach for ambient authority or lie about their
 //! schema are stopped with an error that names them, and the host carries on.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

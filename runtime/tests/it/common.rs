@@ -1,6 +1,5 @@
 //! Shared helpers for the host tests: where the compiled plugins are, and a host with a cache
 //! shared by one test binary.
-#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
