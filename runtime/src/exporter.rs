@@ -1,6 +1,7 @@
 //! Live metrics for Prometheus: `metrics: {listen: 127.0.0.1:9464}` in a pipeline serves them as
 //! OpenMetrics text at `/metrics`, with `/healthz` (the process answers) and `/readyz` (it holds
-//! partitions and has not failed) for orchestrators. Names follow Prometheus conventions
+//! partitions and has not failed) for orchestrators, and the status page at `/` (with its data
+//! at `/status.json`, see [`crate::status`]). Names follow Prometheus conventions
 //! (`flowgate_…_total`, `…_seconds`, `…_bytes`); every series carries `pipeline`.
 
 use std::borrow::Cow;
@@ -81,6 +82,9 @@ pub struct Metrics {
     pub lag: Family<PartitionLabels, Gauge>,
     pub wasm_memory: Family<InstanceLabels, Gauge>,
     ready: AtomicBool,
+    /// What the status page shows besides the metrics.
+    pub board: crate::status::Board,
+    pipeline: String,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -110,6 +114,8 @@ impl Metrics {
             lag: Family::default(),
             wasm_memory: Family::default(),
             ready: AtomicBool::new(false),
+            board: Default::default(),
+            pipeline: pipeline.to_string(),
         };
         let registry = &mut m.registry;
         registry.register(
@@ -205,6 +211,18 @@ impl Metrics {
 
     fn respond(&self, path: &str) -> Response<Full<Bytes>> {
         let (status, kind, body) = match path {
+            "/" => (
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                crate::status::PAGE.to_string(),
+            ),
+            "/status.json" => (
+                StatusCode::OK,
+                "application/json",
+                self.board
+                    .json(&self.pipeline, &self.render())
+                    .to_string(),
+            ),
             "/metrics" => (
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -222,7 +240,8 @@ impl Metrics {
             _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: /metrics, /healthz, /readyz\n".to_string(),
+                "not found: / (the status page), /status.json, /metrics, /healthz, /readyz\n"
+                    .to_string(),
             ),
         };
         let mut response = Response::new(Full::new(Bytes::from(body)));

@@ -13,6 +13,7 @@
 //! - [`storage`]: where a Delta table lives (a folder, or S3 with conditional put).
 //! - [`metrics`]: time per stage and latency histograms for `flowgate run --report`.
 //! - [`exporter`]: live metrics for Prometheus (`/metrics`, `/healthz`, `/readyz`).
+//! - [`status`]: the live status page (`/`, `/status.json`) on the same listener.
 //! - [`yaml`]: YAML parsing with file, key path, line and column in every error.
 //! - [`cli`]: the `flowgate` command line; `main.rs` only parses arguments and calls it.
 //!
@@ -29,5 +30,6 @@ pub mod metrics;
 pub mod plugin;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod storage;
 pub mod yaml;

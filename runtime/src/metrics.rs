@@ -157,14 +157,19 @@ pub fn report_json(pipeline: &str, summary: &crate::engine::RunSummary) -> Value
             "append_to_last_plugin": summary.latency_to_output.to_json(),
             "append_to_commit": summary.latency_to_commit.to_json(),
         },
-        "swaps": summary.swaps.iter().map(|s| json!({
-            "epoch": (s.epoch > 0).then_some(s.epoch),
-            "changes": s.changes,
-            "applied": s.refused.is_none(),
-            "refused": s.refused,
-            "pause_ms": s.pause.as_secs_f64() * 1e3,
-            "commit_wait_ms": s.commit_wait.as_secs_f64() * 1e3,
-        })).collect::<Vec<_>>(),
+        "swaps": summary.swaps.iter().map(swap_json).collect::<Vec<_>>(),
+    })
+}
+
+/// A live swap, applied or refused (epoch `null`: refused before it reached a barrier).
+pub fn swap_json(s: &crate::engine::SwapRecord) -> Value {
+    json!({
+        "epoch": (s.epoch > 0).then_some(s.epoch),
+        "changes": s.changes,
+        "applied": s.refused.is_none(),
+        "refused": s.refused,
+        "pause_ms": s.pause.as_secs_f64() * 1e3,
+        "commit_wait_ms": s.commit_wait.as_secs_f64() * 1e3,
     })
 }
 

@@ -10,6 +10,9 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 FLOWGATE = pathlib.Path(os.environ.get("FLOWGATE_BIN", REPO / "target" / "debug" / "flowgate"))
+# The demo serves its status page on 127.0.0.1:9464 unless told otherwise: every run a test
+# starts listens on a free port instead, so runs never collide (a test may set its own).
+os.environ.setdefault("METRICS_LISTEN", "127.0.0.1:0")
 
 
 def run_flowgate(*args, env=None, timeout=600):

@@ -475,6 +475,19 @@ pub struct SinkSpec {
     pub csv: Option<CsvSpec>,
 }
 
+impl SinkSpec {
+    /// The kind of table, for the status page and messages.
+    pub fn format_name(&self) -> &'static str {
+        match (&self.delta, &self.parquet, &self.csv, &self.postgres) {
+            (Some(_), ..) => "Delta",
+            (_, Some(_), ..) => "Parquet",
+            (_, _, Some(_), _) => "CSV",
+            (_, _, _, Some(_)) => "PostgreSQL",
+            _ => "console",
+        }
+    }
+}
+
 /// Where and how CSV files are written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

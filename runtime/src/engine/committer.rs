@@ -127,6 +127,8 @@ pub(crate) struct Committer {
     /// Per sink: how its rows are counted, and the count of the open epoch's rows.
     kinds: Vec<TallyKind>,
     pending: Vec<TableTally>,
+    /// Where this committer's tables show on the status page.
+    board_slot: usize,
 }
 
 impl Committer {
@@ -152,6 +154,7 @@ impl Committer {
             ..Default::default()
         };
         let pending = sinks.iter().enumerate().map(|(i, s)| tally(i, s)).collect();
+        let board_slot = metrics.board.slot();
         Committer {
             abort_after: AbortAfter::from_env(),
             held: vec![HashMap::new(); n],
@@ -168,6 +171,7 @@ impl Committer {
             metrics,
             kinds,
             pending,
+            board_slot,
         }
     }
 
@@ -342,6 +346,9 @@ impl Committer {
             let fresh = TableTally::new(&pending.name, TallyKind::Rows);
             table.add(std::mem::replace(pending, fresh));
         }
+        self.metrics
+            .board
+            .publish(self.board_slot, &self.report.tables);
         self.metrics
             .epoch
             .set(i64::try_from(epoch).unwrap_or(i64::MAX));

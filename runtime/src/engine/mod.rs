@@ -550,6 +550,7 @@ pub fn run(
         });
     }
     let metrics = Arc::new(Metrics::new(&spec.name));
+    metrics.board.set_graph(crate::status::graph(spec));
     if let Some(m) = &spec.metrics
         && !m.listen.is_empty()
     {
@@ -565,7 +566,9 @@ pub fn run(
                 m.listen
             ))
         })?;
-        tracing::info!("metrics at http://{bound}/metrics (and /healthz, /readyz)");
+        tracing::info!(
+            "status page at http://{bound}/ (metrics at /metrics, and /healthz, /readyz)"
+        );
     }
     let store = state_store(pipeline, &rt)?;
     if fresh::ephemeral(pipeline) {
@@ -978,6 +981,7 @@ fn run_half(
                 hangup,
                 stop: reloader_stop.clone(),
                 refusals: refusals.clone(),
+                metrics: metrics.clone(),
                 derive,
             };
             let (running, running_plan) = (pipeline.clone(), plan.clone());
@@ -1283,13 +1287,17 @@ impl Loop<'_> {
                 (epoch, Some(why), Duration::ZERO)
             }
         };
-        self.swaps.push(SwapRecord {
+        let record = SwapRecord {
             epoch,
             changes: candidate.changes.clone(),
             pause,
             commit_wait,
             refused: refused.clone(),
-        });
+        };
+        self.metrics
+            .board
+            .swap(crate::metrics::swap_json(&record));
+        self.swaps.push(record);
         let _ = candidate.outcome.send(refused.map_or(Ok(()), Err));
         Ok(None)
     }

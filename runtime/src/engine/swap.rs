@@ -68,6 +68,8 @@ pub(crate) struct Watch {
     /// Changes refused before they reached a barrier (the file does not load, a step cannot
     /// be built): the run report lists them with the swaps.
     pub refusals: Arc<std::sync::Mutex<Vec<SwapRecord>>>,
+    /// The status page lists them too.
+    pub metrics: Arc<crate::exporter::Metrics>,
     pub stop: Arc<AtomicBool>,
     /// The running half of a repartitioned pipeline, from the whole file as loaded.
     pub derive: Option<Derive>,
@@ -170,14 +172,19 @@ pub(crate) fn reloader(
                     "the change to {} is not applied, the running plan goes on: {problem}",
                     file.display()
                 );
+                let record = SwapRecord {
+                    epoch: 0,
+                    changes: format!("the change to {}", file.display()),
+                    pause: Duration::ZERO,
+                    commit_wait: Duration::ZERO,
+                    refused: Some(problem),
+                };
+                watch
+                    .metrics
+                    .board
+                    .swap(crate::metrics::swap_json(&record));
                 if let Ok(mut refusals) = watch.refusals.lock() {
-                    refusals.push(SwapRecord {
-                        epoch: 0,
-                        changes: format!("the change to {}", file.display()),
-                        pause: Duration::ZERO,
-                        commit_wait: Duration::ZERO,
-                        refused: Some(problem),
-                    });
+                    refusals.push(record);
                 }
             }
             Ok(None) => {

@@ -3,15 +3,21 @@
 //! the count when the epoch commits, so an epoch a crash or a failed commit loses is never
 //! counted. The summary at the end of a run prints it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::DataType;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 
-/// Rows kept per key, newest last.
+/// Rows the summary shows of a key, newest last.
 pub const NEWEST: usize = 8;
+/// Rows kept per key for the status page's chart, for the first [`CHART_KEYS`] keys seen
+/// ([`NEWEST`] for the rest).
+pub const CHART_ROWS: usize = 60;
+pub const CHART_KEYS: usize = 32;
+/// Dead-letter rows kept, newest last.
+pub const DEAD_NEWEST: usize = 20;
 /// Keys counted one by one per table; rows of further keys count under [`OTHER_KEYS`].
 pub const MAX_KEYS: usize = 1000;
 /// Where rows of keys beyond [`MAX_KEYS`] are counted.
@@ -50,6 +56,10 @@ pub struct TableTally {
     /// Dead-letter rows by (stage, reason): the reason is its text up to the first `:`
     /// (`price`, `late`, `invalid JSON`).
     pub refused: BTreeMap<(String, String), u64>,
+    /// The newest dead-letter rows: stage, reason, `topic/partition@offset`, payload (cut).
+    pub dead_newest: VecDeque<[String; 4]>,
+    /// Keys whose newest [`CHART_ROWS`] rows are kept.
+    charted: BTreeSet<String>,
     hidden: bool,
 }
 
@@ -61,6 +71,22 @@ impl TableTally {
             hidden: kind == TallyKind::Hidden,
             ..Default::default()
         }
+    }
+
+    /// Not a table (the repartition hop's topic).
+    pub fn is_hidden(&self) -> bool {
+        self.hidden
+    }
+
+    fn cap(&mut self, key: &str) -> usize {
+        if self.charted.contains(key) {
+            return CHART_ROWS;
+        }
+        if self.charted.len() < CHART_KEYS {
+            self.charted.insert(key.to_string());
+            return CHART_ROWS;
+        }
+        NEWEST
     }
 
     /// Counts `batch` as `kind` says.
@@ -108,7 +134,7 @@ impl TableTally {
             if slot != OTHER_KEYS {
                 let rows = last.entry(value).or_default();
                 rows.push(row);
-                if rows.len() > NEWEST {
+                if rows.len() > CHART_ROWS {
                     rows.remove(0);
                 }
             }
@@ -125,10 +151,11 @@ impl TableTally {
         };
         self.columns = schema.fields().iter().map(|f| f.name().clone()).collect();
         for (value, rows) in last {
+            let cap = self.cap(value);
             let kept = self.newest.entry(value.to_string()).or_default();
             for row in rows {
                 kept.push_back(formatters.iter().map(|f| f.value(row).to_string()).collect());
-                if kept.len() > NEWEST {
+                if kept.len() > cap {
                     kept.pop_front();
                 }
             }
@@ -144,6 +171,33 @@ impl TableTally {
         let (Some(stages), Some(reasons)) = (column("stage"), column("reason")) else {
             return;
         };
+        let (topics, payloads) = (column("topic"), column("payload"));
+        let partitions = batch
+            .column_by_name("partition")
+            .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int32Type>());
+        let offsets = batch
+            .column_by_name("offset")
+            .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>());
+        for row in batch.num_rows().saturating_sub(DEAD_NEWEST)..batch.num_rows() {
+            let place = match (topics, partitions, offsets) {
+                (Some(t), Some(p), Some(o)) => {
+                    format!("{}/{}@{}", t.value(row), p.value(row), o.value(row))
+                }
+                _ => String::new(),
+            };
+            let payload: String = payloads
+                .map(|p| p.value(row).chars().take(300).collect())
+                .unwrap_or_default();
+            self.dead_newest.push_back([
+                stages.value(row).to_string(),
+                reasons.value(row).to_string(),
+                place,
+                payload,
+            ]);
+            if self.dead_newest.len() > DEAD_NEWEST {
+                self.dead_newest.pop_front();
+            }
+        }
         for row in 0..batch.num_rows() {
             let reason = reasons.value(row);
             let class = reason.split(':').next().unwrap_or(reason).trim();
@@ -171,14 +225,19 @@ impl TableTally {
             *self.per_key.entry(slot).or_default() += n;
         }
         for (k, rows) in other.newest {
+            let cap = self.cap(&k);
             let kept = self.newest.entry(k).or_default();
             kept.extend(rows);
-            while kept.len() > NEWEST {
+            while kept.len() > cap {
                 kept.pop_front();
             }
         }
         for (k, n) in other.refused {
             *self.refused.entry(k).or_default() += n;
+        }
+        self.dead_newest.extend(other.dead_newest);
+        while self.dead_newest.len() > DEAD_NEWEST {
+            self.dead_newest.pop_front();
         }
     }
 }
@@ -250,7 +309,7 @@ pub fn render(tables: &[TableTally]) -> String {
             .filter(|&c| Some(t.columns[c].as_str()) != t.key.as_deref() && t.columns[c] != "date")
             .collect();
         let cells: Vec<Vec<String>> = std::iter::once(keep.iter().map(|&c| t.columns[c].clone()).collect())
-            .chain(rows.iter().map(|r| {
+            .chain(rows.iter().skip(rows.len().saturating_sub(NEWEST)).map(|r| {
                 keep.iter()
                     .map(|&c| short(r.get(c).map(String::as_str).unwrap_or("")))
                     .collect()
@@ -349,13 +408,16 @@ mod tests {
         assert_eq!(t.per_key["AAPL"], 21);
         assert_eq!(t.per_key["MSFT"], 1);
         let newest = &t.newest["AAPL"];
-        assert_eq!(newest.len(), NEWEST);
+        assert_eq!(newest.len(), 21, "a charted key keeps up to {CHART_ROWS} rows");
         assert_eq!(newest.back().unwrap(), &vec!["AAPL".to_string(), "99.5".into()]);
-        assert_eq!(newest.front().unwrap()[1], "13.5");
+        assert_eq!(newest.front().unwrap()[1], "0.5");
         let text = render(&[t]);
         assert!(text.contains("bars per symbol: AAPL 21, MSFT 1"), "{text}");
         assert!(text.contains("newest bars of symbol AAPL:"), "{text}");
-        assert!(text.lines().last().unwrap().trim() == "99.5", "{text}");
+        let shown: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("newest")).skip(2).collect();
+        assert_eq!(shown.len(), NEWEST, "{text}");
+        assert_eq!(shown.first().unwrap().trim(), "13.5", "{text}");
+        assert_eq!(shown.last().unwrap().trim(), "99.5", "{text}");
     }
 
     #[test]
@@ -367,6 +429,8 @@ mod tests {
         assert_eq!(t.per_key.len(), MAX_KEYS + 1);
         assert_eq!(t.per_key[OTHER_KEYS], 5);
         assert_eq!(t.per_key.values().sum::<u64>(), t.rows);
+        assert_eq!(t.newest["S00000"].len(), 1);
+        assert_eq!(t.newest.len(), MAX_KEYS, "the newest rows of every counted key");
     }
 
     #[test]
@@ -398,6 +462,8 @@ mod tests {
         t.count(&batch, TallyKind::DeadLetter);
         assert_eq!(t.refused[&("validate".into(), "price".into())], 2);
         assert_eq!(t.refused[&("decode".into(), "invalid JSON".into())], 1);
+        assert_eq!(t.dead_newest.len(), 3);
+        assert_eq!(t.dead_newest[2][2], "ticks/0@3");
         let text = render(&[t]);
         assert!(text.contains("validate / price"), "{text}");
     }
