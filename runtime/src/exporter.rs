@@ -82,8 +82,9 @@ pub struct Metrics {
     pub lag: Family<PartitionLabels, Gauge>,
     pub wasm_memory: Family<InstanceLabels, Gauge>,
     ready: AtomicBool,
-    /// What the status page shows besides the metrics.
+    /// What the status page shows besides the metrics (kept up only while served).
     pub board: crate::status::Board,
+    serving: AtomicBool,
     pipeline: String,
 }
 
@@ -115,6 +116,7 @@ impl Metrics {
             wasm_memory: Family::default(),
             ready: AtomicBool::new(false),
             board: Default::default(),
+            serving: AtomicBool::new(false),
             pipeline: pipeline.to_string(),
         };
         let registry = &mut m.registry;
@@ -186,6 +188,11 @@ impl Metrics {
         if let Ok(mut last) = self.last_commit.lock() {
             last.insert(sink.to_string(), Instant::now());
         }
+    }
+
+    /// Whether an endpoint serves these metrics (and the status page).
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::Relaxed)
     }
 
     /// Whether the run holds partitions and has not failed (`/readyz`).
@@ -265,6 +272,7 @@ pub fn serve(
     let listener = std::net::TcpListener::bind(listen)?;
     listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
+    metrics.serving.store(true, Ordering::Relaxed);
     rt.spawn(async move {
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(l) => l,

@@ -38,7 +38,15 @@ impl Board {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sets the pipeline's graph (at start, and after a live swap).
+    /// The steps after a live swap.
+    pub fn set_steps(&self, steps: Vec<String>) {
+        let mut inner = self.inner();
+        if let Some(graph) = inner.graph.as_object_mut() {
+            graph.insert("steps".into(), json!(steps));
+        }
+    }
+
+    /// Sets the pipeline's graph (at start).
     pub fn set_graph(&self, graph: Value) {
         let mut inner = self.inner();
         inner.graph = graph;
@@ -205,6 +213,8 @@ pub fn graph(pipeline: &crate::config::PipelineSpec) -> Value {
     json!({
         "source": source,
         "repartition": pipeline.repartition.as_ref().map(|r| r.by.clone()),
+        // Its records count in `flowgate_records_in_total` too: the page leaves them out.
+        "hop_topic": pipeline.repartition.as_ref().map(|r| r.topic_of(&pipeline.name)),
         "steps": steps,
         "sinks": sinks,
     })

@@ -96,7 +96,9 @@ def test_make_run_twice_starts_the_demo_tables_anew():
         assert out.returncode == 0, f"make run #{attempt}:\n{out.stdout}\n{out.stderr}"
     assert "starts its tables anew: removed" in out.stderr, out.stderr
     raw = pl.read_parquet(sorted((data / "raw").glob("date=*/*.parquet")), hive_partitioning=True)
-    assert len(raw) == 20000, "only the second run's ticks"
+    dead = pl.from_arrow(DeltaTable(str(data / "dead_letter")).to_pyarrow_table())
+    # Only the second run's ticks: 20,000 read, less the copies dedup dropped (about 1%).
+    assert 19500 <= len(raw) + len(dead.filter(pl.col("stage") != "bars")) < 20000, len(raw)
     bars = pl.from_arrow(DeltaTable(str(data / "bars")).to_pyarrow_table())
     assert bars["trades"].sum() <= 20000
     assert bars.group_by("symbol", "window_start").len()["len"].max() == 1, "one bar per symbol and minute"

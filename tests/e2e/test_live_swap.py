@@ -277,7 +277,11 @@ def test_changes_that_cannot_be_swapped_are_refused_and_the_run_goes_on(broker, 
     assert_bars(bars(data), want)
     assert not (data / "bars2").exists()
 
+    # Every change, in order: two refused before a barrier (no epoch), one refused at the
+    # barrier, one applied.
     swaps = json.loads(report.read_text())["swaps"]
-    assert [s["applied"] for s in swaps] == [False, True], swaps
-    assert "state: reset" in swaps[0]["refused"]
-    assert swaps[1]["pause_ms"] > 0
+    assert [s["applied"] for s in swaps] == [False, False, False, True], swaps
+    assert swaps[0]["epoch"] is None and "retension" in swaps[0]["refused"], swaps
+    assert swaps[1]["epoch"] is None and "`sinks` changed" in swaps[1]["refused"], swaps
+    assert swaps[2]["epoch"] > 0 and "state: reset" in swaps[2]["refused"], swaps
+    assert swaps[3]["pause_ms"] > 0

@@ -137,6 +137,10 @@ def test_the_status_page_draws_the_bars_and_matches_the_metrics(data_dir, tmp_pa
         assert newest["data-start"][:16] == want["window_start"][-1].strftime("%Y-%m-%dT%H:%M")
     finally:
         run.send_signal(signal.SIGTERM)
-        _, err = run.communicate(timeout=60)
+        try:
+            _, err = run.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            _, err = run.communicate()
     assert run.returncode == 0, err
     assert f"status page at http://127.0.0.1:{port}/" in err

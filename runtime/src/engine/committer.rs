@@ -142,7 +142,7 @@ impl Committer {
         kinds: Vec<TallyKind>,
     ) -> Self {
         let n = sinks.len();
-        let tally = |i: usize, s: &Box<dyn Sink>| {
+        let tally = |i: usize, s: &dyn Sink| {
             TableTally::new(s.name(), kinds.get(i).copied().unwrap_or(TallyKind::Rows))
         };
         let report = CommitterReport {
@@ -150,10 +150,10 @@ impl Committer {
             sink_write: vec![Duration::ZERO; n],
             sink_commit: vec![Duration::ZERO; n],
             sink_encode: vec![Duration::ZERO; n],
-            tables: sinks.iter().enumerate().map(|(i, s)| tally(i, s)).collect(),
+            tables: sinks.iter().enumerate().map(|(i, s)| tally(i, s.as_ref())).collect(),
             ..Default::default()
         };
-        let pending = sinks.iter().enumerate().map(|(i, s)| tally(i, s)).collect();
+        let pending = sinks.iter().enumerate().map(|(i, s)| tally(i, s.as_ref())).collect();
         let board_slot = metrics.board.slot();
         Committer {
             abort_after: AbortAfter::from_env(),
@@ -346,9 +346,11 @@ impl Committer {
             let fresh = TableTally::new(&pending.name, TallyKind::Rows);
             table.add(std::mem::replace(pending, fresh));
         }
-        self.metrics
-            .board
-            .publish(self.board_slot, &self.report.tables);
+        if self.metrics.serving() {
+            self.metrics
+                .board
+                .publish(self.board_slot, &self.report.tables);
+        }
         self.metrics
             .epoch
             .set(i64::try_from(epoch).unwrap_or(i64::MAX));

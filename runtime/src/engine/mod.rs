@@ -1007,6 +1007,7 @@ fn run_half(
     loop_state
         .swaps
         .extend(refusals.lock().unwrap_or_else(|p| p.into_inner()).drain(..));
+    loop_state.swaps.sort_by_key(|s| s.at);
     if loop_state.signals_ready {
         metrics.set_ready(false);
     }
@@ -1076,6 +1077,9 @@ impl Loop<'_> {
         let mut polled: Vec<Record> = Vec::with_capacity(self.max_records);
         let flush_at_end = pipeline.spec.end() == crate::config::End::Flush;
         // Whether the input ended (not merely the run): then `end: flush` closes every window.
+        // A file ends when read to its end; another source when `--max-records` are read, or
+        // `--until-idle` passed with nothing waiting at the broker. Never on Ctrl+C.
+        let bounded = source.bounded();
         let mut input_ended = false;
         let mut flushed = false;
         loop {
@@ -1093,7 +1097,7 @@ impl Loop<'_> {
                 .map(|m| m.saturating_sub(self.routed) as usize)
                 .unwrap_or(usize::MAX);
             if budget == 0 {
-                input_ended = true;
+                input_ended = !bounded;
                 break;
             }
             {
@@ -1110,7 +1114,11 @@ impl Loop<'_> {
                 && last_record.elapsed() >= idle
             {
                 tracing::info!("no input for {idle:?}: stopping");
-                input_ended = true;
+                let r = lock(router);
+                input_ended = !bounded
+                    && r.slots
+                        .iter()
+                        .all(|(k, slot)| !source.behind(&k.0, k.1, slot.next));
                 break;
             }
             if self
@@ -1272,6 +1280,15 @@ impl Loop<'_> {
                 return Ok(Some(candidate));
             }
             SwapOutcome::Switched { epoch, commit_wait } => {
+                self.metrics.board.set_steps(
+                    candidate
+                        .pipeline
+                        .spec
+                        .transforms
+                        .iter()
+                        .map(|t| t.name.clone())
+                        .collect(),
+                );
                 tracing::info!(
                     "live swap: switched to the new steps of {file} at epoch {epoch}, input paused {:.1} ms ({:.1} ms of it committing epoch {epoch}): {}",
                     pause.as_secs_f64() * 1e3,
@@ -1293,6 +1310,7 @@ impl Loop<'_> {
             pause,
             commit_wait,
             refused: refused.clone(),
+            at: Instant::now(),
         };
         self.metrics
             .board
@@ -1353,7 +1371,9 @@ impl Loop<'_> {
             .slots
             .values()
             .map(|s| s.watermark.load(Ordering::Relaxed))
-            .filter(|&w| w != i64::MIN)
+            // A partition whose input ended (`end: flush`) is at the end of time: the others do
+            // not follow it there.
+            .filter(|&w| w != i64::MIN && w != i64::MAX)
             .max()
             .unwrap_or(i64::MIN);
         idle.into_iter().map(|k| (k.clone(), lead)).collect()

@@ -55,6 +55,8 @@ pub struct SwapRecord {
     pub commit_wait: Duration,
     /// `None` if applied, else why the old plan runs on.
     pub refused: Option<String>,
+    /// When it was decided (records are listed in this order).
+    pub at: std::time::Instant,
 }
 
 /// What the reloader watches and how it is told to stop.
@@ -178,6 +180,7 @@ pub(crate) fn reloader(
                     pause: Duration::ZERO,
                     commit_wait: Duration::ZERO,
                     refused: Some(problem),
+                    at: std::time::Instant::now(),
                 };
                 watch
                     .metrics

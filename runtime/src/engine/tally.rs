@@ -199,9 +199,7 @@ impl TableTally {
             }
         }
         for row in 0..batch.num_rows() {
-            let reason = reasons.value(row);
-            let class = reason.split(':').next().unwrap_or(reason).trim();
-            let class: String = class.chars().take(40).collect();
+            let class = reason_class(reasons.value(row));
             *self
                 .refused
                 .entry((stages.value(row).to_string(), class))
@@ -225,6 +223,10 @@ impl TableTally {
             *self.per_key.entry(slot).or_default() += n;
         }
         for (k, rows) in other.newest {
+            // Rows of keys counted under OTHER_KEYS are not kept.
+            if !self.per_key.contains_key(&k) {
+                continue;
+            }
             let cap = self.cap(&k);
             let kept = self.newest.entry(k).or_default();
             kept.extend(rows);
@@ -239,6 +241,19 @@ impl TableTally {
         while self.dead_newest.len() > DEAD_NEWEST {
             self.dead_newest.pop_front();
         }
+    }
+}
+
+/// A reason's class: its text up to the first `:` (`price`, `late`, `invalid JSON`), cut before
+/// the first digit so that values (`event time 2025-11-12T…`) never make classes of their own.
+fn reason_class(reason: &str) -> String {
+    let head = reason.split(':').next().unwrap_or(reason);
+    let head = head.split(|c: char| c.is_ascii_digit()).next().unwrap_or(head);
+    let class: String = head.trim().chars().take(40).collect();
+    if class.is_empty() {
+        "other".into()
+    } else {
+        class
     }
 }
 
@@ -466,6 +481,17 @@ mod tests {
         assert_eq!(t.dead_newest[2][2], "ticks/0@3");
         let text = render(&[t]);
         assert!(text.contains("validate / price"), "{text}");
+    }
+
+    #[test]
+    fn reason_classes_leave_values_out() {
+        assert_eq!(reason_class("price: must be > 0, got -1"), "price");
+        assert_eq!(
+            reason_class("event time 2025-11-12T14:38:00Z is 2h ahead"),
+            "event time"
+        );
+        assert_eq!(reason_class("late: event time 1 falls in closed windows"), "late");
+        assert_eq!(reason_class("42"), "other");
     }
 
     #[test]

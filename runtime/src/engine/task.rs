@@ -200,6 +200,13 @@ impl PartitionTask {
             sources = super::hop::Sources::from_marks(&state.sources);
             restore_chain(&ctx.plan, &mut chain, &state.steps, &key)?;
         }
+        if watermark == Some(i64::MAX) {
+            tracing::warn!(
+                topic = %key.0,
+                partition = key.1,
+                "this partition's input ended in an earlier run (`end: flush` closed every window): a record that comes now is late; with a source that goes on, use `end: keep`, or write to new tables"
+            );
+        }
         if let Role::Keyed(expected) = &ctx.role {
             sources.expect(expected);
         }
@@ -1149,6 +1156,16 @@ impl PartitionTask {
     ) -> Result<Option<TaskCheckpoint>, RunError> {
         self.process(epoch)?;
         match (&self.ctx.role, idle_watermark) {
+            // The end of input (`end: flush`) while this partition still replays for sinks that
+            // hold more: closing its windows now would give them only to the sinks that joined,
+            // and the others would never get them. They stay open, as with `end: keep`.
+            (Role::Whole, Some(i64::MAX)) if !self.targets.is_empty() => {
+                tracing::warn!(
+                    topic = %self.key.0,
+                    partition = self.key.1,
+                    "the input ended while this partition still replays for sinks that hold more: its windows stay open (not flushed) until a run reads it to the end"
+                );
+            }
             (Role::Whole, Some(w)) if w != i64::MIN => self.hand_watermark(w, epoch)?,
             // Upstream of the hop an idle partition keeps its own watermark (what it judges late
             // stays a matter of its records alone, in a replay too) and says it is idle: the

@@ -206,6 +206,10 @@ impl Source for FileSource {
         Ok(())
     }
 
+    fn bounded(&self) -> bool {
+        true
+    }
+
     fn exhausted(&self) -> bool {
         self.started && self.files.iter().all(|f| f.done)
     }

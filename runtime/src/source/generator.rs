@@ -182,7 +182,11 @@ fn generate(
         })
         .to_string();
         if faults.malformed > 0.0 && next() < faults.malformed {
-            tick.truncate(tick.len() / 2);
+            let mut cut = tick.len() / 2;
+            while !tick.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            tick.truncate(cut);
         }
         let copies = if faults.duplicates > 0.0 && next() < faults.duplicates {
             2

@@ -94,6 +94,11 @@ pub trait Source {
         let _ = (topic, partition, next);
         false
     }
+    /// True if the input has an end of its own (files): then only [`Source::exhausted`] ends
+    /// it, never a `--max-records` or `--until-idle` that stops the run earlier.
+    fn bounded(&self) -> bool {
+        false
+    }
     /// True if nothing more will come: a file source whose every file is read to its end.
     fn exhausted(&self) -> bool {
         false
