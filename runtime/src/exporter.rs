@@ -226,9 +226,7 @@ impl Metrics {
             "/status.json" => (
                 StatusCode::OK,
                 "application/json",
-                self.board
-                    .json(&self.pipeline, &self.render())
-                    .to_string(),
+                self.board.json(&self.pipeline, &self.render()).to_string(),
             ),
             "/metrics" => (
                 StatusCode::OK,

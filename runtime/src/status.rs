@@ -208,7 +208,9 @@ pub fn graph(pipeline: &crate::config::PipelineSpec) -> Value {
         })
         .collect();
     if let Some(d) = &pipeline.dead_letter {
-        sinks.push(json!({"name": "dead_letter", "from": "refused rows", "format": d.format_name()}));
+        sinks.push(
+            json!({"name": "dead_letter", "from": "refused rows", "format": d.format_name()}),
+        );
     }
     json!({
         "source": source,
@@ -243,8 +245,18 @@ mod tests {
     #[test]
     fn the_page_is_self_contained() {
         assert!(PAGE.contains("/status.json"));
-        for external in ["src=\"http", "href=\"http", "<script src", "<link ", "@import", "url(http"] {
-            assert!(!PAGE.contains(external), "the page loads nothing from elsewhere: {external}");
+        for external in [
+            "src=\"http",
+            "href=\"http",
+            "<script src",
+            "<link ",
+            "@import",
+            "url(http",
+        ] {
+            assert!(
+                !PAGE.contains(external),
+                "the page loads nothing from elsewhere: {external}"
+            );
         }
     }
 }

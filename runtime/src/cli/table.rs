@@ -101,7 +101,14 @@ fn info(path: &str, rt: tokio::runtime::Runtime) -> anyhow::Result<()> {
             "columns:    {}",
             flowgate_sdk::columns::describe_schema(&snapshot.snapshot().arrow_schema())
         );
-        println!("positions:  {}", if writers.positions.is_empty() { "none recorded" } else { "(txn app id: last offset covered, checkpoint epoch, recorded by)" });
+        println!(
+            "positions:  {}",
+            if writers.positions.is_empty() {
+                "none recorded"
+            } else {
+                "(txn app id: last offset covered, checkpoint epoch, recorded by)"
+            }
+        );
         for (app, (position, version, ms)) in &writers.positions {
             println!(
                 "  {app}: offset {}, epoch {}, version {version}, {}",
@@ -124,16 +131,35 @@ fn info(path: &str, rt: tokio::runtime::Runtime) -> anyhow::Result<()> {
         );
     }
     println!("table:      {path} (Parquet or CSV files with a Flowgate commit log)");
-    println!("commits:    {}, the newest {}", writers.entries.len(), when(writers.written_ms));
+    println!(
+        "commits:    {}, the newest {}",
+        writers.entries.len(),
+        when(writers.written_ms)
+    );
     println!("data files: {}", writers.files);
     println!("rows:       {}", writers.rows);
     if !writers.columns.is_empty() {
-        let columns: Vec<String> = writers.columns.iter().map(|[n, t]| format!("{n}: {t}")).collect();
+        let columns: Vec<String> = writers
+            .columns
+            .iter()
+            .map(|[n, t]| format!("{n}: {t}"))
+            .collect();
         println!("columns:    {}", columns.join(", "));
     }
-    println!("positions:  {}", if writers.positions.is_empty() { "none recorded" } else { "(pipeline, topic/partition: last offset covered, checkpoint epoch, recorded by)" });
+    println!(
+        "positions:  {}",
+        if writers.positions.is_empty() {
+            "none recorded"
+        } else {
+            "(pipeline, topic/partition: last offset covered, checkpoint epoch, recorded by)"
+        }
+    );
     for ((pipeline, partition), (position, entry, ms)) in &writers.positions {
-        let pipeline = if pipeline.is_empty() { "(unnamed)" } else { pipeline };
+        let pipeline = if pipeline.is_empty() {
+            "(unnamed)"
+        } else {
+            pipeline
+        };
         println!(
             "  {pipeline}, {partition}: offset {}, epoch {}, entry {entry}, {}",
             position.offset,

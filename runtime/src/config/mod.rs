@@ -855,7 +855,9 @@ impl Pipeline {
                 if !(0.0..=1.0).contains(&share) {
                     problem_at(
                         &format!("source.generator.faults.{key}"),
-                        format!("`source.generator.faults.{key}` is a share between 0 and 1, got {share}"),
+                        format!(
+                            "`source.generator.faults.{key}` is a share between 0 and 1, got {share}"
+                        ),
                     );
                 }
             }

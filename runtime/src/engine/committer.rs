@@ -150,10 +150,18 @@ impl Committer {
             sink_write: vec![Duration::ZERO; n],
             sink_commit: vec![Duration::ZERO; n],
             sink_encode: vec![Duration::ZERO; n],
-            tables: sinks.iter().enumerate().map(|(i, s)| tally(i, s.as_ref())).collect(),
+            tables: sinks
+                .iter()
+                .enumerate()
+                .map(|(i, s)| tally(i, s.as_ref()))
+                .collect(),
             ..Default::default()
         };
-        let pending = sinks.iter().enumerate().map(|(i, s)| tally(i, s.as_ref())).collect();
+        let pending = sinks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| tally(i, s.as_ref()))
+            .collect();
         let board_slot = metrics.board.slot();
         Committer {
             abort_after: AbortAfter::from_env(),

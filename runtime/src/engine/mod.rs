@@ -1312,9 +1312,7 @@ impl Loop<'_> {
             refused: refused.clone(),
             at: Instant::now(),
         };
-        self.metrics
-            .board
-            .swap(crate::metrics::swap_json(&record));
+        self.metrics.board.swap(crate::metrics::swap_json(&record));
         self.swaps.push(record);
         let _ = candidate.outcome.send(refused.map_or(Ok(()), Err));
         Ok(None)

@@ -182,10 +182,7 @@ pub(crate) fn reloader(
                     refused: Some(problem),
                     at: std::time::Instant::now(),
                 };
-                watch
-                    .metrics
-                    .board
-                    .swap(crate::metrics::swap_json(&record));
+                watch.metrics.board.swap(crate::metrics::swap_json(&record));
                 if let Ok(mut refusals) = watch.refusals.lock() {
                     refusals.push(record);
                 }

@@ -154,7 +154,12 @@ impl TableTally {
             let cap = self.cap(value);
             let kept = self.newest.entry(value.to_string()).or_default();
             for row in rows {
-                kept.push_back(formatters.iter().map(|f| f.value(row).to_string()).collect());
+                kept.push_back(
+                    formatters
+                        .iter()
+                        .map(|f| f.value(row).to_string())
+                        .collect(),
+                );
                 if kept.len() > cap {
                     kept.pop_front();
                 }
@@ -248,7 +253,10 @@ impl TableTally {
 /// the first digit so that values (`event time 2025-11-12T…`) never make classes of their own.
 fn reason_class(reason: &str) -> String {
     let head = reason.split(':').next().unwrap_or(reason);
-    let head = head.split(|c: char| c.is_ascii_digit()).next().unwrap_or(head);
+    let head = head
+        .split(|c: char| c.is_ascii_digit())
+        .next()
+        .unwrap_or(head);
     let class: String = head.trim().chars().take(40).collect();
     if class.is_empty() {
         "other".into()
@@ -281,7 +289,10 @@ pub fn render(tables: &[TableTally]) -> String {
     for t in &shown {
         let _ = writeln!(out, "  {:width$}  {:>10}", t.name, group(t.rows));
     }
-    for t in shown.iter().filter(|t| t.dead_letter && !t.refused.is_empty()) {
+    for t in shown
+        .iter()
+        .filter(|t| t.dead_letter && !t.refused.is_empty())
+    {
         let _ = writeln!(out, "{} by stage and reason:", t.name);
         let width = t
             .refused
@@ -323,15 +334,26 @@ pub fn render(tables: &[TableTally]) -> String {
         let keep: Vec<usize> = (0..t.columns.len())
             .filter(|&c| Some(t.columns[c].as_str()) != t.key.as_deref() && t.columns[c] != "date")
             .collect();
-        let cells: Vec<Vec<String>> = std::iter::once(keep.iter().map(|&c| t.columns[c].clone()).collect())
-            .chain(rows.iter().skip(rows.len().saturating_sub(NEWEST)).map(|r| {
-                keep.iter()
-                    .map(|&c| short(r.get(c).map(String::as_str).unwrap_or("")))
-                    .collect()
-            }))
-            .collect();
+        let cells: Vec<Vec<String>> =
+            std::iter::once(keep.iter().map(|&c| t.columns[c].clone()).collect())
+                .chain(
+                    rows.iter()
+                        .skip(rows.len().saturating_sub(NEWEST))
+                        .map(|r| {
+                            keep.iter()
+                                .map(|&c| short(r.get(c).map(String::as_str).unwrap_or("")))
+                                .collect()
+                        }),
+                )
+                .collect();
         let widths: Vec<usize> = (0..keep.len())
-            .map(|c| cells.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+            .map(|c| {
+                cells
+                    .iter()
+                    .map(|r| r[c].chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
             .collect();
         for row in &cells {
             let line: Vec<String> = row
@@ -375,7 +397,7 @@ fn group(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -423,13 +445,24 @@ mod tests {
         assert_eq!(t.per_key["AAPL"], 21);
         assert_eq!(t.per_key["MSFT"], 1);
         let newest = &t.newest["AAPL"];
-        assert_eq!(newest.len(), 21, "a charted key keeps up to {CHART_ROWS} rows");
-        assert_eq!(newest.back().unwrap(), &vec!["AAPL".to_string(), "99.5".into()]);
+        assert_eq!(
+            newest.len(),
+            21,
+            "a charted key keeps up to {CHART_ROWS} rows"
+        );
+        assert_eq!(
+            newest.back().unwrap(),
+            &vec!["AAPL".to_string(), "99.5".into()]
+        );
         assert_eq!(newest.front().unwrap()[1], "0.5");
         let text = render(&[t]);
         assert!(text.contains("bars per symbol: AAPL 21, MSFT 1"), "{text}");
         assert!(text.contains("newest bars of symbol AAPL:"), "{text}");
-        let shown: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("newest")).skip(2).collect();
+        let shown: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("newest"))
+            .skip(2)
+            .collect();
         assert_eq!(shown.len(), NEWEST, "{text}");
         assert_eq!(shown.first().unwrap().trim(), "13.5", "{text}");
         assert_eq!(shown.last().unwrap().trim(), "99.5", "{text}");
@@ -445,7 +478,11 @@ mod tests {
         assert_eq!(t.per_key[OTHER_KEYS], 5);
         assert_eq!(t.per_key.values().sum::<u64>(), t.rows);
         assert_eq!(t.newest["S00000"].len(), 1);
-        assert_eq!(t.newest.len(), MAX_KEYS, "the newest rows of every counted key");
+        assert_eq!(
+            t.newest.len(),
+            MAX_KEYS,
+            "the newest rows of every counted key"
+        );
     }
 
     #[test]
@@ -490,7 +527,10 @@ mod tests {
             reason_class("event time 2025-11-12T14:38:00Z is 2h ahead"),
             "event time"
         );
-        assert_eq!(reason_class("late: event time 1 falls in closed windows"), "late");
+        assert_eq!(
+            reason_class("late: event time 1 falls in closed windows"),
+            "late"
+        );
         assert_eq!(reason_class("42"), "other");
     }
 
