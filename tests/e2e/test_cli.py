@@ -26,7 +26,7 @@ def test_demo_on_the_embedded_broker_leaves_readable_tables(data_dir):
     dead = pl.from_arrow(DeltaTable(str(data_dir / "dead_letter")).to_pyarrow_table())
     by_stage = dict(dead.group_by("stage").len().iter_rows())
     assert set(by_stage) == {"decode", "validate", "bars"}, by_stage
-    assert all(dead.filter(pl.col("stage") == "decode")["reason"].str.starts_with("invalid JSON"))
+    assert all(dead.filter(pl.col("stage") == "decode")["reason"].str.starts_with("incomplete JSON"))
     assert all(dead.filter(pl.col("stage") == "validate")["reason"].str.starts_with("price: must be > 0"))
     late = dead.filter(pl.col("stage") == "bars")
     assert all(late["reason"].str.starts_with("late: "))
@@ -42,7 +42,7 @@ def test_demo_on_the_embedded_broker_leaves_readable_tables(data_dir):
     assert re.search(rf"^  bars\s+{len(bars):,}$", out.stderr, re.M), out.stderr
     assert re.search(rf"^  raw\s+{len(raw):,}$", out.stderr, re.M), out.stderr
     assert re.search(rf"^  bars / late\s+{len(late):,}$", out.stderr, re.M), out.stderr
-    assert re.search(rf"^  decode / invalid JSON\s+{by_stage['decode']:,}$", out.stderr, re.M), out.stderr
+    assert re.search(rf"^  decode / incomplete JSON value\s+{by_stage['decode']:,}$", out.stderr, re.M), out.stderr
     assert "newest bars of symbol " in out.stderr, out.stderr
 
 
