@@ -113,7 +113,7 @@ impl TableTally {
         };
         self.key = Some(schema.field(key).name().clone());
         // The newest rows of each key in this batch (rows come in event-time order per key).
-        let mut last: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut last: HashMap<&str, VecDeque<usize>> = HashMap::new();
         for row in 0..batch.num_rows() {
             let value = if keys.is_null(row) {
                 ""
@@ -133,9 +133,9 @@ impl TableTally {
             }
             if slot != OTHER_KEYS {
                 let rows = last.entry(value).or_default();
-                rows.push(row);
+                rows.push_back(row);
                 if rows.len() > CHART_ROWS {
-                    rows.remove(0);
+                    rows.pop_front();
                 }
             }
         }
