@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{Float64Array, Int64Array, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
-use flowgate::plugin::{Grants, HostConfig, PluginHost};
+use flowgate::plugin::{Compile, Grants, HostConfig, PluginHost};
 
 const ROWS: usize = 8192;
 
@@ -119,6 +119,7 @@ fn main() {
         cache_dir,
         call_timeout: Duration::from_secs(30),
         memory_limit: 1 << 30,
+        compile: Compile::Optimized,
     };
     println!(
         "{:<11} {:>10} {:>10} {:>18} {:>18} {:>7}",

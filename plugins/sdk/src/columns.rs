@@ -3,8 +3,11 @@
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array};
-use arrow::compute::cast;
-use arrow::datatypes::{DataType, Float64Type, Int64Type, Schema, TimeUnit};
+use arrow::datatypes::{
+    DataType, Date32Type, Decimal32Type, Decimal64Type, Decimal128Type, Decimal256Type,
+    Float16Type, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, Schema,
+    TimeUnit, UInt8Type, UInt16Type, UInt32Type, UInt64Type, i256,
+};
 use arrow::record_batch::RecordBatch;
 
 use crate::{Error, Result};
@@ -37,38 +40,39 @@ pub fn is_event_time_type(data_type: &DataType) -> bool {
 /// rest.
 pub fn event_time_millis(batch: &RecordBatch, index: usize) -> Result<Int64Array> {
     let column = batch.column(index);
-    let millis: ArrayRef = match column.data_type() {
-        DataType::Int64 => column.clone(),
-        DataType::Timestamp(TimeUnit::Millisecond, _) | DataType::Date64 => {
-            cast(column, &DataType::Int64)?
+    let per_milli: i64 = match column.data_type() {
+        DataType::Int64 | DataType::Date64 | DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            return raw_i64(column);
         }
-        // Finer units: floor to the millisecond (a cast would round towards zero before 1970).
-        DataType::Timestamp(TimeUnit::Microsecond, _) => {
-            let raw = cast(column, &DataType::Int64)?;
-            let raw = raw.as_primitive::<Int64Type>();
-            return Ok(raw.unary(|v: i64| v.div_euclid(1_000)));
+        DataType::Date32 => {
+            let days = column.as_primitive::<Date32Type>();
+            return Ok(days.unary(|d: i32| i64::from(d) * 86_400_000));
         }
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => {
-            let raw = cast(column, &DataType::Int64)?;
-            let raw = raw.as_primitive::<Int64Type>();
-            return Ok(raw.unary(|v: i64| v.div_euclid(1_000_000)));
+        DataType::Timestamp(TimeUnit::Second, _) => {
+            return Ok(raw_i64(column)?.unary_opt(|s: i64| s.checked_mul(1_000)));
         }
-        DataType::Timestamp(_, tz) => {
-            // Same zone, other unit: no time-zone arithmetic (and no tz database) needed.
-            let ms = cast(
-                column,
-                &DataType::Timestamp(TimeUnit::Millisecond, tz.clone()),
-            )?;
-            cast(&ms, &DataType::Int64)?
-        }
-        DataType::Date32 => cast(&cast(column, &DataType::Date64)?, &DataType::Int64)?,
+        DataType::Timestamp(TimeUnit::Microsecond, _) => 1_000,
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => 1_000_000,
         other => {
             return Err(Error::bad_input(format!(
                 "column {index} has type {other}, not a timestamp"
             )));
         }
     };
-    Ok(millis.as_primitive::<Int64Type>().clone())
+    // Finer units: floor to the millisecond (dividing would round towards zero before 1970).
+    Ok(raw_i64(column)?.unary(|v: i64| v.div_euclid(per_milli)))
+}
+
+/// The stored 64-bit integers of an int64, date64 or timestamp column, as they are (no unit or
+/// time-zone conversion). Arrow's generic `cast` would do the same, but linking it adds about
+/// 3 MB of conversion code for every type pair to each plugin.
+fn raw_i64(column: &ArrayRef) -> Result<Int64Array> {
+    let data = column
+        .to_data()
+        .into_builder()
+        .data_type(DataType::Int64)
+        .build()?;
+    Ok(Int64Array::from(data))
 }
 
 /// Column `index`'s event time below the millisecond, in nanoseconds (`0..1_000_000`), so that
@@ -88,8 +92,7 @@ pub fn event_time_sub_millis_nanos(batch: &RecordBatch, index: usize) -> Result<
         }
     };
     let ns_per_unit = 1_000_000 / per_milli;
-    let raw = cast(column, &DataType::Int64)?;
-    let raw = raw.as_primitive::<Int64Type>();
+    let raw = raw_i64(column)?;
     Ok(Some(
         raw.values()
             .iter()
@@ -104,20 +107,49 @@ pub fn is_numeric_type(data_type: &DataType) -> bool {
     data_type.is_numeric() || matches!(data_type, DataType::Timestamp(_, _))
 }
 
-/// Column `index` as f64 values (numeric types; timestamps as their raw value).
+/// Column `index` as f64 values (numeric types, decimals scaled; timestamps as their raw value).
 pub fn float64_column(batch: &RecordBatch, index: usize) -> Result<Float64Array> {
     let column = batch.column(index);
-    let values: ArrayRef = match column.data_type() {
-        DataType::Float64 => column.clone(),
-        DataType::Timestamp(_, _) => cast(&cast(column, &DataType::Int64)?, &DataType::Float64)?,
-        t if t.is_numeric() => cast(column, &DataType::Float64)?,
+    macro_rules! widen {
+        ($type:ty) => {
+            column.as_primitive::<$type>().unary(|v| f64::from(v))
+        };
+    }
+    macro_rules! decimal {
+        ($type:ty, $scale:expr, $to_f64:expr) => {{
+            let divisor = 10_f64.powi(i32::from(*$scale));
+            column
+                .as_primitive::<$type>()
+                .unary(|v| $to_f64(v) / divisor)
+        }};
+    }
+    Ok(match column.data_type() {
+        DataType::Float64 => column.as_primitive::<Float64Type>().clone(),
+        DataType::Float32 => widen!(Float32Type),
+        DataType::Float16 => column.as_primitive::<Float16Type>().unary(|v| v.to_f64()),
+        DataType::Int8 => widen!(Int8Type),
+        DataType::Int16 => widen!(Int16Type),
+        DataType::Int32 => widen!(Int32Type),
+        DataType::UInt8 => widen!(UInt8Type),
+        DataType::UInt16 => widen!(UInt16Type),
+        DataType::UInt32 => widen!(UInt32Type),
+        // Beyond 2^53 the nearest f64, as `as` rounds.
+        DataType::Int64 => column.as_primitive::<Int64Type>().unary(|v| v as f64),
+        DataType::UInt64 => column.as_primitive::<UInt64Type>().unary(|v| v as f64),
+        DataType::Decimal32(_, scale) => decimal!(Decimal32Type, scale, f64::from),
+        DataType::Decimal64(_, scale) => decimal!(Decimal64Type, scale, |v: i64| v as f64),
+        DataType::Decimal128(_, scale) => decimal!(Decimal128Type, scale, |v: i128| v as f64),
+        DataType::Decimal256(_, scale) => decimal!(Decimal256Type, scale, |v: i256| {
+            let (low, high) = v.to_parts();
+            high as f64 * 2_f64.powi(128) + low as f64
+        }),
+        DataType::Timestamp(_, _) => raw_i64(column)?.unary(|v| v as f64),
         other => {
             return Err(Error::bad_input(format!(
                 "column {index} has type {other}, not a number"
             )));
         }
-    };
-    Ok(values.as_primitive::<Float64Type>().clone())
+    })
 }
 
 /// A batch of `schema` with one extra nullable column at the end.
@@ -237,6 +269,74 @@ mod tests {
         assert_eq!(event_time_sub_millis_nanos(&millis, 0).expect("sub"), None);
         let epoch = one_column(Arc::new(Int64Array::from(vec![5])));
         assert_eq!(event_time_sub_millis_nanos(&epoch, 0).expect("sub"), None);
+    }
+
+    #[test]
+    fn event_time_of_dates_and_seconds() {
+        use arrow::array::{Date32Array, TimestampSecondArray};
+        let days = one_column(Arc::new(Date32Array::from(vec![
+            Some(20_404),
+            Some(-1),
+            None,
+        ])));
+        let ms = event_time_millis(&days, 0).expect("millis");
+        assert_eq!(ms.value(0), 1_762_905_600_000);
+        assert_eq!(ms.value(1), -86_400_000);
+        assert!(ms.is_null(2));
+        let seconds = one_column(Arc::new(TimestampSecondArray::from(vec![
+            1_762_958_310,
+            i64::MAX,
+        ])));
+        let ms = event_time_millis(&seconds, 0).expect("millis");
+        assert_eq!(ms.value(0), 1_762_958_310_000);
+        assert!(ms.is_null(1), "out of range is null, not a wrapped time");
+        let text = one_column(Arc::new(arrow::array::StringArray::from(vec!["x"])));
+        assert!(event_time_millis(&text, 0).is_err());
+    }
+
+    #[test]
+    fn every_numeric_type_reads_as_f64() {
+        use arrow::array::{
+            Decimal128Array, Decimal256Array, Float32Array, Int8Array, UInt64Array,
+        };
+        let cases: Vec<(ArrayRef, Vec<Option<f64>>)> = vec![
+            (
+                Arc::new(Int8Array::from(vec![Some(-3), None])),
+                vec![Some(-3.0), None],
+            ),
+            (Arc::new(UInt64Array::from(vec![Some(7)])), vec![Some(7.0)]),
+            (
+                Arc::new(Float32Array::from(vec![Some(1.5)])),
+                vec![Some(1.5)],
+            ),
+            (
+                Arc::new(
+                    Decimal128Array::from(vec![Some(12_345), Some(-5)])
+                        .with_precision_and_scale(10, 2)
+                        .expect("decimal"),
+                ),
+                vec![Some(123.45), Some(-0.05)],
+            ),
+            (
+                Arc::new(
+                    Decimal256Array::from(vec![Some(i256::from_i128(-2_500))])
+                        .with_precision_and_scale(40, 3)
+                        .expect("decimal"),
+                ),
+                vec![Some(-2.5)],
+            ),
+            (
+                Arc::new(TimestampMillisecondArray::from(vec![Some(1_000)])),
+                vec![Some(1_000.0)],
+            ),
+        ];
+        for (array, want) in cases {
+            let data_type = array.data_type().clone();
+            let got = float64_column(&one_column(array), 0).expect("f64");
+            assert_eq!(got.iter().collect::<Vec<_>>(), want, "{data_type}");
+        }
+        let text = one_column(Arc::new(arrow::array::StringArray::from(vec!["1"])));
+        assert!(float64_column(&text, 0).is_err());
     }
 
     #[test]

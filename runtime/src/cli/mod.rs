@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Pipeline;
 
-use crate::plugin::{ErrorKind, HostConfig, PluginError, PluginHost};
+use crate::plugin::{Compile, ErrorKind, HostConfig, PluginError, PluginHost};
 
 /// Flowgate: Kafka → Arrow → WebAssembly plugins → Delta Lake and Parquet.
 #[derive(Debug, Parser)]
@@ -158,7 +158,7 @@ pub struct HostArgs {
 }
 
 impl HostArgs {
-    fn host(&self) -> Result<PluginHost, PluginError> {
+    fn host(&self, compile: Compile) -> Result<PluginHost, PluginError> {
         let cache_dir = if self.no_cache {
             None
         } else {
@@ -170,6 +170,7 @@ impl HostArgs {
             cache_dir,
             call_timeout: self.timeout,
             memory_limit: self.memory_mib << 20,
+            compile,
         })
     }
 }
@@ -216,7 +217,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let vars: std::collections::HashMap<String, String> = vars.into_iter().collect();
             let pipeline = Pipeline::load(&pipeline, &vars)?;
-            let host = host.host()?;
+            let host = host.host(Compile::Optimized)?;
             let options = crate::engine::RunOptions {
                 max_records,
                 until_idle,
@@ -234,7 +235,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             host,
         } => {
             let pipeline = Pipeline::load(&pipeline, &vars.into_iter().collect())?;
-            let host = host.host()?;
+            let host = host.host(Compile::Optimized)?;
             let plan = crate::engine::Plan::build(&pipeline, &host)?;
             println!(
                 "pipeline `{}` ({})",
@@ -324,7 +325,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plugin(PluginCommand::Test(args)) => plugin_test::run(args),
         Command::Plugin(PluginCommand::New(args)) => plugin_new::run(args),
         Command::Plugin(PluginCommand::Info { wasm, host }) => {
-            let host = host.host()?;
+            let host = host.host(Compile::Optimized)?;
             let plugin = host.load(&wasm)?;
             let info = plugin.info()?;
             let stats = plugin.load_stats();

@@ -42,6 +42,20 @@ pub struct HostConfig {
     pub call_timeout: Duration,
     /// Most linear memory one instance may hold, in bytes.
     pub memory_limit: usize,
+    /// How plugins are compiled to machine code.
+    pub compile: Compile,
+}
+
+/// How the host compiles a plugin's WebAssembly to machine code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compile {
+    /// Optimized code: what a pipeline runs.
+    #[default]
+    Optimized,
+    /// Winch, wasmtime's baseline compiler: one pass, no optimizations, so a plugin is ready
+    /// several times sooner and runs slower. For the plugin harness, where a rebuilt plugin is
+    /// compiled anew and then runs a few rows.
+    Quick,
 }
 
 impl Default for HostConfig {
@@ -50,6 +64,7 @@ impl Default for HostConfig {
             cache_dir: default_cache_dir(),
             call_timeout: Duration::from_secs(5),
             memory_limit: 256 << 20,
+            compile: Compile::Optimized,
         }
     }
 }
@@ -80,7 +95,15 @@ impl PluginHost {
         let mut wasm = Config::new();
         wasm.wasm_component_model(true);
         wasm.epoch_interruption(true);
-        wasm.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        match config.compile {
+            Compile::Optimized => {
+                wasm.strategy(wasmtime::Strategy::Cranelift);
+                wasm.cranelift_opt_level(wasmtime::OptLevel::Speed);
+            }
+            Compile::Quick => {
+                wasm.strategy(wasmtime::Strategy::Winch);
+            }
+        }
         let engine = Engine::new(&wasm).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let linker = step::linker(&engine).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let ticker_stop = Arc::new(AtomicBool::new(false));

@@ -4,7 +4,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use flowgate::plugin::{HostConfig, PluginHost};
+use flowgate::plugin::{Compile, HostConfig, PluginHost};
 
 #[test]
 fn second_load_comes_from_the_cache() {
@@ -13,6 +13,7 @@ fn second_load_comes_from_the_cache() {
         cache_dir: Some(dir.path().to_path_buf()),
         call_timeout: Duration::from_secs(5),
         memory_limit: 256 << 20,
+        compile: Compile::Optimized,
     };
     let path = common::plugin("flowgate_pct_change");
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use flowgate::plugin::{HostConfig, PluginHost};
+use flowgate::plugin::{Compile, HostConfig, PluginHost};
 
 /// The folder `make plugins test-plugins` builds into.
 pub fn plugin_dir() -> PathBuf {
@@ -41,10 +41,19 @@ pub fn host() -> PluginHost {
 
 /// A host with the given call time limit and memory cap.
 pub fn host_with(call_timeout: Duration, memory_limit: usize) -> PluginHost {
+    host_compiling(Compile::Optimized, call_timeout, memory_limit)
+}
+
+/// A host compiling plugins with `compile` (the harness's quick compiler, or the pipeline's).
+pub fn host_compiling(compile: Compile, call_timeout: Duration, memory_limit: usize) -> PluginHost {
     PluginHost::new(HostConfig {
         cache_dir: Some(shared_cache()),
         call_timeout,
         memory_limit,
+        compile,
     })
     .expect("host")
 }
+
+/// Both ways the host compiles plugins: the sandbox must hold under each.
+pub const COMPILERS: [Compile; 2] = [Compile::Optimized, Compile::Quick];

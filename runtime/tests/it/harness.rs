@@ -109,39 +109,50 @@ fn the_stock_chain_makes_the_bars_computed_independently() {
         p("flowgate_window"),
         p("flowgate_pct_change"),
     );
-    let out = flowgate(
-        &[
-            "plugin",
-            "test",
-            &validate,
-            "--config",
-            "pipelines/steps/validate.yaml",
-            "--plugin",
-            &dedup,
-            "--config",
-            "pipelines/steps/dedup.yaml",
-            "--plugin",
-            &window,
-            "--config",
-            "pipelines/steps/window.yaml",
-            "--plugin",
-            &pct,
-            "--config",
-            "pipelines/steps/pct_change.yaml",
-            "--schema",
-            "pipelines/steps/ticks.schema.yaml",
-            "--input",
-            "pipelines/samples/ticks.jsonl",
-            "--flush",
-            "--format",
-            "jsonl",
-            "--batch-size",
-            "64",
-        ],
-        cache.path(),
-    );
+    let args = [
+        "plugin",
+        "test",
+        validate.as_str(),
+        "--config",
+        "pipelines/steps/validate.yaml",
+        "--plugin",
+        &dedup,
+        "--config",
+        "pipelines/steps/dedup.yaml",
+        "--plugin",
+        &window,
+        "--config",
+        "pipelines/steps/window.yaml",
+        "--plugin",
+        &pct,
+        "--config",
+        "pipelines/steps/pct_change.yaml",
+        "--schema",
+        "pipelines/steps/ticks.schema.yaml",
+        "--input",
+        "pipelines/samples/ticks.jsonl",
+        "--flush",
+        "--format",
+        "jsonl",
+        "--batch-size",
+        "64",
+    ];
+    // The harness compiles with Winch by default; `--optimize` with Cranelift, as a pipeline
+    // does. Both must compute the same rows.
+    let out = flowgate(&args, cache.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
+    let optimized = flowgate(&[&args[..], &["--optimize"]].concat(), cache.path());
+    assert!(
+        optimized.status.success(),
+        "{}",
+        String::from_utf8_lossy(&optimized.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&optimized.stdout),
+        String::from_utf8_lossy(&out.stdout),
+        "the quick compile and the optimized one disagree"
+    );
     let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("stdout is JSON lines"))

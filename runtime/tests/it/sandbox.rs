@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{AsArray, Int64Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use flowgate::plugin::{ErrorKind, Grants, PluginError};
+use flowgate::plugin::{Compile, ErrorKind, Grants, PluginError};
 
 fn input() -> (SchemaRef, RecordBatch) {
     let schema = Arc::new(Schema::new(vec![
@@ -29,7 +29,13 @@ fn input() -> (SchemaRef, RecordBatch) {
 
 #[test]
 fn a_plugin_that_loops_forever_is_stopped_at_its_deadline() {
-    let host = common::host_with(Duration::from_millis(300), 256 << 20);
+    for compile in common::COMPILERS {
+        loops_forever_and_is_stopped(compile);
+    }
+}
+
+fn loops_forever_and_is_stopped(compile: Compile) {
+    let host = common::host_compiling(compile, Duration::from_millis(300), 256 << 20);
     let (schema, batch) = input();
     let plugin = host
         .load(&common::plugin("flowgate_test_spin"))
@@ -40,14 +46,17 @@ fn a_plugin_that_loops_forever_is_stopped_at_its_deadline() {
     let start = Instant::now();
     let err = step.process(&batch).expect_err("must not return normally");
     let took = start.elapsed();
-    assert!(matches!(err, PluginError::Timeout { .. }), "{err}");
+    assert!(
+        matches!(err, PluginError::Timeout { .. }),
+        "{compile:?}: {err}"
+    );
     assert_eq!(
         err.to_string(),
         "step `spinner` (plugin `flowgate_test_spin`) process ran past its time limit of 300ms and was stopped; the instance was discarded"
     );
     assert!(
         took < Duration::from_secs(10),
-        "stopped only after {took:?}"
+        "{compile:?}: stopped only after {took:?}"
     );
     assert!(matches!(
         step.process(&batch),
@@ -57,7 +66,13 @@ fn a_plugin_that_loops_forever_is_stopped_at_its_deadline() {
 
 #[test]
 fn a_panic_is_reported_with_its_message_and_source_line() {
-    let host = common::host();
+    for compile in common::COMPILERS {
+        panics_with_its_message(compile);
+    }
+}
+
+fn panics_with_its_message(compile: Compile) {
+    let host = common::host_compiling(compile, Duration::from_secs(5), 256 << 20);
     let (schema, _) = input();
     let plugin = host
         .load(&common::plugin("flowgate_test_panic"))
@@ -75,22 +90,31 @@ fn a_panic_is_reported_with_its_message_and_source_line() {
     let err = step
         .process(&symbols(&["A", "POISON"]))
         .expect_err("the plugin panics");
-    assert!(matches!(err, PluginError::Trap { .. }), "{err}");
+    assert!(
+        matches!(err, PluginError::Trap { .. }),
+        "{compile:?}: {err}"
+    );
     let text = err.to_string();
     assert!(
         text.starts_with("step `prices` (plugin `flowgate_test_panic`) trapped in process: the plugin panicked at tests/plugins/panic/src/lib.rs:"),
-        "{text}"
+        "{compile:?}: {text}"
     );
     assert!(
         text.contains("called `Option::unwrap()` on a `None` value"),
-        "{text}"
+        "{compile:?}: {text}"
     );
-    assert!(!text.contains("wasm function"), "{text}");
+    assert!(!text.contains("wasm function"), "{compile:?}: {text}");
 }
 
 #[test]
 fn a_plugin_past_its_memory_cap_fails_and_the_host_carries_on() {
-    let host = common::host_with(Duration::from_secs(5), 64 << 20);
+    for compile in common::COMPILERS {
+        hogs_memory_and_the_host_carries_on(compile);
+    }
+}
+
+fn hogs_memory_and_the_host_carries_on(compile: Compile) {
+    let host = common::host_compiling(compile, Duration::from_secs(5), 64 << 20);
     let (schema, batch) = input();
     let plugin = host
         .load(&common::plugin("flowgate_test_hog"))
@@ -121,9 +145,9 @@ fn a_plugin_past_its_memory_cap_fails_and_the_host_carries_on() {
         } => {
             assert_eq!(step, "hog");
             assert_eq!(*limit_mib, 64);
-            assert!(*requested_mib > 64, "{err}");
+            assert!(*requested_mib > 64, "{compile:?}: {err}");
         }
-        other => panic!("expected a memory error, got {other}"),
+        other => panic!("{compile:?}: expected a memory error, got {other}"),
     }
     assert_eq!(err.kind(), ErrorKind::Internal);
     // The instance is discarded; a rebuilt one works (an empty batch allocates nothing).
