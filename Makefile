@@ -12,7 +12,7 @@ BENCH_ARGS   ?=
 
 export FLOWGATE_PLUGIN_DIR := $(CURDIR)/$(PLUGIN_DIR)
 
-.PHONY: help setup venv plugins test-plugins build install test lint fmt run plugin-demo bench broker chaos fuzz clean
+.PHONY: help setup venv plugins test-plugins build install test lint fmt run plugin-demo bench bench-plugin-loop broker chaos fuzz clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -67,6 +67,10 @@ plugin-demo: build ## The plugin harness on the sample ticks: validate → dedup
 bench: plugins broker $(BENCH_VENV)/.installed ## The benchmark (BENCHMARKS.md): 10M ticks through Flowgate (file, generator, Tansu) and PySpark; writes BENCHMARKS.md.
 	$(CARGO) build --release -p flowgate -p flowgate-bench
 	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+bench-plugin-loop: ## Time a plugin author's loop: scaffold, first build, rebuild, cargo test, `plugin test` (BENCHMARKS.md).
+	$(CARGO) build -p flowgate
+	$(PYTHON) bench/plugin_loop.py
 
 KILLS ?= 50
 SEED  ?= 1

@@ -140,8 +140,14 @@ pub fn float64_column(batch: &RecordBatch, index: usize) -> Result<Float64Array>
         DataType::Decimal64(_, scale) => decimal!(Decimal64Type, scale, |v: i64| v as f64),
         DataType::Decimal128(_, scale) => decimal!(Decimal128Type, scale, |v: i128| v as f64),
         DataType::Decimal256(_, scale) => decimal!(Decimal256Type, scale, |v: i256| {
-            let (low, high) = v.to_parts();
-            high as f64 * 2_f64.powi(128) + low as f64
+            match v.to_i128() {
+                Some(small) => small as f64,
+                // Past i128 the low half is below f64's precision anyway.
+                None => {
+                    let (low, high) = v.to_parts();
+                    high as f64 * 2_f64.powi(128) + low as f64
+                }
+            }
         }),
         DataType::Timestamp(_, _) => raw_i64(column)?.unary(|v| v as f64),
         other => {
