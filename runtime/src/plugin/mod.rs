@@ -100,8 +100,14 @@ impl PluginHost {
                 wasm.strategy(wasmtime::Strategy::Cranelift);
                 wasm.cranelift_opt_level(wasmtime::OptLevel::Speed);
             }
-            Compile::Quick => {
+            // Winch compiles for x86_64 and aarch64 only; elsewhere the quick compile is
+            // Cranelift without its optimizations.
+            Compile::Quick if cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) => {
                 wasm.strategy(wasmtime::Strategy::Winch);
+            }
+            Compile::Quick => {
+                wasm.strategy(wasmtime::Strategy::Cranelift);
+                wasm.cranelift_opt_level(wasmtime::OptLevel::None);
             }
         }
         let engine = Engine::new(&wasm).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
