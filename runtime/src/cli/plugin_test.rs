@@ -59,9 +59,9 @@ pub struct TestArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
-    /// Compile the plugins optimized, as a pipeline does: slower to start, faster on a big
-    /// input. By default the harness compiles quickly (Cranelift's optimizations off), so a
-    /// rebuilt plugin answers in about a second.
+    /// Compile the plugins optimized (Cranelift), as a pipeline does: slower to start, faster
+    /// on a big input. By default the harness compiles with Winch, wasmtime's one-pass
+    /// compiler, so a rebuilt plugin answers in about half a second.
     #[arg(long)]
     optimize: bool,
     #[command(flatten)]

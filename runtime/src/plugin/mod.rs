@@ -52,9 +52,9 @@ pub enum Compile {
     /// Optimized code: what a pipeline runs.
     #[default]
     Optimized,
-    /// Winch, wasmtime's baseline compiler: one pass, no optimizations, so a plugin is ready
-    /// several times sooner and runs slower. For the plugin harness, where a rebuilt plugin is
-    /// compiled anew and then runs a few rows.
+    /// Winch, wasmtime's baseline compiler (Cranelift unoptimized where Winch has no backend):
+    /// one pass, no optimizations, so a plugin is ready several times sooner and runs slower.
+    /// For the plugin harness, where a rebuilt plugin is compiled anew and then runs a few rows.
     Quick,
 }
 
@@ -64,7 +64,7 @@ impl Default for HostConfig {
             cache_dir: default_cache_dir(),
             call_timeout: Duration::from_secs(5),
             memory_limit: 256 << 20,
-            compile: Compile::Optimized,
+            compile: Compile::default(),
         }
     }
 }
