@@ -1,6 +1,7 @@
 //! The JSON decoder on arbitrary bytes: records split at newlines, decoded as one batch into the
 //! stock tick schema. It must never panic, and every record must come out exactly once: as a row
-//! of the batch or as a failure with a reason.
+//! of the batch or as a failure with a reason. The fast path must agree with arrow's JSON reader
+//! on every record: the same row or the same failure.
 #![no_main]
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ fuzz_target!(|data: &[u8]| {
         Field::new("ok", DataType::Boolean, false),
     ]));
     let decoder = JsonDecoder::new(schema.clone());
+    let general = JsonDecoder::general_only(schema.clone());
     // A good tick decodes: otherwise only the failure paths would be fuzzed.
     let good: &[u8] = br#"{"symbol":"A","price":1.5,"volume":3,"ts":"2025-11-12T14:30:00Z","ok":true}"#;
     assert_eq!(decoder.decode(&[good]).0.num_rows(), 1, "a good tick did not decode");
@@ -31,4 +33,11 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(seen.len(), failures.len(), "a record failed twice");
     assert!(seen.iter().all(|&i| i < records.len()));
     assert!(failures.iter().all(|f| !f.reason.is_empty()));
+    for record in &records {
+        let one = [*record];
+        let (fast, fast_failures) = decoder.decode(&one);
+        let (slow, slow_failures) = general.decode(&one);
+        assert_eq!(fast, slow, "the fast path decoded {:?} differently", String::from_utf8_lossy(record));
+        assert_eq!(fast_failures, slow_failures);
+    }
 });

@@ -5,6 +5,9 @@
 #[path = "../../runtime/src/decode.rs"]
 pub mod decode;
 
+#[path = "../../runtime/src/flat_json.rs"]
+mod flat_json;
+
 #[path = "../../runtime/src/yaml.rs"]
 pub mod yaml;
 

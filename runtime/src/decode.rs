@@ -13,6 +13,8 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::json::ReaderBuilder;
 use serde::Deserialize;
 
+use crate::flat_json::{FlatBatch, FlatDecoder};
+
 /// A field type as written in YAML.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -137,12 +139,21 @@ pub struct DecodeFailure {
 #[derive(Debug, Clone)]
 pub struct JsonDecoder {
     schema: SchemaRef,
+    /// The fast path for records of the usual shape (`None`: a type it does not write).
+    flat: Option<FlatDecoder>,
 }
 
 impl JsonDecoder {
     /// A decoder for `schema`.
     pub fn new(schema: SchemaRef) -> Self {
-        JsonDecoder { schema }
+        let flat = FlatDecoder::new(&schema);
+        JsonDecoder { schema, flat }
+    }
+
+    /// The decoder without its fast path: arrow's JSON reader alone, record for record the same
+    /// result (the benchmark and the tests compare the two).
+    pub fn general_only(schema: SchemaRef) -> Self {
+        JsonDecoder { schema, flat: None }
     }
 
     /// The schema.
@@ -179,11 +190,13 @@ impl JsonDecoder {
         }
     }
 
-    /// Arrow's JSON reader takes an integer for a microsecond timestamp as microseconds; ours are
-    /// epoch milliseconds. A string parsed to microseconds divides (floored) to the same value
-    /// decoded at millisecond precision; an integer `v` does not (unless `v` is 0 or -1, where
-    /// the two readings agree anyway to the microsecond). Only columns with values before
-    /// 1973-03-03 as microseconds, where an integer could be, pay for the second decode.
+    /// Arrow's JSON reader takes a number for a microsecond timestamp as microseconds; ours are
+    /// epoch milliseconds (up to 10^14 in magnitude, the year 5138; a larger number reads as
+    /// microseconds). Which values were numbers is read again as text (a timestamp string is
+    /// never a number; a string of digits is not a timestamp arrow takes), and their
+    /// millisecond reading replaces the microsecond one. Only columns with values before
+    /// 1973-03-03 as microseconds, where a number of milliseconds would land, pay for the two
+    /// extra decodes. The fast path ([`crate::flat_json`]) reads integers the same way.
     fn fix_epoch_millis(
         &self,
         records: &[&[u8]],
@@ -191,7 +204,7 @@ impl JsonDecoder {
     ) -> Result<RecordBatch, arrow::error::ArrowError> {
         use arrow::array::{Array, AsArray, TimestampMicrosecondArray};
         use arrow::datatypes::{TimestampMicrosecondType, TimestampMillisecondType};
-        const SUSPECT_BELOW: i64 = 100_000_000_000_000;
+        const SUSPECT_BELOW: i64 = crate::flat_json::MILLIS_BELOW;
         let suspects: Vec<usize> = (0..batch.num_columns())
             .filter(|&i| {
                 matches!(
@@ -208,40 +221,48 @@ impl JsonDecoder {
         if suspects.is_empty() {
             return Ok(batch);
         }
-        let millis_schema = Arc::new(Schema::new(
-            suspects
-                .iter()
-                .map(|&i| {
-                    let f = self.schema.field(i);
-                    Field::new(
-                        f.name(),
-                        DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
-                        true,
-                    )
-                })
-                .collect::<Vec<_>>(),
-        ));
-        let mut decoder = ReaderBuilder::new(millis_schema)
-            .with_batch_size(records.len().max(1))
-            .build_decoder()?;
-        for record in records {
-            decoder.decode(record)?;
-        }
-        let Some(millis) = decoder.flush()? else {
+        let reread =
+            |data_type: DataType| -> Result<Option<RecordBatch>, arrow::error::ArrowError> {
+                let schema = Arc::new(Schema::new(
+                    suspects
+                        .iter()
+                        .map(|&i| Field::new(self.schema.field(i).name(), data_type.clone(), true))
+                        .collect::<Vec<_>>(),
+                ));
+                let mut decoder = ReaderBuilder::new(schema)
+                    .with_batch_size(records.len().max(1))
+                    .with_coerce_primitive(true)
+                    .build_decoder()?;
+                for record in records {
+                    decoder.decode(record)?;
+                }
+                decoder.flush()
+            };
+        let (Some(millis), Some(texts)) = (
+            reread(DataType::Timestamp(
+                TimeUnit::Millisecond,
+                Some("UTC".into()),
+            ))?,
+            reread(DataType::Utf8)?,
+        ) else {
             return Ok(batch);
         };
         let mut columns = batch.columns().to_vec();
         for (j, &i) in suspects.iter().enumerate() {
             let micros = batch.column(i).as_primitive::<TimestampMicrosecondType>();
             let ms = millis.column(j).as_primitive::<TimestampMillisecondType>();
-            let fixed: TimestampMicrosecondArray = micros
-                .iter()
-                .zip(ms.iter())
-                .map(|(us, ms)| match (us, ms) {
-                    (Some(us), Some(ms)) if us.div_euclid(1000) != ms => {
-                        Some(ms.saturating_mul(1000))
+            let text = texts.column(j).as_string::<i32>();
+            let fixed: TimestampMicrosecondArray = (0..micros.len())
+                .map(|row| {
+                    if micros.is_null(row) {
+                        return None;
                     }
-                    (us, _) => us,
+                    let number = text.is_valid(row) && text.value(row).parse::<f64>().is_ok();
+                    let ms = ms.is_valid(row).then(|| ms.value(row));
+                    match ms {
+                        Some(ms) if number && ms.abs() < SUSPECT_BELOW => Some(ms * 1000),
+                        _ => Some(micros.value(row)),
+                    }
                 })
                 .collect();
             let tz = match micros.data_type() {
@@ -257,12 +278,70 @@ impl JsonDecoder {
     /// Decodes `records` (one JSON object each). Records that do not parse or do not fit the
     /// schema are returned as failures with the reason; the rest form the batch, in order.
     ///
-    /// The whole batch is decoded at once. If that fails, records that are not well-formed JSON
-    /// objects are screened out (a cheap syntax check) and the rest decoded at once again; only if
-    /// a record still does not fit the schema is the batch split in halves until each bad record
-    /// is alone. A malformed record in every batch thus costs about one extra decode, not one
-    /// decoder per record.
+    /// Records of the usual shape go through the flat fast path ([`crate::flat_json`]); the rest
+    /// (and every refusal) through [`JsonDecoder::decode_general`], and the two sets of rows are
+    /// merged back into the records' order.
     pub fn decode(&self, records: &[&[u8]]) -> (RecordBatch, Vec<DecodeFailure>) {
+        let Some(flat) = &self.flat else {
+            return self.decode_general(records);
+        };
+        let FlatBatch { batch, left } = flat.decode(records);
+        if left.is_empty() {
+            return (batch, Vec::new());
+        }
+        let rest: Vec<&[u8]> = left.iter().map(|&i| records[i]).collect();
+        let (rest_batch, mut failures) = self.decode_general(&rest);
+        for f in &mut failures {
+            f.index = left[f.index];
+        }
+        if batch.num_rows() == 0 {
+            return (rest_batch, failures);
+        }
+        if rest_batch.num_rows() == 0 {
+            return (batch, failures);
+        }
+        // Row sources in the records' order: (0, row) from the fast path, (1, row) from the rest.
+        let mut order = Vec::with_capacity(batch.num_rows() + rest_batch.num_rows());
+        let (mut fast_row, mut rest_row) = (0, 0);
+        let (mut next_left, mut next_failure) =
+            (left.iter().peekable(), failures.iter().peekable());
+        for index in 0..records.len() {
+            if next_left.peek() == Some(&&index) {
+                next_left.next();
+                if next_failure.peek().is_some_and(|f| f.index == index) {
+                    next_failure.next();
+                } else {
+                    order.push((1, rest_row));
+                    rest_row += 1;
+                }
+            } else {
+                order.push((0, fast_row));
+                fast_row += 1;
+            }
+        }
+        let columns: Result<Vec<_>, _> = (0..self.schema.fields().len())
+            .map(|c| {
+                arrow::compute::interleave(
+                    &[batch.column(c).as_ref(), rest_batch.column(c).as_ref()],
+                    &order,
+                )
+            })
+            .collect();
+        match columns.and_then(|columns| RecordBatch::try_new(self.schema.clone(), columns)) {
+            Ok(merged) => (merged, failures),
+            // Cannot happen (both batches have the schema); should it, the general way alone.
+            Err(_) => self.decode_general(records),
+        }
+    }
+
+    /// Decodes `records` with arrow's JSON reader, reporting each record that does not decode.
+    ///
+    /// Records that are not well-formed JSON objects are screened out first (a strict syntax
+    /// check: arrow's reader alone takes `01` or `1.5.5` as numbers, so a record's fate would
+    /// depend on its neighbours), then the rest are decoded at once; only if a record still does
+    /// not fit the schema is the set split in halves until each bad record is alone. A malformed
+    /// record in every batch thus costs about one extra decode, not one decoder per record.
+    fn decode_general(&self, records: &[&[u8]]) -> (RecordBatch, Vec<DecodeFailure>) {
         let empty = || RecordBatch::new_empty(self.schema.clone());
         // JSON nested thousands deep overflows the decoder's stack (it recurses): refused first.
         let deep: Vec<(usize, usize)> = records
@@ -270,15 +349,6 @@ impl JsonDecoder {
             .enumerate()
             .filter_map(|(i, r)| nesting_over(r, MAX_DEPTH).map(|d| (i, d)))
             .collect();
-        // Fast path: the whole batch at once.
-        if deep.is_empty()
-            && let Ok(batch) = self.decode_all(records)
-        {
-            let batch = batch.unwrap_or_else(empty);
-            if batch.num_rows() == records.len() {
-                return (batch, Vec::new());
-            }
-        }
         let mut failures: Vec<DecodeFailure> = deep
             .iter()
             .map(|&(index, depth)| DecodeFailure {
@@ -529,5 +599,286 @@ mod tests {
             .collect();
         assert_eq!(n.values().to_vec(), expected);
         assert!(failures[1].reason.contains('n'), "{failures:?}");
+    }
+
+    /// A small deterministic generator (xorshift64*), so the differential test needs no crate.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn one_in(&mut self, n: u64) -> bool {
+            self.next().is_multiple_of(n)
+        }
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[(self.next() % items.len() as u64) as usize]
+        }
+    }
+
+    /// Records of every shape, good and bad: each field's value from a pool of good values,
+    /// nulls, wrong types, odd numbers, escapes and timestamps in many forms; fields missing,
+    /// repeated, reordered; undeclared fields of every kind; broken syntax.
+    fn varied_records(n: usize, seed: u64) -> Vec<Vec<u8>> {
+        let mut rng = Rng(seed);
+        let symbols = [
+            r#""AAPL""#,
+            r#""é€""#,
+            r#""a\"b""#,
+            r#""tab\there""#,
+            r#""\u00e9""#,
+            r#""x\/y\\""#,
+            r#""""#,
+            "null",
+            "1",
+            "true",
+            r#""bad\q""#,
+            "\"ctl\u{1}\"",
+            "[1]",
+        ];
+        let floats = [
+            "1.5",
+            "2",
+            "-0",
+            "0.1",
+            "1e5",
+            "1E+2",
+            "-3.25e-3",
+            "01",
+            "1.",
+            ".5",
+            "-",
+            "1e400",
+            "123456789012345678901234567890",
+            r#""4.5""#,
+            "null",
+            "true",
+            "NaN",
+            "{}",
+            "1.5.5",
+            "-0.0",
+            "-0.5",
+            "0.1000000000000001",
+            "123456.789012345",
+            "1234567890123456.7",
+            "9007199254740993",
+            "-9007199254740992",
+            "0.000001",
+            "99.99",
+            "98765432.10987654",
+            "12345678.90123457",
+        ];
+        let ints = [
+            "0",
+            "7",
+            "-12",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "1.0",
+            "2.5",
+            "1e3",
+            r#""42""#,
+            "null",
+            "false",
+            "-",
+            "00",
+        ];
+        let times = [
+            r#""2025-11-12T14:38:30.294758+00:00""#,
+            r#""2025-11-12T14:38:30Z""#,
+            r#""2025-11-12T14:38:30.1Z""#,
+            r#""2025-11-12T14:38:30.123456789Z""#,
+            r#""2025-11-12T14:38:30.1234567891Z""#,
+            r#""2025-11-12 14:38:30""#,
+            r#""2025-11-12""#,
+            r#""2025-11-12T16:38:30+02:00""#,
+            r#""1969-12-31T23:59:59.999999Z""#,
+            r#""2025-02-30T00:00:00Z""#,
+            r#""bad""#,
+            r#""2025-11-12t14:38:30z""#,
+            "1762958310294",
+            "0",
+            "-1",
+            "-5",
+            "99999999999999",
+            "100000000000000",
+            "-100000000000000",
+            "1762958310294.5",
+            "null",
+            "true",
+            "1e3",
+        ];
+        let bools = ["true", "false", "null", "1", r#""true""#, "tru"];
+        let extras = [
+            r#""x":1"#,
+            r#""x":"é""#,
+            r#""x":null"#,
+            r#""x":[1,2]"#,
+            r#""x":{"a":1}"#,
+            r#""x":-1.5e3"#,
+            r#""x":"\u0041""#,
+            r#""sym\u0062ol":"B""#,
+            r#""x":tru"#,
+        ];
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut fields: Vec<String> = Vec::new();
+            for (name, pool) in [
+                ("symbol", &symbols[..]),
+                ("price", &floats[..]),
+                ("volume", &ints[..]),
+                ("ts", &times[..]),
+                ("ok", &bools[..]),
+            ] {
+                // Mostly a good value; sometimes anything from the pool; sometimes missing.
+                let value = match rng.next() % 10 {
+                    0..=5 => pool[0],
+                    6 => continue,
+                    _ => rng.pick(pool),
+                };
+                fields.push(format!("\"{name}\":{value}"));
+            }
+            if rng.one_in(4) {
+                fields.push(rng.pick(&extras).to_string());
+            }
+            if rng.one_in(20) {
+                fields.push(r#""volume":3"#.to_string()); // a repeated key
+            }
+            if rng.one_in(3) {
+                let i = (rng.next() % fields.len().max(1) as u64) as usize;
+                let j = (rng.next() % fields.len().max(1) as u64) as usize;
+                if i < fields.len() && j < fields.len() {
+                    fields.swap(i, j);
+                }
+            }
+            let sep = if rng.one_in(5) { " , " } else { "," };
+            let mut text = format!("{{{}}}", fields.join(sep));
+            match rng.next() % 40 {
+                0 => text.truncate(text.len() / 2),
+                1 => text.push_str(" {}"),
+                2 => text = format!(" \n{text}\t\r\n"),
+                3 => text = format!("[{text}]"),
+                4 => text.clear(),
+                5 => text.push('x'),
+                _ => {}
+            }
+            let mut bytes = text.into_bytes();
+            if rng.one_in(60) && bytes.len() > 12 {
+                bytes[10] = 0xff; // not UTF-8
+            }
+            out.push(bytes);
+        }
+        out
+    }
+
+    fn tick_schema() -> SchemaRef {
+        to_schema(&spec(
+            "symbol: {type: utf8, nullable: false}\nprice: float64\nvolume: int64\nts: timestamp\nok: bool\n",
+        ))
+    }
+
+    #[test]
+    fn the_fast_path_decodes_each_record_as_the_general_decoder_does() {
+        let decoder = JsonDecoder::new(tick_schema());
+        let records = varied_records(20_000, 0x5eed);
+        let mut fast = 0;
+        for record in &records {
+            let one = [record.as_slice()];
+            let taken = decoder
+                .flat
+                .as_ref()
+                .expect("flat schema")
+                .decode(&one)
+                .left
+                .is_empty();
+            fast += usize::from(taken);
+            let (batch, failures) = decoder.decode(&one);
+            let (expected, expected_failures) = decoder.decode_general(&one);
+            let text = String::from_utf8_lossy(record);
+            assert_eq!(batch, expected, "record {text}");
+            assert_eq!(failures, expected_failures, "record {text}");
+        }
+        // The pools are mostly good values: most records take the fast path, and some do not.
+        assert!(
+            fast > records.len() / 4,
+            "only {fast} records took the fast path"
+        );
+        assert!(fast < records.len(), "every record took the fast path");
+    }
+
+    #[test]
+    fn a_batch_of_mixed_records_keeps_each_row_in_its_record_s_place() {
+        let decoder = JsonDecoder::new(tick_schema());
+        let records = varied_records(5_000, 77);
+        let slices: Vec<&[u8]> = records.iter().map(|r| r.as_slice()).collect();
+        let (batch, failures) = decoder.decode(&slices);
+        // Record by record through the general decoder, concatenated.
+        let mut rows = Vec::new();
+        let mut expected_failures = Vec::new();
+        for (index, record) in slices.iter().enumerate() {
+            let (one, failed) = decoder.decode_general(&[record]);
+            rows.push(one);
+            expected_failures.extend(failed.into_iter().map(|f| DecodeFailure { index, ..f }));
+        }
+        let expected = arrow::compute::concat_batches(&decoder.schema, &rows).expect("concat");
+        if let Some((got, want)) = failures
+            .iter()
+            .zip(&expected_failures)
+            .find(|(a, b)| a != b)
+        {
+            panic!(
+                "first difference: {got:?} for {:?}, {want:?} for {:?}",
+                String::from_utf8_lossy(slices[got.index]),
+                String::from_utf8_lossy(slices[want.index])
+            );
+        }
+        assert_eq!(failures.len(), expected_failures.len());
+        assert_eq!(batch, expected);
+        assert!(batch.num_rows() > 1000 && !failures.is_empty());
+    }
+
+    #[test]
+    fn numbers_in_a_timestamp_are_epoch_milliseconds_below_ten_to_the_fourteen() {
+        // Both decoders, each record alone and all together: -1 is a millisecond before the
+        // epoch (not the string a microsecond before it), 10^14 and more are microseconds.
+        let records: Vec<&[u8]> = vec![
+            br#"{"ts":-1}"#,
+            br#"{"ts":"1969-12-31T23:59:59.999999Z"}"#,
+            br#"{"ts":1762958310294}"#,
+            br#"{"ts":1762958310294.7}"#,
+            br#"{"ts":1762958310294758}"#,
+            br#"{"ts":0}"#,
+        ];
+        let expected = [
+            -1000,
+            -1,
+            1_762_958_310_294_000,
+            1_762_958_310_294_000,
+            1_762_958_310_294_758,
+            0,
+        ];
+        let schema = to_schema(&spec("ts: timestamp"));
+        for decoder in [
+            JsonDecoder::new(schema.clone()),
+            JsonDecoder::general_only(schema.clone()),
+        ] {
+            let (batch, failures) = decoder.decode(&records);
+            assert!(failures.is_empty(), "{failures:?}");
+            let ts = batch
+                .column(0)
+                .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+            assert_eq!(ts.values().to_vec(), expected);
+            for (record, want) in records.iter().zip(expected) {
+                let (one, _) = decoder.decode(&[record]);
+                let ts = one
+                    .column(0)
+                    .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+                assert_eq!(ts.value(0), want, "{}", String::from_utf8_lossy(record));
+            }
+        }
     }
 }

@@ -26,6 +26,7 @@ pub mod config;
 pub mod decode;
 pub mod engine;
 pub mod exporter;
+mod flat_json;
 pub mod metrics;
 pub mod plugin;
 pub mod sink;

@@ -1,6 +1,7 @@
 //! Replays every input kept under `fuzz/regressions/` (crashes `make fuzz` found, and seeds)
 //! through what its fuzz target exercises, with the same checks: the JSON decoder accounts for
-//! every record once and never panics; the pipeline parser never panics and names the file.
+//! every record once, its fast path agrees with arrow's JSON reader record by record, and it
+//! never panics; the pipeline parser never panics and names the file.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,7 +37,8 @@ fn the_decoder_accounts_for_every_record_of_every_kept_input() {
         ),
         Field::new("ok", DataType::Boolean, false),
     ]));
-    let decoder = JsonDecoder::new(schema);
+    let decoder = JsonDecoder::new(schema.clone());
+    let general = JsonDecoder::general_only(schema);
     let good: &[u8] =
         br#"{"symbol":"A","price":1.5,"volume":3,"ts":"2025-11-12T14:30:00Z","ok":true}"#;
     assert_eq!(decoder.decode(&[good]).0.num_rows(), 1);
@@ -52,6 +54,16 @@ fn the_decoder_accounts_for_every_record_of_every_kept_input() {
             "{}",
             file.display()
         );
+        // The fast path agrees with arrow's JSON reader on each record.
+        for record in &records {
+            assert_eq!(
+                decoder.decode(&[record]),
+                general.decode(&[record]),
+                "{}: {}",
+                file.display(),
+                String::from_utf8_lossy(record)
+            );
+        }
     }
 }
 
