@@ -44,6 +44,9 @@ pub(crate) struct FlatDecoder {
 #[derive(Debug, Clone)]
 struct FieldPlan {
     name: Box<[u8]>,
+    /// The name has no byte that a JSON string must escape or that needs a UTF-8 check: a key
+    /// can be matched by comparing bytes, without scanning it first.
+    plain: bool,
     kind: Kind,
     nullable: bool,
 }
@@ -119,6 +122,7 @@ impl FlatDecoder {
                 };
                 Some(FieldPlan {
                     name: f.name().as_bytes().into(),
+                    plain: !f.name().bytes().any(|b| STRING_STOP[usize::from(b)]),
                     kind,
                     nullable: f.is_nullable(),
                 })
@@ -186,18 +190,24 @@ impl FlatDecoder {
             let mut position = 0;
             loop {
                 c.eat(b'"')?;
-                let span = c.string()?;
-                if span.escaped {
-                    return None;
-                }
-                let key = &record[span.start..span.end];
-                if !span.ascii && std::str::from_utf8(key).is_err() {
-                    return None;
-                }
+                let field = match self.expected_key(&mut c, position, hints) {
+                    Some(f) => Some(f),
+                    None => {
+                        let span = c.string()?;
+                        if span.escaped {
+                            return None;
+                        }
+                        let key = &record[span.start..span.end];
+                        if !span.ascii && std::str::from_utf8(key).is_err() {
+                            return None;
+                        }
+                        self.field(key, position, hints)
+                    }
+                };
                 c.ws();
                 c.eat(b':')?;
                 c.ws();
-                match self.field(key, position, hints) {
+                match field {
                     Some(f) => {
                         if !matches!(slots[f], Slot::Absent) {
                             return None; // a duplicate key
@@ -225,6 +235,22 @@ impl FlatDecoder {
             }
         }
         Some(())
+    }
+
+    /// The field the last record had at key `position`, if this record's key (the cursor just
+    /// after its opening quote) is that name: matched by comparing bytes, the cursor then after
+    /// the closing quote. Most records have their keys in one order.
+    fn expected_key(&self, c: &mut Cursor<'_>, position: usize, hints: &[usize]) -> Option<usize> {
+        let hint = *hints.get(position)?;
+        let field = self.fields.get(hint)?;
+        let rest = c.b.get(c.i..)?;
+        if field.plain && rest.starts_with(&field.name) && rest.get(field.name.len()) == Some(&b'"')
+        {
+            c.i += field.name.len() + 1;
+            Some(hint)
+        } else {
+            None
+        }
     }
 
     /// The declared field named `key`, the key at `position` of the record.
@@ -611,9 +637,20 @@ impl<'a> Cursor<'a> {
             self.i += 1;
         }
         let digits = self.i;
+        // The integer part, read as it is scanned (under 10^18 it cannot overflow).
+        let mut magnitude = 0i64;
         match self.peek()? {
             b'0' => self.i += 1,
-            b'1'..=b'9' => self.skip_digits(),
+            b'1'..=b'9' => {
+                while let Some(&d) = self.b.get(self.i)
+                    && d.is_ascii_digit()
+                {
+                    if self.i - digits < 18 {
+                        magnitude = magnitude * 10 + i64::from(d - b'0');
+                    }
+                    self.i += 1;
+                }
+            }
             _ => return None,
         }
         let integer_end = self.i;
@@ -636,9 +673,7 @@ impl<'a> Cursor<'a> {
         }
         let text = &self.b[digits..integer_end];
         if text.len() <= 18 {
-            // Under 10^18: no overflow.
-            let v = text.iter().fold(0i64, |v, &d| v * 10 + i64::from(d - b'0'));
-            return Some(Number::Int(if negative { -v } else { v }));
+            return Some(Number::Int(if negative { -magnitude } else { magnitude }));
         }
         let mut v: i64 = 0;
         for &d in text {
