@@ -215,7 +215,7 @@ impl JsonDecoder {
                     .as_primitive::<TimestampMicrosecondType>()
                     .iter()
                     .flatten()
-                    .any(|v| v.abs() < SUSPECT_BELOW)
+                    .any(|v| v.unsigned_abs() < SUSPECT_BELOW.unsigned_abs())
             })
             .collect();
         if suspects.is_empty() {
@@ -260,7 +260,9 @@ impl JsonDecoder {
                     let number = text.is_valid(row) && text.value(row).parse::<f64>().is_ok();
                     let ms = ms.is_valid(row).then(|| ms.value(row));
                     match ms {
-                        Some(ms) if number && ms.abs() < SUSPECT_BELOW => Some(ms * 1000),
+                        Some(ms) if number && ms.unsigned_abs() < SUSPECT_BELOW.unsigned_abs() => {
+                            Some(ms * 1000)
+                        }
                         _ => Some(micros.value(row)),
                     }
                 })
@@ -375,8 +377,23 @@ impl JsonDecoder {
         let mut good = Vec::new();
         self.split(records, &candidates, &mut good, &mut failures);
         failures.sort_by_key(|f| f.index);
-        let batch = arrow::compute::concat_batches(&self.schema, &good).unwrap_or_else(|_| empty());
-        (batch, failures)
+        match arrow::compute::concat_batches(&self.schema, &good) {
+            Ok(batch) => (batch, failures),
+            // Only over 2 GiB of text in one column: every record that decoded is refused with
+            // the reason rather than lost.
+            Err(e) => {
+                let failed: std::collections::HashSet<usize> =
+                    failures.iter().map(|f| f.index).collect();
+                failures.extend((0..records.len()).filter(|i| !failed.contains(i)).map(|index| {
+                    DecodeFailure {
+                        index,
+                        reason: format!("the batch could not be assembled ({e}): make `batch.max_records` smaller"),
+                    }
+                }));
+                failures.sort_by_key(|f| f.index);
+                (empty(), failures)
+            }
+        }
     }
 
     /// Decodes the records at `indices` (ascending) into `good` batches in order, halving the set
@@ -701,6 +718,9 @@ mod tests {
             r#""bad""#,
             r#""2025-11-12t14:38:30z""#,
             "1762958310294",
+            "-9223372036854775808",
+            "9223372036854775807",
+            "-1e19",
             "0",
             "-1",
             "-5",

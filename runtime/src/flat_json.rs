@@ -328,7 +328,9 @@ impl FlatDecoder {
                     Some(Slot::Int(micros))
                 }
                 _ => match c.number()? {
-                    Number::Int(v) if v.abs() < MILLIS_BELOW => Some(Slot::Int(v * 1000)),
+                    Number::Int(v) if v.unsigned_abs() < MILLIS_BELOW.unsigned_abs() => {
+                        Some(Slot::Int(v * 1000))
+                    }
                     _ => None,
                 },
             },
