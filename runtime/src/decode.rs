@@ -321,15 +321,7 @@ impl JsonDecoder {
                 fast_row += 1;
             }
         }
-        let columns: Result<Vec<_>, _> = (0..self.schema.fields().len())
-            .map(|c| {
-                arrow::compute::interleave(
-                    &[batch.column(c).as_ref(), rest_batch.column(c).as_ref()],
-                    &order,
-                )
-            })
-            .collect();
-        match columns.and_then(|columns| RecordBatch::try_new(self.schema.clone(), columns)) {
+        match arrow::compute::interleave_record_batch(&[&batch, &rest_batch], &order) {
             Ok(merged) => (merged, failures),
             // Cannot happen (both batches have the schema); should it, the general way alone.
             Err(_) => self.decode_general(records),

@@ -286,14 +286,8 @@ impl FlatDecoder {
                 Number::Other => None,
             },
             Kind::Float64 => {
-                let number = c.number()?;
-                // `-0` is -0.0: zero goes the decimal way, which keeps the sign.
-                if let Number::Int(v) = number
-                    && v != 0
-                    && v.unsigned_abs() < 1 << 53
-                {
-                    return Some(Slot::Float(v as f64));
-                }
+                // Integers under 2^53 are short decimals too (and `-0` keeps its sign there).
+                c.number()?;
                 if let Some(v) = c.short_decimal() {
                     return Some(Slot::Float(v));
                 }
