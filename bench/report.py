@@ -140,6 +140,17 @@ def render(r):
                 f"{c['read_after_optimize_s']:.3f} s |",
                 f"| and `flowgate table checkpoint` | {_n(c['after']['files'])} | {c['read_after_checkpoint_s']:.3f} s |",
                 ""]
+    if "commits" in r:
+        c = r["commits"]
+        out += ["### Delta commit time as the log grows", "",
+                f"One sink appends {c['versions']:,} commits of 100 rows to a fresh local table with the default "
+                f"upkeep (a log checkpoint every 100 commits) in {c['seconds']:.0f} s; a commit writes its data "
+                "file and its log entry. Median over "
+                f"{c['window']} commits. Command: `make bench BENCH_ARGS=\"--only commits\"`.", "",
+                "| versions | median commit |", "|---|---:|",
+                f"| 1–{c['window']} | {c['early_ms']:.2f} ms |",
+                f"| {c['versions'] - c['window'] + 1:,}–{c['versions']:,} | {c['late_ms']:.2f} ms "
+                f"({c['late_ms'] / c['early_ms']:.2f}×) |", ""]
     if "rebalance" in r:
         rb = r["rebalance"]
         out += ["### Rebalance: a third member joins", "",

@@ -32,8 +32,8 @@ RELEASE = Path(os.environ.get("BENCH_BIN_DIR", ROOT / "target" / "release"))
 FLOWGATE = Path(os.environ.get("FLOWGATE_BIN", RELEASE / "flowgate"))
 BENCH = Path(os.environ.get("FLOWGATE_BENCH_BIN", RELEASE / "flowgate-bench"))
 PLUGINS = ROOT / "target" / "wasm32-wasip2" / "plugin"
-PARTS = ["flowgate-file", "workers", "native", "generator", "kafka", "latency", "state", "sinks", "compaction", "swap",
-         "rebalance", "spark"]
+PARTS = ["flowgate-file", "workers", "native", "generator", "kafka", "latency", "state", "sinks", "compaction", "commits",
+         "swap", "rebalance", "spark"]
 # The benchmark's own PostgreSQL (the machine's, trust auth); `sinks` writes a scratch schema.
 BENCH_PG = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
 
@@ -601,6 +601,22 @@ def part_compaction(args, work, results):
         f"{read_after:.3f} s (compacted) → {read_ckpt:.3f} s (and checkpointed)")
 
 
+def part_commits(args, work, results):
+    """Delta commit time as the log grows: `commit_bench` appends `--commit-versions` commits of 100
+    rows to a fresh table with the default upkeep, and gives the median commit near the first and
+    the last version."""
+    binary = RELEASE / "examples" / "commit_bench"
+    out = subprocess.run([binary, str(args.commit_versions), "100", str(work / "commits")],
+                         capture_output=True, text=True, check=True).stdout
+    shutil.rmtree(work / "commits", ignore_errors=True)
+    m = re.search(r"in ([\d.]+) s; median commit: versions 1-(\d+) ([\d.]+) ms, versions (\d+)-(\d+) ([\d.]+) ms", out)
+    if not m:
+        sys.exit(f"commit_bench said: {out}")
+    results["commits"] = {"versions": int(m[5]), "window": int(m[2]), "seconds": float(m[1]),
+                          "early_ms": float(m[3]), "late_ms": float(m[6])}
+    log(f"commits: median {m[3]} ms near version {m[2]}, {m[6]} ms near version {m[5]}")
+
+
 def compare_bars(delta_path, parquet_path):
     import pandas as pd
     from deltalake import DeltaTable
@@ -636,6 +652,7 @@ def main():
     p.add_argument("--sink-ticks", type=int, default=2_000_000, help="ticks per sink run (`sinks`)")
     p.add_argument("--compaction-seconds", type=int, default=300,
                    help="seconds of live input for the compaction table (an epoch every 50 ms)")
+    p.add_argument("--commit-versions", type=int, default=10_000, help="Delta versions `commits` appends")
     p.add_argument("--swap-rate", type=int, default=100_000, help="generator ticks/s during the live swaps (`swap`)")
     p.add_argument("--swaps", type=int, default=10, help="pipeline rewrites during `swap`")
     p.add_argument("--kafka-option", action="append", default=[], metavar="KEY=VALUE",
@@ -681,6 +698,8 @@ def main():
         part_sinks(args, work, results, ticks)
     if wanted("compaction"):
         part_compaction(args, work, results)
+    if wanted("commits"):
+        part_commits(args, work, results)
     if wanted("swap"):
         part_swap(args, work, results)
     if wanted("rebalance"):

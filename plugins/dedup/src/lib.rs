@@ -22,6 +22,7 @@
 //! refused (those keys mean something else now).
 #![deny(unsafe_code)]
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -182,6 +183,11 @@ impl Transform for Dedup {
         let times = event_time_millis(&batch, self.event_time)?;
         let mut keep = Vec::with_capacity(rows);
         let mut output = Output::empty();
+        let (watermark, retention, width) = (self.watermark, self.retention, self.bucket_width);
+        // Keys remembered by this batch, gathered per expiry bucket while rows stay in one
+        // (event time moves slowly), so the bucket map is looked up once per run, not per row.
+        let mut run_bucket = i64::MIN;
+        let mut run: Vec<u64> = Vec::new();
         for (row, hash) in hashes.into_iter().enumerate() {
             if times.is_null(row) {
                 keep.push(false);
@@ -189,17 +195,40 @@ impl Transform for Dedup {
                 continue;
             }
             let t = times.value(row);
+            let expiry = t.saturating_add(retention);
             // A duplicate is judged by event time: within `retention` of the key's first row
             // (and the key not forgotten by the watermark). Never by whether an eviction ran
-            // since, so batching changes nothing.
-            let duplicate = self
-                .expiry
-                .get(&hash)
-                .is_some_and(|&e| e >= t && e >= self.watermark);
-            keep.push(!duplicate);
-            if !duplicate {
-                self.remember(hash, t);
+            // since, so batching changes nothing. One probe of the table per row.
+            let remembered = match self.expiry.entry(hash) {
+                Entry::Occupied(e) if *e.get() >= t && *e.get() >= watermark => {
+                    keep.push(false);
+                    continue;
+                }
+                // A key whose own expiry the watermark has passed is not remembered.
+                _ if expiry < watermark => false,
+                Entry::Occupied(mut e) => {
+                    e.insert(expiry);
+                    true
+                }
+                Entry::Vacant(e) => {
+                    e.insert(expiry);
+                    true
+                }
+            };
+            keep.push(true);
+            if remembered {
+                let bucket = expiry.div_euclid(width);
+                if bucket != run_bucket {
+                    if !run.is_empty() {
+                        self.buckets.entry(run_bucket).or_default().append(&mut run);
+                    }
+                    run_bucket = bucket;
+                }
+                run.push(hash);
             }
+        }
+        if !run.is_empty() {
+            self.buckets.entry(run_bucket).or_default().append(&mut run);
         }
         if keep.iter().all(|k| *k) {
             output.push(batch);

@@ -29,6 +29,7 @@
 #![deny(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use arrow::array::{ArrayRef, Float64Array, Int64Array, TimestampMillisecondArray};
 use arrow::compute::cast;
@@ -38,6 +39,7 @@ use flowgate_sdk::columns::{event_time_sub_millis_nanos, is_event_time_type, is_
 use flowgate_sdk::keys::{self, KeyValue};
 use flowgate_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// The step's config.
 #[derive(Debug, Deserialize)]
@@ -115,7 +117,25 @@ struct Acc {
 /// Event time at full precision: epoch ms, then nanoseconds within the millisecond.
 type EventTime = (i64, u32);
 
-type Groups = HashMap<Box<[u8]>, Vec<Acc>>;
+type Groups = HashMap<Box<[u8]>, Vec<Acc>, BuildHasherDefault<KeyHasher>>;
+
+/// Hashes group keys (a few bytes of `arrow::row` encoding) with xxh3: the standard library's
+/// SipHash costs several times more per key, more so compiled to WebAssembly. Keys come from
+/// the pipeline's own data, and hash order never shows: output and snapshots sort groups by key.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = xxh3_64_with_seed(bytes, self.0);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (self.0 ^ n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
 
 /// The `window` transform.
 pub struct Window {
@@ -490,44 +510,23 @@ impl Transform for Window {
                 Ok(Some((bits, nulls)))
             })
             .collect::<Result<_>>()?;
-        let empty: &[u8] = &[];
+        // First each row's open windows, in row order (rejections keep that order); then the
+        // rows window by window, so a window's groups are looked up once per run of rows, not
+        // once per row. Within a window rows keep their order: `first`/`last` ties follow arrival.
+        let mut placements: Vec<(i64, u32)> = Vec::with_capacity(batch.num_rows());
         for row in 0..batch.num_rows() {
             if times.is_null(row) {
                 output.reject(row, "event time is null");
                 continue;
             }
             let ts = times.value(row);
-            let event_time = (ts, sub_millis.as_ref().map_or(0, |s| s[row]));
-            let key = rows.as_ref().map_or(empty, |r| r.row(row).data());
             let last_start = ts.div_euclid(self.slide) * self.slide;
             let mut start = last_start;
             let mut placed = false;
             while start + self.size > ts {
                 if !self.closed(start) {
                     placed = true;
-                    let groups = self.windows.entry(start).or_default();
-                    let accs = match groups.get_mut(key) {
-                        Some(accs) => accs,
-                        None => groups
-                            .entry(key.into())
-                            .or_insert_with(|| vec![Acc::default(); self.aggs.len()]),
-                    };
-                    for (n, agg) in self.aggs.iter().enumerate() {
-                        match &inputs[n] {
-                            None => Self::update(&mut accs[n], agg.func, agg.num, 0, event_time),
-                            Some((bits, nulls)) => {
-                                if nulls.as_ref().is_none_or(|nb| nb.is_valid(row)) {
-                                    Self::update(
-                                        &mut accs[n],
-                                        agg.func,
-                                        agg.num,
-                                        bits[row],
-                                        event_time,
-                                    );
-                                }
-                            }
-                        }
-                    }
+                    placements.push((start, row as u32));
                 }
                 start -= self.slide;
             }
@@ -541,6 +540,38 @@ impl Transform for Window {
                         format_millis(watermark)
                     ),
                 );
+            }
+        }
+        // A stable sort: rows of one window stay in arrival order (and a stream already in
+        // window order is one linear pass).
+        placements.sort_by_key(|&(start, _)| start);
+        let empty: &[u8] = &[];
+        let aggs = &self.aggs;
+        for run in placements.chunk_by(|a, b| a.0 == b.0) {
+            let groups = self.windows.entry(run[0].0).or_default();
+            for &(_, row) in run {
+                let row = row as usize;
+                let event_time = (
+                    times.value(row),
+                    sub_millis.as_ref().map_or(0, |s| s[row]),
+                );
+                let key = rows.as_ref().map_or(empty, |r| r.row(row).data());
+                let accs = match groups.get_mut(key) {
+                    Some(accs) => accs,
+                    None => groups
+                        .entry(key.into())
+                        .or_insert_with(|| vec![Acc::default(); aggs.len()]),
+                };
+                for (n, agg) in aggs.iter().enumerate() {
+                    match &inputs[n] {
+                        None => Self::update(&mut accs[n], agg.func, agg.num, 0, event_time),
+                        Some((bits, nulls)) => {
+                            if nulls.as_ref().is_none_or(|nb| nb.is_valid(row)) {
+                                Self::update(&mut accs[n], agg.func, agg.num, bits[row], event_time);
+                            }
+                        }
+                    }
+                }
             }
         }
         Ok(output)

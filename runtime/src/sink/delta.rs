@@ -6,7 +6,9 @@ use std::sync::Arc;
 use arrow::record_batch::RecordBatch;
 use deltalake::DeltaTable;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TableReference};
+use deltalake::kernel::transaction::{
+    CommitBuilder, CommitData, CommitProperties, PROTOCOL, TableReference,
+};
 use deltalake::kernel::{Action, Add, StructType, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
@@ -40,6 +42,11 @@ pub struct DeltaSink {
     last: Positions,
     /// The log version read through: commits after it are read before the next commit.
     seen: u64,
+    /// When the log was last read or written through `seen`.
+    log_read: std::time::Instant,
+    /// Whether commits write the next log entry directly instead of going through delta-rs's
+    /// snapshot of the table (see [`appends_blindly`]).
+    blind: bool,
     /// Per offset app id (one per source partition), the newest position any commit since
     /// `seen` at open recorded: one past what this process holds means another process owns the
     /// partition now.
@@ -89,19 +96,27 @@ struct Claim {
     offset_id: String,
 }
 
-/// Reads the commits after `seen` through `current` into `latest`: per offset app id, the newest
-/// position any commit recorded (its `….epoch` app id gives the epoch).
+/// Reads the log entries after `seen` into `latest`: per offset app id, the newest position any
+/// entry recorded (its `….epoch` app id gives the epoch). With `through`, every entry up to that
+/// version, which must all be there; with `None`, up to the newest (the first missing entry).
+/// Advances `seen` past what it read, and says whether any entry changed the table's protocol
+/// or metadata (its schema, partitioning or properties).
 async fn scan(
     log_store: &dyn deltalake::logstore::LogStore,
-    seen: u64,
-    current: u64,
+    seen: &mut u64,
+    through: Option<u64>,
     latest: &mut HashMap<String, Position>,
     recorded_by: &mut HashMap<String, Recorded>,
-) -> Result<(), deltalake::DeltaTableError> {
-    for version in seen.saturating_add(1)..=current {
-        // A version missing below the current one was cleaned up (the log retention passed
-        // while this process looked away): what it recorded cannot be checked, so no commit.
+) -> Result<bool, deltalake::DeltaTableError> {
+    let mut changed = false;
+    while through.is_none_or(|last| *seen < last) {
+        let version = *seen + 1;
         let Some(bytes) = log_store.read_commit_entry(version).await? else {
+            if through.is_none() {
+                break;
+            }
+            // A version missing below the current one was cleaned up (the log retention passed
+            // while this process looked away): what it recorded cannot be checked, so no commit.
             return Err(deltalake::DeltaTableError::Generic(format!(
                 "log version {version} is gone (expired log entries were removed while this process was away): restart to read the table afresh"
             )));
@@ -119,6 +134,7 @@ async fn scan(
             if let Some(t) = action["commitInfo"]["timestamp"].as_i64() {
                 committed_ms = Some(t);
             }
+            changed |= action.get("metaData").is_some() || action.get("protocol").is_some();
         }
         for (app, &offset) in &found {
             if app.ends_with(".epoch") {
@@ -141,8 +157,90 @@ async fn scan(
             let slot = latest.entry(app.clone()).or_insert(position);
             *slot = (*slot).max(position);
         }
+        *seen = version;
     }
-    Ok(())
+    Ok(changed)
+}
+
+/// How long the log read through `seen` counts as current for an append that skips the table's
+/// snapshot. A log entry is only ever removed once older than the table's log retention (30 days
+/// unless the table says otherwise) and behind a checkpoint; an append after a longer pause
+/// reloads the table first, which notices such a gap.
+const LOG_FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Whether appends to `table` may write the next log entry directly (see [`append_next`]): its
+/// protocol asks nothing of an append beyond its data files (writer version 2 at most, or table
+/// features among append-only, invariants and timestamps without time zone), and its log store
+/// writes entries with a conditional put (local folders, and S3 as [`crate::storage`] sets it up).
+fn appends_blindly(table: &DeltaTable) -> bool {
+    let Ok(state) = table.snapshot() else {
+        return false;
+    };
+    let protocol = state.protocol();
+    let plain = protocol.min_writer_version() <= 2
+        || protocol.writer_features().is_some_and(|features| {
+            features.iter().all(|f| {
+                matches!(
+                    f.to_string().as_str(),
+                    "appendOnly" | "invariants" | "timestampNtz"
+                )
+            })
+        });
+    plain && table.log_store().name() == "DefaultLogStore"
+}
+
+/// Appends `entry` (the commit's actions as log lines) as the version after `seen`, without
+/// loading the table: a conditional put of the next log entry. When another process wrote that
+/// version first, its entries are read (for the fence, as in the full path) and the put is tried
+/// at the version after them. `None`: an entry read on the way changed the table's protocol or
+/// metadata, so the commit goes through delta-rs's snapshot and checks instead.
+///
+/// Exactly-once holds as in the full path: a put that lands at `seen + 1` means no entry came
+/// between the entries the fence read and this one; an attempt whose reply was lost finds its
+/// own entry on the next try and is recognised as landed.
+#[allow(clippy::too_many_arguments)]
+async fn append_next(
+    log_store: &dyn deltalake::logstore::LogStore,
+    seen: &mut u64,
+    latest: &mut HashMap<String, Position>,
+    recorded_by: &mut HashMap<String, Recorded>,
+    claims: &[Claim],
+    positions: &Positions,
+    held: &Positions,
+    entry: &bytes::Bytes,
+) -> Result<Option<u64>, Attempt> {
+    use deltalake::kernel::transaction::TransactionError;
+    loop {
+        let recorded: Positions = claims
+            .iter()
+            .filter_map(|c| latest.get(&c.offset_id).map(|p| (c.key.clone(), *p)))
+            .collect();
+        match fence("the Delta log", positions, &recorded, held) {
+            Fence::Clear => {}
+            Fence::Landed => return Ok(Some(*seen)),
+            Fence::Overtaken(why) => return Err(Attempt::Overtaken(why)),
+        }
+        let version = *seen + 1;
+        match log_store
+            .write_commit_entry(
+                version,
+                deltalake::logstore::CommitOrBytes::LogBytes(entry.clone()),
+                uuid::Uuid::new_v4(),
+            )
+            .await
+        {
+            Ok(()) => {
+                *seen = version;
+                return Ok(Some(version));
+            }
+            Err(TransactionError::VersionAlreadyExists(_)) => {
+                if scan(log_store, seen, None, latest, recorded_by).await? {
+                    return Ok(None);
+                }
+            }
+            Err(e) => return Err(Attempt::Delta(e.into())),
+        }
+    }
 }
 
 /// What a Delta table's log says of its writers (see [`log_writers`]).
@@ -446,6 +544,7 @@ impl DeltaSink {
             }
         }
         let seen = table.version().unwrap_or(0);
+        let blind = appends_blindly(&table);
         let upkeep = options
             .maintenance
             .clone()
@@ -462,6 +561,8 @@ impl DeltaSink {
             staged: Vec::new(),
             last: Positions::new(),
             seen,
+            log_read: std::time::Instant::now(),
+            blind,
             latest: HashMap::new(),
             recorded_by: HashMap::new(),
             encode_time: std::time::Duration::ZERO,
@@ -598,6 +699,9 @@ impl Sink for DeltaSink {
             .collect();
         let (seen, latest, recorded_by) = (&mut self.seen, &mut self.latest, &mut self.recorded_by);
         let table = &mut self.table;
+        let blind = &mut self.blind;
+        let log_read = &mut self.log_read;
+        let mut direct = false;
         let version = self
             .rt
             .block_on(async {
@@ -607,6 +711,47 @@ impl Sink for DeltaSink {
                 let mut attempt = 0;
                 loop {
                     let result = async {
+                        if *blind && log_read.elapsed() < LOG_FRESH_FOR {
+                            // An append to a plain table: the next log entry, written directly;
+                            // the table's snapshot (its file list) is neither read nor updated.
+                            let snapshot = table.snapshot()?;
+                            let partition_by = snapshot.metadata().partition_columns().to_vec();
+                            let operation = DeltaOperation::Write {
+                                mode: SaveMode::Append,
+                                partition_by: (!partition_by.is_empty()).then_some(partition_by),
+                                predicate: None,
+                            };
+                            PROTOCOL
+                                .can_commit(snapshot as &dyn TableReference, &actions, &operation)
+                                .map_err(deltalake::DeltaTableError::from)?;
+                            let entry = CommitData::new(
+                                actions.clone(),
+                                operation,
+                                HashMap::new(),
+                                txns.clone(),
+                            )
+                            .get_bytes()
+                            .map_err(deltalake::DeltaTableError::from)?;
+                            let appended = append_next(
+                                table.log_store().as_ref(),
+                                seen,
+                                latest,
+                                recorded_by,
+                                &claims,
+                                positions,
+                                &held,
+                                &entry,
+                            )
+                            .await?;
+                            if let Some(version) = appended {
+                                *log_read = std::time::Instant::now();
+                                direct = true;
+                                return Ok(version);
+                            }
+                            // Another process changed the table's protocol or metadata: this
+                            // commit, and the next, take the full path.
+                            *blind = false;
+                        }
                         // Read what was committed since the last look (other processes, and
                         // this one's own attempt whose reply was lost).
                         table.update_state().await?;
@@ -614,14 +759,14 @@ impl Sink for DeltaSink {
                         if current > *seen {
                             scan(
                                 table.log_store().as_ref(),
-                                *seen,
-                                current,
+                                seen,
+                                Some(current),
                                 latest,
                                 recorded_by,
                             )
                             .await?;
-                            *seen = current;
                         }
+                        *log_read = std::time::Instant::now();
                         let recorded: Positions = claims
                             .iter()
                             .filter_map(|c| latest.get(&c.offset_id).map(|p| (c.key.clone(), *p)))
@@ -698,8 +843,12 @@ impl Sink for DeltaSink {
                     },
                 }
             })?;
-        // The log has the new version; read it so the next commit builds on it.
-        let _ = self.rt.block_on(self.table.update_state());
+        if !direct {
+            // The log has the new version; read it so the next commit builds on it, and see
+            // whether the table still takes direct appends.
+            let _ = self.rt.block_on(self.table.update_state());
+            self.blind = appends_blindly(&self.table);
+        }
         self.staged.clear();
         tracing::debug!(sink = %self.name, version, files, "committed Delta version");
         let now = chrono::Utc::now().timestamp_millis();
@@ -866,6 +1015,131 @@ mod tests {
             sink.committed("t", 0).unwrap(),
             Some(Position {
                 offset: 2,
+                epoch: 1
+            })
+        );
+    }
+
+    fn runtime() -> Arc<Runtime> {
+        Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn appends_write_the_next_log_entry_without_reloading_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let shape = TableShape::new("t", &schema, &[], None, None).unwrap();
+        let mut sink =
+            DeltaSink::open("t", folder(dir.path()), "p", shape, options(), rt.clone()).unwrap();
+        let opened_at = sink.table.version();
+        assert!(sink.blind, "a table this sink created takes direct appends");
+        for i in 0..5 {
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(Int64Array::from(vec![i, i + 100]))],
+            )
+            .unwrap();
+            sink.write(batch).unwrap();
+            let positions: Positions = [(
+                ("t".to_string(), 0),
+                Position {
+                    offset: i,
+                    epoch: 1,
+                },
+            )]
+            .into();
+            assert!(sink.commit(&positions).unwrap());
+        }
+        // The sink's snapshot (the table's file list) was neither read again nor updated...
+        assert_eq!(sink.table.version(), opened_at);
+        assert_eq!(sink.seen, opened_at.unwrap() + 5);
+        // ...yet a reader finds every commit: the files, the offsets, the operation.
+        let table = rt
+            .block_on(DeltaTable::try_from_url(
+                deltalake::ensure_table_uri(dir.path().display().to_string()).unwrap(),
+            ))
+            .unwrap();
+        assert_eq!(table.version(), Some(opened_at.unwrap() + 5));
+        assert_eq!(table.get_file_uris().unwrap().count(), 5);
+        let state = table.snapshot().unwrap();
+        let offset = rt
+            .block_on(state.transaction_version(table.log_store().as_ref(), "flowgate-p-t-0"))
+            .unwrap();
+        assert_eq!(offset, Some(4));
+        let entry = rt
+            .block_on(table.log_store().read_commit_entry(opened_at.unwrap() + 5))
+            .unwrap()
+            .unwrap();
+        let first: serde_json::Value =
+            serde_json::from_slice(entry.split(|&b| b == b'\n').next().unwrap()).unwrap();
+        assert_eq!(first["commitInfo"]["operation"], "WRITE", "{first}");
+    }
+
+    #[test]
+    fn a_schema_change_by_another_process_sends_the_next_commit_through_delta_rs() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        let narrow = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let wide = Arc::new(Schema::new(vec![
+            Field::new("v", DataType::Int64, false),
+            Field::new("w", DataType::Int64, true),
+        ]));
+        let shape = TableShape::new("t", &narrow, &[], None, None).unwrap();
+        let mut first =
+            DeltaSink::open("t", folder(dir.path()), "p", shape, options(), rt.clone()).unwrap();
+        let at = |offset: i64| -> Positions {
+            [(("t".to_string(), 0), Position { offset, epoch: 1 })].into()
+        };
+        first
+            .write(
+                RecordBatch::try_new(narrow.clone(), vec![Arc::new(Int64Array::from(vec![1]))])
+                    .unwrap(),
+            )
+            .unwrap();
+        assert!(first.commit(&at(0)).unwrap());
+        // Another process adds a column (a metadata entry in the log) while this one writes.
+        first
+            .write(
+                RecordBatch::try_new(narrow.clone(), vec![Arc::new(Int64Array::from(vec![2]))])
+                    .unwrap(),
+            )
+            .unwrap();
+        let merging = DeltaOptions {
+            schema_mode: SchemaMode::Merge,
+            ..options()
+        };
+        let wide_shape = TableShape::new("t", &wide, &[], None, None).unwrap();
+        let merged = DeltaSink::open(
+            "t",
+            folder(dir.path()),
+            "p",
+            wide_shape,
+            merging,
+            rt.clone(),
+        )
+        .unwrap();
+        let merged_at = merged.table.version().unwrap();
+        // The direct append finds the version taken, reads the metadata change, and hands the
+        // commit to delta-rs's checks, which reload the table: the rows land.
+        assert!(first.commit(&at(1)).unwrap());
+        assert!(first.table.version().unwrap() > merged_at);
+        let table = rt
+            .block_on(DeltaTable::try_from_url(
+                deltalake::ensure_table_uri(dir.path().display().to_string()).unwrap(),
+            ))
+            .unwrap();
+        assert_eq!(table.get_file_uris().unwrap().count(), 2);
+        assert_eq!(
+            first.committed("t", 0).unwrap(),
+            Some(Position {
+                offset: 1,
                 epoch: 1
             })
         );
