@@ -43,7 +43,7 @@ pub struct DeltaSink {
     /// The log version read through: commits after it are read before the next commit.
     seen: u64,
     /// When the log was last read or written through `seen`.
-    log_read: std::time::Instant,
+    log_read: LogRead,
     /// Whether commits write the next log entry directly instead of going through delta-rs's
     /// snapshot of the table (see [`appends_blindly`]).
     blind: bool,
@@ -96,19 +96,35 @@ struct Claim {
     offset_id: String,
 }
 
+/// What [`scan`] found besides positions (kept by the caller, so a read failing half-way loses
+/// none of it).
+#[derive(Debug, Default)]
+struct Scanned {
+    /// An entry changed the table's protocol or metadata (its schema, partitioning or
+    /// properties).
+    changed: bool,
+    /// The version of the entry this commit's own id is in (an attempt that landed though its
+    /// reply was lost).
+    own: Option<u64>,
+}
+
+/// The `commitInfo` key a commit's id is written under: a retried attempt knows its own entry.
+const COMMIT_ID_KEY: &str = "flowgateCommit";
+
 /// Reads the log entries after `seen` into `latest`: per offset app id, the newest position any
 /// entry recorded (its `….epoch` app id gives the epoch). With `through`, every entry up to that
 /// version, which must all be there; with `None`, up to the newest (the first missing entry).
-/// Advances `seen` past what it read, and says whether any entry changed the table's protocol
-/// or metadata (its schema, partitioning or properties).
+/// Advances `seen` past what it read; notes in `scanned` protocol or metadata changes and the
+/// entry carrying `commit_id`.
 async fn scan(
     log_store: &dyn deltalake::logstore::LogStore,
     seen: &mut u64,
     through: Option<u64>,
     latest: &mut HashMap<String, Position>,
     recorded_by: &mut HashMap<String, Recorded>,
-) -> Result<bool, deltalake::DeltaTableError> {
-    let mut changed = false;
+    commit_id: &str,
+    scanned: &mut Scanned,
+) -> Result<(), deltalake::DeltaTableError> {
     while through.is_none_or(|last| *seen < last) {
         let version = *seen + 1;
         let Some(bytes) = log_store.read_commit_entry(version).await? else {
@@ -134,7 +150,11 @@ async fn scan(
             if let Some(t) = action["commitInfo"]["timestamp"].as_i64() {
                 committed_ms = Some(t);
             }
-            changed |= action.get("metaData").is_some() || action.get("protocol").is_some();
+            scanned.changed |=
+                action.get("metaData").is_some() || action.get("protocol").is_some();
+            if action["commitInfo"][COMMIT_ID_KEY].as_str() == Some(commit_id) {
+                scanned.own = Some(version);
+            }
         }
         for (app, &offset) in &found {
             if app.ends_with(".epoch") {
@@ -159,23 +179,55 @@ async fn scan(
         }
         *seen = version;
     }
-    Ok(changed)
+    Ok(())
 }
 
 /// How long the log read through `seen` counts as current for an append that skips the table's
-/// snapshot. A log entry is only ever removed once older than the table's log retention (30 days
-/// unless the table says otherwise) and behind a checkpoint; an append after a longer pause
-/// reloads the table first, which notices such a gap.
+/// snapshot. Every entry after `seen` was written since that read, and a log entry is only ever
+/// removed once older than the table's log retention (30 days unless the table says otherwise;
+/// direct appends need at least [`MIN_LOG_RETENTION`]): so none of them can be gone, and a put
+/// at a free version never fills a hole the log cleanup left. An append after a longer pause
+/// reloads the table first, which notices such a hole.
 const LOG_FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The shortest log retention a table may have for direct appends.
+const MIN_LOG_RETENTION: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// When this process last read the log through `seen`, on both clocks: the monotonic one stops
+/// while the machine sleeps, the wall clock may be set back; the longer of the two counts.
+#[derive(Debug, Clone, Copy)]
+struct LogRead {
+    at: std::time::Instant,
+    wall: std::time::SystemTime,
+}
+
+impl LogRead {
+    fn now() -> Self {
+        LogRead {
+            at: std::time::Instant::now(),
+            wall: std::time::SystemTime::now(),
+        }
+    }
+
+    fn fresh(&self) -> bool {
+        self.at.elapsed() < LOG_FRESH_FOR
+            && self.wall.elapsed().is_ok_and(|d| d < LOG_FRESH_FOR)
+    }
+}
 
 /// Whether appends to `table` may write the next log entry directly (see [`append_next`]): its
 /// protocol asks nothing of an append beyond its data files (writer version 2 at most, or table
-/// features among append-only, invariants and timestamps without time zone), and its log store
-/// writes entries with a conditional put (local folders, and S3 as [`crate::storage`] sets it up).
+/// features among append-only, invariants and timestamps without time zone), its log is kept at
+/// least [`MIN_LOG_RETENTION`], and its log store writes entries with a conditional put (local
+/// folders, and S3 as [`crate::storage`] sets it up).
 fn appends_blindly(table: &DeltaTable) -> bool {
+    use deltalake::table::config::TablePropertiesExt;
     let Ok(state) = table.snapshot() else {
         return false;
     };
+    if state.table_config().log_retention_duration() < MIN_LOG_RETENTION {
+        return false;
+    }
     let protocol = state.protocol();
     let plain = protocol.min_writer_version() <= 2
         || protocol.writer_features().is_some_and(|features| {
@@ -189,15 +241,16 @@ fn appends_blindly(table: &DeltaTable) -> bool {
     plain && table.log_store().name() == "DefaultLogStore"
 }
 
-/// Appends `entry` (the commit's actions as log lines) as the version after `seen`, without
-/// loading the table: a conditional put of the next log entry. When another process wrote that
-/// version first, its entries are read (for the fence, as in the full path) and the put is tried
-/// at the version after them. `None`: an entry read on the way changed the table's protocol or
-/// metadata, so the commit goes through delta-rs's snapshot and checks instead.
+/// Appends `entry` (the commit's actions as log lines, `commit_id` in its `commitInfo`) as the
+/// version after `seen`, without loading the table: a conditional put of the next log entry.
+/// When another process wrote that version first, its entries are read (for the fence, as in the
+/// full path) and the put is tried at the version after them. `None`: an entry read on the way
+/// changed the table's protocol or metadata (noted in `scanned`), so the commit goes through
+/// delta-rs's snapshot and checks instead.
 ///
 /// Exactly-once holds as in the full path: a put that lands at `seen + 1` means no entry came
 /// between the entries the fence read and this one; an attempt whose reply was lost finds its
-/// own entry on the next try and is recognised as landed.
+/// own entry (by `commit_id`) on the next try and counts as landed.
 #[allow(clippy::too_many_arguments)]
 async fn append_next(
     log_store: &dyn deltalake::logstore::LogStore,
@@ -208,9 +261,17 @@ async fn append_next(
     positions: &Positions,
     held: &Positions,
     entry: &bytes::Bytes,
+    commit_id: &str,
+    scanned: &mut Scanned,
 ) -> Result<Option<u64>, Attempt> {
     use deltalake::kernel::transaction::TransactionError;
     loop {
+        if let Some(version) = scanned.own {
+            return Ok(Some(version));
+        }
+        if scanned.changed {
+            return Ok(None);
+        }
         let recorded: Positions = claims
             .iter()
             .filter_map(|c| latest.get(&c.offset_id).map(|p| (c.key.clone(), *p)))
@@ -234,9 +295,7 @@ async fn append_next(
                 return Ok(Some(version));
             }
             Err(TransactionError::VersionAlreadyExists(_)) => {
-                if scan(log_store, seen, None, latest, recorded_by).await? {
-                    return Ok(None);
-                }
+                scan(log_store, seen, None, latest, recorded_by, commit_id, scanned).await?;
             }
             Err(e) => return Err(Attempt::Delta(e.into())),
         }
@@ -561,7 +620,7 @@ impl DeltaSink {
             staged: Vec::new(),
             last: Positions::new(),
             seen,
-            log_read: std::time::Instant::now(),
+            log_read: LogRead::now(),
             blind,
             latest: HashMap::new(),
             recorded_by: HashMap::new(),
@@ -702,6 +761,12 @@ impl Sink for DeltaSink {
         let blind = &mut self.blind;
         let log_read = &mut self.log_read;
         let mut direct = false;
+        // The commit's id, in its `commitInfo`: an attempt that landed though its reply was lost
+        // is recognised by it, whether or not the commit moves any offset.
+        let commit_id = uuid::Uuid::new_v4().to_string();
+        let commit_info: HashMap<String, serde_json::Value> =
+            [(COMMIT_ID_KEY.to_string(), serde_json::Value::from(commit_id.clone()))].into();
+        let mut scanned = Scanned::default();
         let version = self
             .rt
             .block_on(async {
@@ -711,7 +776,7 @@ impl Sink for DeltaSink {
                 let mut attempt = 0;
                 loop {
                     let result = async {
-                        if *blind && log_read.elapsed() < LOG_FRESH_FOR {
+                        if *blind && log_read.fresh() {
                             // An append to a plain table: the next log entry, written directly;
                             // the table's snapshot (its file list) is neither read nor updated.
                             let snapshot = table.snapshot()?;
@@ -727,7 +792,7 @@ impl Sink for DeltaSink {
                             let entry = CommitData::new(
                                 actions.clone(),
                                 operation,
-                                HashMap::new(),
+                                commit_info.clone(),
                                 txns.clone(),
                             )
                             .get_bytes()
@@ -741,16 +806,21 @@ impl Sink for DeltaSink {
                                 positions,
                                 &held,
                                 &entry,
+                                &commit_id,
+                                &mut scanned,
                             )
-                            .await?;
-                            if let Some(version) = appended {
-                                *log_read = std::time::Instant::now();
+                            .await;
+                            if scanned.changed {
+                                // Another process changed the table's protocol or metadata
+                                // (seen even if a read failed after): this commit, and the
+                                // next, take the full path, which reloads the table.
+                                *blind = false;
+                            }
+                            if let Some(version) = appended? {
+                                *log_read = LogRead::now();
                                 direct = true;
                                 return Ok(version);
                             }
-                            // Another process changed the table's protocol or metadata: this
-                            // commit, and the next, take the full path.
-                            *blind = false;
                         }
                         // Read what was committed since the last look (other processes, and
                         // this one's own attempt whose reply was lost).
@@ -763,10 +833,16 @@ impl Sink for DeltaSink {
                                 Some(current),
                                 latest,
                                 recorded_by,
+                                &commit_id,
+                                &mut scanned,
                             )
                             .await?;
                         }
-                        *log_read = std::time::Instant::now();
+                        *log_read = LogRead::now();
+                        // An earlier attempt landed and only its reply was lost: done.
+                        if let Some(version) = scanned.own {
+                            return Ok(version);
+                        }
                         let recorded: Positions = claims
                             .iter()
                             .filter_map(|c| latest.get(&c.offset_id).map(|p| (c.key.clone(), *p)))
@@ -786,6 +862,7 @@ impl Sink for DeltaSink {
                         };
                         // Checkpoints are the upkeep task's: never on the commit path.
                         let properties = CommitProperties::default()
+                            .with_metadata(commit_info.clone())
                             .with_application_transactions(txns.clone())
                             .with_create_checkpoint(false)
                             .with_cleanup_expired_logs(Some(false));
@@ -1080,6 +1157,84 @@ mod tests {
         let first: serde_json::Value =
             serde_json::from_slice(entry.split(|&b| b == b'\n').next().unwrap()).unwrap();
         assert_eq!(first["commitInfo"]["operation"], "WRITE", "{first}");
+    }
+
+    #[test]
+    fn an_append_whose_reply_was_lost_is_found_by_its_id_and_not_written_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let shape = TableShape::new("t", &schema, &[], None, None).unwrap();
+        let sink = DeltaSink::open("t", folder(dir.path()), "p", shape, options(), rt.clone())
+            .unwrap();
+        let log_store = sink.table.log_store();
+        let opened = sink.seen;
+        // The attempt's entry landed at the next version, but its reply was lost. Its offsets
+        // did not move (only rows, as a window flush at the end gives), so the fence alone
+        // could not tell it landed.
+        let commit_info: HashMap<String, serde_json::Value> =
+            [(COMMIT_ID_KEY.to_string(), "attempt-1".into())].into();
+        let entry = CommitData::new(
+            Vec::new(),
+            DeltaOperation::Write {
+                mode: SaveMode::Append,
+                partition_by: None,
+                predicate: None,
+            },
+            commit_info,
+            Vec::new(),
+        )
+        .get_bytes()
+        .unwrap();
+        rt.block_on(log_store.write_commit_entry(
+            opened + 1,
+            deltalake::logstore::CommitOrBytes::LogBytes(entry.clone()),
+            uuid::Uuid::new_v4(),
+        ))
+        .unwrap();
+        let (mut seen, mut latest, mut recorded_by) = (opened, HashMap::new(), HashMap::new());
+        let mut scanned = Scanned::default();
+        let held: Positions = Positions::new();
+        let appended = rt
+            .block_on(append_next(
+                log_store.as_ref(),
+                &mut seen,
+                &mut latest,
+                &mut recorded_by,
+                &[],
+                &Positions::new(),
+                &held,
+                &entry,
+                "attempt-1",
+                &mut scanned,
+            ))
+            .ok()
+            .flatten();
+        assert_eq!(appended, Some(opened + 1), "{scanned:?}");
+        assert!(
+            rt.block_on(log_store.read_commit_entry(opened + 2))
+                .unwrap()
+                .is_none(),
+            "written twice"
+        );
+        // Another commit's id finds the version taken and goes after it.
+        let mut scanned = Scanned::default();
+        let appended = rt
+            .block_on(append_next(
+                log_store.as_ref(),
+                &mut seen,
+                &mut latest,
+                &mut recorded_by,
+                &[],
+                &Positions::new(),
+                &held,
+                &entry,
+                "attempt-2",
+                &mut scanned,
+            ))
+            .ok()
+            .flatten();
+        assert_eq!(appended, Some(opened + 2));
     }
 
     #[test]
