@@ -21,14 +21,22 @@ const WINDOW: usize = 50;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let versions: usize = args.next().map(|v| v.parse()).transpose()?.unwrap_or(10_000);
+    let versions: usize = args
+        .next()
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(10_000);
     let rows: usize = args.next().map(|v| v.parse()).transpose()?.unwrap_or(100);
     let temp = tempfile::tempdir()?;
     let folder = args
         .next()
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| temp.path().join("t"));
-    anyhow::ensure!(versions >= 2 * WINDOW, "VERSIONS must be at least {}", 2 * WINDOW);
+    anyhow::ensure!(
+        versions >= 2 * WINDOW,
+        "VERSIONS must be at least {}",
+        2 * WINDOW
+    );
 
     let rt = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
@@ -58,7 +66,9 @@ fn main() -> anyhow::Result<()> {
     let mut times = Vec::with_capacity(versions);
     let started = Instant::now();
     for i in 0..versions {
-        let values: Vec<i64> = (0..rows as i64).map(|r| i as i64 * rows as i64 + r).collect();
+        let values: Vec<i64> = (0..rows as i64)
+            .map(|r| i as i64 * rows as i64 + r)
+            .collect();
         let batch = RecordBatch::try_new(
             schema.clone(),
             vec![

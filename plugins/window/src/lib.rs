@@ -551,10 +551,7 @@ impl Transform for Window {
             let groups = self.windows.entry(run[0].0).or_default();
             for &(_, row) in run {
                 let row = row as usize;
-                let event_time = (
-                    times.value(row),
-                    sub_millis.as_ref().map_or(0, |s| s[row]),
-                );
+                let event_time = (times.value(row), sub_millis.as_ref().map_or(0, |s| s[row]));
                 let key = rows.as_ref().map_or(empty, |r| r.row(row).data());
                 let accs = match groups.get_mut(key) {
                     Some(accs) => accs,
@@ -567,7 +564,13 @@ impl Transform for Window {
                         None => Self::update(&mut accs[n], agg.func, agg.num, 0, event_time),
                         Some((bits, nulls)) => {
                             if nulls.as_ref().is_none_or(|nb| nb.is_valid(row)) {
-                                Self::update(&mut accs[n], agg.func, agg.num, bits[row], event_time);
+                                Self::update(
+                                    &mut accs[n],
+                                    agg.func,
+                                    agg.num,
+                                    bits[row],
+                                    event_time,
+                                );
                             }
                         }
                     }

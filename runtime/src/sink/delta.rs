@@ -150,8 +150,7 @@ async fn scan(
             if let Some(t) = action["commitInfo"]["timestamp"].as_i64() {
                 committed_ms = Some(t);
             }
-            scanned.changed |=
-                action.get("metaData").is_some() || action.get("protocol").is_some();
+            scanned.changed |= action.get("metaData").is_some() || action.get("protocol").is_some();
             if action["commitInfo"][COMMIT_ID_KEY].as_str() == Some(commit_id) {
                 scanned.own = Some(version);
             }
@@ -210,8 +209,7 @@ impl LogRead {
     }
 
     fn fresh(&self) -> bool {
-        self.at.elapsed() < LOG_FRESH_FOR
-            && self.wall.elapsed().is_ok_and(|d| d < LOG_FRESH_FOR)
+        self.at.elapsed() < LOG_FRESH_FOR && self.wall.elapsed().is_ok_and(|d| d < LOG_FRESH_FOR)
     }
 }
 
@@ -295,7 +293,16 @@ async fn append_next(
                 return Ok(Some(version));
             }
             Err(TransactionError::VersionAlreadyExists(_)) => {
-                scan(log_store, seen, None, latest, recorded_by, commit_id, scanned).await?;
+                scan(
+                    log_store,
+                    seen,
+                    None,
+                    latest,
+                    recorded_by,
+                    commit_id,
+                    scanned,
+                )
+                .await?;
             }
             Err(e) => return Err(Attempt::Delta(e.into())),
         }
@@ -764,8 +771,11 @@ impl Sink for DeltaSink {
         // The commit's id, in its `commitInfo`: an attempt that landed though its reply was lost
         // is recognised by it, whether or not the commit moves any offset.
         let commit_id = uuid::Uuid::new_v4().to_string();
-        let commit_info: HashMap<String, serde_json::Value> =
-            [(COMMIT_ID_KEY.to_string(), serde_json::Value::from(commit_id.clone()))].into();
+        let commit_info: HashMap<String, serde_json::Value> = [(
+            COMMIT_ID_KEY.to_string(),
+            serde_json::Value::from(commit_id.clone()),
+        )]
+        .into();
         let mut scanned = Scanned::default();
         let version = self
             .rt
@@ -1165,8 +1175,8 @@ mod tests {
         let rt = runtime();
         let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
         let shape = TableShape::new("t", &schema, &[], None, None).unwrap();
-        let sink = DeltaSink::open("t", folder(dir.path()), "p", shape, options(), rt.clone())
-            .unwrap();
+        let sink =
+            DeltaSink::open("t", folder(dir.path()), "p", shape, options(), rt.clone()).unwrap();
         let log_store = sink.table.log_store();
         let opened = sink.seen;
         // The attempt's entry landed at the next version, but its reply was lost. Its offsets
