@@ -218,7 +218,7 @@ impl LogRead {
 /// features among append-only, invariants and timestamps without time zone), its log is kept at
 /// least [`MIN_LOG_RETENTION`], and its log store writes entries with a conditional put (local
 /// folders, and S3 as [`crate::storage`] sets it up).
-fn appends_blindly(table: &DeltaTable) -> bool {
+pub(super) fn appends_blindly(table: &DeltaTable) -> bool {
     use deltalake::table::config::TablePropertiesExt;
     let Ok(state) = table.snapshot() else {
         return false;

@@ -167,6 +167,17 @@ pub async fn compact(
             _ => None,
         })
         .collect();
+    if super::delta::appends_blindly(table) {
+        let read = table.version().unwrap_or(0);
+        let operation = DeltaOperation::Optimize {
+            predicate: None,
+            target_size: i64::try_from(target).unwrap_or(i64::MAX),
+        };
+        let version = commit_after(table, read, &actions, operation, &removed).await?;
+        report.version = Some(version);
+        table.update_state().await?;
+        return Ok(report);
+    }
     let mut attempt = 0;
     let version = loop {
         let snapshot = table.snapshot()?.clone();
@@ -212,6 +223,72 @@ pub async fn compact(
     report.version = Some(version);
     table.update_state().await?;
     Ok(report)
+}
+
+/// Commits a compaction's `actions` at the version after `read`, or, when writers took it, at the
+/// next free version once the entries they wrote are read: one of them removing a file this
+/// compaction rewrote (another compaction got there first) or changing the table's protocol or
+/// metadata drops it. Each attempt reads only those entries (not the table), so a compaction
+/// wins its version beside commits milliseconds apart. For tables the sink appends to directly
+/// (see `delta::appends_blindly`: their log is kept an hour at least, so an entry after `read`
+/// cannot have been cleaned up, and a free version is never a hole).
+async fn commit_after(
+    table: &DeltaTable,
+    read: u64,
+    actions: &[Action],
+    operation: DeltaOperation,
+    removed: &std::collections::HashSet<String>,
+) -> Result<u64, DeltaTableError> {
+    use deltalake::kernel::transaction::{CommitData, PROTOCOL, TransactionError};
+    PROTOCOL.can_commit(
+        table.snapshot()? as &dyn TableReference,
+        actions,
+        &operation,
+    )?;
+    let entry =
+        CommitData::new(actions.to_vec(), operation, Default::default(), Vec::new()).get_bytes()?;
+    let log_store = table.log_store();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut version = read + 1;
+    loop {
+        match log_store
+            .write_commit_entry(
+                version,
+                deltalake::logstore::CommitOrBytes::LogBytes(entry.clone()),
+                uuid::Uuid::new_v4(),
+            )
+            .await
+        {
+            Ok(()) => return Ok(version),
+            Err(TransactionError::VersionAlreadyExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        while let Some(bytes) = log_store.read_commit_entry(version).await? {
+            for line in bytes.split(|&b| b == b'\n') {
+                let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+                    continue;
+                };
+                if let Some(gone) = action["remove"]["path"].as_str()
+                    && removed.contains(gone)
+                {
+                    return Err(DeltaTableError::Generic(format!(
+                        "another compaction rewrote `{gone}` first (version {version}); this one is dropped (its files are left for vacuum)"
+                    )));
+                }
+                if action.get("metaData").is_some() || action.get("protocol").is_some() {
+                    return Err(DeltaTableError::Generic(format!(
+                        "the table's schema or protocol changed during the compaction (version {version}); it is tried again at its next turn"
+                    )));
+                }
+            }
+            version += 1;
+        }
+        if Instant::now() >= deadline {
+            return Err(DeltaTableError::Generic(format!(
+                "other commits kept taking the next version for a minute (up to {version}); the compaction is tried again at its next turn"
+            )));
+        }
+    }
 }
 
 /// A data file small enough to compact.
