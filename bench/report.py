@@ -144,7 +144,7 @@ def render(r):
         c = r["commits"]
         out += ["### Delta commit time as the log grows", "",
                 f"One sink appends {c['versions']:,} commits of 100 rows to a fresh local table with the default "
-                f"upkeep (a log checkpoint every 100 commits) in {c['seconds']:.0f} s; a commit writes its data "
+                f"upkeep (a log checkpoint every 100 commits) in {c['seconds']:.1f} s; a commit writes its data "
                 "file and its log entry. Median over "
                 f"{c['window']} commits. Command: `make bench BENCH_ARGS=\"--only commits\"`.", "",
                 "| versions | median commit |", "|---|---:|",
