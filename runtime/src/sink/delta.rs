@@ -262,7 +262,6 @@ async fn append_next(
     commit_id: &str,
     scanned: &mut Scanned,
 ) -> Result<Option<u64>, Attempt> {
-    use deltalake::kernel::transaction::TransactionError;
     loop {
         if let Some(version) = scanned.own {
             return Ok(Some(version));
@@ -280,32 +279,42 @@ async fn append_next(
             Fence::Overtaken(why) => return Err(Attempt::Overtaken(why)),
         }
         let version = *seen + 1;
-        match log_store
-            .write_commit_entry(
-                version,
-                deltalake::logstore::CommitOrBytes::LogBytes(entry.clone()),
-                uuid::Uuid::new_v4(),
-            )
-            .await
-        {
-            Ok(()) => {
-                *seen = version;
-                return Ok(Some(version));
-            }
-            Err(TransactionError::VersionAlreadyExists(_)) => {
-                scan(
-                    log_store,
-                    seen,
-                    None,
-                    latest,
-                    recorded_by,
-                    commit_id,
-                    scanned,
-                )
-                .await?;
-            }
-            Err(e) => return Err(Attempt::Delta(e.into())),
+        if put_entry(log_store, version, entry).await? {
+            *seen = version;
+            return Ok(Some(version));
         }
+        scan(
+            log_store,
+            seen,
+            None,
+            latest,
+            recorded_by,
+            commit_id,
+            scanned,
+        )
+        .await?;
+    }
+}
+
+/// Writes `entry` as log version `version` if no writer has taken it (a conditional put): `false`
+/// when one has.
+pub(super) async fn put_entry(
+    log_store: &dyn deltalake::logstore::LogStore,
+    version: u64,
+    entry: &bytes::Bytes,
+) -> Result<bool, deltalake::DeltaTableError> {
+    use deltalake::kernel::transaction::TransactionError;
+    match log_store
+        .write_commit_entry(
+            version,
+            deltalake::logstore::CommitOrBytes::LogBytes(entry.clone()),
+            uuid::Uuid::new_v4(),
+        )
+        .await
+    {
+        Ok(()) => Ok(true),
+        Err(TransactionError::VersionAlreadyExists(_)) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1107,6 +1116,14 @@ mod tests {
         );
     }
 
+    /// The table at `path`, as a reader opening it afresh sees it.
+    fn reopen(path: &Path, rt: &Runtime) -> DeltaTable {
+        rt.block_on(DeltaTable::try_from_url(
+            deltalake::ensure_table_uri(path.display().to_string()).unwrap(),
+        ))
+        .unwrap()
+    }
+
     fn runtime() -> Arc<Runtime> {
         Arc::new(
             tokio::runtime::Builder::new_multi_thread()
@@ -1148,11 +1165,7 @@ mod tests {
         assert_eq!(sink.table.version(), opened_at);
         assert_eq!(sink.seen, opened_at.unwrap() + 5);
         // ...yet a reader finds every commit: the files, the offsets, the operation.
-        let table = rt
-            .block_on(DeltaTable::try_from_url(
-                deltalake::ensure_table_uri(dir.path().display().to_string()).unwrap(),
-            ))
-            .unwrap();
+        let table = reopen(dir.path(), &rt);
         assert_eq!(table.version(), Some(opened_at.unwrap() + 5));
         assert_eq!(table.get_file_uris().unwrap().count(), 5);
         let state = table.snapshot().unwrap();
@@ -1295,11 +1308,7 @@ mod tests {
         // commit to delta-rs's checks, which reload the table: the rows land.
         assert!(first.commit(&at(1)).unwrap());
         assert!(first.table.version().unwrap() > merged_at);
-        let table = rt
-            .block_on(DeltaTable::try_from_url(
-                deltalake::ensure_table_uri(dir.path().display().to_string()).unwrap(),
-            ))
-            .unwrap();
+        let table = reopen(dir.path(), &rt);
         assert_eq!(table.get_file_uris().unwrap().count(), 2);
         assert_eq!(
             first.committed("t", 0).unwrap(),

@@ -239,7 +239,7 @@ async fn commit_after(
     operation: DeltaOperation,
     removed: &std::collections::HashSet<String>,
 ) -> Result<u64, DeltaTableError> {
-    use deltalake::kernel::transaction::{CommitData, PROTOCOL, TransactionError};
+    use deltalake::kernel::transaction::{CommitData, PROTOCOL};
     PROTOCOL.can_commit(
         table.snapshot()? as &dyn TableReference,
         actions,
@@ -251,17 +251,8 @@ async fn commit_after(
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut version = read + 1;
     loop {
-        match log_store
-            .write_commit_entry(
-                version,
-                deltalake::logstore::CommitOrBytes::LogBytes(entry.clone()),
-                uuid::Uuid::new_v4(),
-            )
-            .await
-        {
-            Ok(()) => return Ok(version),
-            Err(TransactionError::VersionAlreadyExists(_)) => {}
-            Err(e) => return Err(e.into()),
+        if super::delta::put_entry(log_store.as_ref(), version, &entry).await? {
+            return Ok(version);
         }
         while let Some(bytes) = log_store.read_commit_entry(version).await? {
             for line in bytes.split(|&b| b == b'\n') {
