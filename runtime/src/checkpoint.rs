@@ -165,21 +165,35 @@ pub trait StateStore: Send + Sync {
     /// Deletes every state of the pipeline (its tables start anew).
     fn clear(&self) -> Result<(), CheckpointError>;
     /// Records how far sink `sink` holds `topic`/`partition`, beside its states (for a sink
-    /// whose target cannot record it: the repartition hop).
-    fn put_position(
+    /// whose target cannot record it: the repartition hop), if the record still reads
+    /// `expected` (what this process read or wrote there last). The check and the write are one
+    /// step (a lock on a folder, a conditional put on an object store), so of two processes that
+    /// both believe they own the partition, one writes and the other gets
+    /// [`Swap::Moved`] with what the first wrote: it must not commit.
+    fn swap_position(
         &self,
         sink: &str,
         topic: &str,
         partition: i32,
+        expected: Option<crate::sink::Position>,
         position: crate::sink::Position,
-    ) -> Result<(), CheckpointError>;
-    /// The position [`StateStore::put_position`] recorded last.
+    ) -> Result<Swap, CheckpointError>;
+    /// The position [`StateStore::swap_position`] recorded last.
     fn position(
         &self,
         sink: &str,
         topic: &str,
         partition: i32,
     ) -> Result<Option<crate::sink::Position>, CheckpointError>;
+}
+
+/// What [`StateStore::swap_position`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Swap {
+    /// The record read as expected and now holds the new position.
+    Written,
+    /// Another writer moved the record: it holds this (unchanged by the call).
+    Moved(Option<crate::sink::Position>),
 }
 
 /// A position as stored: `{"offset":…,"epoch":…}`.
@@ -341,22 +355,38 @@ impl StateStore for FileStateStore {
         }
     }
 
-    fn put_position(
+    fn swap_position(
         &self,
         sink: &str,
         topic: &str,
         partition: i32,
+        expected: Option<crate::sink::Position>,
         position: crate::sink::Position,
-    ) -> Result<(), CheckpointError> {
+    ) -> Result<Swap, CheckpointError> {
         let dir = self.partition_dir(topic, partition);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        // Processes sharing the folder take turns: read, compare and replace under one lock
+        // (released when the file closes, also when the process dies).
+        let lock_path = dir.join(format!(".{sink}.position.lock"));
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        lock.lock().map_err(io(&lock_path))?;
+        let recorded = self.position(sink, topic, partition)?;
+        if recorded != expected {
+            return Ok(Swap::Moved(recorded));
+        }
         let file = dir.join(format!("{sink}.position"));
         let tmp = dir.join(format!(".{sink}.{}.tmp", std::process::id()));
         std::fs::write(&tmp, encode_position(position)).map_err(io(&tmp))?;
         std::fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
             .map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &file).map_err(io(&file))
+        std::fs::rename(&tmp, &file).map_err(io(&file))?;
+        Ok(Swap::Written)
     }
 
     fn position(
@@ -543,19 +573,58 @@ impl StateStore for ObjectStateStore {
             .map_err(|e| self.fail(&self.root, e))
     }
 
-    fn put_position(
+    fn swap_position(
         &self,
         sink: &str,
         topic: &str,
         partition: i32,
+        expected: Option<crate::sink::Position>,
         position: crate::sink::Position,
-    ) -> Result<(), CheckpointError> {
-        use object_store::ObjectStoreExt;
+    ) -> Result<Swap, CheckpointError> {
+        use object_store::{ObjectStoreExt, PutMode, PutOptions, UpdateVersion};
         let path = self.position_object(sink, topic, partition);
-        self.rt
-            .block_on(self.store.put(&path, encode_position(position).into()))
-            .map(|_| ())
-            .map_err(|e| self.fail(&path, e))
+        // Read the record with its version, then put only over that version (`If-Match`), or
+        // only where there is none (`If-None-Match: *`): a writer in between fails the put.
+        let read = self.rt.block_on(async {
+            match self.store.get(&path).await {
+                Ok(got) => {
+                    let version = UpdateVersion {
+                        e_tag: got.meta.e_tag.clone(),
+                        version: got.meta.version.clone(),
+                    };
+                    got.bytes().await.map(|body| Some((body, version)))
+                }
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        });
+        let (recorded, mode) = match read.map_err(|e| self.fail(&path, e))? {
+            None => (None, PutMode::Create),
+            Some((body, version)) => {
+                let recorded =
+                    decode_position(&body).map_err(|message| CheckpointError::Corrupt {
+                        path: PathBuf::from(format!("{}/{path}", self.url)),
+                        message,
+                    })?;
+                (Some(recorded), PutMode::Update(version))
+            }
+        };
+        if recorded != expected {
+            return Ok(Swap::Moved(recorded));
+        }
+        let put = self.rt.block_on(self.store.put_opts(
+            &path,
+            encode_position(position).into(),
+            PutOptions::from(mode),
+        ));
+        match put {
+            Ok(_) => Ok(Swap::Written),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(Swap::Moved(self.position(sink, topic, partition)?)),
+            Err(e) => Err(self.fail(&path, e)),
+        }
     }
 
     fn position(
@@ -687,6 +756,77 @@ mod tests {
                 && damaged.contains("is damaged"),
             "{damaged}"
         );
+    }
+
+    /// Two writers that read the same record race to replace it: one wins, the other learns
+    /// what the winner wrote, whatever the interleaving.
+    fn swaps_go_to_one_writer(store: &(dyn StateStore + 'static)) {
+        use crate::sink::Position;
+        let at = |offset, epoch| Position { offset, epoch };
+        assert_eq!(store.position("hop", "ticks", 2).unwrap(), None);
+        assert_eq!(
+            store
+                .swap_position("hop", "ticks", 2, None, at(10, 1))
+                .unwrap(),
+            Swap::Written
+        );
+        assert_eq!(
+            store
+                .swap_position("hop", "ticks", 2, None, at(11, 2))
+                .unwrap(),
+            Swap::Moved(Some(at(10, 1))),
+            "a writer that read nothing cannot replace a record"
+        );
+        assert_eq!(
+            store
+                .swap_position("hop", "ticks", 2, Some(at(9, 1)), at(11, 2))
+                .unwrap(),
+            Swap::Moved(Some(at(10, 1))),
+            "nor one that read another"
+        );
+        assert_eq!(store.position("hop", "ticks", 2).unwrap(), Some(at(10, 1)));
+        for round in 0..20 {
+            let from = store.position("hop", "ticks", 2).unwrap();
+            let won: Vec<Swap> = std::thread::scope(|s| {
+                let racers: Vec<_> = (0..2)
+                    .map(|w| {
+                        s.spawn(move || {
+                            store
+                                .swap_position("hop", "ticks", 2, from, at(100 + round, w))
+                                .unwrap()
+                        })
+                    })
+                    .collect();
+                racers.into_iter().map(|r| r.join().unwrap()).collect()
+            });
+            let winners = won.iter().filter(|w| **w == Swap::Written).count();
+            assert_eq!(winners, 1, "round {round}: {won:?}");
+            let held = store.position("hop", "ticks", 2).unwrap();
+            assert!(
+                won.contains(&Swap::Moved(held)),
+                "the loser learns the winner's record"
+            );
+        }
+    }
+
+    #[test]
+    fn a_position_is_replaced_only_over_the_record_its_writer_read() {
+        let dir = tempfile::tempdir().unwrap();
+        swaps_go_to_one_writer(&FileStateStore::new(dir.path(), "p"));
+        let rt = std::sync::Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap(),
+        );
+        swaps_go_to_one_writer(&ObjectStateStore::new(
+            std::sync::Arc::new(object_store::memory::InMemory::new()),
+            object_store::path::Path::from("run/_checkpoints"),
+            "memory://test",
+            "p",
+            rt,
+        ));
     }
 
     #[test]

@@ -369,9 +369,34 @@ impl Committer {
 
     /// Where partition `key` starts: from the lowest position any durable sink holds, with the
     /// state stored for it; sinks that hold more join when the replay reaches their position.
+    ///
+    /// The positions are read first and their state loaded after: another process committing
+    /// the partition in between (its previous owner finishing, or the next one starting while
+    /// this process still thinks it was given the partition) prunes the state the positions
+    /// named. So a missing state counts only when the positions still read the same; when they
+    /// moved, the resume starts over from the new ones.
     fn resume(&mut self, key: &PartitionKey, ephemeral: bool) -> Result<Resume, RunError> {
-        let n = self.sinks.len();
-        let mut positions: Vec<Option<Position>> = Vec::with_capacity(n);
+        let mut positions = self.positions(key)?;
+        let mut attempts = 0;
+        loop {
+            match self.resume_from(key, ephemeral, positions.clone()) {
+                Err(missing @ RunError::StateMissing { .. }) if attempts < 10 => {
+                    let now = self.positions(key)?;
+                    if now == positions {
+                        return Err(missing);
+                    }
+                    tracing::info!(topic = %key.0, partition = key.1, "another process committed this partition while it was being resumed: reading its positions again");
+                    positions = now;
+                    attempts += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// What each sink holds of partition `key` (`None` for sinks that are not durable).
+    fn positions(&mut self, key: &PartitionKey) -> Result<Vec<Option<Position>>, RunError> {
+        let mut positions: Vec<Option<Position>> = Vec::with_capacity(self.sinks.len());
         for (i, sink) in self.sinks.iter_mut().enumerate() {
             let p = if sink.durable() {
                 sink.committed(&key.0, key.1)?
@@ -383,6 +408,16 @@ impl Committer {
             }
             positions.push(p);
         }
+        Ok(positions)
+    }
+
+    fn resume_from(
+        &mut self,
+        key: &PartitionKey,
+        ephemeral: bool,
+        positions: Vec<Option<Position>>,
+    ) -> Result<Resume, RunError> {
+        let n = self.sinks.len();
         let epoch = positions
             .iter()
             .flatten()
@@ -636,6 +671,82 @@ mod tests {
 
     fn held(table: &Arc<Mutex<Positions>>) -> Position {
         table.lock().unwrap()[&("t".to_string(), 0)]
+    }
+
+    /// A sink whose position moves between reads, as when another process commits the
+    /// partition while this one resumes it: each `committed` answers the next position.
+    struct Moving {
+        answers: Mutex<std::collections::VecDeque<Position>>,
+    }
+
+    impl Sink for Moving {
+        fn name(&self) -> &str {
+            "moving"
+        }
+        fn write(&mut self, _batch: RecordBatch) -> Result<(), SinkError> {
+            Ok(())
+        }
+        fn commit(&mut self, positions: &Positions) -> Result<bool, SinkError> {
+            Ok(!positions.is_empty())
+        }
+        fn committed(
+            &mut self,
+            _topic: &str,
+            _partition: i32,
+        ) -> Result<Option<Position>, SinkError> {
+            let mut answers = self.answers.lock().unwrap();
+            let answer = answers.front().copied();
+            if answers.len() > 1 {
+                answers.pop_front();
+            }
+            Ok(answer)
+        }
+    }
+
+    fn moving_committer(dir: &std::path::Path, answers: &[Position]) -> Committer {
+        let (events, _inbox) = mpsc::channel();
+        Committer::new(
+            vec![Box::new(Moving {
+                answers: Mutex::new(answers.iter().copied().collect()),
+            })],
+            Arc::new(FileStateStore::new(dir, "p")),
+            1,
+            false,
+            events,
+            Arc::new(Metrics::new("p")),
+            Vec::new(),
+        )
+    }
+
+    #[test]
+    fn a_resume_that_races_another_processes_commit_reads_the_positions_again() {
+        // The sink held epoch 4 of the other process when this one read it; that process then
+        // committed epoch 5 and pruned 4's state before this one loaded it.
+        let dir = tempfile::tempdir().unwrap();
+        let (tag, other) = (0x0000_0a0a, 0x0035_3e07);
+        let four = Position {
+            offset: 2083,
+            epoch: next_epoch(next_epoch(next_epoch(next_epoch(0, tag), tag), tag), other),
+        };
+        let five = Position {
+            offset: 2200,
+            epoch: next_epoch(four.epoch, tag),
+        };
+        let store = FileStateStore::new(dir.path(), "p");
+        store.save("t", 0, five.epoch, &state(five.offset)).unwrap();
+        let mut committer = moving_committer(dir.path(), &[four, five]);
+        let resume = committer.resume(&("t".into(), 0), false).unwrap();
+        assert_eq!(resume.start, 2200);
+        assert_eq!(resume.state.map(|s| s.offset), Some(2200));
+
+        // Positions that stay where they were with no state behind them: the state is gone.
+        let mut committer = moving_committer(dir.path(), &[four]);
+        let missing = committer.resume(&("t".into(), 0), false);
+        assert!(
+            matches!(missing, Err(RunError::StateMissing { offset: 2083, .. })),
+            "{:?}",
+            missing.err()
+        );
     }
 
     #[test]

@@ -583,24 +583,25 @@ impl Sink for HopSink {
         self.out.flush().map_err(|e| self.fail(e))?;
         for ((topic, partition), position) in positions {
             let key = (topic.clone(), *partition);
-            let recorded = self
+            let held = self.held.get(&key).copied();
+            let swapped = self
                 .store
-                .position(HOP, topic, *partition)
+                .swap_position(HOP, topic, *partition, held, *position)
                 .map_err(|e| self.fail(e.to_string()))?;
-            if recorded > self.held.get(&key).copied() {
+            // A record of exactly this position is this process's own write whose reply was lost.
+            if let crate::checkpoint::Swap::Moved(recorded) = swapped
+                && recorded != Some(*position)
+            {
                 return Err(SinkError::Overtaken {
                     sink: HOP.into(),
                     table: self.out.topic.clone(),
                     message: format!(
-                        "the checkpoint store records partition `{topic}/{partition}` at {}, past the {} this process holds: another process owns the partition now; not committing",
+                        "the checkpoint store records partition `{topic}/{partition}` at {}, where this process holds {}: another process owns the partition now; not committing",
                         describe(recorded),
-                        describe(self.held.get(&key).copied())
+                        describe(held)
                     ),
                 });
             }
-            self.store
-                .put_position(HOP, topic, *partition, *position)
-                .map_err(|e| self.fail(e.to_string()))?;
             self.held.insert(key, *position);
         }
         Ok(!positions.is_empty())
