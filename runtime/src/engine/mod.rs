@@ -75,6 +75,9 @@ pub(crate) struct Counters {
     pub undecodable: AtomicU64,
     pub rejected: AtomicU64,
     pub rows_out: AtomicU64,
+    /// A worker's chain journals so much for poison isolation that the next checkpoint should
+    /// come now rather than at the interval (see [`crate::plugin::JOURNAL_CHECKPOINT`]).
+    pub checkpoint_now: AtomicBool,
 }
 
 /// What workers and the committer tell the coordinator.
@@ -719,6 +722,15 @@ fn rejoining(
 /// How many quick rejoins in a row [`rejoining`] makes before it gives up.
 const REJOINS: u32 = 10;
 
+/// How many messages (a partition's share of one poll, up to `batch.max_records` records, or a
+/// barrier) wait for a worker before the source thread waits instead. A few keep the worker
+/// busy; more only hold records in memory (64 held a million ticks, ~200 MB, in a file run).
+const WORKER_QUEUE: usize = 4;
+
+/// How many messages (a staged batch for one sink, an epoch handed in, a resume) wait for the
+/// committer before the workers wait instead: enough for a few batches of every sink.
+const COMMIT_QUEUE: usize = 64;
+
 /// One attempt at both halves of a repartitioned pipeline, side by side.
 fn run_hop(
     upstream: &Pipeline,
@@ -844,7 +856,7 @@ fn run_half(
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
     let (events_tx, events) = mpsc::channel();
-    let (commit_tx, commit_rx) = mpsc::sync_channel(1024);
+    let (commit_tx, commit_rx) = mpsc::sync_channel(COMMIT_QUEUE);
     let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
     // The chain's output is counted per key for the summary; other tables by rows.
     let kinds = inputs
@@ -895,7 +907,7 @@ fn run_half(
     let mut worker_tx = Vec::new();
     let mut worker_threads = Vec::new();
     for w in 0..workers {
-        let (tx, rx) = mpsc::sync_channel(64);
+        let (tx, rx) = mpsc::sync_channel(WORKER_QUEUE);
         worker_tx.push(tx);
         let (ctx, events) = (ctx.clone(), events_tx.clone());
         worker_threads.push(
@@ -1175,7 +1187,11 @@ impl Loop<'_> {
             {
                 waiting = offers.try_recv().ok();
             }
-            if Instant::now() >= next_cut {
+            // An epoch ends at its interval, or sooner when a chain's poison journal (one
+            // epoch's input, held for isolation) grows large under load.
+            if Instant::now() >= next_cut
+                || self.counters.checkpoint_now.swap(false, Ordering::Relaxed)
+            {
                 let mut idle = self.idle_watermarks(&r, source.as_ref());
                 if flush_at_end && !flushed && source.exhausted() {
                     idle = flush_all(&r);

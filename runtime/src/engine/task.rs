@@ -868,10 +868,18 @@ impl PartitionTask {
             return Ok(());
         }
         let before = self.step_timings();
+        let pressed = self.chain.journal_pressed();
         let output = self
             .chain
             .process(batch.clone())
             .map_err(|e| self.plugin_error(e, offsets, origins))?;
+        // Asked once, when the journal crosses the mark (the checkpoint starts it over).
+        if !pressed && self.chain.journal_pressed() {
+            self.ctx
+                .counters
+                .checkpoint_now
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         self.observe_calls(&before);
         self.deliver(output, epoch, Some(&batch), offsets, origins)
     }

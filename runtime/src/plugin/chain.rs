@@ -59,6 +59,12 @@ enum Entry {
 /// it a trap stops the run as under `on_error: fail` (logged once).
 const JOURNAL_LIMIT: usize = 256 << 20;
 
+/// A chain journaling more than this asks for the next checkpoint now (see
+/// [`Chain::journal_pressed`]): the snapshot starts the journals over, so under load an epoch
+/// ends by size before its interval, and the journal neither holds hundreds of MB nor reaches
+/// [`JOURNAL_LIMIT`] (where isolation stops).
+pub const JOURNAL_CHECKPOINT: usize = 48 << 20;
+
 /// Steps in order, for one partition.
 ///
 /// **Poison records.** A step whose `on_error` is `dead_letter` keeps a journal of what it was
@@ -222,6 +228,11 @@ impl Chain {
         self.journal_bytes = 0;
         self.journal_full = false;
         Ok(states)
+    }
+
+    /// Whether the journal has grown past [`JOURNAL_CHECKPOINT`]: time for a checkpoint.
+    pub fn journal_pressed(&self) -> bool {
+        self.journal_bytes > JOURNAL_CHECKPOINT
     }
 
     /// Whether step `index` isolates poison records (and so journals its input).

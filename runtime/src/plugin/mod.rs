@@ -19,7 +19,7 @@ use wasmtime::component::Linker;
 use wasmtime::{Config, Engine};
 
 pub use cache::{COMPILATIONS, LoadStats, default_dir as default_cache_dir};
-pub use chain::{Chain, ChainOutput, RefusedBatch, RejectedRows, StepParts};
+pub use chain::{Chain, ChainOutput, JOURNAL_CHECKPOINT, RefusedBatch, RejectedRows, StepParts};
 pub use error::{ErrorKind, PluginError, PluginFault};
 pub use step::{Grants, NativeFactory, Rejection, Step, StepOutput, StepTimings, same_fields};
 
