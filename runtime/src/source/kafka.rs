@@ -258,9 +258,10 @@ impl KafkaSource {
             // librdkafka stops fetching a partition once 100k records wait locally and then backs
             // off for a full second: a pipeline catching up on a backlog spent most of its time
             // waiting (bench: 122k → 435k events/s from Tansu). Prefetch by size instead, and
-            // retry soon.
+            // retry soon. 16 MiB per partition is ~0.1 s of a fast backlog: as fast as 64 MiB
+            // from Tansu, for 150 MB less peak memory with 3 partitions (BENCHMARKS.md).
             .set("queued.min.messages", "1000000")
-            .set("queued.max.messages.kbytes", "65536")
+            .set("queued.max.messages.kbytes", "16384")
             .set("fetch.queue.backoff.ms", "10")
             // A broker may hold a fetch this long waiting for more data (Tansu holds it even when
             // data is there): 10 ms instead of 500 keeps latency low and the pipe full (bench:
