@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 const MAGIC: &[u8; 4] = b"FGC3";
 const OLD_MAGIC: &[u8; 4] = b"FGC2";
 
+/// How long a position swap waits for another process's lock on the same record.
+const POSITION_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How many low bits of a checkpoint epoch name its writer (see [`next_epoch`]).
 const WRITER_BITS: u32 = 24;
 
@@ -342,7 +345,11 @@ impl StateStore for FileStateStore {
         let dir = self.partition_dir(topic, partition);
         for (epoch, path) in self.epochs(&dir)? {
             if epoch < keep_from {
-                std::fs::remove_file(&path).map_err(io(&path))?;
+                match std::fs::remove_file(&path) {
+                    // Another process pruned it first (a partition changing owners).
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    other => other.map_err(io(&path))?,
+                }
             }
         }
         Ok(())
@@ -374,7 +381,26 @@ impl StateStore for FileStateStore {
             .write(true)
             .open(&lock_path)
             .map_err(io(&lock_path))?;
-        lock.lock().map_err(io(&lock_path))?;
+        // Never wait forever: a holder that is frozen (stopped, or its VM paused) would stall
+        // this committer, and with it the whole run, past its consumer-group session.
+        let deadline = std::time::Instant::now() + POSITION_LOCK_WAIT;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(CheckpointError::Store {
+                        location: lock_path.display().to_string(),
+                        message: format!(
+                            "another process has held this lock for {POSITION_LOCK_WAIT:?}: if no other Flowgate process shares this checkpoint folder, remove the file"
+                        ),
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+            }
+        }
         let recorded = self.position(sink, topic, partition)?;
         if recorded != expected {
             return Ok(Swap::Moved(recorded));

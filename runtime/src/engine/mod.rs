@@ -1188,10 +1188,15 @@ impl Loop<'_> {
                 waiting = offers.try_recv().ok();
             }
             // An epoch ends at its interval, or sooner when a chain's poison journal (one
-            // epoch's input, held for isolation) grows large under load.
-            if Instant::now() >= next_cut
-                || self.counters.checkpoint_now.swap(false, Ordering::Relaxed)
-            {
+            // epoch's input, held for isolation) grows large under load, though never within
+            // 250 ms (or a tenth of the interval) of the last cut: a chain may ask again while
+            // the barrier reaches it, and under load cuts must not come back to back.
+            let now = Instant::now();
+            let floor = (self.interval / 10).min(Duration::from_millis(250));
+            let pressed = now + self.interval >= next_cut + floor
+                && self.counters.checkpoint_now.load(Ordering::Relaxed);
+            if now >= next_cut || pressed {
+                self.counters.checkpoint_now.store(false, Ordering::Relaxed);
                 let mut idle = self.idle_watermarks(&r, source.as_ref());
                 if flush_at_end && !flushed && source.exhausted() {
                     idle = flush_all(&r);
