@@ -15,9 +15,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The current encoding; [`OLD_MAGIC`] states (no lineage, no source marks) still read.
-const MAGIC: &[u8; 4] = b"FGC3";
+/// The current encoding; [`V3_MAGIC`] states (no deltas) and [`OLD_MAGIC`] states (no
+/// lineage, no source marks either) still read.
+const MAGIC: &[u8; 4] = b"FGC4";
+const V3_MAGIC: &[u8; 4] = b"FGC3";
 const OLD_MAGIC: &[u8; 4] = b"FGC2";
+
+/// The longest chain of deltas a restore follows: more means the links loop (a damaged store).
+const MAX_DELTA_CHAIN: usize = 10_000;
 
 /// How long a position swap waits for another process's lock on the same record.
 const POSITION_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -79,6 +84,17 @@ pub enum CheckpointError {
         /// Why.
         message: String,
     },
+    /// A state stored as deltas goes back to a checkpoint that is gone (or does not hold the
+    /// step).
+    #[error(
+        "checkpoint `{location}`: {message}; restore the checkpoint folder, or run with `--reset-state` to start this partition's steps empty"
+    )]
+    Broken {
+        /// `topic-partition/epoch`.
+        location: String,
+        /// What is missing.
+        message: String,
+    },
     /// A state file is damaged.
     #[error("checkpoint `{path}` is damaged: {message}")]
     Corrupt {
@@ -96,8 +112,26 @@ pub enum CheckpointError {
 pub struct StepState {
     /// The step's name in the pipeline.
     pub step: String,
-    /// The snapshot bytes, as the plugin gave them.
+    /// The snapshot bytes, as the plugin gave them: its whole state, or with `delta_of`, what
+    /// changed since that checkpoint.
     pub snapshot: Vec<u8>,
+    /// `Some(epoch)`: `snapshot` is a delta (the WIT's `incremental` interface) on top of this
+    /// step's state at checkpoint `epoch` of the same partition.
+    pub delta_of: Option<u64>,
+}
+
+/// A step's state as a restore needs it: the full snapshot it goes back to, then the deltas
+/// after it, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepChain {
+    /// The step's name in the pipeline.
+    pub step: String,
+    /// The full snapshot.
+    pub full: Vec<u8>,
+    /// The deltas to apply on top of it, in order.
+    pub deltas: Vec<Vec<u8>>,
+    /// The checkpoint epoch that holds the full snapshot.
+    pub root: u64,
 }
 
 /// What a checkpoint holds for one partition at one epoch.
@@ -120,6 +154,91 @@ pub struct PartitionState {
     /// Behind a repartition hop: per source partition, the newest source offset taken and its
     /// watermark (records at or below the offset are copies a restarted upstream sent again).
     pub sources: Vec<SourceMark>,
+    /// The oldest checkpoint the deltas among `steps` reach back to (where their full
+    /// snapshots are): it must outlive this one. `None`: every step's state is whole here.
+    pub root: Option<u64>,
+}
+
+impl PartitionState {
+    /// The oldest checkpoint a restore of `epoch` (this state) reads.
+    pub fn needs_from(&self, epoch: u64) -> u64 {
+        self.root.map_or(epoch, |r| r.min(epoch))
+    }
+}
+
+/// Each step's state of `state` (stored as `epoch` of `topic`/`partition`) as a restore needs
+/// it: a step stored as a delta is followed back through the checkpoints it goes on from to its
+/// full snapshot.
+pub fn resolve(
+    store: &dyn StateStore,
+    topic: &str,
+    partition: i32,
+    epoch: u64,
+    state: &PartitionState,
+) -> Result<Vec<StepChain>, CheckpointError> {
+    let mut loaded: std::collections::HashMap<u64, PartitionState> =
+        std::collections::HashMap::new();
+    let missing = |message: String| CheckpointError::Broken {
+        location: format!("{}/{}", partition_key(topic, partition), epoch_label(epoch)),
+        message,
+    };
+    // Of an earlier state only the steps stored as deltas here are read: the others' bytes
+    // are dropped as soon as it is loaded.
+    let wanted: Vec<&str> = state
+        .steps
+        .iter()
+        .filter(|s| s.delta_of.is_some())
+        .map(|s| s.step.as_str())
+        .collect();
+    let mut chains = Vec::with_capacity(state.steps.len());
+    for step in &state.steps {
+        let mut deltas = Vec::new();
+        let mut at = step.clone();
+        let mut root = epoch;
+        while let Some(previous) = at.delta_of {
+            if deltas.len() >= MAX_DELTA_CHAIN {
+                return Err(missing(format!(
+                    "step `{}`: its state deltas go back more than {MAX_DELTA_CHAIN} checkpoints (do their links loop?)",
+                    step.step
+                )));
+            }
+            deltas.push(std::mem::take(&mut at.snapshot));
+            if let std::collections::hash_map::Entry::Vacant(slot) = loaded.entry(previous) {
+                let earlier = store.load(topic, partition, previous)?.ok_or_else(|| {
+                    missing(format!(
+                        "step `{}`: its state is a delta on top of checkpoint {}, which is not in the store",
+                        step.step,
+                        epoch_label(previous)
+                    ))
+                })?;
+                let mut earlier = earlier;
+                earlier.steps.retain(|s| wanted.contains(&s.step.as_str()));
+                slot.insert(earlier);
+            }
+            let earlier = &loaded[&previous];
+            at = earlier
+                .steps
+                .iter()
+                .find(|s| s.step == step.step)
+                .cloned()
+                .ok_or_else(|| {
+                    missing(format!(
+                        "step `{}`: its state is a delta on top of checkpoint {}, which holds no state for it",
+                        step.step,
+                        epoch_label(previous)
+                    ))
+                })?;
+            root = previous;
+        }
+        deltas.reverse();
+        chains.push(StepChain {
+            step: step.step.clone(),
+            full: at.snapshot,
+            deltas,
+            root,
+        });
+    }
+    Ok(chains)
 }
 
 /// How far one source partition has come through a repartition hop.
@@ -137,13 +256,41 @@ pub struct SourceMark {
     pub idle: bool,
 }
 
+/// [`StepState`] as `FGC3` and `FGC2` stored it.
+#[derive(Deserialize)]
+struct OldStep {
+    step: String,
+    snapshot: Vec<u8>,
+}
+
+impl From<OldStep> for StepState {
+    fn from(s: OldStep) -> Self {
+        StepState {
+            step: s.step,
+            snapshot: s.snapshot,
+            delta_of: None,
+        }
+    }
+}
+
+/// [`PartitionState`] as `FGC3` stored it.
+#[derive(Deserialize)]
+struct V3State {
+    offset: i64,
+    max_event: Option<i64>,
+    watermark: Option<i64>,
+    steps: Vec<OldStep>,
+    previous: Option<u64>,
+    sources: Vec<SourceMark>,
+}
+
 /// [`PartitionState`] as `FGC2` stored it.
 #[derive(Deserialize)]
 struct OldState {
     offset: i64,
     max_event: Option<i64>,
     watermark: Option<i64>,
-    steps: Vec<StepState>,
+    steps: Vec<OldStep>,
 }
 
 /// Where checkpoints live. One per pipeline.
@@ -239,6 +386,18 @@ fn decode(body: &[u8]) -> Result<PartitionState, String> {
     if let Some(rest) = body.strip_prefix(MAGIC.as_slice()) {
         return postcard::from_bytes(rest).map_err(|e| e.to_string());
     }
+    if let Some(rest) = body.strip_prefix(V3_MAGIC.as_slice()) {
+        let v3: V3State = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
+        return Ok(PartitionState {
+            offset: v3.offset,
+            max_event: v3.max_event,
+            watermark: v3.watermark,
+            steps: v3.steps.into_iter().map(StepState::from).collect(),
+            previous: v3.previous,
+            sources: v3.sources,
+            root: None,
+        });
+    }
     let rest = body
         .strip_prefix(OLD_MAGIC.as_slice())
         .ok_or_else(|| "bad header (written by an older Flowgate?)".to_string())?;
@@ -247,9 +406,10 @@ fn decode(body: &[u8]) -> Result<PartitionState, String> {
         offset: old.offset,
         max_event: old.max_event,
         watermark: old.watermark,
-        steps: old.steps,
+        steps: old.steps.into_iter().map(StepState::from).collect(),
         previous: None,
         sources: Vec::new(),
+        root: None,
     })
 }
 
@@ -679,12 +839,15 @@ mod tests {
                 StepState {
                     step: "dedup".into(),
                     snapshot: vec![1, 2, offset as u8],
+                    delta_of: (offset > 1).then(|| offset as u64 - 1),
                 },
                 StepState {
                     step: "bars".into(),
                     snapshot: vec![],
+                    delta_of: None,
                 },
             ],
+            root: (offset > 1).then_some(1),
             previous: Some(offset as u64),
             sources: vec![SourceMark {
                 topic: "ticks".into(),
@@ -697,35 +860,137 @@ mod tests {
     }
 
     #[test]
-    fn states_of_the_previous_format_still_read() {
-        let old = OldState {
-            offset: 41,
-            max_event: Some(9),
-            watermark: Some(4),
-            steps: vec![StepState {
-                step: "dedup".into(),
-                snapshot: vec![7],
-            }],
-        };
+    fn states_of_the_previous_formats_still_read() {
+        let steps = vec![("dedup".to_string(), vec![7u8])];
+        let expected = vec![StepState {
+            step: "dedup".into(),
+            snapshot: vec![7],
+            delta_of: None,
+        }];
         #[derive(Serialize)]
-        struct Written<'a>(i64, Option<i64>, Option<i64>, &'a [StepState]);
+        struct V2<'a>(i64, Option<i64>, Option<i64>, &'a [(String, Vec<u8>)]);
         let mut body = OLD_MAGIC.to_vec();
-        body.extend(
-            postcard::to_stdvec(&Written(
-                old.offset,
-                old.max_event,
-                old.watermark,
-                &old.steps,
-            ))
-            .unwrap(),
-        );
+        body.extend(postcard::to_stdvec(&V2(41, Some(9), Some(4), &steps)).unwrap());
         let read = decode(&body).unwrap();
         assert_eq!(
             (read.offset, read.max_event, read.watermark),
             (41, Some(9), Some(4))
         );
-        assert_eq!(read.steps, old.steps);
-        assert_eq!((read.previous, read.sources.len()), (None, 0));
+        assert_eq!(read.steps, expected);
+        assert_eq!(
+            (read.previous, read.sources.len(), read.root),
+            (None, 0, None)
+        );
+
+        #[derive(Serialize)]
+        struct V3<'a>(
+            i64,
+            Option<i64>,
+            Option<i64>,
+            &'a [(String, Vec<u8>)],
+            Option<u64>,
+            &'a [SourceMark],
+        );
+        let marks = state(3).sources;
+        let mut body = V3_MAGIC.to_vec();
+        body.extend(
+            postcard::to_stdvec(&V3(41, Some(9), Some(4), &steps, Some(17), &marks)).unwrap(),
+        );
+        let read = decode(&body).unwrap();
+        assert_eq!(read.steps, expected);
+        assert_eq!(
+            (read.previous, read.sources, read.root),
+            (Some(17), marks, None)
+        );
+    }
+
+    #[test]
+    fn a_step_stored_as_deltas_resolves_to_its_full_snapshot_and_the_deltas_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStateStore::new(dir.path(), "p");
+        let step = |name: &str, bytes: &[u8], delta_of: Option<u64>| StepState {
+            step: name.into(),
+            snapshot: bytes.to_vec(),
+            delta_of,
+        };
+        let at = |offset: i64, steps: Vec<StepState>, root: Option<u64>| PartitionState {
+            offset,
+            steps,
+            root,
+            ..state(offset)
+        };
+        // `dedup`: full at 1, deltas at 2 and 4 (3 went on from another line); `bars`: whole
+        // every time.
+        store
+            .save(
+                "t",
+                0,
+                1,
+                &at(
+                    10,
+                    vec![step("dedup", b"F1", None), step("bars", b"b1", None)],
+                    None,
+                ),
+            )
+            .unwrap();
+        store
+            .save(
+                "t",
+                0,
+                2,
+                &at(
+                    20,
+                    vec![step("dedup", b"d2", Some(1)), step("bars", b"b2", None)],
+                    Some(1),
+                ),
+            )
+            .unwrap();
+        store
+            .save(
+                "t",
+                0,
+                3,
+                &at(
+                    30,
+                    vec![step("dedup", b"x3", Some(1)), step("bars", b"b3", None)],
+                    Some(1),
+                ),
+            )
+            .unwrap();
+        let four = at(
+            40,
+            vec![step("dedup", b"d4", Some(2)), step("bars", b"b4", None)],
+            Some(1),
+        );
+        store.save("t", 0, 4, &four).unwrap();
+        assert_eq!(four.needs_from(4), 1);
+        let chains = resolve(&store, "t", 0, 4, &four).unwrap();
+        assert_eq!(
+            chains,
+            vec![
+                StepChain {
+                    step: "dedup".into(),
+                    full: b"F1".to_vec(),
+                    deltas: vec![b"d2".to_vec(), b"d4".to_vec()],
+                    root: 1,
+                },
+                StepChain {
+                    step: "bars".into(),
+                    full: b"b4".to_vec(),
+                    deltas: vec![],
+                    root: 4,
+                },
+            ]
+        );
+        // A link to a checkpoint that is gone is an error that names it, never a silent reset.
+        store.prune("t", 0, 2).unwrap();
+        let gone = resolve(&store, "t", 0, 4, &four).unwrap_err().to_string();
+        assert!(
+            gone.contains("step `dedup`")
+                && gone.contains("checkpoint 1")
+                && gone.contains("not in the store"),
+            "{gone}"
+        );
     }
 
     #[test]

@@ -20,6 +20,9 @@
 //! each key's first event time, the key columns and the event-time column: a changed
 //! `retention` restores correctly (expiries are recomputed), a changed `key` or `event_time` is
 //! refused (those keys mean something else now).
+//!
+//! Checkpoints are incremental: a delta holds the watermark and the keys remembered since the
+//! last one, so a checkpoint costs the keys that arrived in its epoch, not the whole retention.
 #![deny(unsafe_code)]
 
 use std::collections::hash_map::Entry;
@@ -80,6 +83,10 @@ pub struct Dedup {
     /// key seen again after it expired moves to a later bucket; eviction checks `expiry`).
     buckets: BTreeMap<i64, Vec<u64>>,
     watermark: i64,
+    /// Keys remembered since the last delta (incremental checkpoints), a key possibly more than
+    /// once; `None` while not keeping track (until the host first asks for a delta, or after
+    /// the list outgrew [`Dedup::touched_limit`]: the host then takes a full snapshot).
+    touched: Option<Vec<u64>>,
 }
 
 /// Snapshot body, state version 2 (postcard).
@@ -89,6 +96,15 @@ struct State {
     event_time: String,
     watermark: i64,
     /// Key hash and its first event time.
+    keys: Vec<(u64, i64)>,
+}
+
+/// A delta of state version 2 (postcard): the watermark, and the keys remembered since the last
+/// delta with their first event times. Keys forgotten since are not listed: the watermark
+/// forgets them again where the delta is applied.
+#[derive(Serialize, Deserialize)]
+struct Delta {
+    watermark: i64,
     keys: Vec<(u64, i64)>,
 }
 
@@ -107,6 +123,39 @@ impl Dedup {
     /// Keys currently remembered.
     pub fn live_keys(&self) -> usize {
         self.expiry.len()
+    }
+
+    /// The longest the list of keys touched since the last delta may grow (a host that never
+    /// asks for deltas would otherwise grow it forever).
+    fn touched_limit(&self) -> usize {
+        2 * self.expiry.len() + (1 << 16)
+    }
+
+    /// Notes keys remembered (for the next delta), if keeping track.
+    fn touch(&mut self, hashes: &[u64]) {
+        let limit = self.touched_limit();
+        if let Some(touched) = &mut self.touched {
+            if touched.len() + hashes.len() > limit {
+                self.touched = None;
+            } else {
+                touched.extend_from_slice(hashes);
+            }
+        }
+    }
+
+    /// Forgets the keys whose expiry the watermark passed, bucket by bucket.
+    fn evict(&mut self) {
+        // A bucket holds expiries in [b·w, (b+1)·w): all passed once (b+1)·w ≤ watermark. A key
+        // seen again since has a later expiry (and a later bucket): it stays.
+        let first_live = self.watermark.div_euclid(self.bucket_width);
+        let live = self.buckets.split_off(&first_live);
+        let passed = std::mem::replace(&mut self.buckets, live);
+        let end = first_live.saturating_mul(self.bucket_width);
+        for hash in passed.into_values().flatten() {
+            if self.expiry.get(&hash).is_some_and(|&e| e < end) {
+                self.expiry.remove(&hash);
+            }
+        }
     }
 
     /// Remembers `hash` as first seen at `first` (event time, ms).
@@ -170,6 +219,7 @@ impl Transform for Dedup {
             expiry: KeyMap::default(),
             buckets: BTreeMap::new(),
             watermark: i64::MIN,
+            touched: None,
         };
         Ok((dedup, input.clone()))
     }
@@ -220,6 +270,7 @@ impl Transform for Dedup {
                 let bucket = expiry.div_euclid(width);
                 if bucket != run_bucket {
                     if !run.is_empty() {
+                        self.touch(&run);
                         self.buckets.entry(run_bucket).or_default().append(&mut run);
                     }
                     run_bucket = bucket;
@@ -228,6 +279,7 @@ impl Transform for Dedup {
             }
         }
         if !run.is_empty() {
+            self.touch(&run);
             self.buckets.entry(run_bucket).or_default().append(&mut run);
         }
         if keep.iter().all(|k| *k) {
@@ -240,18 +292,48 @@ impl Transform for Dedup {
 
     fn on_watermark(&mut self, ts_ms: i64) -> Result<Output> {
         self.watermark = self.watermark.max(ts_ms);
-        // A bucket holds expiries in [b·w, (b+1)·w): all passed once (b+1)·w ≤ watermark. A key
-        // seen again since has a later expiry (and a later bucket): it stays.
-        let first_live = self.watermark.div_euclid(self.bucket_width);
-        let live = self.buckets.split_off(&first_live);
-        let passed = std::mem::replace(&mut self.buckets, live);
-        let end = first_live.saturating_mul(self.bucket_width);
-        for hash in passed.into_values().flatten() {
-            if self.expiry.get(&hash).is_some_and(|&e| e < end) {
-                self.expiry.remove(&hash);
-            }
-        }
+        self.evict();
         Ok(Output::empty())
+    }
+
+    fn snapshot_delta(&mut self) -> Result<Option<Vec<u8>>> {
+        let Some(mut touched) = self.touched.replace(Vec::new()) else {
+            return Ok(None);
+        };
+        touched.sort_unstable();
+        touched.dedup();
+        let keys = touched
+            .into_iter()
+            .filter_map(|h| {
+                let e = *self.expiry.get(&h)?;
+                (e >= self.watermark).then(|| (h, e.saturating_sub(self.retention)))
+            })
+            .collect();
+        let delta = Delta {
+            watermark: self.watermark,
+            keys,
+        };
+        postcard::to_allocvec(&delta)
+            .map(Some)
+            .map_err(|e| Error::internal(format!("encoding state delta: {e}")))
+    }
+
+    fn restore_delta(&mut self, version: u32, delta: &[u8]) -> Result<()> {
+        if version != Self::STATE_VERSION {
+            return Err(Error::bad_input(format!(
+                "dedup reads state deltas of version {}, got {version}",
+                Self::STATE_VERSION
+            )));
+        }
+        let delta: Delta = postcard::from_bytes(delta)
+            .map_err(|e| Error::bad_input(format!("dedup state delta is corrupt: {e}")))?;
+        self.watermark = self.watermark.max(delta.watermark);
+        for (hash, first) in delta.keys {
+            self.remember(hash, first);
+        }
+        self.evict();
+        self.touched = Some(Vec::new());
+        Ok(())
     }
 
     fn snapshot(&self) -> Result<Vec<u8>> {
@@ -311,6 +393,7 @@ impl Transform for Dedup {
         for (hash, first) in keys {
             self.remember(hash, first);
         }
+        self.touched = Some(Vec::new());
         Ok(())
     }
 }

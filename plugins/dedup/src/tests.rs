@@ -49,6 +49,90 @@ fn state_survives_snapshot_and_restore() {
 }
 
 #[test]
+fn a_restore_from_a_full_snapshot_and_its_deltas_remembers_what_the_instance_did() {
+    let t = run("dedup, restored from checkpoint deltas");
+    assert_eq!(
+        lines_with(&t, "checkpoints kept"),
+        [
+            "step 1 checkpoints kept: 1",
+            "step 3 checkpoints kept: 2",
+            "step 6 checkpoints kept: 3"
+        ],
+        "{t:#?}"
+    );
+    // A and B at 14:00:00 are forgotten (the watermark in the second delta); C (first delta),
+    // D and A at 14:01 (second delta) are remembered: only E and the forgotten ones pass.
+    assert_eq!(
+        prices(&lines_with(&t, "step 8 out")),
+        ["7.0", "8.0", "12.0"],
+        "{t:#?}"
+    );
+}
+
+#[test]
+fn a_delta_holds_only_the_keys_remembered_since_the_last_one() {
+    let schema = ids();
+    let (mut dedup, _) = flowgate_sdk::create::<Dedup>(
+        r#"{"key":["id"],"event_time":"ts","retention":"10m"}"#,
+        &schema,
+    )
+    .expect("create");
+    let batch = |from: usize, n: usize| {
+        let lines: Vec<String> = (from..from + n)
+            .map(|i| tick(&format!("k{i}"), 0, 0))
+            .collect();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        flowgate_sdk::testing::batch(&schema, &lines)
+    };
+    assert!(
+        dedup.snapshot_delta().unwrap().is_none(),
+        "the first time it cannot tell"
+    );
+    dedup.process(batch(0, 10_000)).unwrap();
+    let first = dedup.snapshot_delta().unwrap().expect("a delta");
+    dedup.process(batch(10_000, 100)).unwrap();
+    let second = dedup.snapshot_delta().unwrap().expect("a delta");
+    let full = dedup.snapshot().unwrap();
+    assert!(
+        first.len() > 10_000 * 9,
+        "{} bytes for 10,000 keys",
+        first.len()
+    );
+    assert!(
+        second.len() < first.len() / 50,
+        "100 new keys: {} bytes, against {} for 10,000 (full: {})",
+        second.len(),
+        first.len(),
+        full.len()
+    );
+}
+
+#[test]
+fn a_host_that_restores_but_never_asks_for_deltas_does_not_grow_the_list_forever() {
+    let schema = ids();
+    let config = r#"{"key":["id"],"event_time":"ts","retention":"1m"}"#;
+    let (mut dedup, _) = flowgate_sdk::create::<Dedup>(config, &schema).expect("create");
+    let empty = dedup.snapshot().unwrap();
+    dedup.restore(&empty).unwrap();
+    for minute in 0..20 {
+        let lines: Vec<String> = (0..10_000)
+            .map(|i| tick(&format!("m{minute}k{i}"), minute, 0))
+            .collect();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        dedup
+            .process(flowgate_sdk::testing::batch(&schema, &lines))
+            .unwrap();
+        dedup
+            .on_watermark(chrono_ms(&format!("2025-11-12T14:{minute:02}:00Z")))
+            .unwrap();
+    }
+    // 200,000 keys went by with at most 30,000 live: the list was dropped on the way, and the
+    // next checkpoint is a full one.
+    assert!(dedup.snapshot_delta().unwrap().is_none());
+    assert!(dedup.snapshot_delta().unwrap().is_some(), "tracking again");
+}
+
+#[test]
 fn keys_expire_with_the_watermark_and_null_is_a_key_value() {
     let t = run("dedup");
     assert_eq!(

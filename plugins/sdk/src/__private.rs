@@ -11,7 +11,7 @@ pub use wit_bindgen;
 #[allow(missing_docs, clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
-        world: "plugin",
+        world: "incremental-plugin",
         path: "../../wit",
         pub_export_macro: true,
         export_macro_name: "__export_plugin",
@@ -148,4 +148,17 @@ impl exports::GuestTransformer for Adapter {
     fn restore(&self, state: Vec<u8>) -> Result<(), wit::Error> {
         Ok(self.inner.borrow_mut().restore(&state)?)
     }
+}
+
+/// The exported `snapshot-delta`.
+pub fn snapshot_delta(t: exports::TransformerBorrow<'_>) -> Result<Option<Vec<u8>>, wit::Error> {
+    Ok(t.get::<Adapter>().inner.borrow_mut().snapshot_delta()?)
+}
+
+/// The exported `restore-delta`.
+pub fn restore_delta(t: exports::TransformerBorrow<'_>, delta: Vec<u8>) -> Result<(), wit::Error> {
+    Ok(t.get::<Adapter>()
+        .inner
+        .borrow_mut()
+        .restore_delta(&delta)?)
 }

@@ -96,6 +96,25 @@ macro_rules! export_transform {
                     ::flowgate_sdk::__private::create::<$plugin>(&config, &input_schema)
                 }
             }
+            impl ::flowgate_sdk::__private::bindings::exports::flowgate::plugin::incremental::Guest for __FlowgatePlugin {
+                fn snapshot_delta(
+                    t: __fg::TransformerBorrow<'_>,
+                ) -> ::std::result::Result<
+                    ::std::option::Option<::std::vec::Vec<u8>>,
+                    ::flowgate_sdk::__private::bindings::flowgate::plugin::types::Error,
+                > {
+                    ::flowgate_sdk::__private::snapshot_delta(t)
+                }
+                fn restore_delta(
+                    t: __fg::TransformerBorrow<'_>,
+                    delta: ::std::vec::Vec<u8>,
+                ) -> ::std::result::Result<
+                    (),
+                    ::flowgate_sdk::__private::bindings::flowgate::plugin::types::Error,
+                > {
+                    ::flowgate_sdk::__private::restore_delta(t, delta)
+                }
+            }
             ::flowgate_sdk::__private::bindings::__export_plugin!(__FlowgatePlugin with_types_in ::flowgate_sdk::__private::bindings);
         };
     };

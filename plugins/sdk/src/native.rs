@@ -9,6 +9,9 @@ use crate::{Error, Output, Result, Transform};
 /// Snapshot header: magic, then the plugin's state version (u32, little endian).
 const STATE_MAGIC: &[u8; 4] = b"FGS1";
 
+/// Delta header: magic, then the plugin's state version (u32, little endian).
+const DELTA_MAGIC: &[u8; 4] = b"FGD1";
+
 /// Name, version and state version of a plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PluginInfo {
@@ -39,6 +42,47 @@ pub trait DynTransform: Send {
     fn snapshot(&self) -> Result<Vec<u8>>;
     /// Restores bytes from [`DynTransform::snapshot`].
     fn restore(&mut self, state: &[u8]) -> Result<()>;
+    /// See [`Transform::snapshot_delta`]; the delta with the version header.
+    fn snapshot_delta(&mut self) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    /// Applies bytes from [`DynTransform::snapshot_delta`].
+    fn restore_delta(&mut self, delta: &[u8]) -> Result<()> {
+        let _ = delta;
+        Err(Error::bad_input("this step takes no state deltas"))
+    }
+}
+
+/// `bytes` with `magic` and `version` in front.
+fn frame(magic: &[u8; 4], version: u32, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 8);
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// The version and body of bytes [`frame`]d with `magic`; `what` names them in errors.
+fn unframe<'a>(
+    name: &str,
+    what: &str,
+    magic: &[u8; 4],
+    bytes: &'a [u8],
+) -> Result<(u32, &'a [u8])> {
+    let (header, body) = bytes.split_at_checked(8).ok_or_else(|| {
+        Error::bad_input(format!(
+            "`{name}`: {what} is {} bytes, too short for its header",
+            bytes.len()
+        ))
+    })?;
+    if &header[..4] != magic {
+        return Err(Error::bad_input(format!(
+            "`{name}`: these bytes are not a Flowgate {what}"
+        )));
+    }
+    let mut version = [0u8; 4];
+    version.copy_from_slice(&header[4..]);
+    Ok((u32::from_le_bytes(version), body))
 }
 
 struct Framed<T>(T);
@@ -53,31 +97,24 @@ impl<T: Transform> DynTransform for Framed<T> {
     }
 
     fn snapshot(&self) -> Result<Vec<u8>> {
-        let body = self.0.snapshot()?;
-        let mut out = Vec::with_capacity(body.len() + 8);
-        out.extend_from_slice(STATE_MAGIC);
-        out.extend_from_slice(&T::STATE_VERSION.to_le_bytes());
-        out.extend_from_slice(&body);
-        Ok(out)
+        Ok(frame(STATE_MAGIC, T::STATE_VERSION, &self.0.snapshot()?))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<()> {
-        let (header, body) = state.split_at_checked(8).ok_or_else(|| {
-            Error::bad_input(format!(
-                "`{}`: state is {} bytes, too short for a snapshot header",
-                T::NAME,
-                state.len()
-            ))
-        })?;
-        if &header[..4] != STATE_MAGIC {
-            return Err(Error::bad_input(format!(
-                "`{}`: state is not a Flowgate snapshot",
-                T::NAME
-            )));
-        }
-        let mut version = [0u8; 4];
-        version.copy_from_slice(&header[4..]);
-        self.0.restore(u32::from_le_bytes(version), body)
+        let (version, body) = unframe(T::NAME, "snapshot", STATE_MAGIC, state)?;
+        self.0.restore(version, body)
+    }
+
+    fn snapshot_delta(&mut self) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .0
+            .snapshot_delta()?
+            .map(|body| frame(DELTA_MAGIC, T::STATE_VERSION, &body)))
+    }
+
+    fn restore_delta(&mut self, delta: &[u8]) -> Result<()> {
+        let (version, body) = unframe(T::NAME, "state delta", DELTA_MAGIC, delta)?;
+        self.0.restore_delta(version, body)
     }
 }
 

@@ -120,6 +120,13 @@ pub enum Step {
     Watermark(i64),
     /// Snapshot, build a fresh instance, restore into it, and carry on with the fresh one.
     SnapshotRestore,
+    /// A checkpoint as the host takes one: a delta ([`Instance::snapshot_delta`]) on top of the
+    /// checkpoints kept so far, or, when there are none or the plugin gives no delta, a full
+    /// snapshot that starts them over.
+    Checkpoint,
+    /// Build a fresh instance, restore the kept checkpoints into it (the full snapshot, then
+    /// every delta in order) and carry on with the fresh one.
+    RestoreCheckpoints,
 }
 
 /// A scripted run of a plugin, shared by the native unit tests and the host's WASM tests, which
@@ -146,6 +153,10 @@ pub trait Instance {
     fn snapshot(&mut self) -> Result<Vec<u8>>;
     /// Restore framed snapshot bytes.
     fn restore(&mut self, state: &[u8]) -> Result<()>;
+    /// Framed delta bytes, if the plugin keeps deltas.
+    fn snapshot_delta(&mut self) -> Result<Option<Vec<u8>>>;
+    /// Apply framed delta bytes.
+    fn restore_delta(&mut self, delta: &[u8]) -> Result<()>;
 }
 
 impl Instance for Box<dyn DynTransform> {
@@ -161,6 +172,12 @@ impl Instance for Box<dyn DynTransform> {
     fn restore(&mut self, state: &[u8]) -> Result<()> {
         DynTransform::restore(self.as_mut(), state)
     }
+    fn snapshot_delta(&mut self) -> Result<Option<Vec<u8>>> {
+        DynTransform::snapshot_delta(self.as_mut())
+    }
+    fn restore_delta(&mut self, delta: &[u8]) -> Result<()> {
+        DynTransform::restore_delta(self.as_mut(), delta)
+    }
 }
 
 impl Scenario {
@@ -168,6 +185,8 @@ impl Scenario {
     /// output row (`step N out {json}`), rejected row (`step N rejected R: reason`) or error.
     pub fn run<I: Instance>(&self, mut create: impl FnMut() -> Result<I>) -> Vec<String> {
         let mut transcript = Vec::new();
+        // The checkpoints kept: a full snapshot, then deltas.
+        let mut kept: Vec<Vec<u8>> = Vec::new();
         let mut instance = match create() {
             Ok(i) => i,
             Err(e) => return vec![format!("create error: {e}")],
@@ -189,6 +208,29 @@ impl Scenario {
                         }
                         Err(e) => Err(e),
                     }
+                }
+                Step::Checkpoint => instance.snapshot_delta().and_then(|delta| {
+                    match delta {
+                        Some(delta) if !kept.is_empty() => kept.push(delta),
+                        _ => kept = vec![instance.snapshot()?],
+                    }
+                    transcript.push(format!("step {n} checkpoints kept: {}", kept.len()));
+                    Ok(Output::empty())
+                }),
+                Step::RestoreCheckpoints => {
+                    let restored = create().and_then(|mut fresh| {
+                        if let Some((full, deltas)) = kept.split_first() {
+                            fresh.restore(full)?;
+                            for delta in deltas {
+                                fresh.restore_delta(delta)?;
+                            }
+                        }
+                        Ok(fresh)
+                    });
+                    restored.map(|fresh| {
+                        instance = fresh;
+                        Output::empty()
+                    })
                 }
             };
             match result {

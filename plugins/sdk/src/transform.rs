@@ -41,6 +41,29 @@ pub trait Transform: Sized + Send + 'static {
         Ok(Vec::new())
     }
 
+    /// Incremental checkpoints (optional): what changed since the last call of
+    /// `snapshot_delta`, `restore` or `restore_delta` (a full [`Transform::snapshot`] does not
+    /// move that point), as bytes [`Transform::restore_delta`] reads (the SDK adds the version
+    /// header). `None` when the step cannot tell (never asked before, or it stopped keeping
+    /// track): the host then takes a full snapshot. Worth it for state that grows with data
+    /// (keys remembered over a retention); the default says `None` every time.
+    ///
+    /// The deltas applied in order on top of the state they started from must leave a state
+    /// that behaves as this one does now (not necessarily the same bytes).
+    fn snapshot_delta(&mut self) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
+    /// Applies a delta written at `version` by [`Transform::snapshot_delta`] on top of the
+    /// state restored so far (a full snapshot, then every delta before this one).
+    fn restore_delta(&mut self, version: u32, delta: &[u8]) -> Result<()> {
+        let _ = (version, delta);
+        Err(Error::bad_input(format!(
+            "`{}` takes no state deltas",
+            Self::NAME
+        )))
+    }
+
     /// Replaces the state with an earlier snapshot written at `version`.
     fn restore(&mut self, version: u32, state: &[u8]) -> Result<()> {
         if version != Self::STATE_VERSION {

@@ -117,6 +117,10 @@ pub(crate) struct Committer {
     /// Per partition still replaying for sinks that hold more: the oldest epoch of its stops,
     /// kept from pruning until every sink holds the last stop's offset.
     stops: HashMap<PartitionKey, (u64, i64)>,
+    /// Per partition: for the checkpoints this committer stored or read, the oldest checkpoint
+    /// a restore of each reads (the full snapshots its deltas go back to): kept from pruning
+    /// while a sink holds it.
+    needs: HashMap<PartitionKey, BTreeMap<u64, u64>>,
     /// The lowest epoch not committed yet: its batches go into the sinks as they come.
     open: u64,
     later: BTreeMap<u64, Vec<(usize, RecordBatch)>>,
@@ -167,6 +171,7 @@ impl Committer {
             abort_after: AbortAfter::from_env(),
             held: vec![HashMap::new(); n],
             stops: HashMap::new(),
+            needs: HashMap::new(),
             sinks,
             store,
             workers,
@@ -254,6 +259,10 @@ impl Committer {
         let saving = Instant::now();
         for cp in &checkpoints {
             self.store.save(&cp.key.0, cp.key.1, cp.epoch, &cp.state)?;
+            self.needs
+                .entry(cp.key.clone())
+                .or_default()
+                .insert(cp.epoch, cp.state.needs_from(cp.epoch));
         }
         self.report.state_save += saving.elapsed();
         let mut committed_any = false;
@@ -336,7 +345,14 @@ impl Committer {
                         epoch = epoch.min(oldest);
                     }
                 }
+                // And the full snapshots the held checkpoints' deltas go back to.
+                for p in &held {
+                    epoch = epoch.min(self.needs_from(&cp.key, p.epoch)?);
+                }
                 self.store.prune(&cp.key.0, cp.key.1, epoch)?;
+                if let Some(needs) = self.needs.get_mut(&cp.key) {
+                    needs.retain(|&e, _| e >= epoch);
+                }
                 offsets.insert((cp.key.0.to_string(), cp.key.1), offset);
             }
         }
@@ -380,7 +396,12 @@ impl Committer {
         let mut attempts = 0;
         loop {
             match self.resume_from(key, ephemeral, positions.clone()) {
-                Err(missing @ RunError::StateMissing { .. }) if attempts < 10 => {
+                Err(
+                    missing @ (RunError::StateMissing { .. }
+                    | RunError::Checkpoint(crate::checkpoint::CheckpointError::Broken {
+                        ..
+                    })),
+                ) if attempts < 10 => {
                     let now = self.positions(key)?;
                     if now == positions {
                         return Err(missing);
@@ -392,6 +413,20 @@ impl Committer {
                 other => return other,
             }
         }
+    }
+
+    /// The oldest checkpoint a restore of checkpoint `epoch` of `key` reads: the full
+    /// snapshots its deltas go back to (read from the store if this committer has not seen it).
+    fn needs_from(&mut self, key: &PartitionKey, epoch: u64) -> Result<u64, RunError> {
+        if let Some(&n) = self.needs.get(key).and_then(|n| n.get(&epoch)) {
+            return Ok(n);
+        }
+        let n = match self.store.load(&key.0, key.1, epoch)? {
+            Some(state) => state.needs_from(epoch),
+            None => epoch,
+        };
+        self.needs.entry(key.clone()).or_default().insert(epoch, n);
+        Ok(n)
     }
 
     /// What each sink holds of partition `key` (`None` for sinks that are not durable).
@@ -431,6 +466,7 @@ impl Committer {
                 epoch,
                 base: None,
                 state: None,
+                steps: Vec::new(),
                 joined: vec![true; n],
                 targets: Vec::new(),
                 held: false,
@@ -455,6 +491,18 @@ impl Committer {
             Some(p) => (p.offset, self.load_for(key, p)?),
             None => (-1, None),
         };
+        // Each step's state as a restore needs it: deltas followed back to full snapshots.
+        let mut steps = Vec::new();
+        if let (Some(s), Some(p)) = (&state, lowest) {
+            match crate::checkpoint::resolve(self.store.as_ref(), &key.0, key.1, p.epoch, s) {
+                Ok(resolved) => steps = resolved,
+                // The rest of the state (watermark, lineage, source marks) still holds.
+                Err(e) if self.reset_state => {
+                    tracing::warn!(topic = %key.0, partition = key.1, "{e}: steps start empty (--reset-state)");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let mut joined = vec![false; n];
         let mut by_position: BTreeMap<Position, Vec<usize>> = BTreeMap::new();
         for i in 0..n {
@@ -527,6 +575,7 @@ impl Committer {
             epoch,
             base: lowest.filter(|_| state.is_some()).map(|p| p.epoch),
             state,
+            steps,
             joined,
             targets,
             held: true,
@@ -537,7 +586,7 @@ impl Committer {
     /// `--reset-state`), and cover exactly the offset the sink holds; a state of another offset
     /// under that name was written by another process.
     fn load_for(
-        &self,
+        &mut self,
         key: &PartitionKey,
         p: Position,
     ) -> Result<Option<crate::checkpoint::PartitionState>, RunError> {
@@ -549,7 +598,13 @@ impl Committer {
             other => other?,
         };
         match loaded {
-            Some(s) if s.offset == p.offset => Ok(Some(s)),
+            Some(s) if s.offset == p.offset => {
+                self.needs
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(p.epoch, s.needs_from(p.epoch));
+                Ok(Some(s))
+            }
             Some(s) if self.reset_state => {
                 tracing::warn!(topic = %key.0, partition = key.1, offset = p.offset, stored = s.offset, epoch = p.epoch, "the plugin state stored for this position covers another offset: steps start empty (--reset-state)");
                 Ok(None)
@@ -623,6 +678,7 @@ mod tests {
             steps: Vec::new(),
             previous: None,
             sources: Vec::new(),
+            root: None,
         }
     }
 
@@ -1030,5 +1086,80 @@ mod tests {
             ))
             .unwrap();
         assert!(committer.store.load("t", 0, lineage[2]).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_full_snapshot_held_deltas_go_back_to_is_not_pruned_and_a_resume_reads_it() {
+        use crate::checkpoint::StepState;
+        let dir = tempfile::tempdir().unwrap();
+        let w = 0x0000_0ccc;
+        let first = next_epoch(0, w);
+        let (mut committer, tables, _events) = committer(
+            dir.path(),
+            [
+                Position {
+                    offset: 100,
+                    epoch: first,
+                },
+                Position {
+                    offset: 100,
+                    epoch: first,
+                },
+            ],
+        );
+        let step = |bytes: &[u8], delta_of: Option<u64>| StepState {
+            step: "dedup".into(),
+            snapshot: bytes.to_vec(),
+            delta_of,
+        };
+        committer
+            .store
+            .save(
+                "t",
+                0,
+                first,
+                &PartitionState {
+                    steps: vec![step(b"full", None)],
+                    ..state(100)
+                },
+            )
+            .unwrap();
+        committer.resume(&("t".into(), 0), false).unwrap();
+        // Three checkpoints of deltas, each on top of the one before, back to `first`.
+        let mut epoch = first;
+        for (i, offset) in [110, 120, 130].into_iter().enumerate() {
+            let next = next_epoch(epoch, w);
+            committer
+                .handle(CommitMsg::EpochDone(EpochDone {
+                    epoch: i as u64 + 1,
+                    checkpoints: vec![TaskCheckpoint {
+                        key: ("t".into(), 0),
+                        epoch: next,
+                        state: PartitionState {
+                            steps: vec![step(format!("d{offset}").as_bytes(), Some(epoch))],
+                            root: Some(first),
+                            ..state(offset)
+                        },
+                        joined: vec![true, true],
+                    }],
+                    appended: HashMap::new(),
+                }))
+                .unwrap();
+            epoch = next;
+        }
+        assert_eq!(held(&tables[0]).offset, 130);
+        assert!(
+            committer.store.load("t", 0, first).unwrap().is_some(),
+            "the full snapshot the held deltas need was pruned"
+        );
+        // A restart now restores the full snapshot and every delta, in order.
+        let resume = committer.resume(&("t".into(), 0), false).unwrap();
+        assert_eq!(resume.start, 130);
+        assert_eq!(resume.steps.len(), 1);
+        assert_eq!(resume.steps[0].full, b"full");
+        assert_eq!(
+            resume.steps[0].deltas,
+            vec![b"d110".to_vec(), b"d120".to_vec(), b"d130".to_vec()]
+        );
     }
 }

@@ -1456,6 +1456,10 @@ impl Loop<'_> {
                 committer.sink_commit[i].saturating_sub(encode),
             ));
         }
+        out.push(stage(
+            "checkpoint snapshot".into(),
+            workers.iter().map(|w| w.snapshot).sum(),
+        ));
         out.push(stage("checkpoint state".into(), committer.state_save));
         out.push(stage("source commit".into(), self.kafka_commit));
         RunSummary {

@@ -22,7 +22,7 @@ use arrow::array::{RecordBatch, TimestampMicrosecondArray};
 use super::committer::{CommitMsg, Staged};
 use super::plan::{Plan, RunError};
 use super::{Counters, PartitionKey};
-use crate::checkpoint::{PartitionState, StepState};
+use crate::checkpoint::{PartitionState, StepChain, StepState};
 use crate::config::{OnError, StateMode};
 use crate::decode::{self, JsonDecoder};
 use crate::exporter::{
@@ -131,6 +131,8 @@ pub(crate) struct Resume {
     pub base: Option<u64>,
     /// The state stored for `start`, if any.
     pub state: Option<PartitionState>,
+    /// Its steps' states as a restore needs them (deltas followed back to full snapshots).
+    pub steps: Vec<StepChain>,
     /// Per sink: written from the start.
     pub joined: Vec<bool>,
     /// Sinks that hold more, in offset order.
@@ -178,6 +180,8 @@ pub(crate) struct PartitionTask {
     /// Kafka append times (ms) of records processed since the last barrier, with counts.
     pub appended: HashMap<i64, u64>,
     pub decode_time: Duration,
+    /// Taking the steps' states at barriers.
+    pub snapshot_time: Duration,
     /// Append → out of the last plugin, per record (µs).
     pub latency: crate::metrics::Histogram,
 }
@@ -192,13 +196,14 @@ impl PartitionTask {
         epoch: u64,
     ) -> Result<Self, RunError> {
         let mut chain = chain_for(&ctx)?;
+        chain.stagger(stagger_seed(&key));
         let (mut max_event, mut watermark) = (None, None);
         let mut sources = super::hop::Sources::default();
-        if let Some(state) = &resume.state {
+        if let (Some(state), Some(at)) = (&resume.state, resume.base) {
             max_event = state.max_event;
             watermark = state.watermark;
             sources = super::hop::Sources::from_marks(&state.sources);
-            restore_chain(&ctx.plan, &mut chain, &state.steps, &key)?;
+            restore_chain(&ctx.plan, &mut chain, &resume.steps, at, &key)?;
         }
         if watermark == Some(i64::MAX) {
             tracing::warn!(
@@ -236,6 +241,7 @@ impl PartitionTask {
             idle_sent: false,
             appended: HashMap::new(),
             decode_time: Duration::ZERO,
+            snapshot_time: Duration::ZERO,
             latency: Default::default(),
         };
         task.reach_targets(epoch)?;
@@ -294,8 +300,16 @@ impl PartitionTask {
                         location: format!("partition `{}/{}`", self.key.0, self.key.1),
                         source: Box::new(source),
                     })?;
-            match restore_step(&ctx.plan, index, &mut step, &state, &self.key) {
-                Ok(restored) => fresh.push(Some(StepParts::fresh(step, restored.then_some(state)))),
+            let whole = StepChain {
+                step: name.clone(),
+                full: state,
+                deltas: Vec::new(),
+                root: 0,
+            };
+            match restore_step(&ctx.plan, index, &mut step, &whole, &self.key) {
+                Ok(restored) => {
+                    fresh.push(Some(StepParts::fresh(step, restored.then_some(whole.full))))
+                }
                 Err(e) => return Ok(SwapReady::Refused(e.to_string())),
             }
         }
@@ -328,6 +342,7 @@ impl PartitionTask {
         let mut chain = crate::plugin::Chain::from_parts(parts, journal_full)
             .with_policies(ctx.plan.policies());
         tap_stages(&ctx, &mut chain);
+        chain.stagger(stagger_seed(&self.key));
         self.ctx = ctx;
         self.chain = chain;
         self.dirty = true;
@@ -1191,18 +1206,39 @@ impl PartitionTask {
         if !self.dirty {
             return Ok(None);
         }
-        let steps = self
+        let next = crate::checkpoint::next_epoch(self.epoch, self.ctx.writer);
+        let snapshotting = Instant::now();
+        let snapshots = self
             .chain
-            .snapshot()
+            .checkpoint(next)
             .map_err(|source| RunError::Plugin {
                 location: format!("partition `{}/{}`", self.key.0, self.key.1),
                 source: Box::new(source),
-            })?
+            })?;
+        self.snapshot_time += snapshotting.elapsed();
+        tracing::debug!(
+            topic = %self.key.0,
+            partition = self.key.1,
+            epoch = %crate::checkpoint::epoch_label(next),
+            took_ms = snapshotting.elapsed().as_secs_f64() * 1e3,
+            steps = ?snapshots.iter().map(|s| format!("{}: {} bytes{}", s.step, s.bytes.len(), if s.delta_of.is_some() { " (delta)" } else { "" })).collect::<Vec<_>>(),
+            "steps' state taken"
+        );
+        let root = snapshots
+            .iter()
+            .filter(|s| s.delta_of.is_some())
+            .map(|s| s.root)
+            .min();
+        let steps = snapshots
             .into_iter()
-            .map(|(step, snapshot)| StepState { step, snapshot })
+            .map(|s| StepState {
+                step: s.step,
+                snapshot: s.bytes,
+                delta_of: s.delta_of,
+            })
             .collect();
         let previous = self.lineage;
-        self.epoch = crate::checkpoint::next_epoch(self.epoch, self.ctx.writer);
+        self.epoch = next;
         self.lineage = Some(self.epoch);
         self.dirty = false;
         Ok(Some(TaskCheckpoint {
@@ -1215,6 +1251,7 @@ impl PartitionTask {
                 steps,
                 previous,
                 sources: self.sources.marks(),
+                root,
             },
             joined: self.joined.clone(),
         }))
@@ -1256,6 +1293,15 @@ pub(crate) enum SwapReady {
     Refused(String),
 }
 
+/// What spreads a partition's full snapshots apart from other partitions' (see
+/// [`crate::plugin::Chain::stagger`]).
+fn stagger_seed(key: &PartitionKey) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
 /// A fresh chain of `ctx`'s plan, with the intermediate stages its sinks read tapped.
 fn chain_for(ctx: &TaskContext) -> Result<crate::plugin::Chain, RunError> {
     let mut chain = ctx.plan.chain()?;
@@ -1276,12 +1322,14 @@ fn tap_stages(ctx: &TaskContext, chain: &mut crate::plugin::Chain) {
     }
 }
 
-/// Restores `chain` from `saved`, step by step name, at a restart. A step with no saved entry
-/// (new in the pipeline) starts empty; see [`restore_step`] for a plugin that refuses.
+/// Restores `chain` from `saved` (the steps' states at checkpoint `epoch`), step by step name,
+/// at a restart. A step with no saved entry (new in the pipeline) starts empty; see
+/// [`restore_step`] for a plugin that refuses.
 fn restore_chain(
     plan: &Plan,
     chain: &mut crate::plugin::Chain,
-    saved: &[StepState],
+    saved: &[StepChain],
+    epoch: u64,
     key: &PartitionKey,
 ) -> Result<(), RunError> {
     let names: Vec<String> = chain.steps().iter().map(|s| s.name().to_string()).collect();
@@ -1293,14 +1341,10 @@ fn restore_chain(
             );
             continue;
         };
-        let restored = restore_step(
-            plan,
-            index,
-            &mut chain.steps_mut()[index],
-            &state.snapshot,
-            key,
-        )?;
-        chain.set_base(index, restored.then(|| state.snapshot.clone()));
+        let restored = restore_step(plan, index, &mut chain.steps_mut()[index], state, key)?;
+        if restored {
+            chain.set_restored(index, state, epoch);
+        }
     }
     for s in saved {
         if !names.contains(&s.step) {
@@ -1318,10 +1362,16 @@ fn restore_step(
     plan: &Plan,
     index: usize,
     step: &mut crate::plugin::Step,
-    state: &[u8],
+    state: &StepChain,
     key: &PartitionKey,
 ) -> Result<bool, RunError> {
-    let Err(refusal) = step.restore(state) else {
+    let restored = step.restore(&state.full).and_then(|()| {
+        state
+            .deltas
+            .iter()
+            .try_for_each(|delta| step.restore_delta(delta))
+    });
+    let Err(refusal) = restored else {
         return Ok(true);
     };
     let name = step.name().to_string();

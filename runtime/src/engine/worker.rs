@@ -73,6 +73,8 @@ pub(crate) enum SwapAnswer {
 #[derive(Debug, Default)]
 pub(crate) struct WorkerReport {
     pub decode: Duration,
+    /// Taking the steps' states at barriers (whole or deltas).
+    pub snapshot: Duration,
     /// Per step name, in the order first seen (steps of swapped-out plans included).
     pub steps: Vec<(String, StepTimings)>,
     pub latency_to_output: Histogram,
@@ -81,6 +83,7 @@ pub(crate) struct WorkerReport {
 impl WorkerReport {
     fn retire(&mut self, task: &PartitionTask) {
         self.decode += task.decode_time;
+        self.snapshot += task.snapshot_time;
         self.latency_to_output.merge(&task.latency);
         self.add_steps(task.timings());
     }

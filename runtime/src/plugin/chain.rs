@@ -65,6 +65,57 @@ const JOURNAL_LIMIT: usize = 256 << 20;
 /// [`JOURNAL_LIMIT`] (where isolation stops).
 pub const JOURNAL_CHECKPOINT: usize = 48 << 20;
 
+/// At most this many checkpoints in a row store a step's state as deltas before a full snapshot
+/// (fewer for some partitions, see [`Chain::stagger`], so they do not all take one together).
+const FULL_EVERY: usize = 32;
+
+/// A step's state at its last checkpoint, as a rebuild restores it: a full snapshot, then the
+/// deltas after it in order.
+#[derive(Debug, Clone, Default)]
+pub struct Base {
+    full: Vec<u8>,
+    deltas: Vec<Vec<u8>>,
+}
+
+impl Base {
+    /// A whole snapshot, no deltas.
+    pub fn whole(full: Vec<u8>) -> Self {
+        Base {
+            full,
+            deltas: Vec::new(),
+        }
+    }
+}
+
+/// How a step's checkpoints are stored (incremental checkpoints).
+#[derive(Debug, Clone, Default)]
+struct Track {
+    /// The checkpoint whose stored state of this step the plugin's delta tracking starts from;
+    /// `None`: the next checkpoint stores the whole state (a new or rebuilt-from-nothing
+    /// instance, a step swapped in, a plugin without deltas).
+    baseline: Option<u64>,
+    /// The checkpoint holding the full snapshot the stored deltas go back to.
+    root: u64,
+    /// Deltas stored since that full snapshot, and their bytes.
+    deltas: usize,
+    delta_bytes: usize,
+    /// The full snapshot's bytes.
+    full_bytes: usize,
+}
+
+/// One step's part of a checkpoint (see [`Chain::checkpoint`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepSnapshot {
+    /// The step's name.
+    pub step: String,
+    /// The whole state, or with `delta_of` what changed since that checkpoint.
+    pub bytes: Vec<u8>,
+    /// The checkpoint a delta goes on from.
+    pub delta_of: Option<u64>,
+    /// The checkpoint holding the full snapshot this step's state goes back to.
+    pub root: u64,
+}
+
 /// Steps in order, for one partition.
 ///
 /// **Poison records.** A step whose `on_error` is `dead_letter` keeps a journal of what it was
@@ -79,7 +130,11 @@ pub struct Chain {
     tapped: Vec<bool>,
     policies: Vec<OnError>,
     /// Per step: the state at the last snapshot (`None`: as created).
-    base: Vec<Option<Vec<u8>>>,
+    base: Vec<Option<Base>>,
+    /// Per step: how its checkpoints are stored.
+    track: Vec<Track>,
+    /// Checkpoints of deltas in a row before a full one (at most [`FULL_EVERY`]).
+    full_every: usize,
     /// Per step: what it was handed since.
     journal: Vec<Vec<Entry>>,
     journal_bytes: usize,
@@ -123,16 +178,19 @@ struct Handled {
 #[derive(Debug)]
 pub struct StepParts {
     step: Step,
-    base: Option<Vec<u8>>,
+    base: Option<Base>,
+    track: Track,
     journal: Vec<Entry>,
 }
 
 impl StepParts {
-    /// A step just created, restored from `base` if given.
+    /// A step just created, restored from `base` if given. Its next checkpoint stores its
+    /// whole state.
     pub fn fresh(step: Step, base: Option<Vec<u8>>) -> Self {
         StepParts {
             step,
-            base,
+            base: base.map(Base::whole),
+            track: Track::default(),
             journal: Vec::new(),
         }
     }
@@ -150,10 +208,12 @@ impl Chain {
             .steps
             .into_iter()
             .zip(self.base)
+            .zip(self.track)
             .zip(self.journal)
-            .map(|((step, base), journal)| StepParts {
+            .map(|(((step, base), track), journal)| StepParts {
                 step,
                 base,
+                track,
                 journal,
             })
             .collect();
@@ -176,6 +236,7 @@ impl Chain {
             }
             chain.steps.push(part.step);
             chain.base.push(part.base);
+            chain.track.push(part.track);
             chain.journal.push(part.journal);
             chain.tapped.push(false);
             chain.policies.push(OnError::Fail);
@@ -190,12 +251,15 @@ impl Chain {
         let tapped = vec![false; steps.len()];
         let policies = vec![OnError::Fail; steps.len()];
         let base = vec![None; steps.len()];
+        let track = vec![Track::default(); steps.len()];
         let journal = vec![Vec::new(); steps.len()];
         Chain {
             steps,
             tapped,
             policies,
             base,
+            track,
+            full_every: FULL_EVERY,
             journal,
             journal_bytes: 0,
             journal_full: false,
@@ -205,25 +269,130 @@ impl Chain {
     /// Restores step `index` from `state` (kept as the state a rebuild starts from).
     pub fn restore(&mut self, index: usize, state: &[u8]) -> Result<(), PluginError> {
         self.steps[index].restore(state)?;
-        self.base[index] = Some(state.to_vec());
+        self.base[index] = Some(Base::whole(state.to_vec()));
+        self.track[index] = Track::default();
         Ok(())
     }
 
-    /// Sets the state a rebuild of step `index` starts from (`None`: as created).
-    pub fn set_base(&mut self, index: usize, state: Option<Vec<u8>>) {
-        if let Some(base) = self.base.get_mut(index) {
-            *base = state;
+    /// Restores step `index` from the full snapshot and deltas of `stored`, the step's state
+    /// at checkpoint `epoch` (kept as the state a rebuild starts from, and as where the next
+    /// checkpoint's delta goes on from).
+    pub fn restore_stored(
+        &mut self,
+        index: usize,
+        stored: &crate::checkpoint::StepChain,
+        epoch: u64,
+    ) -> Result<(), PluginError> {
+        let step = &mut self.steps[index];
+        step.restore(&stored.full)?;
+        for delta in &stored.deltas {
+            step.restore_delta(delta)?;
         }
+        self.set_restored(index, stored, epoch);
+        Ok(())
     }
 
-    /// Snapshots every step (name, bytes), in order; the journals start over from here.
+    /// Step `index` holds `stored` (restored by the caller), its state at checkpoint `epoch`;
+    /// `None`: it starts empty.
+    pub fn set_restored(
+        &mut self,
+        index: usize,
+        stored: &crate::checkpoint::StepChain,
+        epoch: u64,
+    ) {
+        self.base[index] = Some(Base {
+            full: stored.full.clone(),
+            deltas: stored.deltas.clone(),
+        });
+        self.track[index] = Track {
+            baseline: Some(epoch),
+            root: stored.root,
+            deltas: stored.deltas.len(),
+            delta_bytes: stored.deltas.iter().map(Vec::len).sum(),
+            full_bytes: stored.full.len(),
+        };
+    }
+
+    /// Spreads the chain's full snapshots: with `seed` (say, a hash of the partition) each
+    /// chain takes its full one after a different number of deltas, so the partitions of a
+    /// process do not all pay for a full snapshot at the same checkpoint.
+    pub fn stagger(&mut self, seed: u64) {
+        let half = FULL_EVERY / 2;
+        self.full_every = half + (seed % half as u64) as usize;
+    }
+
+    /// Snapshots every step whole (name, bytes), in order; the journals start over from here,
+    /// and the next [`Chain::checkpoint`] stores whole states too.
     pub fn snapshot(&mut self) -> Result<Vec<(String, Vec<u8>)>, PluginError> {
         let mut states = Vec::with_capacity(self.steps.len());
         for (i, step) in self.steps.iter_mut().enumerate() {
             let state = step.snapshot()?;
-            self.base[i] = Some(state.clone());
+            self.base[i] = Some(Base::whole(state.clone()));
+            self.track[i] = Track::default();
             self.journal[i].clear();
             states.push((step.name().to_string(), state));
+        }
+        self.journal_bytes = 0;
+        self.journal_full = false;
+        Ok(states)
+    }
+
+    /// Each step's state for checkpoint `epoch`, in order; the journals start over from here.
+    /// A step whose plugin gives deltas stores what changed since the checkpoint before (on
+    /// top of its stored state there), and its whole state every [`FULL_EVERY`] checkpoints
+    /// or so, or once its deltas add up to more than the whole state would: a checkpoint
+    /// costs what changed, and a restore reads one full snapshot and a bounded run of deltas.
+    pub fn checkpoint(&mut self, epoch: u64) -> Result<Vec<StepSnapshot>, PluginError> {
+        let mut states = Vec::with_capacity(self.steps.len());
+        for (i, step) in self.steps.iter_mut().enumerate() {
+            let track = &mut self.track[i];
+            // Asked every time the plugin can answer, so its tracking starts over here
+            // whether or not the delta is kept.
+            let delta = if step.incremental() {
+                step.snapshot_delta()?
+            } else {
+                None
+            };
+            let due_full =
+                track.deltas + 1 >= self.full_every || track.delta_bytes > track.full_bytes;
+            let snapshot = match (track.baseline, delta) {
+                (Some(previous), Some(delta)) if !due_full => {
+                    track.deltas += 1;
+                    track.delta_bytes += delta.len();
+                    if let Some(base) = &mut self.base[i] {
+                        base.deltas.push(delta.clone());
+                    }
+                    StepSnapshot {
+                        step: step.name().to_string(),
+                        bytes: delta,
+                        delta_of: Some(previous),
+                        root: track.root,
+                    }
+                }
+                _ => {
+                    let full = step.snapshot()?;
+                    *track = Track {
+                        baseline: None,
+                        root: epoch,
+                        deltas: 0,
+                        delta_bytes: 0,
+                        full_bytes: full.len(),
+                    };
+                    self.base[i] = Some(Base::whole(full.clone()));
+                    StepSnapshot {
+                        step: step.name().to_string(),
+                        bytes: full,
+                        delta_of: None,
+                        root: epoch,
+                    }
+                }
+            };
+            // Only a plugin that keeps deltas has a point to go on from.
+            if step.incremental() {
+                track.baseline = Some(epoch);
+            }
+            self.journal[i].clear();
+            states.push(snapshot);
         }
         self.journal_bytes = 0;
         self.journal_full = false;
@@ -270,7 +439,15 @@ impl Chain {
     /// A fresh instance of step `index` in the state it had after its journal.
     fn recover(&mut self, index: usize) -> Result<(), PluginError> {
         let step = &mut self.steps[index];
-        step.rebuild(self.base[index].as_deref())?;
+        match &self.base[index] {
+            Some(base) => {
+                step.rebuild(Some(&base.full))?;
+                for delta in &base.deltas {
+                    step.restore_delta(delta)?;
+                }
+            }
+            None => step.rebuild(None)?,
+        }
         for entry in &self.journal[index] {
             match entry {
                 Entry::Batch(b) => step.process(b).map(|_| ())?,

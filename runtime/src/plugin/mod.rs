@@ -19,7 +19,10 @@ use wasmtime::component::Linker;
 use wasmtime::{Config, Engine};
 
 pub use cache::{COMPILATIONS, LoadStats, default_dir as default_cache_dir};
-pub use chain::{Chain, ChainOutput, JOURNAL_CHECKPOINT, RefusedBatch, RejectedRows, StepParts};
+pub use chain::{
+    Base, Chain, ChainOutput, JOURNAL_CHECKPOINT, RefusedBatch, RejectedRows, StepParts,
+    StepSnapshot,
+};
 pub use error::{ErrorKind, PluginError, PluginFault};
 pub use step::{Grants, NativeFactory, Rejection, Step, StepOutput, StepTimings, same_fields};
 
@@ -30,6 +33,19 @@ pub(crate) mod bindings {
     wasmtime::component::bindgen!({
         world: "plugin",
         path: "../wit",
+    });
+}
+
+/// The optional `incremental` export (incremental checkpoints), looked up apart from the
+/// `plugin` world's exports, so plugins without it load as before.
+pub(crate) mod incremental_bindings {
+    wasmtime::component::bindgen!({
+        world: "incremental-plugin",
+        path: "../wit",
+        with: {
+            "flowgate:plugin/types": super::bindings::flowgate::plugin::types,
+            "flowgate:plugin/log": super::bindings::flowgate::plugin::log,
+        },
     });
 }
 
@@ -161,6 +177,9 @@ impl PluginHost {
             message: format!("{e:#}"),
         };
         let pre = self.linker.instantiate_pre(&component).map_err(invalid)?;
+        let incremental =
+            incremental_bindings::exports::flowgate::plugin::incremental::GuestIndices::new(&pre)
+                .ok();
         let pre = bindings::PluginPre::new(pre).map_err(invalid)?;
         let name = path
             .file_stem()
@@ -172,6 +191,7 @@ impl PluginHost {
                 name,
                 path: path.to_path_buf(),
                 pre,
+                incremental,
                 engine: self.engine.clone(),
                 config: self.config.clone(),
             }),

@@ -16,6 +16,7 @@ use wasmtime_wasi::{
 
 use super::bindings::flowgate::plugin::{log, types};
 use super::bindings::{self, PluginPre};
+use super::incremental_bindings::exports::flowgate::plugin::incremental;
 use super::{EPOCH_TICK, HostConfig, PluginError, PluginFault, PluginInfo};
 use flowgate_sdk::columns::describe_schema;
 
@@ -32,6 +33,8 @@ pub(crate) struct Loaded {
     pub(crate) name: String,
     pub(crate) path: PathBuf,
     pub(crate) pre: PluginPre<HostState>,
+    /// Where the optional `incremental` export is, if the plugin has it.
+    pub(crate) incremental: Option<incremental::GuestIndices>,
     pub(crate) engine: Engine,
     pub(crate) config: HostConfig,
 }
@@ -177,21 +180,35 @@ impl Loaded {
         &self,
         step: &str,
         grants: Grants,
-    ) -> Result<(Store<HostState>, bindings::Plugin), PluginError> {
+    ) -> Result<(Store<HostState>, Exports), PluginError> {
         let mut store = self.store(step, grants);
+        let invalid = |e: wasmtime::Error| PluginError::Invalid {
+            path: self.path.clone(),
+            message: format!("{e:#}"),
+        };
         let instance = self
             .pre
+            .instance_pre()
             .instantiate(&mut store)
-            .map_err(|e| PluginError::Invalid {
-                path: self.path.clone(),
-                message: format!("{e:#}"),
-            })?;
-        Ok((store, instance))
+            .map_err(invalid)?;
+        let plugin = bindings::Plugin::new(&mut store, &instance).map_err(invalid)?;
+        let incremental = match &self.incremental {
+            Some(indices) => Some(indices.load(&mut store, &instance).map_err(invalid)?),
+            None => None,
+        };
+        Ok((
+            store,
+            Exports {
+                plugin,
+                incremental,
+            },
+        ))
     }
 
     pub(crate) fn info(&self) -> Result<PluginInfo, PluginError> {
         let (mut store, instance) = self.instantiate("info", Grants::default())?;
         let info = instance
+            .plugin
             .flowgate_plugin_transform()
             .call_info(&mut store)
             .map_err(|e| classify(e, &store, &self.name, "info", "info", &self.config))?;
@@ -300,18 +317,24 @@ pub type NativeFactory = Arc<
         + Sync,
 >;
 
+/// What an instance exports: the `plugin` world's `transform`, and `incremental` if it has it.
+struct Exports {
+    plugin: bindings::Plugin,
+    incremental: Option<incremental::Guest>,
+}
+
 /// A sandboxed WebAssembly instance of the plugin.
 struct Instance {
     loaded: Arc<Loaded>,
     grants: Grants,
     store: Store<HostState>,
-    bindings: bindings::Plugin,
+    bindings: Exports,
     transformer: ResourceAny,
     discarded: bool,
 }
 
 enum Backend {
-    Wasm(Instance),
+    Wasm(Box<Instance>),
     Native {
         factory: NativeFactory,
         transform: Box<dyn DynTransform>,
@@ -359,7 +382,7 @@ impl Instance {
         let schema_bytes = ipc::encode_schema(input)
             .map_err(|e| protocol(format!("encoding the input schema: {e}")))?;
         store.set_epoch_deadline(deadline_ticks(loaded.config.call_timeout));
-        let created = instance.flowgate_plugin_transform().call_create(
+        let created = instance.plugin.flowgate_plugin_transform().call_create(
             &mut store,
             config_json,
             &schema_bytes,
@@ -409,7 +432,7 @@ impl Instance {
         call: &'static str,
         f: impl FnOnce(
             &mut Store<HostState>,
-            &bindings::Plugin,
+            &Exports,
             ResourceAny,
         ) -> wasmtime::Result<Result<R, types::Error>>,
     ) -> Result<R, PluginError> {
@@ -476,7 +499,7 @@ impl Step {
             config_json: config_json.to_string(),
             input: input.clone(),
             output,
-            backend: Backend::Wasm(instance),
+            backend: Backend::Wasm(Box::new(instance)),
             timings: StepTimings::default(),
         })
     }
@@ -556,7 +579,7 @@ impl Step {
                     &self.input,
                     instance.grants,
                 )?;
-                *instance = fresh;
+                **instance = fresh;
                 self.output = output;
             }
             Backend::Native { factory, transform } => {
@@ -699,8 +722,9 @@ impl Step {
         let encoded = encoding.elapsed();
         let output = match &mut self.backend {
             Backend::Wasm(instance) => {
-                instance.call(&self.name, "process", |store, plugin, t| {
-                    plugin
+                instance.call(&self.name, "process", |store, exports, t| {
+                    exports
+                        .plugin
                         .flowgate_plugin_transform()
                         .transformer()
                         .call_process(store, t, &bytes)
@@ -735,8 +759,9 @@ impl Step {
                 return self.native_output("on-watermark", output, 0);
             }
             Backend::Wasm(instance) => {
-                instance.call(&self.name, "on-watermark", |store, plugin, t| {
-                    plugin
+                instance.call(&self.name, "on-watermark", |store, exports, t| {
+                    exports
+                        .plugin
                         .flowgate_plugin_transform()
                         .transformer()
                         .call_on_watermark(store, t, ts_ms)
@@ -767,12 +792,63 @@ impl Step {
             Backend::Native { transform, .. } => transform
                 .snapshot()
                 .map_err(|e| self.native_error("snapshot", e)),
-            Backend::Wasm(instance) => instance.call(&self.name, "snapshot", |store, plugin, t| {
-                plugin
-                    .flowgate_plugin_transform()
-                    .transformer()
-                    .call_snapshot(store, t)
-            }),
+            Backend::Wasm(instance) => {
+                instance.call(&self.name, "snapshot", |store, exports, t| {
+                    exports
+                        .plugin
+                        .flowgate_plugin_transform()
+                        .transformer()
+                        .call_snapshot(store, t)
+                })
+            }
+        }
+    }
+
+    /// Whether the plugin can give state deltas (incremental checkpoints): a native step
+    /// always may; a WASM one if it exports `incremental`.
+    pub fn incremental(&self) -> bool {
+        match &self.backend {
+            Backend::Native { .. } => true,
+            Backend::Wasm(instance) => instance.bindings.incremental.is_some(),
+        }
+    }
+
+    /// What changed in the plugin's state since the last delta or restore (see the WIT's
+    /// `incremental` interface); `None` when the plugin cannot tell or keeps no deltas.
+    pub fn snapshot_delta(&mut self) -> Result<Option<Vec<u8>>, PluginError> {
+        match &mut self.backend {
+            Backend::Native { transform, .. } => transform
+                .snapshot_delta()
+                .map_err(|e| self.native_error("snapshot-delta", e)),
+            Backend::Wasm(instance) if instance.bindings.incremental.is_none() => Ok(None),
+            Backend::Wasm(instance) => instance.call(
+                &self.name,
+                "snapshot-delta",
+                |store, exports, t| match &exports.incremental {
+                    Some(incremental) => incremental.call_snapshot_delta(store, t),
+                    None => Ok(Ok(None)),
+                },
+            ),
+        }
+    }
+
+    /// Applies a delta [`Step::snapshot_delta`] gave, on top of the state restored so far.
+    pub fn restore_delta(&mut self, delta: &[u8]) -> Result<(), PluginError> {
+        match &mut self.backend {
+            Backend::Native { transform, .. } => transform
+                .restore_delta(delta)
+                .map_err(|e| self.native_error("restore-delta", e)),
+            Backend::Wasm(instance) => instance.call(
+                &self.name,
+                "restore-delta",
+                |store, exports, t| match &exports.incremental {
+                    Some(incremental) => incremental.call_restore_delta(store, t, delta),
+                    None => Ok(Err(types::Error::BadInput(
+                        "the plugin takes no state deltas (it does not export `incremental`)"
+                            .into(),
+                    ))),
+                },
+            ),
         }
     }
 
@@ -782,8 +858,9 @@ impl Step {
             Backend::Native { transform, .. } => transform
                 .restore(state)
                 .map_err(|e| self.native_error("restore", e)),
-            Backend::Wasm(instance) => instance.call(&self.name, "restore", |store, plugin, t| {
-                plugin
+            Backend::Wasm(instance) => instance.call(&self.name, "restore", |store, exports, t| {
+                exports
+                    .plugin
                     .flowgate_plugin_transform()
                     .transformer()
                     .call_restore(store, t, state)

@@ -9,5 +9,6 @@ mod common;
 mod config;
 mod fuzz_regressions;
 mod harness;
+mod incremental;
 mod sandbox;
 mod wasm_vs_native;

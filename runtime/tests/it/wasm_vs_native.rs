@@ -56,6 +56,12 @@ impl Instance for Wasm {
     fn restore(&mut self, state: &[u8]) -> flowgate_sdk::Result<()> {
         self.0.restore(state).map_err(sdk_error)
     }
+    fn snapshot_delta(&mut self) -> flowgate_sdk::Result<Option<Vec<u8>>> {
+        self.0.snapshot_delta().map_err(sdk_error)
+    }
+    fn restore_delta(&mut self, delta: &[u8]) -> flowgate_sdk::Result<()> {
+        self.0.restore_delta(delta).map_err(sdk_error)
+    }
 }
 
 fn compare<T: Transform>(wasm: &str, scenarios: Vec<Scenario>) {
