@@ -103,3 +103,35 @@ fn dedup_checkpoints_store_what_changed_and_a_chain_restored_from_them_remembers
     let fourth = restored.checkpoint(4).expect("checkpoint").remove(0);
     assert_eq!((fourth.delta_of, fourth.root), (Some(3), 1));
 }
+
+#[test]
+fn a_plugin_built_without_the_incremental_export_loads_and_is_checkpointed_whole() {
+    let host = common::host();
+    let plugin = host
+        .load(&common::plugin("flowgate_test_plain"))
+        .expect("a plugin of the contract without `incremental` loads");
+    let step = plugin
+        .instantiate("plain", "{}", &schema(), Grants::default())
+        .expect("create");
+    assert!(!step.incremental());
+    let mut chain = Chain::new(vec![step]);
+    for epoch in 1..=3u64 {
+        assert_eq!(rows_out(&mut chain, keys(0, 10)), 10);
+        let state = chain.checkpoint(epoch).expect("checkpoint").remove(0);
+        assert_eq!(
+            (state.delta_of, state.root),
+            (None, epoch),
+            "whole every time"
+        );
+        assert_eq!(state.bytes, epoch.to_le_bytes(), "its count of batches");
+    }
+    // Asked to apply a delta all the same, the host refuses it as bad input, not a trap.
+    let refused = chain.steps_mut()[0]
+        .restore_delta(b"delta")
+        .expect_err("no deltas")
+        .to_string();
+    assert!(
+        refused.contains("does not export `incremental`"),
+        "{refused}"
+    );
+}
