@@ -1171,11 +1171,13 @@ impl PartitionTask {
     }
 
     /// At an epoch barrier: finish what was taken, let an idle partition's watermark follow the
-    /// others', and snapshot the steps if anything changed.
+    /// others', and snapshot the steps if anything changed (in a `hurry`, a full snapshot that
+    /// is due waits for a later barrier, see [`crate::plugin::Chain::checkpoint`]).
     pub fn barrier(
         &mut self,
         epoch: u64,
         idle_watermark: Option<i64>,
+        hurry: bool,
     ) -> Result<Option<TaskCheckpoint>, RunError> {
         self.process(epoch)?;
         match (&self.ctx.role, idle_watermark) {
@@ -1210,7 +1212,7 @@ impl PartitionTask {
         let snapshotting = Instant::now();
         let snapshots = self
             .chain
-            .checkpoint(next)
+            .checkpoint(next, hurry)
             .map_err(|source| RunError::Plugin {
                 location: format!("partition `{}/{}`", self.key.0, self.key.1),
                 source: Box::new(source),

@@ -163,7 +163,10 @@ fn work(
                 let mut checkpoints = Vec::new();
                 let mut appended = HashMap::new();
                 for (key, task) in tasks.iter_mut() {
-                    if let Some(cp) = task.barrier(closing, idle.get(key).copied())? {
+                    // A swap holds input back until this barrier is done: a full snapshot
+                    // that is due waits for the next one.
+                    let hurry = swap.is_some();
+                    if let Some(cp) = task.barrier(closing, idle.get(key).copied(), hurry)? {
                         checkpoints.push(cp);
                     }
                     task.report_memory();

@@ -342,7 +342,13 @@ impl Chain {
     /// top of its stored state there), and its whole state every [`FULL_EVERY`] checkpoints
     /// or so, or once its deltas add up to more than the whole state would: a checkpoint
     /// costs what changed, and a restore reads one full snapshot and a bounded run of deltas.
-    pub fn checkpoint(&mut self, epoch: u64) -> Result<Vec<StepSnapshot>, PluginError> {
+    /// In a `hurry` (input is held back for this checkpoint: a live swap) a full snapshot that
+    /// is due waits, up to twice as many deltas.
+    pub fn checkpoint(
+        &mut self,
+        epoch: u64,
+        hurry: bool,
+    ) -> Result<Vec<StepSnapshot>, PluginError> {
         let mut states = Vec::with_capacity(self.steps.len());
         for (i, step) in self.steps.iter_mut().enumerate() {
             let track = &mut self.track[i];
@@ -353,8 +359,9 @@ impl Chain {
             } else {
                 None
             };
-            let due_full =
-                track.deltas + 1 >= self.full_every || track.delta_bytes > track.full_bytes;
+            let slack = if hurry { 2 } else { 1 };
+            let due_full = track.deltas + 1 >= self.full_every * slack
+                || track.delta_bytes > track.full_bytes * slack;
             let snapshot = match (track.baseline, delta) {
                 (Some(previous), Some(delta)) if !due_full => {
                     track.deltas += 1;
@@ -694,6 +701,123 @@ mod tests {
             ))
         });
         Step::native(factory, name, name, "{}", schema).unwrap()
+    }
+
+    /// Counts rows. Its whole state is the count and 1,000 bytes of padding; a delta is the
+    /// rows counted since the last one, and a byte per row.
+    struct Counter {
+        n: u64,
+        since: u64,
+    }
+
+    impl DynTransform for Counter {
+        fn process(&mut self, batch: RecordBatch) -> flowgate_sdk::Result<Output> {
+            self.n += batch.num_rows() as u64;
+            self.since += batch.num_rows() as u64;
+            Ok(Output::batch(batch))
+        }
+        fn on_watermark(&mut self, _ts_ms: i64) -> flowgate_sdk::Result<Output> {
+            Ok(Output::empty())
+        }
+        fn snapshot(&self) -> flowgate_sdk::Result<Vec<u8>> {
+            let mut state = self.n.to_le_bytes().to_vec();
+            state.resize(8 + 1000, 0);
+            Ok(state)
+        }
+        fn restore(&mut self, state: &[u8]) -> flowgate_sdk::Result<()> {
+            self.n = u64::from_le_bytes(state[..8].try_into().expect("8 bytes"));
+            self.since = 0;
+            Ok(())
+        }
+        fn snapshot_delta(&mut self) -> flowgate_sdk::Result<Option<Vec<u8>>> {
+            let since = std::mem::take(&mut self.since);
+            let mut delta = since.to_le_bytes().to_vec();
+            delta.resize(8 + since as usize, 0);
+            Ok(Some(delta))
+        }
+        fn restore_delta(&mut self, delta: &[u8]) -> flowgate_sdk::Result<()> {
+            self.n += u64::from_le_bytes(delta[..8].try_into().expect("8 bytes"));
+            self.since = 0;
+            Ok(())
+        }
+    }
+
+    fn counter(schema: &SchemaRef) -> Step {
+        let factory: NativeFactory = Arc::new(|_config: &str, input: &SchemaRef| {
+            Ok((
+                Box::new(Counter { n: 0, since: 0 }) as Box<dyn DynTransform>,
+                input.clone(),
+            ))
+        });
+        Step::native(factory, "counter", "counter", "{}", schema).unwrap()
+    }
+
+    #[test]
+    fn checkpoints_store_deltas_between_full_snapshots_and_a_hurry_puts_a_full_one_off() {
+        let schema: SchemaRef =
+            Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let rows = |n: i64| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(Int64Array::from_iter_values(0..n))],
+            )
+            .unwrap()
+        };
+        let mut chain = Chain::new(vec![counter(&schema)]);
+        chain.stagger(0); // a full snapshot after 15 deltas
+        let mut stored: Vec<StepSnapshot> = Vec::new();
+        for epoch in 1..=40u64 {
+            chain.process(rows(1)).unwrap();
+            // At 17, where a full one is due, the barrier is in a hurry: a delta still.
+            let hurry = epoch == 17;
+            stored.push(chain.checkpoint(epoch, hurry).unwrap().remove(0));
+        }
+        let full: Vec<u64> = (1..=40u64)
+            .filter(|&e| stored[e as usize - 1].delta_of.is_none())
+            .collect();
+        assert_eq!(
+            full,
+            [1, 18, 34],
+            "whole at the start, then after 15 deltas"
+        );
+        for (i, s) in stored.iter().enumerate() {
+            let epoch = i as u64 + 1;
+            if let Some(previous) = s.delta_of {
+                assert_eq!(
+                    previous,
+                    epoch - 1,
+                    "a delta goes on from the checkpoint before"
+                );
+                assert_eq!(s.root, *full.iter().rfind(|&&f| f < epoch).unwrap());
+            }
+        }
+        // The state at 40 from the whole one at 34 and the deltas after it: 40 rows.
+        let chain_at_40 = crate::checkpoint::StepChain {
+            step: "counter".into(),
+            full: stored[33].bytes.clone(),
+            deltas: stored[34..].iter().map(|s| s.bytes.clone()).collect(),
+            root: 34,
+        };
+        let mut restored = Chain::new(vec![counter(&schema)]);
+        restored.restore_stored(0, &chain_at_40, 40).unwrap();
+        assert_eq!(restored.snapshot().unwrap()[0].1[..8], 40u64.to_le_bytes());
+
+        // Deltas that outgrow the whole state bring the next full snapshot forward.
+        let mut chain = Chain::new(vec![counter(&schema)]);
+        chain.process(rows(1)).unwrap();
+        assert!(chain.checkpoint(1, false).unwrap()[0].delta_of.is_none());
+        chain.process(rows(1)).unwrap();
+        let small = chain.checkpoint(2, false).unwrap().remove(0);
+        assert_eq!(small.delta_of, Some(1));
+        let mut n = 2u64;
+        for epoch in 3..6 {
+            chain.process(rows(600)).unwrap();
+            n += 600;
+            let s = chain.checkpoint(epoch, false).unwrap().remove(0);
+            // 1,008 bytes whole; deltas of 9, 608 and 608 bytes: past it after the third.
+            assert_eq!(s.delta_of.is_none(), epoch == 5, "epoch {epoch}");
+        }
+        assert_eq!(chain.snapshot().unwrap()[0].1[..8], n.to_le_bytes());
     }
 
     #[test]

@@ -60,7 +60,7 @@ fn dedup_checkpoints_store_what_changed_and_a_chain_restored_from_them_remembers
     assert!(step.incremental(), "dedup.wasm exports `incremental`");
     let mut chain = Chain::new(vec![step]);
     assert_eq!(rows_out(&mut chain, keys(0, 20_000)), 20_000);
-    let first = chain.checkpoint(1).expect("checkpoint").remove(0);
+    let first = chain.checkpoint(1, false).expect("checkpoint").remove(0);
     assert_eq!(
         (first.delta_of, first.root),
         (None, 1),
@@ -68,7 +68,7 @@ fn dedup_checkpoints_store_what_changed_and_a_chain_restored_from_them_remembers
     );
 
     assert_eq!(rows_out(&mut chain, keys(20_000, 20_100)), 100);
-    let second = chain.checkpoint(2).expect("checkpoint").remove(0);
+    let second = chain.checkpoint(2, false).expect("checkpoint").remove(0);
     assert_eq!((second.delta_of, second.root), (Some(1), 1));
     assert!(
         second.bytes.len() * 50 < first.bytes.len(),
@@ -77,7 +77,7 @@ fn dedup_checkpoints_store_what_changed_and_a_chain_restored_from_them_remembers
         first.bytes.len()
     );
     assert_eq!(rows_out(&mut chain, keys(20_100, 20_200)), 100);
-    let third = chain.checkpoint(3).expect("checkpoint").remove(0);
+    let third = chain.checkpoint(3, false).expect("checkpoint").remove(0);
     assert_eq!((third.delta_of, third.root), (Some(2), 1));
 
     // A fresh instance restored from the full snapshot and both deltas knows all 20,200 keys.
@@ -100,7 +100,7 @@ fn dedup_checkpoints_store_what_changed_and_a_chain_restored_from_them_remembers
         "only k20200 is new"
     );
     // And its next checkpoint goes on from checkpoint 3.
-    let fourth = restored.checkpoint(4).expect("checkpoint").remove(0);
+    let fourth = restored.checkpoint(4, false).expect("checkpoint").remove(0);
     assert_eq!((fourth.delta_of, fourth.root), (Some(3), 1));
 }
 
@@ -117,7 +117,10 @@ fn a_plugin_built_without_the_incremental_export_loads_and_is_checkpointed_whole
     let mut chain = Chain::new(vec![step]);
     for epoch in 1..=3u64 {
         assert_eq!(rows_out(&mut chain, keys(0, 10)), 10);
-        let state = chain.checkpoint(epoch).expect("checkpoint").remove(0);
+        let state = chain
+            .checkpoint(epoch, false)
+            .expect("checkpoint")
+            .remove(0);
         assert_eq!(
             (state.delta_of, state.root),
             (None, epoch),
