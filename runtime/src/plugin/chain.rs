@@ -314,8 +314,9 @@ impl Chain {
     }
 
     /// Spreads the chain's full snapshots: with `seed` (say, a hash of the partition) each
-    /// chain takes its full one after a different number of deltas, so the partitions of a
-    /// process do not all pay for a full snapshot at the same checkpoint.
+    /// chain takes its full one after a different number of deltas (16 to 31), or of delta
+    /// bytes (1 to 2 times the whole state's), so the partitions of a process do not all pay
+    /// for a full snapshot at the same checkpoint.
     pub fn stagger(&mut self, seed: u64) {
         let half = FULL_EVERY / 2;
         self.full_every = half + (seed % half as u64) as usize;
@@ -359,9 +360,13 @@ impl Chain {
             } else {
                 None
             };
+            // The bytes rule is staggered like the count (once the deltas pass 1 to 2 times
+            // the whole state), or partitions that grow alike would all take a full one at
+            // the same barrier.
             let slack = if hurry { 2 } else { 1 };
             let due_full = track.deltas + 1 >= self.full_every * slack
-                || track.delta_bytes > track.full_bytes * slack;
+                || track.delta_bytes * (FULL_EVERY / 2)
+                    > track.full_bytes * self.full_every * slack;
             let snapshot = match (track.baseline, delta) {
                 (Some(previous), Some(delta)) if !due_full => {
                     track.deltas += 1;
@@ -804,6 +809,7 @@ mod tests {
 
         // Deltas that outgrow the whole state bring the next full snapshot forward.
         let mut chain = Chain::new(vec![counter(&schema)]);
+        chain.stagger(0); // once they pass 1 time the whole state
         chain.process(rows(1)).unwrap();
         assert!(chain.checkpoint(1, false).unwrap()[0].delta_of.is_none());
         chain.process(rows(1)).unwrap();
