@@ -1223,7 +1223,7 @@ impl PartitionTask {
             partition = self.key.1,
             epoch = %crate::checkpoint::epoch_label(next),
             took_ms = snapshotting.elapsed().as_secs_f64() * 1e3,
-            steps = ?snapshots.iter().map(|s| format!("{}: {} bytes{}", s.step, s.bytes.len(), if s.delta_of.is_some() { " (delta)" } else { "" })).collect::<Vec<_>>(),
+            steps = ?snapshots.iter().map(|s| format!("{}: {} bytes{} in {:.1} ms", s.step, s.bytes.len(), if s.delta_of.is_some() { " (delta)" } else { "" }, s.took.as_secs_f64() * 1e3)).collect::<Vec<_>>(),
             "steps' state taken"
         );
         let root = snapshots

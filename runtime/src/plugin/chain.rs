@@ -114,6 +114,8 @@ pub struct StepSnapshot {
     pub delta_of: Option<u64>,
     /// The checkpoint holding the full snapshot this step's state goes back to.
     pub root: u64,
+    /// How long taking it took (the plugin's calls and the copies).
+    pub took: std::time::Duration,
 }
 
 /// Steps in order, for one partition.
@@ -352,6 +354,7 @@ impl Chain {
     ) -> Result<Vec<StepSnapshot>, PluginError> {
         let mut states = Vec::with_capacity(self.steps.len());
         for (i, step) in self.steps.iter_mut().enumerate() {
+            let started = std::time::Instant::now();
             let track = &mut self.track[i];
             // Asked every time the plugin can answer, so its tracking starts over here
             // whether or not the delta is kept.
@@ -379,6 +382,7 @@ impl Chain {
                         bytes: delta,
                         delta_of: Some(previous),
                         root: track.root,
+                        took: started.elapsed(),
                     }
                 }
                 _ => {
@@ -396,6 +400,7 @@ impl Chain {
                         bytes: full,
                         delta_of: None,
                         root: epoch,
+                        took: started.elapsed(),
                     }
                 }
             };
