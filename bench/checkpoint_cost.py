@@ -36,7 +36,9 @@ with open(work / "log", "w") as err:
 log = (work / "log").read_text()
 rows = []
 for line in log.splitlines():
-    m = re.search(r"took_ms=([\d.]+).*\"dedup: (\d+) bytes( \(delta\))?\"", line)
-    if m: rows.append((float(m.group(1)), int(m.group(2)), bool(m.group(3))))
-for i, (ms, b, d) in enumerate(rows):
-    print(f"{i+1:3d} {'delta' if d else 'whole'} {b/1e6:8.2f} MB dedup, all steps taken in {ms:7.1f} ms")
+    m = re.search(r"took_ms=([\d.]+).*\"dedup: (\d+) bytes( \(delta\))? in ([\d.]+) ms", line)
+    if m:
+        rows.append((float(m.group(1)), int(m.group(2)), bool(m.group(3)), float(m.group(4))))
+for i, (ms, b, d, dedup_ms) in enumerate(rows):
+    print(f"{i+1:3d} {'delta' if d else 'whole'} {b/1e6:8.2f} MB dedup in {dedup_ms:6.1f} ms; "
+          f"all steps taken in {ms:7.1f} ms")
