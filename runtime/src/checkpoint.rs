@@ -166,15 +166,16 @@ impl PartitionState {
     }
 }
 
-/// Each step's state of `state` (stored as `epoch` of `topic`/`partition`) as a restore needs
-/// it: a step stored as a delta is followed back through the checkpoints it goes on from to its
-/// full snapshot.
+/// The steps' states of checkpoint `epoch` of `topic`/`partition` (taken from its
+/// [`PartitionState`], so the bytes are moved, not copied) as a restore needs them: a step
+/// stored as a delta is followed back through the checkpoints it goes on from to its full
+/// snapshot.
 pub fn resolve(
     store: &dyn StateStore,
     topic: &str,
     partition: i32,
     epoch: u64,
-    state: &PartitionState,
+    steps: Vec<StepState>,
 ) -> Result<Vec<StepChain>, CheckpointError> {
     let mut loaded: std::collections::HashMap<u64, PartitionState> =
         std::collections::HashMap::new();
@@ -184,47 +185,44 @@ pub fn resolve(
     };
     // Of an earlier state only the steps stored as deltas here are read: the others' bytes
     // are dropped as soon as it is loaded.
-    let wanted: Vec<&str> = state
-        .steps
+    let wanted: Vec<String> = steps
         .iter()
         .filter(|s| s.delta_of.is_some())
-        .map(|s| s.step.as_str())
+        .map(|s| s.step.clone())
         .collect();
-    let mut chains = Vec::with_capacity(state.steps.len());
-    for step in &state.steps {
+    let mut chains = Vec::with_capacity(steps.len());
+    for step in steps {
         let mut deltas = Vec::new();
-        let mut at = step.clone();
+        let name = step.step.clone();
+        let mut at = step;
         let mut root = epoch;
         while let Some(previous) = at.delta_of {
             if deltas.len() >= MAX_DELTA_CHAIN {
                 return Err(missing(format!(
-                    "step `{}`: its state deltas go back more than {MAX_DELTA_CHAIN} checkpoints (do their links loop?)",
-                    step.step
+                    "step `{name}`: its state deltas go back more than {MAX_DELTA_CHAIN} checkpoints (do their links loop?)"
                 )));
             }
             deltas.push(std::mem::take(&mut at.snapshot));
             if let std::collections::hash_map::Entry::Vacant(slot) = loaded.entry(previous) {
                 let earlier = store.load(topic, partition, previous)?.ok_or_else(|| {
                     missing(format!(
-                        "step `{}`: its state is a delta on top of checkpoint {}, which is not in the store",
-                        step.step,
+                        "step `{name}`: its state is a delta on top of checkpoint {}, which is not in the store",
                         epoch_label(previous)
                     ))
                 })?;
                 let mut earlier = earlier;
-                earlier.steps.retain(|s| wanted.contains(&s.step.as_str()));
+                earlier.steps.retain(|s| wanted.contains(&s.step));
                 slot.insert(earlier);
             }
             let earlier = &loaded[&previous];
             at = earlier
                 .steps
                 .iter()
-                .find(|s| s.step == step.step)
+                .find(|s| s.step == name)
                 .cloned()
                 .ok_or_else(|| {
                     missing(format!(
-                        "step `{}`: its state is a delta on top of checkpoint {}, which holds no state for it",
-                        step.step,
+                        "step `{name}`: its state is a delta on top of checkpoint {}, which holds no state for it",
                         epoch_label(previous)
                     ))
                 })?;
@@ -232,7 +230,7 @@ pub fn resolve(
         }
         deltas.reverse();
         chains.push(StepChain {
-            step: step.step.clone(),
+            step: name,
             full: at.snapshot,
             deltas,
             root,
@@ -964,7 +962,7 @@ mod tests {
         );
         store.save("t", 0, 4, &four).unwrap();
         assert_eq!(four.needs_from(4), 1);
-        let chains = resolve(&store, "t", 0, 4, &four).unwrap();
+        let chains = resolve(&store, "t", 0, 4, four.steps.clone()).unwrap();
         assert_eq!(
             chains,
             vec![
@@ -984,7 +982,9 @@ mod tests {
         );
         // A link to a checkpoint that is gone is an error that names it, never a silent reset.
         store.prune("t", 0, 2).unwrap();
-        let gone = resolve(&store, "t", 0, 4, &four).unwrap_err().to_string();
+        let gone = resolve(&store, "t", 0, 4, four.steps.clone())
+            .unwrap_err()
+            .to_string();
         assert!(
             gone.contains("step `dedup`")
                 && gone.contains("checkpoint 1")

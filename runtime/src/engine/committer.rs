@@ -487,14 +487,16 @@ impl Committer {
         }
         // A durable sink that holds nothing starts the replay from the beginning.
         let lowest = durable.iter().map(|&i| positions[i]).min().flatten();
-        let (start, state) = match lowest {
+        let (start, mut state) = match lowest {
             Some(p) => (p.offset, self.load_for(key, p)?),
             None => (-1, None),
         };
-        // Each step's state as a restore needs it: deltas followed back to full snapshots.
+        // Each step's state as a restore needs it: deltas followed back to full snapshots (the
+        // bytes move out of `state`, whose other fields the task still reads).
         let mut steps = Vec::new();
-        if let (Some(s), Some(p)) = (&state, lowest) {
-            match crate::checkpoint::resolve(self.store.as_ref(), &key.0, key.1, p.epoch, s) {
+        if let (Some(s), Some(p)) = (&mut state, lowest) {
+            let saved = std::mem::take(&mut s.steps);
+            match crate::checkpoint::resolve(self.store.as_ref(), &key.0, key.1, p.epoch, saved) {
                 Ok(resolved) => steps = resolved,
                 // The rest of the state (watermark, lineage, source marks) still holds.
                 Err(e) if self.reset_state => {

@@ -300,16 +300,8 @@ impl PartitionTask {
                         location: format!("partition `{}/{}`", self.key.0, self.key.1),
                         source: Box::new(source),
                     })?;
-            let whole = StepChain {
-                step: name.clone(),
-                full: state,
-                deltas: Vec::new(),
-                root: 0,
-            };
-            match restore_step(&ctx.plan, index, &mut step, &whole, &self.key) {
-                Ok(restored) => {
-                    fresh.push(Some(StepParts::fresh(step, restored.then_some(whole.full))))
-                }
+            match restore_step(&ctx.plan, index, &mut step, &state, &[], &self.key) {
+                Ok(restored) => fresh.push(Some(StepParts::fresh(step, restored.then_some(state)))),
                 Err(e) => return Ok(SwapReady::Refused(e.to_string())),
             }
         }
@@ -1343,7 +1335,14 @@ fn restore_chain(
             );
             continue;
         };
-        let restored = restore_step(plan, index, &mut chain.steps_mut()[index], state, key)?;
+        let restored = restore_step(
+            plan,
+            index,
+            &mut chain.steps_mut()[index],
+            &state.full,
+            &state.deltas,
+            key,
+        )?;
         if restored {
             chain.set_restored(index, state, epoch);
         }
@@ -1356,7 +1355,8 @@ fn restore_chain(
     Ok(())
 }
 
-/// Restores step `index` of `plan` (the instance `step`) from `state`: `true` if restored,
+/// Restores step `index` of `plan` (the instance `step`) from the full snapshot `full` and the
+/// `deltas` after it: `true` if restored,
 /// `false` if the plugin refused it and the step says `state: reset` (it starts empty, from a
 /// fresh instance). A refusal otherwise is [`RunError::StateRefused`]; a trap, a timeout or the
 /// memory cap while restoring is a failure, never a reason to drop state.
@@ -1364,12 +1364,12 @@ fn restore_step(
     plan: &Plan,
     index: usize,
     step: &mut crate::plugin::Step,
-    state: &StepChain,
+    full: &[u8],
+    deltas: &[Vec<u8>],
     key: &PartitionKey,
 ) -> Result<bool, RunError> {
-    let restored = step.restore(&state.full).and_then(|()| {
-        state
-            .deltas
+    let restored = step.restore(full).and_then(|()| {
+        deltas
             .iter()
             .try_for_each(|delta| step.restore_delta(delta))
     });

@@ -820,7 +820,6 @@ impl Step {
             Backend::Native { transform, .. } => transform
                 .snapshot_delta()
                 .map_err(|e| self.native_error("snapshot-delta", e)),
-            Backend::Wasm(instance) if instance.bindings.incremental.is_none() => Ok(None),
             Backend::Wasm(instance) => instance.call(
                 &self.name,
                 "snapshot-delta",
