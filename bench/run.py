@@ -432,9 +432,9 @@ def part_latency(args, work, results, max_rate):
     `linger.ms=0`) through the embedded broker. Tansu is not used here: its memory storage returns
     nothing to a fetch that starts inside a multi-record batch, which a live producer makes."""
     results["latency"] = {"rate": int(max_rate * 0.5), "max_rate": max_rate, "runs": {}}
-    for share, label, batch in [(0.5, "shipped batch settings (max_wait 500ms)", None),
-                                (0.5, "max_wait 1ms", {"max_wait": "1ms"}),
-                                (0.1, "max_wait 1ms, 10% load", {"max_wait": "1ms"})]:
+    for share, label, batch in [(0.5, "shipped batch settings (adaptive: `linger: 0ms`)", None),
+                                (0.5, "fixed batches (`linger: 500ms`, the old default)", {"linger": "500ms"}),
+                                (0.1, "shipped batch settings, 10% load", None)]:
         rate = int(max_rate * share)
         name = f"latency-{len(results['latency']['runs'])}"
         pipeline = derive(work, name, generator_source(rate), batch)

@@ -371,16 +371,24 @@ fn thirty_seconds() -> Duration {
     Duration::from_millis(30_000)
 }
 
-/// Batch bounds: a batch closes at `max_records` or after `max_wait`, whichever comes first.
+/// Batch bounds: a batch closes at `max_records`, after `max_wait`, or once nothing more of the
+/// input is ready and its newest record has waited `linger`, whichever comes first. With the
+/// default `linger: 0ms` the batch size follows the load: a slow input is processed record run
+/// by record run as it arrives, and under load records pile up while the previous batch is
+/// processed, so batches grow towards `max_records` on their own.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchSpec {
     /// Most records per batch.
     #[serde(default = "default_max_records")]
     pub max_records: usize,
-    /// Longest a record waits for its batch to fill.
+    /// Longest a record waits for its batch to fill while more input keeps coming.
     #[serde(default = "default_max_wait")]
     pub max_wait: Duration,
+    /// How long a batch still waits for more records once the input has nothing more ready
+    /// (0: processed at once). `linger` ≥ `max_wait` gives fixed batches: full, or `max_wait`.
+    #[serde(default = "zero")]
+    pub linger: Duration,
     /// A record larger than this (bytes) goes to the dead letter undecoded (Kafka's default
     /// largest message, 1 MiB).
     #[serde(default = "default_max_record_bytes")]
@@ -392,6 +400,7 @@ impl Default for BatchSpec {
         BatchSpec {
             max_records: default_max_records(),
             max_wait: default_max_wait(),
+            linger: zero(),
             max_record_bytes: default_max_record_bytes(),
         }
     }

@@ -895,6 +895,7 @@ fn run_half(
         max_future: spec.watermark.max_future.as_millis(),
         max_records: spec.batch.max_records.max(1),
         max_wait: millis(spec.batch.max_wait),
+        linger: millis(spec.batch.linger),
         max_record_bytes: spec.batch.max_record_bytes,
         inputs,
         counters: counters.clone(),

@@ -67,6 +67,8 @@ pub(crate) struct TaskContext {
     pub max_future: i64,
     pub max_records: usize,
     pub max_wait: Duration,
+    /// How long a batch waits for more once the worker has nothing more queued.
+    pub linger: Duration,
     /// Records larger than this go to the dead letter undecoded.
     pub max_record_bytes: usize,
     /// Per sink index (the dead letter last, if any): what it reads.
@@ -95,6 +97,7 @@ impl TaskContext {
             max_future: self.max_future,
             max_records: self.max_records,
             max_wait: self.max_wait,
+            linger: self.linger,
             max_record_bytes: self.max_record_bytes,
             inputs,
             counters: self.counters.clone(),
@@ -158,6 +161,8 @@ pub(crate) struct PartitionTask {
     chain: crate::plugin::Chain,
     pending: Vec<Record>,
     oldest: Option<Instant>,
+    /// When the newest pending record arrived.
+    newest: Option<Instant>,
     taken: i64,
     processed: i64,
     max_event: Option<i64>,
@@ -226,6 +231,7 @@ impl PartitionTask {
             chain,
             pending: Vec::new(),
             oldest: None,
+            newest: None,
             taken: resume.start,
             processed: resume.start,
             max_event,
@@ -431,9 +437,17 @@ impl PartitionTask {
         }
     }
 
-    /// When the oldest record waiting will have waited `max_wait` (nothing waiting: `None`).
+    /// When the oldest record waiting will have waited `max_wait` (nothing waiting: `None`):
+    /// the batch goes then even if more input keeps coming.
     pub fn due_at(&self) -> Option<Instant> {
         self.oldest.map(|t| t + self.ctx.max_wait)
+    }
+
+    /// When the batch goes if the worker has nothing more queued by then: the newest record
+    /// waited `linger`, or the oldest `max_wait` (nothing waiting: `None`).
+    pub fn quiet_at(&self) -> Option<Instant> {
+        let lingered = self.newest.map(|t| t + self.ctx.linger)?;
+        Some(self.due_at().map_or(lingered, |due| due.min(lingered)))
     }
 
     /// Takes records of this partition (in offset order); ones at or below `taken` (refetched
@@ -461,6 +475,9 @@ impl PartitionTask {
                 self.process(epoch)?;
             }
         }
+        if !self.pending.is_empty() {
+            self.newest = Some(Instant::now());
+        }
         Ok(())
     }
 
@@ -468,6 +485,7 @@ impl PartitionTask {
     pub fn process(&mut self, epoch: u64) -> Result<(), RunError> {
         let records = std::mem::take(&mut self.pending);
         self.oldest = None;
+        self.newest = None;
         let Some(last) = records.last().map(|r| r.offset) else {
             return Ok(());
         };

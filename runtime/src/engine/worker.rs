@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
 use super::committer::{CommitMsg, EpochDone};
@@ -136,11 +136,27 @@ fn work(
     // A swap's new context and its chains, prepared at a barrier until the decision comes.
     let mut prepared: Option<Prepared> = None;
     loop {
-        let next_due = tasks.values().filter_map(PartitionTask::due_at).min();
-        let wait = next_due.map_or(Duration::from_millis(100), |t| {
-            t.saturating_duration_since(Instant::now())
-        });
-        match inbox.recv_timeout(wait) {
+        let msg = match inbox.try_recv() {
+            Ok(msg) => Ok(msg),
+            Err(TryRecvError::Disconnected) => return Ok(()),
+            Err(TryRecvError::Empty) => {
+                // Nothing more of the input is ready: batches whose linger is over go now
+                // (with the default of 0, every pending batch). Under load records queue up
+                // while a batch is processed, so batches grow with the load on their own.
+                let now = Instant::now();
+                for task in tasks.values_mut() {
+                    if task.quiet_at().is_some_and(|t| t <= now) {
+                        task.process(epoch)?;
+                    }
+                }
+                let next = tasks.values().filter_map(PartitionTask::quiet_at).min();
+                let wait = next.map_or(Duration::from_millis(100), |t| {
+                    t.saturating_duration_since(Instant::now())
+                });
+                inbox.recv_timeout(wait)
+            }
+        };
+        match msg {
             Ok(WorkerMsg::Open {
                 key,
                 resume,
@@ -224,6 +240,7 @@ fn work(
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         }
+        // A batch whose oldest record waited `max_wait` goes even while more input keeps coming.
         let now = Instant::now();
         for task in tasks.values_mut() {
             if task.due_at().is_some_and(|t| t <= now) {
