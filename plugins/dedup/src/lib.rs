@@ -83,10 +83,11 @@ pub struct Dedup {
     /// key seen again after it expired moves to a later bucket; eviction checks `expiry`).
     buckets: BTreeMap<i64, Vec<u64>>,
     watermark: i64,
-    /// Keys remembered since the last delta (incremental checkpoints), a key possibly more than
-    /// once; `None` while not keeping track (until the host first asks for a delta, or after
-    /// the list outgrew [`Dedup::touched_limit`]: the host then takes a full snapshot).
-    touched: Option<Vec<u64>>,
+    /// Keys remembered since the last delta (incremental checkpoints) with the expiry each got,
+    /// in the order remembered (a key possibly more than once); `None` while not keeping track
+    /// (until the host first asks for a delta, or after the list outgrew
+    /// [`Dedup::touched_limit`]: the host then takes a full snapshot).
+    touched: Option<Vec<(u64, i64)>>,
 }
 
 /// Snapshot body, state version 2 (postcard).
@@ -100,8 +101,9 @@ struct State {
 }
 
 /// A delta of state version 2 (postcard): the watermark, and the keys remembered since the last
-/// delta with their first event times. Keys forgotten since are not listed: the watermark
-/// forgets them again where the delta is applied.
+/// delta with their first event times, in the order remembered (a key remembered again after
+/// its retention is listed twice; applied in order, its later expiry stands). Keys forgotten
+/// since are not listed: the watermark forgets them again where the delta is applied.
 #[derive(Serialize, Deserialize)]
 struct Delta {
     watermark: i64,
@@ -131,15 +133,11 @@ impl Dedup {
         2 * self.expiry.len() + (1 << 16)
     }
 
-    /// Notes keys remembered (for the next delta), if keeping track.
-    fn touch(&mut self, hashes: &[u64]) {
+    /// Stops keeping track of touched keys if the list outgrew its limit.
+    fn check_touched(&mut self) {
         let limit = self.touched_limit();
-        if let Some(touched) = &mut self.touched {
-            if touched.len() + hashes.len() > limit {
-                self.touched = None;
-            } else {
-                touched.extend_from_slice(hashes);
-            }
+        if self.touched.as_ref().is_some_and(|t| t.len() > limit) {
+            self.touched = None;
         }
     }
 
@@ -270,18 +268,20 @@ impl Transform for Dedup {
                 let bucket = expiry.div_euclid(width);
                 if bucket != run_bucket {
                     if !run.is_empty() {
-                        self.touch(&run);
                         self.buckets.entry(run_bucket).or_default().append(&mut run);
                     }
                     run_bucket = bucket;
                 }
                 run.push(hash);
+                if let Some(touched) = &mut self.touched {
+                    touched.push((hash, expiry));
+                }
             }
         }
         if !run.is_empty() {
-            self.touch(&run);
             self.buckets.entry(run_bucket).or_default().append(&mut run);
         }
+        self.check_touched();
         if keep.iter().all(|k| *k) {
             output.push(batch);
         } else {
@@ -297,17 +297,15 @@ impl Transform for Dedup {
     }
 
     fn snapshot_delta(&mut self) -> Result<Option<Vec<u8>>> {
-        let Some(mut touched) = self.touched.replace(Vec::new()) else {
+        let Some(touched) = self.touched.replace(Vec::new()) else {
             return Ok(None);
         };
-        touched.sort_unstable();
-        touched.dedup();
+        // In the order remembered: applied in that order, a key remembered twice ends with its
+        // later expiry, as here. Keys the watermark has forgotten since are left out.
         let keys = touched
             .into_iter()
-            .filter_map(|h| {
-                let e = *self.expiry.get(&h)?;
-                (e >= self.watermark).then(|| (h, e.saturating_sub(self.retention)))
-            })
+            .filter(|&(_, e)| e >= self.watermark)
+            .map(|(h, e)| (h, e.saturating_sub(self.retention)))
             .collect();
         let delta = Delta {
             watermark: self.watermark,

@@ -406,3 +406,30 @@ fn state_version_1_is_read_with_the_steps_retention() {
     let out = restored(config, &v1, &[tick("A", 7, 0), tick("A", 9, 30)]).expect("restore v1");
     assert_eq!(out, [r#"A "2025-11-12T14:09:30Z""#]);
 }
+
+#[test]
+fn a_key_remembered_twice_in_one_delta_is_restored_with_its_later_expiry() {
+    // Retention 1m: A at 14:00 passes and is remembered until 14:01; A at 14:02 passes again
+    // (past the retention of the first) and is remembered until 14:03. Both are in one delta,
+    // in the order remembered: applied in that order, a restored step drops A at 14:02:30,
+    // which the first expiry alone would have let through.
+    let config = r#"{"key":["id"],"event_time":"ts","retention":"1m"}"#;
+    let (mut live, _) = flowgate_sdk::create::<Dedup>(config, &ids()).expect("create");
+    let (mut restored, _) = flowgate_sdk::create::<Dedup>(config, &ids()).expect("create");
+    let base = live.snapshot().unwrap();
+    restored.restore(&base).unwrap();
+    live.restore(&base).unwrap();
+    let batch = |rows: &[String]| {
+        flowgate_sdk::testing::batch(&ids(), &rows.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = live
+        .process(batch(&[tick("A", 0, 0), tick("A", 2, 0)]))
+        .unwrap();
+    assert_eq!(ids_out(&out).len(), 2, "both pass: {:?}", ids_out(&out));
+    let delta = live.snapshot_delta().unwrap().expect("a delta");
+    restored.restore_delta(&delta).unwrap();
+    for step in [&mut live, &mut restored] {
+        let out = step.process(batch(&[tick("A", 2, 30)])).unwrap();
+        assert!(ids_out(&out).is_empty(), "{:?}", ids_out(&out));
+    }
+}
