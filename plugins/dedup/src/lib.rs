@@ -16,7 +16,7 @@
 //!
 //! State is compact: a key is kept as its 64-bit xxh3 hash (a false duplicate needs two distinct
 //! keys to collide: about 1 in 3·10⁷ at a million live keys) with its expiry, and listed in a
-//! bucket by expiry time, so eviction walks whole buckets. Snapshots (state version 2) store
+//! bucket by expiry time, so eviction walks whole buckets. Snapshots (state version 3) store
 //! each key's first event time, the key columns and the event-time column: a changed
 //! `retention` restores correctly (expiries are recomputed), a changed `key` or `event_time` is
 //! refused (those keys mean something else now).
@@ -90,7 +90,17 @@ pub struct Dedup {
     touched: Option<Vec<(u64, i64)>>,
 }
 
-/// Snapshot body, state version 2 (postcard).
+/// Snapshot body, state version 3: this head (postcard), then each key as 16 bytes, its hash
+/// and first event time as little-endian `u64` and `i64` (no per-key encoding: a snapshot of
+/// millions of keys is a copy).
+#[derive(Serialize, Deserialize)]
+struct StateHead {
+    key: Vec<String>,
+    event_time: String,
+    watermark: i64,
+}
+
+/// Snapshot body, state version 2 (postcard; still read).
 #[derive(Serialize, Deserialize)]
 struct State {
     key: Vec<String>,
@@ -100,10 +110,11 @@ struct State {
     keys: Vec<(u64, i64)>,
 }
 
-/// A delta of state version 2 (postcard): the watermark, and the keys remembered since the last
-/// delta with their first event times, in the order remembered (a key remembered again after
-/// its retention is listed twice; applied in order, its later expiry stands). Keys forgotten
-/// since are not listed: the watermark forgets them again where the delta is applied.
+/// A delta (state version 3: the watermark as a little-endian `i64`, then the keys as in a
+/// snapshot; version 2: this, in postcard): the keys remembered since the last delta with their
+/// first event times, in the order remembered (a key remembered again after its retention is
+/// listed twice; applied in order, its later expiry stands). Keys forgotten since are not
+/// listed: the watermark forgets them again where the delta is applied.
 #[derive(Serialize, Deserialize)]
 struct Delta {
     watermark: i64,
@@ -156,6 +167,17 @@ impl Dedup {
         }
     }
 
+    /// Refuses state written for other key or event-time columns.
+    fn same_columns(&self, key: &[String], event_time: &str) -> Result<()> {
+        if key != self.key_names || event_time != self.event_time_name {
+            return Err(Error::bad_input(format!(
+                "dedup state was written for key {key:?} with event time `{event_time}`; this step has key {:?} with event time `{}`: the keys it remembers mean something else now (add `state: reset` to start the step empty)",
+                self.key_names, self.event_time_name
+            )));
+        }
+        Ok(())
+    }
+
     /// Remembers `hash` as first seen at `first` (event time, ms).
     fn remember(&mut self, hash: u64, first: i64) {
         let expiry = first.saturating_add(self.retention);
@@ -174,8 +196,9 @@ impl Transform for Dedup {
     type Config = Config;
     const NAME: &'static str = "dedup";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    /// 2: first event times with the key and event-time columns (1: expiry buckets only).
-    const STATE_VERSION: u32 = 2;
+    /// 3: first event times with the key and event-time columns, keys in fixed 16 bytes (2:
+    /// the same in postcard; 1: expiry buckets only).
+    const STATE_VERSION: u32 = 3;
 
     fn create(config: Config, input: &SchemaRef) -> Result<(Self, SchemaRef)> {
         if config.key.is_empty() {
@@ -302,31 +325,38 @@ impl Transform for Dedup {
         };
         // In the order remembered: applied in that order, a key remembered twice ends with its
         // later expiry, as here. Keys the watermark has forgotten since are left out.
-        let keys = touched
-            .into_iter()
-            .filter(|&(_, e)| e >= self.watermark)
-            .map(|(h, e)| (h, e.saturating_sub(self.retention)))
-            .collect();
-        let delta = Delta {
-            watermark: self.watermark,
-            keys,
-        };
-        postcard::to_allocvec(&delta)
-            .map(Some)
-            .map_err(|e| Error::internal(format!("encoding state delta: {e}")))
+        let mut out = Vec::with_capacity(8 + KEY_BYTES * touched.len());
+        out.extend_from_slice(&self.watermark.to_le_bytes());
+        let live = touched.into_iter().filter(|&(_, e)| e >= self.watermark);
+        put_keys(&mut out, live, self.retention);
+        Ok(Some(out))
     }
 
     fn restore_delta(&mut self, version: u32, delta: &[u8]) -> Result<()> {
-        if version != Self::STATE_VERSION {
-            return Err(Error::bad_input(format!(
-                "dedup reads state deltas of version {}, got {version}",
-                Self::STATE_VERSION
-            )));
-        }
-        let delta: Delta = postcard::from_bytes(delta)
-            .map_err(|e| Error::bad_input(format!("dedup state delta is corrupt: {e}")))?;
-        self.watermark = self.watermark.max(delta.watermark);
-        for (hash, first) in delta.keys {
+        let corrupt = |e: String| Error::bad_input(format!("dedup state delta is corrupt: {e}"));
+        let (watermark, keys) = match version {
+            3 => {
+                let (watermark, keys) = delta
+                    .split_first_chunk::<8>()
+                    .ok_or_else(|| corrupt("shorter than its watermark".into()))?;
+                (
+                    i64::from_le_bytes(*watermark),
+                    get_keys(keys).map_err(corrupt)?,
+                )
+            }
+            2 => {
+                let delta: Delta =
+                    postcard::from_bytes(delta).map_err(|e| corrupt(e.to_string()))?;
+                (delta.watermark, delta.keys)
+            }
+            other => {
+                return Err(Error::bad_input(format!(
+                    "dedup reads state deltas of versions 2 and 3, got {other}"
+                )));
+            }
+        };
+        self.watermark = self.watermark.max(watermark);
+        for (hash, first) in keys {
             self.remember(hash, first);
         }
         self.evict();
@@ -335,30 +365,35 @@ impl Transform for Dedup {
     }
 
     fn snapshot(&self) -> Result<Vec<u8>> {
-        let state = State {
+        let head = StateHead {
             key: self.key_names.clone(),
             event_time: self.event_time_name.clone(),
             watermark: self.watermark,
-            keys: self
-                .expiry
-                .iter()
-                .map(|(&h, &e)| (h, e.saturating_sub(self.retention)))
-                .collect(),
         };
-        postcard::to_allocvec(&state).map_err(|e| Error::internal(format!("encoding state: {e}")))
+        let mut out = postcard::to_allocvec(&head)
+            .map_err(|e| Error::internal(format!("encoding state: {e}")))?;
+        out.reserve_exact(KEY_BYTES * self.expiry.len());
+        put_keys(
+            &mut out,
+            self.expiry.iter().map(|(&h, &e)| (h, e)),
+            self.retention,
+        );
+        Ok(out)
     }
 
     fn restore(&mut self, version: u32, state: &[u8]) -> Result<()> {
+        let corrupt = |e: String| Error::bad_input(format!("dedup state is corrupt: {e}"));
         let (watermark, keys) = match version {
+            3 => {
+                let (head, keys): (StateHead, &[u8]) =
+                    postcard::take_from_bytes(state).map_err(|e| corrupt(e.to_string()))?;
+                self.same_columns(&head.key, &head.event_time)?;
+                (head.watermark, get_keys(keys).map_err(corrupt)?)
+            }
             2 => {
-                let state: State = postcard::from_bytes(state)
-                    .map_err(|e| Error::bad_input(format!("dedup state is corrupt: {e}")))?;
-                if state.key != self.key_names || state.event_time != self.event_time_name {
-                    return Err(Error::bad_input(format!(
-                        "dedup state was written for key {:?} with event time `{}`; this step has key {:?} with event time `{}`: the keys it remembers mean something else now (add `state: reset` to start the step empty)",
-                        state.key, state.event_time, self.key_names, self.event_time_name
-                    )));
-                }
+                let state: State =
+                    postcard::from_bytes(state).map_err(|e| corrupt(e.to_string()))?;
+                self.same_columns(&state.key, &state.event_time)?;
                 (state.watermark, state.keys)
             }
             // Version 1 kept only expiry buckets of `retention / 8`, and not the retention:
@@ -381,19 +416,51 @@ impl Transform for Dedup {
             }
             other => {
                 return Err(Error::bad_input(format!(
-                    "dedup reads state versions 1 and 2, got {other}"
+                    "dedup reads state versions 1 to 3, got {other}"
                 )));
             }
         };
         self.watermark = watermark;
         self.expiry.clear();
         self.buckets.clear();
+        self.expiry.reserve(keys.len());
         for (hash, first) in keys {
             self.remember(hash, first);
         }
         self.touched = Some(Vec::new());
         Ok(())
     }
+}
+
+/// Bytes per key in a snapshot or delta of state version 3.
+const KEY_BYTES: usize = 16;
+
+/// Appends each key (hash, expiry) as its hash and first event time, little-endian.
+fn put_keys(out: &mut Vec<u8>, keys: impl Iterator<Item = (u64, i64)>, retention: i64) {
+    for (hash, expiry) in keys {
+        out.extend_from_slice(&hash.to_le_bytes());
+        out.extend_from_slice(&expiry.saturating_sub(retention).to_le_bytes());
+    }
+}
+
+/// Keys (hash, first event time) written by [`put_keys`].
+fn get_keys(bytes: &[u8]) -> std::result::Result<Vec<(u64, i64)>, String> {
+    if !bytes.len().is_multiple_of(KEY_BYTES) {
+        return Err(format!(
+            "{} bytes of keys is not a whole number of {KEY_BYTES}-byte keys",
+            bytes.len()
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(KEY_BYTES)
+        .map(|k| {
+            let (hash, first) = k.split_at(8);
+            (
+                u64::from_le_bytes(hash.try_into().unwrap_or_default()),
+                i64::from_le_bytes(first.try_into().unwrap_or_default()),
+            )
+        })
+        .collect())
 }
 
 /// Hash of one value, chained onto the row's hash so far.

@@ -358,7 +358,7 @@ fn a_changed_retention_restores_the_keys_with_their_own_event_times() {
         <Dedup as Transform>::create(flowgate_sdk::config::parse(eleven).expect("cfg"), &ids())
             .expect("create");
     // The framed snapshot: 8 header bytes (magic, state version), then the body.
-    Transform::restore(&mut longer, 2, &state[8..]).expect("restore");
+    Transform::restore(&mut longer, Dedup::STATE_VERSION, &state[8..]).expect("restore");
     assert_eq!(longer.live_keys(), 2);
     Transform::on_watermark(&mut longer, chrono_ms("2025-11-12T14:30:00Z")).expect("watermark");
     assert_eq!(longer.live_keys(), 0);
@@ -432,4 +432,84 @@ fn a_key_remembered_twice_in_one_delta_is_restored_with_its_later_expiry() {
         let out = step.process(batch(&[tick("A", 2, 30)])).unwrap();
         assert!(ids_out(&out).is_empty(), "{:?}", ids_out(&out));
     }
+}
+
+#[test]
+fn state_and_deltas_of_version_2_are_still_read() {
+    // Version 2 was all postcard: (key, event_time, watermark, keys) and (watermark, keys).
+    let config = r#"{"key":["id"],"event_time":"ts","retention":"10m"}"#;
+    let (mut probe, _) =
+        <Dedup as Transform>::create(flowgate_sdk::config::parse(config).expect("cfg"), &ids())
+            .expect("create");
+    probe
+        .process(flowgate_sdk::testing::batch(
+            &ids(),
+            &[&tick("A", 0, 0), &tick("B", 1, 0)],
+        ))
+        .expect("process");
+    let hash = |first: i64| {
+        probe
+            .expiry
+            .iter()
+            .find(|(_, e)| **e == first + 600_000)
+            .map(|(h, _)| *h)
+            .expect("a key")
+    };
+    let (a, b) = (
+        chrono_ms("2025-11-12T14:00:00Z"),
+        chrono_ms("2025-11-12T14:01:00Z"),
+    );
+    let frame = |magic: &[u8], body: Vec<u8>| {
+        let mut out = magic.to_vec();
+        out.extend(2u32.to_le_bytes());
+        out.extend(body);
+        out
+    };
+    let state = frame(
+        b"FGS1",
+        postcard::to_allocvec(&(vec!["id"], "ts", i64::MIN, vec![(hash(a), a)])).expect("encode"),
+    );
+    let delta = frame(
+        b"FGD1",
+        postcard::to_allocvec(&(i64::MIN, vec![(hash(b), b)])).expect("encode"),
+    );
+    let (mut step, _) = flowgate_sdk::create::<Dedup>(config, &ids()).expect("create");
+    step.restore(&state).expect("restore v2");
+    step.restore_delta(&delta).expect("restore v2 delta");
+    let out = step
+        .process(flowgate_sdk::testing::batch(
+            &ids(),
+            &[&tick("A", 0, 0), &tick("B", 1, 0), &tick("C", 1, 0)],
+        ))
+        .expect("process");
+    assert_eq!(ids_out(&out), [r#"C "2025-11-12T14:01:00Z""#]);
+}
+
+#[test]
+fn a_truncated_state_or_delta_is_refused_as_corrupt() {
+    let config = r#"{"key":["id"],"event_time":"ts","retention":"10m"}"#;
+    let (mut live, _) = flowgate_sdk::create::<Dedup>(config, &ids()).expect("create");
+    live.restore(&live.snapshot().expect("snapshot"))
+        .expect("restore");
+    live.process(flowgate_sdk::testing::batch(&ids(), &[&tick("A", 0, 0)]))
+        .expect("process");
+    let state = live.snapshot().expect("snapshot");
+    let delta = live.snapshot_delta().expect("delta").expect("a delta");
+    let (mut step, _) = flowgate_sdk::create::<Dedup>(config, &ids()).expect("create");
+    let err = step
+        .restore(&state[..state.len() - 3])
+        .expect_err("truncated");
+    assert!(err.to_string().contains("dedup state is corrupt"), "{err}");
+    let err = step
+        .restore_delta(&delta[..delta.len() - 3])
+        .expect_err("truncated");
+    assert!(
+        err.to_string().contains("dedup state delta is corrupt"),
+        "{err}"
+    );
+    let err = step.restore_delta(&delta[..10]).expect_err("truncated");
+    assert!(
+        err.to_string().contains("dedup state delta is corrupt"),
+        "{err}"
+    );
 }
