@@ -98,6 +98,8 @@ struct StateHead {
     key: Vec<String>,
     event_time: String,
     watermark: i64,
+    /// How many keys follow (a cut or padded state is refused, not read short).
+    keys: u64,
 }
 
 /// Snapshot body, state version 2 (postcard; still read).
@@ -110,8 +112,8 @@ struct State {
     keys: Vec<(u64, i64)>,
 }
 
-/// A delta (state version 3: the watermark as a little-endian `i64`, then the keys as in a
-/// snapshot; version 2: this, in postcard): the keys remembered since the last delta with their
+/// A delta (state version 3: the watermark as a little-endian `i64`, the number of keys as a
+/// little-endian `u64`, then the keys as in a snapshot; version 2: this, in postcard): the keys remembered since the last delta with their
 /// first event times, in the order remembered (a key remembered again after its retention is
 /// listed twice; applied in order, its later expiry stands). Keys forgotten since are not
 /// listed: the watermark forgets them again where the delta is applied.
@@ -325,10 +327,13 @@ impl Transform for Dedup {
         };
         // In the order remembered: applied in that order, a key remembered twice ends with its
         // later expiry, as here. Keys the watermark has forgotten since are left out.
-        let mut out = Vec::with_capacity(8 + KEY_BYTES * touched.len());
+        let mut out = Vec::with_capacity(16 + KEY_BYTES * touched.len());
         out.extend_from_slice(&self.watermark.to_le_bytes());
+        out.extend_from_slice(&0u64.to_le_bytes());
         let live = touched.into_iter().filter(|&(_, e)| e >= self.watermark);
         put_keys(&mut out, live, self.retention);
+        let count = ((out.len() - 16) / KEY_BYTES) as u64;
+        out[8..16].copy_from_slice(&count.to_le_bytes());
         Ok(Some(out))
     }
 
@@ -336,13 +341,13 @@ impl Transform for Dedup {
         let corrupt = |e: String| Error::bad_input(format!("dedup state delta is corrupt: {e}"));
         let (watermark, keys) = match version {
             3 => {
-                let (watermark, keys) = delta
-                    .split_first_chunk::<8>()
-                    .ok_or_else(|| corrupt("shorter than its watermark".into()))?;
-                (
-                    i64::from_le_bytes(*watermark),
-                    get_keys(keys).map_err(corrupt)?,
-                )
+                let (head, keys) = delta
+                    .split_first_chunk::<16>()
+                    .ok_or_else(|| corrupt("shorter than its head".into()))?;
+                let (watermark, count) = head.split_at(8);
+                let watermark = i64::from_le_bytes(watermark.try_into().unwrap_or_default());
+                let count = u64::from_le_bytes(count.try_into().unwrap_or_default());
+                (watermark, get_keys(keys, count).map_err(corrupt)?)
             }
             2 => {
                 let delta: Delta =
@@ -369,6 +374,7 @@ impl Transform for Dedup {
             key: self.key_names.clone(),
             event_time: self.event_time_name.clone(),
             watermark: self.watermark,
+            keys: self.expiry.len() as u64,
         };
         let mut out = postcard::to_allocvec(&head)
             .map_err(|e| Error::internal(format!("encoding state: {e}")))?;
@@ -388,7 +394,7 @@ impl Transform for Dedup {
                 let (head, keys): (StateHead, &[u8]) =
                     postcard::take_from_bytes(state).map_err(|e| corrupt(e.to_string()))?;
                 self.same_columns(&head.key, &head.event_time)?;
-                (head.watermark, get_keys(keys).map_err(corrupt)?)
+                (head.watermark, get_keys(keys, head.keys).map_err(corrupt)?)
             }
             2 => {
                 let state: State =
@@ -405,7 +411,8 @@ impl Transform for Dedup {
                     .buckets
                     .into_iter()
                     .flat_map(|(b, hashes)| {
-                        let first = (b + 1)
+                        let first = b
+                            .saturating_add(1)
                             .saturating_mul(self.bucket_width)
                             .saturating_sub(1)
                             .saturating_sub(self.retention);
@@ -443,11 +450,14 @@ fn put_keys(out: &mut Vec<u8>, keys: impl Iterator<Item = (u64, i64)>, retention
     }
 }
 
-/// Keys (hash, first event time) written by [`put_keys`].
-fn get_keys(bytes: &[u8]) -> std::result::Result<Vec<(u64, i64)>, String> {
-    if !bytes.len().is_multiple_of(KEY_BYTES) {
+/// The `count` keys (hash, first event time) [`put_keys`] wrote, which must be all of `bytes`.
+fn get_keys(bytes: &[u8], count: u64) -> std::result::Result<Vec<(u64, i64)>, String> {
+    let expected = usize::try_from(count)
+        .ok()
+        .and_then(|n| n.checked_mul(KEY_BYTES));
+    if expected != Some(bytes.len()) {
         return Err(format!(
-            "{} bytes of keys is not a whole number of {KEY_BYTES}-byte keys",
+            "{count} keys of {KEY_BYTES} bytes announced, {} bytes of keys found",
             bytes.len()
         ));
     }

@@ -486,7 +486,7 @@ fn state_and_deltas_of_version_2_are_still_read() {
 }
 
 #[test]
-fn a_truncated_state_or_delta_is_refused_as_corrupt() {
+fn a_cut_or_padded_state_or_delta_is_refused_as_corrupt() {
     let config = r#"{"key":["id"],"event_time":"ts","retention":"10m"}"#;
     let (mut live, _) = flowgate_sdk::create::<Dedup>(config, &ids()).expect("create");
     live.restore(&live.snapshot().expect("snapshot"))
@@ -507,6 +507,22 @@ fn a_truncated_state_or_delta_is_refused_as_corrupt() {
         err.to_string().contains("dedup state delta is corrupt"),
         "{err}"
     );
+    // Cut or padded by whole keys: the count in the head tells.
+    let padded = |bytes: &[u8]| [bytes, &[0u8; 16]].concat();
+    for state in [&state[..state.len() - 16], &padded(&state)] {
+        let err = step.restore(state).expect_err("cut or padded");
+        assert!(
+            err.to_string().contains("keys of 16 bytes announced"),
+            "{err}"
+        );
+    }
+    for delta in [&delta[..delta.len() - 16], &padded(&delta)] {
+        let err = step.restore_delta(delta).expect_err("cut or padded");
+        assert!(
+            err.to_string().contains("keys of 16 bytes announced"),
+            "{err}"
+        );
+    }
     let err = step.restore_delta(&delta[..10]).expect_err("truncated");
     assert!(
         err.to_string().contains("dedup state delta is corrupt"),

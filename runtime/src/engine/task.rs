@@ -454,6 +454,7 @@ impl PartitionTask {
     /// after a seek) are dropped. Processes a batch when it is full, and never lets a batch
     /// straddle a sink's target offset.
     pub fn take(&mut self, records: Vec<Record>, epoch: u64) -> Result<(), RunError> {
+        let mut added = false;
         for record in records {
             if record.offset <= self.taken {
                 continue;
@@ -471,11 +472,13 @@ impl PartitionTask {
             self.taken = record.offset;
             self.oldest.get_or_insert_with(Instant::now);
             self.pending.push(record);
+            added = true;
             if self.pending.len() >= self.ctx.max_records {
                 self.process(epoch)?;
             }
         }
-        if !self.pending.is_empty() {
+        // Records refetched after a seek (dropped above) do not hold the batch back.
+        if added && !self.pending.is_empty() {
             self.newest = Some(Instant::now());
         }
         Ok(())
