@@ -314,6 +314,16 @@ fn what_passes_does_not_depend_on_how_rows_are_batched() {
 }
 
 /// Epoch ms of `2025-11-12THH:MM:SSZ`.
+/// A step (the concrete type, to look at its keys) that processed `rows`.
+fn probe(config: &str, rows: &[&str]) -> Dedup {
+    let (mut step, _) =
+        <Dedup as Transform>::create(flowgate_sdk::config::parse(config).expect("cfg"), &ids())
+            .expect("create");
+    step.process(flowgate_sdk::testing::batch(&ids(), rows))
+        .expect("process");
+    step
+}
+
 fn chrono_ms(text: &str) -> i64 {
     let part = |range: std::ops::Range<usize>| -> i64 { text[range].parse().expect("number") };
     1_762_905_600_000 + ((part(11..13) * 60 + part(14..16)) * 60 + part(17..19)) * 1000
@@ -391,12 +401,7 @@ fn state_of_another_key_or_event_time_is_refused() {
 fn state_version_1_is_read_with_the_steps_retention() {
     // Version 1: watermark, then (bucket, hashes) with buckets of retention / 8.
     let config = r#"{"key":["id"],"event_time":"ts","retention":"8m"}"#;
-    let (mut probe, _) =
-        <Dedup as Transform>::create(flowgate_sdk::config::parse(config).expect("cfg"), &ids())
-            .expect("create");
-    probe
-        .process(flowgate_sdk::testing::batch(&ids(), &[&tick("A", 0, 0)]))
-        .expect("process");
+    let probe = probe(config, &[&tick("A", 0, 0)]);
     let hash = probe.expiry.keys().copied().next().expect("a key");
     let first = chrono_ms("2025-11-12T14:00:00Z");
     let bucket = (first + 480_000) / 60_000;
@@ -438,15 +443,7 @@ fn a_key_remembered_twice_in_one_delta_is_restored_with_its_later_expiry() {
 fn state_and_deltas_of_version_2_are_still_read() {
     // Version 2 was all postcard: (key, event_time, watermark, keys) and (watermark, keys).
     let config = r#"{"key":["id"],"event_time":"ts","retention":"10m"}"#;
-    let (mut probe, _) =
-        <Dedup as Transform>::create(flowgate_sdk::config::parse(config).expect("cfg"), &ids())
-            .expect("create");
-    probe
-        .process(flowgate_sdk::testing::batch(
-            &ids(),
-            &[&tick("A", 0, 0), &tick("B", 1, 0)],
-        ))
-        .expect("process");
+    let probe = probe(config, &[&tick("A", 0, 0), &tick("B", 1, 0)]);
     let hash = |first: i64| {
         probe
             .expiry
