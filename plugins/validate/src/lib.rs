@@ -12,7 +12,8 @@
 //! ```
 #![deny(unsafe_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use arrow::array::{BooleanArray, StringArray};
 use arrow::compute::cast;
@@ -22,6 +23,7 @@ use flowgate_sdk::columns::{
 use flowgate_sdk::prelude::*;
 use regex::Regex;
 use serde::Deserialize;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// The step's config.
 #[derive(Debug, Deserialize)]
@@ -317,10 +319,22 @@ fn run_check(
         }
         Check::Pattern(regex) => {
             let strings = text_column(batch, index)?;
+            // The columns a pattern guards mostly repeat a few values (symbols, codes): each
+            // distinct value of the batch is matched once (up to `PATTERN_MEMO` of them).
+            let mut seen: HashMap<&str, bool, BuildHasherDefault<TextHasher>> = HashMap::default();
             for (i, s) in strings.iter().enumerate() {
-                if let Some(s) = s
-                    && !regex.is_match(s)
-                {
+                let Some(s) = s else { continue };
+                let matches = match seen.get(s) {
+                    Some(&m) => m,
+                    None => {
+                        let m = regex.is_match(s);
+                        if seen.len() < PATTERN_MEMO {
+                            seen.insert(s, m);
+                        }
+                        m
+                    }
+                };
+                if !matches {
                     fail(i, format!("{s:?} does not match `{}`", regex.as_str()));
                 }
             }
@@ -404,6 +418,26 @@ fn run_check(
         }
     }
     Ok(())
+}
+
+/// Most distinct values of a batch a `pattern` check remembers its answer for.
+const PATTERN_MEMO: usize = 4096;
+
+/// Hashes text with xxh3 (the standard library's SipHash costs several times more per value,
+/// more so compiled to WebAssembly); the values come from the pipeline's own data.
+#[derive(Default)]
+struct TextHasher(u64);
+
+impl Hasher for TextHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = xxh3_64_with_seed(bytes, self.0);
+    }
+    fn write_u8(&mut self, b: u8) {
+        self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 fn text_column(batch: &RecordBatch, index: usize) -> Result<StringArray> {

@@ -296,3 +296,48 @@ fn time_rules_keep_microseconds() {
     );
     assert_eq!(out.num_rows(), 3);
 }
+
+#[test]
+fn a_pattern_judges_every_row_when_values_repeat_and_when_they_do_not() {
+    // Each distinct value is matched once per batch and its answer reused; past the memo's
+    // size values are matched one by one. Either way every failing row is named.
+    let schema = flowgate_sdk::testing::schema(&[("symbol", "utf8", true)]);
+    let (mut v, _) = flowgate_sdk::create::<Validate>(
+        r#"{"rules":{"symbol":{"pattern":"^[A-Z]{1,5}$"}}}"#,
+        &schema,
+    )
+    .expect("config");
+    let mut symbols: Vec<Option<String>> = ["AAPL", "bad!", "AAPL", "bad!", "MSFT"]
+        .iter()
+        .map(|s| Some(s.to_string()))
+        .collect();
+    symbols.push(None);
+    // 5,000 distinct values more (over the memo), every 1,000th bad.
+    for i in 0..5_000 {
+        let s = if i % 1_000 == 999 {
+            format!("x{i}")
+        } else {
+            let letters: String = format!("{i:04}")
+                .bytes()
+                .map(|b| char::from(b'A' + (b - b'0')))
+                .collect();
+            letters
+        };
+        symbols.push(Some(s));
+    }
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![Arc::new(arrow::array::StringArray::from(symbols))],
+    )
+    .expect("batch");
+    let out = v.process(batch).expect("process");
+    let rows: Vec<u32> = out.rejected.iter().map(|r| r.row).collect();
+    let late: Vec<u32> = (0..5).map(|k| 6 + 999 + 1_000 * k).collect();
+    assert_eq!(rows, [&[1, 3][..], &late].concat(), "{:?}", reasons(&out));
+    assert!(
+        reasons(&out)[0].1.contains("\"bad!\" does not match"),
+        "{:?}",
+        reasons(&out)
+    );
+    assert_eq!(out.num_rows(), 5 + 1 + 5_000 - 2 - 5);
+}
