@@ -717,7 +717,11 @@ impl Sink for DeltaSink {
             self.follow_table_schema()?;
             let writer = RecordBatchWriter::for_table(&self.table)
                 .map_err(|e| self.fail(e.to_string()))?
-                .with_target_file_size(self.target_file_size);
+                .with_target_file_size(self.target_file_size)
+                .with_writer_properties(super::parquet_properties(
+                    self.shape.schema(),
+                    parquet::basic::Compression::SNAPPY,
+                ));
             self.writer = Some(writer);
         }
         let batch = self

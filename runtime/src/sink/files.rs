@@ -4,13 +4,13 @@ use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{RecordBatch, UInt32Array};
+use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
 use arrow::compute::take_record_batch;
 use arrow::datatypes::{Schema, SchemaRef};
+use arrow::row::{Row, RowConverter, SortField};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
 use super::place::{Out, Place};
@@ -593,9 +593,10 @@ impl FileTableSink {
             let out = self.place.create_staged(&rel)?;
             Ok(match self.format {
                 FileFormat::Parquet => {
-                    let props = WriterProperties::builder()
-                        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-                        .build();
+                    let props = super::parquet_properties(
+                        &self.file_schema,
+                        Compression::ZSTD(ZstdLevel::default()),
+                    );
                     FileWriter::Parquet(Box::new(ArrowWriter::try_new(
                         out,
                         self.file_schema.clone(),
@@ -630,42 +631,68 @@ impl FileTableSink {
         }
     }
 
-    /// Splits `batch` by the partition columns: `col=value/…` folder → rows.
+    /// The batch's rows by partition folder (`date=2026-12-05/`), the partition columns dropped.
+    /// Rows are grouped by their partition values' row encoding, one comparison per row in a run
+    /// of equal values; each distinct value is formatted once, for its folder's name.
     fn split(
         &self,
         batch: &RecordBatch,
     ) -> Result<Vec<(String, RecordBatch)>, arrow::error::ArrowError> {
-        let options = FormatOptions::default().with_null("__null__");
-        let formatters = self
+        let keys: Vec<ArrayRef> = self
             .partition_by
             .iter()
-            .map(|&i| ArrayFormatter::try_new(batch.column(i).as_ref(), &options))
+            .map(|&i| batch.column(i).clone())
+            .collect();
+        let converter = RowConverter::new(
+            keys.iter()
+                .map(|c| SortField::new(c.data_type().clone()))
+                .collect(),
+        )?;
+        let encoded = converter.convert_columns(&keys)?;
+        // Each distinct value: its first row and all its rows, in first-seen order.
+        let mut groups: Vec<(usize, Vec<u32>)> = Vec::new();
+        let mut seen: HashMap<Row<'_>, usize> = HashMap::new();
+        let mut run: Option<(Row<'_>, usize)> = None;
+        for row in 0..batch.num_rows() {
+            let value = encoded.row(row);
+            let group = match run {
+                Some((last, group)) if last == value => group,
+                _ => *seen.entry(value).or_insert_with(|| {
+                    groups.push((row, Vec::new()));
+                    groups.len() - 1
+                }),
+            };
+            groups[group].1.push(row as u32);
+            run = Some((value, group));
+        }
+        let options = FormatOptions::default().with_null("__null__");
+        let formatters = keys
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
             .collect::<Result<Vec<_>, _>>()?;
         let schema = self.shape.schema();
-        let names: Vec<&String> = self
-            .partition_by
-            .iter()
-            .map(|&i| schema.field(i).name())
-            .collect();
-        let mut groups: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-        // One key buffer for all rows; a new String only for a folder not seen yet.
-        let mut key = String::new();
+        // Two encodings may format alike (NaNs with different payloads): their rows share a
+        // folder, in row order.
+        let mut folders: BTreeMap<String, Vec<u32>> = BTreeMap::new();
         let mut value = String::new();
-        for row in 0..batch.num_rows() {
-            key.clear();
-            for (name, f) in names.iter().zip(&formatters) {
+        for (first, rows) in groups {
+            let mut key = String::new();
+            for (&i, f) in self.partition_by.iter().zip(&formatters) {
                 value.clear();
-                write!(value, "{}", f.value(row))
+                write!(value, "{}", f.value(first))
                     .map_err(|e| arrow::error::ArrowError::ExternalError(Box::new(e)))?;
-                key.push_str(name);
+                key.push_str(schema.field(i).name());
                 key.push('=');
                 escape_partition_value(&value, &mut key);
                 key.push('/');
             }
-            match groups.get_mut(&key) {
-                Some(rows) => rows.push(row as u32),
+            match folders.get_mut(&key) {
+                Some(earlier) => {
+                    earlier.extend(rows);
+                    earlier.sort_unstable();
+                }
                 None => {
-                    groups.insert(key.clone(), vec![row as u32]);
+                    folders.insert(key, rows);
                 }
             }
         }
@@ -673,7 +700,7 @@ impl FileTableSink {
             .filter(|i| !self.partition_by.contains(i))
             .collect();
         let data = batch.project(&keep)?;
-        groups
+        folders
             .into_iter()
             .map(|(key, rows)| {
                 let part = if rows.len() == data.num_rows() {
@@ -919,6 +946,51 @@ mod tests {
         assert_eq!(
             FileTableSink::check("t", &empty.path().join("new"), &shape()).unwrap(),
             Fit::New
+        );
+    }
+
+    #[test]
+    fn interleaved_partition_values_each_get_their_rows_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = open_parquet(dir.path()).unwrap();
+        sink.write(batch(&["b", "a", "b", "b", "a", "c"])).unwrap();
+        sink.commit(&positions(5, 1)).unwrap();
+        let mut got = Vec::new();
+        for file in visible(dir.path()) {
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                std::fs::File::open(dir.path().join(&file)).unwrap(),
+            )
+            .unwrap();
+            let column = reader.metadata().row_group(0).column(0);
+            assert!(
+                !column
+                    .encodings()
+                    .any(|e| e == parquet::basic::Encoding::RLE_DICTIONARY),
+                "an integer column gets no dictionary: {:?}",
+                column.encodings().collect::<Vec<_>>()
+            );
+            let values: Vec<i64> = reader
+                .build()
+                .unwrap()
+                .flat_map(|b| {
+                    let b = b.unwrap();
+                    b.column(0)
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .unwrap()
+                        .values()
+                        .to_vec()
+                })
+                .collect();
+            got.push((file.split('/').next().unwrap().to_string(), values));
+        }
+        assert_eq!(
+            got,
+            vec![
+                ("k=a".to_string(), vec![1, 4]),
+                ("k=b".to_string(), vec![0, 2, 3]),
+                ("k=c".to_string(), vec![5]),
+            ]
         );
     }
 

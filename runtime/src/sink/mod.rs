@@ -344,6 +344,37 @@ impl TableShape {
     }
 }
 
+/// Writer properties for a table's Parquet files: `compression`, and dictionary pages for text
+/// and binary columns only. Numbers and timestamps seldom repeat enough to pay for a dictionary:
+/// on the flagship's raw tap (prices, volumes, microsecond times) dictionaries on every column
+/// cost a third of the sink's time and made the files 25% larger than plain pages compressed
+/// (BENCHMARKS.md, "Parquet files: dictionaries where they pay").
+pub(crate) fn parquet_properties(
+    schema: &Schema,
+    compression: parquet::basic::Compression,
+) -> parquet::file::properties::WriterProperties {
+    let mut props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(compression)
+        .set_dictionary_enabled(false);
+    for field in schema.fields() {
+        if matches!(
+            field.data_type(),
+            DataType::Utf8
+                | DataType::LargeUtf8
+                | DataType::Utf8View
+                | DataType::Binary
+                | DataType::LargeBinary
+                | DataType::BinaryView
+        ) {
+            props = props.set_column_dictionary_enabled(
+                parquet::schema::types::ColumnPath::from(field.name().as_str()),
+                true,
+            );
+        }
+    }
+    props.build()
+}
+
 /// Whether any partition's position in `positions` differs from `last` (a commit would record
 /// news).
 pub(crate) fn positions_moved(positions: &Positions, last: &Positions) -> bool {
