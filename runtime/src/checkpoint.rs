@@ -105,6 +105,41 @@ pub enum CheckpointError {
     },
 }
 
+/// Snapshot bytes as one run of bytes (serde's default takes a `Vec<u8>` byte by byte: a
+/// megabyte of state cost a million calls). postcard writes both as a length and the bytes, so
+/// states written either way read alike.
+mod bytes {
+    use serde::{Deserializer, Serializer, de};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Bytes;
+        impl<'de> de::Visitor<'de> for Bytes {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(Bytes)
+    }
+}
+
 /// One step's snapshot, stored under the step's name (so adding, removing or reordering steps
 /// restores each surviving step its own state). The plugin's state version is inside the bytes
 /// (the SDK frames it).
@@ -114,6 +149,7 @@ pub struct StepState {
     pub step: String,
     /// The snapshot bytes, as the plugin gave them: its whole state, or with `delta_of`, what
     /// changed since that checkpoint.
+    #[serde(with = "bytes")]
     pub snapshot: Vec<u8>,
     /// `Some(epoch)`: `snapshot` is a delta (the WIT's `incremental` interface) on top of this
     /// step's state at checkpoint `epoch` of the same partition.
@@ -258,6 +294,7 @@ pub struct SourceMark {
 #[derive(Deserialize)]
 struct OldStep {
     step: String,
+    #[serde(with = "bytes")]
     snapshot: Vec<u8>,
 }
 
@@ -1118,6 +1155,31 @@ mod tests {
             "p",
             rt,
         ));
+    }
+
+    #[test]
+    fn snapshot_bytes_are_stored_as_serde_s_default_stored_them() {
+        #[derive(Serialize)]
+        struct ByteByByte<'a> {
+            step: &'a str,
+            snapshot: Vec<u8>,
+            delta_of: Option<u64>,
+        }
+        let snapshot: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+        let state = StepState {
+            step: "dedup".into(),
+            snapshot: snapshot.clone(),
+            delta_of: Some(3),
+        };
+        let ours = postcard::to_stdvec(&state).unwrap();
+        let before = postcard::to_stdvec(&ByteByByte {
+            step: "dedup",
+            snapshot,
+            delta_of: Some(3),
+        })
+        .unwrap();
+        assert_eq!(ours, before, "the same bytes on disk");
+        assert_eq!(postcard::from_bytes::<StepState>(&before).unwrap(), state);
     }
 
     #[test]

@@ -1353,21 +1353,45 @@ impl Loop<'_> {
     /// Hands polled records to their partitions' workers; records of partitions not assigned
     /// (any more) are dropped: they were fetched before a revoke.
     fn route(&mut self, r: &mut Router, polled: &mut Vec<Record>) -> Result<(), RunError> {
-        let mut by_partition: HashMap<PartitionKey, Vec<Record>> = HashMap::new();
+        // A poll hands over runs of one partition's records: one lookup per run, not per record.
+        // Each group: its partition, and its records (`None`: the partition is not assigned).
+        let mut groups: Vec<(PartitionKey, Option<Vec<Record>>)> = Vec::new();
+        let mut index: HashMap<PartitionKey, usize> = HashMap::new();
+        let mut current: Option<usize> = None;
         for record in polled.drain(..) {
-            let key = (record.topic.clone(), record.partition);
-            let Some(slot) = r.slots.get_mut(&key) else {
+            let same = current.filter(|&g| {
+                let (topic, partition) = &groups[g].0;
+                *partition == record.partition
+                    && (Arc::ptr_eq(topic, &record.topic) || **topic == *record.topic)
+            });
+            let g = match same {
+                Some(g) => g,
+                None => {
+                    let key = (record.topic.clone(), record.partition);
+                    *index.entry(key.clone()).or_insert_with(|| {
+                        let records = r.slots.contains_key(&key).then(Vec::new);
+                        groups.push((key, records));
+                        groups.len() - 1
+                    })
+                }
+            };
+            current = Some(g);
+            if let Some(records) = &mut groups[g].1 {
+                records.push(record);
+            }
+        }
+        let now = Instant::now();
+        for (key, records) in groups {
+            let (Some(records), Some(slot)) = (records, r.slots.get_mut(&key)) else {
                 continue;
             };
-            slot.next = slot.next.max(record.offset + 1);
-            slot.last_record = Instant::now();
-            self.routed += 1;
-            by_partition.entry(key).or_default().push(record);
-        }
-        for (key, records) in by_partition {
-            if let Some(worker) = r.slots.get(&key).map(|s| s.worker) {
-                r.send(worker, WorkerMsg::Records(key, records))?;
+            if let Some(last) = records.iter().map(|r| r.offset).max() {
+                slot.next = slot.next.max(last + 1);
             }
+            slot.last_record = now;
+            self.routed += records.len() as u64;
+            let worker = slot.worker;
+            r.send(worker, WorkerMsg::Records(key, records))?;
         }
         Ok(())
     }
