@@ -1358,7 +1358,8 @@ impl Loop<'_> {
         let mut groups: Vec<(PartitionKey, Option<Vec<Record>>)> = Vec::new();
         let mut index: HashMap<PartitionKey, usize> = HashMap::new();
         let mut current: Option<usize> = None;
-        for record in polled.drain(..) {
+        let count = polled.len();
+        for (i, record) in polled.drain(..).enumerate() {
             let same = current.filter(|&g| {
                 let (topic, partition) = &groups[g].0;
                 *partition == record.partition
@@ -1369,7 +1370,9 @@ impl Loop<'_> {
                 None => {
                     let key = (record.topic.clone(), record.partition);
                     *index.entry(key.clone()).or_insert_with(|| {
-                        let records = r.slots.contains_key(&key).then(Vec::new);
+                        // Room for the rest of the poll (mostly one partition's run).
+                        let room = (count - i).min(1 << 16);
+                        let records = r.slots.contains_key(&key).then(|| Vec::with_capacity(room));
                         groups.push((key, records));
                         groups.len() - 1
                     })
