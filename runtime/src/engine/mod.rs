@@ -1358,8 +1358,7 @@ impl Loop<'_> {
         let mut groups: Vec<(PartitionKey, Option<Vec<Record>>)> = Vec::new();
         let mut index: HashMap<PartitionKey, usize> = HashMap::new();
         let mut current: Option<usize> = None;
-        let count = polled.len();
-        for (i, record) in polled.drain(..).enumerate() {
+        for record in polled.drain(..) {
             let same = current.filter(|&g| {
                 let (topic, partition) = &groups[g].0;
                 *partition == record.partition
@@ -1370,9 +1369,7 @@ impl Loop<'_> {
                 None => {
                     let key = (record.topic.clone(), record.partition);
                     *index.entry(key.clone()).or_insert_with(|| {
-                        // Room for the rest of the poll (mostly one partition's run).
-                        let room = (count - i).min(1 << 16);
-                        let records = r.slots.contains_key(&key).then(|| Vec::with_capacity(room));
+                        let records = r.slots.contains_key(&key).then(Vec::new);
                         groups.push((key, records));
                         groups.len() - 1
                     })

@@ -721,6 +721,7 @@ impl Sink for DeltaSink {
                 .with_writer_properties(super::parquet_properties(
                     self.shape.schema(),
                     parquet::basic::Compression::SNAPPY,
+                    Some(format!("delta-rs version {}", deltalake::crate_version())),
                 ));
             self.writer = Some(writer);
         }

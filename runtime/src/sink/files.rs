@@ -596,6 +596,7 @@ impl FileTableSink {
                     let props = super::parquet_properties(
                         &self.file_schema,
                         Compression::ZSTD(ZstdLevel::default()),
+                        None,
                     );
                     FileWriter::Parquet(Box::new(ArrowWriter::try_new(
                         out,
@@ -638,6 +639,9 @@ impl FileTableSink {
         &self,
         batch: &RecordBatch,
     ) -> Result<Vec<(String, RecordBatch)>, arrow::error::ArrowError> {
+        if self.partition_by.is_empty() {
+            return Ok(vec![(String::new(), batch.clone())]);
+        }
         let keys: Vec<ArrayRef> = self
             .partition_by
             .iter()
@@ -673,7 +677,7 @@ impl FileTableSink {
         let schema = self.shape.schema();
         // Two encodings may format alike (NaNs with different payloads): their rows share a
         // folder, in row order.
-        let mut folders: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        let mut folders: BTreeMap<String, (Vec<u32>, bool)> = BTreeMap::new();
         let mut value = String::new();
         for (first, rows) in groups {
             let mut key = String::new();
@@ -687,12 +691,12 @@ impl FileTableSink {
                 key.push('/');
             }
             match folders.get_mut(&key) {
-                Some(earlier) => {
+                Some((earlier, merged)) => {
                     earlier.extend(rows);
-                    earlier.sort_unstable();
+                    *merged = true;
                 }
                 None => {
-                    folders.insert(key, rows);
+                    folders.insert(key, (rows, false));
                 }
             }
         }
@@ -702,7 +706,10 @@ impl FileTableSink {
         let data = batch.project(&keep)?;
         folders
             .into_iter()
-            .map(|(key, rows)| {
+            .map(|(key, (mut rows, merged))| {
+                if merged {
+                    rows.sort_unstable();
+                }
                 let part = if rows.len() == data.num_rows() {
                     data.clone()
                 } else {
@@ -947,6 +954,26 @@ mod tests {
             FileTableSink::check("t", &empty.path().join("new"), &shape()).unwrap(),
             Fit::New
         );
+    }
+
+    #[test]
+    fn a_table_without_partition_columns_takes_every_row_in_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink =
+            FileTableSink::open("t", "p", dir.path(), shape(), &[], FileFormat::Parquet).unwrap();
+        sink.write(batch(&["b", "a", "b"])).unwrap();
+        sink.commit(&positions(2, 1)).unwrap();
+        let files = visible(dir.path());
+        assert_eq!(files.len(), 1, "{files:?}");
+        let rows: usize = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(dir.path().join(&files[0])).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap().num_rows())
+        .sum();
+        assert_eq!(rows, 3);
     }
 
     #[test]

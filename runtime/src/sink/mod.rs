@@ -344,31 +344,28 @@ impl TableShape {
     }
 }
 
-/// Writer properties for a table's Parquet files: `compression`, and dictionary pages for text
-/// and binary columns only. Numbers and timestamps seldom repeat enough to pay for a dictionary:
-/// on the flagship's raw tap (prices, volumes, microsecond times) dictionaries on every column
-/// cost a third of the sink's time and made the files 25% larger than plain pages compressed
-/// (BENCHMARKS.md, "Parquet files: dictionaries where they pay").
+/// Writer properties for a table's Parquet files: `compression`, `created_by` if given, and no
+/// dictionary pages for top-level number and time columns (every other column keeps Parquet's
+/// default, a dictionary). Numbers and timestamps seldom repeat enough to pay for one: on the
+/// flagship's raw tap (prices, volumes, microsecond times) dictionaries on every column cost a
+/// third of the sink's time and made the files 25% larger than plain pages compressed
+/// (BENCHMARKS.md, "Per core: the threads beside the plugins").
 pub(crate) fn parquet_properties(
     schema: &Schema,
     compression: parquet::basic::Compression,
+    created_by: Option<String>,
 ) -> parquet::file::properties::WriterProperties {
-    let mut props = parquet::file::properties::WriterProperties::builder()
-        .set_compression(compression)
-        .set_dictionary_enabled(false);
+    let mut props =
+        parquet::file::properties::WriterProperties::builder().set_compression(compression);
+    if let Some(created_by) = created_by {
+        props = props.set_created_by(created_by);
+    }
     for field in schema.fields() {
-        if matches!(
-            field.data_type(),
-            DataType::Utf8
-                | DataType::LargeUtf8
-                | DataType::Utf8View
-                | DataType::Binary
-                | DataType::LargeBinary
-                | DataType::BinaryView
-        ) {
+        let data_type = field.data_type();
+        if data_type.is_numeric() || data_type.is_temporal() {
             props = props.set_column_dictionary_enabled(
                 parquet::schema::types::ColumnPath::from(field.name().as_str()),
-                true,
+                false,
             );
         }
     }

@@ -82,6 +82,18 @@ impl FilePartition {
     }
 }
 
+/// A line of whitespace only (Unicode's, as `str::trim` sees it), which is skipped.
+fn blank(line: &[u8]) -> bool {
+    match line.trim_ascii_start().first() {
+        None => true,
+        // Other whitespace begins with one of these bytes: U+000B, or a multi-byte character.
+        Some(&b) if b == 0x0b || b >= 0x80 => {
+            std::str::from_utf8(line).is_ok_and(|text| text.trim().is_empty())
+        }
+        Some(_) => false,
+    }
+}
+
 /// JSON-lines files, one partition each.
 pub struct FileSource {
     files: Vec<FilePartition>,
@@ -211,10 +223,10 @@ impl Source for FileSource {
                     Some(Ok(line)) => {
                         let offset = file.next;
                         file.next += 1;
-                        if line.trim_ascii().is_empty() {
+                        capacity = line.len() + 2;
+                        if blank(&line) {
                             continue;
                         }
-                        capacity = line.len() + 1;
                         out.push(Record {
                             topic: file.topic.clone(),
                             partition: 0,
@@ -321,7 +333,9 @@ mod tests {
     fn a_line_that_is_not_utf8_is_a_record_and_line_endings_are_cut() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
-        std::fs::write(&path, b"{\"a\":1}\r\n\xff\xfe{}\n \t\r\n{\"a\":2}").unwrap();
+        // Line 2 is blank in ASCII, line 3 in Unicode (NBSP, U+3000, a vertical tab).
+        let text = b"{\"a\":1}\r\n\xff\xfe{}\n \t\r\n\xc2\xa0\xe3\x80\x80\x0b\n{\"a\":2}";
+        std::fs::write(&path, text).unwrap();
         let mut source = FileSource::open(&path).unwrap();
         let mut out = Vec::new();
         source.poll(100, Duration::ZERO, &mut out).unwrap();
@@ -331,9 +345,9 @@ mod tests {
             vec![
                 (0, &b"{\"a\":1}"[..]),
                 (1, &b"\xff\xfe{}"[..]),
-                (3, &b"{\"a\":2}"[..])
+                (4, &b"{\"a\":2}"[..])
             ],
-            "the blank line 2 is skipped, the last line needs no newline"
+            "blank lines are skipped, the last line needs no newline"
         );
         assert!(source.exhausted());
     }
