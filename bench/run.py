@@ -661,6 +661,9 @@ def main():
     p.add_argument("--skip", action="append", default=[], choices=PARTS)
     p.add_argument("--only", action="append", default=[], choices=PARTS)
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
+    p.add_argument("--before", type=Path, default=ROOT / "bench" / "results" / "2026-11-21.json",
+                   help="an earlier saved run, the 'earlier run' column of the targets table (default: the run "
+                        "before issue 19's engine rebuild; 'none' for no column)")
     p.add_argument("--no-write", action="store_true",
                    help="leave BENCHMARKS.md and bench/results alone (results go to the work folder)")
     args = p.parse_args()
@@ -712,7 +715,8 @@ def main():
     out.write_text(json.dumps(results, indent=2, default=str))
     log(f"results: {out}")
     from report import render
-    text = render(results)
+    before = json.loads(args.before.read_text()) if args.before.name != "none" and args.before.exists() else None
+    text = render(results, before)
     print(text)
     if not args.no_write:
         md = ROOT / "BENCHMARKS.md"
