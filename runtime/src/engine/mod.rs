@@ -142,7 +142,7 @@ impl Router {
     fn send(&self, worker: usize, msg: WorkerMsg) -> Result<(), RunError> {
         self.workers[worker]
             .send(msg)
-            .map_err(|_| RunError::Internal(format!("worker {worker} stopped")))
+            .map_err(|_| RunError::Stopped(format!("worker {worker}")))
     }
 
     /// Cuts the current epoch: every worker gets the barrier; idle partitions follow the others'
@@ -223,16 +223,31 @@ impl Router {
 
     /// The error a failed thread reported (it may still be on its way), else `fallback`.
     fn failure(&mut self, fallback: &str) -> RunError {
+        match self.explain(RunError::Stopped(String::new())) {
+            RunError::Stopped(_) => RunError::Internal(fallback.into()),
+            e => e,
+        }
+    }
+
+    /// `error`, or when it only says that another thread is gone ([`RunError::Stopped`]), why
+    /// that thread stopped: its report may still be on its way (a thread that panics reports
+    /// after its channels closed). Waits for it at most 10 s; committed epochs seen meanwhile
+    /// are kept.
+    fn explain(&mut self, error: RunError) -> RunError {
+        if !matches!(error, RunError::Stopped(_)) {
+            return error;
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
+                Ok(Event::Failed(RunError::Stopped(_))) => {}
                 Ok(Event::Failed(e)) => return e,
                 Ok(Event::Committed { epoch, offsets }) => {
                     self.committed = self.committed.max(epoch);
                     self.to_kafka.extend(offsets);
                 }
-                Err(_) => return RunError::Internal(fallback.into()),
+                Err(_) => return error,
             }
         }
     }
@@ -241,10 +256,9 @@ impl Router {
     fn drain(&mut self, until: Option<u64>) -> Result<(), RunError> {
         loop {
             let event = match until {
-                Some(e) if self.committed < e => self
-                    .events
-                    .recv()
-                    .map_err(|_| RunError::Internal("the committer stopped".into()))?,
+                Some(e) if self.committed < e => self.events.recv().map_err(|_| {
+                    RunError::Internal("every worker and the committer stopped".into())
+                })?,
                 _ => match self.events.try_recv() {
                     Ok(ev) => ev,
                     Err(_) => return Ok(()),
@@ -255,7 +269,7 @@ impl Router {
                     self.committed = self.committed.max(epoch);
                     self.to_kafka.extend(offsets);
                 }
-                Event::Failed(e) => return Err(e),
+                Event::Failed(e) => return Err(self.explain(e)),
             }
         }
     }
@@ -272,10 +286,10 @@ impl Router {
                 ephemeral: self.ephemeral,
                 reply,
             })
-            .map_err(|_| RunError::Internal("the committer stopped".into()))?;
+            .map_err(|_| RunError::Stopped("the committer".into()))?;
         let resumes: Vec<Resume> = answer
             .recv()
-            .map_err(|_| RunError::Internal("the committer stopped".into()))??;
+            .map_err(|_| RunError::Stopped("the committer".into()))??;
         let mut starts = Vec::new();
         for (key, resume) in keys.into_iter().zip(resumes) {
             // The least loaded worker takes it.
@@ -362,6 +376,7 @@ impl Rebalance for Rebalancer {
         match router.assign(partitions) {
             Ok(starts) => starts,
             Err(e) => {
+                let e = router.explain(e);
                 tracing::debug!("opening assigned partitions failed: {e}");
                 router.failed = Some(e);
                 vec![StartAt::Stored; partitions.len()]
@@ -381,6 +396,7 @@ impl Rebalance for Rebalancer {
         match router.revoke(partitions) {
             Ok(offsets) => offsets,
             Err(e) => {
+                let e = router.explain(e);
                 tracing::debug!("finishing revoked partitions failed: {e}");
                 router.failed = Some(e);
                 Offsets::new()
@@ -1013,7 +1029,9 @@ fn run_half(
             }
         }
         let _stop_reloader = StopOnDrop(reloader_stop.clone());
-        let result = loop_state.run(pipeline, &mut opened, &router, stop, &shared.halt);
+        let result = loop_state
+            .run(pipeline, &mut opened, &router, stop, &shared.halt)
+            .map_err(|e| lock(&router).explain(e));
         loop_state.swaps_in = None;
         result
     });
@@ -1576,6 +1594,65 @@ mod tests {
                 )
             }
             _ => panic!("no failure reported"),
+        }
+    }
+
+    #[test]
+    fn a_thread_that_is_gone_is_reported_by_its_own_error_not_as_stopped() {
+        let (events_tx, events) = mpsc::channel();
+        let (committer, gone) = mpsc::sync_channel(1);
+        drop(gone);
+        let router = Arc::new(Mutex::new(Router {
+            workers: Vec::new(),
+            slots: HashMap::new(),
+            committer,
+            events,
+            epoch: 1,
+            to_kafka: Offsets::new(),
+            committed: 0,
+            failed: None,
+            ephemeral: false,
+            closed: false,
+            ctx: None,
+        }));
+        // A worker finds the committer gone and says so first; the committer's own report
+        // comes later (a thread that panics reports after its channels closed).
+        let late = events_tx.clone();
+        events_tx
+            .send(Event::Failed(RunError::Stopped("the committer".into())))
+            .unwrap();
+        let reporter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            late.send(Event::Failed(RunError::Internal(
+                "the committer thread panicked: boom".into(),
+            )))
+            .unwrap();
+        });
+        match lock(&router).drain(None) {
+            Err(RunError::Internal(m)) => assert!(m.contains("boom"), "{m}"),
+            other => panic!("expected the committer's own error, got {other:?}"),
+        }
+        reporter.join().unwrap();
+
+        // The coordinator finds the committer gone itself, opening assigned partitions.
+        events_tx
+            .send(Event::Failed(RunError::Internal("disk full".into())))
+            .unwrap();
+        Rebalancer(router.clone()).assigned(&[("ticks".into(), 0)]);
+        match lock(&router).failed.take() {
+            Some(RunError::Internal(m)) => assert_eq!(m, "disk full"),
+            other => panic!("expected the committer's own error, got {other:?}"),
+        }
+
+        // No report ever comes (every other thread is gone): the run still stops, saying which
+        // thread is missing.
+        drop(events_tx);
+        Rebalancer(router.clone()).assigned(&[("ticks".into(), 1)]);
+        match lock(&router).failed.take() {
+            Some(e @ RunError::Stopped(_)) => {
+                assert_eq!(e.to_string(), "internal: the committer stopped")
+            }
+            other => panic!("expected `the committer stopped`, got {other:?}"),
         }
     }
 }

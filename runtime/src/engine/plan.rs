@@ -117,6 +117,10 @@ pub enum RunError {
     /// A thread of the engine stopped unexpectedly.
     #[error("internal: {0}")]
     Internal(String),
+    /// A thread this one hands work to (`the committer`, `worker 1`) is gone. That thread
+    /// reports why it stopped; this error stands only when no such report comes.
+    #[error("internal: {0} stopped")]
+    Stopped(String),
 }
 
 impl RunError {
@@ -137,7 +141,7 @@ impl RunError {
             | RunError::Checkpoint(_)
             | RunError::PartitionsLost(_)
             | RunError::Overtaken { .. } => ErrorKind::External,
-            RunError::Internal(_) => ErrorKind::Internal,
+            RunError::Internal(_) | RunError::Stopped(_) => ErrorKind::Internal,
         }
     }
 }

@@ -997,7 +997,7 @@ impl PartitionTask {
         self.ctx
             .committer
             .send(CommitMsg::Stage(Staged { epoch, sink, batch }))
-            .map_err(|_| RunError::Internal("the committer stopped".into()))
+            .map_err(|_| RunError::Stopped("the committer".into()))
     }
 
     /// Routes a chain's output to the joined sinks and its refusals to the dead letter.

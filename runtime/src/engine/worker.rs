@@ -196,7 +196,7 @@ fn work(
                         checkpoints,
                         appended,
                     }))
-                    .map_err(|_| RunError::Internal("the committer stopped".into()))?;
+                    .map_err(|_| RunError::Stopped("the committer".into()))?;
                 epoch = closing + 1;
                 if let Some(offer) = swap {
                     let mut chains = HashMap::new();
