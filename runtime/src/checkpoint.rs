@@ -802,6 +802,64 @@ impl StateStore for ObjectStateStore {
         expected: Option<crate::sink::Position>,
         position: crate::sink::Position,
     ) -> Result<Swap, CheckpointError> {
+        // A put that failed on the way is tried again from the read: if it had landed, the
+        // record now holds `position`, which the caller takes as its own write (`Moved` to
+        // exactly the position it wrote).
+        let mut pauses = crate::storage::CONDITIONAL_PUT_RETRIES.iter();
+        loop {
+            match self.try_swap_position(sink, topic, partition, expected, position) {
+                Err(Attempt::Transient(e)) => match pauses.next() {
+                    Some(pause) => {
+                        tracing::warn!(
+                            %e,
+                            "the checkpoint store's position record: the put failed on the way; trying again in {pause:?}"
+                        );
+                        std::thread::sleep(*pause);
+                    }
+                    None => return Err(e),
+                },
+                Err(Attempt::Failed(e)) => return Err(e),
+                Ok(swap) => return Ok(swap),
+            }
+        }
+    }
+
+    fn position(
+        &self,
+        sink: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<crate::sink::Position>, CheckpointError> {
+        self.read(
+            &self.position_object(sink, topic, partition),
+            decode_position,
+        )
+    }
+}
+
+/// How one attempt at a conditional put ended, when not with an answer.
+enum Attempt {
+    /// The put's request failed on the way: it may or may not have landed.
+    Transient(CheckpointError),
+    Failed(CheckpointError),
+}
+
+impl From<CheckpointError> for Attempt {
+    fn from(e: CheckpointError) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+impl ObjectStateStore {
+    /// One attempt of [`StateStore::swap_position`].
+    fn try_swap_position(
+        &self,
+        sink: &str,
+        topic: &str,
+        partition: i32,
+        expected: Option<crate::sink::Position>,
+        position: crate::sink::Position,
+    ) -> Result<Swap, Attempt> {
         use object_store::{ObjectStoreExt, PutMode, PutOptions, UpdateVersion};
         let path = self.position_object(sink, topic, partition);
         // Read the record with its version, then put only over that version (`If-Match`), or
@@ -844,20 +902,11 @@ impl StateStore for ObjectStateStore {
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. },
             ) => Ok(Swap::Moved(self.position(sink, topic, partition)?)),
-            Err(e) => Err(self.fail(&path, e)),
+            Err(e) if crate::storage::is_transient(&e) => {
+                Err(Attempt::Transient(self.fail(&path, e)))
+            }
+            Err(e) => Err(Attempt::Failed(self.fail(&path, e))),
         }
-    }
-
-    fn position(
-        &self,
-        sink: &str,
-        topic: &str,
-        partition: i32,
-    ) -> Result<Option<crate::sink::Position>, CheckpointError> {
-        self.read(
-            &self.position_object(sink, topic, partition),
-            decode_position,
-        )
     }
 }
 
@@ -1155,6 +1204,56 @@ mod tests {
             "p",
             rt,
         ));
+    }
+
+    #[test]
+    fn a_position_put_that_fails_on_the_way_is_tried_again() {
+        use crate::sink::Position;
+        use crate::storage::flaky::{Flaky, Lose};
+        let at = |offset, epoch| Position { offset, epoch };
+        let rt = std::sync::Arc::new(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        );
+        let flaky = std::sync::Arc::new(Flaky::new(vec![Lose::Request]));
+        let store = ObjectStateStore::new(
+            flaky.clone(),
+            object_store::path::Path::from("run/_checkpoints"),
+            "memory://test",
+            "p",
+            rt,
+        );
+        // Lost request: the retry writes it.
+        assert_eq!(
+            store
+                .swap_position("hop", "ticks", 0, None, at(10, 1))
+                .unwrap(),
+            Swap::Written
+        );
+        assert!(flaky.fail.lock().unwrap().is_empty());
+        // Lost reply: the retry finds this very position, which the hop sink takes as its own.
+        *flaky.fail.lock().unwrap() = vec![Lose::Reply];
+        assert_eq!(
+            store
+                .swap_position("hop", "ticks", 0, Some(at(10, 1)), at(20, 2))
+                .unwrap(),
+            Swap::Moved(Some(at(20, 2)))
+        );
+        assert_eq!(store.position("hop", "ticks", 0).unwrap(), Some(at(20, 2)));
+        assert!(flaky.fail.lock().unwrap().is_empty());
+        // A store that keeps failing: the error stands after the retries.
+        *flaky.fail.lock().unwrap() = vec![Lose::Request; 4];
+        let err = store
+            .swap_position("hop", "ticks", 0, Some(at(20, 2)), at(30, 3))
+            .unwrap_err();
+        assert!(err.to_string().contains("connection reset"), "{err}");
+        assert!(
+            flaky.fail.lock().unwrap().is_empty(),
+            "1 attempt + 3 retries"
+        );
+        assert_eq!(store.position("hop", "ticks", 0).unwrap(), Some(at(20, 2)));
     }
 
     #[test]

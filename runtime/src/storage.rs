@@ -222,3 +222,123 @@ pub fn remove_objects(
         Ok(())
     })
 }
+
+/// Pauses before each new attempt of a conditional put whose request failed on the way.
+///
+/// `object_store` retries a failed request itself only when repeating it is harmless; a put
+/// with `If-None-Match: *` or `If-Match` is not retried there, since the first attempt may have
+/// landed and only its reply been lost. The callers retry such a put after reading what the
+/// store holds, which tells a lost reply (their own write is there) from another writer's.
+pub(crate) const CONDITIONAL_PUT_RETRIES: [std::time::Duration; 3] = [
+    std::time::Duration::from_millis(100),
+    std::time::Duration::from_millis(500),
+    std::time::Duration::from_secs(2),
+];
+
+/// Whether `e` may be a request that failed on the way (a dropped connection, a timeout, a
+/// server error that outlived `object_store`'s own retries) rather than an answer: worth
+/// another attempt. Answers (not found, exists, precondition, permission) are not.
+pub(crate) fn is_transient(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::Generic { .. })
+}
+
+/// A store for tests whose conditional puts (`Create`, `Update`) fail on the way a set number
+/// of times: after taking effect (the reply lost) or before (the request lost).
+#[cfg(test)]
+pub(crate) mod flaky {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use futures::stream::BoxStream;
+    use object_store::path::Path;
+    use object_store::{
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+        PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
+    };
+
+    /// How the next conditional puts fail.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Lose {
+        /// The put takes effect; the caller gets an error.
+        Reply,
+        /// The put does not reach the store.
+        Request,
+    }
+
+    #[derive(Debug)]
+    pub struct Flaky {
+        pub inner: object_store::memory::InMemory,
+        pub fail: Mutex<Vec<Lose>>,
+    }
+
+    impl Flaky {
+        pub fn new(fail: Vec<Lose>) -> Self {
+            Flaky {
+                inner: object_store::memory::InMemory::new(),
+                fail: Mutex::new(fail),
+            }
+        }
+    }
+
+    impl std::fmt::Display for Flaky {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Flaky")
+        }
+    }
+
+    fn dropped() -> object_store::Error {
+        object_store::Error::Generic {
+            store: "Flaky",
+            source: "error sending request: connection reset by peer".into(),
+        }
+    }
+
+    #[async_trait]
+    impl ObjectStore for Flaky {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> Result<PutResult> {
+            let lose = if matches!(opts.mode, PutMode::Overwrite) {
+                None
+            } else {
+                self.fail.lock().unwrap().pop()
+            };
+            match lose {
+                None => self.inner.put_opts(location, payload, opts).await,
+                Some(Lose::Request) => Err(dropped()),
+                Some(Lose::Reply) => {
+                    self.inner.put_opts(location, payload, opts).await?;
+                    Err(dropped())
+                }
+            }
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: PutMultipartOptions,
+        ) -> Result<Box<dyn MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, Result<Path>>,
+        ) -> BoxStream<'static, Result<Path>> {
+            self.inner.delete_stream(locations)
+        }
+        fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+}

@@ -275,6 +275,10 @@ impl Router {
     }
 
     fn assign(&mut self, parts: &[(String, i32)]) -> Result<Vec<StartAt>, RunError> {
+        // A rebalance may give this member nothing new (cooperative assignment): no round trip.
+        if parts.is_empty() {
+            return Ok(Vec::new());
+        }
         let keys: Vec<PartitionKey> = parts
             .iter()
             .map(|(t, p)| (Arc::from(t.as_str()), *p))

@@ -158,14 +158,42 @@ impl Place {
             }
             Place::Bucket(b) => {
                 let path = b.key(&format!("{LOG}/{name}")).map_err(|e| e.to_string())?;
-                let options = PutOptions::from(PutMode::Create);
-                match b.rt.block_on(b.store.put_opts(&path, text.into(), options)) {
-                    Ok(_) => Ok(()),
-                    Err(object_store::Error::AlreadyExists { .. }) => Err(format!(
-                        "{}/{LOG}/{name} exists already: another writer took this process's name",
-                        b.url
-                    )),
-                    Err(e) => Err(e.to_string()),
+                // A put that failed on the way is tried again; finding the entry then, with
+                // this text, means the failed one had landed (only its reply was lost).
+                let mut pauses = crate::storage::CONDITIONAL_PUT_RETRIES.iter();
+                let mut retried = false;
+                loop {
+                    let options = PutOptions::from(PutMode::Create);
+                    match b
+                        .rt
+                        .block_on(b.store.put_opts(&path, text.clone().into(), options))
+                    {
+                        Ok(_) => return Ok(()),
+                        Err(object_store::Error::AlreadyExists { .. })
+                            if retried && self.read_log(name).is_ok_and(|t| t == text) =>
+                        {
+                            return Ok(());
+                        }
+                        Err(object_store::Error::AlreadyExists { .. }) => {
+                            return Err(format!(
+                                "{}/{LOG}/{name} exists already: another writer took this process's name",
+                                b.url
+                            ));
+                        }
+                        Err(e) if crate::storage::is_transient(&e) => match pauses.next() {
+                            Some(pause) => {
+                                tracing::warn!(
+                                    %e,
+                                    "{}/{LOG}/{name}: the put failed on the way; trying again in {pause:?}",
+                                    b.url
+                                );
+                                std::thread::sleep(*pause);
+                                retried = true;
+                            }
+                            None => return Err(e.to_string()),
+                        },
+                        Err(e) => return Err(e.to_string()),
+                    }
                 }
             }
         }
@@ -417,5 +445,54 @@ impl Out {
                 .map_err(io_error)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_entry_put_that_fails_on_the_way_is_tried_again() {
+        use crate::storage::flaky::{Flaky, Lose};
+        let rt = Arc::new(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        );
+        let flaky = Arc::new(Flaky::new(vec![Lose::Request]));
+        let place = Place::Bucket(Bucket::new(
+            flaky.clone(),
+            ObjectPath::from("lake/raw"),
+            "memory://test",
+            rt,
+        ));
+        place
+            .write_log("00000000000000000001-a.json", "one".into())
+            .unwrap();
+        assert!(flaky.fail.lock().unwrap().is_empty());
+        // The reply lost, then (on the retry, which finds the entry) nothing: written once.
+        *flaky.fail.lock().unwrap() = vec![Lose::Reply];
+        place
+            .write_log("00000000000000000002-a.json", "two".into())
+            .unwrap();
+        assert_eq!(
+            place.read_log("00000000000000000001-a.json").unwrap(),
+            "one"
+        );
+        assert_eq!(
+            place.read_log("00000000000000000002-a.json").unwrap(),
+            "two"
+        );
+        assert!(
+            flaky.fail.lock().unwrap().is_empty(),
+            "both failures were met"
+        );
+        // Another writer's entry under this name is still refused.
+        let err = place
+            .write_log("00000000000000000002-a.json", "mine".into())
+            .unwrap_err();
+        assert!(err.contains("exists already"), "{err}");
     }
 }
