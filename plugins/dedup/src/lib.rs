@@ -15,8 +15,10 @@
 //! the key is evicted, so how the host batches rows never changes what passes.
 //!
 //! State is compact: a key is kept as its 64-bit xxh3 hash (a false duplicate needs two distinct
-//! keys to collide: about 1 in 3·10⁷ at a million live keys) with its expiry, and listed in a
-//! bucket by expiry time, so eviction walks whole buckets. Snapshots (state version 3) store
+//! keys to collide: about 1 in 3·10⁷ at a million live keys) with its expiry, one table entry
+//! and nothing else. Keys are forgotten in steps of `retention / 8` of event time: each time the
+//! watermark passes such a step, one sweep of the table drops every key that expired before it.
+//! Snapshots (state version 3) store
 //! each key's first event time, the key columns and the event-time column: a changed
 //! `retention` restores correctly (expiries are recomputed), a changed `key` or `event_time` is
 //! refused (those keys mean something else now).
@@ -25,8 +27,8 @@
 //! last one, so a checkpoint costs the keys that arrived in its epoch, not the whole retention.
 #![deny(unsafe_code)]
 
+use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use arrow::array::BooleanArray;
@@ -79,9 +81,8 @@ pub struct Dedup {
     bucket_width: i64,
     /// Key hash → expiry (its first event time plus `retention`).
     expiry: KeyMap,
-    /// Expiry bucket (expiry / bucket width) → key hashes that expired in it when inserted (a
-    /// key seen again after it expired moves to a later bucket; eviction checks `expiry`).
-    buckets: BTreeMap<i64, Vec<u64>>,
+    /// Keys whose expiry is before this bucket (× `bucket_width`) are gone from `expiry`.
+    swept_to: i64,
     watermark: i64,
     /// Keys remembered since the last delta (incremental checkpoints) with the expiry each got,
     /// in the order remembered (a key possibly more than once); `None` while not keeping track
@@ -130,8 +131,8 @@ struct StateV1 {
     buckets: Vec<(i64, Vec<u64>)>,
 }
 
-/// How many expiry buckets a retention is split into: more buckets evict closer to the exact
-/// time, fewer make each bucket bigger.
+/// How many steps of event time a retention is split into for forgetting keys: more steps
+/// forget closer to the exact time, fewer sweep the table less often.
 const BUCKETS_PER_RETENTION: i64 = 8;
 
 impl Dedup {
@@ -154,19 +155,18 @@ impl Dedup {
         }
     }
 
-    /// Forgets the keys whose expiry the watermark passed, bucket by bucket.
+    /// Forgets the keys whose expiry the watermark passed, a bucket width at a time: once the
+    /// watermark enters a new bucket, one sweep drops every key that expired before it. (A
+    /// table sweep every `retention / 8` of event time costs less per row than keeping each key
+    /// in a list by expiry, and takes no memory.)
     fn evict(&mut self) {
-        // A bucket holds expiries in [b·w, (b+1)·w): all passed once (b+1)·w ≤ watermark. A key
-        // seen again since has a later expiry (and a later bucket): it stays.
         let first_live = self.watermark.div_euclid(self.bucket_width);
-        let live = self.buckets.split_off(&first_live);
-        let passed = std::mem::replace(&mut self.buckets, live);
-        let end = first_live.saturating_mul(self.bucket_width);
-        for hash in passed.into_values().flatten() {
-            if self.expiry.get(&hash).is_some_and(|&e| e < end) {
-                self.expiry.remove(&hash);
-            }
+        if first_live <= self.swept_to {
+            return;
         }
+        self.swept_to = first_live;
+        let end = first_live.saturating_mul(self.bucket_width);
+        self.expiry.retain(|_, e| *e >= end);
     }
 
     /// Refuses state written for other key or event-time columns.
@@ -187,10 +187,6 @@ impl Dedup {
             return;
         }
         self.expiry.insert(hash, expiry);
-        self.buckets
-            .entry(expiry.div_euclid(self.bucket_width))
-            .or_default()
-            .push(hash);
     }
 }
 
@@ -240,7 +236,7 @@ impl Transform for Dedup {
             retention,
             bucket_width: (retention / BUCKETS_PER_RETENTION).max(1),
             expiry: KeyMap::default(),
-            buckets: BTreeMap::new(),
+            swept_to: i64::MIN,
             watermark: i64::MIN,
             touched: None,
         };
@@ -256,11 +252,7 @@ impl Transform for Dedup {
         let times = event_time_millis(&batch, self.event_time)?;
         let mut keep = Vec::with_capacity(rows);
         let mut output = Output::empty();
-        let (watermark, retention, width) = (self.watermark, self.retention, self.bucket_width);
-        // Keys remembered by this batch, gathered per expiry bucket while rows stay in one
-        // (event time moves slowly), so the bucket map is looked up once per run, not per row.
-        let mut run_bucket = i64::MIN;
-        let mut run: Vec<u64> = Vec::new();
+        let (watermark, retention) = (self.watermark, self.retention);
         for (row, hash) in hashes.into_iter().enumerate() {
             if times.is_null(row) {
                 keep.push(false);
@@ -289,22 +281,9 @@ impl Transform for Dedup {
                 }
             };
             keep.push(true);
-            if remembered {
-                let bucket = expiry.div_euclid(width);
-                if bucket != run_bucket {
-                    if !run.is_empty() {
-                        self.buckets.entry(run_bucket).or_default().append(&mut run);
-                    }
-                    run_bucket = bucket;
-                }
-                run.push(hash);
-                if let Some(touched) = &mut self.touched {
-                    touched.push((hash, expiry));
-                }
+            if remembered && let Some(touched) = &mut self.touched {
+                touched.push((hash, expiry));
             }
-        }
-        if !run.is_empty() {
-            self.buckets.entry(run_bucket).or_default().append(&mut run);
         }
         self.check_touched();
         if keep.iter().all(|k| *k) {
@@ -429,7 +408,7 @@ impl Transform for Dedup {
         };
         self.watermark = watermark;
         self.expiry.clear();
-        self.buckets.clear();
+        self.swept_to = i64::MIN;
         self.expiry.reserve(keys.len());
         for (hash, first) in keys {
             self.remember(hash, first);
