@@ -805,20 +805,11 @@ impl StateStore for ObjectStateStore {
         // A put that failed on the way is tried again from the read: if it had landed, the
         // record now holds `position`, which the caller takes as its own write (`Moved` to
         // exactly the position it wrote).
-        let mut pauses = crate::storage::CONDITIONAL_PUT_RETRIES.iter();
+        let mut retries = crate::storage::Retries::new();
         loop {
             match self.try_swap_position(sink, topic, partition, expected, position) {
-                Err(Attempt::Transient(e)) => match pauses.next() {
-                    Some(pause) => {
-                        tracing::warn!(
-                            %e,
-                            "the checkpoint store's position record: the put failed on the way; trying again in {pause:?}"
-                        );
-                        std::thread::sleep(*pause);
-                    }
-                    None => return Err(e),
-                },
-                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Transient(e)) if retries.wait("a position record", &e) => {}
+                Err(Attempt::Transient(e) | Attempt::Failed(e)) => return Err(e),
                 Ok(swap) => return Ok(swap),
             }
         }

@@ -235,6 +235,32 @@ pub(crate) const CONDITIONAL_PUT_RETRIES: [std::time::Duration; 3] = [
     std::time::Duration::from_secs(2),
 ];
 
+/// The retries left to one conditional put (see [`CONDITIONAL_PUT_RETRIES`]).
+#[derive(Debug)]
+pub(crate) struct Retries(std::slice::Iter<'static, std::time::Duration>);
+
+impl Retries {
+    pub(crate) fn new() -> Self {
+        Retries(CONDITIONAL_PUT_RETRIES.iter())
+    }
+
+    /// Whether an earlier attempt failed on the way (its put may have landed).
+    pub(crate) fn retrying(&self) -> bool {
+        self.0.len() < CONDITIONAL_PUT_RETRIES.len()
+    }
+
+    /// After `what`'s put failed on the way with `e`: waits and returns `true` to try again,
+    /// or `false` once the retries are spent.
+    pub(crate) fn wait(&mut self, what: &str, e: &dyn std::fmt::Display) -> bool {
+        let Some(pause) = self.0.next() else {
+            return false;
+        };
+        tracing::warn!(%e, "{what}: the put failed on the way; trying again in {pause:?}");
+        std::thread::sleep(*pause);
+        true
+    }
+}
+
 /// Whether `e` may be a request that failed on the way (a dropped connection, a timeout, a
 /// server error that outlived `object_store`'s own retries) rather than an answer: worth
 /// another attempt. Answers (not found, exists, precondition, permission) are not.

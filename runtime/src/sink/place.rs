@@ -160,17 +160,18 @@ impl Place {
                 let path = b.key(&format!("{LOG}/{name}")).map_err(|e| e.to_string())?;
                 // A put that failed on the way is tried again; finding the entry then, with
                 // this text, means the failed one had landed (only its reply was lost).
-                let mut pauses = crate::storage::CONDITIONAL_PUT_RETRIES.iter();
-                let mut retried = false;
+                let mut retries = crate::storage::Retries::new();
+                let payload = object_store::PutPayload::from(text.clone());
                 loop {
                     let options = PutOptions::from(PutMode::Create);
                     match b
                         .rt
-                        .block_on(b.store.put_opts(&path, text.clone().into(), options))
+                        .block_on(b.store.put_opts(&path, payload.clone(), options))
                     {
                         Ok(_) => return Ok(()),
                         Err(object_store::Error::AlreadyExists { .. })
-                            if retried && self.read_log(name).is_ok_and(|t| t == text) =>
+                            if retries.retrying()
+                                && self.read_log(name).is_ok_and(|t| t == text) =>
                         {
                             return Ok(());
                         }
@@ -180,18 +181,9 @@ impl Place {
                                 b.url
                             ));
                         }
-                        Err(e) if crate::storage::is_transient(&e) => match pauses.next() {
-                            Some(pause) => {
-                                tracing::warn!(
-                                    %e,
-                                    "{}/{LOG}/{name}: the put failed on the way; trying again in {pause:?}",
-                                    b.url
-                                );
-                                std::thread::sleep(*pause);
-                                retried = true;
-                            }
-                            None => return Err(e.to_string()),
-                        },
+                        Err(e)
+                            if crate::storage::is_transient(&e)
+                                && retries.wait(&format!("{}/{LOG}/{name}", b.url), &e) => {}
                         Err(e) => return Err(e.to_string()),
                     }
                 }
