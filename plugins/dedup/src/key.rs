@@ -3,7 +3,11 @@
 //! full precision: two times in the same millisecond are different keys.
 
 use arrow::array::{Array, ArrayRef, AsArray};
-use arrow::datatypes::{DataType, Int64Type, TimeUnit};
+use arrow::datatypes::{
+    ArrowPrimitiveType, DataType, Date32Type, Date64Type, Float32Type, Float64Type, Int8Type,
+    Int16Type, Int32Type, Int64Type, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType,
+    TimestampNanosecondType, TimestampSecondType, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
+};
 use flowgate_sdk::{Error, Result};
 
 use crate::chain;
@@ -69,28 +73,16 @@ pub fn hash_column(column: &ArrayRef, hashes: &mut [u64]) -> Result<()> {
                 };
             }
         }
-        DataType::Float32 | DataType::Float64 => {
-            let a = arrow::compute::cast(column, &DataType::Float64)?;
-            let a = a.as_primitive::<arrow::datatypes::Float64Type>();
-            for (i, h) in hashes.iter_mut().enumerate() {
-                // -0.0 and 0.0 are one key; every NaN is one key.
-                let v = a.value(i);
-                let v = if v == 0.0 {
-                    0.0
-                } else if v.is_nan() {
-                    f64::NAN
-                } else {
-                    v
-                };
-                *h = if is_null(i) {
-                    *h ^ NULL_SEED_SALT
-                } else {
-                    chain(&v.to_bits().to_le_bytes(), *h)
-                };
-            }
+        DataType::Float32 => {
+            let a = column.as_primitive::<Float32Type>();
+            hash_floats(a.values().iter().map(|&v| f64::from(v)), &is_null, hashes);
+        }
+        DataType::Float64 => {
+            let a = column.as_primitive::<Float64Type>();
+            hash_floats(a.values().iter().copied(), &is_null, hashes);
         }
         DataType::UInt64 => {
-            let a = column.as_primitive::<arrow::datatypes::UInt64Type>();
+            let a = column.as_primitive::<UInt64Type>();
             for (i, h) in hashes.iter_mut().enumerate() {
                 *h = if is_null(i) {
                     *h ^ NULL_SEED_SALT
@@ -107,11 +99,13 @@ pub fn hash_column(column: &ArrayRef, hashes: &mut [u64]) -> Result<()> {
                 TimeUnit::Microsecond => (1_000, 1u8),
                 _ => (1_000_000, 2u8),
             };
-            let a = arrow::compute::cast(column, &DataType::Int64)?;
-            let a = a.as_primitive::<Int64Type>();
+            let values: &[i64] = match unit {
+                TimeUnit::Microsecond => column.as_primitive::<TimestampMicrosecondType>().values(),
+                _ => column.as_primitive::<TimestampNanosecondType>().values(),
+            };
             let mut tagged = [tag; 9];
             for (i, h) in hashes.iter_mut().enumerate() {
-                let v = a.value(i);
+                let v = values[i];
                 *h = if is_null(i) {
                     *h ^ NULL_SEED_SALT
                 } else if v % per_milli == 0 {
@@ -122,12 +116,93 @@ pub fn hash_column(column: &ArrayRef, hashes: &mut [u64]) -> Result<()> {
                 };
             }
         }
-        t if check_type(t).is_ok() => {
-            // Integers, dates and timestamps: hash their value as an i64.
-            let a = match t {
-                DataType::Int64 => column.clone(),
-                _ => arrow::compute::cast(column, &DataType::Int64)?,
-            };
+        // Integers, dates and timestamps: hash their value as an i64 (read in their own type:
+        // no `cast` kernels, which are most of a plugin's code).
+        DataType::Int8 => hash_ints::<Int8Type>(column, &is_null, hashes),
+        DataType::Int16 => hash_ints::<Int16Type>(column, &is_null, hashes),
+        DataType::Int32 => hash_ints::<Int32Type>(column, &is_null, hashes),
+        DataType::Int64 => hash_ints::<Int64Type>(column, &is_null, hashes),
+        DataType::UInt8 => hash_ints::<UInt8Type>(column, &is_null, hashes),
+        DataType::UInt16 => hash_ints::<UInt16Type>(column, &is_null, hashes),
+        DataType::UInt32 => hash_ints::<UInt32Type>(column, &is_null, hashes),
+        DataType::Date32 => hash_ints::<Date32Type>(column, &is_null, hashes),
+        DataType::Date64 => hash_ints::<Date64Type>(column, &is_null, hashes),
+        DataType::Timestamp(TimeUnit::Second, _) => {
+            hash_ints::<TimestampSecondType>(column, &is_null, hashes);
+        }
+        DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            hash_ints::<TimestampMillisecondType>(column, &is_null, hashes);
+        }
+        other => return Err(Error::bad_input(format!("{other} columns cannot be keys"))),
+    }
+    Ok(())
+}
+
+/// Chains each row's integer value (as an `i64`) of `column`, of primitive type `T`.
+fn hash_ints<T: ArrowPrimitiveType>(
+    column: &ArrayRef,
+    is_null: &impl Fn(usize) -> bool,
+    hashes: &mut [u64],
+) where
+    T::Native: Into<i64>,
+{
+    let values = column.as_primitive::<T>().values();
+    for (i, h) in hashes.iter_mut().enumerate() {
+        let v: i64 = values[i].into();
+        *h = if is_null(i) {
+            *h ^ NULL_SEED_SALT
+        } else {
+            chain(&v.to_le_bytes(), *h)
+        };
+    }
+}
+
+/// Chains each row's float (as an `f64`): -0.0 and 0.0 are one key; every NaN is one key.
+fn hash_floats(
+    values: impl Iterator<Item = f64>,
+    is_null: &impl Fn(usize) -> bool,
+    hashes: &mut [u64],
+) {
+    for ((i, h), v) in hashes.iter_mut().enumerate().zip(values) {
+        let v = if v == 0.0 {
+            0.0
+        } else if v.is_nan() {
+            f64::NAN
+        } else {
+            v
+        };
+        *h = if is_null(i) {
+            *h ^ NULL_SEED_SALT
+        } else {
+            chain(&v.to_bits().to_le_bytes(), *h)
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{
+        Date32Array, Date64Array, Float32Array, Float64Array, Int8Array, Int16Array, Int32Array,
+        Int64Array, TimestampMillisecondArray, TimestampSecondArray, UInt8Array, UInt16Array,
+        UInt32Array,
+    };
+    use arrow::compute::cast;
+
+    use super::*;
+
+    /// The hashes as they were computed before (through arrow's `cast`), which snapshots hold.
+    fn through_cast(column: &ArrayRef) -> Vec<u64> {
+        let nulls = column.logical_nulls();
+        let is_null = |i: usize| nulls.as_ref().is_some_and(|n| n.is_null(i));
+        let mut hashes = vec![7u64; column.len()];
+        if matches!(column.data_type(), DataType::Float32 | DataType::Float64) {
+            let a = cast(column, &DataType::Float64).expect("cast");
+            let a = a.as_primitive::<Float64Type>();
+            hash_floats(a.values().iter().copied(), &is_null, &mut hashes);
+        } else {
+            let a = cast(column, &DataType::Int64).expect("cast");
             let a = a.as_primitive::<Int64Type>();
             for (i, h) in hashes.iter_mut().enumerate() {
                 *h = if is_null(i) {
@@ -137,7 +212,83 @@ pub fn hash_column(column: &ArrayRef, hashes: &mut [u64]) -> Result<()> {
                 };
             }
         }
-        other => return Err(Error::bad_input(format!("{other} columns cannot be keys"))),
+        hashes
     }
-    Ok(())
+
+    #[test]
+    fn every_numeric_type_hashes_as_it_did_through_cast() {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int8Array::from(vec![Some(-3), None, Some(0), Some(127)])),
+            Arc::new(Int16Array::from(vec![
+                Some(-300),
+                None,
+                Some(0),
+                Some(32767),
+            ])),
+            Arc::new(Int32Array::from(vec![
+                Some(-3),
+                None,
+                Some(0),
+                Some(i32::MAX),
+            ])),
+            Arc::new(Int64Array::from(vec![
+                Some(i64::MIN),
+                None,
+                Some(0),
+                Some(5),
+            ])),
+            Arc::new(UInt8Array::from(vec![Some(3), None, Some(0), Some(255)])),
+            Arc::new(UInt16Array::from(vec![Some(3), None, Some(0), Some(65535)])),
+            Arc::new(UInt32Array::from(vec![
+                Some(3),
+                None,
+                Some(0),
+                Some(u32::MAX),
+            ])),
+            Arc::new(Date32Array::from(vec![
+                Some(-1),
+                None,
+                Some(0),
+                Some(20_000),
+            ])),
+            Arc::new(Date64Array::from(vec![
+                Some(-1),
+                None,
+                Some(0),
+                Some(1 << 40),
+            ])),
+            Arc::new(TimestampSecondArray::from(vec![
+                Some(-1),
+                None,
+                Some(0),
+                Some(1 << 31),
+            ])),
+            Arc::new(
+                TimestampMillisecondArray::from(vec![Some(-1), None, Some(0), Some(1 << 41)])
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(Float32Array::from(vec![
+                Some(-0.0),
+                None,
+                Some(f32::NAN),
+                Some(1.5),
+            ])),
+            Arc::new(Float64Array::from(vec![
+                Some(0.0),
+                None,
+                Some(-f64::NAN),
+                Some(1e300),
+            ])),
+        ];
+        for column in &columns {
+            let mut hashes = vec![7u64; column.len()];
+            hash_column(column, &mut hashes).expect("hash");
+            assert_eq!(hashes, through_cast(column), "{}", column.data_type());
+            // Sliced (an offset into the buffers) as well.
+            let part = column.slice(1, 3);
+            let mut hashes = vec![7u64; 3];
+            hash_column(&part, &mut hashes).expect("hash");
+            assert_eq!(hashes, through_cast(&part), "{} sliced", column.data_type());
+        }
+    }
 }
