@@ -1,7 +1,8 @@
 //! Quick plugin measurements: load time cold and cached, and rows/s of each stock plugin on
 //! 8,192-row batches, through the WASM host and natively.
 //!
-//! `make plugins && cargo run -p flowgate --example plugin_bench`
+//! `make plugins && cargo run -p flowgate --example plugin_bench` (`FLOWGATE_BENCH_ONLY=dedup`:
+//! one plugin; `FLOWGATE_PLUGIN_DIR`: other builds of the plugins)
 //! (the full benchmark is a later issue; this is the plugin core's quick check).
 
 use std::path::PathBuf;
@@ -125,7 +126,11 @@ fn main() {
         "{:<11} {:>10} {:>10} {:>18} {:>18} {:>7}",
         "plugin", "load cold", "load cached", "wasm", "native", "ratio"
     );
+    let only = std::env::var("FLOWGATE_BENCH_ONLY").ok();
     for (name, cfg, schema, make) in cases {
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
         let path = dir.join(format!("flowgate_{name}.wasm"));
         let cold = PluginHost::new(config(Some(cache.path().to_path_buf())))
             .expect("host")

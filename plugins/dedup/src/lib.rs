@@ -15,17 +15,21 @@
 //! the key is evicted, so how the host batches rows never changes what passes.
 //!
 //! State is compact: a key is kept as its 64-bit xxh3 hash (a false duplicate needs two distinct
-//! keys to collide: about 1 in 3·10⁷ at a million live keys) with its expiry, 12 bytes in a
-//! table kept 75–90% full (see `table.rs`): under 16 bytes a key. Keys are forgotten in steps of
-//! `retention / 8` of event time: each time the watermark passes such a step, one sweep of the
-//! table drops every key that expired before it. Snapshots (state version 3) store each key's
-//! first event time, the key columns and the event-time column: a changed `retention` restores
-//! correctly (expiries are recomputed), a changed `key` or `event_time` is refused (those keys
-//! mean something else now).
+//! keys to collide: about 1 in 3·10⁷ at a million live keys) with its expiry, one table entry
+//! and nothing else. Keys are forgotten in steps of `retention / 8` of event time: each time the
+//! watermark passes such a step, one sweep of the table drops every key that expired before it.
+//! Snapshots (state version 3) store
+//! each key's first event time, the key columns and the event-time column: a changed
+//! `retention` restores correctly (expiries are recomputed), a changed `key` or `event_time` is
+//! refused (those keys mean something else now).
 //!
 //! Checkpoints are incremental: a delta holds the watermark and the keys remembered since the
 //! last one, so a checkpoint costs the keys that arrived in its epoch, not the whole retention.
 #![deny(unsafe_code)]
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use arrow::array::BooleanArray;
 use flowgate_sdk::columns::is_event_time_type;
@@ -34,9 +38,6 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 mod key;
-mod table;
-
-use table::KeyTable;
 
 /// The step's config.
 #[derive(Debug, Deserialize)]
@@ -50,6 +51,26 @@ pub struct Config {
     pub retention: Duration,
 }
 
+/// Keys are already hashes: feed them to the table as they are.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type KeyMap = HashMap<u64, i64, BuildHasherDefault<IdentityHasher>>;
+
 /// The `dedup` transform.
 pub struct Dedup {
     key_names: Vec<String>,
@@ -59,8 +80,8 @@ pub struct Dedup {
     retention: i64,
     bucket_width: i64,
     /// Key hash → expiry (its first event time plus `retention`).
-    keys: KeyTable,
-    /// Keys whose expiry is before this bucket (× `bucket_width`) are gone from `keys`.
+    expiry: KeyMap,
+    /// Keys whose expiry is before this bucket (× `bucket_width`) are gone from `expiry`.
     swept_to: i64,
     watermark: i64,
     /// Keys remembered since the last delta (incremental checkpoints) with the expiry each got,
@@ -117,13 +138,13 @@ const BUCKETS_PER_RETENTION: i64 = 8;
 impl Dedup {
     /// Keys currently remembered.
     pub fn live_keys(&self) -> usize {
-        self.keys.len()
+        self.expiry.len()
     }
 
     /// The longest the list of keys touched since the last delta may grow (a host that never
     /// asks for deltas would otherwise grow it forever).
     fn touched_limit(&self) -> usize {
-        2 * self.keys.len() + (1 << 16)
+        2 * self.expiry.len() + (1 << 16)
     }
 
     /// Stops keeping track of touched keys if the list outgrew its limit.
@@ -145,7 +166,7 @@ impl Dedup {
         }
         self.swept_to = first_live;
         let end = first_live.saturating_mul(self.bucket_width);
-        self.keys.forget_before(end);
+        self.expiry.retain(|_, e| *e >= end);
     }
 
     /// Refuses state written for other key or event-time columns.
@@ -165,7 +186,7 @@ impl Dedup {
         if expiry < self.watermark {
             return;
         }
-        self.keys.insert(hash, expiry);
+        self.expiry.insert(hash, expiry);
     }
 }
 
@@ -214,7 +235,7 @@ impl Transform for Dedup {
             event_time,
             retention,
             bucket_width: (retention / BUCKETS_PER_RETENTION).max(1),
-            keys: KeyTable::default(),
+            expiry: KeyMap::default(),
             swept_to: i64::MIN,
             watermark: i64::MIN,
             touched: None,
@@ -243,19 +264,22 @@ impl Transform for Dedup {
             // A duplicate is judged by event time: within `retention` of the key's first row
             // (and the key not forgotten by the watermark). Never by whether an eviction ran
             // since, so batching changes nothing. One probe of the table per row.
-            let probe = self.keys.probe(hash);
-            if let Some(e) = probe.expiry()
-                && e >= t
-                && e >= watermark
-            {
-                keep.push(false);
-                continue;
-            }
-            // A key whose own expiry the watermark has passed is not remembered.
-            let remembered = expiry >= watermark;
-            if remembered {
-                self.keys.set(probe, hash, expiry);
-            }
+            let remembered = match self.expiry.entry(hash) {
+                Entry::Occupied(e) if *e.get() >= t && *e.get() >= watermark => {
+                    keep.push(false);
+                    continue;
+                }
+                // A key whose own expiry the watermark has passed is not remembered.
+                _ if expiry < watermark => false,
+                Entry::Occupied(mut e) => {
+                    e.insert(expiry);
+                    true
+                }
+                Entry::Vacant(e) => {
+                    e.insert(expiry);
+                    true
+                }
+            };
             keep.push(true);
             if remembered && let Some(touched) = &mut self.touched {
                 touched.push((hash, expiry));
@@ -329,12 +353,16 @@ impl Transform for Dedup {
             key: self.key_names.clone(),
             event_time: self.event_time_name.clone(),
             watermark: self.watermark,
-            keys: self.keys.len() as u64,
+            keys: self.expiry.len() as u64,
         };
         let mut out = postcard::to_allocvec(&head)
             .map_err(|e| Error::internal(format!("encoding state: {e}")))?;
-        out.reserve_exact(KEY_BYTES * self.keys.len());
-        put_keys(&mut out, self.keys.iter(), self.retention);
+        out.reserve_exact(KEY_BYTES * self.expiry.len());
+        put_keys(
+            &mut out,
+            self.expiry.iter().map(|(&h, &e)| (h, e)),
+            self.retention,
+        );
         Ok(out)
     }
 
@@ -379,9 +407,9 @@ impl Transform for Dedup {
             }
         };
         self.watermark = watermark;
-        self.keys.clear();
+        self.expiry.clear();
         self.swept_to = i64::MIN;
-        self.keys.reserve(keys.len());
+        self.expiry.reserve(keys.len());
         for (hash, first) in keys {
             self.remember(hash, first);
         }

@@ -402,7 +402,7 @@ fn state_version_1_is_read_with_the_steps_retention() {
     // Version 1: watermark, then (bucket, hashes) with buckets of retention / 8.
     let config = r#"{"key":["id"],"event_time":"ts","retention":"8m"}"#;
     let probe = probe(config, &[&tick("A", 0, 0)]);
-    let hash = probe.keys.iter().next().expect("a key").0;
+    let hash = probe.expiry.keys().copied().next().expect("a key");
     let first = chrono_ms("2025-11-12T14:00:00Z");
     let bucket = (first + 480_000) / 60_000;
     let mut v1 = b"FGS1".to_vec();
@@ -446,10 +446,10 @@ fn state_and_deltas_of_version_2_are_still_read() {
     let probe = probe(config, &[&tick("A", 0, 0), &tick("B", 1, 0)]);
     let hash = |first: i64| {
         probe
-            .keys
+            .expiry
             .iter()
-            .find(|&(_, e)| e == first + 600_000)
-            .map(|(h, _)| h)
+            .find(|(_, e)| **e == first + 600_000)
+            .map(|(h, _)| *h)
             .expect("a key")
     };
     let (a, b) = (
