@@ -402,7 +402,7 @@ fn state_version_1_is_read_with_the_steps_retention() {
     // Version 1: watermark, then (bucket, hashes) with buckets of retention / 8.
     let config = r#"{"key":["id"],"event_time":"ts","retention":"8m"}"#;
     let probe = probe(config, &[&tick("A", 0, 0)]);
-    let hash = probe.expiry.keys().copied().next().expect("a key");
+    let hash = *probe.expiry.iter().next().expect("a key").0;
     let first = chrono_ms("2025-11-12T14:00:00Z");
     let bucket = (first + 480_000) / 60_000;
     let mut v1 = b"FGS1".to_vec();
@@ -524,5 +524,36 @@ fn a_cut_or_padded_state_or_delta_is_refused_as_corrupt() {
     assert!(
         err.to_string().contains("dedup state delta is corrupt"),
         "{err}"
+    );
+}
+
+#[test]
+fn keys_in_shards_behave_as_one_map() {
+    use std::collections::HashMap;
+    let mut keys = crate::Keys::default();
+    let mut model: HashMap<u64, i64> = HashMap::new();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..20_000i64 {
+        // xorshift: hashes spread over every shard, some repeated.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let hash = if i % 7 == 0 { x % 500 } else { x };
+        keys.insert(hash, i);
+        model.insert(hash, i);
+        if i % 5_000 == 4_999 {
+            keys.retain(|e| *e >= i - 3_000);
+            model.retain(|_, e| *e >= i - 3_000);
+        }
+    }
+    assert_eq!(keys.len(), model.len());
+    let mut listed: Vec<(u64, i64)> = keys.iter().map(|(&h, &e)| (h, e)).collect();
+    listed.sort_unstable();
+    let mut expected: Vec<(u64, i64)> = model.into_iter().collect();
+    expected.sort_unstable();
+    assert_eq!(listed, expected);
+    assert!(
+        keys.shards.iter().all(|s| !s.is_empty()),
+        "some shard got no key"
     );
 }
