@@ -111,10 +111,6 @@ impl PluginHost {
         let mut wasm = Config::new();
         wasm.wasm_component_model(true);
         wasm.epoch_interruption(true);
-        // For profiling plugins: `perf` names the compiled WASM functions.
-        if std::env::var_os("FLOWGATE_PERFMAP").is_some() {
-            wasm.profiler(wasmtime::ProfilingStrategy::PerfMap);
-        }
         match config.compile {
             Compile::Optimized => {
                 wasm.strategy(wasmtime::Strategy::Cranelift);
