@@ -40,6 +40,7 @@ pub fn check_type(data_type: &DataType) -> Result<(), String> {
 
 /// Chains each row's value of `column` onto `hashes[row]`.
 pub fn hash_column(column: &ArrayRef, hashes: &mut [u64]) -> Result<()> {
+    debug_assert_eq!(column.len(), hashes.len(), "one hash per row");
     let nulls = column.logical_nulls();
     let is_null = |i: usize| nulls.as_ref().is_some_and(|n| n.is_null(i));
     match column.data_type() {
@@ -184,9 +185,10 @@ mod tests {
     use std::sync::Arc;
 
     use arrow::array::{
-        Date32Array, Date64Array, Float32Array, Float64Array, Int8Array, Int16Array, Int32Array,
-        Int64Array, TimestampMillisecondArray, TimestampSecondArray, UInt8Array, UInt16Array,
-        UInt32Array,
+        BooleanArray, Date32Array, Date64Array, Float32Array, Float64Array, Int8Array, Int16Array,
+        Int32Array, Int64Array, StringArray, TimestampMicrosecondArray, TimestampMillisecondArray,
+        TimestampNanosecondArray, TimestampSecondArray, UInt8Array, UInt16Array, UInt32Array,
+        UInt64Array,
     };
     use arrow::compute::cast;
 
@@ -290,5 +292,154 @@ mod tests {
             hash_column(&part, &mut hashes).expect("hash");
             assert_eq!(hashes, through_cast(&part), "{} sliced", column.data_type());
         }
+    }
+
+    /// Hashes as the code before `cast` was dropped computed them (commit fcb33f4), pinned:
+    /// snapshots hold them, so no type's hash may ever change.
+    #[test]
+    fn hashes_are_the_ones_snapshots_already_hold() {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(
+                TimestampMicrosecondArray::from(vec![
+                    Some(1_762_956_000_000_000),
+                    Some(1_762_956_000_000_123),
+                    Some(-1_500),
+                    None,
+                ])
+                .with_timezone("UTC"),
+            ),
+            Arc::new(TimestampNanosecondArray::from(vec![
+                Some(1_762_956_000_000_000_000),
+                Some(1_762_956_000_000_000_007),
+                Some(-7),
+                None,
+            ])),
+            Arc::new(UInt64Array::from(vec![
+                Some(u64::MAX),
+                Some(0),
+                Some(1 << 63),
+                None,
+            ])),
+            Arc::new(Float64Array::from(vec![
+                Some(-0.0),
+                Some(f64::NAN),
+                Some(1.5),
+                None,
+            ])),
+            Arc::new(Float32Array::from(vec![
+                Some(0.0),
+                Some(-f32::NAN),
+                Some(0.1),
+                None,
+            ])),
+            Arc::new(StringArray::from(vec![
+                Some("AAPL"),
+                Some(""),
+                Some("é"),
+                None,
+            ])),
+            Arc::new(Int32Array::from(vec![
+                Some(-1),
+                Some(0),
+                Some(i32::MIN),
+                None,
+            ])),
+            Arc::new(Date32Array::from(vec![
+                Some(20_000),
+                Some(0),
+                Some(-1),
+                None,
+            ])),
+            Arc::new(TimestampSecondArray::from(vec![
+                Some(1),
+                Some(0),
+                Some(-1),
+                None,
+            ])),
+            Arc::new(BooleanArray::from(vec![
+                Some(true),
+                Some(false),
+                Some(true),
+                None,
+            ])),
+        ];
+        let expected: [[u64; 4]; 10] = [
+            [
+                17779272626299038742,
+                2205039897299993093,
+                12897977448309323976,
+                11400714819323198482,
+            ],
+            [
+                17779272626299038742,
+                4654230963194759883,
+                11155427050121394571,
+                11400714819323198482,
+            ],
+            [
+                4515201275042620865,
+                5133589608643455977,
+                14453944126604773445,
+                11400714819323198482,
+            ],
+            [
+                5133589608643455977,
+                8767126727617553244,
+                13861034607965872419,
+                11400714819323198482,
+            ],
+            [
+                5133589608643455977,
+                8767126727617553244,
+                2948090053048082292,
+                11400714819323198482,
+            ],
+            [
+                12388281996363943968,
+                10464923555624353464,
+                152907669675412303,
+                11400714819323198482,
+            ],
+            [
+                4515201275042620865,
+                5133589608643455977,
+                14628638675693770341,
+                11400714819323198482,
+            ],
+            [
+                11968568500086329700,
+                5133589608643455977,
+                4515201275042620865,
+                11400714819323198482,
+            ],
+            [
+                12012694768356207812,
+                5133589608643455977,
+                4515201275042620865,
+                11400714819323198482,
+            ],
+            [
+                14781147738186699122,
+                3190143244639781093,
+                14781147738186699122,
+                11400714819323198482,
+            ],
+        ];
+        let mut chained = vec![7u64; 4];
+        for (column, expected) in columns.iter().zip(expected) {
+            let mut own = vec![7u64; 4];
+            hash_column(column, &mut own).expect("hash");
+            assert_eq!(own, expected, "{}", column.data_type());
+            hash_column(column, &mut chained).expect("hash");
+        }
+        assert_eq!(
+            chained,
+            [
+                17468566789335981207,
+                17985385756884078767,
+                7833094754089616082,
+                7
+            ]
+        );
     }
 }
