@@ -46,51 +46,29 @@ pub fn hash_column(column: &ArrayRef, hashes: &mut [u64]) -> Result<()> {
     match column.data_type() {
         DataType::Utf8 => {
             let a = column.as_string::<i32>();
-            for (i, h) in hashes.iter_mut().enumerate() {
-                *h = if is_null(i) {
-                    *h ^ NULL_SEED_SALT
-                } else {
-                    chain(a.value(i).as_bytes(), *h)
-                };
-            }
+            chain_rows(hashes, is_null, |i, h| chain(a.value(i).as_bytes(), h));
         }
         DataType::LargeUtf8 => {
             let a = column.as_string::<i64>();
-            for (i, h) in hashes.iter_mut().enumerate() {
-                *h = if is_null(i) {
-                    *h ^ NULL_SEED_SALT
-                } else {
-                    chain(a.value(i).as_bytes(), *h)
-                };
-            }
+            chain_rows(hashes, is_null, |i, h| chain(a.value(i).as_bytes(), h));
         }
         DataType::Boolean => {
             let a = column.as_boolean();
-            for (i, h) in hashes.iter_mut().enumerate() {
-                *h = if is_null(i) {
-                    *h ^ NULL_SEED_SALT
-                } else {
-                    chain(&[u8::from(a.value(i))], *h)
-                };
-            }
+            chain_rows(hashes, is_null, |i, h| chain(&[u8::from(a.value(i))], h));
         }
         DataType::Float32 => {
             let a = column.as_primitive::<Float32Type>();
-            hash_floats(a.values().iter().map(|&v| f64::from(v)), &is_null, hashes);
+            chain_rows(hashes, is_null, |i, h| {
+                chain(&float_bytes(f64::from(a.value(i))), h)
+            });
         }
         DataType::Float64 => {
             let a = column.as_primitive::<Float64Type>();
-            hash_floats(a.values().iter().copied(), &is_null, hashes);
+            chain_rows(hashes, is_null, |i, h| chain(&float_bytes(a.value(i)), h));
         }
         DataType::UInt64 => {
             let a = column.as_primitive::<UInt64Type>();
-            for (i, h) in hashes.iter_mut().enumerate() {
-                *h = if is_null(i) {
-                    *h ^ NULL_SEED_SALT
-                } else {
-                    chain(&a.value(i).to_le_bytes(), *h)
-                };
-            }
+            chain_rows(hashes, is_null, |i, h| chain(&a.value(i).to_le_bytes(), h));
         }
         DataType::Timestamp(unit @ (TimeUnit::Microsecond | TimeUnit::Nanosecond), _) => {
             // A time on a whole millisecond hashes as its epoch ms, as in a millisecond column,
@@ -105,79 +83,78 @@ pub fn hash_column(column: &ArrayRef, hashes: &mut [u64]) -> Result<()> {
                 _ => column.as_primitive::<TimestampNanosecondType>().values(),
             };
             let mut tagged = [tag; 9];
-            for (i, h) in hashes.iter_mut().enumerate() {
+            chain_rows(hashes, is_null, |i, h| {
                 let v = values[i];
-                *h = if is_null(i) {
-                    *h ^ NULL_SEED_SALT
-                } else if v % per_milli == 0 {
-                    chain(&(v / per_milli).to_le_bytes(), *h)
+                if v % per_milli == 0 {
+                    chain(&(v / per_milli).to_le_bytes(), h)
                 } else {
                     tagged[1..].copy_from_slice(&v.to_le_bytes());
-                    chain(&tagged, *h)
-                };
-            }
+                    chain(&tagged, h)
+                }
+            });
         }
         // Integers, dates and timestamps: hash their value as an i64 (read in their own type:
         // no `cast` kernels, which are most of a plugin's code).
-        DataType::Int8 => hash_ints::<Int8Type>(column, &is_null, hashes),
-        DataType::Int16 => hash_ints::<Int16Type>(column, &is_null, hashes),
-        DataType::Int32 => hash_ints::<Int32Type>(column, &is_null, hashes),
-        DataType::Int64 => hash_ints::<Int64Type>(column, &is_null, hashes),
-        DataType::UInt8 => hash_ints::<UInt8Type>(column, &is_null, hashes),
-        DataType::UInt16 => hash_ints::<UInt16Type>(column, &is_null, hashes),
-        DataType::UInt32 => hash_ints::<UInt32Type>(column, &is_null, hashes),
-        DataType::Date32 => hash_ints::<Date32Type>(column, &is_null, hashes),
-        DataType::Date64 => hash_ints::<Date64Type>(column, &is_null, hashes),
+        DataType::Int8 => hash_ints::<Int8Type>(column, is_null, hashes),
+        DataType::Int16 => hash_ints::<Int16Type>(column, is_null, hashes),
+        DataType::Int32 => hash_ints::<Int32Type>(column, is_null, hashes),
+        DataType::Int64 => hash_ints::<Int64Type>(column, is_null, hashes),
+        DataType::UInt8 => hash_ints::<UInt8Type>(column, is_null, hashes),
+        DataType::UInt16 => hash_ints::<UInt16Type>(column, is_null, hashes),
+        DataType::UInt32 => hash_ints::<UInt32Type>(column, is_null, hashes),
+        DataType::Date32 => hash_ints::<Date32Type>(column, is_null, hashes),
+        DataType::Date64 => hash_ints::<Date64Type>(column, is_null, hashes),
         DataType::Timestamp(TimeUnit::Second, _) => {
-            hash_ints::<TimestampSecondType>(column, &is_null, hashes);
+            hash_ints::<TimestampSecondType>(column, is_null, hashes);
         }
         DataType::Timestamp(TimeUnit::Millisecond, _) => {
-            hash_ints::<TimestampMillisecondType>(column, &is_null, hashes);
+            hash_ints::<TimestampMillisecondType>(column, is_null, hashes);
         }
         other => return Err(Error::bad_input(format!("{other} columns cannot be keys"))),
     }
     Ok(())
 }
 
+/// Chains each row onto `hashes[row]`: a null as the null marker, a value as `value(row, hash)`.
+fn chain_rows(
+    hashes: &mut [u64],
+    is_null: impl Fn(usize) -> bool,
+    mut value: impl FnMut(usize, u64) -> u64,
+) {
+    for (i, h) in hashes.iter_mut().enumerate() {
+        *h = if is_null(i) {
+            *h ^ NULL_SEED_SALT
+        } else {
+            value(i, *h)
+        };
+    }
+}
+
 /// Chains each row's integer value (as an `i64`) of `column`, of primitive type `T`.
 fn hash_ints<T: ArrowPrimitiveType>(
     column: &ArrayRef,
-    is_null: &impl Fn(usize) -> bool,
+    is_null: impl Fn(usize) -> bool,
     hashes: &mut [u64],
 ) where
     T::Native: Into<i64>,
 {
     let values = column.as_primitive::<T>().values();
-    for (i, h) in hashes.iter_mut().enumerate() {
+    chain_rows(hashes, is_null, |i, h| {
         let v: i64 = values[i].into();
-        *h = if is_null(i) {
-            *h ^ NULL_SEED_SALT
-        } else {
-            chain(&v.to_le_bytes(), *h)
-        };
-    }
+        chain(&v.to_le_bytes(), h)
+    });
 }
 
-/// Chains each row's float (as an `f64`): -0.0 and 0.0 are one key; every NaN is one key.
-fn hash_floats(
-    values: impl Iterator<Item = f64>,
-    is_null: &impl Fn(usize) -> bool,
-    hashes: &mut [u64],
-) {
-    for ((i, h), v) in hashes.iter_mut().enumerate().zip(values) {
-        let v = if v == 0.0 {
-            0.0
-        } else if v.is_nan() {
-            f64::NAN
-        } else {
-            v
-        };
-        *h = if is_null(i) {
-            *h ^ NULL_SEED_SALT
-        } else {
-            chain(&v.to_bits().to_le_bytes(), *h)
-        };
-    }
+/// A float's bytes as a key: -0.0 and 0.0 are one key; every NaN is one key.
+fn float_bytes(v: f64) -> [u8; 8] {
+    let v = if v == 0.0 {
+        0.0
+    } else if v.is_nan() {
+        f64::NAN
+    } else {
+        v
+    };
+    v.to_bits().to_le_bytes()
 }
 
 #[cfg(test)]
@@ -202,17 +179,15 @@ mod tests {
         if matches!(column.data_type(), DataType::Float32 | DataType::Float64) {
             let a = cast(column, &DataType::Float64).expect("cast");
             let a = a.as_primitive::<Float64Type>();
-            hash_floats(a.values().iter().copied(), &is_null, &mut hashes);
+            chain_rows(&mut hashes, is_null, |i, h| {
+                chain(&float_bytes(a.value(i)), h)
+            });
         } else {
             let a = cast(column, &DataType::Int64).expect("cast");
             let a = a.as_primitive::<Int64Type>();
-            for (i, h) in hashes.iter_mut().enumerate() {
-                *h = if is_null(i) {
-                    *h ^ NULL_SEED_SALT
-                } else {
-                    chain(&a.value(i).to_le_bytes(), *h)
-                };
-            }
+            chain_rows(&mut hashes, is_null, |i, h| {
+                chain(&a.value(i).to_le_bytes(), h)
+            });
         }
         hashes
     }

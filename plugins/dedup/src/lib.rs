@@ -73,9 +73,10 @@ impl Hasher for IdentityHasher {
 type KeyMap = HashMap<u64, i64, BuildHasherDefault<IdentityHasher>>;
 
 /// Key hash → expiry, in [`SHARDS`] maps chosen by bits 32–37 of the hash (the map itself places
-/// a key by its low bits and tags it with its top 7 bits of a `usize`: bits 25–31 in WASM). A map doubles when full and, in WASM, the
-/// memory of the table it left stays the instance's: split in shards, each doubling leaves a
-/// hole a shard's size, which the next shard to double can take.
+/// a key by its low bits and tags it with the top 7 bits of a `usize`: bits 25–31 in WASM). A
+/// map doubles when full and, in WASM, the memory of the table it left stays the instance's:
+/// split in shards, each doubling leaves a hole a shard's size, which the next shard to double
+/// can take.
 struct Keys {
     shards: Vec<KeyMap>,
 }
@@ -122,9 +123,9 @@ impl Keys {
     }
 
     fn reserve(&mut self, additional: usize) {
+        // An eighth over the average: shards get more or fewer keys than the average.
+        let share = additional / SHARDS;
         for shard in &mut self.shards {
-            // An eighth over the average: shards get more or fewer keys than the average.
-            let share = additional / SHARDS;
             shard.reserve(share + share / 8 + 16);
         }
     }
