@@ -27,6 +27,26 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid):
+    """Each thread's name and CPU seconds so far, by thread id (what a failure reports)."""
+    threads = {}
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        threads[task.name] = (name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return threads
+
+
+def busiest(before, after, n=6):
+    """The threads that used the most CPU between two `thread_cpu` readings, as text."""
+    used = sorted(((cpu - before.get(tid, (name, 0.0))[1], name) for tid, (name, cpu) in after.items()), reverse=True)
+    return ", ".join(f"{name} {u:.2f} s" for u, name in used[:n])
+
+
 class Run:
     """A `flowgate run` in the background, its log collected as it comes."""
 
@@ -95,18 +115,20 @@ def test_a_file_the_generator_and_the_embedded_broker_idle_at_the_end_of_their_i
         for name, (run, count) in runs.items():
             run.wait_for(count)
         time.sleep(6)
+        threads = {name: thread_cpu(run.proc.pid) for name, (run, _) in runs.items()}
         before = {name: cpu_seconds(run.proc.pid) for name, (run, _) in runs.items()}
         time.sleep(IDLE_SECONDS)
         for name, (run, _) in runs.items():
             assert run.proc.poll() is None, "".join(run.lines)
             used[name] = cpu_seconds(run.proc.pid) - before[name]
+            threads[name] = busiest(threads[name], thread_cpu(run.proc.pid))
     finally:
         for name, (run, _) in runs.items():
             logs[name] = run.stop()
-    print(", ".join(f"{name}: {u:.3f} s" for name, u in used.items()), f"of CPU in {IDLE_SECONDS} s of idling")
+    print(", ".join(f"{name}: {u:.3f} s ({threads[name]})" for name, u in used.items()), f"of CPU in {IDLE_SECONDS} s of idling")
     assert "the generator sent its 5000 ticks" in logs["generator"]
     for name, u in used.items():
-        assert u < CPU_LIMIT, f"{name}: {u:.2f} s of CPU in {IDLE_SECONDS} s of idling:\n{logs[name][-3000:]}"
+        assert u < CPU_LIMIT, f"{name}: {u:.2f} s of CPU in {IDLE_SECONDS} s of idling (threads: {threads[name]}):\n{logs[name][-3000:]}"
 
 
 def test_kafka_members_with_and_without_partitions_idle(broker, tmp_path):
@@ -132,11 +154,13 @@ def test_kafka_members_with_and_without_partitions_idle(broker, tmp_path):
             assert time.time() < deadline, "".join(runs[0].lines[-20:] + runs[1].lines[-20:])
             time.sleep(0.2)
         time.sleep(6)
+        threads = [thread_cpu(r.proc.pid) for r in runs]
         before = [cpu_seconds(r.proc.pid) for r in runs]
         time.sleep(IDLE_SECONDS)
         used = [cpu_seconds(r.proc.pid) - b for r, b in zip(runs, before)]
+        threads = [busiest(t, thread_cpu(r.proc.pid)) for r, t in zip(runs, threads)]
     finally:
         logs = [r.stop() for r in runs]
-    print(f"Kafka members: {', '.join(f'{u:.3f}' for u in used)} s of CPU in {IDLE_SECONDS} s of idling")
-    for u, log in zip(used, logs):
-        assert u < CPU_LIMIT, f"{u:.2f} s of CPU in {IDLE_SECONDS} s of idling:\n{log[-3000:]}"
+    print(f"Kafka members: {', '.join(f'{u:.3f} s ({t})' for u, t in zip(used, threads))} of CPU in {IDLE_SECONDS} s of idling")
+    for u, t, log in zip(used, threads, logs):
+        assert u < CPU_LIMIT, f"{u:.2f} s of CPU in {IDLE_SECONDS} s of idling (threads: {t}):\n{log[-3000:]}"

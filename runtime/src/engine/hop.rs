@@ -37,7 +37,7 @@ use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, UInt32Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Message};
 
 use super::PartitionKey;
@@ -149,9 +149,63 @@ impl ProducerContext for Deliveries {
     }
 }
 
+/// A producer and the thread that serves its events (delivery reports, errors, log lines) as
+/// they come.
+///
+/// Not rdkafka's `ThreadedProducer`: its thread polls 100 ms at a time, and each poll ends in a
+/// spin. rdkafka hands librdkafka the time left rounded down to whole milliseconds, so the first
+/// wait is 99 ms and the last fraction of a millisecond is spent calling librdkafka with a wait
+/// of 0: ~0.8 ms of a core every 100 ms, a third of an idle process's CPU (`strace` and `perf` on
+/// an idle `pipelines/stocks.yaml` run). This thread waits a second at a time.
+struct PolledProducer {
+    producer: Arc<BaseProducer<Deliveries>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PolledProducer {
+    /// How long each poll of the thread waits when no event comes.
+    const WAIT: Duration = Duration::from_secs(1);
+
+    fn new(config: &ClientConfig) -> rdkafka::error::KafkaResult<Self> {
+        let producer: Arc<BaseProducer<Deliveries>> =
+            Arc::new(config.create_with_context(Deliveries::default())?);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (polled, stopped) = (producer.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("flowgate-hop-producer".into())
+            .spawn(move || {
+                while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    polled.poll(Self::WAIT);
+                }
+            })
+            .map_err(|e| {
+                rdkafka::error::KafkaError::ClientCreation(format!(
+                    "cannot start the producer's thread: {e}"
+                ))
+            })?;
+        Ok(PolledProducer { producer, stop })
+    }
+}
+
+impl std::ops::Deref for PolledProducer {
+    type Target = BaseProducer<Deliveries>;
+    fn deref(&self) -> &Self::Target {
+        &self.producer
+    }
+}
+
+impl Drop for PolledProducer {
+    /// Tells the thread to stop and does not wait for it: it ends within [`Self::WAIT`], and the
+    /// producer with it (what was not delivered by then is dropped, as `ThreadedProducer` drops
+    /// it; nothing is committed past an undelivered message, see [`HopOut::flush`]).
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The upstream half's writer: rows keyed by the `by` columns into the internal topic.
 pub(crate) struct HopOut {
-    producer: ThreadedProducer<Deliveries>,
+    producer: PolledProducer,
     topic: String,
     partitions: i32,
     key_columns: Vec<usize>,
@@ -238,11 +292,9 @@ impl HopOut {
                 config.set(k, v);
             }
         }
-        let producer: ThreadedProducer<Deliveries> = config
-            .create_with_context(Deliveries::default())
-            .map_err(|e| {
-                RunError::Config(format!("cannot create the repartition producer: {e}"))
-            })?;
+        let producer = PolledProducer::new(&config).map_err(|e| {
+            RunError::Config(format!("cannot create the repartition producer: {e}"))
+        })?;
         Ok(HopOut {
             producer,
             topic: topic.to_string(),

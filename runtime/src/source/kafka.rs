@@ -60,7 +60,11 @@ pub(crate) fn librdkafka_log(level: rdkafka::config::RDKafkaLogLevel, fac: &str,
     use rdkafka::config::RDKafkaLogLevel as L;
     // Flowgate sets the gapless guarantee on purpose (see the repartition hop).
     let known = fac == "CONFWARN" && message.contains("enable.gapless.guarantee");
-    if locked(&DOWN).is_some() || known {
+    let complaint = matches!(
+        level,
+        L::Emerg | L::Alert | L::Critical | L::Error | L::Warning
+    );
+    if locked(&DOWN).is_some() || known || (complaint && !news(message)) {
         tracing::debug!(target: "librdkafka", "{fac}: {message}");
         return;
     }
@@ -78,11 +82,41 @@ pub(crate) fn librdkafka_log(level: rdkafka::config::RDKafkaLogLevel, fac: &str,
 pub(crate) fn librdkafka_error(error: &rdkafka::error::KafkaError, reason: &str) {
     if is_outage(error) {
         outage(reason);
-    } else if locked(&DOWN).is_some() {
-        // Each retry during an outage says the same.
+    } else if locked(&DOWN).is_some() || !news(&format!("{error}: {reason}")) {
+        // Each retry during an outage says the same, as does each client that notices.
         tracing::debug!(target: "librdkafka", "{error}: {reason}");
     } else {
         tracing::error!(target: "librdkafka", "{error}: {reason}");
+    }
+}
+
+/// When each complaint (a librdkafka warning or error, or a consumer error, by its text) was last
+/// logged. Every client of the process (two consumers and a producer when the pipeline
+/// repartitions) and every broker thread of each notices a broken connection on its own, in the
+/// same words: the first says it, the repeats within [`REPEAT`] go to the debug log.
+static SAID: Mutex<Option<HashMap<String, Instant>>> = Mutex::new(None);
+
+/// How long a complaint, once logged, is not logged again.
+const REPEAT: Duration = Duration::from_secs(10);
+
+/// Whether `text` is news: not logged in the last [`REPEAT`] (and now noted as logged).
+fn news(text: &str) -> bool {
+    let now = Instant::now();
+    let mut said = locked(&SAID);
+    let said = said.get_or_insert_with(HashMap::new);
+    if said.len() > 1024 {
+        said.retain(|_, at| now.duration_since(*at) < REPEAT);
+    }
+    match said.get_mut(text) {
+        Some(at) if now.duration_since(*at) < REPEAT => false,
+        Some(at) => {
+            *at = now;
+            true
+        }
+        None => {
+            said.insert(text.to_string(), now);
+            true
+        }
     }
 }
 
@@ -374,7 +408,7 @@ impl Source for KafkaSource {
                 Some(Err(e)) => {
                     if is_outage(&e) {
                         outage(&e.to_string());
-                    } else if locked(&DOWN).is_some() {
+                    } else if locked(&DOWN).is_some() || !news(&e.to_string()) {
                         tracing::debug!("Kafka: {e}");
                     } else {
                         tracing::warn!("Kafka: {e}");
@@ -468,5 +502,23 @@ impl Source for KafkaSource {
             .collect();
         out.sort();
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_complaint_is_news_once_until_its_repeat_window_passes() {
+        let text = "FAIL: test-only broker: Connect failed: Connection refused";
+        assert!(news(text), "the first time is news");
+        assert!(!news(text), "the same words again are not");
+        assert!(news("FAIL: another test-only broker: Connect failed"));
+        // Once the window has passed, the same complaint is logged again.
+        if let Some(at) = locked(&SAID).as_mut().and_then(|said| said.get_mut(text)) {
+            *at -= REPEAT;
+        }
+        assert!(news(text));
     }
 }
