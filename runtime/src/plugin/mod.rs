@@ -9,10 +9,10 @@ mod cache;
 mod chain;
 mod error;
 mod step;
+mod ticker;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use wasmtime::component::Linker;
@@ -27,6 +27,7 @@ pub use error::{ErrorKind, PluginError, PluginFault};
 pub use step::{Grants, NativeFactory, Rejection, Step, StepOutput, StepTimings, same_fields};
 
 use step::HostState;
+use ticker::Ticker;
 
 /// Generated from `wit/flowgate.wit`.
 pub(crate) mod bindings {
@@ -93,7 +94,7 @@ pub struct PluginHost {
     engine: Engine,
     linker: Arc<Linker<HostState>>,
     config: HostConfig,
-    ticker_stop: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
     natives: std::collections::HashMap<String, NativeFactory>,
 }
 
@@ -128,25 +129,25 @@ impl PluginHost {
         }
         let engine = Engine::new(&wasm).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let linker = step::linker(&engine).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        let (ticking, stop) = (engine.weak(), ticker_stop.clone());
+        let ticker = Arc::new(Ticker::default());
+        let (ticking, weak) = (ticker.clone(), engine.weak());
         std::thread::Builder::new()
             .name("flowgate-epoch".into())
             .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    match ticking.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
+                ticking.run(EPOCH_TICK, || match weak.upgrade() {
+                    Some(engine) => {
+                        engine.increment_epoch();
+                        true
                     }
-                }
+                    None => false,
+                })
             })
             .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
         Ok(PluginHost {
             engine,
             linker: Arc::new(linker),
             config,
-            ticker_stop,
+            ticker,
             natives: Default::default(),
         })
     }
@@ -193,6 +194,7 @@ impl PluginHost {
                 pre,
                 incremental,
                 engine: self.engine.clone(),
+                ticker: self.ticker.clone(),
                 config: self.config.clone(),
             }),
             stats,
@@ -208,7 +210,7 @@ impl PluginHost {
 
 impl Drop for PluginHost {
     fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
+        self.ticker.stop();
     }
 }
 

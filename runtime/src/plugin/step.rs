@@ -17,6 +17,7 @@ use wasmtime_wasi::{
 use super::bindings::flowgate::plugin::{log, types};
 use super::bindings::{self, PluginPre};
 use super::incremental_bindings::exports::flowgate::plugin::incremental;
+use super::ticker::Ticker;
 use super::{EPOCH_TICK, HostConfig, PluginError, PluginFault, PluginInfo};
 use flowgate_sdk::columns::describe_schema;
 
@@ -36,6 +37,8 @@ pub(crate) struct Loaded {
     /// Where the optional `incremental` export is, if the plugin has it.
     pub(crate) incremental: Option<incremental::GuestIndices>,
     pub(crate) engine: Engine,
+    /// Ticks the epoch while guest code runs: hold [`Ticker::running`] around every call.
+    pub(crate) ticker: Arc<Ticker>,
     pub(crate) config: HostConfig,
 }
 
@@ -182,6 +185,8 @@ impl Loaded {
         grants: Grants,
     ) -> Result<(Store<HostState>, Exports), PluginError> {
         let mut store = self.store(step, grants);
+        // The component's start code runs here.
+        let _running = self.ticker.running();
         let invalid = |e: wasmtime::Error| PluginError::Invalid {
             path: self.path.clone(),
             message: format!("{e:#}"),
@@ -207,6 +212,7 @@ impl Loaded {
 
     pub(crate) fn info(&self) -> Result<PluginInfo, PluginError> {
         let (mut store, instance) = self.instantiate("info", Grants::default())?;
+        let _running = self.ticker.running();
         let info = instance
             .plugin
             .flowgate_plugin_transform()
@@ -381,12 +387,14 @@ impl Instance {
         };
         let schema_bytes = ipc::encode_schema(input)
             .map_err(|e| protocol(format!("encoding the input schema: {e}")))?;
+        let running = loaded.ticker.running();
         store.set_epoch_deadline(deadline_ticks(loaded.config.call_timeout));
         let created = instance.plugin.flowgate_plugin_transform().call_create(
             &mut store,
             config_json,
             &schema_bytes,
         );
+        drop(running);
         let (transformer, output_bytes) = match created {
             Ok(Ok(created)) => created,
             Ok(Err(e)) => {
@@ -442,10 +450,13 @@ impl Instance {
                 step: step.to_string(),
             });
         }
+        let running = self.loaded.ticker.running();
         self.store
             .set_epoch_deadline(deadline_ticks(self.loaded.config.call_timeout));
         self.store.data_mut().panic = None;
-        match f(&mut self.store, &self.bindings, self.transformer) {
+        let result = f(&mut self.store, &self.bindings, self.transformer);
+        drop(running);
+        match result {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(PluginError::Plugin {
                 plugin: self.loaded.name.clone(),
@@ -471,6 +482,9 @@ impl Instance {
 impl Drop for Instance {
     fn drop(&mut self) {
         if !self.discarded {
+            let _running = self.loaded.ticker.running();
+            self.store
+                .set_epoch_deadline(deadline_ticks(self.loaded.config.call_timeout));
             let _ = self.transformer.resource_drop(&mut self.store);
         }
     }
