@@ -156,22 +156,24 @@ impl ProducerContext for Deliveries {
 /// spin. rdkafka hands librdkafka the time left rounded down to whole milliseconds, so the first
 /// wait is 99 ms and the last fraction of a millisecond is spent calling librdkafka with a wait
 /// of 0: ~0.8 ms of a core every 100 ms, a third of an idle process's CPU (`strace` and `perf` on
-/// an idle `pipelines/stocks.yaml` run). This thread waits a second at a time.
+/// an idle `pipelines/stocks.yaml` run). This thread polls 250 ms at a time (delivery reports are
+/// served as they come either way; the wait only bounds how soon the thread sees `stop`).
 struct PolledProducer {
     producer: Arc<BaseProducer<Deliveries>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl PolledProducer {
     /// How long each poll of the thread waits when no event comes.
-    const WAIT: Duration = Duration::from_secs(1);
+    const WAIT: Duration = Duration::from_millis(250);
 
     fn new(config: &ClientConfig) -> rdkafka::error::KafkaResult<Self> {
         let producer: Arc<BaseProducer<Deliveries>> =
             Arc::new(config.create_with_context(Deliveries::default())?);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (polled, stopped) = (producer.clone(), stop.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("flowgate-hop-producer".into())
             .spawn(move || {
                 while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
@@ -183,7 +185,11 @@ impl PolledProducer {
                     "cannot start the producer's thread: {e}"
                 ))
             })?;
-        Ok(PolledProducer { producer, stop })
+        Ok(PolledProducer {
+            producer,
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -195,11 +201,18 @@ impl std::ops::Deref for PolledProducer {
 }
 
 impl Drop for PolledProducer {
-    /// Tells the thread to stop and does not wait for it: it ends within [`Self::WAIT`], and the
-    /// producer with it (what was not delivered by then is dropped, as `ThreadedProducer` drops
-    /// it; nothing is committed past an undelivered message, see [`HopOut::flush`]).
+    /// Drops what is not delivered yet at once (as `ThreadedProducer`'s drop does; nothing is
+    /// committed past an undelivered message, see [`HopOut::flush`]), so that no stale message
+    /// of this producer lands after the next owner's; then stops the thread (within
+    /// [`Self::WAIT`]) and lets the producer go with it, before whatever it was connected to
+    /// (the embedded broker) goes.
     fn drop(&mut self) {
+        self.producer
+            .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

@@ -91,21 +91,23 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(ticks.load(Ordering::SeqCst), 0, "idle: no tick");
 
+        // (Generous sleeps: the test must hold on a loaded machine, where a thread may wait
+        // tens of milliseconds for a core.)
         let running = ticker.running();
         let nested = ticker.running();
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(200));
         drop(nested);
         let during = ticks.load(Ordering::SeqCst);
         assert!(during >= 5, "{during} ticks while a call ran");
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(200));
         assert!(
             ticks.load(Ordering::SeqCst) > during,
             "one call still runs: still ticking"
         );
         drop(running);
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(200));
         let after = ticks.load(Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(200));
         assert_eq!(ticks.load(Ordering::SeqCst), after, "idle again: no tick");
 
         ticker.stop();

@@ -64,7 +64,7 @@ pub(crate) fn librdkafka_log(level: rdkafka::config::RDKafkaLogLevel, fac: &str,
         level,
         L::Emerg | L::Alert | L::Critical | L::Error | L::Warning
     );
-    if locked(&DOWN).is_some() || known || (complaint && !news(message)) {
+    if locked(&DOWN).is_some() || known || (complaint && !news(&format!("{fac}: {message}"))) {
         tracing::debug!(target: "librdkafka", "{fac}: {message}");
         return;
     }
