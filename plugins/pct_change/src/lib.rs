@@ -9,21 +9,21 @@
 //! ```
 //!
 //! The first row of a key gets null, as does a row whose value is null (which does not replace
-//! the previous value). Within a batch rows are taken in `order_by` order; across batches, in
-//! arrival order. `order_by` is compared at its full precision (microsecond timestamps order
-//! within a millisecond). The previous value per key survives across batches and snapshots; one
-//! value is kept per distinct key.
+//! the previous value). Within a batch rows are taken in `order_by` order (nulls first, ties in
+//! arrival order); across batches, in arrival order. `order_by` is compared at its full
+//! precision (microsecond timestamps order within a millisecond), and takes the types a key
+//! can have (strings, booleans, integers, floats, dates, timestamps). The previous value per key
+//! survives across batches and snapshots; one value is kept per distinct key.
 //!
 //! Snapshots (state version 2) store keys as [`flowgate_sdk::keys::KeyValue`]s, not as the
-//! `arrow::row` bytes kept in memory, whose encoding arrow-rs does not promise to keep.
+//! packed bytes kept in memory ([`KeyPacker`]), which are no stable format.
 #![deny(unsafe_code)]
 
 use std::collections::HashMap;
 
 use arrow::array::ArrayRef;
-use arrow::row::{RowConverter, SortField};
 use flowgate_sdk::columns::{append_column, is_numeric_type};
-use flowgate_sdk::keys::{self, KeyValue};
+use flowgate_sdk::keys::{self, KeyPacker, KeyValue};
 use flowgate_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -52,8 +52,11 @@ pub struct PctChange {
     key_columns: Vec<usize>,
     /// Types of the key columns, to rebuild keys from a snapshot.
     key_types: Vec<DataType>,
-    converter: Option<RowConverter>,
+    /// Packs the key columns (`None`: no key columns, one series).
+    packer: Option<KeyPacker>,
     order_by: usize,
+    /// Packs the `order_by` column, to sort by it.
+    order_packer: KeyPacker,
     column: usize,
     output: SchemaRef,
     previous: HashMap<Box<[u8]>, f64>,
@@ -75,24 +78,28 @@ impl Transform for PctChange {
 
     fn create(config: Config, input: &SchemaRef) -> Result<(Self, SchemaRef)> {
         let mut key_columns = Vec::new();
-        let mut sort_fields = Vec::new();
         let mut key_types = Vec::new();
         for (i, name) in config.key.iter().enumerate() {
             let index = column_index(input, name, &format!("key[{i}]"))?;
             let data_type = input.field(index).data_type().clone();
-            if !keys::is_key_type(&data_type)
-                || !RowConverter::supports_fields(&[SortField::new(data_type.clone())])
-            {
+            if !keys::is_key_type(&data_type) {
                 return Err(Error::config(
                     &format!("key[{i}]"),
                     format!("{data_type} columns cannot be keys"),
                 ));
             }
-            key_types.push(data_type.clone());
-            sort_fields.push(SortField::new(data_type));
+            key_types.push(data_type);
             key_columns.push(index);
         }
         let order_by = column_index(input, &config.order_by, "order_by")?;
+        let order_type = input.field(order_by).data_type();
+        if !keys::is_key_type(order_type) {
+            return Err(Error::config(
+                "order_by",
+                format!("cannot order by {order_type} columns"),
+            ));
+        }
+        let order_packer = KeyPacker::new(std::slice::from_ref(order_type))?;
         let column = column_index(input, &config.column, "column")?;
         let data_type = input.field(column).data_type();
         if !is_numeric_type(data_type) {
@@ -111,16 +118,17 @@ impl Transform for PctChange {
         fields.push(Field::new(&config.output, DataType::Float64, true));
         let output: SchemaRef =
             Arc::new(Schema::new_with_metadata(fields, input.metadata().clone()));
-        let converter = if sort_fields.is_empty() {
+        let packer = if key_types.is_empty() {
             None
         } else {
-            Some(RowConverter::new(sort_fields)?)
+            Some(KeyPacker::new(&key_types)?)
         };
         let step = PctChange {
             key_columns,
             key_types,
-            converter,
+            packer,
             order_by,
+            order_packer,
             column,
             output: output.clone(),
             previous: HashMap::new(),
@@ -130,22 +138,34 @@ impl Transform for PctChange {
 
     fn process(&mut self, batch: RecordBatch) -> Result<Output> {
         let n = batch.num_rows();
-        let rows = match &self.converter {
-            Some(c) => {
+        let rows = match &self.packer {
+            Some(p) => {
                 let columns: Vec<ArrayRef> = self
                     .key_columns
                     .iter()
                     .map(|&i| batch.column(i).clone())
                     .collect();
-                Some(c.convert_columns(&columns)?)
+                Some(p.pack(&columns)?)
             }
             None => None,
         };
-        let key = |i: usize| -> &[u8] { rows.as_ref().map_or(&[][..], |r| r.row(i).data()) };
-        let order = arrow::compute::sort_to_indices(batch.column(self.order_by), None, None)?;
-        let mut order: Vec<usize> = order.values().iter().map(|&i| i as usize).collect();
-        // Stable by key, keeping order_by order within a key.
-        order.sort_by(|a, b| key(*a).cmp(key(*b)));
+        let key = |i: usize| -> &[u8] { rows.as_ref().map_or(&[][..], |r| r.row(i)) };
+        let mut order: Vec<usize> = (0..n).collect();
+        // By key (any order of keys), then by `order_by` (nulls first); rows equal in both keep
+        // their arrival order.
+        let column = batch.column(self.order_by);
+        match signed_values(column) {
+            // The usual case (a time or an integer): compare plain numbers.
+            Some(times) => order.sort_by(|&a, &b| key(a).cmp(key(b)).then(times[a].cmp(&times[b]))),
+            None => {
+                let times = self.order_packer.pack(std::slice::from_ref(column))?;
+                order.sort_by(|&a, &b| {
+                    key(a)
+                        .cmp(key(b))
+                        .then_with(|| self.order_packer.cmp(times.row(a), times.row(b)))
+                });
+            }
+        }
         let values = float64_column(&batch, self.column)?;
         let mut out: Vec<Option<f64>> = vec![None; n];
         for i in order {
@@ -174,14 +194,14 @@ impl Transform for PctChange {
             .iter()
             .map(|(k, v)| (k.as_ref(), *v))
             .collect();
-        // Key order, so equal states give equal bytes.
-        previous.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let keys = match &self.converter {
-            Some(converter) => {
-                let parser = converter.parser();
-                let columns =
-                    converter.convert_rows(previous.iter().map(|(k, _)| parser.parse(k)))?;
-                keys::encode_rows(&columns, previous.len())?
+        let keys = match &self.packer {
+            Some(packer) => {
+                // Key order, so equal states give equal bytes.
+                previous.sort_unstable_by(|a, b| packer.cmp(a.0, b.0));
+                previous
+                    .iter()
+                    .map(|(k, _)| packer.values(k))
+                    .collect::<Result<Vec<_>>>()?
             }
             None => vec![Vec::new(); previous.len()],
         };
@@ -213,15 +233,13 @@ impl Transform for PctChange {
         let (keys, values): (Vec<Vec<KeyValue>>, Vec<f64>) = state.previous.into_iter().unzip();
         let columns = keys::decode_rows(&keys, &self.key_types)
             .map_err(|e| Error::bad_input(format!("pct_change state: {}", e.message())))?;
-        let rows = match &self.converter {
-            Some(converter) => Some(converter.convert_columns(&columns)?),
+        let rows = match &self.packer {
+            Some(packer) => Some(packer.pack(&columns)?),
             None => None,
         };
         let mut previous = HashMap::with_capacity(values.len());
         for (n, value) in values.into_iter().enumerate() {
-            let key: Box<[u8]> = rows
-                .as_ref()
-                .map_or(Box::default(), |r| r.row(n).data().into());
+            let key: Box<[u8]> = rows.as_ref().map_or(Box::default(), |r| r.row(n).into());
             if previous.insert(key, value).is_some() {
                 return Err(Error::bad_input(
                     "pct_change state is corrupt: it holds a key twice",
@@ -231,6 +249,40 @@ impl Transform for PctChange {
         self.previous = previous;
         Ok(())
     }
+}
+
+/// A timestamp, date or signed integer column's values (`None` first, as nulls sort), or `None`
+/// for other types.
+fn signed_values(column: &ArrayRef) -> Option<Vec<Option<i64>>> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{
+        ArrowPrimitiveType, Date32Type, Date64Type, Int8Type, Int16Type, Int32Type, Int64Type,
+        TimeUnit, TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
+        TimestampSecondType,
+    };
+    fn widen<T: ArrowPrimitiveType>(column: &ArrayRef) -> Vec<Option<i64>>
+    where
+        T::Native: Into<i64>,
+    {
+        column
+            .as_primitive::<T>()
+            .iter()
+            .map(|v| v.map(Into::into))
+            .collect()
+    }
+    Some(match column.data_type() {
+        DataType::Int8 => widen::<Int8Type>(column),
+        DataType::Int16 => widen::<Int16Type>(column),
+        DataType::Int32 => widen::<Int32Type>(column),
+        DataType::Int64 => widen::<Int64Type>(column),
+        DataType::Date32 => widen::<Date32Type>(column),
+        DataType::Date64 => widen::<Date64Type>(column),
+        DataType::Timestamp(TimeUnit::Second, _) => widen::<TimestampSecondType>(column),
+        DataType::Timestamp(TimeUnit::Millisecond, _) => widen::<TimestampMillisecondType>(column),
+        DataType::Timestamp(TimeUnit::Microsecond, _) => widen::<TimestampMicrosecondType>(column),
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => widen::<TimestampNanosecondType>(column),
+        _ => return None,
+    })
 }
 
 export_transform!(PctChange);

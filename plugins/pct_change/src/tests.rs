@@ -243,3 +243,80 @@ fn state_of_an_older_version_is_refused_by_name() {
     let err = p.restore(&bad).expect_err("int key for a utf8 column");
     assert!(matches!(err, Error::BadInput(_)), "{err}");
 }
+
+/// Rows are taken in `order_by` order within a key whatever order they arrive in, nulls first
+/// and ties in arrival order; an `order_by` column of a type that cannot be ordered is refused.
+#[test]
+fn rows_follow_order_by_within_a_batch_and_ties_keep_arrival_order() {
+    let schema = flowgate_sdk::testing::schema(&[
+        ("symbol", "utf8", true),
+        ("n", "int64", true),
+        ("close", "float64", true),
+    ]);
+    let config = r#"{"key":["symbol"],"order_by":"n","column":"close"}"#;
+    let (mut p, _) = flowgate_sdk::create::<PctChange>(config, &schema).expect("create");
+    let out = p
+        .process(batch(
+            &schema,
+            &[
+                r#"{"symbol":"A","n":3,"close":40}"#,
+                r#"{"symbol":"B","n":1,"close":10}"#,
+                r#"{"symbol":"A","n":1,"close":10}"#,
+                r#"{"symbol":"A","n":2,"close":20}"#,
+                r#"{"symbol":"A","n":2,"close":25}"#,
+                r#"{"symbol":"A","n":null,"close":5}"#,
+                r#"{"symbol":"B","n":0,"close":5}"#,
+            ],
+        ))
+        .expect("process");
+    let got: Vec<Value> = rows(&out.batches)
+        .iter()
+        .map(|r| r.get("pct_change").cloned().unwrap_or(Value::Null))
+        .collect();
+    // A in order: null(5), 1(10), 2(20), 2(25), 3(40); B: 0(5), 1(10).
+    assert_eq!(
+        got,
+        [
+            json!((40.0 - 25.0) / 25.0),
+            json!(1.0),
+            json!(1.0),
+            json!(1.0),
+            json!(0.25),
+            Value::Null,
+            Value::Null,
+        ]
+    );
+    // Ordered by a string (the packed comparison, not the integer one): one series, in symbol
+    // order, ties in arrival order.
+    let config = r#"{"order_by":"symbol","column":"close"}"#;
+    let (mut p, _) = flowgate_sdk::create::<PctChange>(config, &schema).expect("create");
+    let out = p
+        .process(batch(
+            &schema,
+            &[
+                r#"{"symbol":"B","n":1,"close":30}"#,
+                r#"{"symbol":"A","n":1,"close":10}"#,
+                r#"{"symbol":null,"n":1,"close":5}"#,
+                r#"{"symbol":"A","n":1,"close":20}"#,
+            ],
+        ))
+        .expect("process");
+    let got: Vec<Value> = rows(&out.batches)
+        .iter()
+        .map(|r| r.get("pct_change").cloned().unwrap_or(Value::Null))
+        .collect();
+    // null(5), A(10), A(20), B(30).
+    assert_eq!(got, [json!(0.5), json!(1.0), Value::Null, json!(1.0)]);
+    let binary = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("b", arrow::datatypes::DataType::Binary, true),
+        arrow::datatypes::Field::new("close", arrow::datatypes::DataType::Float64, true),
+    ]));
+    let err = flowgate_sdk::create::<PctChange>(r#"{"order_by":"b","column":"close"}"#, &binary)
+        .err()
+        .expect("binary order_by");
+    assert!(
+        err.to_string()
+            .contains("`order_by`: cannot order by Binary columns"),
+        "{err}"
+    );
+}

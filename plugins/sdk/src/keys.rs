@@ -1,11 +1,11 @@
 //! Group keys as typed scalar values, for snapshots.
 //!
-//! Plugins that group rows may keep keys in memory in any form (`arrow::row` bytes are fast to
-//! build and compare), but those bytes are an arrow-rs internal whose encoding may change between
-//! arrow versions. Snapshots outlive a plugin build, so they store keys as [`KeyValue`]s instead:
-//! one per key column, in a layout Flowgate defines (serialised by the plugin, e.g. with
-//! postcard). [`encode_rows`] turns key columns into values, [`decode_rows`] turns values back
-//! into columns of the key types, ready for a `RowConverter`.
+//! Plugins that group rows keep keys in memory in any form: [`KeyPacker`] packs key columns into
+//! bytes that are cheap to hash and compare (and, unlike `arrow::row`, adds little to a plugin's
+//! `.wasm`). Those bytes are no stable format, and snapshots outlive a plugin build, so snapshots
+//! store keys as [`KeyValue`]s: one per key column, in a layout Flowgate defines (serialised by
+//! the plugin, e.g. with postcard). [`encode_rows`] turns key columns into values,
+//! [`decode_rows`] turns values back into columns of the key types.
 //!
 //! Serialisers such as postcard write an enum's variant *index*: append new variants at the end,
 //! never reorder or remove one. Plugins pin the layout with golden snapshot tests.
@@ -316,6 +316,352 @@ pub fn decode_rows(rows: &[Vec<KeyValue>], types: &[DataType]) -> Result<Vec<Arr
         .collect()
 }
 
+/// Group keys packed into bytes, for use in memory (hash maps, sorting) in place of
+/// `arrow::row`, whose code is a large part of a plugin's `.wasm`.
+///
+/// A packed key holds, per key column, a tag byte (0 null, 1 a value) and then the value: its
+/// native bytes (booleans one byte, floats their bits), or for strings a 4-byte length and the
+/// UTF-8 bytes. Equal keys pack to equal bytes (floats by bits: `-0.0` and `0.0` differ, as do
+/// NaNs of different bits), and no key's bytes are a prefix of another's. The bytes are not a
+/// stable format: snapshots store [`KeyValue`]s. [`KeyPacker::cmp`] orders packed keys as
+/// `arrow::row` orders rows (column by column, nulls first, floats by their total order).
+#[derive(Debug, Clone)]
+pub struct KeyPacker {
+    types: Vec<DataType>,
+}
+
+/// One batch's keys, packed by [`KeyPacker::pack`].
+#[derive(Debug, Clone, Default)]
+pub struct PackedKeys {
+    data: Vec<u8>,
+    /// Row `i` is `data[ends[i - 1]..ends[i]]` (from 0 for the first).
+    ends: Vec<usize>,
+}
+
+impl PackedKeys {
+    /// Row `i`'s key.
+    pub fn row(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.data[start..self.ends[i]]
+    }
+
+    /// How many rows.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// No rows.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+}
+
+/// Bytes of a value of `data_type` after its tag (`None`: a string, 4 bytes of length first).
+fn packed_width(data_type: &DataType) -> Option<usize> {
+    match data_type {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => None,
+        DataType::Boolean | DataType::Int8 | DataType::UInt8 => Some(1),
+        DataType::Int16 | DataType::UInt16 => Some(2),
+        DataType::Int32 | DataType::UInt32 | DataType::Float32 | DataType::Date32 => Some(4),
+        _ => Some(8),
+    }
+}
+
+/// Appends each valid value's bytes of a primitive column at `cursor[row]`.
+fn pack_primitive<T: ArrowPrimitiveType>(column: &dyn Array, data: &mut [u8], cursor: &mut [usize])
+where
+    T::Native: arrow::datatypes::ToByteSlice,
+{
+    use arrow::datatypes::ToByteSlice;
+    let column = column.as_primitive::<T>();
+    for (row, at) in cursor.iter_mut().enumerate() {
+        if column.is_valid(row) {
+            let bytes = column.values()[row].to_byte_slice();
+            data[*at] = 1;
+            data[*at + 1..*at + 1 + bytes.len()].copy_from_slice(bytes);
+            *at += 1 + bytes.len();
+        } else {
+            data[*at] = 0;
+            *at += 1;
+        }
+    }
+}
+
+/// Appends each string's length and bytes at `cursor[row]`.
+fn pack_text<'a>(
+    values: impl Iterator<Item = Option<&'a str>>,
+    data: &mut [u8],
+    cursor: &mut [usize],
+) {
+    for (at, value) in cursor.iter_mut().zip(values) {
+        match value {
+            Some(s) => {
+                data[*at] = 1;
+                data[*at + 1..*at + 5].copy_from_slice(&(s.len() as u32).to_le_bytes());
+                data[*at + 5..*at + 5 + s.len()].copy_from_slice(s.as_bytes());
+                *at += 5 + s.len();
+            }
+            None => {
+                data[*at] = 0;
+                *at += 1;
+            }
+        }
+    }
+}
+
+/// The next `N` bytes of `key` at `at`, moving `at` past them.
+fn take<const N: usize>(key: &[u8], at: &mut usize) -> Result<[u8; N]> {
+    let bytes = key
+        .get(*at..*at + N)
+        .and_then(|b| <[u8; N]>::try_from(b).ok())
+        .ok_or_else(|| Error::internal("a packed key ends early"))?;
+    *at += N;
+    Ok(bytes)
+}
+
+/// One value of a packed key, borrowed from it.
+#[derive(Debug, PartialEq)]
+enum Packed<'k> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Text(&'k str),
+    Time(i64, KeyTimeUnit),
+}
+
+/// The value of type `data_type` at `at` in a packed key, moving `at` past it.
+fn read<'k>(data_type: &DataType, key: &'k [u8], at: &mut usize) -> Result<Packed<'k>> {
+    let [tag] = take::<1>(key, at)?;
+    if tag == 0 {
+        return Ok(Packed::Null);
+    }
+    Ok(match data_type {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+            let len = u32::from_le_bytes(take::<4>(key, at)?) as usize;
+            let bytes = key
+                .get(*at..*at + len)
+                .ok_or_else(|| Error::internal("a packed key ends early"))?;
+            *at += len;
+            Packed::Text(
+                std::str::from_utf8(bytes)
+                    .map_err(|e| Error::internal(format!("a packed key is not UTF-8: {e}")))?,
+            )
+        }
+        DataType::Boolean => Packed::Bool(take::<1>(key, at)?[0] != 0),
+        DataType::Int8 => Packed::Int(i8::from_ne_bytes(take(key, at)?).into()),
+        DataType::Int16 => Packed::Int(i16::from_ne_bytes(take(key, at)?).into()),
+        DataType::Int32 | DataType::Date32 => {
+            Packed::Int(i32::from_ne_bytes(take(key, at)?).into())
+        }
+        DataType::Int64 | DataType::Date64 => Packed::Int(i64::from_ne_bytes(take(key, at)?)),
+        DataType::UInt8 => Packed::UInt(u8::from_ne_bytes(take(key, at)?).into()),
+        DataType::UInt16 => Packed::UInt(u16::from_ne_bytes(take(key, at)?).into()),
+        DataType::UInt32 => Packed::UInt(u32::from_ne_bytes(take(key, at)?).into()),
+        DataType::UInt64 => Packed::UInt(u64::from_ne_bytes(take(key, at)?)),
+        DataType::Float32 => Packed::Float(f32::from_ne_bytes(take(key, at)?).into()),
+        DataType::Float64 => Packed::Float(f64::from_ne_bytes(take(key, at)?)),
+        DataType::Timestamp(unit, _) => {
+            Packed::Time(i64::from_ne_bytes(take(key, at)?), KeyTimeUnit::of(*unit))
+        }
+        other => {
+            return Err(Error::internal(format!("{other} columns cannot be keys")));
+        }
+    })
+}
+
+impl Packed<'_> {
+    fn value(self) -> KeyValue {
+        match self {
+            Packed::Null => KeyValue::Null,
+            Packed::Bool(b) => KeyValue::Bool(b),
+            Packed::Int(i) => KeyValue::Int(i),
+            Packed::UInt(u) => KeyValue::UInt(u),
+            Packed::Float(f) => KeyValue::Float(f.to_bits()),
+            Packed::Text(s) => KeyValue::Utf8(s.to_string()),
+            Packed::Time(t, unit) => KeyValue::Timestamp(t, unit),
+        }
+    }
+}
+
+impl KeyPacker {
+    /// A packer for key columns of `types` (each must pass [`is_key_type`]).
+    pub fn new(types: &[DataType]) -> Result<Self> {
+        if let Some(t) = types.iter().find(|t| !is_key_type(t)) {
+            return Err(Error::internal(format!("{t} columns cannot be keys")));
+        }
+        Ok(KeyPacker {
+            types: types.to_vec(),
+        })
+    }
+
+    /// Each row's key, from `columns` (one per key type, of equal length).
+    pub fn pack(&self, columns: &[ArrayRef]) -> Result<PackedKeys> {
+        if columns.len() != self.types.len() {
+            return Err(Error::internal(format!(
+                "{} key columns given, {} expected",
+                columns.len(),
+                self.types.len()
+            )));
+        }
+        let rows = columns.first().map_or(0, |c| c.len());
+        // Each row's length first, then each column's values written at each row's cursor.
+        let mut ends = vec![0usize; rows];
+        for (column, data_type) in columns.iter().zip(&self.types) {
+            if column.len() != rows || column.data_type() != data_type {
+                return Err(Error::internal(format!(
+                    "key column of {} rows of {} given, {rows} of {data_type} expected",
+                    column.len(),
+                    column.data_type()
+                )));
+            }
+            match packed_width(data_type) {
+                Some(width) => {
+                    for (row, end) in ends.iter_mut().enumerate() {
+                        *end += if column.is_valid(row) { 1 + width } else { 1 };
+                    }
+                }
+                None => {
+                    let lengths: Vec<Option<usize>> = match data_type {
+                        DataType::Utf8 => column
+                            .as_string::<i32>()
+                            .iter()
+                            .map(|v| v.map(str::len))
+                            .collect(),
+                        DataType::LargeUtf8 => column
+                            .as_string::<i64>()
+                            .iter()
+                            .map(|v| v.map(str::len))
+                            .collect(),
+                        _ => column
+                            .as_string_view()
+                            .iter()
+                            .map(|v| v.map(str::len))
+                            .collect(),
+                    };
+                    for (end, len) in ends.iter_mut().zip(lengths) {
+                        *end += len.map_or(1, |n| 5 + n);
+                    }
+                }
+            }
+        }
+        let mut cursor = Vec::with_capacity(rows);
+        let mut total = 0;
+        for end in &mut ends {
+            cursor.push(total);
+            total += *end;
+            *end = total;
+        }
+        let mut data = vec![0u8; total];
+        for (column, data_type) in columns.iter().zip(&self.types) {
+            let column = column.as_ref();
+            let (data, cursor) = (&mut data[..], &mut cursor[..]);
+            match data_type {
+                DataType::Utf8 => pack_text(column.as_string::<i32>().iter(), data, cursor),
+                DataType::LargeUtf8 => pack_text(column.as_string::<i64>().iter(), data, cursor),
+                DataType::Utf8View => pack_text(column.as_string_view().iter(), data, cursor),
+                DataType::Boolean => {
+                    let column = column.as_boolean();
+                    for (row, at) in cursor.iter_mut().enumerate() {
+                        if column.is_valid(row) {
+                            data[*at] = 1;
+                            data[*at + 1] = u8::from(column.value(row));
+                            *at += 2;
+                        } else {
+                            data[*at] = 0;
+                            *at += 1;
+                        }
+                    }
+                }
+                DataType::Int8 => pack_primitive::<Int8Type>(column, data, cursor),
+                DataType::Int16 => pack_primitive::<Int16Type>(column, data, cursor),
+                DataType::Int32 => pack_primitive::<Int32Type>(column, data, cursor),
+                DataType::Int64 => pack_primitive::<Int64Type>(column, data, cursor),
+                DataType::Date32 => pack_primitive::<Date32Type>(column, data, cursor),
+                DataType::Date64 => pack_primitive::<Date64Type>(column, data, cursor),
+                DataType::UInt8 => pack_primitive::<UInt8Type>(column, data, cursor),
+                DataType::UInt16 => pack_primitive::<UInt16Type>(column, data, cursor),
+                DataType::UInt32 => pack_primitive::<UInt32Type>(column, data, cursor),
+                DataType::UInt64 => pack_primitive::<UInt64Type>(column, data, cursor),
+                DataType::Float32 => pack_primitive::<Float32Type>(column, data, cursor),
+                DataType::Float64 => pack_primitive::<Float64Type>(column, data, cursor),
+                DataType::Timestamp(TimeUnit::Second, _) => {
+                    pack_primitive::<TimestampSecondType>(column, data, cursor)
+                }
+                DataType::Timestamp(TimeUnit::Millisecond, _) => {
+                    pack_primitive::<TimestampMillisecondType>(column, data, cursor)
+                }
+                DataType::Timestamp(TimeUnit::Microsecond, _) => {
+                    pack_primitive::<TimestampMicrosecondType>(column, data, cursor)
+                }
+                DataType::Timestamp(TimeUnit::Nanosecond, _) => {
+                    pack_primitive::<TimestampNanosecondType>(column, data, cursor)
+                }
+                other => {
+                    return Err(Error::internal(format!("{other} columns cannot be keys")));
+                }
+            }
+        }
+        Ok(PackedKeys { data, ends })
+    }
+
+    /// A packed key's values, one per key column.
+    pub fn values(&self, key: &[u8]) -> Result<Vec<KeyValue>> {
+        let mut at = 0;
+        let values = self
+            .types
+            .iter()
+            .map(|t| read(t, key, &mut at).map(Packed::value))
+            .collect::<Result<Vec<_>>>()?;
+        if at != key.len() {
+            return Err(Error::internal(
+                "a packed key has bytes past its last column",
+            ));
+        }
+        Ok(values)
+    }
+
+    /// The key columns of `keys`, in order.
+    pub fn unpack<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<ArrayRef>> {
+        let rows = keys
+            .into_iter()
+            .map(|k| self.values(k))
+            .collect::<Result<Vec<_>>>()?;
+        decode_rows(&rows, &self.types)
+    }
+
+    /// Orders two packed keys as `arrow::row` orders their rows: column by column, null first,
+    /// then by value (strings by their bytes, floats by [`f64::total_cmp`]).
+    pub fn cmp(&self, a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+        use std::cmp::Ordering;
+        let (mut i, mut j) = (0, 0);
+        for data_type in &self.types {
+            let (x, y) = match (read(data_type, a, &mut i), read(data_type, b, &mut j)) {
+                (Ok(x), Ok(y)) => (x, y),
+                // Not keys this packer made: fall back to the bytes.
+                _ => return a.cmp(b),
+            };
+            let order = match (x, y) {
+                (Packed::Null, Packed::Null) => Ordering::Equal,
+                (Packed::Null, _) => Ordering::Less,
+                (_, Packed::Null) => Ordering::Greater,
+                (Packed::Bool(x), Packed::Bool(y)) => x.cmp(&y),
+                (Packed::Int(x), Packed::Int(y)) => x.cmp(&y),
+                (Packed::UInt(x), Packed::UInt(y)) => x.cmp(&y),
+                (Packed::Float(x), Packed::Float(y)) => x.total_cmp(&y),
+                (Packed::Text(x), Packed::Text(y)) => x.as_bytes().cmp(y.as_bytes()),
+                (Packed::Time(x, _), Packed::Time(y, _)) => x.cmp(&y),
+                _ => Ordering::Equal,
+            };
+            if order != Ordering::Equal {
+                return order;
+            }
+        }
+        Ordering::Equal
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,6 +763,191 @@ mod tests {
         assert_eq!(
             decode_rows(&[], &[DataType::Utf8]).expect("no rows")[0].len(),
             0
+        );
+    }
+
+    /// Key columns of every type, nulls and look-alikes among them (`-0.0`/`0.0`, `""`/null,
+    /// strings that are prefixes of others).
+    fn mixed() -> Vec<ArrayRef> {
+        vec![
+            Arc::new(StringArray::from(vec![
+                Some("b"),
+                Some("a"),
+                None,
+                Some(""),
+                Some("ab"),
+                Some("a"),
+                Some("b"),
+                None,
+            ])),
+            Arc::new(Int64Array::from(vec![
+                Some(1),
+                Some(-1),
+                Some(0),
+                None,
+                Some(i64::MIN),
+                Some(-1),
+                Some(1),
+                Some(0),
+            ])),
+            Arc::new(Float64Array::from(vec![
+                Some(0.0),
+                Some(-0.0),
+                Some(f64::NAN),
+                Some(-1.5),
+                None,
+                Some(-0.0),
+                Some(0.0),
+                Some(f64::NEG_INFINITY),
+            ])),
+            Arc::new(BooleanArray::from(vec![
+                Some(true),
+                None,
+                Some(false),
+                Some(true),
+                Some(false),
+                None,
+                Some(true),
+                None,
+            ])),
+            Arc::new(UInt64Array::from(vec![
+                Some(u64::MAX),
+                Some(0),
+                None,
+                Some(7),
+                Some(7),
+                Some(0),
+                Some(u64::MAX),
+                None,
+            ])),
+            Arc::new(Int8Array::from(vec![
+                Some(-128),
+                Some(3),
+                None,
+                Some(127),
+                Some(0),
+                Some(3),
+                Some(-128),
+                Some(1),
+            ])),
+            Arc::new(Float32Array::from(vec![
+                Some(1.5),
+                Some(-2.0),
+                None,
+                Some(f32::INFINITY),
+                Some(0.0),
+                Some(-2.0),
+                Some(1.5),
+                Some(-0.0),
+            ])),
+            Arc::new(Date32Array::from(vec![
+                Some(1),
+                Some(-1),
+                None,
+                Some(0),
+                Some(5),
+                Some(-1),
+                Some(1),
+                Some(2),
+            ])),
+            Arc::new(
+                TimestampMicrosecondArray::from(vec![
+                    Some(10),
+                    Some(-10),
+                    None,
+                    Some(0),
+                    Some(1),
+                    Some(-10),
+                    Some(10),
+                    Some(3),
+                ])
+                .with_timezone("UTC"),
+            ),
+            Arc::new(LargeStringArray::from(vec![
+                Some("x"),
+                Some("x"),
+                None,
+                Some("xy"),
+                Some(""),
+                Some("x"),
+                Some("x"),
+                Some("z"),
+            ])),
+            Arc::new(StringViewArray::from(vec![
+                Some("a long string value, past the view's inline twelve bytes"),
+                Some("v"),
+                None,
+                Some(""),
+                Some("v"),
+                Some("v"),
+                Some("a long string value, past the view's inline twelve bytes"),
+                Some("w"),
+            ])),
+        ]
+    }
+
+    #[test]
+    fn packed_keys_order_and_compare_as_arrow_row_does() {
+        use arrow::row::{RowConverter, SortField};
+        let columns = mixed();
+        // Every prefix of the columns, and each column alone.
+        let mut sets: Vec<Vec<ArrayRef>> =
+            (1..=columns.len()).map(|n| columns[..n].to_vec()).collect();
+        sets.extend(columns.iter().map(|c| vec![c.clone()]));
+        for set in sets {
+            let types: Vec<DataType> = set.iter().map(|c| c.data_type().clone()).collect();
+            let packer = KeyPacker::new(&types).expect("packer");
+            let packed = packer.pack(&set).expect("pack");
+            let converter =
+                RowConverter::new(types.iter().map(|t| SortField::new(t.clone())).collect())
+                    .expect("converter");
+            let rows = converter.convert_columns(&set).expect("rows");
+            assert_eq!(packed.len(), rows.num_rows());
+            for i in 0..rows.num_rows() {
+                for j in 0..rows.num_rows() {
+                    assert_eq!(
+                        packer.cmp(packed.row(i), packed.row(j)),
+                        rows.row(i).cmp(&rows.row(j)),
+                        "rows {i} and {j} of {types:?}"
+                    );
+                    assert_eq!(
+                        packed.row(i) == packed.row(j),
+                        rows.row(i) == rows.row(j),
+                        "equality of rows {i} and {j} of {types:?}"
+                    );
+                }
+            }
+            // Back to values and columns: the same as encoding the columns directly.
+            let values: Vec<Vec<KeyValue>> = (0..packed.len())
+                .map(|i| packer.values(packed.row(i)).expect("values"))
+                .collect();
+            let direct = encode_rows(&set, packed.len()).expect("encode");
+            assert_eq!(format!("{values:?}"), format!("{direct:?}"), "{types:?}");
+            let back = packer
+                .unpack((0..packed.len()).map(|i| packed.row(i)))
+                .expect("unpack");
+            let again = packer.pack(&back).expect("pack again");
+            assert_eq!(again.data, packed.data, "{types:?}");
+        }
+    }
+
+    #[test]
+    fn a_packer_refuses_what_it_cannot_key() {
+        assert!(KeyPacker::new(&[DataType::Binary]).is_err());
+        let packer = KeyPacker::new(&[DataType::Int64]).expect("packer");
+        let wrong: Vec<ArrayRef> = vec![Arc::new(StringArray::from(vec!["a"]))];
+        assert!(packer.pack(&wrong).is_err());
+        assert!(packer.values(&[1, 2]).is_err(), "a key cut short");
+        assert!(
+            packer.values(&[0, 0]).is_err(),
+            "bytes past the last column"
+        );
+        assert!(
+            KeyPacker::new(&[])
+                .expect("no columns")
+                .pack(&[])
+                .expect("empty")
+                .is_empty()
         );
     }
 }

@@ -15,8 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
-use arrow::array::{BooleanArray, StringArray};
-use arrow::compute::cast;
+use arrow::array::BooleanArray;
 use flowgate_sdk::columns::{
     event_time_sub_millis_nanos, format_event_time, is_event_time_type, is_numeric_type,
 };
@@ -322,7 +321,7 @@ fn run_check(
             // The columns a pattern guards mostly repeat a few values (symbols, codes): each
             // distinct value of the batch is matched once (up to `PATTERN_MEMO` of them).
             let mut seen: HashMap<&str, bool, BuildHasherDefault<TextHasher>> = HashMap::default();
-            for (i, s) in strings.iter().enumerate() {
+            for (i, s) in strings.into_iter().enumerate() {
                 let Some(s) = s else { continue };
                 let matches = match seen.get(s) {
                     Some(&m) => m,
@@ -341,7 +340,7 @@ fn run_check(
         }
         Check::OneOfText(set) => {
             let strings = text_column(batch, index)?;
-            for (i, s) in strings.iter().enumerate() {
+            for (i, s) in strings.into_iter().enumerate() {
                 if let Some(s) = s
                     && !set.contains(s)
                 {
@@ -440,12 +439,20 @@ impl Hasher for TextHasher {
     }
 }
 
-fn text_column(batch: &RecordBatch, index: usize) -> Result<StringArray> {
+/// A string column's values (`Utf8`, `LargeUtf8` or `Utf8View`, the types `pattern` and
+/// `one_of` accept), null as `None`.
+fn text_column(batch: &RecordBatch, index: usize) -> Result<Vec<Option<&str>>> {
     let column = batch.column(index);
-    match column.data_type() {
-        DataType::Utf8 => Ok(column.as_string::<i32>().clone()),
-        _ => Ok(cast(column, &DataType::Utf8)?.as_string::<i32>().clone()),
-    }
+    Ok(match column.data_type() {
+        DataType::Utf8 => column.as_string::<i32>().iter().collect(),
+        DataType::LargeUtf8 => column.as_string::<i64>().iter().collect(),
+        DataType::Utf8View => column.as_string_view().iter().collect(),
+        other => {
+            return Err(Error::bad_input(format!(
+                "column {index} has type {other}, not a string"
+            )));
+        }
+    })
 }
 
 impl Transform for Validate {

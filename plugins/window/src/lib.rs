@@ -20,10 +20,11 @@
 //! already emitted is rejected as `late`. `first`/`last` follow event time at the column's full
 //! precision (a microsecond timestamp orders within a millisecond), not arrival order (ties keep
 //! arrival order); windows and watermarks are in milliseconds. Aggregates skip nulls; `count: "*"`
-//! counts rows.
+//! counts rows. Inputs are integers, floats or timestamps (decimals are refused: convert them to
+//! float64 upstream); a `UInt64` value past `i64::MAX` is skipped by all but `count`.
 //!
 //! Snapshots (state version 3) store group keys as [`flowgate_sdk::keys::KeyValue`]s, not as the
-//! `arrow::row` bytes kept in memory, whose encoding arrow-rs does not promise to keep, and the
+//! packed bytes kept in memory ([`KeyPacker`]), which are no stable format, and the
 //! definition the windows were opened under (event time, size, slide, groups, aggregates): a
 //! step configured otherwise refuses that state, since its open windows would come out wrong.
 #![deny(unsafe_code)]
@@ -31,12 +32,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
-use arrow::array::{ArrayRef, Float64Array, Int64Array, TimestampMillisecondArray};
-use arrow::compute::cast;
-use arrow::datatypes::{Float64Type, Int64Type, TimeUnit};
-use arrow::row::{RowConverter, SortField};
-use flowgate_sdk::columns::{event_time_sub_millis_nanos, is_event_time_type, is_numeric_type};
-use flowgate_sdk::keys::{self, KeyValue};
+use arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, Int64Array, PrimitiveArray, TimestampMillisecondArray,
+};
+use arrow::buffer::NullBuffer;
+use arrow::datatypes::{
+    ArrowPrimitiveType, Float16Type, Float32Type, Int8Type, Int16Type, Int32Type, Int64Type,
+    TimeUnit, TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
+    TimestampSecondType, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
+};
+use flowgate_sdk::columns::{
+    event_time_sub_millis_nanos, float64_column, is_event_time_type, is_numeric_type,
+};
+use flowgate_sdk::keys::{self, KeyPacker, KeyValue};
 use flowgate_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -119,7 +127,7 @@ type EventTime = (i64, u32);
 
 type Groups = HashMap<Box<[u8]>, Vec<Acc>, BuildHasherDefault<KeyHasher>>;
 
-/// Hashes group keys (a few bytes of `arrow::row` encoding) with xxh3: the standard library's
+/// Hashes group keys (a few bytes, packed by [`KeyPacker`]) with xxh3: the standard library's
 /// SipHash costs several times more per key, more so compiled to WebAssembly. Keys come from
 /// the pipeline's own data, and hash order never shows: output and snapshots sort groups by key.
 #[derive(Default)]
@@ -145,10 +153,11 @@ pub struct Window {
     group_columns: Vec<usize>,
     /// Types of the `group_by` columns, to rebuild keys from a snapshot.
     group_types: Vec<DataType>,
-    converter: Option<RowConverter>,
+    /// Packs the `group_by` columns (`None`: no groups).
+    packer: Option<KeyPacker>,
     aggs: Vec<Agg>,
     output: SchemaRef,
-    /// Window start → group key (row format) → accumulators.
+    /// Window start → group key (packed) → accumulators.
     windows: BTreeMap<i64, Groups>,
     watermark: Option<i64>,
     /// The config the windows are opened under, as snapshots record it.
@@ -159,7 +168,7 @@ pub struct Window {
 /// with its accumulators, groups in key order.
 type SavedWindow = (i64, Vec<(Vec<KeyValue>, Vec<Acc>)>);
 
-/// A window's groups by reference: key (row bytes) and accumulators.
+/// A window's groups by reference: key (packed) and accumulators.
 type GroupRefs<'a> = Vec<(&'a [u8], &'a Vec<Acc>)>;
 
 /// Snapshot body, state version 3 (postcard). Version 2 lacked `definition`; version 1 held
@@ -269,7 +278,9 @@ impl Window {
         let mut accs: Vec<Vec<Acc>> = Vec::new();
         for (start, groups) in closed {
             let mut groups: Vec<_> = groups.into_iter().collect();
-            groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            if let Some(packer) = &self.packer {
+                groups.sort_unstable_by(|a, b| packer.cmp(&a.0, &b.0));
+            }
             for (key, acc) in groups {
                 keys.push(key);
                 starts.push(start);
@@ -280,9 +291,8 @@ impl Window {
             return Ok(Output::empty());
         }
         let mut columns: Vec<ArrayRef> = Vec::new();
-        if let Some(converter) = &self.converter {
-            let parser = converter.parser();
-            columns.extend(converter.convert_rows(keys.iter().map(|k| parser.parse(k)))?);
+        if let Some(packer) = &self.packer {
+            columns.extend(packer.unpack(keys.iter().map(|k| k.as_ref()))?);
         }
         let ends: Vec<i64> = starts.iter().map(|s| s + self.size).collect();
         columns.push(std::sync::Arc::new(
@@ -308,18 +318,11 @@ impl Window {
                 ),
                 _ => {
                     let values = accs.iter().map(|a| (a[n].count > 0).then_some(a[n].value));
-                    let raw: ArrayRef = match agg.num {
-                        Num::Int => std::sync::Arc::new(values.collect::<Int64Array>()),
-                        Num::Float => std::sync::Arc::new(
-                            values
-                                .map(|v| v.map(|v| f64::from_bits(v as u64)))
-                                .collect::<Float64Array>(),
-                        ),
-                    };
-                    if raw.data_type() == target {
-                        raw
-                    } else {
-                        cast(&raw, target)?
+                    match agg.num {
+                        Num::Int => from_i64(values, target)?,
+                        Num::Float => {
+                            from_f64(values.map(|v| v.map(|v| f64::from_bits(v as u64))), target)?
+                        }
                     }
                 }
             };
@@ -330,6 +333,123 @@ impl Window {
             columns,
         )?))
     }
+}
+
+/// An integer or timestamp column as i64 values, with its nulls. A `UInt64` value past
+/// `i64::MAX` counts as null (skipped), as arrow's cast to `Int64` made it.
+fn to_i64(array: &ArrayRef) -> Result<(Vec<i64>, Option<NullBuffer>)> {
+    fn widen<T: ArrowPrimitiveType>(array: &ArrayRef) -> (Vec<i64>, Option<NullBuffer>)
+    where
+        T::Native: Into<i64>,
+    {
+        let values = array.as_primitive::<T>().values();
+        (
+            values.iter().map(|&v| v.into()).collect(),
+            array.logical_nulls(),
+        )
+    }
+    Ok(match array.data_type() {
+        DataType::Int8 => widen::<Int8Type>(array),
+        DataType::Int16 => widen::<Int16Type>(array),
+        DataType::Int32 => widen::<Int32Type>(array),
+        DataType::Int64 => widen::<Int64Type>(array),
+        DataType::UInt8 => widen::<UInt8Type>(array),
+        DataType::UInt16 => widen::<UInt16Type>(array),
+        DataType::UInt32 => widen::<UInt32Type>(array),
+        DataType::UInt64 => {
+            let array = array.as_primitive::<UInt64Type>();
+            let fits = array
+                .iter()
+                .map(|v| v.is_some_and(|v| v <= i64::MAX as u64));
+            let nulls = NullBuffer::from_iter(fits);
+            let values = array.values().iter().map(|&v| v as i64).collect();
+            (values, Some(nulls))
+        }
+        DataType::Timestamp(TimeUnit::Second, _) => widen::<TimestampSecondType>(array),
+        DataType::Timestamp(TimeUnit::Millisecond, _) => widen::<TimestampMillisecondType>(array),
+        DataType::Timestamp(TimeUnit::Microsecond, _) => widen::<TimestampMicrosecondType>(array),
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => widen::<TimestampNanosecondType>(array),
+        other => {
+            return Err(Error::bad_input(format!(
+                "a {other} column cannot be read as integers"
+            )));
+        }
+    })
+}
+
+/// An aggregate's i64 results as a column of `target`, the input column's type (values that
+/// came from that type, so they fit), or `Int64`.
+fn from_i64(values: impl Iterator<Item = Option<i64>>, target: &DataType) -> Result<ArrayRef> {
+    fn narrow<T: ArrowPrimitiveType>(values: impl Iterator<Item = Option<i64>>) -> ArrayRef
+    where
+        T::Native: TryFrom<i64>,
+    {
+        std::sync::Arc::new(
+            values
+                .map(|v| v.and_then(|v| T::Native::try_from(v).ok()))
+                .collect::<PrimitiveArray<T>>(),
+        )
+    }
+    fn time<T: arrow::datatypes::ArrowTimestampType>(
+        values: impl Iterator<Item = Option<i64>>,
+        zone: &Option<std::sync::Arc<str>>,
+    ) -> ArrayRef {
+        std::sync::Arc::new(
+            values
+                .collect::<PrimitiveArray<T>>()
+                .with_timezone_opt(zone.clone()),
+        )
+    }
+    Ok(match target {
+        DataType::Int8 => narrow::<Int8Type>(values),
+        DataType::Int16 => narrow::<Int16Type>(values),
+        DataType::Int32 => narrow::<Int32Type>(values),
+        DataType::Int64 => narrow::<Int64Type>(values),
+        DataType::UInt8 => narrow::<UInt8Type>(values),
+        DataType::UInt16 => narrow::<UInt16Type>(values),
+        DataType::UInt32 => narrow::<UInt32Type>(values),
+        DataType::UInt64 => narrow::<UInt64Type>(values),
+        DataType::Timestamp(TimeUnit::Second, zone) => time::<TimestampSecondType>(values, zone),
+        DataType::Timestamp(TimeUnit::Millisecond, zone) => {
+            time::<TimestampMillisecondType>(values, zone)
+        }
+        DataType::Timestamp(TimeUnit::Microsecond, zone) => {
+            time::<TimestampMicrosecondType>(values, zone)
+        }
+        DataType::Timestamp(TimeUnit::Nanosecond, zone) => {
+            time::<TimestampNanosecondType>(values, zone)
+        }
+        other => {
+            return Err(Error::bad_input(format!(
+                "cannot write integer aggregates as {other}"
+            )));
+        }
+    })
+}
+
+/// Arrow's half-precision float (the `half` crate's).
+type F16 = <Float16Type as ArrowPrimitiveType>::Native;
+
+/// An aggregate's f64 results as a column of `target` (the input's float type, or `Float64`).
+fn from_f64(values: impl Iterator<Item = Option<f64>>, target: &DataType) -> Result<ArrayRef> {
+    Ok(match target {
+        DataType::Float64 => std::sync::Arc::new(values.collect::<Float64Array>()),
+        DataType::Float32 => std::sync::Arc::new(
+            values
+                .map(|v| v.map(|v| v as f32))
+                .collect::<PrimitiveArray<Float32Type>>(),
+        ),
+        DataType::Float16 => std::sync::Arc::new(
+            values
+                .map(|v| v.map(F16::from_f64))
+                .collect::<PrimitiveArray<Float16Type>>(),
+        ),
+        other => {
+            return Err(Error::bad_input(format!(
+                "cannot write float aggregates as {other}"
+            )));
+        }
+    })
 }
 
 impl Transform for Window {
@@ -371,20 +491,16 @@ impl Transform for Window {
         }
         let mut fields = Vec::new();
         let mut group_columns = Vec::new();
-        let mut sort_fields = Vec::new();
         let mut group_types = Vec::new();
         for (i, name) in config.group_by.iter().enumerate() {
             let index = column_index(input, name, &format!("group_by[{i}]"))?;
             let field = input.field(index);
-            if !keys::is_key_type(field.data_type())
-                || !RowConverter::supports_fields(&[SortField::new(field.data_type().clone())])
-            {
+            if !keys::is_key_type(field.data_type()) {
                 return Err(Error::config(
                     &format!("group_by[{i}]"),
                     format!("cannot group by {} columns", field.data_type()),
                 ));
             }
-            sort_fields.push(SortField::new(field.data_type().clone()));
             group_types.push(field.data_type().clone());
             fields.push(field.clone());
             group_columns.push(index);
@@ -428,6 +544,23 @@ impl Transform for Window {
                     ),
                 ));
             }
+            if func != Func::Count
+                && matches!(
+                    data_type,
+                    DataType::Decimal32(..)
+                        | DataType::Decimal64(..)
+                        | DataType::Decimal128(..)
+                        | DataType::Decimal256(..)
+                )
+            {
+                return Err(Error::config(
+                    &key,
+                    format!(
+                        "column `{column}` is {data_type}; aggregates take integers, floats or \
+                         timestamps (convert decimals to float64 upstream)"
+                    ),
+                ));
+            }
             let num = if data_type.is_floating() {
                 Num::Float
             } else {
@@ -447,10 +580,10 @@ impl Transform for Window {
                 num,
             });
         }
-        let converter = if sort_fields.is_empty() {
+        let packer = if group_types.is_empty() {
             None
         } else {
-            Some(RowConverter::new(sort_fields)?)
+            Some(KeyPacker::new(&group_types)?)
         };
         let output: SchemaRef = std::sync::Arc::new(Schema::new(fields));
         let window = Window {
@@ -459,7 +592,7 @@ impl Transform for Window {
             slide,
             group_types,
             group_columns,
-            converter,
+            packer,
             aggs,
             output: output.clone(),
             windows: BTreeMap::new(),
@@ -473,19 +606,19 @@ impl Transform for Window {
         let mut output = Output::empty();
         let times = event_time_millis(&batch, self.event_time)?;
         let sub_millis = event_time_sub_millis_nanos(&batch, self.event_time)?;
-        let rows = match &self.converter {
-            Some(c) => {
+        let rows = match &self.packer {
+            Some(p) => {
                 let columns: Vec<ArrayRef> = self
                     .group_columns
                     .iter()
                     .map(|&i| batch.column(i).clone())
                     .collect();
-                Some(c.convert_columns(&columns)?)
+                Some(p.pack(&columns)?)
             }
             None => None,
         };
         // Each aggregate's input, as i64 or f64 bits.
-        let inputs: Vec<Option<(Vec<i64>, Option<arrow::buffer::NullBuffer>)>> = self
+        let inputs: Vec<Option<(Vec<i64>, Option<NullBuffer>)>> = self
             .aggs
             .iter()
             .map(|agg| {
@@ -493,21 +626,17 @@ impl Transform for Window {
                     return Ok(None);
                 };
                 let array = batch.column(column);
-                let nulls = array.logical_nulls();
-                let bits = match agg.num {
-                    Num::Int if agg.func == Func::Count => vec![0; batch.num_rows()],
-                    Num::Int => cast(array, &DataType::Int64)?
-                        .as_primitive::<Int64Type>()
-                        .values()
-                        .to_vec(),
-                    Num::Float => cast(array, &DataType::Float64)?
-                        .as_primitive::<Float64Type>()
-                        .values()
-                        .iter()
-                        .map(|f| f.to_bits() as i64)
-                        .collect(),
-                };
-                Ok(Some((bits, nulls)))
+                Ok(Some(match agg.num {
+                    Num::Int if agg.func == Func::Count => {
+                        (vec![0; batch.num_rows()], array.logical_nulls())
+                    }
+                    Num::Int => to_i64(array)?,
+                    Num::Float => {
+                        let floats = float64_column(&batch, column)?;
+                        let bits = floats.values().iter().map(|f| f.to_bits() as i64);
+                        (bits.collect(), floats.logical_nulls())
+                    }
+                }))
             })
             .collect::<Result<_>>()?;
         // First each row's open windows, in row order (rejections keep that order); then the
@@ -552,7 +681,7 @@ impl Transform for Window {
             for &(_, row) in run {
                 let row = row as usize;
                 let event_time = (times.value(row), sub_millis.as_ref().map_or(0, |s| s[row]));
-                let key = rows.as_ref().map_or(empty, |r| r.row(row).data());
+                let key = rows.as_ref().map_or(empty, |r| r.row(row));
                 let accs = match groups.get_mut(key) {
                     Some(accs) => accs,
                     None => groups
@@ -634,7 +763,7 @@ impl Transform for Window {
 }
 
 impl Window {
-    /// The state in its snapshot form: keys turned from row bytes into [`KeyValue`]s, groups in
+    /// The state in its snapshot form: keys turned from packed bytes into [`KeyValue`]s, groups in
     /// key order (so equal states give equal bytes).
     fn state(&self) -> Result<State> {
         let mut windows: Vec<(i64, GroupRefs)> = self
@@ -642,21 +771,18 @@ impl Window {
             .iter()
             .map(|(start, groups)| {
                 let mut groups: GroupRefs = groups.iter().map(|(k, a)| (k.as_ref(), a)).collect();
-                groups.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                if let Some(packer) = &self.packer {
+                    groups.sort_unstable_by(|a, b| packer.cmp(a.0, b.0));
+                }
                 (*start, groups)
             })
             .collect();
         let total: usize = windows.iter().map(|(_, g)| g.len()).sum();
-        let mut values = match &self.converter {
-            Some(converter) => {
-                let parser = converter.parser();
-                let columns = converter.convert_rows(
-                    windows
-                        .iter()
-                        .flat_map(|(_, g)| g.iter().map(|(k, _)| parser.parse(k))),
-                )?;
-                keys::encode_rows(&columns, total)?
-            }
+        let mut values = match &self.packer {
+            Some(packer) => windows
+                .iter()
+                .flat_map(|(_, g)| g.iter().map(|(k, _)| packer.values(k)))
+                .collect::<Result<Vec<_>>>()?,
             None => vec![Vec::new(); total],
         }
         .into_iter();
@@ -698,8 +824,8 @@ impl Window {
         }
         let columns = keys::decode_rows(&key_values, &self.group_types)
             .map_err(|e| Error::bad_input(format!("window state: {}", e.message())))?;
-        let rows = match &self.converter {
-            Some(converter) => Some(converter.convert_columns(&columns)?),
+        let rows = match &self.packer {
+            Some(packer) => Some(packer.pack(&columns)?),
             None => None,
         };
         let mut n = 0;
@@ -707,9 +833,7 @@ impl Window {
         for (start, groups) in windows {
             let window = restored.entry(start).or_default();
             for (_, accs) in groups {
-                let key: Box<[u8]> = rows
-                    .as_ref()
-                    .map_or(Box::default(), |r| r.row(n).data().into());
+                let key: Box<[u8]> = rows.as_ref().map_or(Box::default(), |r| r.row(n).into());
                 n += 1;
                 if window.insert(key, accs).is_some() {
                     return Err(Error::bad_input(format!(

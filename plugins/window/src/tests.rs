@@ -385,3 +385,147 @@ fn keyed_ticks() -> SchemaRef {
         ("ts", "timestamp", true),
     ])
 }
+
+/// Every aggregate over every integer, float and timestamp type, read without arrow's `cast`:
+/// values [3, 1, null, 2] at rising times in one window. `first`/`last`/`min`/`max` keep the
+/// column's type, `sum` is Int64 (Float64 for floats), `avg` Float64.
+#[test]
+fn every_numeric_input_type_aggregates_in_its_own_type() {
+    use arrow::array::{
+        ArrayRef, Float16Array, Float32Array, Float64Array, Int8Array, Int16Array, Int32Array,
+        Int64Array, TimestampMicrosecondArray, TimestampNanosecondArray, TimestampSecondArray,
+        UInt8Array, UInt16Array, UInt32Array, UInt64Array,
+    };
+    use arrow::datatypes::{Field, Schema};
+    use std::sync::Arc;
+
+    const CONFIG: &str = r#"{"event_time":"ts","size":"1m","aggregates":{
+        "first":{"first":"v"},"last":{"last":"v"},"min":{"min":"v"},"max":{"max":"v"},
+        "sum":{"sum":"v"},"count":{"count":"v"},"avg":{"avg":"v"}}}"#;
+    let v = [Some(3), Some(1), None, Some(2)];
+    let f = |x: Option<i32>| x.map(f64::from);
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int8Array::from_iter(v.map(|x| x.map(|x| x as i8)))),
+        Arc::new(Int16Array::from_iter(v.map(|x| x.map(|x| x as i16)))),
+        Arc::new(Int32Array::from_iter(v)),
+        Arc::new(Int64Array::from_iter(v.map(|x| x.map(i64::from)))),
+        Arc::new(UInt8Array::from_iter(v.map(|x| x.map(|x| x as u8)))),
+        Arc::new(UInt16Array::from_iter(v.map(|x| x.map(|x| x as u16)))),
+        Arc::new(UInt32Array::from_iter(v.map(|x| x.map(|x| x as u32)))),
+        Arc::new(UInt64Array::from_iter(v.map(|x| x.map(|x| x as u64)))),
+        Arc::new(TimestampSecondArray::from_iter(v.map(|x| x.map(i64::from)))),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter(v.map(|x| x.map(i64::from))).with_timezone("UTC"),
+        ),
+        Arc::new(TimestampNanosecondArray::from_iter(
+            v.map(|x| x.map(i64::from)),
+        )),
+        Arc::new(Float16Array::from_iter(v.map(|x| f(x).map(half_from_f64)))),
+        Arc::new(Float32Array::from_iter(v.map(|x| f(x).map(|x| x as f32)))),
+        Arc::new(Float64Array::from_iter(v.map(f))),
+    ];
+    let ts = Arc::new(
+        TimestampMicrosecondArray::from_iter_values((0..4).map(|i| T14 * 1_000 + i * 1_000_000))
+            .with_timezone("UTC"),
+    ) as ArrayRef;
+    for column in columns {
+        let data_type = column.data_type().clone();
+        let input = Arc::new(Schema::new(vec![
+            Field::new("v", data_type.clone(), true),
+            Field::new("ts", ts.data_type().clone(), false),
+        ]));
+        let (mut w, out) = flowgate_sdk::create::<Window>(CONFIG, &input).expect("create");
+        let batch =
+            RecordBatch::try_new(input.clone(), vec![column.clone(), ts.clone()]).expect("batch");
+        assert!(w.process(batch).expect("process").batches.is_empty());
+        let bars = w.on_watermark(T14 + 60_000).expect("watermark").batches;
+        assert_eq!(bars.len(), 1, "{data_type}");
+        let bar = &bars[0];
+        assert_eq!(bar.schema(), out, "{data_type}");
+        let float = data_type.is_floating();
+        let sum_type = if float {
+            DataType::Float64
+        } else {
+            DataType::Int64
+        };
+        for (name, want_type) in [
+            ("first", &data_type),
+            ("last", &data_type),
+            ("min", &data_type),
+            ("max", &data_type),
+            ("sum", &sum_type),
+        ] {
+            assert_eq!(
+                out.field_with_name(name).expect(name).data_type(),
+                want_type
+            );
+        }
+        // Compare through Float64 (every value here is a small integer).
+        let value = |name: &str| -> f64 {
+            let column = bar.column_by_name(name).expect(name);
+            let column = flowgate_sdk::columns::float64_column(
+                &RecordBatch::try_new(
+                    Arc::new(Schema::new(vec![Field::new(
+                        "x",
+                        column.data_type().clone(),
+                        true,
+                    )])),
+                    vec![column.clone()],
+                )
+                .expect("batch"),
+                0,
+            )
+            .expect("float");
+            column.value(0)
+        };
+        let got: Vec<f64> = ["first", "last", "min", "max", "sum", "count", "avg"]
+            .iter()
+            .map(|n| value(n))
+            .collect();
+        assert_eq!(got, [3.0, 2.0, 1.0, 3.0, 6.0, 3.0, 2.0], "{data_type}");
+    }
+}
+
+fn half_from_f64(x: f64) -> crate::F16 {
+    crate::F16::from_f64(x)
+}
+
+/// A `UInt64` value past `i64::MAX` is skipped by the value aggregates (arrow's cast made it
+/// null; `count` still counts it), and a decimal column is refused: its fraction would be cut off.
+#[test]
+fn oversized_unsigned_values_are_skipped_and_decimals_refused() {
+    use arrow::array::{ArrayRef, TimestampMicrosecondArray, UInt64Array};
+    use arrow::datatypes::{Field, Schema};
+    use std::sync::Arc;
+
+    const CONFIG: &str = r#"{"event_time":"ts","size":"1m","aggregates":{
+        "max":{"max":"v"},"n":{"count":"v"}}}"#;
+    let ts = Arc::new(
+        TimestampMicrosecondArray::from_iter_values([T14 * 1_000, T14 * 1_000 + 1])
+            .with_timezone("UTC"),
+    ) as ArrayRef;
+    let input = Arc::new(Schema::new(vec![
+        Field::new("v", DataType::UInt64, true),
+        Field::new("ts", ts.data_type().clone(), false),
+    ]));
+    let (mut w, _) = flowgate_sdk::create::<Window>(CONFIG, &input).expect("create");
+    let v = Arc::new(UInt64Array::from(vec![7, u64::MAX])) as ArrayRef;
+    w.process(RecordBatch::try_new(input, vec![v, ts.clone()]).expect("batch"))
+        .expect("process");
+    let bars = flowgate_sdk::testing::rows(&w.on_watermark(T14 + 60_000).expect("wm").batches);
+    assert_eq!(bars[0]["max"], json!(7), "{bars:#?}");
+    assert_eq!(bars[0]["n"], json!(2), "{bars:#?}");
+
+    let decimals = Arc::new(Schema::new(vec![
+        Field::new("v", DataType::Decimal128(10, 2), true),
+        Field::new("ts", ts.data_type().clone(), false),
+    ]));
+    let err = flowgate_sdk::create::<Window>(CONFIG, &decimals)
+        .err()
+        .expect("decimals refused");
+    assert!(
+        err.to_string()
+            .contains("`aggregates.max`: column `v` is Decimal128(10, 2); aggregates take"),
+        "{err}"
+    );
+}
