@@ -29,6 +29,7 @@ pub mod exporter;
 mod flat_json;
 pub mod metrics;
 pub mod plugin;
+mod polled_producer;
 pub mod sink;
 pub mod source;
 pub mod status;

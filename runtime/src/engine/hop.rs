@@ -37,13 +37,14 @@ use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, UInt32Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Message};
 
 use super::PartitionKey;
 use super::plan::RunError;
 use crate::checkpoint::StateStore;
 use crate::config::Pipeline;
+use crate::polled_producer::PolledProducer;
 use crate::sink::{Position, Positions, Sink, SinkError};
 
 /// The column each row's source offset travels in.
@@ -149,76 +150,9 @@ impl ProducerContext for Deliveries {
     }
 }
 
-/// A producer and the thread that serves its events (delivery reports, errors, log lines) as
-/// they come.
-///
-/// Not rdkafka's `ThreadedProducer`: its thread polls 100 ms at a time, and each poll ends in a
-/// spin. rdkafka hands librdkafka the time left rounded down to whole milliseconds, so the first
-/// wait is 99 ms and the last fraction of a millisecond is spent calling librdkafka with a wait
-/// of 0: ~0.8 ms of a core every 100 ms, a third of an idle process's CPU (`strace` and `perf` on
-/// an idle `pipelines/stocks.yaml` run). This thread polls 250 ms at a time (delivery reports are
-/// served as they come either way; the wait only bounds how soon the thread sees `stop`).
-struct PolledProducer {
-    producer: Arc<BaseProducer<Deliveries>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl PolledProducer {
-    /// How long each poll of the thread waits when no event comes.
-    const WAIT: Duration = Duration::from_millis(250);
-
-    fn new(config: &ClientConfig) -> rdkafka::error::KafkaResult<Self> {
-        let producer: Arc<BaseProducer<Deliveries>> =
-            Arc::new(config.create_with_context(Deliveries::default())?);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (polled, stopped) = (producer.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("flowgate-hop-producer".into())
-            .spawn(move || {
-                while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                    polled.poll(Self::WAIT);
-                }
-            })
-            .map_err(|e| {
-                rdkafka::error::KafkaError::ClientCreation(format!(
-                    "cannot start the producer's thread: {e}"
-                ))
-            })?;
-        Ok(PolledProducer {
-            producer,
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl std::ops::Deref for PolledProducer {
-    type Target = BaseProducer<Deliveries>;
-    fn deref(&self) -> &Self::Target {
-        &self.producer
-    }
-}
-
-impl Drop for PolledProducer {
-    /// Drops what is not delivered yet at once (as `ThreadedProducer`'s drop does; nothing is
-    /// committed past an undelivered message, see [`HopOut::flush`]), so that no stale message
-    /// of this producer lands after the next owner's; then stops the thread (within
-    /// [`Self::WAIT`]) and lets the producer go with it, before whatever it was connected to
-    /// (the embedded broker) goes.
-    fn drop(&mut self) {
-        self.producer
-            .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// The upstream half's writer: rows keyed by the `by` columns into the internal topic.
 pub(crate) struct HopOut {
-    producer: PolledProducer,
+    producer: PolledProducer<Deliveries>,
     topic: String,
     partitions: i32,
     key_columns: Vec<usize>,
@@ -305,9 +239,10 @@ impl HopOut {
                 config.set(k, v);
             }
         }
-        let producer = PolledProducer::new(&config).map_err(|e| {
-            RunError::Config(format!("cannot create the repartition producer: {e}"))
-        })?;
+        let producer = PolledProducer::new(&config, Deliveries::default(), "flowgate-hop-producer")
+            .map_err(|e| {
+                RunError::Config(format!("cannot create the repartition producer: {e}"))
+            })?;
         Ok(HopOut {
             producer,
             topic: topic.to_string(),

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer};
 
 use super::SourceError;
 use crate::config::GeneratorSpec;
+use crate::polled_producer::PolledProducer;
 
 /// An in-process Kafka cluster, alive as long as this value.
 pub struct EmbeddedBroker {
@@ -85,13 +86,18 @@ impl Generator {
         topic: &str,
         pace: Arc<Pace>,
     ) -> Result<Self, SourceError> {
-        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", bootstrap)
             // A record's Kafka timestamp is taken when it is handed to the producer: a short linger
             // keeps it close to the append time without a request per record.
-            .set("linger.ms", "1")
-            .create()
-            .map_err(|e| SourceError::Io(format!("cannot create the generator's producer: {e}")))?;
+            .set("linger.ms", "1");
+        let producer = PolledProducer::new(
+            &config,
+            DefaultProducerContext,
+            "flowgate-generator-producer",
+        )
+        .map_err(|e| SourceError::Io(format!("cannot create the generator's producer: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, spec, topic) = (stop.clone(), spec.clone(), topic.to_string());
         let thread = std::thread::Builder::new()
@@ -115,7 +121,7 @@ impl Drop for Generator {
 }
 
 fn generate(
-    producer: &ThreadedProducer<DefaultProducerContext>,
+    producer: &PolledProducer<DefaultProducerContext>,
     spec: &GeneratorSpec,
     topic: &str,
     stop: &AtomicBool,
