@@ -427,6 +427,8 @@ enum Packed<'k> {
     Int(i64),
     UInt(u64),
     Float(f64),
+    /// Kept as f32: widening would quiet a signalling NaN and merge it with a quiet one.
+    Float32(f32),
     Text(&'k str),
     Time(i64, KeyTimeUnit),
 }
@@ -460,7 +462,7 @@ fn read<'k>(data_type: &DataType, key: &'k [u8], at: &mut usize) -> Result<Packe
         DataType::UInt16 => Packed::UInt(u16::from_ne_bytes(take(key, at)?).into()),
         DataType::UInt32 => Packed::UInt(u32::from_ne_bytes(take(key, at)?).into()),
         DataType::UInt64 => Packed::UInt(u64::from_ne_bytes(take(key, at)?)),
-        DataType::Float32 => Packed::Float(f32::from_ne_bytes(take(key, at)?).into()),
+        DataType::Float32 => Packed::Float32(f32::from_ne_bytes(take(key, at)?)),
         DataType::Float64 => Packed::Float(f64::from_ne_bytes(take(key, at)?)),
         DataType::Timestamp(unit, _) => {
             Packed::Time(i64::from_ne_bytes(take(key, at)?), KeyTimeUnit::of(*unit))
@@ -479,6 +481,7 @@ impl Packed<'_> {
             Packed::Int(i) => KeyValue::Int(i),
             Packed::UInt(u) => KeyValue::UInt(u),
             Packed::Float(f) => KeyValue::Float(f.to_bits()),
+            Packed::Float32(f) => KeyValue::Float(f64::from(f).to_bits()),
             Packed::Text(s) => KeyValue::Utf8(s.to_string()),
             Packed::Time(t, unit) => KeyValue::Timestamp(t, unit),
         }
@@ -486,8 +489,14 @@ impl Packed<'_> {
 }
 
 impl KeyPacker {
-    /// A packer for key columns of `types` (each must pass [`is_key_type`]).
+    /// A packer for key columns of `types`: at least one, each passing [`is_key_type`] (with no
+    /// key columns there is nothing to pack: every row has the empty key).
     pub fn new(types: &[DataType]) -> Result<Self> {
+        if types.is_empty() {
+            return Err(Error::internal(
+                "a key packer needs at least one key column",
+            ));
+        }
         if let Some(t) = types.iter().find(|t| !is_key_type(t)) {
             return Err(Error::internal(format!("{t} columns cannot be keys")));
         }
@@ -650,6 +659,7 @@ impl KeyPacker {
                 (Packed::Int(x), Packed::Int(y)) => x.cmp(&y),
                 (Packed::UInt(x), Packed::UInt(y)) => x.cmp(&y),
                 (Packed::Float(x), Packed::Float(y)) => x.total_cmp(&y),
+                (Packed::Float32(x), Packed::Float32(y)) => x.total_cmp(&y),
                 (Packed::Text(x), Packed::Text(y)) => x.as_bytes().cmp(y.as_bytes()),
                 (Packed::Time(x, _), Packed::Time(y, _)) => x.cmp(&y),
                 _ => Ordering::Equal,
@@ -942,12 +952,19 @@ mod tests {
             packer.values(&[0, 0]).is_err(),
             "bytes past the last column"
         );
-        assert!(
-            KeyPacker::new(&[])
-                .expect("no columns")
-                .pack(&[])
-                .expect("empty")
-                .is_empty()
+        assert!(KeyPacker::new(&[]).is_err(), "no key columns");
+        // Float32 NaNs of different bits are different keys, ordered by f32's total order
+        // (widened to f64 a signalling NaN would be quieted and equal a quiet one).
+        let packer = KeyPacker::new(&[DataType::Float32]).expect("packer");
+        let nans: Vec<ArrayRef> = vec![Arc::new(Float32Array::from(vec![
+            f32::from_bits(0x7fc0_0001),
+            f32::from_bits(0x7f80_0001),
+        ]))];
+        let packed = packer.pack(&nans).expect("pack");
+        assert_ne!(packed.row(0), packed.row(1));
+        assert_eq!(
+            packer.cmp(packed.row(0), packed.row(1)),
+            std::cmp::Ordering::Greater
         );
     }
 }

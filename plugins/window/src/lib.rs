@@ -336,7 +336,8 @@ impl Window {
 }
 
 /// An integer or timestamp column as i64 values, with its nulls. A `UInt64` value past
-/// `i64::MAX` counts as null (skipped), as arrow's cast to `Int64` made it.
+/// `i64::MAX` counts as null (skipped). (Through arrow's `cast` to `Int64`, before, such a value
+/// became 0 and was aggregated as 0.)
 fn to_i64(array: &ArrayRef) -> Result<(Vec<i64>, Option<NullBuffer>)> {
     fn widen<T: ArrowPrimitiveType>(array: &ArrayRef) -> (Vec<i64>, Option<NullBuffer>)
     where

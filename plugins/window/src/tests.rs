@@ -490,8 +490,9 @@ fn half_from_f64(x: f64) -> crate::F16 {
     crate::F16::from_f64(x)
 }
 
-/// A `UInt64` value past `i64::MAX` is skipped by the value aggregates (arrow's cast made it
-/// null; `count` still counts it), and a decimal column is refused: its fraction would be cut off.
+/// A `UInt64` value past `i64::MAX` is skipped by the value aggregates (`count` still counts
+/// it; through arrow's `cast`, before, it was aggregated as 0), and a decimal column is refused:
+/// its fraction would be cut off.
 #[test]
 fn oversized_unsigned_values_are_skipped_and_decimals_refused() {
     use arrow::array::{ArrayRef, TimestampMicrosecondArray, UInt64Array};
@@ -499,7 +500,7 @@ fn oversized_unsigned_values_are_skipped_and_decimals_refused() {
     use std::sync::Arc;
 
     const CONFIG: &str = r#"{"event_time":"ts","size":"1m","aggregates":{
-        "max":{"max":"v"},"n":{"count":"v"}}}"#;
+        "max":{"max":"v"},"min":{"min":"v"},"avg":{"avg":"v"},"n":{"count":"v"}}}"#;
     let ts = Arc::new(
         TimestampMicrosecondArray::from_iter_values([T14 * 1_000, T14 * 1_000 + 1])
             .with_timezone("UTC"),
@@ -514,6 +515,8 @@ fn oversized_unsigned_values_are_skipped_and_decimals_refused() {
         .expect("process");
     let bars = flowgate_sdk::testing::rows(&w.on_watermark(T14 + 60_000).expect("wm").batches);
     assert_eq!(bars[0]["max"], json!(7), "{bars:#?}");
+    assert_eq!(bars[0]["min"], json!(7), "{bars:#?}");
+    assert_eq!(bars[0]["avg"], json!(7.0), "{bars:#?}");
     assert_eq!(bars[0]["n"], json!(2), "{bars:#?}");
 
     let decimals = Arc::new(Schema::new(vec![

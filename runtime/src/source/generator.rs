@@ -95,7 +95,9 @@ impl Generator {
         let producer = PolledProducer::new(
             &config,
             DefaultProducerContext,
-            "flowgate-generator-producer",
+            // Linux keeps 15 bytes of a thread's name: `flowgate-gen-pr`, apart from the
+            // generator's own `flowgate-genera`.
+            "flowgate-gen-producer",
         )
         .map_err(|e| SourceError::Io(format!("cannot create the generator's producer: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
