@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 
 use arrow::array::ArrayRef;
-use flowgate_sdk::columns::{append_column, is_numeric_type};
+use flowgate_sdk::columns::{append_column, int64_column, is_numeric_type};
 use flowgate_sdk::keys::{self, KeyPacker, KeyValue};
 use flowgate_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -154,17 +154,18 @@ impl Transform for PctChange {
         // By key (any order of keys), then by `order_by` (nulls first); rows equal in both keep
         // their arrival order.
         let column = batch.column(self.order_by);
-        match signed_values(column) {
-            // The usual case (a time or an integer): compare plain numbers.
-            Some(times) => order.sort_by(|&a, &b| key(a).cmp(key(b)).then(times[a].cmp(&times[b]))),
-            None => {
-                let times = self.order_packer.pack(std::slice::from_ref(column))?;
-                order.sort_by(|&a, &b| {
-                    key(a)
-                        .cmp(key(b))
-                        .then_with(|| self.order_packer.cmp(times.row(a), times.row(b)))
-                });
-            }
+        if reads_as_i64(column.data_type()) {
+            // The usual case (a time or an integer): compare plain numbers, null first.
+            let times = int64_column(&batch, self.order_by)?;
+            let time = |i: usize| times.is_valid(i).then(|| times.value(i));
+            order.sort_by(|&a, &b| key(a).cmp(key(b)).then(time(a).cmp(&time(b))));
+        } else {
+            let times = self.order_packer.pack(std::slice::from_ref(column))?;
+            order.sort_by(|&a, &b| {
+                key(a)
+                    .cmp(key(b))
+                    .then_with(|| self.order_packer.cmp(times.row(a), times.row(b)))
+            });
         }
         let values = float64_column(&batch, self.column)?;
         let mut out: Vec<Option<f64>> = vec![None; n];
@@ -251,38 +252,14 @@ impl Transform for PctChange {
     }
 }
 
-/// A timestamp, date or signed integer column's values (`None` first, as nulls sort), or `None`
-/// for other types.
-fn signed_values(column: &ArrayRef) -> Option<Vec<Option<i64>>> {
-    use arrow::array::AsArray;
-    use arrow::datatypes::{
-        ArrowPrimitiveType, Date32Type, Date64Type, Int8Type, Int16Type, Int32Type, Int64Type,
-        TimeUnit, TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
-        TimestampSecondType,
-    };
-    fn widen<T: ArrowPrimitiveType>(column: &ArrayRef) -> Vec<Option<i64>>
-    where
-        T::Native: Into<i64>,
-    {
-        column
-            .as_primitive::<T>()
-            .iter()
-            .map(|v| v.map(Into::into))
-            .collect()
-    }
-    Some(match column.data_type() {
-        DataType::Int8 => widen::<Int8Type>(column),
-        DataType::Int16 => widen::<Int16Type>(column),
-        DataType::Int32 => widen::<Int32Type>(column),
-        DataType::Int64 => widen::<Int64Type>(column),
-        DataType::Date32 => widen::<Date32Type>(column),
-        DataType::Date64 => widen::<Date64Type>(column),
-        DataType::Timestamp(TimeUnit::Second, _) => widen::<TimestampSecondType>(column),
-        DataType::Timestamp(TimeUnit::Millisecond, _) => widen::<TimestampMillisecondType>(column),
-        DataType::Timestamp(TimeUnit::Microsecond, _) => widen::<TimestampMicrosecondType>(column),
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => widen::<TimestampNanosecondType>(column),
-        _ => return None,
-    })
+/// Whether [`int64_column`] reads every value of `data_type` exactly (not `UInt64`, whose values
+/// past `i64::MAX` it reads as null): signed integers, unsigned up to 32 bits, dates, timestamps.
+fn reads_as_i64(data_type: &DataType) -> bool {
+    (data_type.is_integer() && *data_type != DataType::UInt64)
+        || matches!(
+            data_type,
+            DataType::Date32 | DataType::Date64 | DataType::Timestamp(_, _)
+        )
 }
 
 export_transform!(PctChange);

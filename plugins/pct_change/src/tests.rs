@@ -86,6 +86,14 @@ fn config_errors_name_the_key() {
 use flowgate_sdk::prelude::{Error, SchemaRef};
 use flowgate_sdk::testing::{batch, rows, schema};
 
+/// The `pct_change` column of a step's output, row by row.
+fn pct_changes(out: &flowgate_sdk::Output) -> Vec<Value> {
+    rows(&out.batches)
+        .iter()
+        .map(|r| r.get("pct_change").cloned().unwrap_or(Value::Null))
+        .collect()
+}
+
 #[test]
 fn order_by_keeps_microseconds() {
     let ticks = schema(&[
@@ -108,10 +116,7 @@ fn order_by_keeps_microseconds() {
             ],
         ))
         .expect("process");
-    let got: Vec<Value> = rows(&out.batches)
-        .iter()
-        .map(|r| r.get("pct_change").cloned().unwrap_or(Value::Null))
-        .collect();
+    let got = pct_changes(&out);
     assert_eq!(got, [json!(0.1), Value::Null]);
 }
 
@@ -160,10 +165,7 @@ fn run_keyed(config: &str, restore: bool) -> Vec<Value> {
         p = fresh;
     }
     let out = p.process(batch(&schema, AFTER)).expect("process");
-    rows(&out.batches)
-        .iter()
-        .map(|r| r.get("pct_change").cloned().unwrap_or(Value::Null))
-        .collect()
+    pct_changes(&out)
 }
 
 #[test]
@@ -213,10 +215,7 @@ fn golden_snapshot_still_decodes() {
     let (mut restored, _) = flowgate_sdk::create::<PctChange>(&config, &schema).expect("create");
     restored.restore(&unhex(GOLDEN_V2)).expect("restore");
     let out = restored.process(batch(&schema, AFTER)).expect("process");
-    let got: Vec<Value> = rows(&out.batches)
-        .iter()
-        .map(|r| r.get("pct_change").cloned().unwrap_or(Value::Null))
-        .collect();
+    let got = pct_changes(&out);
     assert_eq!(got, run_keyed(&config, false));
 }
 
@@ -269,10 +268,7 @@ fn rows_follow_order_by_within_a_batch_and_ties_keep_arrival_order() {
             ],
         ))
         .expect("process");
-    let got: Vec<Value> = rows(&out.batches)
-        .iter()
-        .map(|r| r.get("pct_change").cloned().unwrap_or(Value::Null))
-        .collect();
+    let got = pct_changes(&out);
     // A in order: null(5), 1(10), 2(20), 2(25), 3(40); B: 0(5), 1(10).
     assert_eq!(
         got,
@@ -301,10 +297,7 @@ fn rows_follow_order_by_within_a_batch_and_ties_keep_arrival_order() {
             ],
         ))
         .expect("process");
-    let got: Vec<Value> = rows(&out.batches)
-        .iter()
-        .map(|r| r.get("pct_change").cloned().unwrap_or(Value::Null))
-        .collect();
+    let got = pct_changes(&out);
     // null(5), A(10), A(20), B(30).
     assert_eq!(got, [json!(0.5), json!(1.0), Value::Null, json!(1.0)]);
     let binary = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![

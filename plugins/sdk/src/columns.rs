@@ -75,6 +75,36 @@ fn raw_i64(column: &ArrayRef) -> Result<Int64Array> {
     Ok(Int64Array::from(data))
 }
 
+/// Column `index` as i64 values: integers widened, dates and timestamps as their stored value
+/// (days, milliseconds or the timestamp's unit: no conversion). A `UInt64` value past `i64::MAX`
+/// is null. Other types are a [`Error::BadInput`].
+pub fn int64_column(batch: &RecordBatch, index: usize) -> Result<Int64Array> {
+    let column = batch.column(index);
+    macro_rules! widen {
+        ($type:ty) => {
+            column.as_primitive::<$type>().unary(|v| i64::from(v))
+        };
+    }
+    Ok(match column.data_type() {
+        DataType::Int64 | DataType::Date64 | DataType::Timestamp(_, _) => raw_i64(column)?,
+        DataType::Int8 => widen!(Int8Type),
+        DataType::Int16 => widen!(Int16Type),
+        DataType::Int32 => widen!(Int32Type),
+        DataType::Date32 => widen!(Date32Type),
+        DataType::UInt8 => widen!(UInt8Type),
+        DataType::UInt16 => widen!(UInt16Type),
+        DataType::UInt32 => widen!(UInt32Type),
+        DataType::UInt64 => column
+            .as_primitive::<UInt64Type>()
+            .unary_opt(|v| i64::try_from(v).ok()),
+        other => {
+            return Err(Error::bad_input(format!(
+                "column {index} has type {other}, not an integer"
+            )));
+        }
+    })
+}
+
 /// Column `index`'s event time below the millisecond, in nanoseconds (`0..1_000_000`), so that
 /// `(event_time_millis, this)` orders rows at the column's full precision. `None` if the column
 /// cannot be finer than a millisecond (millisecond or second timestamps, dates, int64 epoch ms).

@@ -33,7 +33,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, Float64Array, Int64Array, PrimitiveArray, TimestampMillisecondArray,
+    Array, ArrayRef, Float64Array, Int64Array, PrimitiveArray, TimestampMillisecondArray,
 };
 use arrow::buffer::NullBuffer;
 use arrow::datatypes::{
@@ -42,7 +42,7 @@ use arrow::datatypes::{
     TimestampSecondType, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
 };
 use flowgate_sdk::columns::{
-    event_time_sub_millis_nanos, float64_column, is_event_time_type, is_numeric_type,
+    event_time_sub_millis_nanos, float64_column, int64_column, is_event_time_type, is_numeric_type,
 };
 use flowgate_sdk::keys::{self, KeyPacker, KeyValue};
 use flowgate_sdk::prelude::*;
@@ -335,49 +335,6 @@ impl Window {
     }
 }
 
-/// An integer or timestamp column as i64 values, with its nulls. A `UInt64` value past
-/// `i64::MAX` counts as null (skipped). (Through arrow's `cast` to `Int64`, before, such a value
-/// became 0 and was aggregated as 0.)
-fn to_i64(array: &ArrayRef) -> Result<(Vec<i64>, Option<NullBuffer>)> {
-    fn widen<T: ArrowPrimitiveType>(array: &ArrayRef) -> (Vec<i64>, Option<NullBuffer>)
-    where
-        T::Native: Into<i64>,
-    {
-        let values = array.as_primitive::<T>().values();
-        (
-            values.iter().map(|&v| v.into()).collect(),
-            array.logical_nulls(),
-        )
-    }
-    Ok(match array.data_type() {
-        DataType::Int8 => widen::<Int8Type>(array),
-        DataType::Int16 => widen::<Int16Type>(array),
-        DataType::Int32 => widen::<Int32Type>(array),
-        DataType::Int64 => widen::<Int64Type>(array),
-        DataType::UInt8 => widen::<UInt8Type>(array),
-        DataType::UInt16 => widen::<UInt16Type>(array),
-        DataType::UInt32 => widen::<UInt32Type>(array),
-        DataType::UInt64 => {
-            let array = array.as_primitive::<UInt64Type>();
-            let fits = array
-                .iter()
-                .map(|v| v.is_some_and(|v| v <= i64::MAX as u64));
-            let nulls = NullBuffer::from_iter(fits);
-            let values = array.values().iter().map(|&v| v as i64).collect();
-            (values, Some(nulls))
-        }
-        DataType::Timestamp(TimeUnit::Second, _) => widen::<TimestampSecondType>(array),
-        DataType::Timestamp(TimeUnit::Millisecond, _) => widen::<TimestampMillisecondType>(array),
-        DataType::Timestamp(TimeUnit::Microsecond, _) => widen::<TimestampMicrosecondType>(array),
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => widen::<TimestampNanosecondType>(array),
-        other => {
-            return Err(Error::bad_input(format!(
-                "a {other} column cannot be read as integers"
-            )));
-        }
-    })
-}
-
 /// An aggregate's i64 results as a column of `target`, the input column's type (values that
 /// came from that type, so they fit), or `Int64`.
 fn from_i64(values: impl Iterator<Item = Option<i64>>, target: &DataType) -> Result<ArrayRef> {
@@ -631,7 +588,12 @@ impl Transform for Window {
                     Num::Int if agg.func == Func::Count => {
                         (vec![0; batch.num_rows()], array.logical_nulls())
                     }
-                    Num::Int => to_i64(array)?,
+                    // A `UInt64` value past `i64::MAX` reads as null (skipped). (Through
+                    // arrow's `cast`, before, it became 0 and was aggregated as 0.)
+                    Num::Int => {
+                        let ints = int64_column(&batch, column)?;
+                        (ints.values().to_vec(), ints.logical_nulls())
+                    }
                     Num::Float => {
                         let floats = float64_column(&batch, column)?;
                         let bits = floats.values().iter().map(|f| f.to_bits() as i64);
