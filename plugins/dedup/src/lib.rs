@@ -33,6 +33,7 @@ use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use arrow::array::BooleanArray;
+use flowgate_sdk::STATE_HEADER;
 use flowgate_sdk::columns::is_event_time_type;
 use flowgate_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -148,7 +149,41 @@ pub struct Dedup {
     /// in the order remembered (a key possibly more than once); `None` while not keeping track
     /// (until the host first asks for a delta, or after the list outgrew
     /// [`Dedup::touched_limit`]: the host then takes a full snapshot).
-    touched: Option<Vec<(u64, i64)>>,
+    touched: Option<Touched>,
+}
+
+/// Keys remembered since the last delta, with their expiries, in order: fixed-size chunks rather
+/// than one list, which doubling would copy and whose old copies would stay the instance's
+/// memory (WASM never gives memory back); a delta's chunks, freed, are the next epoch's.
+#[derive(Default)]
+struct Touched {
+    chunks: Vec<Vec<(u64, i64)>>,
+    len: usize,
+}
+
+/// Keys in a chunk of [`Touched`] (128 KiB).
+const TOUCHED_CHUNK: usize = 8192;
+
+impl Touched {
+    fn push(&mut self, key: (u64, i64)) {
+        match self.chunks.last_mut() {
+            Some(chunk) if chunk.len() < TOUCHED_CHUNK => chunk.push(key),
+            _ => {
+                let mut chunk = Vec::with_capacity(TOUCHED_CHUNK);
+                chunk.push(key);
+                self.chunks.push(chunk);
+            }
+        }
+        self.len += 1;
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, i64)> + '_ {
+        self.chunks.iter().flatten().copied()
+    }
 }
 
 /// Snapshot body, state version 3: this head (postcard), then each key as 16 bytes, its hash
@@ -361,15 +396,15 @@ impl Transform for Dedup {
     }
 
     fn snapshot_delta(&mut self) -> Result<Option<Vec<u8>>> {
-        let Some(touched) = self.touched.replace(Vec::new()) else {
+        let Some(touched) = self.touched.replace(Touched::default()) else {
             return Ok(None);
         };
         // In the order remembered: applied in that order, a key remembered twice ends with its
         // later expiry, as here. Keys the watermark has forgotten since are left out.
-        let mut out = Vec::with_capacity(16 + KEY_BYTES * touched.len());
+        let mut out = Vec::with_capacity(16 + KEY_BYTES * touched.len() + STATE_HEADER);
         out.extend_from_slice(&self.watermark.to_le_bytes());
         out.extend_from_slice(&0u64.to_le_bytes());
-        let live = touched.into_iter().filter(|&(_, e)| e >= self.watermark);
+        let live = touched.iter().filter(|&(_, e)| e >= self.watermark);
         put_keys(&mut out, live, self.retention);
         let count = ((out.len() - 16) / KEY_BYTES) as u64;
         out[8..16].copy_from_slice(&count.to_le_bytes());
@@ -404,7 +439,7 @@ impl Transform for Dedup {
             self.remember(hash, first);
         }
         self.evict();
-        self.touched = Some(Vec::new());
+        self.touched = Some(Touched::default());
         Ok(())
     }
 
@@ -417,7 +452,7 @@ impl Transform for Dedup {
         };
         let mut out = postcard::to_allocvec(&head)
             .map_err(|e| Error::internal(format!("encoding state: {e}")))?;
-        out.reserve_exact(KEY_BYTES * self.expiry.len());
+        out.reserve_exact(KEY_BYTES * self.expiry.len() + STATE_HEADER);
         put_keys(
             &mut out,
             self.expiry.iter().map(|(&h, &e)| (h, e)),
@@ -473,7 +508,7 @@ impl Transform for Dedup {
         for (hash, first) in keys {
             self.remember(hash, first);
         }
-        self.touched = Some(Vec::new());
+        self.touched = Some(Touched::default());
         Ok(())
     }
 }

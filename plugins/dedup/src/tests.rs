@@ -557,3 +557,65 @@ fn keys_in_shards_behave_as_one_map() {
         "some shard got no key"
     );
 }
+
+#[test]
+fn a_delta_of_several_chunks_restores_every_key() {
+    let schema = ids();
+    let config = r#"{"key":["id"],"event_time":"ts","retention":"10m"}"#;
+    let keys = |from: usize, to: usize| {
+        let lines: Vec<String> = (from..to).map(|i| tick(&format!("k{i}"), 0, 0)).collect();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        flowgate_sdk::testing::batch(&schema, &lines)
+    };
+    let (mut live, _) = flowgate_sdk::create::<Dedup>(config, &schema).expect("create");
+    let base = live.snapshot().expect("snapshot");
+    assert!(
+        live.snapshot_delta().expect("delta").is_none(),
+        "not tracking yet"
+    );
+    // 20,000 keys: the touched list's chunks of 8,192 keys, filled twice and part of a third.
+    live.process(keys(0, 20_000)).expect("process");
+    let delta = live.snapshot_delta().expect("delta").expect("a delta");
+    assert_eq!(delta.len(), 8 + 16 + 20_000 * 16, "header, head, keys");
+
+    let (mut restored, _) = flowgate_sdk::create::<Dedup>(config, &schema).expect("create");
+    restored.restore(&base).expect("restore");
+    restored.restore_delta(&delta).expect("restore the delta");
+    let again = restored.process(keys(0, 20_000)).expect("process");
+    assert!(
+        ids_out(&again).is_empty(),
+        "{} keys forgotten",
+        ids_out(&again).len()
+    );
+    let new = restored.process(keys(20_000, 20_001)).expect("process");
+    assert_eq!(ids_out(&new).len(), 1);
+}
+
+#[test]
+fn a_snapshot_leaves_room_for_the_sdk_header() {
+    let schema = ids();
+    let config = serde_json::from_str(r#"{"key":["id"],"event_time":"ts","retention":"10m"}"#)
+        .expect("config");
+    let (mut dedup, _) = <Dedup as Transform>::create(config, &schema).expect("create");
+    let lines: Vec<String> = (0..5_000).map(|i| tick(&format!("k{i}"), 0, 0)).collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    Transform::process(&mut dedup, flowgate_sdk::testing::batch(&schema, &lines)).expect("process");
+    // The SDK frames a state with this much spare capacity in place, without a second copy of
+    // the keys in the instance's memory.
+    let state = Transform::snapshot(&dedup).expect("snapshot");
+    assert!(state.capacity() >= state.len() + flowgate_sdk::STATE_HEADER);
+    assert!(
+        Transform::snapshot_delta(&mut dedup)
+            .expect("delta")
+            .is_none()
+    );
+    Transform::process(
+        &mut dedup,
+        flowgate_sdk::testing::batch(&schema, &lines[..10]),
+    )
+    .expect("process");
+    let delta = Transform::snapshot_delta(&mut dedup)
+        .expect("delta")
+        .expect("a delta");
+    assert!(delta.capacity() >= delta.len() + flowgate_sdk::STATE_HEADER);
+}

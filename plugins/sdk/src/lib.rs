@@ -50,7 +50,7 @@ pub use arrow;
 pub use error::{Error, Result};
 pub use native::{DynTransform, PluginInfo, create, info};
 pub use output::{Output, Rejected};
-pub use transform::Transform;
+pub use transform::{STATE_HEADER, Transform};
 
 /// What most plugins need, in one import.
 pub mod prelude {

@@ -53,13 +53,15 @@ pub trait DynTransform: Send {
     }
 }
 
-/// `bytes` with `magic` and `version` in front.
-fn frame(magic: &[u8; 4], version: u32, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 8);
-    out.extend_from_slice(magic);
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(body);
-    out
+/// `body` with `magic` and `version` in front: in place when `body` has
+/// [`crate::STATE_HEADER`] bytes of spare capacity (no second copy of a large state in the
+/// instance's memory, which WASM never gives back), else moved into a bigger buffer.
+fn frame(magic: &[u8; 4], version: u32, mut body: Vec<u8>) -> Vec<u8> {
+    let mut header = [0u8; crate::STATE_HEADER];
+    header[..4].copy_from_slice(magic);
+    header[4..].copy_from_slice(&version.to_le_bytes());
+    body.splice(0..0, header);
+    body
 }
 
 /// The version and body of bytes [`frame`]d with `magic`; `what` names them in errors.
@@ -97,7 +99,7 @@ impl<T: Transform> DynTransform for Framed<T> {
     }
 
     fn snapshot(&self) -> Result<Vec<u8>> {
-        Ok(frame(STATE_MAGIC, T::STATE_VERSION, &self.0.snapshot()?))
+        Ok(frame(STATE_MAGIC, T::STATE_VERSION, self.0.snapshot()?))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<()> {
@@ -109,7 +111,7 @@ impl<T: Transform> DynTransform for Framed<T> {
         Ok(self
             .0
             .snapshot_delta()?
-            .map(|body| frame(DELTA_MAGIC, T::STATE_VERSION, &body)))
+            .map(|body| frame(DELTA_MAGIC, T::STATE_VERSION, body)))
     }
 
     fn restore_delta(&mut self, delta: &[u8]) -> Result<()> {
@@ -128,4 +130,25 @@ pub fn create<T: Transform>(
     let config = crate::config::parse::<T::Config>(config_json)?;
     let (transform, output) = T::create(config, input)?;
     Ok((Box::new(Framed(transform)), output))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_with_room_for_the_header_is_framed_where_it_lies() {
+        let bytes: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let mut body = Vec::with_capacity(bytes.len() + crate::STATE_HEADER);
+        body.extend_from_slice(&bytes);
+        let at = body.as_ptr();
+        let framed = frame(STATE_MAGIC, 7, body);
+        assert_eq!(framed.as_ptr(), at, "moved to another buffer");
+        let (version, read) = unframe("t", "snapshot", STATE_MAGIC, &framed).expect("unframe");
+        assert_eq!((version, read), (7, &bytes[..]));
+        // Without the room it is framed all the same.
+        let framed = frame(DELTA_MAGIC, 3, vec![1, 2, 3]);
+        let (version, read) = unframe("t", "delta", DELTA_MAGIC, &framed).expect("unframe");
+        assert_eq!((version, read), (3, &[1u8, 2, 3][..]));
+    }
 }

@@ -4,6 +4,11 @@ use serde::de::DeserializeOwned;
 
 use crate::{Error, Output, Result};
 
+/// Bytes the SDK puts in front of a snapshot or a delta (a magic and the state version). A
+/// plugin that builds a large state leaves this much spare capacity at the end of its buffer
+/// (`Vec::with_capacity(len + STATE_HEADER)`), and the SDK frames it in place.
+pub const STATE_HEADER: usize = 8;
+
 /// A transform step: what a plugin author implements.
 ///
 /// One value exists per pipeline step and Kafka partition. Methods take `&mut self`; the SDK
@@ -36,7 +41,9 @@ pub trait Transform: Sized + Send + 'static {
         Ok(Output::empty())
     }
 
-    /// The state needed to resume exactly here (the SDK adds the version header).
+    /// The state needed to resume exactly here (the SDK adds the version header: a state with
+    /// [`STATE_HEADER`] bytes of spare capacity gets it without being copied, which matters for
+    /// a state of many MB).
     fn snapshot(&self) -> Result<Vec<u8>> {
         Ok(Vec::new())
     }
@@ -44,7 +51,7 @@ pub trait Transform: Sized + Send + 'static {
     /// Incremental checkpoints (optional): what changed since the last call of
     /// `snapshot_delta`, `restore` or `restore_delta` (a full [`Transform::snapshot`] does not
     /// move that point), as bytes [`Transform::restore_delta`] reads (the SDK adds the version
-    /// header). `None` when the step cannot tell (never asked before, or it stopped keeping
+    /// header, in place given [`STATE_HEADER`] bytes of spare capacity). `None` when the step cannot tell (never asked before, or it stopped keeping
     /// track): the host then takes a full snapshot. Worth it for state that grows with data
     /// (keys remembered over a retention); the default says `None` every time.
     ///
