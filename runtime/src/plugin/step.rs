@@ -749,7 +749,15 @@ impl Step {
             }
         };
         let decoding = Instant::now();
-        let output = self.decode("process", output, batch.num_rows());
+        // A step that hands its input back unchanged (a filter that kept every row) sends back
+        // the very bytes it was given: keep the host's own batch rather than a decoded copy, so
+        // the next step, and the poison journal, share the input's memory instead of holding
+        // the rows twice.
+        let output = if output.rejected.is_empty() && output.batches == bytes {
+            self.check("process", vec![batch.clone()], Vec::new(), batch.num_rows())
+        } else {
+            self.decode("process", output, batch.num_rows())
+        };
         self.timings.host_boundary += encoded + decoding.elapsed();
         output
     }

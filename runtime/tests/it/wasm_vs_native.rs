@@ -177,3 +177,62 @@ fn plugins_describe_themselves() {
         .expect("info");
     assert_eq!((info.name.as_str(), info.state_version), ("validate", 1));
 }
+
+/// A step that keeps every row hands the host's own batch on (the next step and the poison
+/// journal share its memory); one that drops a row hands on a batch of its own.
+#[test]
+fn a_step_that_keeps_every_row_hands_on_the_hosts_own_batch() {
+    use std::sync::Arc;
+
+    use arrow::array::{Array, Float64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use flowgate::plugin::Grants;
+
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("symbol", DataType::Utf8, true),
+        Field::new("price", DataType::Float64, true),
+    ]));
+    let host = common::host();
+    let mut step = host
+        .load(&common::plugin("flowgate_validate"))
+        .expect("load")
+        .instantiate(
+            "validate",
+            r#"{"rules": {"price": {"min": 0}}}"#,
+            &schema,
+            Grants::default(),
+        )
+        .expect("create");
+    let batch = |prices: Vec<f64>| {
+        let symbols: Vec<String> = (0..prices.len()).map(|i| format!("S{i}")).collect();
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(symbols)),
+                Arc::new(Float64Array::from(prices)),
+            ],
+        )
+        .expect("batch")
+    };
+    let values = |b: &RecordBatch| b.column(1).to_data().buffers()[0].as_ptr();
+
+    let kept = batch((0..1000).map(f64::from).collect());
+    let out = step.process(&kept).expect("process");
+    assert_eq!(out.batches.len(), 1);
+    assert_eq!(out.batches[0].num_rows(), 1000);
+    assert_eq!(values(&out.batches[0]), values(&kept), "a decoded copy");
+    assert_eq!(&out.batches[0].schema(), step.output_schema());
+
+    let one_dropped = batch((0..1000).map(|i| f64::from(i) - 1.0).collect());
+    let out = step.process(&one_dropped).expect("process");
+    assert_eq!(out.rejected.len(), 1);
+    let rows: usize = out.batches.iter().map(RecordBatch::num_rows).sum();
+    assert_eq!(rows, 999);
+    assert_ne!(values(&out.batches[0]), values(&one_dropped));
+    let prices = out.batches[0]
+        .column(1)
+        .as_any()
+        .downcast_ref::<Float64Array>();
+    assert_eq!(prices.map(|p| p.value(0)), Some(0.0));
+    assert_eq!(out.batches[0].column(1).null_count(), 0);
+}
