@@ -161,7 +161,8 @@ struct Touched {
     len: usize,
 }
 
-/// Keys in a chunk of [`Touched`] (128 KiB).
+/// Keys in a chunk of [`Touched`] (128 KiB). The first chunk starts small and doubles up to
+/// this, so a quiet partition's instance does not hold a whole chunk for a few keys.
 const TOUCHED_CHUNK: usize = 8192;
 
 impl Touched {
@@ -169,7 +170,12 @@ impl Touched {
         match self.chunks.last_mut() {
             Some(chunk) if chunk.len() < TOUCHED_CHUNK => chunk.push(key),
             _ => {
-                let mut chunk = Vec::with_capacity(TOUCHED_CHUNK);
+                let size = if self.chunks.is_empty() {
+                    64
+                } else {
+                    TOUCHED_CHUNK
+                };
+                let mut chunk = Vec::with_capacity(size);
                 chunk.push(key);
                 self.chunks.push(chunk);
             }

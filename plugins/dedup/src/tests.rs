@@ -609,13 +609,14 @@ fn a_snapshot_leaves_room_for_the_sdk_header() {
             .expect("delta")
             .is_none()
     );
-    Transform::process(
-        &mut dedup,
-        flowgate_sdk::testing::batch(&schema, &lines[..10]),
-    )
-    .expect("process");
+    let new: Vec<String> = (5_000..5_010)
+        .map(|i| tick(&format!("k{i}"), 0, 0))
+        .collect();
+    let new: Vec<&str> = new.iter().map(String::as_str).collect();
+    Transform::process(&mut dedup, flowgate_sdk::testing::batch(&schema, &new)).expect("process");
     let delta = Transform::snapshot_delta(&mut dedup)
         .expect("delta")
         .expect("a delta");
+    assert_eq!(delta.len(), 16 + 10 * 16, "head and ten keys");
     assert!(delta.capacity() >= delta.len() + flowgate_sdk::STATE_HEADER);
 }

@@ -60,6 +60,8 @@ fn frame(magic: &[u8; 4], version: u32, mut body: Vec<u8>) -> Vec<u8> {
     let mut header = [0u8; crate::STATE_HEADER];
     header[..4].copy_from_slice(magic);
     header[4..].copy_from_slice(&version.to_le_bytes());
+    // Exactly the header's room when there is none (`splice` alone would double the buffer).
+    body.reserve_exact(crate::STATE_HEADER);
     body.splice(0..0, header);
     body
 }
@@ -71,7 +73,7 @@ fn unframe<'a>(
     magic: &[u8; 4],
     bytes: &'a [u8],
 ) -> Result<(u32, &'a [u8])> {
-    let (header, body) = bytes.split_at_checked(8).ok_or_else(|| {
+    let (header, body) = bytes.split_at_checked(crate::STATE_HEADER).ok_or_else(|| {
         Error::bad_input(format!(
             "`{name}`: {what} is {} bytes, too short for its header",
             bytes.len()
@@ -146,8 +148,9 @@ mod tests {
         assert_eq!(framed.as_ptr(), at, "moved to another buffer");
         let (version, read) = unframe("t", "snapshot", STATE_MAGIC, &framed).expect("unframe");
         assert_eq!((version, read), (7, &bytes[..]));
-        // Without the room it is framed all the same.
+        // Without the room it is framed all the same, in a buffer grown by the header only.
         let framed = frame(DELTA_MAGIC, 3, vec![1, 2, 3]);
+        assert_eq!(framed.capacity(), 3 + crate::STATE_HEADER);
         let (version, read) = unframe("t", "delta", DELTA_MAGIC, &framed).expect("unframe");
         assert_eq!((version, read), (3, &[1u8, 2, 3][..]));
     }
