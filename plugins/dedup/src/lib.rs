@@ -158,7 +158,6 @@ pub struct Dedup {
 #[derive(Default)]
 struct Touched {
     chunks: Vec<Vec<(u64, i64)>>,
-    len: usize,
 }
 
 /// Keys in a chunk of [`Touched`] (128 KiB). The first chunk starts small and doubles up to
@@ -180,11 +179,13 @@ impl Touched {
                 self.chunks.push(chunk);
             }
         }
-        self.len += 1;
     }
 
+    /// Every chunk but the last is full.
     fn len(&self) -> usize {
-        self.len
+        self.chunks.last().map_or(0, |last| {
+            (self.chunks.len() - 1) * TOUCHED_CHUNK + last.len()
+        })
     }
 
     fn iter(&self) -> impl Iterator<Item = (u64, i64)> + '_ {

@@ -94,6 +94,12 @@ fn pct_changes(out: &flowgate_sdk::Output) -> Vec<Value> {
         .collect()
 }
 
+/// The `pct_change` column a fresh step with `config` gives for one batch of `lines`.
+fn changes_of(config: &str, schema: &SchemaRef, lines: &[&str]) -> Vec<Value> {
+    let (mut p, _) = flowgate_sdk::create::<PctChange>(config, schema).expect("create");
+    pct_changes(&p.process(batch(schema, lines)).expect("process"))
+}
+
 #[test]
 fn order_by_keeps_microseconds() {
     let ticks = schema(&[
@@ -101,22 +107,15 @@ fn order_by_keeps_microseconds() {
         ("ts", "timestamp", false),
         ("price", "float64", true),
     ]);
-    let (mut p, _) = flowgate_sdk::create::<PctChange>(
+    // Same millisecond; the later tick arrives first.
+    let got = changes_of(
         r#"{"key":["symbol"],"order_by":"ts","column":"price"}"#,
         &ticks,
-    )
-    .expect("create");
-    // Same millisecond; the later tick arrives first.
-    let out = p
-        .process(batch(
-            &ticks,
-            &[
-                r#"{"symbol":"A","ts":"2025-11-12T14:38:30.294001Z","price":11}"#,
-                r#"{"symbol":"A","ts":"2025-11-12T14:38:30.294000Z","price":10}"#,
-            ],
-        ))
-        .expect("process");
-    let got = pct_changes(&out);
+        &[
+            r#"{"symbol":"A","ts":"2025-11-12T14:38:30.294001Z","price":11}"#,
+            r#"{"symbol":"A","ts":"2025-11-12T14:38:30.294000Z","price":10}"#,
+        ],
+    );
     assert_eq!(got, [json!(0.1), Value::Null]);
 }
 
@@ -252,23 +251,19 @@ fn rows_follow_order_by_within_a_batch_and_ties_keep_arrival_order() {
         ("n", "int64", true),
         ("close", "float64", true),
     ]);
-    let config = r#"{"key":["symbol"],"order_by":"n","column":"close"}"#;
-    let (mut p, _) = flowgate_sdk::create::<PctChange>(config, &schema).expect("create");
-    let out = p
-        .process(batch(
-            &schema,
-            &[
-                r#"{"symbol":"A","n":3,"close":40}"#,
-                r#"{"symbol":"B","n":1,"close":10}"#,
-                r#"{"symbol":"A","n":1,"close":10}"#,
-                r#"{"symbol":"A","n":2,"close":20}"#,
-                r#"{"symbol":"A","n":2,"close":25}"#,
-                r#"{"symbol":"A","n":null,"close":5}"#,
-                r#"{"symbol":"B","n":0,"close":5}"#,
-            ],
-        ))
-        .expect("process");
-    let got = pct_changes(&out);
+    let got = changes_of(
+        r#"{"key":["symbol"],"order_by":"n","column":"close"}"#,
+        &schema,
+        &[
+            r#"{"symbol":"A","n":3,"close":40}"#,
+            r#"{"symbol":"B","n":1,"close":10}"#,
+            r#"{"symbol":"A","n":1,"close":10}"#,
+            r#"{"symbol":"A","n":2,"close":20}"#,
+            r#"{"symbol":"A","n":2,"close":25}"#,
+            r#"{"symbol":"A","n":null,"close":5}"#,
+            r#"{"symbol":"B","n":0,"close":5}"#,
+        ],
+    );
     // A in order: null(5), 1(10), 2(20), 2(25), 3(40); B: 0(5), 1(10).
     assert_eq!(
         got,
@@ -284,20 +279,16 @@ fn rows_follow_order_by_within_a_batch_and_ties_keep_arrival_order() {
     );
     // Ordered by a string (the packed comparison, not the integer one): one series, in symbol
     // order, ties in arrival order.
-    let config = r#"{"order_by":"symbol","column":"close"}"#;
-    let (mut p, _) = flowgate_sdk::create::<PctChange>(config, &schema).expect("create");
-    let out = p
-        .process(batch(
-            &schema,
-            &[
-                r#"{"symbol":"B","n":1,"close":30}"#,
-                r#"{"symbol":"A","n":1,"close":10}"#,
-                r#"{"symbol":null,"n":1,"close":5}"#,
-                r#"{"symbol":"A","n":1,"close":20}"#,
-            ],
-        ))
-        .expect("process");
-    let got = pct_changes(&out);
+    let got = changes_of(
+        r#"{"order_by":"symbol","column":"close"}"#,
+        &schema,
+        &[
+            r#"{"symbol":"B","n":1,"close":30}"#,
+            r#"{"symbol":"A","n":1,"close":10}"#,
+            r#"{"symbol":null,"n":1,"close":5}"#,
+            r#"{"symbol":"A","n":1,"close":20}"#,
+        ],
+    );
     // null(5), A(10), A(20), B(30).
     assert_eq!(got, [json!(0.5), json!(1.0), Value::Null, json!(1.0)]);
     let binary = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
