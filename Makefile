@@ -9,10 +9,13 @@ TEST_PLUGINS := flowgate-test-spin flowgate-test-hog flowgate-test-escape flowga
 VENV         := .venv
 BENCH_VENV   := .venv-bench
 BENCH_ARGS   ?=
+# The tests' broker: Tansu built at opt-level 1 into its own folder, which takes a cold build of it
+# faster than a release one; the benchmark keeps a full release one (`make broker`).
+TEST_BROKER_ROOT ?= $(HOME)/.cache/flowgate/test-broker
 
 export FLOWGATE_PLUGIN_DIR := $(CURDIR)/$(PLUGIN_DIR)
 
-.PHONY: help setup venv plugins test-plugins build install test lint fmt run plugin-demo bench bench-plugin-loop broker chaos fuzz clean
+.PHONY: help setup venv plugins test-plugins build install test lint fmt run plugin-demo bench bench-plugin-loop broker test-broker chaos fuzz clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -42,7 +45,7 @@ install: plugins ## Install the release `flowgate` binary into ~/.cargo/bin (on 
 test: plugins test-plugins venv ## Every test: unit tests, host tests on the real .wasm, end-to-end pipelines read back by Python.
 	$(CARGO) test --workspace
 	$(CARGO) build -p flowgate
-	$(VENV)/bin/python -m pytest -q --durations=12 tests/e2e
+	$(VENV)/bin/python -m pytest -q --durations=0 --durations-min=2 tests/e2e
 
 lint: ## rustfmt check and clippy with warnings as errors.
 	$(CARGO) fmt --all -- --check
@@ -74,7 +77,7 @@ bench-plugin-loop: ## Time a plugin author's loop: scaffold, first build, rebuil
 
 KILLS ?= 50
 SEED  ?= 1
-chaos: plugins venv broker ## Kill -9 chaos against Tansu with more kills: `make chaos KILLS=50 SEED=7`.
+chaos: plugins venv test-broker ## Kill -9 chaos against Tansu with more kills: `make chaos KILLS=50 SEED=7`.
 	$(CARGO) build -p flowgate
 	FLOWGATE_CHAOS_KILLS=$(KILLS) FLOWGATE_CHAOS_SEED=$(SEED) $(VENV)/bin/python -m pytest -q tests/e2e/test_chaos.py
 
@@ -90,9 +93,13 @@ fuzz: ## Fuzz the JSON decoder and the pipeline parser, FUZZ_SECONDS each (cargo
 	done
 	@echo "A crash leaves its input in fuzz/artifacts/TARGET/: copy it to fuzz/regressions/TARGET/ (runtime/tests/it/fuzz_regressions.rs replays it)."
 
-broker: ## Install the Tansu test broker (a Kafka-protocol broker from crates.io) if missing; ~20 min cold.
+broker: ## Install the Tansu broker (a Kafka-protocol broker from crates.io) in release if missing; ~20 min cold. The benchmark uses it.
 	@command -v tansu >/dev/null 2>&1 || [ -x "$(HOME)/.cargo/bin/tansu" ] || \
 	    $(CARGO) install tansu --locked --features dynostore,postgres
+
+test-broker: ## The end-to-end tests' Tansu: any installed one, else one built at opt-level 1 under $(TEST_BROKER_ROOT).
+	@command -v tansu >/dev/null 2>&1 || [ -x "$(HOME)/.cargo/bin/tansu" ] || [ -x "$(TEST_BROKER_ROOT)/bin/tansu" ] || \
+	    CARGO_PROFILE_RELEASE_OPT_LEVEL=1 $(CARGO) install tansu --locked --features dynostore --root "$(TEST_BROKER_ROOT)"
 
 $(BENCH_VENV)/.installed: bench/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)

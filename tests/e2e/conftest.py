@@ -32,9 +32,14 @@ def data_dir(tmp_path):
 
 
 def tansu_binary():
-    found = os.environ.get("TANSU_BIN") or shutil.which("tansu") or str(pathlib.Path.home() / ".cargo" / "bin" / "tansu")
-    assert pathlib.Path(found).exists(), "the Tansu broker is not installed: `cargo install tansu --locked --features dynostore,postgres` (.ci/run does it)"
-    return found
+    """TANSU_BIN, else a `tansu` on PATH or in ~/.cargo/bin, else the one `make test-broker` builds."""
+    home = pathlib.Path.home()
+    candidates = [os.environ.get("TANSU_BIN"), shutil.which("tansu"), home / ".cargo" / "bin" / "tansu",
+                  home / ".cache" / "flowgate" / "test-broker" / "bin" / "tansu"]
+    for found in candidates:
+        if found and pathlib.Path(found).exists():
+            return str(found)
+    raise AssertionError("the Tansu broker is not installed: `make test-broker` builds one (.ci/run does it)")
 
 
 def free_port():
