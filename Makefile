@@ -9,7 +9,7 @@ TEST_PLUGINS := flowgate-test-spin flowgate-test-hog flowgate-test-escape flowga
 VENV         := .venv
 BENCH_VENV   := .venv-bench
 BENCH_ARGS   ?=
-# The tests' broker: Tansu built at opt-level 1 into its own folder, which takes a cold build of it
+# The tests' broker: Tansu built at opt-level 1 into its own folder, which makes a cold build of it
 # faster than a release one; the benchmark keeps a full release one (`make broker`).
 TEST_BROKER_ROOT ?= $(HOME)/.cache/flowgate/test-broker
 
