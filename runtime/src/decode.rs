@@ -854,6 +854,77 @@ mod tests {
     }
 
     #[test]
+    fn times_and_prices_that_share_their_leading_bytes_decode_as_each_does_alone() {
+        // The fast path parses a time's date and hour once while records repeat them, and reads
+        // a price's digits as it scans them: neighbours that differ in one digit of the date,
+        // the hour, a fraction or an offset, or that break the date after a valid one, must
+        // come out as each record does alone through the general decoder.
+        let times = [
+            "2025-11-12T14:38:30.294758+00:00",
+            "2025-11-12T14:59:59.999999+00:00",
+            "2025-11-12T15:00:00Z",
+            "2025-11-12T15:00:00.5-01:30",
+            "2025-11-13T15:00:00Z",
+            "2025-12-13T15:00:00Z",
+            "2024-12-13T15:00:00Z",
+            "2024-02-29T10:00:00Z",
+            "2025-02-29T10:00:00Z",
+            "2025-02-28T10:00:00Z",
+            "2025-02-28T24:00:00Z",
+            "2025-02-28T10:60:00Z",
+            "2025-02-28T10:00:60Z",
+            "2025-02-28T10:00:00",
+            "2025-02-28T10-00:00Z",
+            "1969-12-31T23:59:59.999999Z",
+            "1969-12-31T23:59:59.000001Z",
+        ];
+        let prices = [
+            "413.28",
+            "-0",
+            "-0.0",
+            "0.000000000000001",
+            "0.0000000000000001",
+            "9007199254740991",
+            "9007199254740993",
+            "900719925474099.3",
+            "1234567890123456789.5",
+            "12345678901234567.89",
+            "1.5e3",
+            "-77.125",
+        ];
+        let records: Vec<String> = times
+            .iter()
+            .zip(prices.iter().cycle())
+            .map(|(ts, price)| format!(r#"{{"symbol":"S","price":{price},"ts":"{ts}"}}"#))
+            .chain(
+                prices
+                    .iter()
+                    .map(|price| format!(r#"{{"symbol":"S","price":{price},"ts":0}}"#)),
+            )
+            .collect();
+        let slices: Vec<&[u8]> = records.iter().map(|r| r.as_bytes()).collect();
+        let decoder = JsonDecoder::new(to_schema(&spec(
+            "symbol: utf8\nprice: float64\nts: timestamp\n",
+        )));
+        let (batch, failures) = decoder.decode(&slices);
+        let mut rows = Vec::new();
+        let mut expected_failures = Vec::new();
+        for (index, record) in slices.iter().enumerate() {
+            let (one, failed) = decoder.decode_general(&[record]);
+            rows.push(one);
+            expected_failures.extend(failed.into_iter().map(|f| DecodeFailure { index, ..f }));
+        }
+        let expected = arrow::compute::concat_batches(&decoder.schema, &rows).expect("concat");
+        assert_eq!(failures, expected_failures);
+        assert_eq!(batch, expected);
+        // Both kinds happened: rows kept and records refused.
+        assert!(
+            batch.num_rows() > 20 && !failures.is_empty(),
+            "{failures:?}"
+        );
+    }
+
+    #[test]
     fn numbers_in_a_timestamp_are_epoch_milliseconds_below_ten_to_the_fourteen() {
         // Both decoders, each record alone and all together: -1 is a millisecond before the
         // epoch (not the string a microsecond before it), 10^14 and more are microseconds.

@@ -47,6 +47,9 @@ struct FieldPlan {
     /// The name has no byte that a JSON string must escape or that needs a UTF-8 check: a key
     /// can be matched by comparing bytes, without scanning it first.
     plain: bool,
+    /// A plain name of up to 14 bytes, to match with its quote and colon in two word
+    /// comparisons.
+    words: Option<KeyWords>,
     kind: Kind,
     nullable: bool,
 }
@@ -61,24 +64,56 @@ enum Kind {
     Timestamp(Tz),
 }
 
+/// A key, its closing quote and the colon after it, `name":`, as two little-endian words under
+/// masks: matched against a record's next 16 bytes with two comparisons instead of a call to
+/// `memcmp` and three more to read the quote, spaces and colon.
+#[derive(Debug, Clone, Copy)]
+struct KeyWords {
+    words: [u64; 2],
+    masks: [u64; 2],
+}
+
+impl KeyWords {
+    /// For a name of up to 14 bytes.
+    fn new(name: &[u8]) -> Option<Self> {
+        if name.len() > 14 {
+            return None;
+        }
+        let (mut bytes, mut mask) = ([0u8; 16], [0u8; 16]);
+        bytes[..name.len()].copy_from_slice(name);
+        bytes[name.len()..name.len() + 2].copy_from_slice(b"\":");
+        mask[..name.len() + 2].fill(0xff);
+        let word = |b: &[u8; 16], half: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[half * 8..half * 8 + 8]);
+            u64::from_le_bytes(w)
+        };
+        Some(KeyWords {
+            words: [word(&bytes, 0), word(&bytes, 1)],
+            masks: [word(&mask, 0), word(&mask, 1)],
+        })
+    }
+
+    /// Whether `head` begins with the name, its quote and a colon.
+    fn matches(&self, head: &[u8; 16]) -> bool {
+        let (low, high) = head.split_at(8);
+        let word = |b: &[u8]| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(b);
+            u64::from_le_bytes(w)
+        };
+        ((word(low) ^ self.words[0]) & self.masks[0])
+            | ((word(high) ^ self.words[1]) & self.masks[1])
+            == 0
+    }
+}
+
 /// What the fast path made of a slice of records.
 pub(crate) struct FlatBatch {
     /// The records it took, in order.
     pub batch: RecordBatch,
     /// Indices (ascending) of the records it left to the general decoder.
     pub left: Vec<usize>,
-}
-
-/// One declared field's value in the record being read, before it is committed to the columns.
-#[derive(Debug, Clone, Copy)]
-enum Slot {
-    Absent,
-    Null,
-    /// A string's contents in the record.
-    Str(Span),
-    Int(i64),
-    Float(f64),
-    Bool(bool),
 }
 
 /// Where a string's contents are in the record.
@@ -120,9 +155,11 @@ impl FlatDecoder {
                     }
                     _ => return None,
                 };
+                let plain = !f.name().bytes().any(|b| STRING_STOP[usize::from(b)]);
                 Some(FieldPlan {
                     name: f.name().as_bytes().into(),
-                    plain: !f.name().bytes().any(|b| STRING_STOP[usize::from(b)]),
+                    plain,
+                    words: plain.then(|| KeyWords::new(f.name().as_bytes())).flatten(),
                     kind,
                     nullable: f.is_nullable(),
                 })
@@ -141,16 +178,28 @@ impl FlatDecoder {
             .iter()
             .map(|f| Column::new(&f.kind, records.len()))
             .collect();
-        let mut slots = vec![Slot::Absent; self.fields.len()];
+        let mut row = Row {
+            seen: vec![0; self.fields.len()],
+            stamp: 0,
+        };
         // Producers write keys in one order: the field found at each key position of the last
         // record is tried first.
         let mut hints: Vec<usize> = Vec::new();
         let mut left = Vec::new();
-        let mut scratch = Vec::new();
+        let mut hour = HourMemo::default();
+        let mut rows = 0;
         for (index, record) in records.iter().enumerate() {
-            if self.read(record, &mut slots, &mut hints).is_none()
-                || !self.commit(record, &slots, &mut columns, &mut scratch)
+            row.stamp += 1;
+            if self
+                .read(record, &mut columns, &mut row, &mut hints, &mut hour)
+                .is_some()
             {
+                rows += 1;
+            } else {
+                // What the record appended before it was refused goes.
+                for column in &mut columns {
+                    column.truncate(rows);
+                }
                 left.push(index);
             }
         }
@@ -173,9 +222,17 @@ impl FlatDecoder {
         FlatBatch { batch, left }
     }
 
-    /// Reads one record into `slots`; `None` leaves it to the general decoder.
-    fn read(&self, record: &[u8], slots: &mut [Slot], hints: &mut Vec<usize>) -> Option<()> {
-        slots.fill(Slot::Absent);
+    /// Reads one record, appending its values to `columns` as it goes: one value to each column
+    /// when it returns `Some`. `None` leaves the record to the general decoder (the caller then
+    /// truncates what it appended).
+    fn read(
+        &self,
+        record: &[u8],
+        columns: &mut [Column],
+        row: &mut Row,
+        hints: &mut Vec<usize>,
+        hour: &mut HourMemo,
+    ) -> Option<()> {
         let mut c = Cursor {
             b: record,
             i: 0,
@@ -201,24 +258,29 @@ impl FlatDecoder {
                         if !span.ascii && std::str::from_utf8(key).is_err() {
                             return None;
                         }
+                        c.ws();
+                        c.eat(b':')?;
                         self.field(key, position, hints)
                     }
                 };
                 c.ws();
-                c.eat(b':')?;
-                c.ws();
                 match field {
                     Some(f) => {
-                        if !matches!(slots[f], Slot::Absent) {
+                        if row.seen[f] == row.stamp {
                             return None; // a duplicate key
                         }
-                        slots[f] = self.value(&mut c, &self.fields[f].kind)?;
+                        row.seen[f] = row.stamp;
+                        self.value(&mut c, &self.fields[f], &mut columns[f], hour)?;
                     }
                     None => c.skip_scalar()?,
                 }
                 position += 1;
-                c.ws();
-                match c.next()? {
+                let mut after = c.next()?;
+                if matches!(after, b' ' | b'\n' | b'\r' | b'\t') {
+                    c.ws();
+                    after = c.next()?;
+                }
+                match after {
                     b',' => c.ws(),
                     b'}' => break,
                     _ => return None,
@@ -229,9 +291,12 @@ impl FlatDecoder {
         if c.i != record.len() {
             return None;
         }
-        for (slot, field) in slots.iter().zip(&self.fields) {
-            if !field.nullable && matches!(slot, Slot::Absent | Slot::Null) {
-                return None;
+        for ((field, column), &seen) in self.fields.iter().zip(columns).zip(&row.seen) {
+            if seen != row.stamp {
+                if !field.nullable {
+                    return None;
+                }
+                column.push_null();
             }
         }
         Some(())
@@ -239,18 +304,32 @@ impl FlatDecoder {
 
     /// The field the last record had at key `position`, if this record's key (the cursor just
     /// after its opening quote) is that name: matched by comparing bytes, the cursor then after
-    /// the closing quote. Most records have their keys in one order.
+    /// the colon that follows the key. Most records have their keys in one order.
     fn expected_key(&self, c: &mut Cursor<'_>, position: usize, hints: &[usize]) -> Option<usize> {
         let hint = *hints.get(position)?;
         let field = self.fields.get(hint)?;
         let rest = c.b.get(c.i..)?;
+        if let (Some(words), Some(head)) = (&field.words, rest.first_chunk::<16>())
+            && words.matches(head)
+        {
+            c.i += field.name.len() + 2;
+            return Some(hint);
+        }
+        // A longer name, the record's last bytes, or space before the colon.
         if field.plain && rest.starts_with(&field.name) && rest.get(field.name.len()) == Some(&b'"')
         {
-            c.i += field.name.len() + 1;
-            Some(hint)
-        } else {
-            None
+            let mut after = Cursor {
+                b: c.b,
+                i: c.i + field.name.len() + 1,
+                number_start: 0,
+            };
+            after.ws();
+            if after.eat(b':').is_some() {
+                c.i = after.i;
+                return Some(hint);
+            }
         }
+        None
     }
 
     /// The declared field named `key`, the key at `position` of the record.
@@ -271,126 +350,140 @@ impl FlatDecoder {
         Some(found)
     }
 
-    fn value(&self, c: &mut Cursor<'_>, kind: &Kind) -> Option<Slot> {
+    /// Reads a declared field's value and appends it to its column.
+    fn value(
+        &self,
+        c: &mut Cursor<'_>,
+        field: &FieldPlan,
+        column: &mut Column,
+        hour: &mut HourMemo,
+    ) -> Option<()> {
         if c.peek()? == b'n' {
             c.literal(b"null")?;
-            return Some(Slot::Null);
+            if !field.nullable {
+                return None;
+            }
+            column.push_null();
+            return Some(());
         }
-        match kind {
-            Kind::Utf8 => {
-                c.eat(b'"')?;
-                c.string().map(Slot::Str)
-            }
-            Kind::Int64 => match c.number()? {
-                Number::Int(v) => Some(Slot::Int(v)),
-                Number::Other => None,
-            },
-            Kind::Float64 => {
-                // Integers under 2^53 are short decimals too (and `-0` keeps its sign there).
-                c.number()?;
-                if let Some(v) = c.short_decimal() {
-                    return Some(Slot::Float(v));
-                }
-                // The number's bytes are ASCII digits, signs, `.` and `e`: valid UTF-8.
-                let text = std::str::from_utf8(c.last_number()).ok()?;
-                // Infinity (`1e400`) is left to the general decoder.
-                text.parse::<f64>()
-                    .ok()
-                    .filter(|v| v.is_finite())
-                    .map(Slot::Float)
-            }
-            Kind::Bool => match c.peek()? {
-                b't' => c.literal(b"true").map(|_| Slot::Bool(true)),
-                b'f' => c.literal(b"false").map(|_| Slot::Bool(false)),
-                _ => None,
-            },
-            Kind::Timestamp(tz) => match c.peek()? {
-                b'"' => {
-                    c.i += 1;
-                    let span = c.string()?;
-                    if span.escaped {
-                        return None;
-                    }
-                    let bytes = &c.b[span.start..span.end];
-                    if let Some(micros) = rfc3339_micros(bytes) {
-                        return Some(Slot::Int(micros));
-                    }
-                    let text = std::str::from_utf8(bytes).ok()?;
-                    let micros = arrow::compute::kernels::cast_utils::string_to_datetime(tz, text)
-                        .ok()?
-                        .timestamp_micros();
-                    Some(Slot::Int(micros))
-                }
-                _ => match c.number()? {
-                    Number::Int(v) if v.unsigned_abs() < MILLIS_BELOW.unsigned_abs() => {
-                        Some(Slot::Int(v * 1000))
-                    }
-                    _ => None,
+        match (&field.kind, column) {
+            (
+                Kind::Utf8,
+                Column::Utf8 {
+                    offsets,
+                    data,
+                    nulls,
                 },
+            ) => {
+                c.eat(b'"')?;
+                let span = c.string()?;
+                let bytes = &c.b[span.start..span.end];
+                if data.len() + bytes.len() > i32::MAX as usize
+                    || !span.ascii && std::str::from_utf8(bytes).is_err()
+                {
+                    return None;
+                }
+                if span.escaped {
+                    unescape(bytes, data)?;
+                } else {
+                    data.extend_from_slice(bytes);
+                }
+                // An unescaped string is no longer than its text: bounded by the check above.
+                offsets.push(data.len() as i32);
+                nulls.append_non_null();
+            }
+            (Kind::Int64, Column::Int { values, nulls }) => match c.number()? {
+                Number::Int(v) => {
+                    values.push(v);
+                    nulls.append_non_null();
+                }
+                Number::Decimal { .. } | Number::Other => return None,
             },
+            (Kind::Float64, Column::Float { values, nulls }) => {
+                values.push(float(c)?);
+                nulls.append_non_null();
+            }
+            (Kind::Bool, Column::Bool { values, nulls }) => {
+                let v = match c.peek()? {
+                    b't' => c.literal(b"true").map(|_| true)?,
+                    b'f' => c.literal(b"false").map(|_| false)?,
+                    _ => return None,
+                };
+                values.append(v);
+                nulls.append_non_null();
+            }
+            (Kind::Timestamp(tz), Column::Int { values, nulls }) => {
+                values.push(timestamp(c, tz, hour)?);
+                nulls.append_non_null();
+            }
+            // `Column::new` makes each kind's column.
+            _ => return None,
         }
+        Some(())
     }
+}
 
-    /// Appends the record read into `slots` to the columns; `false` (nothing appended) if a
-    /// string column would overflow its 32-bit offsets or a string is not UTF-8.
-    fn commit(
-        &self,
-        record: &[u8],
-        slots: &[Slot],
-        columns: &mut [Column],
-        scratch: &mut Vec<u8>,
-    ) -> bool {
-        // Strings first: the only values that can still refuse the record.
-        for (column, slot) in columns.iter().zip(slots) {
-            if let (Column::Utf8 { data, .. }, Slot::Str(span)) = (column, slot)
-                && (data.len() + (span.end - span.start) > i32::MAX as usize
-                    || !span.ascii && std::str::from_utf8(&record[span.start..span.end]).is_err())
-            {
-                return false;
-            }
+/// Which declared fields the record being read has had (to find duplicates and the absent).
+struct Row {
+    /// Per field, the `stamp` of the last record that had it.
+    seen: Vec<u32>,
+    /// The record being read, counted from 1.
+    stamp: u32,
+}
+
+/// A JSON number as a float: a decimal whose digits make an integer under 2^53, with at most 15
+/// after the point, is one exact division, which rounds correctly as a full parser would
+/// (Clinger's fast path); any other number goes through the standard library's parser.
+fn float(c: &mut Cursor<'_>) -> Option<f64> {
+    const POW10: [f64; 16] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+    ];
+    const EXACT: u64 = 1 << 53;
+    match c.number()? {
+        Number::Int(v) if v.unsigned_abs() < EXACT => {
+            // `-0` keeps its sign.
+            let negative = c.last_number().first() == Some(&b'-');
+            return Some(if v == 0 && negative { -0.0 } else { v as f64 });
         }
-        for (column, slot) in columns.iter_mut().zip(slots) {
-            match (column, *slot) {
-                (column, Slot::Absent | Slot::Null) => column.push_null(),
-                (
-                    Column::Utf8 {
-                        offsets,
-                        data,
-                        nulls,
-                    },
-                    Slot::Str(span),
-                ) => {
-                    let bytes = &record[span.start..span.end];
-                    if span.escaped {
-                        scratch.clear();
-                        // Checked above.
-                        let _ = unescape(bytes, scratch);
-                        data.extend_from_slice(scratch);
-                    } else {
-                        data.extend_from_slice(bytes);
-                    }
-                    // Bounded by the check above.
-                    offsets.push(data.len() as i32);
-                    nulls.append_non_null();
-                }
-                (Column::Int { values, nulls }, Slot::Int(v)) => {
-                    values.push(v);
-                    nulls.append_non_null();
-                }
-                (Column::Float { values, nulls }, Slot::Float(v)) => {
-                    values.push(v);
-                    nulls.append_non_null();
-                }
-                (Column::Bool { values, nulls }, Slot::Bool(v)) => {
-                    values.append(v);
-                    nulls.append_non_null();
-                }
-                // `value` only fills a slot with its kind's variant.
-                (column, _) => column.push_null(),
-            }
+        Number::Decimal {
+            mantissa,
+            scale,
+            negative,
+        } if mantissa < EXACT && scale < POW10.len() => {
+            let v = mantissa as f64 / POW10[scale];
+            return Some(if negative { -v } else { v });
         }
-        true
+        _ => {}
     }
+    // The number's bytes are ASCII digits, signs, `.` and `e`: valid UTF-8.
+    let text = std::str::from_utf8(c.last_number()).ok()?;
+    // Infinity (`1e400`) is left to the general decoder.
+    text.parse::<f64>().ok().filter(|v| v.is_finite())
+}
+
+/// A timestamp field's value in microseconds: a string arrow's timestamp parser takes, or an
+/// integer of epoch milliseconds under [`MILLIS_BELOW`] in magnitude.
+fn timestamp(c: &mut Cursor<'_>, tz: &Tz, hour: &mut HourMemo) -> Option<i64> {
+    if c.peek()? != b'"' {
+        return match c.number()? {
+            Number::Int(v) if v.unsigned_abs() < MILLIS_BELOW.unsigned_abs() => Some(v * 1000),
+            _ => None,
+        };
+    }
+    c.i += 1;
+    let span = c.string()?;
+    if span.escaped {
+        return None;
+    }
+    let bytes = &c.b[span.start..span.end];
+    if let Some(micros) = rfc3339_micros(bytes, hour) {
+        return Some(micros);
+    }
+    let text = std::str::from_utf8(bytes).ok()?;
+    let micros = arrow::compute::kernels::cast_utils::string_to_datetime(tz, text)
+        .ok()?
+        .timestamp_micros();
+    Some(micros)
 }
 
 /// A column being built.
@@ -467,6 +560,33 @@ impl Column {
         }
     }
 
+    /// Drops every value past the first `rows`.
+    fn truncate(&mut self, rows: usize) {
+        match self {
+            Column::Utf8 {
+                offsets,
+                data,
+                nulls,
+            } => {
+                offsets.truncate(rows + 1);
+                data.truncate(offsets.last().map_or(0, |&end| end as usize));
+                nulls.truncate(rows);
+            }
+            Column::Int { values, nulls } => {
+                values.truncate(rows);
+                nulls.truncate(rows);
+            }
+            Column::Float { values, nulls } => {
+                values.truncate(rows);
+                nulls.truncate(rows);
+            }
+            Column::Bool { values, nulls } => {
+                values.truncate(rows);
+                nulls.truncate(rows);
+            }
+        }
+    }
+
     fn finish(self, data_type: &DataType) -> ArrayRef {
         match self {
             Column::Utf8 {
@@ -475,7 +595,8 @@ impl Column {
                 mut nulls,
             } => {
                 let offsets = OffsetBuffer::new(ScalarBuffer::from(offsets));
-                match StringArray::try_new(offsets, Buffer::from_vec(data), nulls.finish()) {
+                match StringArray::try_new(offsets, Buffer::from_vec(data), only_nulls(&mut nulls))
+                {
                     Ok(array) => Arc::new(array),
                     // Every string was checked as it was committed.
                     Err(_) => arrow::array::new_null_array(data_type, 0),
@@ -485,29 +606,45 @@ impl Column {
                 DataType::Timestamp(..) => Arc::new(
                     PrimitiveArray::<TimestampMicrosecondType>::new(
                         ScalarBuffer::from(values),
-                        nulls.finish(),
+                        only_nulls(&mut nulls),
                     )
                     .with_data_type(data_type.clone()),
                 ),
-                _ => Arc::new(Int64Array::new(ScalarBuffer::from(values), nulls.finish())),
+                _ => Arc::new(Int64Array::new(
+                    ScalarBuffer::from(values),
+                    only_nulls(&mut nulls),
+                )),
             },
             Column::Float { values, mut nulls } => Arc::new(Float64Array::new(
                 ScalarBuffer::from(values),
-                nulls.finish(),
+                only_nulls(&mut nulls),
             )),
             Column::Bool {
                 mut values,
                 mut nulls,
-            } => Arc::new(BooleanArray::new(values.finish(), nulls.finish())),
+            } => Arc::new(BooleanArray::new(values.finish(), only_nulls(&mut nulls))),
         }
     }
+}
+
+/// A column's null buffer, if it holds a null (a refused record's null, truncated away, can
+/// leave one that holds none: the general decoder would have made no buffer).
+fn only_nulls(nulls: &mut NullBufferBuilder) -> Option<arrow::buffer::NullBuffer> {
+    nulls.finish().filter(|n| n.null_count() > 0)
 }
 
 /// What [`Cursor::number`] read.
 enum Number {
     /// An integer literal that fits an `i64`.
     Int(i64),
-    /// Any other JSON number (fraction, exponent, or too large): see [`Cursor::last_number`].
+    /// A number with a fraction and no exponent, `-?D+.D+`, of at most 19 digits: `mantissa` is
+    /// its digits without the point, `scale` how many follow the point.
+    Decimal {
+        mantissa: u64,
+        scale: usize,
+        negative: bool,
+    },
+    /// Any other JSON number (an exponent, or too many digits): see [`Cursor::last_number`].
     Other,
 }
 
@@ -590,42 +727,11 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// The number [`Cursor::number`] read last as a float, if it is a plain decimal
-    /// (`-?D+(.D+)?`, no exponent) whose digits make an integer under 2^53 with at most 15 after
-    /// the point: the mantissa and 10^k are then exact doubles, and one division rounds
-    /// correctly, as a full parser would (Clinger's fast path).
-    fn short_decimal(&self) -> Option<f64> {
-        const POW10: [f64; 16] = [
-            1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
-        ];
-        let text = self.last_number();
-        let (negative, digits) = match text.split_first()? {
-            (b'-', rest) => (true, rest),
-            _ => (false, text),
-        };
-        if digits.len() > 16 {
-            return None;
-        }
-        let (mut mantissa, mut scale, mut point) = (0u64, 0usize, false);
-        for &b in digits {
-            match b {
-                b'0'..=b'9' => {
-                    mantissa = mantissa * 10 + u64::from(b - b'0');
-                    scale += usize::from(point);
-                }
-                b'.' => point = true,
-                _ => return None,
-            }
-        }
-        if mantissa >= 1 << 53 {
-            return None; // not an exact double: a full parser rounds it once
-        }
-        let v = mantissa as f64 / POW10[scale];
-        Some(if negative { -v } else { v })
-    }
-
-    /// A JSON number (strict grammar: `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`).
+    /// A JSON number (strict grammar: `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`), its
+    /// digits read as they are scanned.
     fn number(&mut self) -> Option<Number> {
+        /// Digits a `u64` holds whatever they are.
+        const U64_DIGITS: usize = 19;
         let start = self.i;
         self.number_start = start;
         let negative = self.peek() == Some(b'-');
@@ -633,16 +739,16 @@ impl<'a> Cursor<'a> {
             self.i += 1;
         }
         let digits = self.i;
-        // The integer part, read as it is scanned (under 10^18 it cannot overflow).
-        let mut magnitude = 0i64;
+        // The digits (integer part, then fraction) as one integer, while they fit.
+        let mut magnitude = 0u64;
         match self.peek()? {
             b'0' => self.i += 1,
             b'1'..=b'9' => {
                 while let Some(&d) = self.b.get(self.i)
                     && d.is_ascii_digit()
                 {
-                    if self.i - digits < 18 {
-                        magnitude = magnitude * 10 + i64::from(d - b'0');
+                    if self.i - digits < U64_DIGITS {
+                        magnitude = magnitude * 10 + u64::from(d - b'0');
                     }
                     self.i += 1;
                 }
@@ -650,29 +756,52 @@ impl<'a> Cursor<'a> {
             _ => return None,
         }
         let integer_end = self.i;
-        let mut integer = true;
+        let mut scale = 0;
         if self.peek() == Some(b'.') {
-            integer = false;
             self.i += 1;
-            self.digits()?;
+            let first = self.i;
+            let room = U64_DIGITS.saturating_sub(integer_end - digits);
+            while let Some(&d) = self.b.get(self.i)
+                && d.is_ascii_digit()
+            {
+                if self.i - first < room {
+                    magnitude = magnitude * 10 + u64::from(d - b'0');
+                }
+                self.i += 1;
+            }
+            scale = self.i - first;
+            if scale == 0 {
+                return None;
+            }
         }
         if let Some(b'e' | b'E') = self.peek() {
-            integer = false;
             self.i += 1;
             if let Some(b'+' | b'-') = self.peek() {
                 self.i += 1;
             }
             self.digits()?;
-        }
-        if !integer {
             return Some(Number::Other);
         }
-        let text = &self.b[digits..integer_end];
-        if text.len() <= 18 {
+        let count = integer_end - digits + scale;
+        if scale > 0 {
+            return Some(if count <= U64_DIGITS {
+                Number::Decimal {
+                    mantissa: magnitude,
+                    scale,
+                    negative,
+                }
+            } else {
+                Number::Other
+            });
+        }
+        // Up to 18 digits fit an `i64` whatever they are; more are checked.
+        if count <= 18 {
+            // At most 10^18 - 1: fits.
+            let magnitude = magnitude as i64;
             return Some(Number::Int(if negative { -magnitude } else { magnitude }));
         }
         let mut v: i64 = 0;
-        for &d in text {
+        for &d in &self.b[digits..integer_end] {
             let d = i64::from(d - b'0');
             v = match v.checked_mul(10).and_then(|v| {
                 if negative {
@@ -756,10 +885,19 @@ fn unescape(bytes: &[u8], out: &mut Vec<u8>) -> Option<()> {
     Some(())
 }
 
+/// The last date and hour [`rfc3339_micros`] read, as the bytes `YYYY-MM-DDTHH`, and their
+/// seconds since the epoch: the records of a batch mostly share them, so each is parsed and
+/// checked once.
+#[derive(Default)]
+struct HourMemo {
+    head: Option<[u8; 13]>,
+    seconds: i64,
+}
+
 /// Microseconds since the epoch of the common form `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`
 /// (a fraction of 1 to 9 digits, cut to microseconds as arrow does), or `None` for anything
 /// else, which arrow's parser then reads (other separators, no offset, a date alone, …).
-fn rfc3339_micros(s: &[u8]) -> Option<i64> {
+fn rfc3339_micros(s: &[u8], memo: &mut HourMemo) -> Option<i64> {
     fn digits(s: &[u8], at: usize, n: usize) -> Option<i64> {
         let mut v = 0i64;
         for &b in s.get(at..at + n)? {
@@ -770,39 +908,23 @@ fn rfc3339_micros(s: &[u8]) -> Option<i64> {
         }
         Some(v)
     }
-    if s.len() < 20
-        || s[4] != b'-'
-        || s[7] != b'-'
-        || s[10] != b'T'
-        || s[13] != b':'
-        || s[16] != b':'
-    {
+    if s.len() < 20 || s[13] != b':' || s[16] != b':' {
         return None;
     }
-    let (year, month, day) = (digits(s, 0, 4)?, digits(s, 5, 2)?, digits(s, 8, 2)?);
-    let (hour, minute, second) = (digits(s, 11, 2)?, digits(s, 14, 2)?, digits(s, 17, 2)?);
-    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
-    let month_days = [
-        31,
-        if leap { 29 } else { 28 },
-        31,
-        30,
-        31,
-        30,
-        31,
-        31,
-        30,
-        31,
-        30,
-        31,
-    ];
-    if !(1..=12).contains(&month)
-        || day < 1
-        || day > month_days[(month - 1) as usize]
-        || hour > 23
-        || minute > 59
-        || second > 59
-    {
+    let head: [u8; 13] = s[..13].try_into().ok()?;
+    let hour_seconds = match memo.head {
+        Some(last) if last == head => memo.seconds,
+        _ => {
+            let seconds = hour_seconds(&head)?;
+            *memo = HourMemo {
+                head: Some(head),
+                seconds,
+            };
+            seconds
+        }
+    };
+    let (minute, second) = (digits(s, 14, 2)?, digits(s, 17, 2)?);
+    if minute > 59 || second > 59 {
         return None;
     }
     let mut i = 19;
@@ -838,6 +960,51 @@ fn rfc3339_micros(s: &[u8]) -> Option<i64> {
         }
         _ => return None,
     };
+    let seconds = hour_seconds + minute * 60 + second - offset;
+    Some(seconds * 1_000_000 + micros)
+}
+
+/// Seconds since the epoch of the hour `YYYY-MM-DDTHH` (before any offset), if it is a valid
+/// date and hour.
+fn hour_seconds(head: &[u8; 13]) -> Option<i64> {
+    fn digits(s: &[u8]) -> Option<i64> {
+        let mut v = 0i64;
+        for &b in s {
+            if !b.is_ascii_digit() {
+                return None;
+            }
+            v = v * 10 + i64::from(b - b'0');
+        }
+        Some(v)
+    }
+    if head[4] != b'-' || head[7] != b'-' || head[10] != b'T' {
+        return None;
+    }
+    let (year, month, day) = (
+        digits(&head[0..4])?,
+        digits(&head[5..7])?,
+        digits(&head[8..10])?,
+    );
+    let hour = digits(&head[11..13])?;
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&month) || day < 1 || day > month_days[(month - 1) as usize] || hour > 23
+    {
+        return None;
+    }
     // Days from the civil date (Howard Hinnant's algorithm), March-based years.
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
@@ -845,6 +1012,43 @@ fn rfc3339_micros(s: &[u8]) -> Option<i64> {
     let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
     let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
     let days = era * 146_097 + day_of_era - 719_468;
-    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset;
-    Some(seconds * 1_000_000 + micros)
+    Some(days * 86_400 + hour * 3600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_matches_by_words_only_when_every_byte_its_quote_and_colon_match() {
+        for len in 0..=14usize {
+            let name: Vec<u8> = (0..len).map(|i| b'a' + i as u8).collect();
+            let words = KeyWords::new(&name).expect("up to 14 bytes");
+            let mut record = name.clone();
+            record.extend_from_slice(b"\":12345678901234567");
+            let head = record.first_chunk::<16>().expect("16 bytes");
+            assert!(words.matches(head), "{len} bytes");
+            // One byte off anywhere in the name, its quote or colon: no match.
+            for at in 0..len + 2 {
+                let mut other = *head;
+                other[at] ^= 0x20;
+                assert!(!words.matches(&other), "{len} bytes, byte {at} changed");
+            }
+            // A longer key that starts with the name: no match (no quote where it ends).
+            let mut longer = name.clone();
+            longer.extend_from_slice(b"x\":1234567890123456");
+            let head = longer.first_chunk::<16>().expect("16 bytes");
+            assert!(!words.matches(head), "{len} bytes, a longer key");
+        }
+        // A space before the colon is for the slower match.
+        let words = KeyWords::new(b"ts").expect("2 bytes");
+        assert!(
+            !words.matches(
+                b"ts\" :12345678901234567"
+                    .first_chunk::<16>()
+                    .expect("16 bytes")
+            )
+        );
+        assert!(KeyWords::new(b"fifteen_bytes_a").is_none());
+    }
 }
