@@ -7,7 +7,9 @@
 //! escapes in keys. Every other record is left to the general decoder (arrow's JSON reader),
 //! which gives it the same value or the same refusal it always did: so for each record this path
 //! takes it must produce exactly what the general decoder would, and a differential test
-//! (`decode::tests`) holds it to that.
+//! (`decode::tests`) holds it to that. A record it takes is UTF-8 throughout (outside strings it
+//! takes only ASCII, and a string with other bytes is checked), which spares the usual records
+//! the general decoder's UTF-8 check.
 //!
 //! What it takes, per declared type (anything else in a declared field: left to the general
 //! decoder):
