@@ -792,7 +792,14 @@ mod tests {
             let sep = if rng.one_in(5) { " , " } else { "," };
             let mut text = format!("{{{}}}", fields.join(sep));
             match rng.next() % 40 {
-                0 => text.truncate(text.len() / 2),
+                0 => {
+                    // Cut in half, at a character boundary.
+                    let mut half = text.len() / 2;
+                    while !text.is_char_boundary(half) {
+                        half -= 1;
+                    }
+                    text.truncate(half);
+                }
                 1 => text.push_str(" {}"),
                 2 => text = format!(" \n{text}\t\r\n"),
                 3 => text = format!("[{text}]"),
