@@ -12,6 +12,9 @@ BENCH_ARGS   ?=
 # The tests' broker: Tansu built at opt-level 1 into its own folder, which makes a cold build of it
 # faster than a release one; the benchmark keeps a full release one (`make broker`).
 TEST_BROKER_ROOT ?= $(HOME)/.cache/flowgate/test-broker
+# The end-to-end tests run on this many pytest-xdist workers: each test has its own broker, ports,
+# PostgreSQL schema and folders, and most of a test's time is waiting on processes. 0: one process.
+E2E_WORKERS  ?= 2
 
 export FLOWGATE_PLUGIN_DIR := $(CURDIR)/$(PLUGIN_DIR)
 
@@ -45,7 +48,7 @@ install: plugins ## Install the release `flowgate` binary into ~/.cargo/bin (on 
 test: plugins test-plugins venv ## Every test: unit tests, host tests on the real .wasm, end-to-end pipelines read back by Python.
 	$(CARGO) test --workspace
 	$(CARGO) build -p flowgate
-	$(VENV)/bin/python -m pytest -q --durations=0 --durations-min=2 tests/e2e
+	$(VENV)/bin/python -m pytest -q -n $(E2E_WORKERS) --durations=0 --durations-min=2 tests/e2e
 
 lint: ## rustfmt check and clippy with warnings as errors.
 	$(CARGO) fmt --all -- --check
