@@ -851,21 +851,30 @@ mod tests {
         assert!(fast < records.len(), "every record took the fast path");
     }
 
+    /// `records` one at a time through the general decoder, the rows concatenated and each
+    /// failure at its record's index.
+    fn one_by_one_general(
+        decoder: &JsonDecoder,
+        records: &[&[u8]],
+    ) -> (RecordBatch, Vec<DecodeFailure>) {
+        let mut rows = Vec::new();
+        let mut failures = Vec::new();
+        for (index, record) in records.iter().enumerate() {
+            let (one, failed) = decoder.decode_general(&[record]);
+            rows.push(one);
+            failures.extend(failed.into_iter().map(|f| DecodeFailure { index, ..f }));
+        }
+        let batch = arrow::compute::concat_batches(&decoder.schema, &rows).expect("concat");
+        (batch, failures)
+    }
+
     #[test]
     fn a_batch_of_mixed_records_keeps_each_row_in_its_record_s_place() {
         let decoder = JsonDecoder::new(tick_schema());
         let records = varied_records(5_000, 77);
         let slices: Vec<&[u8]> = records.iter().map(|r| r.as_slice()).collect();
         let (batch, failures) = decoder.decode(&slices);
-        // Record by record through the general decoder, concatenated.
-        let mut rows = Vec::new();
-        let mut expected_failures = Vec::new();
-        for (index, record) in slices.iter().enumerate() {
-            let (one, failed) = decoder.decode_general(&[record]);
-            rows.push(one);
-            expected_failures.extend(failed.into_iter().map(|f| DecodeFailure { index, ..f }));
-        }
-        let expected = arrow::compute::concat_batches(&decoder.schema, &rows).expect("concat");
+        let (expected, expected_failures) = one_by_one_general(&decoder, &slices);
         if let Some((got, want)) = failures
             .iter()
             .zip(&expected_failures)
@@ -936,14 +945,7 @@ mod tests {
             "symbol: utf8\nprice: float64\nts: timestamp\n",
         )));
         let (batch, failures) = decoder.decode(&slices);
-        let mut rows = Vec::new();
-        let mut expected_failures = Vec::new();
-        for (index, record) in slices.iter().enumerate() {
-            let (one, failed) = decoder.decode_general(&[record]);
-            rows.push(one);
-            expected_failures.extend(failed.into_iter().map(|f| DecodeFailure { index, ..f }));
-        }
-        let expected = arrow::compute::concat_batches(&decoder.schema, &rows).expect("concat");
+        let (expected, expected_failures) = one_by_one_general(&decoder, &slices);
         assert_eq!(failures, expected_failures);
         assert_eq!(batch, expected);
         // Both kinds happened: rows kept and records refused.
