@@ -15,11 +15,16 @@
 //! the key is evicted, so how the host batches rows never changes what passes.
 //!
 //! State is compact: a key is kept as its 64-bit xxh3 hash (a false duplicate needs two distinct
-//! keys to collide: about 1 in 3·10⁷ at a million live keys) with its expiry, one table entry
-//! and nothing else (the table split in 64 shards, so that its doublings leave smaller holes in
-//! the instance's memory: 39 MiB per million keys, from 68 unsplit). Keys are forgotten in steps
-//! of `retention / 8` of event time: each time the watermark passes such a step, one sweep of the
-//! table drops every key that expired before it. Snapshots (state version 3) store each key's
+//! keys to collide: about 1 in 3·10⁷ at a million live keys) with its first event time or
+//! expiry, and nothing else. Where `key` includes the `event_time` column (as above), two rows
+//! with one key have one event time, and keys are filed by it in generations of `retention / 64`
+//! (at most 65.5 s; [`generations`]): a row's key is looked for in its own generation only,
+//! older generations are packed into flat arrays (about 11 bytes a key), and a generation is
+//! dropped whole once the watermark passes its last expiry. Any other key goes to one table of hash → expiry, split in
+//! 64 shards so that its doublings leave smaller holes in the instance's memory (39 MiB per
+//! million keys, from 68 unsplit); keys are forgotten in steps of `retention / 8` of event time:
+//! each time the watermark passes such a step, one sweep of the table drops every key that
+//! expired before it. Snapshots (state version 3) store each key's
 //! first event time, the key columns and the event-time column: a changed `retention` restores
 //! correctly (expiries are recomputed), a changed `key` or `event_time` is refused (those keys
 //! mean something else now).
@@ -39,7 +44,10 @@ use flowgate_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+mod generations;
 mod key;
+
+use generations::{Generations, Seen};
 
 /// The step's config.
 #[derive(Debug, Deserialize)]
@@ -55,7 +63,7 @@ pub struct Config {
 
 /// Keys are already hashes: feed them to the table as they are.
 #[derive(Default)]
-struct IdentityHasher(u64);
+pub(crate) struct IdentityHasher(u64);
 
 impl Hasher for IdentityHasher {
     fn finish(&self) -> u64 {
@@ -140,9 +148,10 @@ pub struct Dedup {
     event_time: usize,
     retention: i64,
     bucket_width: i64,
-    /// Key hash → expiry (its first event time plus `retention`).
-    expiry: Keys,
-    /// Keys whose expiry is before this bucket (× `bucket_width`) are gone from `expiry`.
+    /// The keys remembered.
+    store: Store,
+    /// Keys whose expiry is before this bucket (× `bucket_width`) are gone from a
+    /// [`Store::Any`].
     swept_to: i64,
     watermark: i64,
     /// Keys remembered since the last delta (incremental checkpoints) with the expiry each got,
@@ -150,6 +159,34 @@ pub struct Dedup {
     /// (until the host first asks for a delta, or after the list outgrew
     /// [`Dedup::touched_limit`]: the host then takes a full snapshot).
     touched: Option<Touched>,
+}
+
+/// Where remembered keys are kept.
+enum Store {
+    /// `key` includes the `event_time` column: keys by generation of their event time.
+    Timed(Generations),
+    /// Any other key: key hash → expiry (its first event time plus `retention`).
+    Any(Keys),
+}
+
+impl Store {
+    fn len(&self) -> usize {
+        match self {
+            Store::Timed(keys) => keys.len(),
+            Store::Any(keys) => keys.len(),
+        }
+    }
+
+    /// Every key as (hash, first event time).
+    fn iter(&self, retention: i64) -> Box<dyn Iterator<Item = (u64, i64)> + '_> {
+        match self {
+            Store::Timed(keys) => Box::new(keys.iter()),
+            Store::Any(keys) => Box::new(
+                keys.iter()
+                    .map(move |(&h, &e)| (h, e.saturating_sub(retention))),
+            ),
+        }
+    }
 }
 
 /// Keys remembered since the last delta, with their expiries, in order: fixed-size chunks rather
@@ -240,13 +277,13 @@ const BUCKETS_PER_RETENTION: i64 = 8;
 impl Dedup {
     /// Keys currently remembered.
     pub fn live_keys(&self) -> usize {
-        self.expiry.len()
+        self.store.len()
     }
 
     /// The longest the list of keys touched since the last delta may grow (a host that never
     /// asks for deltas would otherwise grow it forever).
     fn touched_limit(&self) -> usize {
-        2 * self.expiry.len() + (1 << 16)
+        2 * self.store.len() + (1 << 16)
     }
 
     /// Stops keeping track of touched keys if the list outgrew its limit.
@@ -262,13 +299,17 @@ impl Dedup {
     /// table sweep every `retention / 8` of event time costs less per row than keeping each key
     /// in a list by expiry, and takes no memory.)
     fn evict(&mut self) {
+        let keys = match &mut self.store {
+            Store::Timed(keys) => return keys.forget_before(self.watermark),
+            Store::Any(keys) => keys,
+        };
         let first_live = self.watermark.div_euclid(self.bucket_width);
         if first_live <= self.swept_to {
             return;
         }
         self.swept_to = first_live;
         let end = first_live.saturating_mul(self.bucket_width);
-        self.expiry.retain(|e| *e >= end);
+        keys.retain(|e| *e >= end);
     }
 
     /// Refuses state written for other key or event-time columns.
@@ -288,7 +329,27 @@ impl Dedup {
         if expiry < self.watermark {
             return;
         }
-        self.expiry.insert(hash, expiry);
+        match &mut self.store {
+            Store::Timed(keys) => {
+                keys.remember(hash, first);
+            }
+            Store::Any(keys) => keys.insert(hash, expiry),
+        }
+    }
+
+    /// Keeps every key in one table of hash → expiry, whatever the key columns: how a step
+    /// whose key has no event-time column keeps them. For the model test, and for state of
+    /// version 1, whose keys' own event times are lost.
+    fn keep_keys_in_one_table(&mut self) {
+        if let Store::Timed(keys) = &self.store {
+            let mut any = Keys::default();
+            any.reserve(keys.len());
+            for (hash, first) in keys.iter() {
+                any.insert(hash, first.saturating_add(self.retention));
+            }
+            self.store = Store::Any(any);
+            self.swept_to = i64::MIN;
+        }
     }
 }
 
@@ -330,6 +391,11 @@ impl Transform for Dedup {
         if retention <= 0 {
             return Err(Error::config("retention", "must be greater than zero"));
         }
+        let store = if key_columns.contains(&event_time) {
+            Store::Timed(Generations::new(retention))
+        } else {
+            Store::Any(Keys::default())
+        };
         let dedup = Dedup {
             key_names: config.key,
             event_time_name: config.event_time,
@@ -337,7 +403,7 @@ impl Transform for Dedup {
             event_time,
             retention,
             bucket_width: (retention / BUCKETS_PER_RETENTION).max(1),
-            expiry: Keys::default(),
+            store,
             swept_to: i64::MIN,
             watermark: i64::MIN,
             touched: None,
@@ -355,36 +421,69 @@ impl Transform for Dedup {
         let mut keep = Vec::with_capacity(rows);
         let mut output = Output::empty();
         let (watermark, retention) = (self.watermark, self.retention);
-        for (row, hash) in hashes.into_iter().enumerate() {
-            if times.is_null(row) {
-                keep.push(false);
-                output.reject(row, "event time is null");
-                continue;
+        let touched = &mut self.touched;
+        match &mut self.store {
+            Store::Timed(keys) => {
+                for (row, hash) in hashes.into_iter().enumerate() {
+                    if times.is_null(row) {
+                        keep.push(false);
+                        output.reject(row, "event time is null");
+                        continue;
+                    }
+                    let t = times.value(row);
+                    let expiry = t.saturating_add(retention);
+                    // The key's first row had this same event time: remembered, it is a
+                    // duplicate unless the watermark has passed its expiry.
+                    if expiry < watermark {
+                        keep.push(true);
+                        continue;
+                    }
+                    match keys.remember(hash, t) {
+                        Seen::Before => keep.push(false),
+                        Seen::New => {
+                            keep.push(true);
+                            if let Some(touched) = touched {
+                                touched.push((hash, expiry));
+                            }
+                        }
+                    }
+                }
+                keys.settle();
             }
-            let t = times.value(row);
-            let expiry = t.saturating_add(retention);
-            // A duplicate is judged by event time: within `retention` of the key's first row
-            // (and the key not forgotten by the watermark). Never by whether an eviction ran
-            // since, so batching changes nothing. One probe of the table per row.
-            let remembered = match self.expiry.entry(hash) {
-                Entry::Occupied(e) if *e.get() >= t && *e.get() >= watermark => {
-                    keep.push(false);
-                    continue;
+            Store::Any(keys) => {
+                for (row, hash) in hashes.into_iter().enumerate() {
+                    if times.is_null(row) {
+                        keep.push(false);
+                        output.reject(row, "event time is null");
+                        continue;
+                    }
+                    let t = times.value(row);
+                    let expiry = t.saturating_add(retention);
+                    // A duplicate is judged by event time: within `retention` of the key's first
+                    // row (and the key not forgotten by the watermark). Never by whether an
+                    // eviction ran since, so batching changes nothing. One probe of the table
+                    // per row.
+                    let remembered = match keys.entry(hash) {
+                        Entry::Occupied(e) if *e.get() >= t && *e.get() >= watermark => {
+                            keep.push(false);
+                            continue;
+                        }
+                        // A key whose own expiry the watermark has passed is not remembered.
+                        _ if expiry < watermark => false,
+                        Entry::Occupied(mut e) => {
+                            e.insert(expiry);
+                            true
+                        }
+                        Entry::Vacant(e) => {
+                            e.insert(expiry);
+                            true
+                        }
+                    };
+                    keep.push(true);
+                    if remembered && let Some(touched) = touched {
+                        touched.push((hash, expiry));
+                    }
                 }
-                // A key whose own expiry the watermark has passed is not remembered.
-                _ if expiry < watermark => false,
-                Entry::Occupied(mut e) => {
-                    e.insert(expiry);
-                    true
-                }
-                Entry::Vacant(e) => {
-                    e.insert(expiry);
-                    true
-                }
-            };
-            keep.push(true);
-            if remembered && let Some(touched) = &mut self.touched {
-                touched.push((hash, expiry));
             }
         }
         self.check_touched();
@@ -411,8 +510,12 @@ impl Transform for Dedup {
         let mut out = Vec::with_capacity(16 + KEY_BYTES * touched.len() + STATE_HEADER);
         out.extend_from_slice(&self.watermark.to_le_bytes());
         out.extend_from_slice(&0u64.to_le_bytes());
-        let live = touched.iter().filter(|&(_, e)| e >= self.watermark);
-        put_keys(&mut out, live, self.retention);
+        let retention = self.retention;
+        let live = touched
+            .iter()
+            .filter(|&(_, e)| e >= self.watermark)
+            .map(|(h, e)| (h, e.saturating_sub(retention)));
+        put_keys(&mut out, live);
         let count = ((out.len() - 16) / KEY_BYTES) as u64;
         out[8..16].copy_from_slice(&count.to_le_bytes());
         Ok(Some(out))
@@ -446,6 +549,9 @@ impl Transform for Dedup {
             self.remember(hash, first);
         }
         self.evict();
+        if let Store::Timed(keys) = &mut self.store {
+            keys.settle();
+        }
         self.touched = Some(Touched::default());
         Ok(())
     }
@@ -455,16 +561,12 @@ impl Transform for Dedup {
             key: self.key_names.clone(),
             event_time: self.event_time_name.clone(),
             watermark: self.watermark,
-            keys: self.expiry.len() as u64,
+            keys: self.store.len() as u64,
         };
         let mut out = postcard::to_allocvec(&head)
             .map_err(|e| Error::internal(format!("encoding state: {e}")))?;
-        out.reserve_exact(KEY_BYTES * self.expiry.len() + STATE_HEADER);
-        put_keys(
-            &mut out,
-            self.expiry.iter().map(|(&h, &e)| (h, e)),
-            self.retention,
-        );
+        out.reserve_exact(KEY_BYTES * self.store.len() + STATE_HEADER);
+        put_keys(&mut out, self.store.iter(self.retention));
         Ok(out)
     }
 
@@ -486,6 +588,7 @@ impl Transform for Dedup {
             // Version 1 kept only expiry buckets of `retention / 8`, and not the retention:
             // read as written with this step's retention (the end of a bucket as the expiry).
             1 => {
+                self.keep_keys_in_one_table();
                 let state: StateV1 = postcard::from_bytes(state)
                     .map_err(|e| Error::bad_input(format!("dedup state is corrupt: {e}")))?;
                 let keys = state
@@ -509,11 +612,19 @@ impl Transform for Dedup {
             }
         };
         self.watermark = watermark;
-        self.expiry.clear();
         self.swept_to = i64::MIN;
-        self.expiry.reserve(keys.len());
+        match &mut self.store {
+            Store::Timed(keys) => keys.clear(),
+            Store::Any(table) => {
+                table.clear();
+                table.reserve(keys.len());
+            }
+        }
         for (hash, first) in keys {
             self.remember(hash, first);
+        }
+        if let Store::Timed(keys) = &mut self.store {
+            keys.settle();
         }
         self.touched = Some(Touched::default());
         Ok(())
@@ -523,11 +634,11 @@ impl Transform for Dedup {
 /// Bytes per key in a snapshot or delta of state version 3.
 const KEY_BYTES: usize = 16;
 
-/// Appends each key (hash, expiry) as its hash and first event time, little-endian.
-fn put_keys(out: &mut Vec<u8>, keys: impl Iterator<Item = (u64, i64)>, retention: i64) {
-    for (hash, expiry) in keys {
+/// Appends each key (hash, first event time), little-endian.
+fn put_keys(out: &mut Vec<u8>, keys: impl Iterator<Item = (u64, i64)>) {
+    for (hash, first) in keys {
         out.extend_from_slice(&hash.to_le_bytes());
-        out.extend_from_slice(&expiry.saturating_sub(retention).to_le_bytes());
+        out.extend_from_slice(&first.to_le_bytes());
     }
 }
 

@@ -402,7 +402,7 @@ fn state_version_1_is_read_with_the_steps_retention() {
     // Version 1: watermark, then (bucket, hashes) with buckets of retention / 8.
     let config = r#"{"key":["id"],"event_time":"ts","retention":"8m"}"#;
     let probe = probe(config, &[&tick("A", 0, 0)]);
-    let hash = *probe.expiry.iter().next().expect("a key").0;
+    let hash = probe.store.iter(480_000).next().expect("a key").0;
     let first = chrono_ms("2025-11-12T14:00:00Z");
     let bucket = (first + 480_000) / 60_000;
     let mut v1 = b"FGS1".to_vec();
@@ -446,10 +446,10 @@ fn state_and_deltas_of_version_2_are_still_read() {
     let probe = probe(config, &[&tick("A", 0, 0), &tick("B", 1, 0)]);
     let hash = |first: i64| {
         probe
-            .expiry
-            .iter()
-            .find(|(_, e)| **e == first + 600_000)
-            .map(|(h, _)| *h)
+            .store
+            .iter(600_000)
+            .find(|&(_, f)| f == first)
+            .map(|(h, _)| h)
             .expect("a key")
     };
     let (a, b) = (
@@ -619,4 +619,145 @@ fn a_snapshot_leaves_room_for_the_sdk_header() {
         .expect("a delta");
     assert_eq!(delta.len(), 16 + 10 * 16, "head and ten keys");
     assert!(delta.capacity() >= delta.len() + flowgate_sdk::STATE_HEADER);
+}
+
+/// One of the model test's two instances: its last full snapshot and the deltas since.
+struct Checkpointed {
+    dedup: Dedup,
+    base: Vec<u8>,
+    deltas: Vec<Vec<u8>>,
+}
+
+impl Checkpointed {
+    fn new(config: &str, schema: &SchemaRef, one_table: bool) -> Self {
+        let config = flowgate_sdk::config::parse(config).expect("config");
+        let (mut dedup, _) = <Dedup as Transform>::create(config, schema).expect("create");
+        if one_table {
+            dedup.keep_keys_in_one_table();
+        }
+        let base = Transform::snapshot(&dedup).expect("snapshot");
+        Checkpointed {
+            dedup,
+            base,
+            deltas: vec![],
+        }
+    }
+
+    fn checkpoint(&mut self) {
+        match Transform::snapshot_delta(&mut self.dedup).expect("delta") {
+            Some(delta) => self.deltas.push(delta),
+            None => {
+                self.base = Transform::snapshot(&self.dedup).expect("snapshot");
+                self.deltas.clear();
+            }
+        }
+    }
+
+    /// A new instance restored from the last checkpoint, as after a crash.
+    fn restart(&mut self, config: &str, schema: &SchemaRef, one_table: bool) {
+        let mut fresh = Checkpointed::new(config, schema, one_table);
+        Transform::restore(&mut fresh.dedup, 3, &self.base).expect("restore");
+        for delta in &self.deltas {
+            Transform::restore_delta(&mut fresh.dedup, 3, delta).expect("restore a delta");
+        }
+        fresh.base = std::mem::take(&mut self.base);
+        fresh.deltas = std::mem::take(&mut self.deltas);
+        *self = fresh;
+    }
+}
+
+#[test]
+fn keys_filed_by_generation_pass_and_drop_what_one_table_does() {
+    // Keys (symbol, ts) with `event_time: ts` are filed by generation of event time; the same
+    // rows through a step that keeps them in one table (as for a key without the event time)
+    // must pass exactly the same rows: repeats near and far (some past the retention), late
+    // rows into frozen generations, watermarks, checkpoints of both kinds and restarts.
+    let schema =
+        flowgate_sdk::testing::schema(&[("symbol", "utf8", true), ("ts", "timestamp", true)]);
+    let config = r#"{"key":["symbol","ts"],"event_time":"ts","retention":"10s"}"#;
+    let mut timed = Checkpointed::new(config, &schema, false);
+    let mut table = Checkpointed::new(config, &schema, true);
+    assert!(matches!(timed.dedup.store, crate::Store::Timed(_)));
+    assert!(matches!(table.dedup.store, crate::Store::Any(_)));
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut random = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let mut now = 1_700_000_000_000i64;
+    let mut seen: Vec<(u64, i64)> = vec![];
+    let (mut passed, mut dropped) = (0, 0);
+    for step in 0..400 {
+        match random(20) {
+            0 => {
+                // Now and then exactly at a remembered key's expiry, or a millisecond past it.
+                let watermark = match seen.len() {
+                    n if n > 0 && random(2) == 0 => {
+                        let (_, us) = seen[n - 1 - random(n.min(5_000) as u64) as usize];
+                        us.div_euclid(1000) + 10_000 + random(2) as i64
+                    }
+                    _ => now - random(15_000) as i64,
+                };
+                Transform::on_watermark(&mut timed.dedup, watermark).expect("watermark");
+                Transform::on_watermark(&mut table.dedup, watermark).expect("watermark");
+            }
+            1 | 2 => {
+                timed.checkpoint();
+                table.checkpoint();
+            }
+            3 => {
+                timed.restart(config, &schema, false);
+                table.restart(config, &schema, true);
+            }
+            _ => {
+                now += random(400) as i64;
+                let rows = random(3_000) as usize;
+                let (mut symbols, mut times) = (vec![], vec![]);
+                for _ in 0..rows {
+                    let (symbol, us) = match random(10) {
+                        // A key seen before, near or far back.
+                        0 | 1 if !seen.is_empty() => {
+                            seen[seen.len() - 1 - random(seen.len() as u64) as usize]
+                        }
+                        // Late: up to 30 s behind.
+                        2 => (
+                            random(50),
+                            (now - random(30_000) as i64) * 1000 + random(3) as i64,
+                        ),
+                        _ => (
+                            random(50),
+                            (now - random(300) as i64) * 1000 + random(3) as i64,
+                        ),
+                    };
+                    seen.push((symbol, us));
+                    symbols.push(format!("S{symbol}"));
+                    times.push(us);
+                }
+                let batch = RecordBatch::try_new(
+                    schema.clone(),
+                    vec![
+                        Arc::new(StringArray::from(symbols)),
+                        Arc::new(TimestampMicrosecondArray::from(times).with_timezone("UTC")),
+                    ],
+                )
+                .expect("batch");
+                let a = Transform::process(&mut timed.dedup, batch.clone()).expect("process");
+                let b = Transform::process(&mut table.dedup, batch).expect("process");
+                let (a, b) = (symbols_out(&a), symbols_out(&b));
+                assert_eq!(a, b, "step {step}: the two differ");
+                passed += a.len();
+                dropped += rows - a.len();
+            }
+        }
+    }
+    let crate::Store::Timed(generations) = &timed.dedup.store else {
+        panic!("the timed instance changed its store");
+    };
+    assert!(generations.frozen_len() > 0, "no generation was frozen");
+    assert!(
+        passed > 100_000 && dropped > 20_000,
+        "{passed} passed, {dropped} dropped"
+    );
 }
