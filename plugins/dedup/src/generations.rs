@@ -20,16 +20,21 @@ use crate::IdentityHasher;
 /// Generations a retention is split into.
 const GENERATIONS_PER_RETENTION: i64 = 64;
 
-/// A generation's map is frozen, even while it still takes keys, once it holds this many (and
-/// at least half as many as the generation's frozen part), so that no map grows past a few MiB.
+/// A generation's map is frozen, even while it still takes keys, once it holds this many and at
+/// least half as many as the generation's frozen part (so that each key is moved about three
+/// times, not once per freeze): a generation of millions of keys still holds a map of up to a
+/// third of them.
 const HOT_LIMIT: usize = 1 << 16;
 
 type HotMap = HashMap<u64, u16, BuildHasherDefault<IdentityHasher>>;
 
-/// Keys of one span of event time, `width` ms from `start`.
+/// Keys of one span of event time, `start..=last`.
 struct Generation {
     number: i64,
+    /// Its first and last millisecond: `width` ms, but for the generations cut off at either
+    /// end of i64.
     start: i64,
+    last: i64,
     /// Key hash → event time (ms) after `start`, for keys not in `frozen`.
     hot: HotMap,
     frozen: Frozen,
@@ -170,8 +175,8 @@ impl Generations {
     /// The generation of event time `t`, made if need be.
     fn generation(&mut self, t: i64) -> &mut Generation {
         if let Some(g) = self.generations.get(self.last)
-            && t >= g.start
-            && (t.wrapping_sub(g.start) as u64) < self.width as u64
+            && g.start <= t
+            && t <= g.last
         {
             return &mut self.generations[self.last];
         }
@@ -179,11 +184,15 @@ impl Generations {
         let at = match self.generations.binary_search_by_key(&number, |g| g.number) {
             Ok(at) => at,
             Err(at) => {
+                let first = i128::from(number) * i128::from(self.width);
+                let last = first + i128::from(self.width) - 1;
+                let clamp = |n: i128| n.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
                 self.generations.insert(
                     at,
                     Generation {
                         number,
-                        start: number * self.width,
+                        start: clamp(first),
+                        last: clamp(last),
                         hot: HotMap::default(),
                         frozen: Frozen::default(),
                         aged: false,
@@ -246,10 +255,8 @@ impl Generations {
     /// Drops the generations whose every key's expiry (first event time + retention) is before
     /// `watermark`.
     pub(crate) fn forget_before(&mut self, watermark: i64) {
-        let (width, retention) = (self.width, self.retention);
-        let expired = |g: &Generation| {
-            g.start.saturating_add(width - 1).saturating_add(retention) < watermark
-        };
+        let retention = self.retention;
+        let expired = |g: &Generation| g.last.saturating_add(retention) < watermark;
         let mut dropped = 0;
         while let Some(g) = self.generations.front()
             && expired(g)
@@ -367,6 +374,18 @@ mod tests {
         keys.forget_before(-1 + 64_000);
         assert_eq!(keys.len(), 1);
         keys.forget_before(64_000);
+        assert_eq!(keys.len(), 0);
+        // The first generation above i64::MIN is partial: its keys keep their times.
+        let mut keys = Generations::new(600_000);
+        keys.remember(3, i64::MIN);
+        keys.remember(4, i64::MIN + 9_000);
+        assert!(keys.contains(3, i64::MIN) && keys.contains(4, i64::MIN + 9_000));
+        let mut times: Vec<i64> = keys.iter().map(|(_, t)| t).collect();
+        times.sort_unstable();
+        assert_eq!(times, [i64::MIN, i64::MIN + 9_000]);
+        keys.forget_before(i64::MIN + 600_000);
+        assert_eq!(keys.len(), 2);
+        keys.forget_before(i64::MAX);
         assert_eq!(keys.len(), 0);
         // A day's retention: generations of 2^16 ms, whose last millisecond still fits.
         let mut keys = Generations::new(86_400_000);

@@ -154,8 +154,8 @@ pub struct Dedup {
     /// [`Store::Any`].
     swept_to: i64,
     watermark: i64,
-    /// Keys remembered since the last delta (incremental checkpoints) with the expiry each got,
-    /// in the order remembered (a key possibly more than once); `None` while not keeping track
+    /// Keys remembered since the last delta (incremental checkpoints) with the event time each
+    /// was remembered at (its first), in the order remembered (a key possibly more than once); `None` while not keeping track
     /// (until the host first asks for a delta, or after the list outgrew
     /// [`Dedup::touched_limit`]: the host then takes a full snapshot).
     touched: Option<Touched>,
@@ -189,7 +189,7 @@ impl Store {
     }
 }
 
-/// Keys remembered since the last delta, with their expiries, in order: fixed-size chunks rather
+/// Keys remembered since the last delta, with their first event times, in order: fixed-size chunks rather
 /// than one list, which doubling would copy and whose old copies would stay the instance's
 /// memory (WASM never gives memory back); a delta's chunks, freed, are the next epoch's.
 #[derive(Default)]
@@ -337,6 +337,21 @@ impl Dedup {
         }
     }
 
+    /// Remembers restored keys (hash, first event time), freezing generations as they fill.
+    fn remember_all(&mut self, keys: Vec<(u64, i64)>) {
+        for (n, (hash, first)) in keys.into_iter().enumerate() {
+            self.remember(hash, first);
+            if n % 65_536 == 65_535
+                && let Store::Timed(keys) = &mut self.store
+            {
+                keys.settle();
+            }
+        }
+        if let Store::Timed(keys) = &mut self.store {
+            keys.settle();
+        }
+    }
+
     /// Keeps every key in one table of hash → expiry, whatever the key columns: how a step
     /// whose key has no event-time column keeps them. For the model test, and for state of
     /// version 1, whose keys' own event times are lost.
@@ -443,7 +458,7 @@ impl Transform for Dedup {
                         Seen::New => {
                             keep.push(true);
                             if let Some(touched) = touched {
-                                touched.push((hash, expiry));
+                                touched.push((hash, t));
                             }
                         }
                     }
@@ -481,7 +496,7 @@ impl Transform for Dedup {
                     };
                     keep.push(true);
                     if remembered && let Some(touched) = touched {
-                        touched.push((hash, expiry));
+                        touched.push((hash, t));
                     }
                 }
             }
@@ -510,11 +525,10 @@ impl Transform for Dedup {
         let mut out = Vec::with_capacity(16 + KEY_BYTES * touched.len() + STATE_HEADER);
         out.extend_from_slice(&self.watermark.to_le_bytes());
         out.extend_from_slice(&0u64.to_le_bytes());
-        let retention = self.retention;
+        let (watermark, retention) = (self.watermark, self.retention);
         let live = touched
             .iter()
-            .filter(|&(_, e)| e >= self.watermark)
-            .map(|(h, e)| (h, e.saturating_sub(retention)));
+            .filter(|&(_, first)| first.saturating_add(retention) >= watermark);
         put_keys(&mut out, live);
         let count = ((out.len() - 16) / KEY_BYTES) as u64;
         out[8..16].copy_from_slice(&count.to_le_bytes());
@@ -545,13 +559,8 @@ impl Transform for Dedup {
             }
         };
         self.watermark = self.watermark.max(watermark);
-        for (hash, first) in keys {
-            self.remember(hash, first);
-        }
+        self.remember_all(keys);
         self.evict();
-        if let Store::Timed(keys) = &mut self.store {
-            keys.settle();
-        }
         self.touched = Some(Touched::default());
         Ok(())
     }
@@ -587,6 +596,11 @@ impl Transform for Dedup {
             }
             // Version 1 kept only expiry buckets of `retention / 8`, and not the retention:
             // read as written with this step's retention (the end of a bucket as the expiry).
+            // Keys restored from it stay in one table (their own event times are lost), for this
+            // instance's life. Its snapshots then list them with those made-up first times, so a
+            // new instance restoring one would file them in the wrong generation: a repeat of
+            // such a key could pass within one retention of the version-1 restore (after that
+            // every such key has expired).
             1 => {
                 self.keep_keys_in_one_table();
                 let state: StateV1 = postcard::from_bytes(state)
@@ -620,12 +634,7 @@ impl Transform for Dedup {
                 table.reserve(keys.len());
             }
         }
-        for (hash, first) in keys {
-            self.remember(hash, first);
-        }
-        if let Store::Timed(keys) = &mut self.store {
-            keys.settle();
-        }
+        self.remember_all(keys);
         self.touched = Some(Touched::default());
         Ok(())
     }
