@@ -257,10 +257,66 @@ impl ConsumerContext for Context {
     }
 }
 
+/// The longest a consumer's close may take before the process goes on without it.
+const CLOSE_LIMIT: Duration = Duration::from_secs(10);
+
+/// The consumer, closed within [`CLOSE_LIMIT`]. librdkafka's close (`BaseConsumer`'s drop) waits
+/// with no limit for the group to finish leaving, and a consumer closed during its first
+/// rebalance has been seen to wait forever: in the scale-out test a restarted member whose other
+/// half had stopped hung there, and SIGTERM could no longer end it. So the consumer is dropped on
+/// a thread of its own and, past the limit, left there: the group drops the member after
+/// `session.timeout.ms`, and positions live in the sinks, not in the group.
+struct Closing<T: Send + 'static> {
+    inner: Option<T>,
+    limit: Duration,
+}
+
+impl<T: Send + 'static> Closing<T> {
+    fn new(inner: T, limit: Duration) -> Self {
+        Closing {
+            inner: Some(inner),
+            limit,
+        }
+    }
+}
+
+impl<T: Send + 'static> std::ops::Deref for Closing<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        match &self.inner {
+            Some(inner) => inner,
+            None => unreachable!("the consumer is taken only when it is dropped"),
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for Closing<T> {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.take() else {
+            return;
+        };
+        let (done, closed) = std::sync::mpsc::channel::<()>();
+        let closing = std::thread::Builder::new()
+            .name("flowgate-kafka-close".into())
+            .spawn(move || {
+                drop(inner);
+                let _ = done.send(());
+            });
+        // No thread: the closure, consumer and all, was dropped here already.
+        if closing.is_ok() && closed.recv_timeout(self.limit).is_err() {
+            tracing::warn!(
+                "the Kafka consumer did not close within {} s (librdkafka is still leaving the group); going on without it: the group drops this member after `session.timeout.ms`",
+                self.limit.as_secs_f64()
+            );
+        }
+    }
+}
+
 /// A Kafka consumer-group member (rdkafka). Offsets are committed to Kafka only after the sinks
 /// committed the rows they cover; `enable.auto.commit` is off.
 pub struct KafkaSource {
-    consumer: BaseConsumer<Context>,
+    consumer: Closing<BaseConsumer<Context>>,
     topics: Vec<String>,
     ephemeral: bool,
     /// Read the repartition hop's headers into [`Record::origin`].
@@ -360,7 +416,7 @@ impl KafkaSource {
             .map_err(|e| SourceError::Io(format!("cannot subscribe to {names:?}: {e}")))?;
         tracing::info!(brokers = bootstrap, group = %spec.group, topics = ?names, "joined the consumer group");
         Ok(KafkaSource {
-            consumer,
+            consumer: Closing::new(consumer, CLOSE_LIMIT),
             topics,
             ephemeral: false,
             hop: false,
@@ -520,5 +576,33 @@ mod tests {
             *at -= REPEAT;
         }
         assert!(news(text));
+    }
+
+    /// Stands for a consumer whose close never ends; it ends the test's thread when dropped.
+    struct NeverCloses(std::sync::mpsc::Receiver<()>);
+
+    impl Drop for NeverCloses {
+        fn drop(&mut self) {
+            let _ = self.0.recv();
+        }
+    }
+
+    #[test]
+    fn a_close_that_never_ends_is_left_behind_after_the_limit() {
+        let (_keep, never) = std::sync::mpsc::channel::<()>();
+        let (dropped, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(Closing::new(NeverCloses(never), Duration::from_millis(200)));
+            let _ = dropped.send(());
+        });
+        // Dropped inline, the close would block this wait until the test runner's own timeout.
+        assert!(
+            done.recv_timeout(Duration::from_secs(20)).is_ok(),
+            "dropping the consumer waited for a close that never ends"
+        );
+        // A close that ends is waited for.
+        let (release, closes) = std::sync::mpsc::channel::<()>();
+        release.send(()).expect("send");
+        drop(Closing::new(NeverCloses(closes), Duration::from_secs(20)));
     }
 }
