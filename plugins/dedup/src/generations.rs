@@ -6,8 +6,8 @@
 //! generations take keys in a hash map; an older one is *frozen*: its keys move to flat arrays
 //! grouped by the top bits of their hash, about 11 bytes a key (the hash, the event time within
 //! the generation in 16 bits, and an index of groups) against a map's 17 bytes a slot at 44–87%
-//! load, and with no spare room to double into. A generation is dropped whole once the watermark has
-//! passed every expiry it can hold: no sweep of the table.
+//! load, and with no spare room to double into. A generation is dropped whole once the watermark
+//! has passed every expiry it can hold: no sweep of the table.
 //!
 //! What passes never depends on generations: a key is remembered or not exactly as with
 //! [`crate::Keys`], which the model test in `tests.rs` holds this to.
@@ -17,7 +17,8 @@ use std::hash::BuildHasherDefault;
 
 use crate::IdentityHasher;
 
-/// Generations a retention is split into.
+/// Generations a retention is split into, unless that makes them longer than 2^16 ms (then
+/// more): a key's event time within its generation is kept in 16 bits.
 const GENERATIONS_PER_RETENTION: i64 = 64;
 
 /// A generation's map is frozen, even while it still takes keys, once it holds this many and at
