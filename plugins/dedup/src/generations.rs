@@ -149,11 +149,13 @@ pub(crate) struct Generations {
     len: usize,
 }
 
-/// What [`Generations::remember`] found.
+/// What a row's key was found to be.
 pub(crate) enum Seen {
-    /// The key was remembered already.
+    /// Remembered already: the row is a duplicate.
     Before,
-    /// The key is remembered now.
+    /// Not remembered, and not to be (its expiry is behind the watermark): the row passes.
+    Passed,
+    /// Remembered now: the row passes.
     New,
 }
 

@@ -170,6 +170,33 @@ enum Store {
 }
 
 impl Store {
+    /// Judges a row of key `hash` at event time `t`, and remembers its key if it is new.
+    fn see(&mut self, hash: u64, t: i64, retention: i64, watermark: i64) -> Seen {
+        let expiry = t.saturating_add(retention);
+        match self {
+            // The key's first row had this same event time: remembered, it is a duplicate
+            // unless the watermark has passed its expiry.
+            Store::Timed(_) if expiry < watermark => Seen::Passed,
+            Store::Timed(keys) => keys.remember(hash, t),
+            // A duplicate is judged by event time: within `retention` of the key's first row
+            // (and the key not forgotten by the watermark). Never by whether an eviction ran
+            // since, so batching changes nothing. One probe of the table per row.
+            Store::Any(keys) => match keys.entry(hash) {
+                Entry::Occupied(e) if *e.get() >= t && *e.get() >= watermark => Seen::Before,
+                // A key whose own expiry the watermark has passed is not remembered.
+                _ if expiry < watermark => Seen::Passed,
+                Entry::Occupied(mut e) => {
+                    e.insert(expiry);
+                    Seen::New
+                }
+                Entry::Vacant(e) => {
+                    e.insert(expiry);
+                    Seen::New
+                }
+            },
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             Store::Timed(keys) => keys.len(),
@@ -436,70 +463,26 @@ impl Transform for Dedup {
         let mut keep = Vec::with_capacity(rows);
         let mut output = Output::empty();
         let (watermark, retention) = (self.watermark, self.retention);
-        let touched = &mut self.touched;
-        match &mut self.store {
-            Store::Timed(keys) => {
-                for (row, hash) in hashes.into_iter().enumerate() {
-                    if times.is_null(row) {
-                        keep.push(false);
-                        output.reject(row, "event time is null");
-                        continue;
-                    }
-                    let t = times.value(row);
-                    let expiry = t.saturating_add(retention);
-                    // The key's first row had this same event time: remembered, it is a
-                    // duplicate unless the watermark has passed its expiry.
-                    if expiry < watermark {
-                        keep.push(true);
-                        continue;
-                    }
-                    match keys.remember(hash, t) {
-                        Seen::Before => keep.push(false),
-                        Seen::New => {
-                            keep.push(true);
-                            if let Some(touched) = touched {
-                                touched.push((hash, t));
-                            }
-                        }
-                    }
-                }
-                keys.settle();
+        for (row, hash) in hashes.into_iter().enumerate() {
+            if times.is_null(row) {
+                keep.push(false);
+                output.reject(row, "event time is null");
+                continue;
             }
-            Store::Any(keys) => {
-                for (row, hash) in hashes.into_iter().enumerate() {
-                    if times.is_null(row) {
-                        keep.push(false);
-                        output.reject(row, "event time is null");
-                        continue;
-                    }
-                    let t = times.value(row);
-                    let expiry = t.saturating_add(retention);
-                    // A duplicate is judged by event time: within `retention` of the key's first
-                    // row (and the key not forgotten by the watermark). Never by whether an
-                    // eviction ran since, so batching changes nothing. One probe of the table
-                    // per row.
-                    let remembered = match keys.entry(hash) {
-                        Entry::Occupied(e) if *e.get() >= t && *e.get() >= watermark => {
-                            keep.push(false);
-                            continue;
-                        }
-                        // A key whose own expiry the watermark has passed is not remembered.
-                        _ if expiry < watermark => false,
-                        Entry::Occupied(mut e) => {
-                            e.insert(expiry);
-                            true
-                        }
-                        Entry::Vacant(e) => {
-                            e.insert(expiry);
-                            true
-                        }
-                    };
+            let t = times.value(row);
+            match self.store.see(hash, t, retention, watermark) {
+                Seen::Before => keep.push(false),
+                Seen::Passed => keep.push(true),
+                Seen::New => {
                     keep.push(true);
-                    if remembered && let Some(touched) = touched {
+                    if let Some(touched) = &mut self.touched {
                         touched.push((hash, t));
                     }
                 }
             }
+        }
+        if let Store::Timed(keys) = &mut self.store {
+            keys.settle();
         }
         self.check_touched();
         if keep.iter().all(|k| *k) {
