@@ -129,11 +129,23 @@ impl Adapter {
 }
 
 impl exports::GuestTransformer for Adapter {
-    fn process(&self, batch: Vec<u8>) -> Result<wit::Output, wit::Error> {
-        let batch =
-            ipc::decode_one(batch).map_err(|e| Error::bad_input(format!("input batch: {e}")))?;
+    fn process(&self, bytes: Vec<u8>) -> Result<wit::Output, wit::Error> {
+        let bytes = arrow::buffer::Buffer::from_vec(bytes);
+        let batch = ipc::decode_one_buffer(bytes.clone())
+            .map_err(|e| Error::bad_input(format!("input batch: {e}")))?;
         let output = self.inner.borrow_mut().process(batch.clone())?;
-        self.encode(output.settle(&batch)?)
+        let output = output.settle(&batch)?;
+        if !output.is_input(&batch, &self.output_schema) {
+            return self.encode(output);
+        }
+        // The output is the input as it came (a filter that kept every row): hand back the
+        // bytes the host sent instead of encoding the rows again. The host knows its own bytes
+        // and keeps its own batch.
+        drop((batch, output));
+        Ok(wit::Output {
+            batches: ipc::into_bytes(bytes),
+            rejected: Vec::new(),
+        })
     }
 
     fn on_watermark(&self, ts_ms: i64) -> Result<wit::Output, wit::Error> {

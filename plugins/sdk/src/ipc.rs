@@ -47,7 +47,15 @@ pub fn encode_batches(schema: &Schema, batches: &[RecordBatch]) -> Result<Vec<u8
 /// Decodes an IPC stream without copying array data (aligned buffers are used in place).
 /// Empty bytes decode to no schema and no batches.
 pub fn decode(bytes: Vec<u8>) -> Result<(Option<SchemaRef>, Vec<RecordBatch>), ArrowError> {
-    let mut buffer = Buffer::from_vec(bytes);
+    decode_buffer(Buffer::from_vec(bytes))
+}
+
+/// [`decode`] from bytes already in an arrow [`Buffer`]: the batches share its memory, so a
+/// caller that keeps a clone of `buffer` can take the bytes back once the batches are gone
+/// ([`Buffer::into_vec`]).
+pub fn decode_buffer(
+    mut buffer: Buffer,
+) -> Result<(Option<SchemaRef>, Vec<RecordBatch>), ArrowError> {
     let mut decoder = StreamDecoder::new();
     let mut batches = Vec::new();
     while !buffer.is_empty() {
@@ -59,9 +67,22 @@ pub fn decode(bytes: Vec<u8>) -> Result<(Option<SchemaRef>, Vec<RecordBatch>), A
     Ok((decoder.schema(), batches))
 }
 
+/// The bytes of `buffer` as a `Vec`: its own memory, without a copy, once nothing shares it any
+/// more (the batches [`decode_buffer`] made from it are gone); a copy while something does.
+pub fn into_bytes(buffer: Buffer) -> Vec<u8> {
+    buffer
+        .into_vec::<u8>()
+        .unwrap_or_else(|shared| shared.as_slice().to_vec())
+}
+
 /// Decodes an IPC stream expected to hold exactly one batch (the `process` argument).
 pub fn decode_one(bytes: Vec<u8>) -> Result<RecordBatch, ArrowError> {
-    let (schema, mut batches) = decode(bytes)?;
+    decode_one_buffer(Buffer::from_vec(bytes))
+}
+
+/// [`decode_one`] from bytes already in an arrow [`Buffer`] (see [`decode_buffer`]).
+pub fn decode_one_buffer(buffer: Buffer) -> Result<RecordBatch, ArrowError> {
+    let (schema, mut batches) = decode_buffer(buffer)?;
     match (schema, batches.len()) {
         (_, 1) => Ok(batches.remove(0)),
         (Some(schema), 0) => Ok(RecordBatch::new_empty(schema)),
@@ -77,7 +98,7 @@ pub fn decode_one(bytes: Vec<u8>) -> Result<RecordBatch, ArrowError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Int64Array, StringArray};
+    use arrow::array::{Array, Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field};
     use std::sync::Arc;
 
@@ -105,5 +126,32 @@ mod tests {
         );
         assert!(encode_batches(&schema, &[]).unwrap().is_empty());
         assert!(decode_one(vec![1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn bytes_come_back_uncopied_once_no_batch_shares_them() {
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, false)]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from(vec![1, 2, 3]))],
+        )
+        .unwrap();
+        let bytes = encode_batches(&schema, &[batch]).unwrap();
+
+        // Decoded, and the batch gone: the very bytes come back.
+        let (sent, at) = (bytes.clone(), bytes.as_ptr());
+        let buffer = Buffer::from_vec(bytes);
+        drop(decode_one_buffer(buffer.clone()).unwrap());
+        let back = into_bytes(buffer);
+        assert_eq!(back.as_ptr(), at, "copied although nothing shared them");
+        assert_eq!(back, sent);
+
+        // A column still shares them (a plugin kept it): a copy.
+        let buffer = Buffer::from_vec(back);
+        let kept = decode_one_buffer(buffer.clone()).unwrap().column(0).clone();
+        let copied = into_bytes(buffer);
+        assert_ne!(copied.as_ptr(), at);
+        assert_eq!(copied, sent);
+        assert_eq!(kept.len(), 3);
     }
 }

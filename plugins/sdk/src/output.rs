@@ -1,3 +1,4 @@
+use arrow::datatypes::Schema;
 use arrow::record_batch::RecordBatch;
 
 /// One input row a plugin refused, with the reason. It goes to the dead-letter sink.
@@ -64,6 +65,24 @@ impl Output {
 }
 
 impl Output {
+    /// Whether this output is `input` as it came: nothing rejected and one batch of the very
+    /// same arrays, under a declared output `schema` that is the input's (so the input's IPC
+    /// bytes are also a stream of the output schema, metadata and all).
+    pub fn is_input(&self, input: &RecordBatch, schema: &Schema) -> bool {
+        let [batch] = self.batches.as_slice() else {
+            return false;
+        };
+        self.rejected.is_empty()
+            && batch.num_rows() == input.num_rows()
+            && batch.num_columns() == input.num_columns()
+            && batch
+                .columns()
+                .iter()
+                .zip(input.columns())
+                .all(|(a, b)| std::sync::Arc::ptr_eq(a, b))
+            && input.schema().as_ref() == schema
+    }
+
     /// Takes rejected rows out of every output batch made of `input`'s own rows (see
     /// [`Output::reject`]); the SDK calls this when `process` returns, so a rejected row is
     /// never in both the output and the dead letter.
@@ -175,5 +194,39 @@ mod tests {
         out.reject(9, "bad");
         let err = out.settle(&batch).unwrap_err().to_string();
         assert!(err.contains("rejected row 9 of a batch of 4 rows"), "{err}");
+    }
+
+    #[test]
+    fn an_output_is_its_input_only_when_it_is_the_same_arrays_whole_under_the_same_schema() {
+        let batch = input();
+        let schema = batch.schema();
+        assert!(Output::batch(batch.clone()).is_input(&batch, &schema));
+
+        let mut rejected = Output::batch(batch.clone());
+        rejected.reject(1, "no");
+        assert!(!rejected.is_input(&batch, &schema));
+        let copy = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(vec![1, 2, 3, 4])),
+                batch.column(1).clone(),
+            ],
+        )
+        .unwrap();
+        assert!(
+            !Output::batch(copy).is_input(&batch, &schema),
+            "equal, not the same"
+        );
+        assert!(!Output::batch(batch.slice(0, 3)).is_input(&batch, &schema));
+        let mut twice = Output::batch(batch.clone());
+        twice.push(batch.clone());
+        assert!(!twice.is_input(&batch, &schema));
+        assert!(!Output::empty().is_input(&batch, &schema));
+        let labelled = Schema::new(schema.fields().clone()).with_metadata(
+            [("owner".to_string(), "desk".to_string())]
+                .into_iter()
+                .collect(),
+        );
+        assert!(!Output::batch(batch.clone()).is_input(&batch, &labelled));
     }
 }
