@@ -505,10 +505,7 @@ impl PartitionTask {
                 None => decodable.push(i),
             }
         }
-        let payloads: Vec<&[u8]> = decodable
-            .iter()
-            .map(|&i| records[i].payload.as_slice())
-            .collect();
+        let payloads: Vec<&[u8]> = decodable.iter().map(|&i| &records[i].payload[..]).collect();
         let (mut batch, decode_failures) = self.ctx.decoder.decode(&payloads);
         failures.extend(
             decode_failures

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Rebalance, Record, Source, SourceError, StartAt};
+use super::{Arena, Rebalance, Record, Source, SourceError, StartAt};
 use crate::sink::Offsets;
 
 /// One file being read.
@@ -37,24 +37,21 @@ impl FilePartition {
         })
     }
 
-    /// The next line's bytes without its `\n` or `\r\n`, `None` at the end of the file. Bytes,
-    /// not text: a line that is not UTF-8 is a record like any other, and the decoder
-    /// dead-letters it.
-    fn next_line(&mut self, capacity: usize) -> Option<std::io::Result<Vec<u8>>> {
-        let mut line = Vec::with_capacity(capacity);
-        match self.reader.read_until(b'\n', &mut line) {
-            Ok(0) => None,
-            Ok(_) => {
-                if line.last() == Some(&b'\n') {
-                    line.pop();
-                    if line.last() == Some(&b'\r') {
-                        line.pop();
-                    }
-                }
-                Some(Ok(line))
-            }
-            Err(e) => Some(Err(e)),
+    /// Reads the next line into `line` (cleared first) without its `\n` or `\r\n`; false at the
+    /// end of the file. Bytes, not text: a line that is not UTF-8 is a record like any other,
+    /// and the decoder dead-letters it.
+    fn next_line(&mut self, line: &mut Vec<u8>) -> std::io::Result<bool> {
+        line.clear();
+        if self.reader.read_until(b'\n', line)? == 0 {
+            return Ok(false);
         }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+        }
+        Ok(true)
     }
 
     /// Skips to line `offset` (0-based).
@@ -100,6 +97,9 @@ pub struct FileSource {
     handler: Option<Arc<dyn Rebalance>>,
     started: bool,
     turn: usize,
+    /// Each line is read here, then copied into `arena`.
+    line: Vec<u8>,
+    arena: Arena,
 }
 
 /// The files `path` names: itself, a folder's JSON files, or a `*` pattern's matches, sorted.
@@ -160,6 +160,8 @@ impl FileSource {
             handler: None,
             started: false,
             turn: 0,
+            line: Vec::new(),
+            arena: Arena::default(),
         })
     }
 
@@ -214,24 +216,21 @@ impl Source for FileSource {
             self.turn += 1;
             let file = &mut self.files[index];
             let mut from_this = 0;
-            // Room for a line as long as the last one, so most lines are one allocation.
-            let mut capacity = 128;
             while from_this < chunk && taken < max && !file.done {
-                match file.next_line(capacity) {
-                    None => file.done = true,
-                    Some(Err(e)) => return Err(file.failed(e)),
-                    Some(Ok(line)) => {
+                match file.next_line(&mut self.line) {
+                    Ok(false) => file.done = true,
+                    Err(e) => return Err(file.failed(e)),
+                    Ok(true) => {
                         let offset = file.next;
                         file.next += 1;
-                        capacity = line.len() + 2;
-                        if blank(&line) {
+                        if blank(&self.line) {
                             continue;
                         }
                         out.push(Record {
                             topic: file.topic.clone(),
                             partition: 0,
                             offset,
-                            payload: line,
+                            payload: self.arena.copy(&self.line),
                             tombstone: false,
                             timestamp_ms: None,
                             origin: None,

@@ -8,7 +8,7 @@ use rdkafka::message::Message;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::{Rebalance, Record, Source, SourceError, StartAt};
+use super::{Arena, Rebalance, Record, Source, SourceError, StartAt};
 use crate::config::{KafkaSpec, Keyless, StartFrom};
 use crate::sink::Offsets;
 
@@ -324,6 +324,8 @@ pub struct KafkaSource {
     /// Topics of several partitions whose records must carry a key (a pipeline with keyed
     /// steps and no `repartition`), with their partition counts.
     keyed: HashMap<String, usize>,
+    /// Where each record's bytes are copied out of librdkafka's buffers.
+    arena: Arena,
 }
 
 impl KafkaSource {
@@ -421,6 +423,7 @@ impl KafkaSource {
             ephemeral: false,
             hop: false,
             keyed,
+            arena: Arena::default(),
         })
     }
 
@@ -495,7 +498,7 @@ impl Source for KafkaSource {
                         topic,
                         partition: m.partition(),
                         offset: m.offset(),
-                        payload: m.payload().unwrap_or_default().to_vec(),
+                        payload: self.arena.copy(m.payload().unwrap_or_default()),
                         tombstone: m.payload().is_none(),
                         timestamp_ms: m.timestamp().to_millis(),
                         origin: if self.hop {
