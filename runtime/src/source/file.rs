@@ -41,6 +41,10 @@ impl FilePartition {
     /// end of the file. Bytes, not text: a line that is not UTF-8 is a record like any other,
     /// and the decoder dead-letters it.
     fn next_line(&mut self, line: &mut Vec<u8>) -> std::io::Result<bool> {
+        if line.capacity() > Arena::OWN {
+            // A long line's buffer is not kept for the short ones after it.
+            *line = Vec::new();
+        }
         line.clear();
         if self.reader.read_until(b'\n', line)? == 0 {
             return Ok(false);

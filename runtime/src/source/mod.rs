@@ -45,19 +45,26 @@ pub trait Rebalance: Send + Sync {
 /// slice of one. A record read is then a copy into a block and a reference count, instead of an
 /// allocation of its own that the worker thread frees (at ~100 bytes a tick, malloc and a free
 /// from another thread were ~7% of a file run's CPU). A block is freed when its last record is.
+/// Records over [`Arena::OWN`] bytes (the repartition hop's messages) get an allocation of their
+/// own, so they neither cost a block its unused tail nor pin one.
 #[derive(Debug, Default)]
 pub struct Arena {
     block: BytesMut,
 }
 
 impl Arena {
-    /// Bytes a block holds (a record longer than that gets a block of its own size).
+    /// Bytes a block holds.
     pub const BLOCK: usize = 1 << 20;
+    /// Records longer than this are not put in a block.
+    pub const OWN: usize = Self::BLOCK / 16;
 
     /// `bytes` as a slice of the current block, starting a new block when it has no room.
     pub fn copy(&mut self, bytes: &[u8]) -> Bytes {
+        if bytes.len() > Self::OWN {
+            return Bytes::copy_from_slice(bytes);
+        }
         if self.block.capacity() - self.block.len() < bytes.len() {
-            self.block = BytesMut::with_capacity(Self::BLOCK.max(bytes.len()));
+            self.block = BytesMut::with_capacity(Self::BLOCK);
         }
         self.block.extend_from_slice(bytes);
         self.block.split().freeze()
@@ -149,17 +156,19 @@ mod tests {
         // One block: the second record's bytes follow the first's.
         assert_eq!(b.as_ptr(), a[a.len()..].as_ptr());
 
-        // A record longer than a block gets one of its own; the next starts a new block.
-        let long = vec![7u8; Arena::BLOCK + 1];
-        let c = arena.copy(&long);
-        assert_eq!(&c[..], &long[..]);
+        // Long records get memory of their own; the block goes on after them.
+        for long in [vec![7u8; Arena::OWN + 1], vec![8u8; Arena::BLOCK + 1]] {
+            let c = arena.copy(&long);
+            assert_eq!(&c[..], &long[..]);
+        }
         let d = arena.copy(b"after");
-        assert_ne!(d.as_ptr(), c[c.len()..].as_ptr());
+        assert_eq!(d.as_ptr(), b[b.len()..].as_ptr());
         assert_eq!(&d[..], b"after");
 
         // A full block gives way to a new one; what was read from it stays as it was.
         let mut arena = Arena::default();
         let line = [b'x'; 1000];
+        assert!(line.len() <= Arena::OWN);
         let per_block = Arena::BLOCK / line.len();
         let records: Vec<Bytes> = (0..3 * per_block).map(|_| arena.copy(&line)).collect();
         drop(arena);
