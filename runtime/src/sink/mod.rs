@@ -376,8 +376,8 @@ pub(crate) fn parquet_properties(
 
 /// Whether Parquet stores `data_type` as 32- or 64-bit integers, which `DELTA_BINARY_PACKED`
 /// encodes: differences from one value to the next, bit-packed. Times that grow row by row and
-/// small counts take a byte or two a value instead of eight, so the codec after it has a
-/// quarter of the bytes to compress (BENCHMARKS.md, "The raw tap's integers").
+/// small counts take a byte or two a value instead of eight, so the codec after it has far fewer
+/// bytes to compress (BENCHMARKS.md, "The threads beside the plugins, again").
 fn stored_as_integers(data_type: &DataType) -> bool {
     matches!(
         data_type,
