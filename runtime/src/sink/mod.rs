@@ -379,23 +379,9 @@ pub(crate) fn parquet_properties(
 /// small counts take a byte or two a value instead of eight, so the codec after it has far fewer
 /// bytes to compress (BENCHMARKS.md, "The threads beside the plugins, again").
 fn stored_as_integers(data_type: &DataType) -> bool {
-    matches!(
-        data_type,
-        DataType::Int8
-            | DataType::Int16
-            | DataType::Int32
-            | DataType::Int64
-            | DataType::UInt8
-            | DataType::UInt16
-            | DataType::UInt32
-            | DataType::UInt64
-            | DataType::Date32
-            | DataType::Date64
-            | DataType::Timestamp(_, _)
-            | DataType::Time32(_)
-            | DataType::Time64(_)
-            | DataType::Duration(_)
-    )
+    // Every temporal type but intervals (fixed-length bytes) is an integer in Parquet.
+    data_type.is_integer()
+        || (data_type.is_temporal() && !matches!(data_type, DataType::Interval(_)))
 }
 
 /// Whether any partition's position in `positions` differs from `last` (a commit would record
