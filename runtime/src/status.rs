@@ -93,7 +93,7 @@ impl Board {
                     "key": t.key,
                     "per_key": t.per_key,
                     "columns": t.columns,
-                    "newest": t.newest,
+                    "newest": t.newest_rows(),
                     "refused": t.refused.iter().map(|((stage, reason), n)| json!({"stage": stage, "reason": reason, "rows": n})).collect::<Vec<_>>(),
                     "dead_newest": t.dead_newest,
                 })
