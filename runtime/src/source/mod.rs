@@ -41,15 +41,19 @@ pub trait Rebalance: Send + Sync {
     fn lost(&self, partitions: &[(String, i32)]);
 }
 
-/// Where a source copies its records' bytes: blocks of [`Arena::BLOCK`] bytes, each record a
-/// slice of one. A record read is then a copy into a block and a reference count, instead of an
-/// allocation of its own that the worker thread frees (at ~100 bytes a tick, malloc and a free
-/// from another thread were ~7% of a file run's CPU). A block is freed when its last record is.
-/// Records over [`Arena::OWN`] bytes (the repartition hop's messages) get an allocation of their
-/// own, so they neither cost a block its unused tail nor pin one.
+/// Where a source keeps its records' bytes: blocks of [`Arena::BLOCK`] bytes, each record a
+/// slice of one. A record read is then a copy into a block (or, for files, a read straight into
+/// one) and a reference count, instead of an allocation of its own that the worker thread frees
+/// (at ~100 bytes a tick, malloc and a free from another thread were ~7% of a file run's CPU).
+/// A block is reused once its last record is dropped: the newest [`Arena::KEEP`] blocks handed
+/// out are kept for that, so a steady run touches the same memory instead of faulting in fresh
+/// pages. Records over [`Arena::OWN`] bytes (the repartition hop's messages) get an allocation
+/// of their own, so they neither cost a block its unused tail nor pin one.
 #[derive(Debug, Default)]
 pub struct Arena {
     block: BytesMut,
+    /// Blocks handed out, oldest first, each emptied: reusable once no record holds a part.
+    retired: std::collections::VecDeque<BytesMut>,
 }
 
 impl Arena {
@@ -57,6 +61,8 @@ impl Arena {
     pub const BLOCK: usize = 1 << 20;
     /// Records longer than this are not put in a block.
     pub const OWN: usize = Self::BLOCK / 16;
+    /// Blocks kept for reuse (in flight to the workers, at most; the rest are freed as usual).
+    pub const KEEP: usize = 32;
 
     /// `bytes` as a slice of the current block, starting a new block when it has no room.
     pub fn copy(&mut self, bytes: &[u8]) -> Bytes {
@@ -64,10 +70,36 @@ impl Arena {
             return Bytes::copy_from_slice(bytes);
         }
         if self.block.capacity() - self.block.len() < bytes.len() {
-            self.block = BytesMut::with_capacity(Self::BLOCK);
+            let fresh = self.block(Self::BLOCK);
+            let old = std::mem::replace(&mut self.block, fresh);
+            self.retire(old);
         }
         self.block.extend_from_slice(bytes);
         self.block.split().freeze()
+    }
+
+    /// An empty block with room for `size` bytes: a retired one no record holds any more, if
+    /// there is one (the oldest first), else a new one.
+    pub fn block(&mut self, size: usize) -> BytesMut {
+        for i in 0..self.retired.len() {
+            if self.retired[i].try_reclaim(size)
+                && let Some(mut block) = self.retired.remove(i)
+            {
+                block.clear();
+                return block;
+            }
+        }
+        BytesMut::with_capacity(size)
+    }
+
+    /// Takes back what is left of a block whose records were handed out, for reuse once they
+    /// are all dropped.
+    pub fn retire(&mut self, mut block: BytesMut) {
+        block.clear();
+        if self.retired.len() == Self::KEEP {
+            self.retired.pop_front();
+        }
+        self.retired.push_back(block);
     }
 }
 
@@ -185,5 +217,32 @@ mod tests {
         );
         // An empty record is a record too.
         assert!(Arena::default().copy(b"").is_empty());
+    }
+
+    #[test]
+    fn a_block_is_reused_once_no_record_holds_a_part_of_it() {
+        let mut arena = Arena::default();
+        let line = [b'x'; 1000];
+        let per_block = Arena::BLOCK / line.len();
+        let first: Vec<Bytes> = (0..per_block).map(|_| arena.copy(&line)).collect();
+        let start = first[0].as_ptr();
+        // The second block: the first is still held by its records, so it is not reused.
+        let held = arena.copy(&line);
+        assert!(held.as_ptr() != start);
+        let second: Vec<Bytes> = (1..per_block).map(|_| arena.copy(&line)).collect();
+        let mut third = arena.copy(b"third");
+        assert!(
+            third.as_ptr() != start,
+            "the first block's records are alive"
+        );
+        drop((first, held, second));
+        // The third block fills; the fourth is the first again, its old bytes overwritten.
+        while third.as_ptr() != start {
+            third = arena.copy(&line);
+            assert!(arena.retired.len() <= Arena::KEEP);
+        }
+        assert_eq!(&third[..], &line[..]);
+        let fresh = arena.block(100);
+        assert!(fresh.is_empty() && fresh.capacity() >= 100);
     }
 }
