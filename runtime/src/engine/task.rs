@@ -454,6 +454,26 @@ impl PartitionTask {
     /// after a seek) are dropped. Processes a batch when it is full, and never lets a batch
     /// straddle a sink's target offset.
     pub fn take(&mut self, records: Vec<Record>, epoch: u64) -> Result<(), RunError> {
+        // The common case, a batch's worth of new records with nothing pending and no target:
+        // they become the pending batch as they came (no record moved one by one).
+        if self.pending.is_empty()
+            && self.targets.is_empty()
+            && !records.is_empty()
+            && records.len() <= self.ctx.max_records
+            && records[0].offset > self.taken
+            && records.windows(2).all(|w| w[0].offset < w[1].offset)
+        {
+            let now = Instant::now();
+            self.taken = records[records.len() - 1].offset;
+            self.oldest = Some(now);
+            self.newest = Some(now);
+            self.pending = records;
+            if self.pending.len() >= self.ctx.max_records {
+                self.process(epoch)?;
+            }
+            return Ok(());
+        }
+        self.pending.reserve(records.len());
         let mut added = false;
         for record in records {
             if record.offset <= self.taken {
