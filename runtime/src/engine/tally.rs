@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt32Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 
 /// Rows the summary shows of a key, newest last.
@@ -44,6 +44,47 @@ pub(crate) enum TallyKind {
 struct KeptRow {
     rows: Arc<RecordBatch>,
     index: u32,
+}
+
+/// `batch` with memory of its own. Rows taken from a batch copy their values, except in view
+/// and dictionary columns, which keep every data buffer of the batch they came from (for a
+/// plugin's output, decoded from IPC without a copy, the whole message): those are compacted
+/// (views) or unpacked (dictionaries). Nested types keep theirs; a chain's output rarely has them.
+fn detached(batch: RecordBatch) -> RecordBatch {
+    let own = |c: &ArrayRef| -> Option<ArrayRef> {
+        match c.data_type() {
+            DataType::Utf8View => Some(Arc::new(c.as_string_view().gc())),
+            DataType::BinaryView => Some(Arc::new(c.as_binary_view().gc())),
+            DataType::Dictionary(_, value) => arrow::compute::cast(c, value).ok(),
+            _ => None,
+        }
+    };
+    if !batch.columns().iter().any(|c| {
+        matches!(
+            c.data_type(),
+            DataType::Utf8View | DataType::BinaryView | DataType::Dictionary(..)
+        )
+    }) {
+        return batch;
+    }
+    let (fields, columns): (Vec<Field>, Vec<ArrayRef>) = batch
+        .schema()
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .map(|(f, c)| match own(c) {
+            Some(owned) => (
+                f.as_ref().clone().with_data_type(owned.data_type().clone()),
+                owned,
+            ),
+            None => (f.as_ref().clone(), c.clone()),
+        })
+        .unzip();
+    let schema = Arc::new(Schema::new_with_metadata(
+        fields,
+        batch.schema().metadata().clone(),
+    ));
+    RecordBatch::try_new(schema, columns).unwrap_or(batch)
 }
 
 /// One table's tally.
@@ -153,6 +194,15 @@ impl TableTally {
                 }
             }
         }
+        // A batch arrow cannot show is not kept (nor does it push out rows that can be shown).
+        let options = FormatOptions::default();
+        if batch
+            .columns()
+            .iter()
+            .any(|c| ArrayFormatter::try_new(c.as_ref(), &options).is_err())
+        {
+            return;
+        }
         self.columns = schema.fields().iter().map(|f| f.name().clone()).collect();
         // Only the rows each key keeps are taken out of the batch (one `take` for all keys).
         let mut indices: Vec<u32> = Vec::new();
@@ -170,7 +220,7 @@ impl TableTally {
         let Ok(kept) = arrow::compute::take_record_batch(batch, &UInt32Array::from(indices)) else {
             return;
         };
-        let kept = Arc::new(kept);
+        let kept = Arc::new(detached(kept));
         self.pinned += kept.num_rows();
         for (value, cap, span) in spans {
             let rows = match self.newest.get_mut(value) {
@@ -665,6 +715,59 @@ mod tests {
             shown["R0399"],
             vec![vec!["R0399".to_string(), "399.25".into(), "399".into()]]
         );
+    }
+
+    #[test]
+    fn kept_rows_do_not_hold_the_batch_they_came_from_in_view_or_dictionary_columns() {
+        // 10,000 rows of one key, each with 100 bytes of text as a view and as a dictionary.
+        let n = 10_000;
+        let long: Vec<String> = (0..n).map(|i| format!("{i:0>100}")).collect();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("symbol", DataType::Utf8, false),
+            Field::new("view", DataType::Utf8View, false),
+            Field::new(
+                "dictionary",
+                DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
+                false,
+            ),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec!["AAPL"; n])),
+                Arc::new(arrow::array::StringViewArray::from_iter_values(&long)),
+                Arc::new(
+                    long.iter()
+                        .map(String::as_str)
+                        .collect::<arrow::array::DictionaryArray<arrow::datatypes::Int32Type>>(),
+                ),
+            ],
+        )
+        .unwrap();
+        assert!(batch.get_array_memory_size() > 2 * n * 100);
+        let mut t = TableTally::new("bars", TallyKind::Keyed);
+        t.count(&batch, TallyKind::Keyed);
+        let held: usize = t.newest["AAPL"]
+            .iter()
+            .map(|r| Arc::as_ptr(&r.rows))
+            .collect::<std::collections::HashSet<_>>()
+            .into_iter()
+            .map(|b| kept_batch_size(&t, b))
+            .sum();
+        assert!(held < 64 * 1024, "{CHART_ROWS} kept rows hold {held} bytes");
+        let shown = &t.newest_rows()["AAPL"];
+        assert_eq!(shown.len(), CHART_ROWS);
+        assert_eq!(shown.last().unwrap()[1], long[n - 1]);
+        assert_eq!(shown.last().unwrap()[2], long[n - 1]);
+    }
+
+    /// The memory of the kept batch at `ptr`.
+    fn kept_batch_size(t: &TableTally, ptr: *const RecordBatch) -> usize {
+        t.newest
+            .values()
+            .flatten()
+            .find(|r| Arc::as_ptr(&r.rows) == ptr)
+            .map_or(0, |r| r.rows.get_array_memory_size())
     }
 
     #[test]
