@@ -101,6 +101,11 @@ struct Track {
     delta_bytes: usize,
     /// The full snapshot's bytes.
     full_bytes: usize,
+    /// How much of the deltas' bytes the whole state grew by, between the last two full
+    /// snapshots (0 to 1; 0 until two were taken): a state that only grows (a run's first
+    /// `retention` of dedup keys, a backfill) is about its last full snapshot plus its deltas,
+    /// and does not need a full snapshot because the deltas outgrew the last one.
+    growth: f64,
 }
 
 /// One step's part of a checkpoint (see [`Chain::checkpoint`]).
@@ -312,6 +317,7 @@ impl Chain {
             deltas: stored.deltas.len(),
             delta_bytes: stored.deltas.iter().map(Vec::len).sum(),
             full_bytes: stored.full.len(),
+            growth: 0.0,
         };
     }
 
@@ -343,7 +349,8 @@ impl Chain {
     /// Each step's state for checkpoint `epoch`, in order; the journals start over from here.
     /// A step whose plugin gives deltas stores what changed since the checkpoint before (on
     /// top of its stored state there), and its whole state every [`FULL_EVERY`] checkpoints
-    /// or so, or once its deltas add up to more than the whole state would: a checkpoint
+    /// or so, or once its deltas add up to more than the whole state would (judged by the last
+    /// full snapshot and, for a state that grew by its deltas, those deltas): a checkpoint
     /// costs what changed, and a restore reads one full snapshot and a bounded run of deltas.
     /// In a `hurry` (input is held back for this checkpoint: a live swap) a full snapshot that
     /// is due waits, up to twice as many deltas.
@@ -367,9 +374,10 @@ impl Chain {
             // the whole state), or partitions that grow alike would all take a full one at
             // the same barrier.
             let slack = if hurry { 2 } else { 1 };
+            let whole = track.full_bytes as f64 + track.growth * track.delta_bytes as f64;
             let due_full = track.deltas + 1 >= self.full_every * slack
-                || track.delta_bytes * (FULL_EVERY / 2)
-                    > track.full_bytes * self.full_every * slack;
+                || (track.delta_bytes * (FULL_EVERY / 2)) as f64
+                    > whole * (self.full_every * slack) as f64;
             let snapshot = match (track.baseline, delta) {
                 (Some(previous), Some(delta)) if !due_full => {
                     track.deltas += 1;
@@ -387,12 +395,19 @@ impl Chain {
                 }
                 _ => {
                     let full = step.snapshot()?;
+                    let growth = if track.delta_bytes > 0 {
+                        ((full.len() as f64 - track.full_bytes as f64) / track.delta_bytes as f64)
+                            .clamp(0.0, 1.0)
+                    } else {
+                        track.growth
+                    };
                     *track = Track {
                         baseline: None,
                         root: epoch,
                         deltas: 0,
                         delta_bytes: 0,
                         full_bytes: full.len(),
+                        growth,
                     };
                     self.base[i] = Some(Base::whole(full.clone()));
                     StepSnapshot {
@@ -829,6 +844,97 @@ mod tests {
             assert_eq!(s.delta_of.is_none(), epoch == 5, "epoch {epoch}");
         }
         assert_eq!(chain.snapshot().unwrap()[0].1[..8], n.to_le_bytes());
+    }
+
+    /// Remembers every row: its whole state grows a byte a row (after 8 bytes of count); a
+    /// delta is the rows since the last one, a byte each.
+    struct Grower {
+        n: u64,
+        since: u64,
+    }
+
+    impl DynTransform for Grower {
+        fn process(&mut self, batch: RecordBatch) -> flowgate_sdk::Result<Output> {
+            self.n += batch.num_rows() as u64;
+            self.since += batch.num_rows() as u64;
+            Ok(Output::batch(batch))
+        }
+        fn on_watermark(&mut self, _ts_ms: i64) -> flowgate_sdk::Result<Output> {
+            Ok(Output::empty())
+        }
+        fn snapshot(&self) -> flowgate_sdk::Result<Vec<u8>> {
+            let mut state = self.n.to_le_bytes().to_vec();
+            state.resize(8 + self.n as usize, 0);
+            Ok(state)
+        }
+        fn restore(&mut self, state: &[u8]) -> flowgate_sdk::Result<()> {
+            self.n = u64::from_le_bytes(state[..8].try_into().expect("8 bytes"));
+            self.since = 0;
+            Ok(())
+        }
+        fn snapshot_delta(&mut self) -> flowgate_sdk::Result<Option<Vec<u8>>> {
+            let since = std::mem::take(&mut self.since);
+            let mut delta = since.to_le_bytes().to_vec();
+            delta.resize(8 + since as usize, 0);
+            Ok(Some(delta))
+        }
+        fn restore_delta(&mut self, delta: &[u8]) -> flowgate_sdk::Result<()> {
+            self.n += u64::from_le_bytes(delta[..8].try_into().expect("8 bytes"));
+            self.since = 0;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_state_that_grows_by_its_deltas_is_not_snapshotted_whole_for_outgrowing_the_last_one() {
+        let schema: SchemaRef =
+            Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let factory: NativeFactory = Arc::new(|_config: &str, input: &SchemaRef| {
+            Ok((
+                Box::new(Grower { n: 0, since: 0 }) as Box<dyn DynTransform>,
+                input.clone(),
+            ))
+        });
+        let grower = Step::native(factory, "grower", "grower", "{}", &schema).unwrap();
+        let mut chain = Chain::new(vec![grower]);
+        chain.stagger(0); // a full snapshot after 15 deltas, or deltas past the whole state
+        let rows = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from_iter_values(0..100))],
+        )
+        .unwrap();
+        let mut stored: Vec<StepSnapshot> = Vec::new();
+        for epoch in 1..=40u64 {
+            chain.process(rows.clone()).unwrap();
+            stored.push(chain.checkpoint(epoch, false).unwrap().remove(0));
+        }
+        let full: Vec<u64> = (1..=40u64)
+            .filter(|&e| stored[e as usize - 1].delta_of.is_none())
+            .collect();
+        // Whole at the start (108 bytes); at 4 the deltas before it (2 × 108) have passed
+        // that, and the whole state (408) shows they grew it: from then on only the count
+        // brings a full one (without the growth, every third or fourth one would be whole).
+        assert_eq!(full, [1, 4, 20, 36]);
+        // The state at 40 from the whole one at 36 and the deltas after it.
+        let at_40 = crate::checkpoint::StepChain {
+            step: "grower".into(),
+            full: stored[35].bytes.clone(),
+            deltas: stored[36..].iter().map(|s| s.bytes.clone()).collect(),
+            root: 36,
+        };
+        let factory: NativeFactory = Arc::new(|_config: &str, input: &SchemaRef| {
+            Ok((
+                Box::new(Grower { n: 0, since: 0 }) as Box<dyn DynTransform>,
+                input.clone(),
+            ))
+        });
+        let grower = Step::native(factory, "grower", "grower", "{}", &schema).unwrap();
+        let mut restored = Chain::new(vec![grower]);
+        restored.restore_stored(0, &at_40, 40).unwrap();
+        assert_eq!(
+            restored.snapshot().unwrap()[0].1[..8],
+            4000u64.to_le_bytes()
+        );
     }
 
     #[test]
