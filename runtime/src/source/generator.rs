@@ -122,6 +122,37 @@ impl Drop for Generator {
     }
 }
 
+/// Writes a tick into `out` (cleared first) as
+/// `{"symbol":…,"price":…,"volume":…,"ts":"…","ts_epoch_ms":…}`, the text `serde_json::json!`
+/// gives for it, without building a map per tick (that was most of the generator's CPU).
+/// `symbol` is already JSON.
+fn write_tick(
+    out: &mut String,
+    symbol: &str,
+    price: f64,
+    volume: u64,
+    ts: chrono::DateTime<chrono::Utc>,
+    ts_ms: i64,
+) {
+    use std::fmt::Write as _;
+    out.clear();
+    out.push_str("{\"symbol\":");
+    out.push_str(symbol);
+    out.push_str(",\"price\":");
+    match serde_json::Number::from_f64(price) {
+        Some(n) => {
+            let _ = write!(out, "{n}");
+        }
+        None => out.push_str("null"),
+    }
+    let _ = write!(
+        out,
+        ",\"volume\":{volume},\"ts\":\"{}\",\"ts_epoch_ms\":{}}}",
+        ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        ts_ms
+    );
+}
+
 fn generate(
     producer: &PolledProducer<DefaultProducerContext>,
     spec: &GeneratorSpec,
@@ -148,6 +179,13 @@ fn generate(
     let start_ms = chrono::Utc::now().timestamp_millis();
     let started = Instant::now();
     let mut last_ts = vec![i64::MIN; spec.symbols.len()];
+    // Each symbol as a JSON string, once; a tick is written into one reused buffer.
+    let symbols_json: Vec<String> = spec
+        .symbols
+        .iter()
+        .map(|s| serde_json::Value::from(s.as_str()).to_string())
+        .collect();
+    let mut tick = String::new();
     let rate = spec.rate.max(1.0);
     let mut sent: u64 = 0;
     let limit = spec.count.unwrap_or(u64::MAX);
@@ -181,14 +219,14 @@ fn generate(
         } else {
             price
         };
-        let mut tick = serde_json::json!({
-            "symbol": spec.symbols[i],
-            "price": price,
-            "volume": 1 + (next() * 999.0) as u64,
-            "ts": ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            "ts_epoch_ms": ts_ms,
-        })
-        .to_string();
+        write_tick(
+            &mut tick,
+            &symbols_json[i],
+            price,
+            1 + (next() * 999.0) as u64,
+            ts,
+            ts_ms,
+        );
         if faults.malformed > 0.0 && next() < faults.malformed {
             let mut cut = tick.len() / 2;
             while !tick.is_char_boundary(cut) {
@@ -225,5 +263,36 @@ fn generate(
     let _ = producer.flush(Duration::from_secs(5));
     if sent >= limit {
         tracing::info!("the generator sent its {sent} ticks (`count`)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tick_is_written_as_serde_json_writes_it() {
+        for (symbol, price, volume, ts_ms) in [
+            ("AAPL", 187.25, 1u64, 1_733_500_000_123i64),
+            ("BRK.B", 100.0, 999, 0),
+            ("Q\"U\\OTE\u{e9}\n", 0.01, 500, -1),
+            ("S00001", -12345.678, 42, 253_402_300_799_999),
+            ("X", 1e21, 7, 1),
+            ("Y", f64::NAN, 7, 1),
+        ] {
+            let ts = chrono::DateTime::from_timestamp_millis(ts_ms).unwrap();
+            let expected = serde_json::json!({
+                "symbol": symbol,
+                "price": price,
+                "volume": volume,
+                "ts": ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "ts_epoch_ms": ts_ms,
+            })
+            .to_string();
+            let mut out = String::from("left over");
+            let json = serde_json::Value::from(symbol).to_string();
+            write_tick(&mut out, &json, price, volume, ts, ts_ms);
+            assert_eq!(out, expected);
+        }
     }
 }
