@@ -108,6 +108,21 @@ struct Track {
     growth: f64,
 }
 
+impl Track {
+    /// Whether the next checkpoint stores the whole state, when deltas may run `limit`
+    /// checkpoints in a row (the count rule), or until they add up to `limit / 16` times the
+    /// whole state (the bytes rule; 1 to 2 times, twice that in a hurry). The bytes rule counts
+    /// only the part of the deltas that did not grow the state (at least a quarter of them:
+    /// `growth` is from the last interval, and a state that stopped growing since must still
+    /// get a full snapshot within 4 times the plain rule's bytes).
+    fn full_due(&self, limit: usize) -> bool {
+        let replaced = 1.0 - self.growth.min(0.75);
+        self.deltas + 1 >= limit
+            || (self.delta_bytes * (FULL_EVERY / 2)) as f64 * replaced
+                > (self.full_bytes * limit) as f64
+    }
+}
+
 /// One step's part of a checkpoint (see [`Chain::checkpoint`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepSnapshot {
@@ -374,10 +389,8 @@ impl Chain {
             // the whole state), or partitions that grow alike would all take a full one at
             // the same barrier.
             let slack = if hurry { 2 } else { 1 };
-            let whole = track.full_bytes as f64 + track.growth * track.delta_bytes as f64;
-            let due_full = track.deltas + 1 >= self.full_every * slack
-                || (track.delta_bytes * (FULL_EVERY / 2)) as f64
-                    > whole * (self.full_every * slack) as f64;
+            let due_full = track.full_due(self.full_every * slack);
+            let discarded = delta.as_ref().map_or(0, Vec::len);
             let snapshot = match (track.baseline, delta) {
                 (Some(previous), Some(delta)) if !due_full => {
                     track.deltas += 1;
@@ -395,8 +408,11 @@ impl Chain {
                 }
                 _ => {
                     let full = step.snapshot()?;
+                    // The state grew by the deltas since the last full snapshot, this
+                    // checkpoint's (taken, then not stored) among them.
                     let growth = if track.delta_bytes > 0 {
-                        ((full.len() as f64 - track.full_bytes as f64) / track.delta_bytes as f64)
+                        ((full.len() as f64 - track.full_bytes as f64)
+                            / (track.delta_bytes + discarded) as f64)
                             .clamp(0.0, 1.0)
                     } else {
                         track.growth
@@ -912,8 +928,8 @@ mod tests {
             .filter(|&e| stored[e as usize - 1].delta_of.is_none())
             .collect();
         // Whole at the start (108 bytes); at 4 the deltas before it (2 × 108) have passed
-        // that, and the whole state (408) shows they grew it: from then on only the count
-        // brings a full one (without the growth, every third or fourth one would be whole).
+        // that, and the whole state (408) shows they grew it (by 300 of their 324 bytes): from
+        // then on the count brings the full ones (without the growth: at 1, 4, 9, 19, 35).
         assert_eq!(full, [1, 4, 20, 36]);
         // The state at 40 from the whole one at 36 and the deltas after it.
         let at_40 = crate::checkpoint::StepChain {
@@ -935,6 +951,31 @@ mod tests {
             restored.snapshot().unwrap()[0].1[..8],
             4000u64.to_le_bytes()
         );
+    }
+
+    #[test]
+    fn the_bytes_rule_counts_the_deltas_that_did_not_grow_the_state_and_never_switches_off() {
+        let track = |growth: f64, delta_bytes: usize| Track {
+            baseline: Some(1),
+            root: 1,
+            deltas: 3,
+            delta_bytes,
+            full_bytes: 1000,
+            growth,
+        };
+        // Without growth, as before: deltas past the whole state (limit 16: once).
+        assert!(!track(0.0, 1000).full_due(16) && track(0.0, 1001).full_due(16));
+        // In a hurry (limit 32), twice that.
+        assert!(!track(0.0, 2000).full_due(32) && track(0.0, 2001).full_due(32));
+        // Half the deltas grew the state: twice the bytes.
+        assert!(!track(0.5, 2000).full_due(16) && track(0.5, 2001).full_due(16));
+        // A state that grew by all of its deltas (or did until now): four times, never more.
+        assert!(!track(1.0, 4000).full_due(16) && track(1.0, 4001).full_due(16));
+        assert!(track(1.0, 8001).full_due(32));
+        // The count rule is unchanged.
+        let mut many = track(1.0, 0);
+        many.deltas = 15;
+        assert!(many.full_due(16));
     }
 
     #[test]
