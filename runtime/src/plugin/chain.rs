@@ -744,11 +744,13 @@ mod tests {
         Step::native(factory, name, name, "{}", schema).unwrap()
     }
 
-    /// Counts rows. Its whole state is the count and 1,000 bytes of padding; a delta is the
-    /// rows counted since the last one, and a byte per row.
+    /// Counts rows. Its whole state is the count and 1,000 bytes of padding, or, if it
+    /// `grows` (remembers every row), a byte per row counted; a delta is the rows counted since
+    /// the last one, and a byte per row.
     struct Counter {
         n: u64,
         since: u64,
+        grows: bool,
     }
 
     impl DynTransform for Counter {
@@ -762,7 +764,7 @@ mod tests {
         }
         fn snapshot(&self) -> flowgate_sdk::Result<Vec<u8>> {
             let mut state = self.n.to_le_bytes().to_vec();
-            state.resize(8 + 1000, 0);
+            state.resize(8 + if self.grows { self.n as usize } else { 1000 }, 0);
             Ok(state)
         }
         fn restore(&mut self, state: &[u8]) -> flowgate_sdk::Result<()> {
@@ -784,9 +786,17 @@ mod tests {
     }
 
     fn counter(schema: &SchemaRef) -> Step {
-        let factory: NativeFactory = Arc::new(|_config: &str, input: &SchemaRef| {
+        counting(schema, false)
+    }
+
+    fn counting(schema: &SchemaRef, grows: bool) -> Step {
+        let factory: NativeFactory = Arc::new(move |_config: &str, input: &SchemaRef| {
             Ok((
-                Box::new(Counter { n: 0, since: 0 }) as Box<dyn DynTransform>,
+                Box::new(Counter {
+                    n: 0,
+                    since: 0,
+                    grows,
+                }) as Box<dyn DynTransform>,
                 input.clone(),
             ))
         });
@@ -862,57 +872,11 @@ mod tests {
         assert_eq!(chain.snapshot().unwrap()[0].1[..8], n.to_le_bytes());
     }
 
-    /// Remembers every row: its whole state grows a byte a row (after 8 bytes of count); a
-    /// delta is the rows since the last one, a byte each.
-    struct Grower {
-        n: u64,
-        since: u64,
-    }
-
-    impl DynTransform for Grower {
-        fn process(&mut self, batch: RecordBatch) -> flowgate_sdk::Result<Output> {
-            self.n += batch.num_rows() as u64;
-            self.since += batch.num_rows() as u64;
-            Ok(Output::batch(batch))
-        }
-        fn on_watermark(&mut self, _ts_ms: i64) -> flowgate_sdk::Result<Output> {
-            Ok(Output::empty())
-        }
-        fn snapshot(&self) -> flowgate_sdk::Result<Vec<u8>> {
-            let mut state = self.n.to_le_bytes().to_vec();
-            state.resize(8 + self.n as usize, 0);
-            Ok(state)
-        }
-        fn restore(&mut self, state: &[u8]) -> flowgate_sdk::Result<()> {
-            self.n = u64::from_le_bytes(state[..8].try_into().expect("8 bytes"));
-            self.since = 0;
-            Ok(())
-        }
-        fn snapshot_delta(&mut self) -> flowgate_sdk::Result<Option<Vec<u8>>> {
-            let since = std::mem::take(&mut self.since);
-            let mut delta = since.to_le_bytes().to_vec();
-            delta.resize(8 + since as usize, 0);
-            Ok(Some(delta))
-        }
-        fn restore_delta(&mut self, delta: &[u8]) -> flowgate_sdk::Result<()> {
-            self.n += u64::from_le_bytes(delta[..8].try_into().expect("8 bytes"));
-            self.since = 0;
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_state_that_grows_by_its_deltas_is_not_snapshotted_whole_for_outgrowing_the_last_one() {
         let schema: SchemaRef =
             Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
-        let factory: NativeFactory = Arc::new(|_config: &str, input: &SchemaRef| {
-            Ok((
-                Box::new(Grower { n: 0, since: 0 }) as Box<dyn DynTransform>,
-                input.clone(),
-            ))
-        });
-        let grower = Step::native(factory, "grower", "grower", "{}", &schema).unwrap();
-        let mut chain = Chain::new(vec![grower]);
+        let mut chain = Chain::new(vec![counting(&schema, true)]);
         chain.stagger(0); // a full snapshot after 15 deltas, or deltas past the whole state
         let rows = RecordBatch::try_new(
             schema.clone(),
@@ -933,19 +897,12 @@ mod tests {
         assert_eq!(full, [1, 4, 20, 36]);
         // The state at 40 from the whole one at 36 and the deltas after it.
         let at_40 = crate::checkpoint::StepChain {
-            step: "grower".into(),
+            step: "counter".into(),
             full: stored[35].bytes.clone(),
             deltas: stored[36..].iter().map(|s| s.bytes.clone()).collect(),
             root: 36,
         };
-        let factory: NativeFactory = Arc::new(|_config: &str, input: &SchemaRef| {
-            Ok((
-                Box::new(Grower { n: 0, since: 0 }) as Box<dyn DynTransform>,
-                input.clone(),
-            ))
-        });
-        let grower = Step::native(factory, "grower", "grower", "{}", &schema).unwrap();
-        let mut restored = Chain::new(vec![grower]);
+        let mut restored = Chain::new(vec![counting(&schema, true)]);
         restored.restore_stored(0, &at_40, 40).unwrap();
         assert_eq!(
             restored.snapshot().unwrap()[0].1[..8],
