@@ -115,6 +115,11 @@ mod bytes {
         s.serialize_bytes(v)
     }
 
+    /// As [`deserialize`], into shared bytes (no copy: the `Vec` becomes the buffer).
+    pub fn deserialize_shared<'de, D: Deserializer<'de>>(d: D) -> Result<::bytes::Bytes, D::Error> {
+        deserialize(d).map(::bytes::Bytes::from)
+    }
+
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         struct Bytes;
         impl<'de> de::Visitor<'de> for Bytes {
@@ -148,9 +153,13 @@ pub struct StepState {
     /// The step's name in the pipeline.
     pub step: String,
     /// The snapshot bytes, as the plugin gave them: its whole state, or with `delta_of`, what
-    /// changed since that checkpoint.
-    #[serde(with = "bytes")]
-    pub snapshot: Vec<u8>,
+    /// changed since that checkpoint. Shared, not copied, with the state a rebuild of the step
+    /// starts from (see [`crate::plugin::Chain::checkpoint`]).
+    #[serde(
+        serialize_with = "bytes::serialize",
+        deserialize_with = "bytes::deserialize_shared"
+    )]
+    pub snapshot: ::bytes::Bytes,
     /// `Some(epoch)`: `snapshot` is a delta (the WIT's `incremental` interface) on top of this
     /// step's state at checkpoint `epoch` of the same partition.
     pub delta_of: Option<u64>,
@@ -163,9 +172,9 @@ pub struct StepChain {
     /// The step's name in the pipeline.
     pub step: String,
     /// The full snapshot.
-    pub full: Vec<u8>,
+    pub full: ::bytes::Bytes,
     /// The deltas to apply on top of it, in order.
-    pub deltas: Vec<Vec<u8>>,
+    pub deltas: Vec<::bytes::Bytes>,
     /// The checkpoint epoch that holds the full snapshot.
     pub root: u64,
 }
@@ -302,7 +311,7 @@ impl From<OldStep> for StepState {
     fn from(s: OldStep) -> Self {
         StepState {
             step: s.step,
-            snapshot: s.snapshot,
+            snapshot: s.snapshot.into(),
             delta_of: None,
         }
     }
@@ -913,12 +922,12 @@ mod tests {
             steps: vec![
                 StepState {
                     step: "dedup".into(),
-                    snapshot: vec![1, 2, offset as u8],
+                    snapshot: vec![1, 2, offset as u8].into(),
                     delta_of: (offset > 1).then(|| offset as u64 - 1),
                 },
                 StepState {
                     step: "bars".into(),
-                    snapshot: vec![],
+                    snapshot: ::bytes::Bytes::new(),
                     delta_of: None,
                 },
             ],
@@ -939,7 +948,7 @@ mod tests {
         let steps = vec![("dedup".to_string(), vec![7u8])];
         let expected = vec![StepState {
             step: "dedup".into(),
-            snapshot: vec![7],
+            snapshot: vec![7].into(),
             delta_of: None,
         }];
         #[derive(Serialize)]
@@ -985,7 +994,7 @@ mod tests {
         let store = FileStateStore::new(dir.path(), "p");
         let step = |name: &str, bytes: &[u8], delta_of: Option<u64>| StepState {
             step: name.into(),
-            snapshot: bytes.to_vec(),
+            snapshot: ::bytes::Bytes::copy_from_slice(bytes),
             delta_of,
         };
         let at = |offset: i64, steps: Vec<StepState>, root: Option<u64>| PartitionState {
@@ -1045,13 +1054,16 @@ mod tests {
             vec![
                 StepChain {
                     step: "dedup".into(),
-                    full: b"F1".to_vec(),
-                    deltas: vec![b"d2".to_vec(), b"d4".to_vec()],
+                    full: ::bytes::Bytes::from_static(b"F1"),
+                    deltas: vec![
+                        ::bytes::Bytes::from_static(b"d2"),
+                        ::bytes::Bytes::from_static(b"d4")
+                    ],
                     root: 1,
                 },
                 StepChain {
                     step: "bars".into(),
-                    full: b"b4".to_vec(),
+                    full: ::bytes::Bytes::from_static(b"b4"),
                     deltas: vec![],
                     root: 4,
                 },
@@ -1258,7 +1270,7 @@ mod tests {
         let snapshot: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
         let state = StepState {
             step: "dedup".into(),
-            snapshot: snapshot.clone(),
+            snapshot: snapshot.clone().into(),
             delta_of: Some(3),
         };
         let ours = postcard::to_stdvec(&state).unwrap();

@@ -1111,7 +1111,7 @@ mod tests {
         );
         let step = |bytes: &[u8], delta_of: Option<u64>| StepState {
             step: "dedup".into(),
-            snapshot: bytes.to_vec(),
+            snapshot: bytes::Bytes::copy_from_slice(bytes),
             delta_of,
         };
         committer
@@ -1158,10 +1158,10 @@ mod tests {
         let resume = committer.resume(&("t".into(), 0), false).unwrap();
         assert_eq!(resume.start, 130);
         assert_eq!(resume.steps.len(), 1);
-        assert_eq!(resume.steps[0].full, b"full");
+        assert_eq!(resume.steps[0].full, &b"full"[..]);
         assert_eq!(
             resume.steps[0].deltas,
-            vec![b"d110".to_vec(), b"d120".to_vec(), b"d130".to_vec()]
+            vec![&b"d110"[..], &b"d120"[..], &b"d130"[..]]
         );
     }
 }

@@ -1403,7 +1403,7 @@ fn restore_step(
     index: usize,
     step: &mut crate::plugin::Step,
     full: &[u8],
-    deltas: &[Vec<u8>],
+    deltas: &[bytes::Bytes],
     key: &PartitionKey,
 ) -> Result<bool, RunError> {
     let restored = step.restore(full).and_then(|()| {

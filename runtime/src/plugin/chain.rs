@@ -4,6 +4,7 @@
 use arrow::array::UInt32Array;
 use arrow::compute::take_record_batch;
 use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
 
 use super::{ErrorKind, PluginError, Step};
 use crate::config::OnError;
@@ -70,16 +71,17 @@ pub const JOURNAL_CHECKPOINT: usize = 48 << 20;
 const FULL_EVERY: usize = 32;
 
 /// A step's state at its last checkpoint, as a rebuild restores it: a full snapshot, then the
-/// deltas after it in order.
+/// deltas after it in order. The bytes are shared with the checkpoint that stores them (not a
+/// copy: a step's state is held once, not once more until the committer has written it).
 #[derive(Debug, Clone, Default)]
 pub struct Base {
-    full: Vec<u8>,
-    deltas: Vec<Vec<u8>>,
+    full: Bytes,
+    deltas: Vec<Bytes>,
 }
 
 impl Base {
     /// A whole snapshot, no deltas.
-    pub fn whole(full: Vec<u8>) -> Self {
+    pub fn whole(full: Bytes) -> Self {
         Base {
             full,
             deltas: Vec::new(),
@@ -128,8 +130,9 @@ impl Track {
 pub struct StepSnapshot {
     /// The step's name.
     pub step: String,
-    /// The whole state, or with `delta_of` what changed since that checkpoint.
-    pub bytes: Vec<u8>,
+    /// The whole state, or with `delta_of` what changed since that checkpoint (shared with
+    /// the state a rebuild of the step starts from).
+    pub bytes: Bytes,
     /// The checkpoint a delta goes on from.
     pub delta_of: Option<u64>,
     /// The checkpoint holding the full snapshot this step's state goes back to.
@@ -211,7 +214,7 @@ impl StepParts {
     pub fn fresh(step: Step, base: Option<Vec<u8>>) -> Self {
         StepParts {
             step,
-            base: base.map(Base::whole),
+            base: base.map(|b| Base::whole(b.into())),
             track: Track::default(),
             journal: Vec::new(),
         }
@@ -291,7 +294,7 @@ impl Chain {
     /// Restores step `index` from `state` (kept as the state a rebuild starts from).
     pub fn restore(&mut self, index: usize, state: &[u8]) -> Result<(), PluginError> {
         self.steps[index].restore(state)?;
-        self.base[index] = Some(Base::whole(state.to_vec()));
+        self.base[index] = Some(Base::whole(Bytes::copy_from_slice(state)));
         self.track[index] = Track::default();
         Ok(())
     }
@@ -330,7 +333,7 @@ impl Chain {
             baseline: Some(epoch),
             root: stored.root,
             deltas: stored.deltas.len(),
-            delta_bytes: stored.deltas.iter().map(Vec::len).sum(),
+            delta_bytes: stored.deltas.iter().map(Bytes::len).sum(),
             full_bytes: stored.full.len(),
             growth: 0.0,
         };
@@ -351,7 +354,7 @@ impl Chain {
         let mut states = Vec::with_capacity(self.steps.len());
         for (i, step) in self.steps.iter_mut().enumerate() {
             let state = step.snapshot()?;
-            self.base[i] = Some(Base::whole(state.clone()));
+            self.base[i] = Some(Base::whole(Bytes::copy_from_slice(&state)));
             self.track[i] = Track::default();
             self.journal[i].clear();
             states.push((step.name().to_string(), state));
@@ -381,7 +384,7 @@ impl Chain {
             // Asked every time the plugin can answer, so its tracking starts over here
             // whether or not the delta is kept.
             let delta = if step.incremental() {
-                step.snapshot_delta()?
+                step.snapshot_delta()?.map(Bytes::from)
             } else {
                 None
             };
@@ -390,7 +393,7 @@ impl Chain {
             // the same barrier.
             let slack = if hurry { 2 } else { 1 };
             let due_full = track.full_due(self.full_every * slack);
-            let discarded = delta.as_ref().map_or(0, Vec::len);
+            let discarded = delta.as_ref().map_or(0, Bytes::len);
             let snapshot = match (track.baseline, delta) {
                 (Some(previous), Some(delta)) if !due_full => {
                     track.deltas += 1;
@@ -407,7 +410,7 @@ impl Chain {
                     }
                 }
                 _ => {
-                    let full = step.snapshot()?;
+                    let full = Bytes::from(step.snapshot()?);
                     // The state grew by the deltas since the last full snapshot, this
                     // checkpoint's (taken, then not stored) among them.
                     let growth = if track.delta_bytes > 0 {

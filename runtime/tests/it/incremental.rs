@@ -126,7 +126,11 @@ fn a_plugin_built_without_the_incremental_export_loads_and_is_checkpointed_whole
             (None, epoch),
             "whole every time"
         );
-        assert_eq!(state.bytes, epoch.to_le_bytes(), "its count of batches");
+        assert_eq!(
+            state.bytes,
+            &epoch.to_le_bytes()[..],
+            "its count of batches"
+        );
     }
     // Asked to apply a delta all the same, the host refuses it as bad input, not a trap.
     let refused = chain.steps_mut()[0]
