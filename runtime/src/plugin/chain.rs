@@ -807,6 +807,49 @@ mod tests {
     }
 
     #[test]
+    fn the_state_a_rebuild_starts_from_is_the_checkpoint_s_bytes_not_a_copy_of_them() {
+        let schema: SchemaRef =
+            Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let rows = |n: i64| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(Int64Array::from_iter_values(0..n))],
+            )
+            .unwrap()
+        };
+        let held = |chain: &Chain| chain.base[0].clone().expect("a state to rebuild from");
+        let mut chain = Chain::new(vec![counter(&schema)]);
+        chain.process(rows(3)).unwrap();
+        let full = chain.checkpoint(1, false).unwrap().remove(0);
+        assert_eq!(full.delta_of, None);
+        assert_eq!(held(&chain).full.as_ptr(), full.bytes.as_ptr());
+        chain.process(rows(2)).unwrap();
+        let delta = chain.checkpoint(2, false).unwrap().remove(0);
+        assert_eq!(delta.delta_of, Some(1));
+        let base = held(&chain);
+        assert_eq!(base.full.as_ptr(), full.bytes.as_ptr());
+        assert_eq!(base.deltas.len(), 1);
+        assert_eq!(base.deltas[0].as_ptr(), delta.bytes.as_ptr());
+
+        // A restore holds the stored bytes it was given, and rebuilds from them.
+        let stored = crate::checkpoint::StepChain {
+            step: "counter".into(),
+            full: full.bytes.clone(),
+            deltas: vec![delta.bytes.clone()],
+            root: 1,
+        };
+        let mut restored = Chain::new(vec![counter(&schema)]);
+        restored.restore_stored(0, &stored, 2).unwrap();
+        assert_eq!(held(&restored).full.as_ptr(), stored.full.as_ptr());
+        assert_eq!(
+            held(&restored).deltas[0].as_ptr(),
+            stored.deltas[0].as_ptr()
+        );
+        restored.recover(0).unwrap();
+        assert_eq!(restored.snapshot().unwrap()[0].1[..8], 5u64.to_le_bytes());
+    }
+
+    #[test]
     fn checkpoints_store_deltas_between_full_snapshots_and_a_hurry_puts_a_full_one_off() {
         let schema: SchemaRef =
             Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
