@@ -1109,9 +1109,9 @@ mod tests {
                 },
             ],
         );
-        let step = |bytes: &[u8], delta_of: Option<u64>| StepState {
+        let step = |state: &[u8], delta_of: Option<u64>| StepState {
             step: "dedup".into(),
-            snapshot: bytes::Bytes::copy_from_slice(bytes),
+            snapshot: bytes::Bytes::copy_from_slice(state),
             delta_of,
         };
         committer

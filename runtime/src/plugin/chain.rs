@@ -89,6 +89,16 @@ impl Base {
     }
 }
 
+/// A plugin's state as bytes to share (see [`Base`]). A `Vec` much larger than its contents (a
+/// native plugin's buffer reserved for more than it wrote; a WASM plugin's lifted state is
+/// exactly its length) is trimmed first: the chain may hold it for up to 64 checkpoints.
+fn shared(mut state: Vec<u8>) -> Bytes {
+    if state.capacity() - state.len() > state.len() / 8 {
+        state.shrink_to_fit();
+    }
+    Bytes::from(state)
+}
+
 /// How a step's checkpoints are stored (incremental checkpoints).
 #[derive(Debug, Clone, Default)]
 struct Track {
@@ -214,7 +224,7 @@ impl StepParts {
     pub fn fresh(step: Step, base: Option<Vec<u8>>) -> Self {
         StepParts {
             step,
-            base: base.map(|b| Base::whole(b.into())),
+            base: base.map(|b| Base::whole(shared(b))),
             track: Track::default(),
             journal: Vec::new(),
         }
@@ -350,11 +360,11 @@ impl Chain {
 
     /// Snapshots every step whole (name, bytes), in order; the journals start over from here,
     /// and the next [`Chain::checkpoint`] stores whole states too.
-    pub fn snapshot(&mut self) -> Result<Vec<(String, Vec<u8>)>, PluginError> {
+    pub fn snapshot(&mut self) -> Result<Vec<(String, Bytes)>, PluginError> {
         let mut states = Vec::with_capacity(self.steps.len());
         for (i, step) in self.steps.iter_mut().enumerate() {
-            let state = step.snapshot()?;
-            self.base[i] = Some(Base::whole(Bytes::copy_from_slice(&state)));
+            let state = shared(step.snapshot()?);
+            self.base[i] = Some(Base::whole(state.clone()));
             self.track[i] = Track::default();
             self.journal[i].clear();
             states.push((step.name().to_string(), state));
@@ -384,7 +394,7 @@ impl Chain {
             // Asked every time the plugin can answer, so its tracking starts over here
             // whether or not the delta is kept.
             let delta = if step.incremental() {
-                step.snapshot_delta()?.map(Bytes::from)
+                step.snapshot_delta()?.map(shared)
             } else {
                 None
             };
@@ -410,7 +420,7 @@ impl Chain {
                     }
                 }
                 _ => {
-                    let full = Bytes::from(step.snapshot()?);
+                    let full = shared(step.snapshot()?);
                     // The state grew by the deltas since the last full snapshot, this
                     // checkpoint's (taken, then not stored) among them.
                     let growth = if track.delta_bytes > 0 {
