@@ -418,11 +418,13 @@ fn partition_key(topic: &str, partition: i32) -> String {
     format!("{topic}-{partition}")
 }
 
-/// A state as stored: the magic, then postcard.
+/// A state as stored: the magic, then postcard, written once into a buffer sized for the
+/// snapshots it holds (not grown by doubling and copied again: a dedup state is megabytes).
 fn encode(state: &PartitionState) -> Result<Vec<u8>, String> {
-    let mut body = MAGIC.to_vec();
-    body.extend(postcard::to_stdvec(state).map_err(|e| format!("cannot encode: {e}"))?);
-    Ok(body)
+    let snapshots: usize = state.steps.iter().map(|s| s.snapshot.len()).sum();
+    let mut body = Vec::with_capacity(MAGIC.len() + snapshots + 1024);
+    body.extend_from_slice(MAGIC.as_slice());
+    postcard::to_extend(state, body).map_err(|e| format!("cannot encode: {e}"))
 }
 
 /// A stored state read back.
@@ -1257,6 +1259,17 @@ mod tests {
             "1 attempt + 3 retries"
         );
         assert_eq!(store.position("hop", "ticks", 0).unwrap(), Some(at(20, 2)));
+    }
+
+    #[test]
+    fn a_state_is_stored_as_the_magic_then_postcard_and_reads_back() {
+        let mut state = state(7);
+        state.steps[1].snapshot = (0..=255u8).cycle().take(100_000).collect::<Vec<_>>().into();
+        let body = encode(&state).unwrap();
+        let mut expected = MAGIC.to_vec();
+        expected.extend(postcard::to_stdvec(&state).unwrap());
+        assert_eq!(body, expected);
+        assert_eq!(decode(&body).unwrap(), state);
     }
 
     #[test]
