@@ -816,17 +816,24 @@ mod tests {
         Step::native(factory, "counter", "counter", "{}", schema).unwrap()
     }
 
+    /// The counter tests' input: one int64 column `v`.
+    fn counted() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]))
+    }
+
+    /// `n` rows of [`counted`].
+    fn rows(schema: &SchemaRef, n: i64) -> RecordBatch {
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from_iter_values(0..n))],
+        )
+        .unwrap()
+    }
+
     #[test]
     fn the_state_a_rebuild_starts_from_is_the_checkpoint_s_bytes_not_a_copy_of_them() {
-        let schema: SchemaRef =
-            Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
-        let rows = |n: i64| {
-            RecordBatch::try_new(
-                schema.clone(),
-                vec![Arc::new(Int64Array::from_iter_values(0..n))],
-            )
-            .unwrap()
-        };
+        let schema = counted();
+        let rows = |n: i64| rows(&schema, n);
         let held = |chain: &Chain| chain.base[0].clone().expect("a state to rebuild from");
         let mut chain = Chain::new(vec![counter(&schema)]);
         chain.process(rows(3)).unwrap();
@@ -861,15 +868,8 @@ mod tests {
 
     #[test]
     fn checkpoints_store_deltas_between_full_snapshots_and_a_hurry_puts_a_full_one_off() {
-        let schema: SchemaRef =
-            Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
-        let rows = |n: i64| {
-            RecordBatch::try_new(
-                schema.clone(),
-                vec![Arc::new(Int64Array::from_iter_values(0..n))],
-            )
-            .unwrap()
-        };
+        let schema = counted();
+        let rows = |n: i64| rows(&schema, n);
         let mut chain = Chain::new(vec![counter(&schema)]);
         chain.stagger(0); // a full snapshot after 15 deltas
         let mut stored: Vec<StepSnapshot> = Vec::new();
@@ -930,15 +930,10 @@ mod tests {
 
     #[test]
     fn a_state_that_grows_by_its_deltas_is_not_snapshotted_whole_for_outgrowing_the_last_one() {
-        let schema: SchemaRef =
-            Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let schema = counted();
         let mut chain = Chain::new(vec![counting(&schema, true)]);
         chain.stagger(0); // a full snapshot after 15 deltas, or deltas past the whole state
-        let rows = RecordBatch::try_new(
-            schema.clone(),
-            vec![Arc::new(Int64Array::from_iter_values(0..100))],
-        )
-        .unwrap();
+        let rows = rows(&schema, 100);
         let mut stored: Vec<StepSnapshot> = Vec::new();
         for epoch in 1..=40u64 {
             chain.process(rows.clone()).unwrap();
