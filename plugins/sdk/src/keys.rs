@@ -322,9 +322,15 @@ pub fn decode_rows(rows: &[Vec<KeyValue>], types: &[DataType]) -> Result<Vec<Arr
 /// A packed key holds, per key column, a tag byte (0 null, 1 a value) and then the value: its
 /// native bytes (booleans one byte, floats their bits), or for strings a 4-byte length and the
 /// UTF-8 bytes. Equal keys pack to equal bytes (floats by bits: `-0.0` and `0.0` differ, as do
-/// NaNs of different bits), and no key's bytes are a prefix of another's. The bytes are not a
-/// stable format: snapshots store [`KeyValue`]s. [`KeyPacker::cmp`] orders packed keys as
-/// `arrow::row` orders rows (column by column, nulls first, floats by their total order).
+/// NaNs of different bits), and no key's bytes are a prefix of another's. [`KeyPacker::cmp`]
+/// orders packed keys as `arrow::row` orders rows (column by column, nulls first, floats by their
+/// total order).
+///
+/// The bytes are a stored format: `window`'s snapshots (state version 4) hold them as they are,
+/// so a change to the layout needs a new state version there (the test
+/// `packed_bytes_are_a_stored_format` pins them). Values are in native byte order, which is
+/// little-endian in WebAssembly, where stored states are written; [`KeyPacker::check`] tells
+/// whether bytes read back are a well-formed key.
 #[derive(Debug, Clone)]
 pub struct KeyPacker {
     types: Vec<DataType>,
@@ -435,9 +441,14 @@ enum Packed<'k> {
 
 /// The value of type `data_type` at `at` in a packed key, moving `at` past it.
 fn read<'k>(data_type: &DataType, key: &'k [u8], at: &mut usize) -> Result<Packed<'k>> {
-    let [tag] = take::<1>(key, at)?;
-    if tag == 0 {
-        return Ok(Packed::Null);
+    match take::<1>(key, at)? {
+        [0] => return Ok(Packed::Null),
+        [1] => {}
+        [tag] => {
+            return Err(Error::internal(format!(
+                "a packed key has a tag {tag} (0 is null, 1 a value)"
+            )));
+        }
     }
     Ok(match data_type {
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
@@ -629,6 +640,21 @@ impl KeyPacker {
             ));
         }
         Ok(values)
+    }
+
+    /// Whether `key` is a well-formed packed key of this packer's columns (bytes read back from
+    /// a stored state): each column's tag and value in turn, and nothing after the last.
+    pub fn check(&self, key: &[u8]) -> Result<()> {
+        let mut at = 0;
+        for data_type in &self.types {
+            read(data_type, key, &mut at)?;
+        }
+        if at != key.len() {
+            return Err(Error::internal(
+                "a packed key has bytes past its last column",
+            ));
+        }
+        Ok(())
     }
 
     /// The key columns of `keys`, in order.
@@ -966,5 +992,52 @@ mod tests {
             packer.cmp(packed.row(0), packed.row(1)),
             std::cmp::Ordering::Greater
         );
+    }
+
+    /// `window` stores packed keys in its snapshots: the layout may not change under it.
+    #[test]
+    fn packed_bytes_are_a_stored_format() {
+        use arrow::array::{Int32Array, UInt16Array};
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(vec![Some("AB"), None])),
+            Arc::new(BooleanArray::from(vec![Some(true), Some(false)])),
+            Arc::new(Int32Array::from(vec![Some(-2), None])),
+            Arc::new(Int64Array::from(vec![Some(7), Some(-1)])),
+            Arc::new(UInt16Array::from(vec![Some(258), Some(0)])),
+            Arc::new(Float64Array::from(vec![Some(1.5), Some(-0.0)])),
+            Arc::new(
+                TimestampMicrosecondArray::from(vec![Some(1_762_958_310_294_001), None])
+                    .with_timezone("UTC"),
+            ),
+        ];
+        let types: Vec<DataType> = columns.iter().map(|c| c.data_type().clone()).collect();
+        let packer = KeyPacker::new(&types).expect("packer");
+        let packed = packer.pack(&columns).expect("pack");
+        let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(
+            [hex(packed.row(0)), hex(packed.row(1))],
+            [
+                "01020000004142010101feffffff010700000000000000010201\
+                 01000000000000f83f01f1c1d6b766430600",
+                "0001000001ffffffffffffffff01000001000000000000008000",
+            ],
+            "the packed layout changed: `window` stores it (state version 4)"
+        );
+        for i in 0..packed.len() {
+            let key = packed.row(i);
+            packer.check(key).expect("a packed key checks");
+            for cut in 0..key.len() {
+                assert!(packer.check(&key[..cut]).is_err(), "row {i} cut at {cut}");
+            }
+            let mut longer = key.to_vec();
+            longer.push(0);
+            assert!(packer.check(&longer).is_err(), "row {i} with a byte more");
+        }
+        let text = KeyPacker::new(&[DataType::Utf8]).expect("packer");
+        assert!(
+            text.check(&[1, 2, 0, 0, 0, 0xff, 0xfe]).is_err(),
+            "not UTF-8"
+        );
+        assert!(text.check(&[1, 2, 0, 0, 0, b'o', b'k']).is_ok());
     }
 }

@@ -23,10 +23,12 @@
 //! counts rows. Inputs are integers, floats or timestamps (decimals are refused: convert them to
 //! float64 upstream); a `UInt64` value past `i64::MAX` is skipped by all but `count`.
 //!
-//! Snapshots (state version 3) store group keys as [`flowgate_sdk::keys::KeyValue`]s, not as the
-//! packed bytes kept in memory ([`KeyPacker`]), which are no stable format, and the
-//! definition the windows were opened under (event time, size, slide, groups, aggregates): a
-//! step configured otherwise refuses that state, since its open windows would come out wrong.
+//! Snapshots (state version 4) store the definition the windows were opened under (event time,
+//! size, slide, groups, aggregates), then each open window's groups as they are held: the key
+//! packed as [`KeyPacker`] packs it and the accumulators as fixed-size little-endian fields, so
+//! taking the state at a checkpoint is a sort and a copy, not an encoding per value. A step
+//! configured otherwise refuses that state, since its open windows would come out wrong.
+//! Versions 2 and 3 (keys as [`flowgate_sdk::keys::KeyValue`]s, postcard) are still read.
 #![deny(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -122,6 +124,31 @@ struct Acc {
     count: i64,
 }
 
+/// Bytes of one [`Acc`] in a version-4 snapshot: its fields in order, little-endian.
+const ACC_BYTES: usize = 8 + 8 + 4 + 8;
+
+impl Acc {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.value.to_le_bytes());
+        out.extend_from_slice(&self.ts.to_le_bytes());
+        out.extend_from_slice(&self.ts_sub_ns.to_le_bytes());
+        out.extend_from_slice(&self.count.to_le_bytes());
+    }
+
+    fn get(bytes: &[u8; ACC_BYTES]) -> Acc {
+        let (value, rest) = bytes.split_at(8);
+        let (ts, rest) = rest.split_at(8);
+        let (ts_sub_ns, count) = rest.split_at(4);
+        let i64_at = |b: &[u8]| i64::from_le_bytes(b.try_into().unwrap_or_default());
+        Acc {
+            value: i64_at(value),
+            ts: i64_at(ts),
+            ts_sub_ns: u32::from_le_bytes(ts_sub_ns.try_into().unwrap_or_default()),
+            count: i64_at(count),
+        }
+    }
+}
+
 /// Event time at full precision: epoch ms, then nanoseconds within the millisecond.
 type EventTime = (i64, u32);
 
@@ -168,11 +195,42 @@ pub struct Window {
 /// with its accumulators, groups in key order.
 type SavedWindow = (i64, Vec<(Vec<KeyValue>, Vec<Acc>)>);
 
-/// A window's groups by reference: key (packed) and accumulators.
-type GroupRefs<'a> = Vec<(&'a [u8], &'a Vec<Acc>)>;
+/// Snapshot body, state version 4: this head (postcard), then each window in the order of its
+/// start: the start (`i64`) and its number of groups (`u64`), then each group in the order of
+/// its packed key's bytes: the key's length (`u32`), the key as [`KeyPacker`] packs it, and one
+/// [`Acc`] per aggregate ([`ACC_BYTES`] each); integers little-endian.
+#[derive(Serialize, Deserialize)]
+struct Head {
+    definition: String,
+    watermark: Option<i64>,
+    windows: u64,
+}
 
-/// Snapshot body, state version 3 (postcard). Version 2 lacked `definition`; version 1 held
-/// `arrow::row` bytes as keys.
+/// Reads a version-4 snapshot's fixed-size fields in order; running out is an error.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if n > self.bytes.len() {
+            return Err(Error::bad_input(format!(
+                "window state is corrupt: it ends {} bytes early",
+                n - self.bytes.len()
+            )));
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        Ok(self.take(N)?.try_into().unwrap_or([0; N]))
+    }
+}
+
+/// Snapshot body, state version 3 (postcard; still read). Version 2 lacked `definition`;
+/// version 1 held `arrow::row` bytes as keys.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct State {
     definition: String,
@@ -414,8 +472,9 @@ impl Transform for Window {
     type Config = Config;
     const NAME: &'static str = "window";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    /// 3: with the definition (2: keys as [`KeyValue`]s; 1 held `arrow::row` bytes).
-    const STATE_VERSION: u32 = 3;
+    /// 4: packed keys and fixed-size accumulators (3: keys as [`KeyValue`]s with the definition;
+    /// 2: without it; 1 held `arrow::row` bytes).
+    const STATE_VERSION: u32 = 4;
 
     fn create(config: Config, input: &SchemaRef) -> Result<(Self, SchemaRef)> {
         let defined = definition(&config);
@@ -684,14 +743,47 @@ impl Transform for Window {
     }
 
     fn snapshot(&self) -> Result<Vec<u8>> {
-        postcard::to_allocvec(&self.state()?)
-            .map_err(|e| Error::internal(format!("encoding state: {e}")))
+        let head = Head {
+            definition: self.definition.clone(),
+            watermark: self.watermark,
+            windows: self.windows.len() as u64,
+        };
+        let mut out = postcard::to_allocvec(&head)
+            .map_err(|e| Error::internal(format!("encoding state: {e}")))?;
+        let per_group = 4 + self.aggs.len() * ACC_BYTES;
+        let size: usize = self
+            .windows
+            .values()
+            .map(|g| 16 + g.len() * per_group + g.keys().map(|k| k.len()).sum::<usize>())
+            .sum();
+        // Room for the SDK's header too, so the state is framed in place.
+        out.reserve_exact(size + flowgate_sdk::STATE_HEADER);
+        let mut groups: Vec<(&[u8], &Vec<Acc>)> = Vec::new();
+        for (start, window) in &self.windows {
+            out.extend_from_slice(&start.to_le_bytes());
+            out.extend_from_slice(&(window.len() as u64).to_le_bytes());
+            // In key order, so that equal states give equal bytes.
+            groups.clear();
+            groups.extend(window.iter().map(|(k, a)| (k.as_ref(), a)));
+            groups.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (key, accs) in &groups {
+                let len = u32::try_from(key.len())
+                    .map_err(|_| Error::internal("a group key is over 4 GiB"))?;
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(key);
+                for acc in accs.iter() {
+                    acc.put(&mut out);
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn restore(&mut self, version: u32, state: &[u8]) -> Result<()> {
         let corrupt =
             |e: postcard::Error| Error::bad_input(format!("window state is corrupt: {e}"));
         let state = match version {
+            4 => return self.restore_flat(state),
             3 => postcard::from_bytes::<State>(state).map_err(corrupt)?,
             // Written before the definition was recorded: read as this step's (the aggregates
             // are still checked against what the state holds).
@@ -711,59 +803,88 @@ impl Transform for Window {
                 };
                 return Err(Error::bad_input(format!(
                     "window state version {version} was written by {by} plugin version; this one \
-                     reads state versions 2 and 3 (add `state: reset` to start the step empty)"
+                     reads state versions 2 to 4 (add `state: reset` to start the step empty)"
                 )));
             }
         };
-        if state.definition != self.definition {
-            return Err(Error::bad_input(format!(
-                "window state was written for `{}`; this step is configured `{}`: its open windows cannot be carried over (add `state: reset` to start the step empty)",
-                state.definition, self.definition
-            )));
-        }
+        self.same_definition(&state.definition)?;
         self.set_state(state)
     }
 }
 
 impl Window {
-    /// The state in its snapshot form: keys turned from packed bytes into [`KeyValue`]s, groups in
-    /// key order (so equal states give equal bytes).
-    fn state(&self) -> Result<State> {
-        let mut windows: Vec<(i64, GroupRefs)> = self
-            .windows
-            .iter()
-            .map(|(start, groups)| {
-                let mut groups: GroupRefs = groups.iter().map(|(k, a)| (k.as_ref(), a)).collect();
-                if let Some(packer) = &self.packer {
-                    groups.sort_unstable_by(|a, b| packer.cmp(a.0, b.0));
-                }
-                (*start, groups)
-            })
-            .collect();
-        let total: usize = windows.iter().map(|(_, g)| g.len()).sum();
-        let mut values = match &self.packer {
-            Some(packer) => windows
-                .iter()
-                .flat_map(|(_, g)| g.iter().map(|(k, _)| packer.values(k)))
-                .collect::<Result<Vec<_>>>()?,
-            None => vec![Vec::new(); total],
+    /// A state written for another definition is refused: its open windows would come out wrong.
+    fn same_definition(&self, definition: &str) -> Result<()> {
+        if definition == self.definition {
+            return Ok(());
         }
-        .into_iter();
-        let windows = windows
-            .drain(..)
-            .map(|(start, groups)| {
-                let groups = groups
-                    .into_iter()
-                    .map(|(_, accs)| (values.next().unwrap_or_default(), accs.clone()))
-                    .collect();
-                (start, groups)
-            })
-            .collect();
-        Ok(State {
-            definition: self.definition.clone(),
-            watermark: self.watermark,
-            windows,
-        })
+        Err(Error::bad_input(format!(
+            "window state was written for `{definition}`; this step is configured `{}`: its open windows cannot be carried over (add `state: reset` to start the step empty)",
+            self.definition
+        )))
+    }
+
+    /// Replaces the state with a version-4 snapshot's (see [`Head`]).
+    fn restore_flat(&mut self, state: &[u8]) -> Result<()> {
+        let (head, rest) = postcard::take_from_bytes::<Head>(state)
+            .map_err(|e| Error::bad_input(format!("window state is corrupt: {e}")))?;
+        self.same_definition(&head.definition)?;
+        let corrupt = |what: String| Error::bad_input(format!("window state is corrupt: {what}"));
+        let mut r = Reader { bytes: rest };
+        let aggs = self.aggs.len();
+        let mut restored: BTreeMap<i64, Groups> = BTreeMap::new();
+        for _ in 0..head.windows {
+            let start = i64::from_le_bytes(r.array()?);
+            let count = u64::from_le_bytes(r.array()?);
+            // Never more room than the bytes left could fill.
+            let fits = r.bytes.len() / (4 + aggs * ACC_BYTES).max(1);
+            let mut groups = Groups::default();
+            groups.reserve(usize::try_from(count).unwrap_or(usize::MAX).min(fits));
+            for _ in 0..count {
+                let len = u32::from_le_bytes(r.array()?) as usize;
+                let key = r.take(len)?;
+                match &self.packer {
+                    Some(packer) => packer.check(key).map_err(|e| {
+                        corrupt(format!(
+                            "a group key of window {}: {}",
+                            format_millis(start),
+                            e.message()
+                        ))
+                    })?,
+                    None if !key.is_empty() => {
+                        return Err(corrupt(format!(
+                            "window {} has a group key, but this step has no `group_by`",
+                            format_millis(start)
+                        )));
+                    }
+                    None => {}
+                }
+                let accs = (0..aggs)
+                    .map(|_| r.array::<ACC_BYTES>().map(|b| Acc::get(&b)))
+                    .collect::<Result<Vec<_>>>()?;
+                if groups.insert(key.into(), accs).is_some() {
+                    return Err(corrupt(format!(
+                        "window {} holds a group twice",
+                        format_millis(start)
+                    )));
+                }
+            }
+            if restored.insert(start, groups).is_some() {
+                return Err(corrupt(format!(
+                    "window {} is there twice",
+                    format_millis(start)
+                )));
+            }
+        }
+        if !r.bytes.is_empty() {
+            return Err(corrupt(format!(
+                "{} bytes past its last window",
+                r.bytes.len()
+            )));
+        }
+        self.watermark = head.watermark;
+        self.windows = restored;
+        Ok(())
     }
 
     /// Replaces the state with a decoded snapshot.

@@ -305,6 +305,29 @@ const GOLDEN_V3: &str = concat!(
     "66000280808080808080908001000002",
 );
 
+/// The same state as version 4 (packed keys, fixed-size accumulators).
+const GOLDEN_V4: &str = concat!(
+    "4647533104000000a1016576656e745f74696d653a2074732c2073697a653a20316d2c20736c6964",
+    "653a20316d2c2067726f75705f62793a205b73796d626f6c2c206e2c2061745d2c20616767726567",
+    "617465733a207b6e5f726f77733a207b636f756e743a202a7d2c206f70656e3a207b66697273743a",
+    "2070726963657d2c20636c6f73653a207b6c6173743a2070726963657d2c20746f74616c3a207b73",
+    "756d3a2070726963657d7d000200bb5d789a01000003000000000000000300000000000000000000",
+    "0000000000000000000000000000000001000000000000000000000000000840b8c65d789a010000",
+    "0000000001000000000000000000000000000840b8c65d789a010000000000000100000000000000",
+    "00000000000008400000000000000000000000000100000000000000180000000101000000410101",
+    "000000000000000101e8d3d362430600000000000000000000000000000000000000000002000000",
+    "000000000000000000001440e8be5d789a010000e80300000200000000000000000000000000f03f",
+    "e8be5d789a010000d007000002000000000000000000000000001840000000000000000000000000",
+    "0200000000000000180000000101000000420102000000000000000100e8d3d36243060000000000",
+    "0000000000000000000000000000000001000000000000000000000000000040d0c25d789a010000",
+    "0000000001000000000000000000000000000040d0c25d789a010000000000000100000000000000",
+    "0000000000000040000000000000000000000000010000000000000060a55e789a01000001000000",
+    "000000001800000001010000004101f9ffffffffffffff0100e8d3d3624306000000000000000000",
+    "0000000000000000000000000100000000000000000000000000104000b55e789a01000000000000",
+    "0100000000000000000000000000104000b55e789a01000000000000010000000000000000000000",
+    "000010400000000000000000000000000100000000000000",
+);
+
 #[test]
 fn state_opened_under_another_definition_is_refused() {
     let (mut w, _) = flowgate_sdk::create::<Window>(BARS, &keyed_ticks()).expect("create");
@@ -343,22 +366,81 @@ fn golden_snapshot_still_decodes() {
     let (mut w, _) = flowgate_sdk::create::<Window>(&config, &schema).expect("create");
     w.process(batch(&schema, BEFORE)).expect("process");
     let state = w.snapshot().expect("snapshot");
-    assert_eq!(hex(&state), GOLDEN_V3, "the snapshot layout changed");
+    assert_eq!(hex(&state), GOLDEN_V4, "the snapshot layout changed");
 
-    let (mut restored, _) = flowgate_sdk::create::<Window>(&config, &schema).expect("create");
-    restored.restore(&unhex(GOLDEN_V2)).expect("restore");
-    restored.process(batch(&schema, AFTER)).expect("process");
-    let mut out = restored
-        .on_watermark(T14 + 60_000)
-        .expect("watermark")
-        .batches;
-    out.extend(
-        restored
-            .on_watermark(T14 + 120_000)
+    for (version, golden) in [(2, GOLDEN_V2), (3, GOLDEN_V3), (4, GOLDEN_V4)] {
+        let (mut restored, _) = flowgate_sdk::create::<Window>(&config, &schema).expect("create");
+        restored.restore(&unhex(golden)).expect("restore");
+        // An older state, taken again, is the same state in today's layout.
+        assert_eq!(
+            hex(&restored.snapshot().expect("snapshot")),
+            GOLDEN_V4,
+            "version {version}"
+        );
+        restored.process(batch(&schema, AFTER)).expect("process");
+        let mut out = restored
+            .on_watermark(T14 + 60_000)
             .expect("watermark")
-            .batches,
-    );
-    assert_eq!(flowgate_sdk::testing::rows(&out), run_keyed(&config, false));
+            .batches;
+        out.extend(
+            restored
+                .on_watermark(T14 + 120_000)
+                .expect("watermark")
+                .batches,
+        );
+        assert_eq!(
+            flowgate_sdk::testing::rows(&out),
+            run_keyed(&config, false),
+            "version {version}"
+        );
+    }
+}
+
+/// A state cut short, padded, or with a key that is not one is refused as bad input, saying
+/// what is wrong, and never read as some other state or a panic.
+#[test]
+fn a_damaged_state_is_refused_as_bad_input() {
+    let config = keyed_config(r#"["symbol","n","at"]"#);
+    let schema = keyed();
+    let (mut w, _) = flowgate_sdk::create::<Window>(&config, &schema).expect("create");
+    w.process(batch(&schema, BEFORE)).expect("process");
+    let state = w.snapshot().expect("snapshot");
+    let fresh = || {
+        flowgate_sdk::create::<Window>(&config, &schema)
+            .expect("create")
+            .0
+    };
+    let refused = |bytes: &[u8]| -> String {
+        let err = fresh().restore(bytes).expect_err("refused");
+        assert!(matches!(err, Error::BadInput(_)), "{err}");
+        err.message().to_string()
+    };
+    // Past the SDK's header, every cut is refused.
+    for cut in flowgate_sdk::STATE_HEADER..state.len() {
+        let why = refused(&state[..cut]);
+        assert!(
+            why.contains("window state is corrupt"),
+            "cut at {cut}: {why}"
+        );
+    }
+    let mut padded = state.clone();
+    padded.push(0);
+    assert!(refused(&padded).contains("1 bytes past its last window"));
+    // The first group's key (after the SDK's header, the head, the first window's start and
+    // group count, and the key's length): its first column's tag made one no key has, then its
+    // string's length made longer than the key.
+    let (_, rest) = postcard::take_from_bytes::<crate::Head>(&state[flowgate_sdk::STATE_HEADER..])
+        .expect("head");
+    let key = state.len() - rest.len() + 16 + 4;
+    for (offset, byte) in [(0, 7u8), (1, 0xff)] {
+        let mut damaged = state.clone();
+        damaged[key + offset] = byte;
+        let why = refused(&damaged);
+        assert!(
+            why.contains("a group key of window 2025-11-12T14:00"),
+            "{why}"
+        );
+    }
 }
 
 #[test]
@@ -372,7 +454,7 @@ fn state_of_an_older_version_is_refused_by_name() {
     assert!(
         err.message()
             .contains("version 1 was written by an older plugin version")
-            && err.message().contains("reads state versions 2 and 3"),
+            && err.message().contains("reads state versions 2 to 4"),
         "{err}"
     );
 }

@@ -169,7 +169,7 @@ fn plugins_describe_themselves() {
         .info()
         .expect("info");
     assert_eq!(info.name, "window");
-    assert_eq!(info.state_version, 3);
+    assert_eq!(info.state_version, 4);
     let info = host
         .load(&common::plugin("flowgate_validate"))
         .expect("load")
