@@ -16,7 +16,7 @@
 //! survives across batches and snapshots; one value is kept per distinct key.
 //!
 //! Snapshots (state version 2) store keys as [`flowgate_sdk::keys::KeyValue`]s, not as the
-//! packed bytes kept in memory ([`KeyPacker`]), which are no stable format.
+//! packed bytes kept in memory ([`KeyPacker`]).
 #![deny(unsafe_code)]
 
 use std::collections::HashMap;

@@ -2,10 +2,11 @@
 //!
 //! Plugins that group rows keep keys in memory in any form: [`KeyPacker`] packs key columns into
 //! bytes that are cheap to hash and compare (and, unlike `arrow::row`, adds little to a plugin's
-//! `.wasm`). Those bytes are no stable format, and snapshots outlive a plugin build, so snapshots
-//! store keys as [`KeyValue`]s: one per key column, in a layout Flowgate defines (serialised by
-//! the plugin, e.g. with postcard). [`encode_rows`] turns key columns into values,
-//! [`decode_rows`] turns values back into columns of the key types.
+//! `.wasm`). Snapshots outlive a plugin build, so they store keys either as [`KeyValue`]s (one per
+//! key column, in a layout Flowgate defines, serialised by the plugin, e.g. with postcard) or as
+//! the packed bytes themselves, whose layout is pinned by a test (see [`KeyPacker`]; `window`
+//! does, recording the key columns' types beside them). [`encode_rows`] turns key columns into
+//! values, [`decode_rows`] turns values back into columns of the key types.
 //!
 //! Serialisers such as postcard write an enum's variant *index*: append new variants at the end,
 //! never reorder or remove one. Plugins pin the layout with golden snapshot tests.
@@ -462,7 +463,15 @@ fn read<'k>(data_type: &DataType, key: &'k [u8], at: &mut usize) -> Result<Packe
                     .map_err(|e| Error::internal(format!("a packed key is not UTF-8: {e}")))?,
             )
         }
-        DataType::Boolean => Packed::Bool(take::<1>(key, at)?[0] != 0),
+        DataType::Boolean => match take::<1>(key, at)? {
+            [0] => Packed::Bool(false),
+            [1] => Packed::Bool(true),
+            [other] => {
+                return Err(Error::internal(format!(
+                    "a packed key has a boolean byte {other} (0 or 1)"
+                )));
+            }
+        },
         DataType::Int8 => Packed::Int(i8::from_ne_bytes(take(key, at)?).into()),
         DataType::Int16 => Packed::Int(i16::from_ne_bytes(take(key, at)?).into()),
         DataType::Int32 | DataType::Date32 => {
@@ -1033,6 +1042,9 @@ mod tests {
             longer.push(0);
             assert!(packer.check(&longer).is_err(), "row {i} with a byte more");
         }
+        let flag = KeyPacker::new(&[DataType::Boolean]).expect("packer");
+        assert!(flag.check(&[1, 2]).is_err(), "a boolean is 0 or 1");
+        assert!(flag.check(&[1, 1]).is_ok() && flag.check(&[1, 0]).is_ok());
         let text = KeyPacker::new(&[DataType::Utf8]).expect("packer");
         assert!(
             text.check(&[1, 2, 0, 0, 0, 0xff, 0xfe]).is_err(),

@@ -24,10 +24,12 @@
 //! float64 upstream); a `UInt64` value past `i64::MAX` is skipped by all but `count`.
 //!
 //! Snapshots (state version 4) store the definition the windows were opened under (event time,
-//! size, slide, groups, aggregates), then each open window's groups as they are held: the key
-//! packed as [`KeyPacker`] packs it and the accumulators as fixed-size little-endian fields, so
-//! taking the state at a checkpoint is a sort and a copy, not an encoding per value. A step
-//! configured otherwise refuses that state, since its open windows would come out wrong.
+//! size, slide, groups, aggregates) and the group columns' types, then each open window's groups
+//! as they are held: the key packed as [`KeyPacker`] packs it and the accumulators as fixed-size
+//! little-endian fields, so taking the state at a checkpoint is a sort and a copy, not an
+//! encoding per value. A step configured otherwise refuses that state, since its open windows
+//! would come out wrong; one whose group columns have other types (µs timestamps become ms)
+//! converts the keys through their values, or refuses those that do not fit.
 //! Versions 2 and 3 (keys as [`flowgate_sdk::keys::KeyValue`]s, postcard) are still read.
 #![deny(unsafe_code)]
 
@@ -156,7 +158,8 @@ type Groups = HashMap<Box<[u8]>, Vec<Acc>, BuildHasherDefault<KeyHasher>>;
 
 /// Hashes group keys (a few bytes, packed by [`KeyPacker`]) with xxh3: the standard library's
 /// SipHash costs several times more per key, more so compiled to WebAssembly. Keys come from
-/// the pipeline's own data, and hash order never shows: output and snapshots sort groups by key.
+/// the pipeline's own data, and hash order never shows: output sorts groups by key, snapshots by
+/// the key's packed bytes.
 #[derive(Default)]
 struct KeyHasher(u64);
 
@@ -178,7 +181,8 @@ pub struct Window {
     size: i64,
     slide: i64,
     group_columns: Vec<usize>,
-    /// Types of the `group_by` columns, to rebuild keys from a snapshot.
+    /// Types of the `group_by` columns: recorded in snapshots, and to rebuild keys from one
+    /// packed for other types or stored as values.
     group_types: Vec<DataType>,
     /// Packs the `group_by` columns (`None`: no groups).
     packer: Option<KeyPacker>,
@@ -197,11 +201,14 @@ type SavedWindow = (i64, Vec<(Vec<KeyValue>, Vec<Acc>)>);
 
 /// Snapshot body, state version 4: this head (postcard), then each window in the order of its
 /// start: the start (`i64`) and its number of groups (`u64`), then each group in the order of
-/// its packed key's bytes: the key's length (`u32`), the key as [`KeyPacker`] packs it, and one
-/// [`Acc`] per aggregate ([`ACC_BYTES`] each); integers little-endian.
+/// its packed key's bytes: the key's length (`u32`), the key as [`KeyPacker`] packs it (for the
+/// head's `key_types`), and one [`Acc`] per aggregate ([`ACC_BYTES`] each); starts, counts,
+/// lengths and accumulators little-endian.
 #[derive(Serialize, Deserialize)]
 struct Head {
     definition: String,
+    /// The `group_by` columns' types the keys were packed for (arrow's `DataType` as text).
+    key_types: Vec<String>,
     watermark: Option<i64>,
     windows: u64,
 }
@@ -745,6 +752,7 @@ impl Transform for Window {
     fn snapshot(&self) -> Result<Vec<u8>> {
         let head = Head {
             definition: self.definition.clone(),
+            key_types: self.group_types.iter().map(DataType::to_string).collect(),
             watermark: self.watermark,
             windows: self.windows.len() as u64,
         };
@@ -824,33 +832,67 @@ impl Window {
         )))
     }
 
-    /// Replaces the state with a version-4 snapshot's (see [`Head`]).
+    /// Replaces the state with a version-4 snapshot's (see [`Head`]). Keys packed for the
+    /// `group_by` types of this step are taken as they are; keys packed for other types (the
+    /// input schema changed, say from µs to ms timestamps) go through their values, as a
+    /// version-3 state's do, and are refused the same way if they do not fit.
     fn restore_flat(&mut self, state: &[u8]) -> Result<()> {
-        let (head, rest) = postcard::take_from_bytes::<Head>(state)
-            .map_err(|e| Error::bad_input(format!("window state is corrupt: {e}")))?;
-        self.same_definition(&head.definition)?;
         let corrupt = |what: String| Error::bad_input(format!("window state is corrupt: {what}"));
+        let (head, rest) =
+            postcard::take_from_bytes::<Head>(state).map_err(|e| corrupt(e.to_string()))?;
+        self.same_definition(&head.definition)?;
+        let stored = head
+            .key_types
+            .iter()
+            .map(|t| {
+                t.parse::<DataType>()
+                    .map_err(|e| corrupt(format!("key type `{t}`: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if stored.len() != self.group_types.len() {
+            return Err(corrupt(format!(
+                "{} key types for {} `group_by` columns",
+                stored.len(),
+                self.group_types.len()
+            )));
+        }
+        let convert = stored != self.group_types;
+        let packer = match (convert, stored.is_empty()) {
+            (_, true) => None,
+            (false, false) => self.packer.clone(),
+            (true, false) => {
+                Some(KeyPacker::new(&stored).map_err(|e| corrupt(e.message().into()))?)
+            }
+        };
         let mut r = Reader { bytes: rest };
         let aggs = self.aggs.len();
         let mut restored: BTreeMap<i64, Groups> = BTreeMap::new();
+        let mut saved: Vec<SavedWindow> = Vec::new();
         for _ in 0..head.windows {
             let start = i64::from_le_bytes(r.array()?);
             let count = u64::from_le_bytes(r.array()?);
             // Never more room than the bytes left could fill.
             let fits = r.bytes.len() / (4 + aggs * ACC_BYTES).max(1);
+            let room = usize::try_from(count).unwrap_or(usize::MAX).min(fits);
             let mut groups = Groups::default();
-            groups.reserve(usize::try_from(count).unwrap_or(usize::MAX).min(fits));
+            let mut values = Vec::new();
+            if convert {
+                values.reserve(room);
+            } else {
+                groups.reserve(room);
+            }
             for _ in 0..count {
                 let len = u32::from_le_bytes(r.array()?) as usize;
                 let key = r.take(len)?;
-                match &self.packer {
-                    Some(packer) => packer.check(key).map_err(|e| {
-                        corrupt(format!(
-                            "a group key of window {}: {}",
-                            format_millis(start),
-                            e.message()
-                        ))
-                    })?,
+                let bad_key = |e: Error| {
+                    corrupt(format!(
+                        "a group key of window {}: {}",
+                        format_millis(start),
+                        e.message()
+                    ))
+                };
+                match &packer {
+                    Some(packer) => packer.check(key).map_err(bad_key)?,
                     None if !key.is_empty() => {
                         return Err(corrupt(format!(
                             "window {} has a group key, but this step has no `group_by`",
@@ -862,16 +904,29 @@ impl Window {
                 let accs = (0..aggs)
                     .map(|_| r.array::<ACC_BYTES>().map(|b| Acc::get(&b)))
                     .collect::<Result<Vec<_>>>()?;
-                if groups.insert(key.into(), accs).is_some() {
+                if convert {
+                    let key = match &packer {
+                        Some(packer) => packer.values(key).map_err(bad_key)?,
+                        None => Vec::new(),
+                    };
+                    values.push((key, accs));
+                } else if groups.insert(key.into(), accs).is_some() {
                     return Err(corrupt(format!(
                         "window {} holds a group twice",
                         format_millis(start)
                     )));
                 }
             }
-            if restored.insert(start, groups).is_some() {
+            let twice = if convert {
+                let twice = saved.last().is_some_and(|(s, _)| *s >= start);
+                saved.push((start, values));
+                twice
+            } else {
+                restored.insert(start, groups).is_some()
+            };
+            if twice {
                 return Err(corrupt(format!(
-                    "window {} is there twice",
+                    "window {} is there twice or out of order",
                     format_millis(start)
                 )));
             }
@@ -881,6 +936,13 @@ impl Window {
                 "{} bytes past its last window",
                 r.bytes.len()
             )));
+        }
+        if convert {
+            return self.set_state(State {
+                definition: head.definition,
+                watermark: head.watermark,
+                windows: saved,
+            });
         }
         self.watermark = head.watermark;
         self.windows = restored;
