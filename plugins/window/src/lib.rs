@@ -867,32 +867,24 @@ impl Window {
         let mut r = Reader { bytes: rest };
         let aggs = self.aggs.len();
         let mut restored: BTreeMap<i64, Groups> = BTreeMap::new();
-        let mut saved: Vec<SavedWindow> = Vec::new();
         for _ in 0..head.windows {
             let start = i64::from_le_bytes(r.array()?);
             let count = u64::from_le_bytes(r.array()?);
             // Never more room than the bytes left could fill.
             let fits = r.bytes.len() / (4 + aggs * ACC_BYTES).max(1);
-            let room = usize::try_from(count).unwrap_or(usize::MAX).min(fits);
             let mut groups = Groups::default();
-            let mut values = Vec::new();
-            if convert {
-                values.reserve(room);
-            } else {
-                groups.reserve(room);
-            }
+            groups.reserve(usize::try_from(count).unwrap_or(usize::MAX).min(fits));
             for _ in 0..count {
                 let len = u32::from_le_bytes(r.array()?) as usize;
                 let key = r.take(len)?;
-                let bad_key = |e: Error| {
-                    corrupt(format!(
-                        "a group key of window {}: {}",
-                        format_millis(start),
-                        e.message()
-                    ))
-                };
                 match &packer {
-                    Some(packer) => packer.check(key).map_err(bad_key)?,
+                    Some(packer) => packer.check(key).map_err(|e| {
+                        corrupt(format!(
+                            "a group key of window {}: {}",
+                            format_millis(start),
+                            e.message()
+                        ))
+                    })?,
                     None if !key.is_empty() => {
                         return Err(corrupt(format!(
                             "window {} has a group key, but this step has no `group_by`",
@@ -904,29 +896,16 @@ impl Window {
                 let accs = (0..aggs)
                     .map(|_| r.array::<ACC_BYTES>().map(|b| Acc::get(&b)))
                     .collect::<Result<Vec<_>>>()?;
-                if convert {
-                    let key = match &packer {
-                        Some(packer) => packer.values(key).map_err(bad_key)?,
-                        None => Vec::new(),
-                    };
-                    values.push((key, accs));
-                } else if groups.insert(key.into(), accs).is_some() {
+                if groups.insert(key.into(), accs).is_some() {
                     return Err(corrupt(format!(
                         "window {} holds a group twice",
                         format_millis(start)
                     )));
                 }
             }
-            let twice = if convert {
-                let twice = saved.last().is_some_and(|(s, _)| *s >= start);
-                saved.push((start, values));
-                twice
-            } else {
-                restored.insert(start, groups).is_some()
-            };
-            if twice {
+            if restored.insert(start, groups).is_some() {
                 return Err(corrupt(format!(
-                    "window {} is there twice or out of order",
+                    "window {} is there twice",
                     format_millis(start)
                 )));
             }
@@ -937,11 +916,22 @@ impl Window {
                 r.bytes.len()
             )));
         }
-        if convert {
+        if let (true, Some(packer)) = (convert, &packer) {
+            // Packed for other types: through the keys' values, as a version-3 state.
+            let windows = restored
+                .into_iter()
+                .map(|(start, groups)| {
+                    let groups = groups
+                        .into_iter()
+                        .map(|(key, accs)| Ok((packer.values(&key)?, accs)))
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok((start, groups))
+                })
+                .collect::<Result<Vec<SavedWindow>>>()?;
             return self.set_state(State {
                 definition: head.definition,
                 watermark: head.watermark,
-                windows: saved,
+                windows,
             });
         }
         self.watermark = head.watermark;

@@ -359,14 +359,20 @@ fn state_opened_under_another_definition_is_refused() {
     same.restore(&state).expect("the same definition restores");
 }
 
+/// The state of a step configured `config` after `BEFORE` (the `keyed` schema).
+fn state_after_before(config: &str) -> Vec<u8> {
+    let schema = keyed();
+    let (mut w, _) = flowgate_sdk::create::<Window>(config, &schema).expect("create");
+    w.process(batch(&schema, BEFORE)).expect("process");
+    w.snapshot().expect("snapshot")
+}
+
 #[test]
 fn golden_snapshot_still_decodes() {
     use flowgate_sdk::testing::{hex, unhex};
     let config = keyed_config(r#"["symbol","n","at"]"#);
     let schema = keyed();
-    let (mut w, _) = flowgate_sdk::create::<Window>(&config, &schema).expect("create");
-    w.process(batch(&schema, BEFORE)).expect("process");
-    let state = w.snapshot().expect("snapshot");
+    let state = state_after_before(&config);
     assert_eq!(hex(&state), GOLDEN_V4, "the snapshot layout changed");
 
     for (version, golden) in [(2, GOLDEN_V2), (3, GOLDEN_V3), (4, GOLDEN_V4)] {
@@ -403,9 +409,7 @@ fn golden_snapshot_still_decodes() {
 fn a_damaged_state_is_refused_as_bad_input() {
     let config = keyed_config(r#"["symbol","n","at"]"#);
     let schema = keyed();
-    let (mut w, _) = flowgate_sdk::create::<Window>(&config, &schema).expect("create");
-    w.process(batch(&schema, BEFORE)).expect("process");
-    let state = w.snapshot().expect("snapshot");
+    let state = state_after_before(&config);
     let fresh = || {
         flowgate_sdk::create::<Window>(&config, &schema)
             .expect("create")
