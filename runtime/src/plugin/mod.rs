@@ -8,6 +8,7 @@
 mod cache;
 mod chain;
 mod error;
+mod printed;
 mod step;
 mod ticker;
 

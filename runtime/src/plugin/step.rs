@@ -17,6 +17,7 @@ use wasmtime_wasi::{
 use super::bindings::flowgate::plugin::{log, types};
 use super::bindings::{self, PluginPre};
 use super::incremental_bindings::exports::flowgate::plugin::incremental;
+use super::printed::Printed;
 use super::ticker::Ticker;
 use super::{EPOCH_TICK, HostConfig, PluginError, PluginFault, PluginInfo};
 use flowgate_sdk::columns::describe_schema;
@@ -85,6 +86,8 @@ pub(crate) struct HostState {
     plugin: Arc<str>,
     /// What the plugin's panic hook reported (message and source line) in the current call.
     panic: Option<String>,
+    /// What the plugin printed on stdout and stderr since the last call ended.
+    printed: Printed,
 }
 
 /// How the SDK's panic hook starts the log line it hands the host before the trap.
@@ -158,6 +161,8 @@ impl Loaded {
         if !grants.clock {
             wasi.wall_clock(StoppedClock).monotonic_clock(StoppedClock);
         }
+        let printed = Printed::default();
+        wasi.stdout(printed.clone()).stderr(printed.clone());
         let state = HostState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
@@ -169,6 +174,7 @@ impl Loaded {
             step: step.into(),
             plugin: self.name.as_str().into(),
             panic: None,
+            printed,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.cap);
@@ -195,7 +201,11 @@ impl Loaded {
             .pre
             .instance_pre()
             .instantiate(&mut store)
-            .map_err(invalid)?;
+            .map_err(|e| match store.data().printed.take() {
+                // A trap in the start code: what the plugin printed says why.
+                Some(printed) => invalid(e.context(format!("the plugin printed: {printed}"))),
+                None => invalid(e),
+            })?;
         let plugin = bindings::Plugin::new(&mut store, &instance).map_err(invalid)?;
         let incremental = match &self.incremental {
             Some(indices) => Some(indices.load(&mut store, &instance).map_err(invalid)?),
@@ -218,6 +228,7 @@ impl Loaded {
             .flowgate_plugin_transform()
             .call_info(&mut store)
             .map_err(|e| classify(e, &store, &self.name, "info", "info", &self.config))?;
+        log_printed("info", &self.name, store.data().printed.take());
         Ok(PluginInfo {
             name: info.name,
             version: info.version,
@@ -240,7 +251,9 @@ fn classify(
     config: &HostConfig,
 ) -> PluginError {
     let (plugin, step) = (plugin.to_string(), step.to_string());
+    let printed = store.data().printed.take();
     if let Some(requested) = store.data().cap.refused {
+        log_printed(&step, &plugin, printed);
         return PluginError::MemoryLimit {
             plugin,
             step,
@@ -250,6 +263,7 @@ fn classify(
         };
     }
     if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        log_printed(&step, &plugin, printed);
         return PluginError::Timeout {
             plugin,
             step,
@@ -258,20 +272,36 @@ fn classify(
         };
     }
     // A panic names its message and source line (the SDK's hook told the host); any other trap
-    // its cause. The wasm backtrace, frames of `<wasm function N>` in a release build, helps no
-    // one reading the error: it goes to the debug log.
+    // its cause, and what the plugin printed before it: a JavaScript exception or a Python
+    // traceback is printed on stderr, and then the guest traps. The wasm backtrace, frames of
+    // `<wasm function N>` in a release build, helps no one reading the error: it goes to the
+    // debug log.
     tracing::debug!(step, plugin, "trap: {e:?}");
-    let message = match &store.data().panic {
-        Some(panic) => format!("the plugin {panic}"),
-        None => e
-            .downcast_ref::<Trap>()
-            .map_or_else(|| format!("{e}"), |trap| format!("{trap}")),
+    let message = match (&store.data().panic, printed) {
+        (Some(panic), _) => format!("the plugin {panic}"),
+        (None, printed) => {
+            let trap = e
+                .downcast_ref::<Trap>()
+                .map_or_else(|| format!("{e}"), |trap| format!("{trap}"));
+            match printed {
+                Some(printed) => format!("{trap}, after the plugin printed: {printed}"),
+                None => trap,
+            }
+        }
     };
     PluginError::Trap {
         plugin,
         step,
         call,
         message,
+    }
+}
+
+/// Logs what a plugin printed during a call that did not trap, once, as a warning with the
+/// step's name.
+fn log_printed(step: &str, plugin: &str, printed: Option<String>) {
+    if let Some(printed) = printed {
+        tracing::warn!(step, plugin, "the plugin printed: {printed}");
     }
 }
 
@@ -395,6 +425,9 @@ impl Instance {
             &schema_bytes,
         );
         drop(running);
+        if created.is_ok() {
+            log_printed(name, &loaded.name, store.data().printed.take());
+        }
         let (transformer, output_bytes) = match created {
             Ok(Ok(created)) => created,
             Ok(Err(e)) => {
@@ -456,6 +489,9 @@ impl Instance {
         self.store.data_mut().panic = None;
         let result = f(&mut self.store, &self.bindings, self.transformer);
         drop(running);
+        if result.is_ok() {
+            log_printed(step, &self.loaded.name, self.store.data().printed.take());
+        }
         match result {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(PluginError::Plugin {

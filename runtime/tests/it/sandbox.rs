@@ -107,6 +107,65 @@ fn panics_with_its_message(compile: Compile) {
 }
 
 #[test]
+fn what_a_plugin_printed_before_it_trapped_is_in_the_error_once() {
+    // A JavaScript exception or a Python traceback is printed on stderr and then the guest
+    // traps: the trap alone says only "unreachable". The test plugin does the same in Rust.
+    let host = common::host();
+    let (schema, _) = input();
+    let plugin = host
+        .load(&common::plugin("flowgate_test_panic"))
+        .expect("load");
+    let mut step = plugin
+        .instantiate("prices", "{}", &schema, Grants::default())
+        .expect("create");
+    // Printed in a call that did not trap: logged, not kept for a later error.
+    step.process(&symbols(&["CHATTY", "A"])).expect("no trap");
+    let err = step
+        .process(&symbols(&["A", "SHOUT"]))
+        .expect_err("the plugin aborts");
+    assert!(matches!(err, PluginError::Trap { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("step `prices` (plugin `flowgate_test_panic`) trapped in process: wasm trap: wasm `unreachable` instruction executed, after the plugin printed: Traceback (most recent call last):\nValueError: row 1 is shouting;"),
+        "{text}"
+    );
+    assert!(!text.contains("chatty"), "an earlier call's output: {text}");
+    assert_eq!(text.matches("shouting").count(), 1, "once: {text}");
+}
+
+#[test]
+fn a_poison_row_s_dead_letter_reason_carries_what_the_plugin_printed() {
+    use flowgate::config::OnError;
+    use flowgate::plugin::Chain;
+    let host = common::host();
+    let (schema, _) = input();
+    let plugin = host
+        .load(&common::plugin("flowgate_test_panic"))
+        .expect("load");
+    let step = plugin
+        .instantiate("guard", "{}", &schema, Grants::default())
+        .expect("create");
+    let mut chain = Chain::new(vec![step]).with_policies(vec![OnError::DeadLetter]);
+    let values = ["A", "B", "SHOUT", "C", "CHATTY", "D", "E", "F"];
+    let out = chain
+        .process(symbols(&values))
+        .expect("isolated, not failed");
+    let through: usize = out.batches.iter().map(RecordBatch::num_rows).sum();
+    assert_eq!(through, values.len() - 1);
+    assert_eq!(out.rejected.len(), 1);
+    let rejected = &out.rejected[0];
+    assert_eq!(rejected.indices, vec![2], "exactly the row that shouted");
+    // Bisection runs the row alone: its own index in that batch is 0.
+    assert_eq!(
+        rejected.reasons,
+        vec![
+            "the plugin trapped on this row: wasm trap: wasm `unreachable` instruction executed, after the plugin printed: Traceback (most recent call last):\nValueError: row 0 is shouting"
+                .to_string()
+        ]
+    );
+}
+
+#[test]
 fn a_plugin_past_its_memory_cap_fails_and_the_host_carries_on() {
     for compile in common::COMPILERS {
         hogs_memory_and_the_host_carries_on(compile);

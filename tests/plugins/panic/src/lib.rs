@@ -1,6 +1,8 @@
 //! Panics on a row whose `symbol` is `POISON` (an `unwrap` on a missing value, as a plugin author
 //! might write): the host must report the panic's message and source line, not a backtrace of
-//! `<wasm function N>` frames. It keeps state, the number of rows it passed on (its snapshot), so
+//! `<wasm function N>` frames. On a row whose `symbol` is `SHOUT` it prints to stderr and then
+//! aborts, as a JavaScript or Python plugin does on an uncaught exception: the host must put what
+//! it printed in the trap's error. On `CHATTY` it prints and carries on. It keeps state, the number of rows it passed on (its snapshot), so
 //! the poison-record tests can tell whether a rebuilt instance ends where it should.
 use flowgate_sdk::prelude::*;
 
@@ -23,6 +25,15 @@ impl Transform for Panic {
     fn process(&mut self, batch: RecordBatch) -> Result<Output> {
         let symbols = batch.column(0).as_string::<i32>();
         for i in 0..batch.num_rows() {
+            match symbols.value(i) {
+                "SHOUT" => {
+                    eprintln!("Traceback (most recent call last):");
+                    eprintln!("ValueError: row {i} is shouting");
+                    std::process::abort();
+                }
+                "CHATTY" => eprintln!("row {i} is chatty"),
+                _ => {}
+            }
             let price: Option<f64> = (symbols.value(i) != "POISON").then_some(1.0);
             #[allow(clippy::unwrap_used)] // the point of this plugin
             std::hint::black_box(price.unwrap());
