@@ -1,0 +1,1 @@
+"""The Flowgate plugin SDK for Python (componentize-py); `arrow` is its Arrow IPC codec."""
