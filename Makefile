@@ -5,9 +5,11 @@ PYTHON       ?= python3
 WASM_TARGET  := wasm32-wasip2
 PLUGIN_DIR   := target/$(WASM_TARGET)/plugin
 PLUGINS      := flowgate-validate flowgate-dedup flowgate-window flowgate-pct-change
-TEST_PLUGINS := flowgate-test-spin flowgate-test-hog flowgate-test-escape flowgate-test-badschema flowgate-test-panic flowgate-test-plain
+TEST_PLUGINS := flowgate-test-spin flowgate-test-hog flowgate-test-escape flowgate-test-badschema flowgate-test-panic flowgate-test-plain flowgate-test-ema
 VENV         := .venv
 BENCH_VENV   := .venv-bench
+# The JavaScript SDK (plugins/sdk-js): its packages from the npm registry, pinned by its lock file.
+JS_SDK       := plugins/sdk-js
 BENCH_ARGS   ?=
 # The tests' broker: Tansu built at opt-level 1 into its own folder, which makes a cold build of it
 # faster than a release one; the benchmark keeps a full release one (`make broker`).
@@ -18,7 +20,7 @@ E2E_WORKERS  ?= 2
 
 export FLOWGATE_PLUGIN_DIR := $(CURDIR)/$(PLUGIN_DIR)
 
-.PHONY: help setup venv plugins test-plugins build install test lint fmt run plugin-demo bench bench-plugin-loop broker test-broker chaos fuzz clean
+.PHONY: help setup venv js-sdk js-test-plugins plugins test-plugins build install test lint fmt run plugin-demo bench bench-plugin-loop broker test-broker chaos fuzz clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,11 +35,31 @@ $(VENV)/.installed: tests/e2e/requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
 	touch $@
 
+js-sdk: $(JS_SDK)/node_modules/.installed ## The JavaScript SDK's packages (apache-arrow, esbuild, componentize-js) from the npm registry.
+
+$(JS_SDK)/node_modules/.installed: $(JS_SDK)/package.json $(JS_SDK)/package-lock.json
+	cd $(JS_SDK) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 plugins: setup ## Build the four stock plugins to target/wasm32-wasip2/plugin/*.wasm.
 	$(CARGO) build --target $(WASM_TARGET) --profile plugin $(addprefix -p ,$(PLUGINS))
 
 test-plugins: setup ## Build the misbehaving plugins the sandbox tests use (never shipped).
 	$(CARGO) build --target $(WASM_TARGET) --profile plugin $(addprefix -p ,$(TEST_PLUGINS))
+
+# Test plugins written with the JavaScript SDK (tests/plugins-js/NAME/plugin.js →
+# $(PLUGIN_DIR)/flowgate_test_NAME_js.wasm), rebuilt when they or the SDK change.
+JS_TEST_PLUGINS := $(PLUGIN_DIR)/flowgate_test_ema_js.wasm $(PLUGIN_DIR)/flowgate_test_filter_js.wasm
+js-test-plugins: $(JS_TEST_PLUGINS) ## Build the test plugins written in JavaScript (never shipped).
+
+# The price filter `plugin new --lang js` writes, built from its template (for the benchmark).
+$(PLUGIN_DIR)/flowgate_test_filter_js.wasm: $(JS_SDK)/template/src/plugin.js $(JS_SDK)/flowgate.js $(JS_SDK)/build.mjs wit/flowgate.wit $(JS_SDK)/node_modules/.installed
+	mkdir -p target/js-filter/src
+	sed -e 's/{{name}}/filter/' -e 's|"../flowgate/flowgate.js"|"../../../$(JS_SDK)/flowgate.js"|' $< > target/js-filter/src/plugin.js
+	node $(JS_SDK)/build.mjs --entry target/js-filter/src/plugin.js --out $@ --wit wit
+
+$(PLUGIN_DIR)/flowgate_test_%_js.wasm: tests/plugins-js/%/plugin.js $(JS_SDK)/flowgate.js $(JS_SDK)/build.mjs wit/flowgate.wit $(JS_SDK)/node_modules/.installed
+	node $(JS_SDK)/build.mjs --entry $< --out $@ --wit wit
 
 build: plugins ## Build the host and the stock plugins.
 	$(CARGO) build -p flowgate
@@ -45,7 +67,9 @@ build: plugins ## Build the host and the stock plugins.
 install: plugins ## Install the release `flowgate` binary into ~/.cargo/bin (on your PATH with rustup).
 	$(CARGO) install --locked --path runtime
 
-test: plugins test-plugins venv ## Every test: unit tests, host tests on the real .wasm, end-to-end pipelines read back by Python.
+test: plugins test-plugins js-test-plugins venv ## Every test: unit tests, host tests on the real .wasm, end-to-end pipelines read back by Python.
+	cd $(JS_SDK) && node --test test/
+	$(VENV)/bin/python -m pytest -q plugins/sdk-python/tests
 	$(CARGO) test --workspace
 	$(CARGO) build -p flowgate
 	$(VENV)/bin/python -m pytest -q -n $(E2E_WORKERS) --durations=0 --durations-min=2 tests/e2e

@@ -1,9 +1,10 @@
-//! `flowgate plugin new NAME`: a plugin crate that builds on its own, anywhere.
+//! `flowgate plugin new NAME [--lang rust|js]`: a plugin project that builds on its own,
+//! anywhere.
 //!
-//! The SDK is vendored into the new crate (`vendor/flowgate-sdk/`, with the WIT contract in
-//! `wit/`), copied from the SDK this binary was built with: the crate needs nothing from this
-//! repository, no git access, and its contract matches the host that made it. A newer host
-//! refreshes the copy with `flowgate plugin new NAME --sdk-only`.
+//! The SDK is vendored into the new project (Rust: `vendor/flowgate-sdk/`; JavaScript:
+//! `flowgate/`; the WIT contract in `wit/`), copied from the SDK this binary was built with: the
+//! project needs nothing from this repository, no git access, and its contract matches the host
+//! that made it. A newer host refreshes the copy with `flowgate plugin new NAME --sdk-only`.
 
 use std::path::{Path, PathBuf};
 
@@ -19,9 +20,22 @@ pub struct NewArgs {
     /// The folder to create (default: ./NAME).
     #[arg(long, value_name = "DIR")]
     path: Option<PathBuf>,
-    /// Only write (or refresh) the vendored SDK and WIT contract in an existing plugin crate.
+    /// The plugin's language.
+    #[arg(long, value_enum, default_value_t = Lang::Rust)]
+    lang: Lang,
+    /// Only write (or refresh) the vendored SDK and WIT contract in an existing plugin project.
     #[arg(long)]
     sdk_only: bool,
+}
+
+/// The languages `flowgate plugin new` writes a project in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lang {
+    /// A Rust crate over the Rust SDK (`cargo build --target wasm32-wasip2`).
+    Rust,
+    /// A JavaScript package over the JavaScript SDK and `apache-arrow` (npm, esbuild,
+    /// componentize-js).
+    Js,
 }
 
 /// The SDK's sources, as this binary was built with them.
@@ -75,6 +89,29 @@ const SDK_FILES: &[(&str, &str)] = &[
         include_str!("../../../plugins/sdk/src/transform.rs"),
     ),
 ];
+
+/// The JavaScript SDK, vendored into a JavaScript plugin as `flowgate/`.
+const JS_SDK_FILES: &[(&str, &str)] = &[
+    (
+        "flowgate/flowgate.js",
+        include_str!("../../../plugins/sdk-js/flowgate.js"),
+    ),
+    (
+        "flowgate/testing.js",
+        include_str!("../../../plugins/sdk-js/testing.js"),
+    ),
+    (
+        "flowgate/build.mjs",
+        include_str!("../../../plugins/sdk-js/build.mjs"),
+    ),
+];
+
+/// The JavaScript scaffold's plugin and its test (`{{name}}` is the plugin's name).
+const JS_PLUGIN: &str = include_str!("../../../plugins/sdk-js/template/src/plugin.js");
+const JS_TEST: &str = include_str!("../../../plugins/sdk-js/template/test/plugin.test.js");
+
+/// The versions the JavaScript SDK is built and tested with (`plugins/sdk-js/package.json`).
+const JS_SDK_MANIFEST: &str = include_str!("../../../plugins/sdk-js/package.json");
 
 /// The WIT contract the host implements.
 const WIT: &str = include_str!("../../../wit/flowgate.wit");
@@ -255,6 +292,95 @@ const SAMPLE_SCHEMA: &str = "symbol: utf8\nprice: float64\nts: timestamp\n";
 
 const SAMPLE_CONFIG: &str = "column: price\nmin: 10\n";
 
+/// A JavaScript plugin's `package.json`: the SDK's dependencies, at the versions it is tested
+/// with.
+fn js_manifest(name: &str) -> anyhow::Result<String> {
+    let sdk: serde_json::Value = serde_json::from_str(JS_SDK_MANIFEST)
+        .map_err(|e| anyhow::anyhow!("the JavaScript SDK's package.json: {e}"))?;
+    let manifest = serde_json::json!({
+        "name": name,
+        "version": "0.1.0",
+        "private": true,
+        "type": "module",
+        "scripts": {
+            "build": "node flowgate/build.mjs",
+            "test": "node --test test/"
+        },
+        "dependencies": sdk["dependencies"],
+        "devDependencies": sdk["devDependencies"],
+    });
+    Ok(serde_json::to_string_pretty(&manifest)? + "\n")
+}
+
+fn js_readme(name: &str, lib_name: &str, dir: &str) -> String {
+    format!(
+        r#"# {name}
+
+A Flowgate transform plugin in JavaScript. With node 20 or newer:
+
+```sh
+npm install                                         # once: apache-arrow, esbuild, componentize-js
+npm run build                                       # → dist/{lib_name}.wasm
+flowgate plugin test dist/{lib_name}.wasm \
+    --config sample/config.yaml --schema sample/schema.yaml --input sample/input.jsonl
+npm test                                            # the plugin's logic, under node
+```
+
+Add it to a pipeline (a relative `plugin:` path is relative to the pipeline file):
+
+```yaml
+transforms:
+  - name: {lib_name}
+    plugin: {dir}/dist/{lib_name}.wasm
+    config:
+      column: price
+      min: 10
+```
+
+`src/plugin.js` is the plugin; `flowgate/` is the Flowgate JavaScript SDK and its build script,
+and `wit/` the contract, as this project was made with (`flowgate plugin new {name} --lang js
+--path . --sdk-only` refreshes them from a newer Flowgate). A running pipeline picks up a rebuilt
+`.wasm` without a restart when its file changes.
+
+What to know:
+
+- Columns are typed arrays: `batch.float64("price").values` is a `Float64Array`, int64 columns
+  and µs timestamps are `BigInt64Array`s (exact; apache-arrow's own `get` on a timestamp gives
+  float milliseconds). `batch.filter(keep)` and `batch.take(rows)` build the output.
+- `output.reject(row, reason)` sends the row to the dead letter and takes it out of the batch it
+  came in.
+- Throw `invalidConfig(key, text)`, `badInput(text)` or `internal(text)` for the contract's
+  errors. Any other exception is a bug: its stack is printed, the call traps, and Flowgate
+  reports what was printed with the step's name (and isolates the row it failed on).
+- The component is 17 MB (SpiderMonkey runs the code interpreted) and takes seconds to compile
+  on first load; Flowgate caches the compiled code.
+"#
+    )
+}
+
+/// Writes the vendored JavaScript SDK and the WIT contract under `root`.
+fn write_js_sdk(root: &Path) -> anyhow::Result<()> {
+    for (rel, text) in JS_SDK_FILES {
+        write(root, rel, text)?;
+    }
+    write(root, "wit/flowgate.wit", WIT)
+}
+
+/// Writes a JavaScript plugin project.
+fn new_js(root: &Path, name: &str, lib_name: &str) -> anyhow::Result<()> {
+    write(root, "package.json", &js_manifest(name)?)?;
+    write(root, "src/plugin.js", &JS_PLUGIN.replace("{{name}}", name))?;
+    write(root, "test/plugin.test.js", JS_TEST)?;
+    let absolute = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    write(
+        root,
+        "README.md",
+        &js_readme(name, lib_name, &absolute.display().to_string()),
+    )?;
+    write(root, ".gitignore", "/node_modules\n/dist\n")?;
+    write_js_sdk(root)
+}
+
 /// The crate name, its library name (`-` → `_`) and a type name (`price-filter` → `PriceFilter`).
 fn names(name: &str) -> Result<(String, String), UsageError> {
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
@@ -335,14 +461,21 @@ pub fn run(args: NewArgs) -> anyhow::Result<std::process::ExitCode> {
     let (lib_name, type_name) = names(&args.name)?;
     let root = args.path.unwrap_or_else(|| PathBuf::from(&args.name));
     if args.sdk_only {
-        if !root.join("Cargo.toml").is_file() {
+        let manifest = match args.lang {
+            Lang::Rust => "Cargo.toml",
+            Lang::Js => "package.json",
+        };
+        if !root.join(manifest).is_file() {
             return Err(UsageError(format!(
-                "`{}` has no Cargo.toml: `--sdk-only` refreshes the SDK of an existing plugin crate",
+                "`{}` has no {manifest}: `--sdk-only` refreshes the SDK of an existing plugin project",
                 root.display()
             ))
             .into());
         }
-        write_sdk(&root)?;
+        match args.lang {
+            Lang::Rust => write_sdk(&root)?,
+            Lang::Js => write_js_sdk(&root)?,
+        }
         println!(
             "refreshed the Flowgate SDK and contract in {}",
             root.display()
@@ -357,26 +490,41 @@ pub fn run(args: NewArgs) -> anyhow::Result<std::process::ExitCode> {
         ))
         .into());
     }
-    write(&root, "Cargo.toml", &manifest(&args.name))?;
-    write(&root, "src/lib.rs", &lib_rs(&lib_name, &type_name))?;
-    let absolute = std::fs::canonicalize(&root).unwrap_or_else(|_| root.clone());
-    write(
-        &root,
-        "README.md",
-        &readme(&args.name, &lib_name, &absolute.display().to_string()),
-    )?;
+    match args.lang {
+        Lang::Rust => {
+            write(&root, "Cargo.toml", &manifest(&args.name))?;
+            write(&root, "src/lib.rs", &lib_rs(&lib_name, &type_name))?;
+            let absolute = std::fs::canonicalize(&root).unwrap_or_else(|_| root.clone());
+            write(
+                &root,
+                "README.md",
+                &readme(&args.name, &lib_name, &absolute.display().to_string()),
+            )?;
+            write(&root, ".gitignore", "/target\n")?;
+            write_sdk(&root)?;
+        }
+        Lang::Js => new_js(&root, &args.name, &lib_name)?,
+    }
     write(&root, "sample/input.jsonl", SAMPLE_INPUT)?;
     write(&root, "sample/schema.yaml", SAMPLE_SCHEMA)?;
     write(&root, "sample/config.yaml", SAMPLE_CONFIG)?;
-    write(&root, ".gitignore", "/target\n")?;
-    write_sdk(&root)?;
     println!("created plugin `{}` in {}", args.name, root.display());
     println!();
     println!("  cd {}", root.display());
-    println!("  cargo build --release --target wasm32-wasip2");
-    println!(
-        "  flowgate plugin test target/wasm32-wasip2/release/{lib_name}.wasm --config sample/config.yaml --schema sample/schema.yaml --input sample/input.jsonl"
-    );
+    let sample =
+        "--config sample/config.yaml --schema sample/schema.yaml --input sample/input.jsonl";
+    match args.lang {
+        Lang::Rust => {
+            println!("  cargo build --release --target wasm32-wasip2");
+            println!(
+                "  flowgate plugin test target/wasm32-wasip2/release/{lib_name}.wasm {sample}"
+            );
+        }
+        Lang::Js => {
+            println!("  npm install && npm run build");
+            println!("  flowgate plugin test dist/{lib_name}.wasm {sample}");
+        }
+    }
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -410,6 +558,33 @@ mod tests {
                 workspace.contains(dep) && SDK_MANIFEST.contains(dep),
                 "{dep}"
             );
+        }
+    }
+
+    #[test]
+    fn a_javascript_plugin_pins_the_versions_the_sdk_is_tested_with() {
+        let manifest: serde_json::Value =
+            serde_json::from_str(&js_manifest("price-filter").unwrap()).unwrap();
+        assert_eq!(manifest["name"], "price-filter");
+        assert_eq!(manifest["dependencies"]["apache-arrow"], "21.2.0");
+        assert_eq!(
+            manifest["devDependencies"]["@bytecodealliance/componentize-js"],
+            "0.23.0"
+        );
+        // componentize-js 0.23 needs this one beside it (it lists it only for its own tests).
+        assert_eq!(
+            manifest["devDependencies"]["@bytecodealliance/preview2-shim"],
+            "0.25.0"
+        );
+        assert!(JS_PLUGIN.contains("{{name}}"));
+        // Every SDK file the scaffold imports is vendored.
+        for import in ["../flowgate/flowgate.js", "../flowgate/testing.js"] {
+            let file = import.trim_start_matches("../");
+            assert!(
+                JS_PLUGIN.contains(import) || JS_TEST.contains(import),
+                "{import}"
+            );
+            assert!(JS_SDK_FILES.iter().any(|(p, _)| *p == file), "{file}");
         }
     }
 

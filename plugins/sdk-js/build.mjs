@@ -1,0 +1,79 @@
+#!/usr/bin/env node
+// Builds a Flowgate plugin component from a JavaScript module, offline once `npm install` has
+// run: esbuild bundles the module, apache-arrow and the SDK into one ES module, and
+// componentize-js (0.23, SpiderMonkey compiled to WebAssembly) makes it a component of the
+// `flowgate:plugin` world in ./wit.
+//
+//   node flowgate/build.mjs [--entry src/plugin.js] [--out dist/NAME.wasm] [--wit wit]
+//
+// Why this and not `jco componentize`: jco 1.x's preview2-shim 0.26 has no `/` preopen and fails
+// with "failed to get path metadata"; componentize-js's own API works (with preview2-shim 0.25
+// installed beside it, which package.json pins). AOT compilation (weval) would download a binary
+// at build time, so the plugin runs SpiderMonkey's interpreter.
+
+import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import { basename, dirname, join, relative, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const root = process.cwd();
+
+function option(name, fallback) {
+    const i = process.argv.indexOf(name);
+    return i > 0 && process.argv[i + 1] ? process.argv[i + 1] : fallback;
+}
+
+async function packageName() {
+    const manifest = JSON.parse(await readFile(join(root, "package.json"), "utf8"));
+    return (manifest.name || "plugin").replace(/^@[^/]+\//, "").replace(/-/g, "_");
+}
+const entry = resolve(root, option("--entry", "src/plugin.js"));
+const out = resolve(root, option("--out", null) ?? `dist/${await packageName()}.wasm`);
+const wit = resolve(root, option("--wit", "wit"));
+// Beside the output, named after it: builds of several plugins may run at once.
+const work = join(dirname(out), `.build-${basename(out)}`);
+
+await mkdir(work, { recursive: true });
+// The component's entry: the host's logger wired into the SDK, and the plugin's `transform`.
+const sdk = relative(work, join(here, "flowgate.js")).replaceAll("\\", "/");
+const plugin = relative(work, entry).replaceAll("\\", "/");
+await writeFile(
+    join(work, "entry.js"),
+    `import { log } from "flowgate:plugin/log@0.1.0";
+import { setHostLog } from "${sdk.startsWith(".") ? sdk : "./" + sdk}";
+import { transform as exported } from "${plugin.startsWith(".") ? plugin : "./" + plugin}";
+setHostLog((level, message) => log(level, message));
+export const transform = exported;
+`,
+);
+
+const { build } = await import("esbuild");
+const bundle = join(work, "bundle.js");
+const started = Date.now();
+await build({
+    entryPoints: [join(work, "entry.js")],
+    bundle: true,
+    format: "esm",
+    // apache-arrow's browser build: no node built-ins.
+    platform: "browser",
+    target: "es2022",
+    external: ["flowgate:*"],
+    outfile: bundle,
+    logLevel: "warning",
+    legalComments: "none",
+});
+
+const { componentize } = await import("@bytecodealliance/componentize-js");
+const { component } = await componentize({
+    sourcePath: bundle,
+    witPath: wit,
+    worldName: "plugin",
+    // No network: a plugin gets a logger, stdio (what it prints reaches the host's log) and
+    // the clocks and randomness the host grants.
+    disableFeatures: ["http", "fetch-event"],
+});
+await mkdir(dirname(out), { recursive: true });
+await writeFile(out, component);
+await rm(work, { recursive: true, force: true });
+const mb = (component.byteLength / 1e6).toFixed(1);
+console.log(`built ${relative(root, out)} (${mb} MB) in ${((Date.now() - started) / 1000).toFixed(1)} s`);

@@ -1,0 +1,706 @@
+// The Flowgate plugin SDK for JavaScript: the Rust SDK's shape over the `apache-arrow` package.
+//
+// A plugin module exports `transform = definePlugin({...})`; `build.mjs` bundles it with this
+// file and makes it a WebAssembly component of the `flowgate:plugin` world, the contract the
+// Rust plugins implement. The same module runs under node for unit tests (`testing.js`).
+//
+// Columns stay columnar and exact: numbers are typed arrays, 64-bit integers and timestamps
+// `BigInt64Array`s (apache-arrow's `Vector.get` turns a µs timestamp into float milliseconds;
+// this SDK never does).
+
+import {
+    RecordBatch,
+    RecordBatchReader,
+    RecordBatchStreamWriter,
+    Schema,
+    Struct,
+    Table,
+    Type,
+    makeData,
+    tableToIPC,
+} from "apache-arrow";
+
+// ---------------------------------------------------------------------------------------------
+// Errors: the WIT contract's three variants.
+
+/** An error the host acts on: `invalid-config`, `bad-input` or `internal` (see wit/flowgate.wit). */
+export class PluginError extends Error {
+    constructor(tag, message) {
+        super(message);
+        this.name = "PluginError";
+        this.tag = tag;
+    }
+}
+
+/** The step's `config:` (or its input schema) is wrong; `key` names it, as `rules.min`. */
+export function invalidConfig(key, message) {
+    return new PluginError("invalid-config", key ? `\`${key}\`: ${message}` : message);
+}
+
+/** A batch (or a restored state) cannot be processed as a whole. */
+export function badInput(message) {
+    return new PluginError("bad-input", message);
+}
+
+/** A bug or a broken invariant in the plugin: the host stops the step. */
+export function internal(message) {
+    return new PluginError("internal", message);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logging: the host's `log` import inside WebAssembly, stderr under node.
+
+const LEVELS = ["trace", "debug", "info", "warn", "error"];
+let hostLog = null;
+
+/** Wires the host's logger; the generated entry module calls it. */
+export function setHostLog(fn) {
+    hostLog = fn;
+}
+
+function write(level, message) {
+    if (hostLog) {
+        hostLog(level, String(message));
+    } else if (LEVELS.indexOf(level) >= 2) {
+        console.error(`[${level}] ${message}`);
+    }
+}
+
+/** Log lines the host attributes to the calling step. */
+export const log = Object.fromEntries(LEVELS.map((level) => [level, (m) => write(level, m)]));
+
+// ---------------------------------------------------------------------------------------------
+// Config: the step's `config:` block, with unknown keys refused.
+
+function describe(value) {
+    if (value === null) return "null";
+    if (Array.isArray(value)) return "a list";
+    if (typeof value === "object") return "a map";
+    return `${typeof value} ${JSON.stringify(value)}`;
+}
+
+function checker(kind, test, extra = {}) {
+    return { kind, test, ...extra };
+}
+
+/** Types for a config spec: `{ column: config.string(), min: config.number({ default: 0 }) }`. */
+export const config = {
+    string: (opts = {}) => checker("a string", (v) => typeof v === "string", opts),
+    number: (opts = {}) => checker("a number", (v) => typeof v === "number" && Number.isFinite(v), opts),
+    integer: (opts = {}) => checker("an integer", (v) => Number.isSafeInteger(v), opts),
+    boolean: (opts = {}) => checker("true or false", (v) => typeof v === "boolean", opts),
+    strings: (opts = {}) =>
+        checker("a list of strings", (v) => Array.isArray(v) && v.every((s) => typeof s === "string"), opts),
+    /** A nested map with its own spec. */
+    map: (spec, opts = {}) => checker("a map", (v) => v !== null && typeof v === "object" && !Array.isArray(v), { ...opts, spec }),
+};
+
+/**
+ * Parses the step's config (JSON text) against `spec`. Errors are `invalid-config` naming the
+ * key (`min`, `rules.max`), in the words the Rust SDK uses, so the host points at its line.
+ */
+export function parseConfig(json, spec, prefix = "") {
+    let value;
+    if (typeof json === "string") {
+        try {
+            value = json.trim() === "" ? {} : JSON.parse(json);
+        } catch (e) {
+            throw invalidConfig("", `the config is not JSON: ${e.message}`);
+        }
+    } else {
+        value = json;
+    }
+    if (value === null || typeof value !== "object" || Array.isArray(value)) {
+        throw invalidConfig(prefix.replace(/\.$/, ""), `expected a map, got ${describe(value)}`);
+    }
+    const keys = Object.keys(spec);
+    for (const key of Object.keys(value)) {
+        if (!(key in spec)) {
+            const expected = keys.map((k) => `\`${k}\``).join(", ");
+            throw new PluginError("invalid-config", `unknown field \`${key}\`, expected one of ${expected}`);
+        }
+    }
+    const out = {};
+    for (const key of keys) {
+        const want = spec[key];
+        const path = prefix + key;
+        if (!(key in value)) {
+            if ("default" in want) {
+                out[key] = want.default;
+                continue;
+            }
+            throw invalidConfig(path, `missing field \`${key}\``);
+        }
+        const v = value[key];
+        if (!want.test(v)) {
+            throw invalidConfig(path, `expected ${want.kind}, got ${describe(v)}`);
+        }
+        out[key] = want.spec ? parseConfig(v, want.spec, `${path}.`) : v;
+    }
+    return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Columns.
+
+const TYPE_NAMES = {
+    [Type.Bool]: "bool",
+    [Type.Int]: "int",
+    [Type.Float]: "float",
+    [Type.Utf8]: "utf8",
+    [Type.Binary]: "binary",
+    [Type.Timestamp]: "timestamp",
+    [Type.Date]: "date",
+};
+
+const COLUMN_TYPES = {
+    float64: (t) => t.typeId === Type.Float && t.precision === 2,
+    float32: (t) => t.typeId === Type.Float && t.precision === 1,
+    int64: (t) => t.typeId === Type.Int && t.bitWidth === 64 && t.isSigned,
+    int32: (t) => t.typeId === Type.Int && t.bitWidth === 32 && t.isSigned,
+    utf8: (t) => t.typeId === Type.Utf8,
+    binary: (t) => t.typeId === Type.Binary,
+    bool: (t) => t.typeId === Type.Bool,
+    timestamp: (t) => t.typeId === Type.Timestamp && t.unit === 2,
+    date: (t) => t.typeId === Type.Date,
+};
+
+/**
+ * The index of column `name` in `schema`, checked to be of `type` (`float64`, `int64`, `utf8`,
+ * `bool`, `timestamp` (µs), `date`, ...): for `create`, where a wrong column is the config's
+ * fault. `key` is the config key that named it, for the error.
+ */
+export function requireColumn(schema, name, type, key) {
+    const index = schema.fields.findIndex((f) => f.name === name);
+    if (index < 0) {
+        const names = schema.fields.map((f) => f.name).join(", ");
+        throw invalidConfig(key, `the input has no column \`${name}\` (it has: ${names})`);
+    }
+    const test = COLUMN_TYPES[type];
+    if (!test) throw internal(`requireColumn: \`${type}\` is not a type it knows`);
+    if (!test(schema.fields[index].type)) {
+        throw invalidConfig(key, `column \`${name}\` is ${typeLabel(schema.fields[index].type)}, expected ${type}`);
+    }
+    return index;
+}
+
+/** One column of a batch: typed `values` (sliced to the batch's rows), and its validity. */
+export class Column {
+    constructor(name, data) {
+        this.name = name;
+        this.data = data;
+        this.type = data.type;
+        this.length = data.length;
+        /** Float64Array, BigInt64Array, Int32Array, ... (row i is `values[i]`); for utf8 and
+         * binary the bytes, with `offsets`; for bool the bit-packed bytes (use `get`). */
+        this.values = data.values;
+        this.offsets = data.valueOffsets;
+        this.hasNulls = data.nullCount > 0;
+        this._bitmap = data.nullBitmap;
+        this._offset = data.offset;
+    }
+
+    /** False if row `i` is null. */
+    isValid(i) {
+        if (!this.hasNulls) return true;
+        const bit = this._offset + i;
+        return ((this._bitmap[bit >> 3] >> (bit & 7)) & 1) === 1;
+    }
+
+    /** Row `i` as a JavaScript value: a number, a BigInt for 64-bit integers and timestamps
+     * (in the column's unit), a string, a Uint8Array, a boolean, or null. */
+    get(i) {
+        if (!this.isValid(i)) return null;
+        switch (this.type.typeId) {
+            case Type.Bool: {
+                const bit = this._offset + i;
+                return ((this.values[bit >> 3] >> (bit & 7)) & 1) === 1;
+            }
+            case Type.Utf8:
+                return decoder.decode(this.values.subarray(this.offsets[i], this.offsets[i + 1]));
+            case Type.Binary:
+                return this.values.subarray(this.offsets[i], this.offsets[i + 1]);
+            case Type.Date:
+                return this.type.unit === 0 ? this.values[i] : this.values[i];
+            default:
+                return this.values[i];
+        }
+    }
+}
+
+const decoder = new TextDecoder();
+const encoder = new TextEncoder();
+
+function typeLabel(type) {
+    return String(type);
+}
+
+/** A batch of rows: the input of `process`, or what a plugin builds. */
+export class Batch {
+    /** @param {RecordBatch} recordBatch */
+    constructor(recordBatch) {
+        this.recordBatch = recordBatch;
+        this.schema = recordBatch.schema;
+        this.numRows = recordBatch.numRows;
+    }
+
+    /** The column named `name` (an `invalid-config` error if there is none). */
+    column(name) {
+        const index = this.schema.fields.findIndex((f) => f.name === name);
+        if (index < 0) {
+            const names = this.schema.fields.map((f) => f.name).join(", ");
+            throw invalidConfig("", `the input has no column \`${name}\` (it has: ${names})`);
+        }
+        return new Column(name, this.recordBatch.data.children[index]);
+    }
+
+    _typed(name, test, want) {
+        const column = this.column(name);
+        if (!test(column.type)) {
+            throw invalidConfig("", `column \`${name}\` is ${typeLabel(column.type)}, expected ${want}`);
+        }
+        return column;
+    }
+
+    /** A float64 column: `values` is a Float64Array. */
+    float64(name) {
+        return this._typed(name, (t) => t.typeId === Type.Float && t.precision === 2, "float64");
+    }
+
+    /** An int64 column: `values` is a BigInt64Array. */
+    int64(name) {
+        return this._typed(name, (t) => t.typeId === Type.Int && t.bitWidth === 64 && t.isSigned, "int64");
+    }
+
+    /** A timestamp column in microseconds: `values` is a BigInt64Array of µs since the epoch. */
+    timestampMicros(name) {
+        return this._typed(name, (t) => t.typeId === Type.Timestamp && t.unit === 2, "timestamp (µs)");
+    }
+
+    /** A utf8 column: `get(i)` is a string; `values`/`offsets` the raw bytes. */
+    utf8(name) {
+        return this._typed(name, (t) => t.typeId === Type.Utf8, "utf8");
+    }
+
+    /** The rows whose `keep[i]` is truthy (a Uint8Array or any array of booleans), in order. */
+    filter(keep) {
+        let kept = 0;
+        for (let i = 0; i < this.numRows; i++) if (keep[i]) kept++;
+        if (kept === this.numRows) return this;
+        const rows = new Int32Array(kept);
+        for (let i = 0, j = 0; i < this.numRows; i++) if (keep[i]) rows[j++] = i;
+        return this.take(rows);
+    }
+
+    /** The rows at `rows` (an Int32Array of row numbers), in that order. */
+    take(rows) {
+        const fields = this.schema.fields;
+        const children = this.recordBatch.data.children.map((data, c) => takeData(data, rows, fields[c]));
+        const struct = makeData({ type: new Struct(fields), length: rows.length, nullCount: 0, children });
+        const batch = new Batch(new RecordBatch(this.schema, struct));
+        batch._from = this._from || this;
+        return batch;
+    }
+}
+
+function takeBitmap(bitmap, offset, rows) {
+    const out = new Uint8Array((rows.length + 7) >> 3);
+    let nulls = 0;
+    for (let j = 0; j < rows.length; j++) {
+        const bit = offset + rows[j];
+        if ((bitmap[bit >> 3] >> (bit & 7)) & 1) out[j >> 3] |= 1 << (j & 7);
+        else nulls++;
+    }
+    return [out, nulls];
+}
+
+function takeData(data, rows, field) {
+    const type = data.type;
+    const length = rows.length;
+    let nullBitmap;
+    let nullCount = 0;
+    if (data.nullCount > 0) {
+        [nullBitmap, nullCount] = takeBitmap(data.nullBitmap, data.offset, rows);
+    }
+    switch (type.typeId) {
+        case Type.Int:
+        case Type.Float:
+        case Type.Timestamp:
+        case Type.Date:
+        case Type.Time:
+        case Type.Duration: {
+            const values = data.values;
+            const out = new values.constructor(length);
+            for (let j = 0; j < length; j++) out[j] = values[rows[j]];
+            return makeData({ type, length, nullCount, nullBitmap, data: out });
+        }
+        case Type.Bool: {
+            const [out] = takeBitmap(data.values, data.offset, rows);
+            return makeData({ type, length, nullCount, nullBitmap, data: out });
+        }
+        case Type.Utf8:
+        case Type.Binary: {
+            const offsets = data.valueOffsets;
+            const values = data.values;
+            const outOffsets = new Int32Array(length + 1);
+            let size = 0;
+            for (let j = 0; j < length; j++) {
+                const r = rows[j];
+                size += offsets[r + 1] - offsets[r];
+                outOffsets[j + 1] = size;
+            }
+            const out = new Uint8Array(size);
+            for (let j = 0; j < length; j++) {
+                const r = rows[j];
+                out.set(values.subarray(offsets[r], offsets[r + 1]), outOffsets[j]);
+            }
+            return makeData({ type, length, nullCount, nullBitmap, valueOffsets: outOffsets, data: out });
+        }
+        default:
+            throw internal(
+                `the JavaScript SDK cannot take rows of column \`${field.name}\` (${typeLabel(type)}): ` +
+                    "it handles ints, floats, bool, utf8, binary, timestamps and dates",
+            );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building batches.
+
+/**
+ * A batch of `schema` from columns given as typed arrays, plain arrays (null for a missing
+ * value) or `Column`s of another batch (taken as they are):
+ * `makeBatch(schema, { symbol: ["A", "B"], close: Float64Array.of(1, 2) })`.
+ */
+export function makeBatch(schema, columns) {
+    const fields = schema.fields;
+    let length = -1;
+    const children = fields.map((field) => {
+        const values = columns[field.name];
+        if (values === undefined) throw internal(`makeBatch: no values for column \`${field.name}\``);
+        if (length >= 0 && values.length !== length) {
+            throw internal(`makeBatch: column \`${field.name}\` has ${values.length} values, the others ${length}`);
+        }
+        length = values.length;
+        return columnData(field, values);
+    });
+    const struct = makeData({ type: new Struct(fields), length: Math.max(length, 0), nullCount: 0, children });
+    return new Batch(new RecordBatch(schema, struct));
+}
+
+function validity(values) {
+    let nulls = 0;
+    const bitmap = new Uint8Array((values.length + 7) >> 3);
+    for (let i = 0; i < values.length; i++) {
+        if (values[i] === null || values[i] === undefined) nulls++;
+        else bitmap[i >> 3] |= 1 << (i & 7);
+    }
+    return nulls > 0 ? [bitmap, nulls] : [undefined, 0];
+}
+
+function columnData(field, values) {
+    const type = field.type;
+    if (values instanceof Column) {
+        // A column of another batch, as it is (no copy).
+        if (values.type.typeId !== type.typeId) {
+            throw internal(`makeBatch: column \`${field.name}\` is ${typeLabel(type)}, given ${typeLabel(values.type)}`);
+        }
+        return values.data;
+    }
+    const length = values.length;
+    const typed = ArrayBuffer.isView(values);
+    const [nullBitmap, nullCount] = typed ? [undefined, 0] : validity(values);
+    switch (type.typeId) {
+        case Type.Int:
+        case Type.Float:
+        case Type.Timestamp:
+        case Type.Date: {
+            const ArrayType = type.ArrayType;
+            if (typed && values instanceof ArrayType) {
+                return makeData({ type, length, data: values });
+            }
+            const out = new ArrayType(length);
+            const big = out instanceof BigInt64Array || out instanceof BigUint64Array;
+            for (let i = 0; i < length; i++) {
+                const v = values[i];
+                if (v === null || v === undefined) continue;
+                out[i] = big ? BigInt(v) : Number(v);
+            }
+            return makeData({ type, length, nullCount, nullBitmap, data: out });
+        }
+        case Type.Bool: {
+            const out = new Uint8Array((length + 7) >> 3);
+            for (let i = 0; i < length; i++) if (values[i]) out[i >> 3] |= 1 << (i & 7);
+            return makeData({ type, length, nullCount, nullBitmap, data: out });
+        }
+        case Type.Utf8:
+        case Type.Binary: {
+            const parts = [];
+            const offsets = new Int32Array(length + 1);
+            let size = 0;
+            for (let i = 0; i < length; i++) {
+                const v = values[i];
+                const bytes = v === null || v === undefined ? new Uint8Array(0) : typeof v === "string" ? encoder.encode(v) : v;
+                parts.push(bytes);
+                size += bytes.length;
+                offsets[i + 1] = size;
+            }
+            const out = new Uint8Array(size);
+            for (let i = 0; i < length; i++) out.set(parts[i], offsets[i]);
+            return makeData({ type, length, nullCount, nullBitmap, valueOffsets: offsets, data: out });
+        }
+        default:
+            throw internal(`makeBatch: column \`${field.name}\` has a type the SDK cannot build (${typeLabel(type)})`);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output.
+
+/** What a call produced: batches, and input rows refused with a reason (the dead letter). */
+export class Output {
+    constructor() {
+        this.batches = [];
+        this.rejected = [];
+    }
+
+    /** Adds a batch with the plugin's declared output schema. */
+    push(batch) {
+        if (batch && batch.numRows > 0) this.batches.push(batch);
+        return this;
+    }
+
+    /**
+     * Refuses input row `row` (its index in the batch given to `process`). The row also leaves
+     * every output batch made of the input's own rows (the input, or a `filter`/`take` of it), so
+     * it is never in both the output and the dead letter.
+     */
+    reject(row, reason) {
+        this.rejected.push({ row, reason: String(reason) });
+        return this;
+    }
+
+    get numRows() {
+        return this.batches.reduce((n, b) => n + b.numRows, 0);
+    }
+}
+
+function settle(output, input) {
+    if (output.rejected.length === 0) return output;
+    const rows = input.numRows;
+    for (const r of output.rejected) {
+        if (!Number.isInteger(r.row) || r.row < 0 || r.row >= rows) {
+            throw internal(
+                `rejected row ${r.row} of a batch of ${rows} rows (rows count from 0 in the batch given to \`process\`)`,
+            );
+        }
+    }
+    const refused = new Uint8Array(rows);
+    for (const r of output.rejected) refused[r.row] = 1;
+    output.batches = output.batches
+        .map((batch) => {
+            if (batch === input) {
+                const keep = new Uint8Array(rows);
+                for (let i = 0; i < rows; i++) keep[i] = 1 - refused[i];
+                return batch.filter(keep);
+            }
+            return batch;
+        })
+        .filter((b) => b.numRows > 0);
+    return output;
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPC at the boundary.
+
+function readStream(bytes) {
+    const reader = RecordBatchReader.from(bytes);
+    reader.open();
+    // Read before the batches: a reader that reached its end forgets its schema.
+    const schema = reader.schema;
+    const batches = [];
+    for (const batch of reader) {
+        if (batch.numRows > 0) batches.push(batch);
+    }
+    return { schema, batches };
+}
+
+function schemaBytes(schema) {
+    const writer = new RecordBatchStreamWriter();
+    writer.reset(undefined, schema);
+    writer.close();
+    return writer.toUint8Array(true);
+}
+
+function encodeOutput(output, schema) {
+    const rejected = output.rejected.map((r) => ({ row: r.row, reason: r.reason }));
+    if (output.batches.length === 0) return { batches: new Uint8Array(0), rejected };
+    const batches = output.batches.map((b) => {
+        const rb = b instanceof Batch ? b.recordBatch : b;
+        // Re-labelled with the declared schema (names, nullability, metadata).
+        return rb.schema === schema ? rb : new RecordBatch(schema, rb.data);
+    });
+    return { batches: tableToIPC(new Table(schema, batches), "stream"), rejected };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plugin: what the component exports.
+
+// State bytes as every Flowgate SDK frames them: `FGS1`, the state version (u32, little
+// endian), then the plugin's own bytes; so a state moves between the Rust and JavaScript builds of
+// a plugin (a live swap) when their bytes agree, and is refused by version when they do not.
+const STATE_MAGIC = [0x46, 0x47, 0x53, 0x31];
+
+function frame(version, body) {
+    const out = new Uint8Array(8 + body.length);
+    out.set(STATE_MAGIC, 0);
+    new DataView(out.buffer).setUint32(4, version, true);
+    out.set(body, 8);
+    return out;
+}
+
+function unframe(name, bytes) {
+    if (bytes.length < 8) {
+        throw badInput(`\`${name}\`: snapshot is ${bytes.length} bytes, too short for its header`);
+    }
+    for (let i = 0; i < 4; i++) {
+        if (bytes[i] !== STATE_MAGIC[i]) throw badInput(`\`${name}\`: these bytes are not a Flowgate snapshot`);
+    }
+    const version = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength).getUint32(4, true);
+    return [version, bytes.subarray(8)];
+}
+
+/** A WIT error for a thrown value: the SDK's own errors keep their variant; anything else is
+ * re-thrown, so the guest traps and the host bisects the batch for the poison row (as for a
+ * Rust panic) and reports what was printed. */
+function toWit(e) {
+    if (e instanceof PluginError) {
+        // componentize-js: a thrown object with `payload` is the `err` of a `result`.
+        return { payload: { tag: e.tag, val: e.message } };
+    }
+    console.error(e && e.stack ? e.stack : String(e));
+    return e;
+}
+
+function guard(f) {
+    try {
+        return f();
+    } catch (e) {
+        throw toWit(e);
+    }
+}
+
+/**
+ * Defines a plugin. `definition`:
+ * - `name`, `version` (default "0.1.0"), `stateVersion` (default 0: stateless);
+ * - `config`: a spec for `parseConfig` (unknown keys are refused);
+ * - `create(config, inputSchema)`: returns `{ step, schema }`, the step object and the
+ *   output schema (an apache-arrow `Schema`; `inputSchema` itself to keep the columns);
+ * the step object has `process(batch) -> Output` and may have `onWatermark(tsMs) -> Output`,
+ * `snapshot() -> Uint8Array` and `restore(version, bytes)` (the SDK frames the bytes with the
+ * state version, as the Rust SDK does; `restore` gets the version they were written at).
+ *
+ * Returns the `transform` export of the `flowgate:plugin` world.
+ */
+export function definePlugin(definition) {
+    const info = {
+        name: definition.name,
+        version: definition.version ?? "0.1.0",
+        stateVersion: definition.stateVersion ?? 0,
+    };
+    if (typeof info.name !== "string" || typeof definition.create !== "function") {
+        throw new Error("definePlugin needs a `name` and a `create` function");
+    }
+
+    class Transformer {
+        constructor(step, schema) {
+            this.step = step;
+            this.schema = schema;
+        }
+
+        process(bytes) {
+            return guard(() => {
+                const { batches } = readStream(bytes);
+                const output = new Output();
+                const rejected = [];
+                let base = 0;
+                for (const rb of batches) {
+                    const input = new Batch(rb);
+                    const out = this.step.process(input);
+                    if (!(out instanceof Output)) {
+                        throw internal("`process` must return an Output");
+                    }
+                    settle(out, input);
+                    output.batches.push(...out.batches);
+                    for (const r of out.rejected) rejected.push({ row: r.row + base, reason: r.reason });
+                    base += rb.numRows;
+                }
+                output.rejected = rejected;
+                return encodeOutput(output, this.schema);
+            });
+        }
+
+        onWatermark(tsMs) {
+            return guard(() => {
+                const out = this.step.onWatermark ? this.step.onWatermark(Number(tsMs)) : new Output();
+                if (!(out instanceof Output)) throw internal("`onWatermark` must return an Output");
+                out.rejected = [];
+                return encodeOutput(out, this.schema);
+            });
+        }
+
+        snapshot() {
+            return guard(() => {
+                const body = this.step.snapshot ? this.step.snapshot() : new Uint8Array(0);
+                if (!(body instanceof Uint8Array)) throw internal("`snapshot` must return a Uint8Array");
+                return frame(info.stateVersion, body);
+            });
+        }
+
+        restore(state) {
+            return guard(() => {
+                const [version, body] = unframe(info.name, state);
+                if (this.step.restore) {
+                    this.step.restore(version, body);
+                } else if (version !== info.stateVersion) {
+                    throw badInput(`\`${info.name}\` reads state version ${info.stateVersion}, got ${version}`);
+                } else if (body.length > 0) {
+                    throw badInput(`\`${info.name}\` keeps no state but was given ${body.length} bytes`);
+                }
+            });
+        }
+    }
+
+    return {
+        info() {
+            return { ...info };
+        },
+        create(configJson, inputSchemaBytes) {
+            return guard(() => {
+                const inputSchema = readStream(inputSchemaBytes).schema;
+                const parsed = definition.config ? parseConfig(configJson, definition.config) : JSON.parse(configJson || "{}");
+                const made = definition.create(parsed, inputSchema);
+                if (!made || !made.step || !(made.schema instanceof Schema)) {
+                    throw internal("`create` must return { step, schema } with an apache-arrow Schema");
+                }
+                return [new Transformer(made.step, made.schema), schemaBytes(made.schema)];
+            });
+        },
+        Transformer,
+    };
+}
+
+// The Arrow types a plugin declares its output with.
+export {
+    Binary,
+    Bool,
+    DateDay,
+    Field,
+    Float32,
+    Float64,
+    Int32,
+    Int64,
+    Schema,
+    TimestampMicrosecond,
+    Utf8,
+} from "apache-arrow";

@@ -1,0 +1,189 @@
+// The JavaScript SDK under node: config, columns, filter/take on every type it claims (nulls,
+// slices with offsets), rejected rows, state framing, and the errors a plugin author meets.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { Bool, DateDay, Field, Float64, Int32, Int64, Schema, TimestampMicrosecond, Utf8, Binary } from "apache-arrow";
+
+import { Batch, Output, PluginError, config, definePlugin, makeBatch, parseConfig, requireColumn } from "../flowgate.js";
+import { instantiate, rows, schemaOf } from "../testing.js";
+
+test("config: keys are checked, defaults filled, unknown keys refused by name", () => {
+    const spec = { column: config.string(), min: config.number({ default: 0 }), rules: config.map({ max: config.integer() }) };
+    assert.deepEqual(parseConfig('{"column":"price","rules":{"max":3}}', spec), { column: "price", min: 0, rules: { max: 3 } });
+    const refused = (json, pattern) =>
+        assert.throws(() => parseConfig(json, spec), (e) => e instanceof PluginError && e.tag === "invalid-config" && pattern.test(e.message));
+    refused('{"column":"price","minimum":1,"rules":{"max":3}}', /^unknown field `minimum`, expected one of `column`, `min`, `rules`$/);
+    refused('{"rules":{"max":3}}', /^`column`: missing field `column`$/);
+    refused('{"column":7,"rules":{"max":3}}', /^`column`: expected a string, got number 7$/);
+    refused('{"column":"p","rules":{"max":1.5}}', /^`rules.max`: expected an integer, got number 1.5$/);
+    refused('{"column":"p","rules":[]}', /^`rules`: expected a map, got a list$/);
+    refused("{not json", /^the config is not JSON/);
+    assert.deepEqual(parseConfig("", { n: config.integer({ default: 2 }) }), { n: 2 });
+});
+
+const everyType = new Schema([
+    new Field("i64", new Int64(), true),
+    new Field("i32", new Int32(), true),
+    new Field("f", new Float64(), true),
+    new Field("b", new Bool(), true),
+    new Field("s", new Utf8(), true),
+    new Field("bin", new Binary(), true),
+    new Field("ts", new TimestampMicrosecond("UTC"), true),
+    new Field("d", new DateDay(), true),
+]);
+
+function sample() {
+    return makeBatch(everyType, {
+        i64: [1n, null, 9007199254740993n, -4n, 5n],
+        i32: [1, 2, null, 4, 5],
+        f: [0.5, 1.5, 2.5, null, 4.5],
+        b: [true, false, null, true, false],
+        s: ["a", "", "ccc", "dé", null],
+        bin: [Uint8Array.of(1), null, Uint8Array.of(), Uint8Array.of(2, 3), Uint8Array.of(4)],
+        // µs that a float millisecond cannot hold.
+        ts: [1731421801123457n, 1731421801123458n, null, -1n, 0n],
+        d: [20000, null, 1, 2, 3],
+    });
+}
+
+test("filter and take keep every type exact, nulls included", () => {
+    const batch = sample();
+    const all = rows(batch);
+    assert.equal(all[0].ts, 1731421801123457n);
+    assert.equal(all[2].i64, 9007199254740993n);
+    const kept = batch.filter(Uint8Array.of(1, 0, 1, 1, 0));
+    assert.deepEqual(rows(kept), [all[0], all[2], all[3]]);
+    const taken = batch.take(Int32Array.of(4, 1, 1));
+    assert.deepEqual(rows(taken), [all[4], all[1], all[1]]);
+    assert.equal(batch.filter([1, 1, 1, 1, 1]), batch, "nothing dropped: the same batch");
+    assert.equal(batch.filter(new Uint8Array(5)).numRows, 0);
+});
+
+test("a slice with an offset reads and filters its own rows", () => {
+    const batch = sample();
+    const sliced = new Batch(batch.recordBatch.slice(1, 4));
+    const all = rows(batch);
+    assert.deepEqual(rows(sliced), all.slice(1, 4));
+    assert.deepEqual(rows(sliced.filter(Uint8Array.of(0, 1, 1))), all.slice(2, 4));
+    assert.equal(sliced.column("b").isValid(1), false);
+    assert.equal(sliced.column("b").get(2), true);
+});
+
+test("typed column access checks the type and names the column", () => {
+    const batch = sample();
+    assert.ok(batch.timestampMicros("ts").values instanceof BigInt64Array);
+    assert.ok(batch.float64("f").values instanceof Float64Array);
+    assert.throws(() => batch.float64("i64"), /column `i64` is Int64, expected float64/);
+    assert.throws(() => batch.column("nope"), /the input has no column `nope`/);
+    assert.equal(requireColumn(everyType, "f", "float64", "column"), 2);
+    assert.throws(() => requireColumn(everyType, "s", "float64", "column"), (e) => e.tag === "invalid-config" && /^`column`: column `s` is Utf8, expected float64/.test(e.message));
+});
+
+// A plugin that passes its input on, rejects rows with a negative `i64`, and keeps a count.
+const passThrough = definePlugin({
+    name: "pass",
+    stateVersion: 3,
+    config: { reject_negative: config.boolean({ default: true }) },
+    create(cfg, input) {
+        let passed = 0n;
+        const step = {
+            process(batch) {
+                const out = new Output();
+                const i64 = batch.int64("i64");
+                for (let i = 0; i < batch.numRows; i++) {
+                    if (cfg.reject_negative && i64.isValid(i) && i64.values[i] < 0n) out.reject(i, "negative");
+                }
+                passed += BigInt(batch.numRows - out.rejected.length);
+                return out.push(batch);
+            },
+            onWatermark(ts) {
+                return new Output().push(makeBatch(input, Object.fromEntries(input.fields.map((f) => [f.name, [null]]))));
+            },
+            snapshot() {
+                const bytes = new Uint8Array(8);
+                new DataView(bytes.buffer).setBigUint64(0, passed, true);
+                return bytes;
+            },
+            restore(version, bytes) {
+                if (version !== 3) throw new PluginError("bad-input", `state version ${version}`);
+                passed = new DataView(bytes.buffer, bytes.byteOffset, 8).getBigUint64(0, true);
+            },
+        };
+        return { step, schema: input };
+    },
+});
+
+test("through the host's IPC: rejected rows leave the output, timestamps stay µs", () => {
+    const step = instantiate(passThrough, {}, everyType);
+    const out = step.process(sample());
+    const all = rows(sample());
+    assert.deepEqual(out.rejected, [{ row: 3, reason: "negative" }]);
+    assert.deepEqual(rows(out.batches), [all[0], all[1], all[2], all[4]]);
+    const wm = step.onWatermark(1_700_000_000_000);
+    assert.equal(wm.batches[0].numRows, 1);
+    assert.deepEqual(wm.rejected, []);
+});
+
+test("state is framed as the Rust SDK frames it and refused when it is not a state", () => {
+    const step = instantiate(passThrough, {}, everyType);
+    step.process(sample());
+    const state = step.snapshot();
+    assert.deepEqual([...state.subarray(0, 8)], [0x46, 0x47, 0x53, 0x31, 3, 0, 0, 0], "FGS1, version 3");
+    const again = instantiate(passThrough, {}, everyType);
+    again.restore(state);
+    assert.deepEqual(again.snapshot(), state);
+    assert.throws(() => again.restore(Uint8Array.of(1, 2)), (e) => e.tag === "bad-input" && /too short for its header/.test(e.message));
+    assert.throws(() => again.restore(new Uint8Array(16)), (e) => e.tag === "bad-input" && /not a Flowgate snapshot/.test(e.message));
+});
+
+test("a stateless plugin refuses a state with bytes in it, or of another version", () => {
+    const stateless = definePlugin({ name: "nothing", create: (cfg, input) => ({ step: { process: (b) => new Output().push(b) }, schema: input }) });
+    const step = instantiate(stateless, {}, everyType);
+    const empty = step.snapshot();
+    assert.deepEqual([...empty], [0x46, 0x47, 0x53, 0x31, 0, 0, 0, 0]);
+    step.restore(empty);
+    const withBytes = Uint8Array.of(0x46, 0x47, 0x53, 0x31, 0, 0, 0, 0, 9);
+    assert.throws(() => step.restore(withBytes), /keeps no state but was given 1 bytes/);
+    assert.throws(() => step.restore(Uint8Array.of(0x46, 0x47, 0x53, 0x31, 2, 0, 0, 0)), /reads state version 0, got 2/);
+});
+
+test("a rejected row past the batch is the plugin's bug, named", () => {
+    const liar = definePlugin({
+        name: "liar",
+        create: (cfg, input) => ({ step: { process: (b) => new Output().push(b).reject(99, "x") }, schema: input }),
+    });
+    const step = instantiate(liar, {}, everyType);
+    assert.throws(() => step.process(sample()), (e) => e.tag === "internal" && /rejected row 99 of a batch of 5 rows/.test(e.message));
+});
+
+test("an exception that is not a PluginError is thrown on (the guest traps), after printing it", () => {
+    const buggy = definePlugin({
+        name: "buggy",
+        create: (cfg, input) => ({
+            step: {
+                process() {
+                    throw new TypeError("price.toFixed is not a function");
+                },
+            },
+            schema: input,
+        }),
+    });
+    const step = instantiate(buggy, {}, everyType);
+    const printed = [];
+    const error = console.error;
+    console.error = (m) => printed.push(String(m));
+    try {
+        assert.throws(() => step.process(sample()), TypeError);
+    } finally {
+        console.error = error;
+    }
+    assert.equal(printed.length, 1);
+    assert.match(printed[0], /^TypeError: price.toFixed is not a function\n\s+at .*process/);
+});
+
+test("schemaOf builds what the host decodes a pipeline's columns to", () => {
+    const schema = schemaOf({ symbol: "utf8", ts: "timestamp" });
+    assert.equal(String(schema.fields[1].type), "Timestamp<MICROSECOND, UTC>");
+    assert.throws(() => schemaOf({ x: "decimal" }), /unknown type `decimal`/);
+});
