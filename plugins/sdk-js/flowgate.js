@@ -200,6 +200,21 @@ export class Column {
         this._offset = data.offset;
     }
 
+    /** `null` when no row is null, else a Uint8Array with 1 for each row that has a value: for
+     * a loop over every row, where calling `isValid` per row costs an interpreter more. */
+    validity() {
+        if (!this.hasNulls) return null;
+        if (this._validity === undefined) {
+            const out = new Uint8Array(this.length);
+            const bitmap = this._bitmap;
+            for (let i = 0, bit = this._offset; i < out.length; i++, bit++) {
+                out[i] = (bitmap[bit >> 3] >> (bit & 7)) & 1;
+            }
+            this._validity = out;
+        }
+        return this._validity;
+    }
+
     /** False if row `i` is null. */
     isValid(i) {
         if (!this.hasNulls) return true;
@@ -284,22 +299,124 @@ export class Batch {
 
     /** The rows whose `keep[i]` is truthy (a Uint8Array or any array of booleans), in order. */
     filter(keep) {
+        // Runs of consecutive kept rows: each column is then copied a run at a time (one
+        // `TypedArray.set` per run), not a row at a time, which is what an interpreter pays for.
+        const n = this.numRows;
+        const starts = new Int32Array((n >> 1) + 1);
+        const ends = new Int32Array((n >> 1) + 1);
+        let runs = 0;
         let kept = 0;
-        for (let i = 0; i < this.numRows; i++) if (keep[i]) kept++;
-        if (kept === this.numRows) return this;
-        const rows = new Int32Array(kept);
-        for (let i = 0, j = 0; i < this.numRows; i++) if (keep[i]) rows[j++] = i;
-        return this.take(rows);
+        let open = false;
+        for (let i = 0; i < n; i++) {
+            if (keep[i]) {
+                if (!open) {
+                    starts[runs] = i;
+                    open = true;
+                }
+            } else if (open) {
+                ends[runs] = i;
+                kept += i - starts[runs];
+                runs++;
+                open = false;
+            }
+        }
+        if (open) {
+            ends[runs] = n;
+            kept += n - starts[runs];
+            runs++;
+        }
+        if (kept === n) return this;
+        const fields = this.schema.fields;
+        const children = this.recordBatch.data.children.map((data, c) =>
+            copyRuns(data, starts, ends, runs, kept, fields[c]),
+        );
+        return this._derived(children, kept);
     }
 
     /** The rows at `rows` (an Int32Array of row numbers), in that order. */
     take(rows) {
         const fields = this.schema.fields;
         const children = this.recordBatch.data.children.map((data, c) => takeData(data, rows, fields[c]));
-        const struct = makeData({ type: new Struct(fields), length: rows.length, nullCount: 0, children });
-        const batch = new Batch(new RecordBatch(this.schema, struct));
-        batch._from = this._from || this;
-        return batch;
+        return this._derived(children, rows.length);
+    }
+
+    _derived(children, length) {
+        const struct = makeData({ type: new Struct(this.schema.fields), length, nullCount: 0, children });
+        return new Batch(new RecordBatch(this.schema, struct));
+    }
+}
+
+function unsupported(field, type) {
+    return internal(
+        `the JavaScript SDK cannot copy rows of column \`${field.name}\` (${typeLabel(type)}): ` +
+            "it handles ints, floats, bool, utf8, binary, timestamps and dates",
+    );
+}
+
+// Bit `offset + row` of `bitmap` for each kept row, packed from bit 0; and how many were 0.
+function copyBits(bitmap, offset, starts, ends, runs, kept) {
+    const out = new Uint8Array((kept + 7) >> 3);
+    let zeros = 0;
+    let j = 0;
+    for (let r = 0; r < runs; r++) {
+        for (let i = starts[r]; i < ends[r]; i++, j++) {
+            const bit = offset + i;
+            if ((bitmap[bit >> 3] >> (bit & 7)) & 1) out[j >> 3] |= 1 << (j & 7);
+            else zeros++;
+        }
+    }
+    return [out, zeros];
+}
+
+function copyRuns(data, starts, ends, runs, kept, field) {
+    const type = data.type;
+    let nullBitmap;
+    let nullCount = 0;
+    if (data.nullCount > 0) {
+        [nullBitmap, nullCount] = copyBits(data.nullBitmap, data.offset, starts, ends, runs, kept);
+    }
+    switch (type.typeId) {
+        case Type.Int:
+        case Type.Float:
+        case Type.Timestamp:
+        case Type.Date:
+        case Type.Time:
+        case Type.Duration: {
+            // `values` is already sliced to the batch's rows.
+            const values = data.values;
+            const out = new values.constructor(kept);
+            for (let r = 0, at = 0; r < runs; r++) {
+                out.set(values.subarray(starts[r], ends[r]), at);
+                at += ends[r] - starts[r];
+            }
+            return makeData({ type, length: kept, nullCount, nullBitmap, data: out });
+        }
+        case Type.Bool: {
+            const [out] = copyBits(data.values, data.offset, starts, ends, runs, kept);
+            return makeData({ type, length: kept, nullCount, nullBitmap, data: out });
+        }
+        case Type.Utf8:
+        case Type.Binary: {
+            const offsets = data.valueOffsets;
+            const values = data.values;
+            let size = 0;
+            for (let r = 0; r < runs; r++) size += offsets[ends[r]] - offsets[starts[r]];
+            const outOffsets = new Int32Array(kept + 1);
+            const out = new Uint8Array(size);
+            let j = 0;
+            let at = 0;
+            for (let r = 0; r < runs; r++) {
+                const first = offsets[starts[r]];
+                const last = offsets[ends[r]];
+                out.set(values.subarray(first, last), at);
+                const shift = at - first;
+                for (let i = starts[r]; i < ends[r]; i++) outOffsets[++j] = offsets[i + 1] + shift;
+                at += last - first;
+            }
+            return makeData({ type, length: kept, nullCount, nullBitmap, valueOffsets: outOffsets, data: out });
+        }
+        default:
+            throw unsupported(field, type);
     }
 }
 
@@ -312,6 +429,12 @@ function takeBitmap(bitmap, offset, rows) {
         else nulls++;
     }
     return [out, nulls];
+}
+
+// A 64-bit typed array as 32-bit halves: copying those moves no BigInt (or NaN payload) through
+// the interpreter.
+function words(values) {
+    return values.BYTES_PER_ELEMENT === 8 ? new Int32Array(values.buffer, values.byteOffset, values.length * 2) : null;
 }
 
 function takeData(data, rows, field) {
@@ -331,7 +454,17 @@ function takeData(data, rows, field) {
         case Type.Duration: {
             const values = data.values;
             const out = new values.constructor(length);
-            for (let j = 0; j < length; j++) out[j] = values[rows[j]];
+            const from = words(values);
+            if (from) {
+                const to = words(out);
+                for (let j = 0; j < length; j++) {
+                    const r = rows[j] << 1;
+                    to[j << 1] = from[r];
+                    to[(j << 1) + 1] = from[r + 1];
+                }
+            } else {
+                for (let j = 0; j < length; j++) out[j] = values[rows[j]];
+            }
             return makeData({ type, length, nullCount, nullBitmap, data: out });
         }
         case Type.Bool: {
@@ -357,10 +490,7 @@ function takeData(data, rows, field) {
             return makeData({ type, length, nullCount, nullBitmap, valueOffsets: outOffsets, data: out });
         }
         default:
-            throw internal(
-                `the JavaScript SDK cannot take rows of column \`${field.name}\` (${typeLabel(type)}): ` +
-                    "it handles ints, floats, bool, utf8, binary, timestamps and dates",
-            );
+            throw unsupported(field, type);
     }
 }
 

@@ -81,7 +81,7 @@ sinks:
     # A bug: the plugin throws on one symbol. The exception's message and stack reach the log
     # once, with the step's name, and the row goes to the dead letter with them.
     source = (pkg / "src" / "plugin.js").read_text()
-    loop = "        for (let i = 0; i < batch.numRows; i++) {\n"
+    loop = "        for (let i = 0; i < n; i++) {\n"
     assert loop in source
     source = source.replace(loop, loop + '            if (batch.utf8("symbol").get(i) === "BOOM") throw new TypeError("cannot price BOOM");\n')
     (pkg / "src" / "plugin.js").write_text(source)

@@ -187,3 +187,35 @@ test("schemaOf builds what the host decodes a pipeline's columns to", () => {
     assert.equal(String(schema.fields[1].type), "Timestamp<MICROSECOND, UTC>");
     assert.throws(() => schemaOf({ x: "decimal" }), /unknown type `decimal`/);
 });
+
+test("validity() is null without nulls, else 1 per row with a value (slices too)", () => {
+    const batch = sample();
+    assert.equal(batch.column("s").validity() !== null, true);
+    assert.deepEqual([...batch.column("f").validity()], [1, 1, 1, 0, 1]);
+    const sliced = new Batch(batch.recordBatch.slice(2, 5)); // rows 2..5
+    assert.deepEqual([...sliced.column("f").validity()], [1, 0, 1]);
+    const full = makeBatch(everyType, { i64: [1n], i32: [1], f: [1], b: [true], s: ["x"], bin: [Uint8Array.of(1)], ts: [1n], d: [1] });
+    assert.equal(full.column("f").validity(), null);
+});
+
+test("filter copies runs of rows, and take gathers, across a batch with long and short runs", () => {
+    const n = 1000;
+    const schema = new Schema([new Field("s", new Utf8(), true), new Field("x", new Int64(), true), new Field("f", new Float64(), true)]);
+    const s = [], x = [], f = [];
+    for (let i = 0; i < n; i++) {
+        s.push(i % 13 === 0 ? null : "v".repeat(i % 5) + i);
+        x.push(i % 17 === 0 ? null : BigInt(i) * 4294967297n);
+        f.push(i * 0.5);
+    }
+    const batch = makeBatch(schema, { s, x, f });
+    const keep = new Uint8Array(n);
+    for (let i = 0; i < n; i++) keep[i] = (i % 7 < 4 || (i > 500 && i < 600)) && i !== n - 1 ? 1 : 0;
+    const all = rows(batch);
+    const want = all.filter((_, i) => keep[i]);
+    assert.deepEqual(rows(batch.filter(keep)), want);
+    const idx = Int32Array.from(want.map((_, j) => j).map((j) => all.indexOf(want[j])));
+    assert.deepEqual(rows(batch.take(idx)), want);
+    const first = new Uint8Array(n);
+    first[0] = 1;
+    assert.deepEqual(rows(batch.filter(first)), [all[0]]);
+});
