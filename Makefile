@@ -94,8 +94,8 @@ plugin-demo: build ## The plugin harness on the sample ticks: validate → dedup
 	    --plugin $(PLUGIN_DIR)/flowgate_pct_change.wasm --config pipelines/steps/pct_change.yaml \
 	    --schema pipelines/steps/ticks.schema.yaml --input pipelines/samples/ticks.jsonl --flush
 
-bench: plugins broker $(BENCH_VENV)/.installed ## The benchmark (BENCHMARKS.md): 10M ticks through Flowgate (file, generator, Tansu) and PySpark; writes BENCHMARKS.md.
-	$(CARGO) build --release -p flowgate -p flowgate-bench --bins --example commit_bench
+bench: plugins test-plugins js-test-plugins broker $(BENCH_VENV)/.installed ## The benchmark (BENCHMARKS.md): 10M ticks through Flowgate (file, generator, Tansu) and PySpark; writes BENCHMARKS.md.
+	$(CARGO) build --release -p flowgate -p flowgate-bench --bins --example commit_bench --example language_bench
 	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 bench-plugin-loop: ## Time a plugin author's loop: scaffold, first build, rebuild, cargo test, `plugin test` (BENCHMARKS.md).

@@ -161,6 +161,17 @@ def render(r, before=None):
                 f"| 1–{c['window']} | {c['early_ms']:.2f} ms |",
                 f"| {c['versions'] - c['window'] + 1:,}–{c['versions']:,} | {c['late_ms']:.2f} ms "
                 f"({c['late_ms'] / c['early_ms']:.2f}×) |", ""]
+    if "languages" in r:
+        out += ["### Plugins in other languages", "",
+                "Each build loaded by `language_bench` (`runtime/examples/language_bench.rs`): its first load "
+                "(Cranelift, empty compile cache), then 16,384-row batches of ticks through the WASM host. The "
+                "Rust filter is the stock `validate` with the same bound. Command: "
+                "`make bench BENCH_ARGS=\"--only languages\"`.", "",
+                "| plugin | language | component | first load | cached load | rows/s |", "|---|---|---:|---:|---:|---:|"]
+        for x in r["languages"]:
+            out.append(f"| {x['plugin']} | {x['language']} | {x['bytes'] / 1e6:.1f} MB | {x['first_load_s']:.1f} s | "
+                       f"{x['cached_load_s'] * 1e3:.0f} ms | {x['rows_per_s'] / 1e6:.2f}M |")
+        out.append("")
     if "rebalance" in r:
         rb = r["rebalance"]
         out += ["### Rebalance: a third member joins", "",

@@ -33,7 +33,7 @@ FLOWGATE = Path(os.environ.get("FLOWGATE_BIN", RELEASE / "flowgate"))
 BENCH = Path(os.environ.get("FLOWGATE_BENCH_BIN", RELEASE / "flowgate-bench"))
 PLUGINS = ROOT / "target" / "wasm32-wasip2" / "plugin"
 PARTS = ["flowgate-file", "workers", "native", "generator", "kafka", "latency", "state", "sinks", "compaction", "commits",
-         "swap", "rebalance", "spark"]
+         "swap", "rebalance", "languages", "spark"]
 # The benchmark's own PostgreSQL (the machine's, trust auth); `sinks` writes a scratch schema.
 BENCH_PG = os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
 
@@ -618,6 +618,23 @@ def part_commits(args, work, results):
     log(f"commits: median {m[3]} ms near version {m[2]}, {m[6]} ms near version {m[5]}")
 
 
+def part_languages(args, work, results):
+    """Plugins in other languages: `language_bench` loads each build of the price filter and of
+    the stateful `ema` plugin (Rust, JavaScript), times the first load (Cranelift, empty cache) and
+    rows/s on 16,384-row batches through the WASM host, and prints a JSON line per build."""
+    binary = RELEASE / "examples" / "language_bench"
+    out = subprocess.run([binary], capture_output=True, text=True, check=True, cwd=ROOT,
+                         env=dict(os.environ, FLOWGATE_PLUGIN_DIR=str(ROOT / "target" / "wasm32-wasip2" / "plugin")))
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if len(rows) < 4:
+        sys.exit(f"language_bench measured {len(rows)} builds of 4 (`make test-plugins js-test-plugins` builds them):\n"
+                 f"{out.stderr}")
+    results["languages"] = rows
+    for r in rows:
+        log(f"languages: {r['plugin']} in {r['language']}: {r['rows_per_s'] / 1e6:.2f}M rows/s, "
+            f"{r['bytes'] / 1e6:.1f} MB, first load {r['first_load_s']:.1f} s")
+
+
 def compare_bars(delta_path, parquet_path):
     import pandas as pd
     from deltalake import DeltaTable
@@ -713,6 +730,8 @@ def main():
         part_swap(args, work, results)
     if wanted("rebalance"):
         part_rebalance(args, work, results)
+    if wanted("languages"):
+        part_languages(args, work, results)
     if wanted("spark"):
         part_spark(args, work, results)
     # A partial or trial run (`--no-write`) keeps its results in the work folder.
