@@ -68,7 +68,7 @@ install: plugins ## Install the release `flowgate` binary into ~/.cargo/bin (on 
 	$(CARGO) install --locked --path runtime
 
 test: plugins test-plugins js-test-plugins venv ## Every test: unit tests, host tests on the real .wasm, end-to-end pipelines read back by Python.
-	cd $(JS_SDK) && node --test test/
+	cd $(JS_SDK) && node --test test/sdk.test.js
 	$(VENV)/bin/python -m pytest -q plugins/sdk-python/tests
 	$(CARGO) test --workspace
 	$(CARGO) build -p flowgate

@@ -11,8 +11,9 @@
 // installed beside it, which package.json pins). AOT compilation (weval) would download a binary
 // at build time, so the plugin runs SpiderMonkey's interpreter.
 
-import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
-import { basename, dirname, join, relative, resolve } from "node:path";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -30,50 +31,51 @@ async function packageName() {
 const entry = resolve(root, option("--entry", "src/plugin.js"));
 const out = resolve(root, option("--out", null) ?? `dist/${await packageName()}.wasm`);
 const wit = resolve(root, option("--wit", "wit"));
-// Beside the output, named after it: builds of several plugins may run at once.
-const work = join(dirname(out), `.build-${basename(out)}`);
-
-await mkdir(work, { recursive: true });
+// A folder of its own (several builds may run at once), away from the output, which may be
+// reached through a symbolic link; the entry imports by absolute path.
+const work = await mkdtemp(join(tmpdir(), "flowgate-build-"));
 // The component's entry: the host's logger wired into the SDK, and the plugin's `transform`.
-const sdk = relative(work, join(here, "flowgate.js")).replaceAll("\\", "/");
-const plugin = relative(work, entry).replaceAll("\\", "/");
 await writeFile(
     join(work, "entry.js"),
     `import { log } from "flowgate:plugin/log@0.1.0";
-import { setHostLog } from "${sdk.startsWith(".") ? sdk : "./" + sdk}";
-import { transform as exported } from "${plugin.startsWith(".") ? plugin : "./" + plugin}";
+import { setHostLog } from ${JSON.stringify(join(here, "flowgate.js"))};
+import { transform as exported } from ${JSON.stringify(entry)};
 setHostLog((level, message) => log(level, message));
 export const transform = exported;
 `,
 );
 
-const { build } = await import("esbuild");
-const bundle = join(work, "bundle.js");
 const started = Date.now();
-await build({
-    entryPoints: [join(work, "entry.js")],
-    bundle: true,
-    format: "esm",
-    // apache-arrow's browser build: no node built-ins.
-    platform: "browser",
-    target: "es2022",
-    external: ["flowgate:*"],
-    outfile: bundle,
-    logLevel: "warning",
-    legalComments: "none",
-});
+let component;
+try {
+    const { build } = await import("esbuild");
+    const bundle = join(work, "bundle.js");
+    await build({
+        entryPoints: [join(work, "entry.js")],
+        bundle: true,
+        format: "esm",
+        // apache-arrow's browser build: no node built-ins.
+        platform: "browser",
+        target: "es2022",
+        external: ["flowgate:*"],
+        outfile: bundle,
+        logLevel: "warning",
+        legalComments: "none",
+    });
 
-const { componentize } = await import("@bytecodealliance/componentize-js");
-const { component } = await componentize({
-    sourcePath: bundle,
-    witPath: wit,
-    worldName: "plugin",
-    // No network: a plugin gets a logger, stdio (what it prints reaches the host's log) and
-    // the clocks and randomness the host grants.
-    disableFeatures: ["http", "fetch-event"],
-});
-await mkdir(dirname(out), { recursive: true });
-await writeFile(out, component);
-await rm(work, { recursive: true, force: true });
+    const { componentize } = await import("@bytecodealliance/componentize-js");
+    ({ component } = await componentize({
+        sourcePath: bundle,
+        witPath: wit,
+        worldName: "plugin",
+        // No network: a plugin gets a logger, stdio (what it prints reaches the host's log) and
+        // the clocks and randomness the host grants.
+        disableFeatures: ["http", "fetch-event"],
+    }));
+    await mkdir(dirname(out), { recursive: true });
+    await writeFile(out, component);
+} finally {
+    await rm(work, { recursive: true, force: true });
+}
 const mb = (component.byteLength / 1e6).toFixed(1);
 console.log(`built ${relative(root, out)} (${mb} MB) in ${((Date.now() - started) / 1000).toFixed(1)} s`);

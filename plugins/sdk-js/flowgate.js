@@ -115,9 +115,9 @@ export function parseConfig(json, spec, prefix = "") {
     }
     const keys = Object.keys(spec);
     for (const key of Object.keys(value)) {
-        if (!(key in spec)) {
+        if (!Object.hasOwn(spec, key)) {
             const expected = keys.map((k) => `\`${k}\``).join(", ");
-            throw new PluginError("invalid-config", `unknown field \`${key}\`, expected one of ${expected}`);
+            throw invalidConfig(prefix.replace(/\.$/, ""), `unknown field \`${key}\`, expected one of ${expected}`);
         }
     }
     const out = {};
@@ -532,7 +532,7 @@ function columnData(field, values) {
     const type = field.type;
     if (values instanceof Column) {
         // A column of another batch, as it is (no copy).
-        if (values.type.typeId !== type.typeId) {
+        if (values.type.compareTo ? !values.type.compareTo(type) : String(values.type) !== String(type)) {
             throw internal(`makeBatch: column \`${field.name}\` is ${typeLabel(type)}, given ${typeLabel(values.type)}`);
         }
         return values.data;
@@ -602,8 +602,10 @@ export class Output {
 
     /**
      * Refuses input row `row` (its index in the batch given to `process`). The row also leaves
-     * every output batch made of the input's own rows (the input, or a `filter`/`take` of it), so
-     * it is never in both the output and the dead letter.
+     * every output batch made of the input's own rows, so it is never in both the output and the
+     * dead letter: the input itself, or a batch with as many rows sharing one of its columns (the
+     * input with a computed column added). A batch the plugin filtered or built is left as it is:
+     * leave the rejected rows out of it yourself (as the scaffold's `keep` mask does).
      */
     reject(row, reason) {
         this.rejected.push({ row, reason: String(reason) });
@@ -627,9 +629,15 @@ function settle(output, input) {
     }
     const refused = new Uint8Array(rows);
     for (const r of output.rejected) refused[r.row] = 1;
+    // A batch made of the input's own rows: as many rows, and one of its columns (the input
+    // itself, or the input with a computed column added), as the Rust SDK decides.
+    const columns = new Set(input.recordBatch.data.children);
+    const aligned = (batch) =>
+        batch === input ||
+        (batch instanceof Batch && batch.numRows === rows && batch.recordBatch.data.children.some((c) => columns.has(c)));
     output.batches = output.batches
         .map((batch) => {
-            if (batch === input) {
+            if (aligned(batch)) {
                 const keep = new Uint8Array(rows);
                 for (let i = 0; i < rows; i++) keep[i] = 1 - refused[i];
                 return batch.filter(keep);
@@ -708,8 +716,13 @@ function toWit(e) {
         // componentize-js: a thrown object with `payload` is the `err` of a `result`.
         return { payload: { tag: e.tag, val: e.message } };
     }
-    console.error(e && e.stack ? e.stack : String(e));
-    return e;
+    // SpiderMonkey's `stack` holds only the frames: the message first, then where.
+    const text = e instanceof Error ? `${e.name}: ${e.message}` : String(e);
+    console.error(`Uncaught ${text}${e && e.stack ? `\n${e.stack}` : ""}`);
+    // Inside WebAssembly any value without a `payload` traps the call; a short one keeps
+    // componentize-js from printing the message a second time. Under node the exception itself
+    // goes on, for the test that called.
+    return hostLog ? "the exception printed above ended the call" : e;
 }
 
 function guard(f) {
@@ -774,7 +787,7 @@ export function definePlugin(definition) {
             return guard(() => {
                 const out = this.step.onWatermark ? this.step.onWatermark(Number(tsMs)) : new Output();
                 if (!(out instanceof Output)) throw internal("`onWatermark` must return an Output");
-                out.rejected = [];
+                if (out.rejected.length > 0) throw internal("`onWatermark` has no input rows to reject");
                 return encodeOutput(out, this.schema);
             });
         }

@@ -304,7 +304,7 @@ fn js_manifest(name: &str) -> anyhow::Result<String> {
         "type": "module",
         "scripts": {
             "build": "node flowgate/build.mjs",
-            "test": "node --test test/"
+            "test": "node --test"
         },
         "dependencies": sdk["dependencies"],
         "devDependencies": sdk["devDependencies"],

@@ -277,17 +277,15 @@ fn classify(
     // `<wasm function N>` in a release build, helps no one reading the error: it goes to the
     // debug log.
     tracing::debug!(step, plugin, "trap: {e:?}");
-    let message = match (&store.data().panic, printed) {
-        (Some(panic), _) => format!("the plugin {panic}"),
-        (None, printed) => {
-            let trap = e
-                .downcast_ref::<Trap>()
-                .map_or_else(|| format!("{e}"), |trap| format!("{trap}"));
-            match printed {
-                Some(printed) => format!("{trap}, after the plugin printed: {printed}"),
-                None => trap,
-            }
-        }
+    let cause = match &store.data().panic {
+        Some(panic) => format!("the plugin {panic}"),
+        None => e
+            .downcast_ref::<Trap>()
+            .map_or_else(|| format!("{e}"), |trap| format!("{trap}")),
+    };
+    let message = match printed {
+        Some(printed) => format!("{cause}, after the plugin printed: {printed}"),
+        None => cause,
     };
     PluginError::Trap {
         plugin,
@@ -487,6 +485,8 @@ impl Instance {
         self.store
             .set_epoch_deadline(deadline_ticks(self.loaded.config.call_timeout));
         self.store.data_mut().panic = None;
+        // A refused growth the guest survived is not the cause of a later trap.
+        self.store.data_mut().cap.refused = None;
         let result = f(&mut self.store, &self.bindings, self.transformer);
         drop(running);
         if result.is_ok() {

@@ -131,6 +131,20 @@ fn what_a_plugin_printed_before_it_trapped_is_in_the_error_once() {
     );
     assert!(!text.contains("chatty"), "an earlier call's output: {text}");
     assert_eq!(text.matches("shouting").count(), 1, "once: {text}");
+
+    // A Rust panic names its message and line, and keeps what was printed before it.
+    let mut step = plugin
+        .instantiate("prices", "{}", &schema, Grants::default())
+        .expect("create");
+    let text = step
+        .process(&symbols(&["CHATTY", "POISON"]))
+        .expect_err("the plugin panics")
+        .to_string();
+    assert!(
+        text.contains("trapped in process: the plugin panicked at tests/plugins/panic/src/lib.rs:")
+            && text.contains(", after the plugin printed: row 0 is chatty;"),
+        "{text}"
+    );
 }
 
 #[test]
