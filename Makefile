@@ -55,7 +55,7 @@ js-test-plugins: $(JS_TEST_PLUGINS) ## Build the test plugins written in JavaScr
 # The price filter `plugin new --lang js` writes, built from its template (for the benchmark).
 $(PLUGIN_DIR)/flowgate_test_filter_js.wasm: $(JS_SDK)/template/src/plugin.js $(JS_SDK)/flowgate.js $(JS_SDK)/build.mjs wit/flowgate.wit $(JS_SDK)/node_modules/.installed
 	mkdir -p target/js-filter/src
-	sed -e 's/{{name}}/filter/' -e 's|"../flowgate/flowgate.js"|"../../../$(JS_SDK)/flowgate.js"|' $< > target/js-filter/src/plugin.js
+	sed -e 's/{{name}}/filter/' -e 's|"../flowgate/flowgate.js"|"$(CURDIR)/$(JS_SDK)/flowgate.js"|' $< > target/js-filter/src/plugin.js
 	node $(JS_SDK)/build.mjs --entry target/js-filter/src/plugin.js --out $@ --wit wit
 
 $(PLUGIN_DIR)/flowgate_test_%_js.wasm: tests/plugins-js/%/plugin.js $(JS_SDK)/flowgate.js $(JS_SDK)/build.mjs wit/flowgate.wit $(JS_SDK)/node_modules/.installed
