@@ -20,7 +20,7 @@ E2E_WORKERS  ?= 2
 
 export FLOWGATE_PLUGIN_DIR := $(CURDIR)/$(PLUGIN_DIR)
 
-.PHONY: help setup venv js-sdk js-test-plugins plugins test-plugins build install test lint fmt run plugin-demo bench bench-plugin-loop broker test-broker chaos fuzz clean
+.PHONY: help setup venv js-sdk js-test-plugins py-test-plugins plugins test-plugins build install test lint fmt run plugin-demo bench bench-plugin-loop broker test-broker chaos fuzz clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -61,15 +61,32 @@ $(PLUGIN_DIR)/flowgate_test_filter_js.wasm: $(JS_SDK)/template/src/plugin.js $(J
 $(PLUGIN_DIR)/flowgate_test_%_js.wasm: tests/plugins-js/%/plugin.js $(JS_SDK)/flowgate.js $(JS_SDK)/build.mjs wit/flowgate.wit $(JS_SDK)/node_modules/.installed
 	node $(JS_SDK)/build.mjs --entry $< --out $@ --wit wit
 
+# Test plugins written with the Python SDK (tests/plugins-py/NAME/plugin.py →
+# $(PLUGIN_DIR)/flowgate_test_NAME_py.wasm), built with componentize-py from the virtualenv.
+PY_SDK          := plugins/sdk-python
+PY_SDK_SOURCES  := $(wildcard $(PY_SDK)/flowgate/*.py)
+PY_TEST_PLUGINS := $(PLUGIN_DIR)/flowgate_test_ema_py.wasm $(PLUGIN_DIR)/flowgate_test_filter_py.wasm
+PY_BUILD        := PYTHONPATH=$(CURDIR)/$(PY_SDK) $(CURDIR)/$(VENV)/bin/python -m flowgate.build
+py-test-plugins: $(PY_TEST_PLUGINS) ## Build the test plugins written in Python (never shipped).
+
+# The price filter `plugin new --lang python` writes, built from its template (for the benchmark).
+$(PLUGIN_DIR)/flowgate_test_filter_py.wasm: $(PY_SDK)/template/src/plugin.py $(PY_SDK_SOURCES) wit/flowgate.wit $(VENV)/.installed
+	mkdir -p target/py-filter/src
+	sed -e 's/{{name}}/filter/' $< > target/py-filter/src/plugin.py
+	$(PY_BUILD) --src target/py-filter/src --out $@ --wit wit
+
+$(PLUGIN_DIR)/flowgate_test_%_py.wasm: tests/plugins-py/%/plugin.py $(PY_SDK_SOURCES) wit/flowgate.wit $(VENV)/.installed
+	$(PY_BUILD) --src $(<D) --out $@ --wit wit
+
 build: plugins ## Build the host and the stock plugins.
 	$(CARGO) build -p flowgate
 
 install: plugins ## Install the release `flowgate` binary into ~/.cargo/bin (on your PATH with rustup).
 	$(CARGO) install --locked --path runtime
 
-test: plugins test-plugins js-test-plugins venv ## Every test: unit tests, host tests on the real .wasm, end-to-end pipelines read back by Python.
+test: plugins test-plugins js-test-plugins py-test-plugins venv ## Every test: unit tests, host tests on the real .wasm, end-to-end pipelines read back by Python.
 	cd $(JS_SDK) && node --test test/sdk.test.js
-	$(VENV)/bin/python -m pytest -q plugins/sdk-python/tests
+	$(VENV)/bin/python -m pytest -q $(PY_SDK)/tests
 	$(CARGO) test --workspace
 	$(CARGO) build -p flowgate
 	$(VENV)/bin/python -m pytest -q -n $(E2E_WORKERS) --durations=0 --durations-min=2 tests/e2e
@@ -94,7 +111,7 @@ plugin-demo: build ## The plugin harness on the sample ticks: validate → dedup
 	    --plugin $(PLUGIN_DIR)/flowgate_pct_change.wasm --config pipelines/steps/pct_change.yaml \
 	    --schema pipelines/steps/ticks.schema.yaml --input pipelines/samples/ticks.jsonl --flush
 
-bench: plugins test-plugins js-test-plugins broker $(BENCH_VENV)/.installed ## The benchmark (BENCHMARKS.md): 10M ticks through Flowgate (file, generator, Tansu) and PySpark; writes BENCHMARKS.md.
+bench: plugins test-plugins js-test-plugins py-test-plugins broker $(BENCH_VENV)/.installed ## The benchmark (BENCHMARKS.md): 10M ticks through Flowgate (file, generator, Tansu) and PySpark; writes BENCHMARKS.md.
 	$(CARGO) build --release -p flowgate -p flowgate-bench --bins --example commit_bench --example language_bench
 	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
 

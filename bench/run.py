@@ -620,14 +620,15 @@ def part_commits(args, work, results):
 
 def part_languages(args, work, results):
     """Plugins in other languages: `language_bench` loads each build of the price filter and of
-    the stateful `ema` plugin (Rust, JavaScript), times the first load (Cranelift, empty cache) and
+    the stateful `ema` plugin (Rust, JavaScript, Python), times the first load (Cranelift, empty cache) and
     rows/s on 16,384-row batches through the WASM host, and prints a JSON line per build."""
     binary = RELEASE / "examples" / "language_bench"
     out = subprocess.run([binary], capture_output=True, text=True, check=True, cwd=ROOT,
                          env=dict(os.environ, FLOWGATE_PLUGIN_DIR=str(ROOT / "target" / "wasm32-wasip2" / "plugin")))
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    if len(rows) < 4:
-        sys.exit(f"language_bench measured {len(rows)} builds of 4 (`make test-plugins js-test-plugins` builds them):\n"
+    if len(rows) < 6:
+        sys.exit(f"language_bench measured {len(rows)} builds of 6 (`make test-plugins js-test-plugins "
+                 f"py-test-plugins` builds them):\n"
                  f"{out.stderr}")
     results["languages"] = rows
     for r in rows:

@@ -4,7 +4,7 @@
 //! ticks (symbol, price, µs timestamp; a tenth of the rows below the filter's minimum, 1 in 200
 //! without a price).
 //!
-//! `make plugins test-plugins js-test-plugins && cargo run --release -p flowgate --example
+//! `make plugins test-plugins js-test-plugins py-test-plugins && cargo run --release -p flowgate --example
 //! language_bench` prints one JSON object per build (bench/run.py's `languages` section reads
 //! them); `FLOWGATE_PLUGIN_DIR` points at other builds, `BATCHES` sets the batches per build.
 
@@ -70,7 +70,9 @@ fn main() {
         ("filter", "rust", "flowgate_validate.wasm", filter_rust),
         ("filter", "js", "flowgate_test_filter_js.wasm", filter),
         ("ema", "rust", "flowgate_test_ema.wasm", ema),
+        ("filter", "python", "flowgate_test_filter_py.wasm", filter),
         ("ema", "js", "flowgate_test_ema_js.wasm", ema),
+        ("ema", "python", "flowgate_test_ema_py.wasm", ema),
     ];
     let inputs: Vec<RecordBatch> = (0..batches).map(|n| ticks(&schema, n)).collect();
     let host_config = |cache_dir| HostConfig {

@@ -1,11 +1,11 @@
-"""One stateful plugin in several languages (README, "Plugins in other languages"): a per-symbol
+"""One stateful plugin in three languages (README, "Plugins in other languages"): a per-symbol
 exponential moving average with snapshot and restore, written with the Rust SDK
-(tests/plugins/ema) and the JavaScript SDK (tests/plugins-js/ema), each run against a Tansu
-broker on the same ticks. Each must give the table computed here independently, row for row and
-bit for bit: the Rust build straight through, the JavaScript build through kills with SIGKILL at
-random moments and restarts (its state restored from checkpoints), and a run that starts on the
-Rust build and is swapped live to the JavaScript one mid-stream, the averages carried across in
-the state bytes both SDKs write."""
+(tests/plugins/ema), the JavaScript SDK (tests/plugins-js/ema) and the Python SDK
+(tests/plugins-py/ema), each run against a Tansu broker on the same ticks. Each build must give
+the table computed here independently, row for row and bit for bit, through kills with SIGKILL at
+random moments and restarts (its state restored from checkpoints); and a run that starts on the
+Rust build and is swapped live to the JavaScript one, then to the Python one, mid-stream, must
+too: the averages are carried across in the state bytes the three SDKs write alike."""
 import json
 import os
 import random
@@ -15,6 +15,7 @@ import subprocess
 import time
 
 import polars as pl
+import pytest
 from confluent_kafka import Producer
 from deltalake import DeltaTable
 from kafka.admin import KafkaAdminClient, NewTopic
@@ -22,7 +23,11 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from conftest import FLOWGATE, REPO
 
 PLUGINS = REPO / "target" / "wasm32-wasip2" / "plugin"
-BUILDS = {"rust": PLUGINS / "flowgate_test_ema.wasm", "js": PLUGINS / "flowgate_test_ema_js.wasm"}
+BUILDS = {
+    "rust": PLUGINS / "flowgate_test_ema.wasm",
+    "js": PLUGINS / "flowgate_test_ema_js.wasm",
+    "python": PLUGINS / "flowgate_test_ema_py.wasm",
+}
 SYMBOLS = ["AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "META", "TSLA", "NFLX", "BRK.B", "JPM"]
 ALPHA = 0.3
 
@@ -135,29 +140,30 @@ def run_to_idle(path, env):
     return out
 
 
-def test_rust_and_javascript_builds_give_the_same_table_through_kill_9(broker, tmp_path, data_dir):
-    for build in BUILDS.values():
-        assert build.is_file(), f"{build} is missing: run `make test-plugins js-test-plugins`"
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_each_build_gives_the_same_table_through_kill_9(build, broker, tmp_path, data_dir):
+    assert BUILDS[build].is_file(), f"{BUILDS[build]} is missing: run `make test-plugins js-test-plugins py-test-plugins`"
     create_topic(broker)
     rng = random.Random(20)
     rows = ticks(rng, 6000, 1_762_957_800_000_000)
     want = expected(rows)
     env = dict(os.environ, KAFKA_BROKERS=broker, RUST_LOG="flowgate=info")
-    # The JavaScript build, killed with SIGKILL three times. Its compile is cached first, so a start
-    # is quick; each start then gets a new tranche of ticks and is killed only once it has
-    # committed rows of it (restored averages in use), a random moment later.
-    path = pipeline(tmp_path, "ema-js", "js", data_dir)
+    # Killed with SIGKILL three times. The plugin's compile is cached first, so a start is quick;
+    # each start then gets a new tranche of ticks and is killed only once it has committed rows
+    # of it (restored averages in use), a random moment later.
+    name = f"ema-{build}"
+    path = pipeline(tmp_path, name, build, data_dir)
     out = subprocess.run([str(FLOWGATE), "validate", str(path)], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     tranches = [rows[i:i + 1000] for i in range(0, len(rows), 1000)]
     produce(broker, tranches[0])
-    log_path = tmp_path / "ema-js.log"
+    log_path = tmp_path / f"{name}.log"
     with open(log_path, "w") as log:
         for kill in range(3):
             proc = start(path, env, log)
             produce(broker, tranches[kill + 1])
-            wait_rows(data_dir / "ema-js", 1000 * (kill + 1) + 1, proc, log_path)
+            wait_rows(data_dir / name, 1000 * (kill + 1) + 1, proc, log_path)
             time.sleep(rng.uniform(0.0, 1.5))
             assert proc.poll() is None, log_path.read_text()[-4000:]
             proc.send_signal(signal.SIGKILL)
@@ -165,38 +171,42 @@ def test_rust_and_javascript_builds_give_the_same_table_through_kill_9(broker, t
     for tranche in tranches[4:]:
         produce(broker, tranche)
     run_to_idle(path, env)
-    assert_same(table(data_dir / "ema-js"), want)
+    assert_same(table(data_dir / name), want)
     assert log_path.read_text().count("resuming after offset") >= 2, log_path.read_text()[-3000:]
 
-    # The Rust build, straight through the same ticks.
-    run_to_idle(pipeline(tmp_path, "ema-rust", "rust", data_dir), env)
-    assert_same(table(data_dir / "ema-rust"), want)
+
+def swap_to(path, build, proc, log_path, swaps):
+    """Rewrites the pipeline file to use another build, and waits for the live swap."""
+    text = re.sub(r"plugin: .*", f"plugin: {BUILDS[build]}", path.read_text())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    deadline = time.time() + 120
+    while log_path.read_text().count("live swap: switched to the new steps") < swaps:
+        assert proc.poll() is None, log_path.read_text()[-4000:]
+        assert time.time() < deadline, log_path.read_text()[-4000:]
+        time.sleep(0.2)
 
 
-def test_a_live_swap_from_the_rust_build_to_the_javascript_one_keeps_the_averages(broker, tmp_path, data_dir):
+def test_live_swaps_from_rust_to_javascript_to_python_keep_the_averages(broker, tmp_path, data_dir):
     create_topic(broker)
     rng = random.Random(21)
-    rows = ticks(rng, 4000, 1_762_957_800_000_000)
-    first, second = rows[:2000], rows[2000:]
+    rows = ticks(rng, 6000, 1_762_957_800_000_000)
+    parts = [rows[:2000], rows[2000:4000], rows[4000:]]
     want = expected(rows)
     path = pipeline(tmp_path, "ema-swap", "rust", data_dir)
     env = dict(os.environ, KAFKA_BROKERS=broker, RUST_LOG="flowgate=info")
     log_path = tmp_path / "swap.log"
-    produce(broker, first)
+    produce(broker, parts[0])
     with open(log_path, "w") as log:
         proc = start(path, env, log)
         try:
-            wait_rows(data_dir / "ema-swap", len(first), proc, log_path)
-            text = path.read_text().replace(str(BUILDS["rust"]), str(BUILDS["js"]))
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
-            deadline = time.time() + 120
-            while not re.search(r"live swap: switched to the new steps", log_path.read_text()):
-                assert proc.poll() is None, log_path.read_text()[-4000:]
-                assert time.time() < deadline, log_path.read_text()[-4000:]
-                time.sleep(0.2)
-            produce(broker, second)
+            wait_rows(data_dir / "ema-swap", 2000, proc, log_path)
+            swap_to(path, "js", proc, log_path, 1)
+            produce(broker, parts[1])
+            wait_rows(data_dir / "ema-swap", 4000, proc, log_path)
+            swap_to(path, "python", proc, log_path, 2)
+            produce(broker, parts[2])
             wait_rows(data_dir / "ema-swap", len(rows), proc, log_path)
         finally:
             proc.send_signal(signal.SIGTERM)

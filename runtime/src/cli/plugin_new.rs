@@ -1,8 +1,8 @@
-//! `flowgate plugin new NAME [--lang rust|js]`: a plugin project that builds on its own,
+//! `flowgate plugin new NAME [--lang rust|js|python]`: a plugin project that builds on its own,
 //! anywhere.
 //!
-//! The SDK is vendored into the new project (Rust: `vendor/flowgate-sdk/`; JavaScript:
-//! `flowgate/`; the WIT contract in `wit/`), copied from the SDK this binary was built with: the
+//! The SDK is vendored into the new project (Rust: `vendor/flowgate-sdk/`; JavaScript and
+//! Python: `flowgate/`; the WIT contract in `wit/`), copied from the SDK this binary was built with: the
 //! project needs nothing from this repository, no git access, and its contract matches the host
 //! that made it. A newer host refreshes the copy with `flowgate plugin new NAME --sdk-only`.
 
@@ -36,6 +36,8 @@ pub enum Lang {
     /// A JavaScript package over the JavaScript SDK and `apache-arrow` (npm, esbuild,
     /// componentize-js).
     Js,
+    /// A Python package over the Python SDK and its own Arrow IPC codec (componentize-py).
+    Python,
 }
 
 /// The SDK's sources, as this binary was built with them.
@@ -105,6 +107,36 @@ const JS_SDK_FILES: &[(&str, &str)] = &[
         include_str!("../../../plugins/sdk-js/build.mjs"),
     ),
 ];
+
+/// The Python SDK, vendored into a Python plugin as `flowgate/`.
+const PY_SDK_FILES: &[(&str, &str)] = &[
+    (
+        "flowgate/__init__.py",
+        include_str!("../../../plugins/sdk-python/flowgate/__init__.py"),
+    ),
+    (
+        "flowgate/arrow.py",
+        include_str!("../../../plugins/sdk-python/flowgate/arrow.py"),
+    ),
+    (
+        "flowgate/testing.py",
+        include_str!("../../../plugins/sdk-python/flowgate/testing.py"),
+    ),
+    (
+        "flowgate/build.py",
+        include_str!("../../../plugins/sdk-python/flowgate/build.py"),
+    ),
+    (
+        "flowgate/_component.py",
+        include_str!("../../../plugins/sdk-python/flowgate/_component.py"),
+    ),
+];
+
+/// The Python scaffold's plugin, its tests, and what its build installs.
+const PY_PLUGIN: &str = include_str!("../../../plugins/sdk-python/template/src/plugin.py");
+const PY_TESTS_INIT: &str = include_str!("../../../plugins/sdk-python/template/tests/__init__.py");
+const PY_TEST: &str = include_str!("../../../plugins/sdk-python/template/tests/test_plugin.py");
+const PY_REQUIREMENTS: &str = include_str!("../../../plugins/sdk-python/requirements.txt");
 
 /// The JavaScript scaffold's plugin and its test (`{{name}}` is the plugin's name).
 const JS_PLUGIN: &str = include_str!("../../../plugins/sdk-js/template/src/plugin.js");
@@ -381,6 +413,87 @@ fn new_js(root: &Path, name: &str, lib_name: &str) -> anyhow::Result<()> {
     write_js_sdk(root)
 }
 
+fn py_readme(name: &str, lib_name: &str, dir: &str) -> String {
+    format!(
+        r#"# {name}
+
+A Flowgate transform plugin in Python. With Python 3.10 or newer:
+
+```sh
+python3 -m flowgate.build                           # → dist/{lib_name}.wasm
+flowgate plugin test dist/{lib_name}.wasm \
+    --config sample/config.yaml --schema sample/schema.yaml --input sample/input.jsonl
+python3 -m unittest                                 # the plugin's logic, nothing to install
+```
+
+The first build installs componentize-py (pinned in `requirements.txt`) into `.venv/` when
+neither your Python nor your PATH has it; later builds run offline.
+
+Add it to a pipeline (a relative `plugin:` path is relative to the pipeline file):
+
+```yaml
+transforms:
+  - name: {lib_name}
+    plugin: {dir}/dist/{lib_name}.wasm
+    config:
+      column: price
+      min: 10
+```
+
+`src/plugin.py` is the plugin; `flowgate/` is the Flowgate Python SDK and its build script, and
+`wit/` the contract, as this project was made with (`flowgate plugin new {name} --lang python
+--path . --sdk-only` refreshes them from a newer Flowgate). A running pipeline picks up a rebuilt
+`.wasm` without a restart when its file changes.
+
+What to know:
+
+- The plugin runs in CPython compiled to WebAssembly: the standard library and modules in `src/`
+  only. Packages with C extensions (pyarrow, numpy, pandas) have no WebAssembly build.
+- Columns come from the SDK's own Arrow codec (`flowgate.arrow`): ints, floats, bool, utf8,
+  binary, timestamps (as integers in their unit: µs stay exact) and dates. `column.values` is a
+  typed `memoryview`, `column.to_pylist()` gives Python values. Build masks at C speed
+  (`compare(column, ">=", 10)`, `mask_and`, `null_rows`), then `batch.filter(mask)` or
+  `batch.take(rows)`: a loop over the rows in Python costs about a microsecond a row.
+- `output.reject(row, reason)` sends the row to the dead letter and takes it out of the batch it
+  came in.
+- Raise `InvalidConfig(key, text)`, `BadInput(text)` or `Internal(text)` for the contract's
+  errors. Any other exception is a bug: its traceback is printed, the call traps, and Flowgate
+  reports what was printed with the step's name (and isolates the row it failed on).
+- The component is about 20 MB (the interpreter and the standard library) and takes seconds to
+  compile on first load; Flowgate caches the compiled code.
+"#
+    )
+}
+
+/// Writes the vendored Python SDK and the WIT contract under `root`.
+fn write_python_sdk(root: &Path) -> anyhow::Result<()> {
+    for (rel, text) in PY_SDK_FILES {
+        write(root, rel, text)?;
+    }
+    write(root, "requirements.txt", PY_REQUIREMENTS)?;
+    write(root, "wit/flowgate.wit", WIT)
+}
+
+/// Writes a Python plugin project.
+fn new_python(root: &Path, name: &str, lib_name: &str) -> anyhow::Result<()> {
+    write(
+        root,
+        "pyproject.toml",
+        &format!("[project]\nname = \"{name}\"\nversion = \"0.1.0\"\nrequires-python = \">=3.10\"\n"),
+    )?;
+    write(root, "src/plugin.py", &PY_PLUGIN.replace("{{name}}", name))?;
+    write(root, "tests/__init__.py", PY_TESTS_INIT)?;
+    write(root, "tests/test_plugin.py", PY_TEST)?;
+    let absolute = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    write(
+        root,
+        "README.md",
+        &py_readme(name, lib_name, &absolute.display().to_string()),
+    )?;
+    write(root, ".gitignore", "/.venv\n/dist\n__pycache__/\n")?;
+    write_python_sdk(root)
+}
+
 /// The crate name, its library name (`-` → `_`) and a type name (`price-filter` → `PriceFilter`).
 fn names(name: &str) -> Result<(String, String), UsageError> {
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
@@ -464,6 +577,7 @@ pub fn run(args: NewArgs) -> anyhow::Result<std::process::ExitCode> {
         let manifest = match args.lang {
             Lang::Rust => "Cargo.toml",
             Lang::Js => "package.json",
+            Lang::Python => "pyproject.toml",
         };
         if !root.join(manifest).is_file() {
             return Err(UsageError(format!(
@@ -475,6 +589,7 @@ pub fn run(args: NewArgs) -> anyhow::Result<std::process::ExitCode> {
         match args.lang {
             Lang::Rust => write_sdk(&root)?,
             Lang::Js => write_js_sdk(&root)?,
+            Lang::Python => write_python_sdk(&root)?,
         }
         println!(
             "refreshed the Flowgate SDK and contract in {}",
@@ -504,6 +619,7 @@ pub fn run(args: NewArgs) -> anyhow::Result<std::process::ExitCode> {
             write_sdk(&root)?;
         }
         Lang::Js => new_js(&root, &args.name, &lib_name)?,
+        Lang::Python => new_python(&root, &args.name, &lib_name)?,
     }
     write(&root, "sample/input.jsonl", SAMPLE_INPUT)?;
     write(&root, "sample/schema.yaml", SAMPLE_SCHEMA)?;
@@ -522,6 +638,10 @@ pub fn run(args: NewArgs) -> anyhow::Result<std::process::ExitCode> {
         }
         Lang::Js => {
             println!("  npm install && npm run build");
+            println!("  flowgate plugin test dist/{lib_name}.wasm {sample}");
+        }
+        Lang::Python => {
+            println!("  python3 -m flowgate.build");
             println!("  flowgate plugin test dist/{lib_name}.wasm {sample}");
         }
     }
@@ -586,6 +706,23 @@ mod tests {
             );
             assert!(JS_SDK_FILES.iter().any(|(p, _)| *p == file), "{file}");
         }
+    }
+
+    #[test]
+    fn a_python_plugin_vendors_every_sdk_module_and_pins_componentize_py() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/sdk-python/flowgate");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|f| f.ends_with(".py"))
+            .map(|f| format!("flowgate/{f}"))
+            .collect();
+        on_disk.sort();
+        let mut vendored: Vec<String> = PY_SDK_FILES.iter().map(|(p, _)| p.to_string()).collect();
+        vendored.sort();
+        assert_eq!(vendored, on_disk, "plugin_new.rs must embed every module of the Python SDK");
+        assert!(PY_REQUIREMENTS.contains("componentize-py==0.25.1"));
+        assert!(PY_PLUGIN.contains("{{name}}"));
     }
 
     #[test]

@@ -1,0 +1,5 @@
+# The plugin's module is in src/.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
