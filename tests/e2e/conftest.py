@@ -24,6 +24,37 @@ def run_flowgate(*args, env=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def filter_pipeline(path, ticks, wasm, config, sinks):
+    """A pipeline file at `path`: the ticks file through the scaffolds' price filter (`wasm`,
+    with the `config:` lines given) into `sinks` (YAML from `sinks:` on)."""
+    path.write_text(f"""name: {path.stem}
+source:
+  file:
+    path: {ticks}
+schema:
+  symbol: utf8
+  price: float64
+  ts: timestamp
+transforms:
+  - name: filter
+    plugin: {wasm}
+    config:
+{config}
+{sinks}""")
+    return path
+
+
+def assert_config_typo_reported(tmp_path, ticks, wasm):
+    """A scaffold's filter given `minimum:` for `min:` is refused by `flowgate validate` at the
+    key's line and column, once."""
+    typo = filter_pipeline(tmp_path / "typo.yaml", ticks, wasm, "      column: price\n      minimum: 10",
+                           "sinks:\n  out:\n    console: {}\n")
+    out = run_flowgate("validate", typo)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"{typo}:14:7:" in out.stderr, out.stderr
+    assert out.stderr.count("unknown field `minimum`") == 1, out.stderr
+
+
 @pytest.fixture
 def data_dir(tmp_path):
     d = tmp_path / "data"

@@ -7,7 +7,7 @@ import re
 import shutil
 import subprocess
 
-from conftest import REPO, run_flowgate
+from conftest import REPO, assert_config_typo_reported, run_flowgate
 
 
 def cargo(args, cwd, target_dir):
@@ -61,27 +61,4 @@ def test_a_scaffolded_plugin_builds_outside_the_repository_and_runs(tmp_path):
     assert len(rejected) == 1 and rejected[0][0] == "GOOG" and "missing" in rejected[0][1], rejected
 
     # A config typo in a pipeline is reported at the key, once.
-    pipeline = tmp_path / "typo.yaml"
-    pipeline.write_text(f"""name: typo
-source:
-  file:
-    path: {crate / 'sample' / 'input.jsonl'}
-schema:
-  symbol: utf8
-  price: float64
-  ts: timestamp
-transforms:
-  - name: filter
-    plugin: {wasm}
-    config:
-      column: price
-      minimum: 10
-sinks:
-  out:
-    console: {{}}
-""")
-    out = run_flowgate("validate", pipeline)
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert f"{pipeline}:14:7:" in out.stderr, out.stderr
-    assert "unknown field `minimum`" in out.stderr, out.stderr
-    assert out.stderr.count("unknown field `minimum`") == 1, out.stderr
+    assert_config_typo_reported(tmp_path, crate / 'sample' / 'input.jsonl', wasm)

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from deltalake import DeltaTable
 
-from conftest import REPO, run_flowgate
+from conftest import REPO, assert_config_typo_reported, filter_pipeline, run_flowgate
 
 
 def command(args, cwd, env=None, timeout=900):
@@ -94,24 +94,6 @@ def plugin_test(wasm, pkg, *extra):
                         "--schema", pkg / "sample" / "schema.yaml", "--format", "jsonl", *extra)
 
 
-def pipeline(path, ticks, wasm, config, sinks):
-    path.write_text(f"""name: {path.stem}
-source:
-  file:
-    path: {ticks}
-schema:
-  symbol: utf8
-  price: float64
-  ts: timestamp
-transforms:
-  - name: filter
-    plugin: {wasm}
-    config:
-{config}
-{sinks}""")
-    return path
-
-
 @pytest.mark.parametrize("lang", LANGS.values(), ids=list(LANGS))
 def test_a_plugin_in_another_language_builds_outside_the_repository_and_runs(lang, tmp_path, data_dir):
     pkg = tmp_path / "elsewhere" / "price-filter"
@@ -140,12 +122,7 @@ def test_a_plugin_in_another_language_builds_outside_the_repository_and_runs(lan
     assert rejected == [("GOOG", "the value is missing")], rejected
 
     # A config typo in a pipeline is reported at the key, once.
-    typo = pipeline(tmp_path / "typo.yaml", pkg / "sample" / "input.jsonl", wasm,
-                    "      column: price\n      minimum: 10", "sinks:\n  out:\n    console: {}\n")
-    out = run_flowgate("validate", typo)
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert f"{typo}:14:7:" in out.stderr, out.stderr
-    assert out.stderr.count("unknown field `minimum`") == 1, out.stderr
+    assert_config_typo_reported(tmp_path, pkg / "sample" / "input.jsonl", wasm)
 
     # A bug: the plugin throws on one symbol. The exception reaches the log once, with the
     # step's name, and the row goes to the dead letter with it.
@@ -165,7 +142,7 @@ def test_a_plugin_in_another_language_builds_outside_the_repository_and_runs(lan
                      + lang.raised, out.stderr, re.S), out.stderr
     assert out.stderr.count("TypeError: cannot price BOOM") == 1, out.stderr
 
-    boom = pipeline(tmp_path / "boom.yaml", ticks, wasm, "      column: price\n      min: 0",
+    boom = filter_pipeline(tmp_path / "boom.yaml", ticks, wasm, "      column: price\n      min: 0",
                     f"sinks:\n  out:\n    parquet:\n      path: {data_dir / 'out'}\n"
                     f"dead_letter:\n  delta:\n    path: {data_dir / 'dead_letter'}\n")
     out = run_flowgate("run", boom, "--until-idle", "2s")

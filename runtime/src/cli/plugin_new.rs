@@ -280,7 +280,28 @@ mod tests {{
     )
 }
 
+/// A scaffold README's lines on using the built plugin from a pipeline.
+fn usage(lib_name: &str, wasm: &str) -> String {
+    format!(
+        r#"Add it to a pipeline (a relative `plugin:` path is relative to the pipeline file):
+
+```yaml
+transforms:
+  - name: {lib_name}
+    plugin: {wasm}
+    config:
+      column: price
+      min: 10
+```
+"#
+    )
+}
+
 fn readme(name: &str, lib_name: &str, dir: &str) -> String {
+    let usage = usage(
+        lib_name,
+        &format!("{dir}/target/wasm32-wasip2/release/{lib_name}.wasm"),
+    );
     format!(
         r#"# {name}
 
@@ -295,17 +316,7 @@ cargo test                                          # the plugin's logic, native
 
 (`rustup target add wasm32-wasip2` once, if the build asks for it.)
 
-Add it to a pipeline (a relative `plugin:` path is relative to the pipeline file):
-
-```yaml
-transforms:
-  - name: {lib_name}
-    plugin: {dir}/target/wasm32-wasip2/release/{lib_name}.wasm
-    config:
-      column: price
-      min: 10
-```
-
+{usage}
 `src/lib.rs` is the plugin; `vendor/flowgate-sdk/` and `wit/` are the Flowgate SDK and contract
 this crate was made with (`flowgate plugin new {name} --path . --sdk-only` refreshes them from a
 newer Flowgate). A running pipeline picks up a rebuilt `.wasm` without a restart when its file
@@ -345,6 +356,7 @@ fn js_manifest(name: &str) -> anyhow::Result<String> {
 }
 
 fn js_readme(name: &str, lib_name: &str, dir: &str) -> String {
+    let usage = usage(lib_name, &format!("{dir}/dist/{lib_name}.wasm"));
     format!(
         r#"# {name}
 
@@ -358,17 +370,7 @@ flowgate plugin test dist/{lib_name}.wasm \
 npm test                                            # the plugin's logic, under node
 ```
 
-Add it to a pipeline (a relative `plugin:` path is relative to the pipeline file):
-
-```yaml
-transforms:
-  - name: {lib_name}
-    plugin: {dir}/dist/{lib_name}.wasm
-    config:
-      column: price
-      min: 10
-```
-
+{usage}
 `src/plugin.js` is the plugin; `flowgate/` is the Flowgate JavaScript SDK and its build script,
 and `wit/` the contract, as this project was made with (`flowgate plugin new {name} --lang js
 --path . --sdk-only` refreshes them from a newer Flowgate). A running pipeline picks up a rebuilt
@@ -414,6 +416,7 @@ fn new_js(root: &Path, name: &str, lib_name: &str) -> anyhow::Result<()> {
 }
 
 fn py_readme(name: &str, lib_name: &str, dir: &str) -> String {
+    let usage = usage(lib_name, &format!("{dir}/dist/{lib_name}.wasm"));
     format!(
         r#"# {name}
 
@@ -429,17 +432,7 @@ python3 -m unittest                                 # the plugin's logic, nothin
 The first build installs componentize-py (pinned in `requirements.txt`) into `.venv/` when
 neither your Python nor your PATH has it; later builds run offline.
 
-Add it to a pipeline (a relative `plugin:` path is relative to the pipeline file):
-
-```yaml
-transforms:
-  - name: {lib_name}
-    plugin: {dir}/dist/{lib_name}.wasm
-    config:
-      column: price
-      min: 10
-```
-
+{usage}
 `src/plugin.py` is the plugin; `flowgate/` is the Flowgate Python SDK and its build script, and
 `wit/` the contract, as this project was made with (`flowgate plugin new {name} --lang python
 --path . --sdk-only` refreshes them from a newer Flowgate). A running pipeline picks up a rebuilt
@@ -479,7 +472,9 @@ fn new_python(root: &Path, name: &str, lib_name: &str) -> anyhow::Result<()> {
     write(
         root,
         "pyproject.toml",
-        &format!("[project]\nname = \"{name}\"\nversion = \"0.1.0\"\nrequires-python = \">=3.10\"\n"),
+        &format!(
+            "[project]\nname = \"{name}\"\nversion = \"0.1.0\"\nrequires-python = \">=3.10\"\n"
+        ),
     )?;
     write(root, "src/plugin.py", &PY_PLUGIN.replace("{{name}}", name))?;
     write(root, "tests/__init__.py", PY_TESTS_INIT)?;
@@ -720,7 +715,10 @@ mod tests {
         on_disk.sort();
         let mut vendored: Vec<String> = PY_SDK_FILES.iter().map(|(p, _)| p.to_string()).collect();
         vendored.sort();
-        assert_eq!(vendored, on_disk, "plugin_new.rs must embed every module of the Python SDK");
+        assert_eq!(
+            vendored, on_disk,
+            "plugin_new.rs must embed every module of the Python SDK"
+        );
         assert!(PY_REQUIREMENTS.contains("componentize-py==0.25.1"));
         assert!(PY_PLUGIN.contains("{{name}}"));
     }
