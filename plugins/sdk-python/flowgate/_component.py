@@ -53,8 +53,9 @@ def _call(f, *args):
         return f(*args)
     except flowgate.PluginError as e:
         raise Err(_VARIANTS[e.tag](e.message)) from None
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as e:
+        # From the plugin's frames on: this function's own frame says nothing to its author.
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)
         sys.stderr.flush()
         # abort() is WebAssembly's `unreachable`: the call traps, and the host takes what was
         # printed above as the reason, once.
