@@ -3,9 +3,9 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { Bool, DateDay, Field, Float64, Int32, Int64, Schema, TimestampMicrosecond, Utf8, Binary } from "apache-arrow";
+import { Bool, DateDay, Field, Float64, Int32, Int64, RecordBatchReader, Schema, TimestampMicrosecond, Utf8, Binary } from "apache-arrow";
 
-import { Batch, Output, PluginError, config, definePlugin, makeBatch, parseConfig, requireColumn } from "../flowgate.js";
+import { Batch, Output, PluginError, _writeFlatStream, config, definePlugin, makeBatch, parseConfig, requireColumn } from "../flowgate.js";
 import { instantiate, rows, schemaOf } from "../testing.js";
 
 test("config: keys are checked, defaults filled, unknown keys refused by name", () => {
@@ -279,4 +279,16 @@ test("filter agrees with a row-by-row copy on random masks, nulls, slices and si
         assert.deepEqual(valid === null ? null : [...valid], all.some((r) => r.f === null) ? all.map((r) => (r.f === null ? 0 : 1)) : null);
     }
     assert.throws(() => makeBatch(schema, { s: ["a"], b: [true], f: [1] }).filter(new Uint8Array(2)), /the mask has 2 entries for 1 rows/);
+});
+
+test("the SDK's own IPC writer gives what apache-arrow reads back, and leaves sliced columns to apache-arrow", () => {
+    const batch = sample();
+    const filtered = batch.filter(Uint8Array.of(0, 1, 1, 0, 1));
+    const bytes = _writeFlatStream(everyType, [batch.recordBatch, filtered.recordBatch]);
+    assert.notEqual(bytes, null);
+    const reader = RecordBatchReader.from(bytes);
+    const back = [...reader].map((rb) => rows(new Batch(rb)));
+    assert.deepEqual(back, [rows(batch), rows(filtered)]);
+    const sliced = new Batch(batch.recordBatch.slice(1, 3));
+    assert.equal(_writeFlatStream(everyType, [sliced.recordBatch]), null);
 });
