@@ -6,11 +6,15 @@
 //
 //   node flowgate/build.mjs [--entry src/plugin.js] [--out dist/NAME.wasm] [--wit wit]
 //
+// TypeScript too: esbuild strips the types (it does not check them), and `src/plugin.ts` is the
+// default entry when it exists.
+//
 // Why this and not `jco componentize`: jco 1.x's preview2-shim 0.26 has no `/` preopen and fails
 // with "failed to get path metadata"; componentize-js's own API works (with preview2-shim 0.25
 // installed beside it, which package.json pins). AOT compilation (weval) would download a binary
 // at build time, so the plugin runs SpiderMonkey's interpreter.
 
+import { existsSync } from "node:fs";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
@@ -28,7 +32,7 @@ async function packageName() {
     const manifest = JSON.parse(await readFile(join(root, "package.json"), "utf8"));
     return (manifest.name || "plugin").replace(/^@[^/]+\//, "").replace(/-/g, "_");
 }
-const entry = resolve(root, option("--entry", "src/plugin.js"));
+const entry = resolve(root, option("--entry", existsSync(join(root, "src/plugin.ts")) ? "src/plugin.ts" : "src/plugin.js"));
 const out = resolve(root, option("--out", null) ?? `dist/${await packageName()}.wasm`);
 const wit = resolve(root, option("--wit", "wit"));
 // A folder of its own (several builds may run at once), away from the output, which may be

@@ -38,7 +38,7 @@ class Lang:
     name: str
     hint: str  # what `plugin new` tells the user to run
     readme: list
-    source: str  # the plugin's file in the project
+    source: str  # the plugin's file in the project (the JavaScript one is made TypeScript first)
     anchor: str  # a line of the scaffold's plugin the bug goes after
     bug: str  # the line that throws on BOOM
     raised: str  # the start of what the log shows for it, as a regular expression
@@ -94,6 +94,17 @@ def plugin_test(wasm, pkg, *extra):
                         "--schema", pkg / "sample" / "schema.yaml", "--format", "jsonl", *extra)
 
 
+def on_the_sample(wasm, pkg):
+    """`flowgate plugin test` on the scaffold's sample: the rows kept, and (symbol, reason) of
+    those rejected."""
+    out = plugin_test(wasm, pkg, "--input", pkg / "sample" / "input.jsonl")
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    kept = [line["row"] for line in lines if line["kind"] == "output"]
+    rejected = [(line["row"]["symbol"], line["reason"]) for line in lines if line["kind"] == "rejected"]
+    return kept, rejected
+
+
 @pytest.mark.parametrize("lang", LANGS.values(), ids=list(LANGS))
 def test_a_plugin_in_another_language_builds_outside_the_repository_and_runs(lang, tmp_path, data_dir):
     pkg = tmp_path / "elsewhere" / "price-filter"
@@ -111,24 +122,35 @@ def test_a_plugin_in_another_language_builds_outside_the_repository_and_runs(lan
     wasm = pkg / "dist" / "price_filter.wasm"
     assert wasm.is_file()
 
-    out = plugin_test(wasm, pkg, "--input", pkg / "sample" / "input.jsonl")
-    assert out.returncode == 0, out.stderr
-    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    kept = [line["row"] for line in lines if line["kind"] == "output"]
-    rejected = [(line["row"]["symbol"], line["reason"]) for line in lines if line["kind"] == "rejected"]
-    assert [row["symbol"] for row in kept] == ["AAPL", "NVDA"], lines
+    kept, rejected = on_the_sample(wasm, pkg)
+    assert [row["symbol"] for row in kept] == ["AAPL", "NVDA"], kept
     # Timestamps cross the boundary as µs, exact.
     assert kept[0]["ts"].startswith("2025-11-12T14:30:01"), kept
     assert rejected == [("GOOG", "the value is missing")], rejected
+
+    if lang.name == "js":
+        # TypeScript: the same plugin with types, as src/plugin.ts, which the build then takes.
+        source = (pkg / "src" / "plugin.js").read_text()
+        typed = source.replace("    constructor(column, min) {", "    column: string;\n    min: number;\n\n"
+                               "    constructor(column: string, min: number) {")
+        assert typed != source
+        (pkg / "src" / "plugin.ts").write_text(typed)
+        (pkg / "src" / "plugin.js").unlink()
+        wasm.unlink()
+        lang.build(pkg)
+        assert on_the_sample(wasm, pkg) == (kept, rejected)
+        source_file = "src/plugin.ts"
+    else:
+        source_file = lang.source
 
     # A config typo in a pipeline is reported at the key, once.
     assert_config_typo_reported(tmp_path, pkg / "sample" / "input.jsonl", wasm)
 
     # A bug: the plugin throws on one symbol. The exception reaches the log once, with the
     # step's name, and the row goes to the dead letter with it.
-    source = (pkg / lang.source).read_text()
+    source = (pkg / source_file).read_text()
     assert lang.anchor in source
-    (pkg / lang.source).write_text(source.replace(lang.anchor, lang.anchor + lang.bug))
+    (pkg / source_file).write_text(source.replace(lang.anchor, lang.anchor + lang.bug))
     lang.build(pkg)
 
     ticks = tmp_path / "ticks.jsonl"

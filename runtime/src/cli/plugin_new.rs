@@ -386,6 +386,8 @@ What to know:
 - Throw `invalidConfig(key, text)`, `badInput(text)` or `internal(text)` for the contract's
   errors. Any other exception is a bug: its stack is printed, the call traps, and Flowgate
   reports what was printed with the step's name (and isolates the row it failed on).
+- TypeScript: rename `src/plugin.js` to `src/plugin.ts` and add types; the build strips them
+  (esbuild does not check them).
 - The component is 17 MB (SpiderMonkey runs the code interpreted) and takes seconds to compile
   on first load; Flowgate caches the compiled code.
 "#
