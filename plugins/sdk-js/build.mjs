@@ -6,6 +6,9 @@
 //
 //   node flowgate/build.mjs [--entry src/plugin.js] [--out dist/NAME.wasm] [--wit wit]
 //
+// On a project's first build, when the packages are not installed yet, it runs `npm install`
+// first (pinned by package.json; then offline), so `npm run build` is the one command.
+//
 // TypeScript too: esbuild strips the types (it does not check them), and `src/plugin.ts` is the
 // default entry when it exists.
 //
@@ -14,6 +17,7 @@
 // installed beside it, which package.json pins). AOT compilation (weval) would download a binary
 // at build time, so the plugin runs SpiderMonkey's interpreter.
 
+import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -48,6 +52,20 @@ setHostLog((level, message) => log(level, message));
 export const transform = exported;
 `,
 );
+
+// The packages the build needs, installed with `npm install` when missing (a new project).
+try {
+    await import("esbuild");
+    await import("@bytecodealliance/componentize-js");
+} catch (e) {
+    if (e.code !== "ERR_MODULE_NOT_FOUND" || !existsSync(join(root, "package.json"))) throw e;
+    console.log("the packages are not installed: running `npm install` (once)");
+    const done = spawnSync("npm", ["install", "--no-audit", "--no-fund"], { cwd: root, stdio: "inherit" });
+    if (done.status !== 0) {
+        console.error(`npm install failed (exit ${done.status ?? done.error})`);
+        process.exit(1);
+    }
+}
 
 const started = Date.now();
 let component;

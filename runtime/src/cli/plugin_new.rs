@@ -363,12 +363,14 @@ fn js_readme(name: &str, lib_name: &str, dir: &str) -> String {
 A Flowgate transform plugin in JavaScript. With node 20 or newer:
 
 ```sh
-npm install                                         # once: apache-arrow, esbuild, componentize-js
 npm run build                                       # → dist/{lib_name}.wasm
 flowgate plugin test dist/{lib_name}.wasm \
     --config sample/config.yaml --schema sample/schema.yaml --input sample/input.jsonl
 npm test                                            # the plugin's logic, under node
 ```
+
+The first build runs `npm install` (apache-arrow, esbuild, componentize-js, at the versions
+`package.json` pins); later builds are offline.
 
 {usage}
 `src/plugin.js` is the plugin; `flowgate/` is the Flowgate JavaScript SDK and its build script,
@@ -634,7 +636,7 @@ pub fn run(args: NewArgs) -> anyhow::Result<std::process::ExitCode> {
             );
         }
         Lang::Js => {
-            println!("  npm install && npm run build");
+            println!("  npm run build");
             println!("  flowgate plugin test dist/{lib_name}.wasm {sample}");
         }
         Lang::Python => {
