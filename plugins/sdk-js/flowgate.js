@@ -341,6 +341,7 @@ export class Batch {
             }
         }
         if (kept === n) return this;
+        if (kept === 0) return this.take(new Int32Array(0));
         const fields = this.schema.fields;
         const children = this.recordBatch.data.children.map((data, c) =>
             copyRuns(data, starts, ends, runs, kept, fields[c]),

@@ -79,8 +79,9 @@ LANGS = {
         anchor="        output = Output()\n",
         bug='        if "BOOM" in batch.column("symbol").to_pylist():\n'
             '            raise TypeError("cannot price BOOM")\n',
-        # A Python traceback: where, then the exception.
-        raised=r"Traceback \(most recent call last\):\n.*line \d+, in process\n.*TypeError: cannot price BOOM",
+        # A Python traceback from the plugin's own frame (the SDK's left out), then the exception.
+        raised=r"Traceback \(most recent call last\):\n  File \"[^\"]*/plugin\.py\", line \d+, in process\nTypeError: "
+               r"cannot price BOOM",
     ),
 }
 

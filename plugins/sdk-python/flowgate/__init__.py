@@ -422,6 +422,8 @@ class _Step:
         merged = Output()
         base = 0
         for batch in batches:
+            if batch.num_rows == 0:
+                continue
             out = self.step.process(batch)
             if not isinstance(out, Output):
                 raise Internal(f"`process` must return an Output, not {type(out).__name__}")

@@ -48,14 +48,26 @@ def install(module):
     _plugin = found[0]
 
 
+_SDK = os.path.dirname(os.path.abspath(flowgate.__file__))
+
+
+def _plugin_frames(tb):
+    """The traceback from the first frame outside the SDK on: the SDK's own frames say nothing
+    to the plugin's author (all of them, when the error is the SDK's)."""
+    first = tb
+    while first is not None and os.path.dirname(os.path.abspath(first.tb_frame.f_code.co_filename)) == _SDK:
+        first = first.tb_next
+    return first or tb
+
+
 def _call(f, *args):
     try:
         return f(*args)
     except flowgate.PluginError as e:
-        raise Err(_VARIANTS[e.tag](e.message)) from None
+        variant = _VARIANTS.get(getattr(e, "tag", None), _types.Error_Internal)
+        raise Err(variant(getattr(e, "message", None) or str(e))) from None
     except BaseException as e:
-        # From the plugin's frames on: this function's own frame says nothing to its author.
-        traceback.print_exception(type(e), e, e.__traceback__.tb_next)
+        traceback.print_exception(type(e), e, _plugin_frames(e.__traceback__))
         sys.stderr.flush()
         # abort() is WebAssembly's `unreachable`: the call traps, and the host takes what was
         # printed above as the reason, once.

@@ -57,14 +57,21 @@ def _componentize_py(root):
 
 def _project_name(root):
     """`[project] name` of pyproject.toml, else the folder's name; `-` becomes `_`."""
+    name = None
+    try:
+        text = (root / "pyproject.toml").read_text()
+    except OSError:
+        text = ""
     try:
         import tomllib
 
-        with open(root / "pyproject.toml", "rb") as f:
-            name = tomllib.load(f).get("project", {}).get("name") or root.name
-    except (ImportError, OSError, ValueError):
-        name = root.name
-    return re.sub(r"\W", "_", name) or "plugin"
+        name = tomllib.loads(text).get("project", {}).get("name")
+    except ImportError:  # Python 3.10: the line `name = "..."` of the scaffold's file
+        found = re.search(r'^name\s*=\s*"([^"]+)"', text, re.M)
+        name = found and found.group(1)
+    except ValueError:
+        pass
+    return re.sub(r"\W", "_", name or root.name) or "plugin"
 
 
 def main(argv=None):

@@ -3,6 +3,7 @@ errors a plugin author meets, and the EMA test plugin against a plain computatio
 
 import importlib.util
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,16 @@ def test_the_ema_test_plugin_computes_each_key_s_average_and_its_state_round_tri
         again.restore(state + b"x")
     with pytest.raises(InvalidConfig, match=r"^`alpha`: must be in \(0, 1\]$"):
         instantiate(ema.plugin, {**cfg, "alpha": 1.5}, schema)
+
+
+def test_the_build_names_the_component_after_pyproject_s_name_on_python_3_10_too(tmp_path, monkeypatch):
+    from flowgate import build
+
+    project = tmp_path / "elsewhere"
+    project.mkdir()
+    (project / "pyproject.toml").write_text('[project]\nname = "price-filter"\nversion = "0.1.0"\n')
+    assert build._project_name(project) == "price_filter"
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # Python 3.10 has no tomllib
+    assert build._project_name(project) == "price_filter"
+    (project / "pyproject.toml").unlink()
+    assert build._project_name(project) == "elsewhere"
