@@ -848,6 +848,20 @@ impl PartitionTask {
                 Ok(None) => {}
                 Ok(Some(message)) => {
                     let kept = self.sources.take(origin, &message.offsets);
+                    if kept.len() < message.offsets.len() {
+                        // Copies a restarted upstream sent again. A message partly copies is
+                        // where a replay meets what was taken before: once per replay, so it
+                        // is logged; rows lost upstream would also end up here (a later
+                        // message taken first), with these offsets to find them by.
+                        let first = message.offsets.first().copied().unwrap_or_default();
+                        let last = message.offsets.last().copied().unwrap_or_default();
+                        let dropped = message.offsets.len() - kept.len();
+                        if kept.is_empty() {
+                            tracing::debug!(topic = %self.key.0, partition = self.key.1, offset = r.offset, source = %format!("{}/{}", origin.topic, origin.partition), dropped, first, last, "hop: a message of copies dropped");
+                        } else {
+                            tracing::info!(topic = %self.key.0, partition = self.key.1, offset = r.offset, source = %format!("{}/{}", origin.topic, origin.partition), dropped, kept = kept.len(), first, last, "hop: rows at or below the newest source offset taken dropped as copies");
+                        }
+                    }
                     if !kept.is_empty() {
                         let rows =
                             RecordBatch::try_new(schema.clone(), message.rows.columns().to_vec())
