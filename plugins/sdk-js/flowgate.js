@@ -343,16 +343,16 @@ export class Batch {
         if (kept === n) return this;
         if (kept === 0) return this.take(new Int32Array(0));
         const fields = this.schema.fields;
-        const children = this.recordBatch.data.children.map((data, c) =>
-            copyRuns(data, starts, ends, runs, kept, fields[c]),
-        );
+        const pick = runsPicker(starts, ends, runs, kept);
+        const children = this.recordBatch.data.children.map((data, c) => pickColumn(data, fields[c], kept, pick));
         return this._derived(children, kept);
     }
 
     /** The rows at `rows` (an Int32Array of row numbers), in that order. */
     take(rows) {
         const fields = this.schema.fields;
-        const children = this.recordBatch.data.children.map((data, c) => takeData(data, rows, fields[c]));
+        const pick = rowsPicker(rows);
+        const children = this.recordBatch.data.children.map((data, c) => pickColumn(data, fields[c], rows.length, pick));
         return this._derived(children, rows.length);
     }
 
@@ -433,34 +433,40 @@ function compactRuns(array, starts, ends, runs) {
     return at;
 }
 
-function copyRuns(data, starts, ends, runs, kept, field) {
+// The column types whose values are one fixed-width typed array (the IPC writer's too).
+const FIXED_WIDTH = new Set([Type.Int, Type.Float, Type.Timestamp, Type.Date, Type.Time, Type.Duration]);
+
+// One column's picked rows (`length` of them): its null bitmap and its values, each moved the
+// picker's way (`bits`, `fixed`, `bytes`; see `runsPicker` and `rowsPicker`), by kind of data.
+function pickColumn(data, field, length, pick) {
     const type = data.type;
+    const id = type.typeId;
     let nullBitmap;
     let nullCount = 0;
-    if (data.nullCount > 0) {
-        [nullBitmap, nullCount] = copyBits(data.nullBitmap, data.offset, starts, ends, runs, kept);
+    if (data.nullCount > 0) [nullBitmap, nullCount] = pick.bits(data.nullBitmap, data.offset);
+    const made = { type, length, nullCount, nullBitmap };
+    // Fixed-width `values` are already sliced to the batch's rows.
+    if (FIXED_WIDTH.has(id)) return makeData({ ...made, data: pick.fixed(data.values) });
+    if (id === Type.Bool) return makeData({ ...made, data: pick.bits(data.values, data.offset)[0] });
+    if (id === Type.Utf8 || id === Type.Binary) {
+        const [valueOffsets, bytes] = pick.bytes(data.valueOffsets, data.values);
+        return makeData({ ...made, valueOffsets, data: bytes });
     }
-    switch (type.typeId) {
-        case Type.Int:
-        case Type.Float:
-        case Type.Timestamp:
-        case Type.Date:
-        case Type.Time:
-        case Type.Duration: {
-            // `values` is already sliced to the batch's rows.
-            const out = data.values.slice(0, ends[runs - 1]);
+    throw unsupported(field, type);
+}
+
+// Filter's picker: the runs [starts[r], ends[r]) of kept rows, `kept` rows in all.
+function runsPicker(starts, ends, runs, kept) {
+    return {
+        bits: (bitmap, offset) => copyBits(bitmap, offset, starts, ends, runs, kept),
+        fixed(values) {
+            const out = values.slice(0, ends[runs - 1]);
             compactRuns(out, starts, ends, runs);
-            return makeData({ type, length: kept, nullCount, nullBitmap, data: out.subarray(0, kept) });
-        }
-        case Type.Bool: {
-            const [out] = copyBits(data.values, data.offset, starts, ends, runs, kept);
-            return makeData({ type, length: kept, nullCount, nullBitmap, data: out });
-        }
-        case Type.Utf8:
-        case Type.Binary: {
-            const offsets = data.valueOffsets;
+            return out.subarray(0, kept);
+        },
+        bytes(offsets, values) {
             const base = offsets[0];
-            const out = data.values.slice(base, offsets[ends[runs - 1]]);
+            const out = values.slice(base, offsets[ends[runs - 1]]);
             const outOffsets = new Int32Array(kept + 1);
             let j = 0;
             let at = 0;
@@ -472,11 +478,9 @@ function copyRuns(data, starts, ends, runs, kept, field) {
                 for (let i = starts[r]; i < ends[r]; i++) outOffsets[++j] = offsets[i + 1] + shift;
                 at += last - first;
             }
-            return makeData({ type, length: kept, nullCount, nullBitmap, valueOffsets: outOffsets, data: out.subarray(0, at) });
-        }
-        default:
-            throw unsupported(field, type);
-    }
+            return [outOffsets, out.subarray(0, at)];
+        },
+    };
 }
 
 function takeBitmap(bitmap, offset, rows) {
@@ -496,22 +500,12 @@ function words(values) {
     return values.BYTES_PER_ELEMENT === 8 ? new Int32Array(values.buffer, values.byteOffset, values.length * 2) : null;
 }
 
-function takeData(data, rows, field) {
-    const type = data.type;
+// Take's picker: the rows at `rows`, in that order.
+function rowsPicker(rows) {
     const length = rows.length;
-    let nullBitmap;
-    let nullCount = 0;
-    if (data.nullCount > 0) {
-        [nullBitmap, nullCount] = takeBitmap(data.nullBitmap, data.offset, rows);
-    }
-    switch (type.typeId) {
-        case Type.Int:
-        case Type.Float:
-        case Type.Timestamp:
-        case Type.Date:
-        case Type.Time:
-        case Type.Duration: {
-            const values = data.values;
+    return {
+        bits: (bitmap, offset) => takeBitmap(bitmap, offset, rows),
+        fixed(values) {
             const out = new values.constructor(length);
             const from = words(values);
             if (from) {
@@ -524,16 +518,9 @@ function takeData(data, rows, field) {
             } else {
                 for (let j = 0; j < length; j++) out[j] = values[rows[j]];
             }
-            return makeData({ type, length, nullCount, nullBitmap, data: out });
-        }
-        case Type.Bool: {
-            const [out] = takeBitmap(data.values, data.offset, rows);
-            return makeData({ type, length, nullCount, nullBitmap, data: out });
-        }
-        case Type.Utf8:
-        case Type.Binary: {
-            const offsets = data.valueOffsets;
-            const values = data.values;
+            return out;
+        },
+        bytes(offsets, values) {
             const outOffsets = new Int32Array(length + 1);
             let size = 0;
             for (let j = 0; j < length; j++) {
@@ -546,11 +533,9 @@ function takeData(data, rows, field) {
                 const r = rows[j];
                 out.set(values.subarray(offsets[r], offsets[r + 1]), outOffsets[j]);
             }
-            return makeData({ type, length, nullCount, nullBitmap, valueOffsets: outOffsets, data: out });
-        }
-        default:
-            throw unsupported(field, type);
-    }
+            return [outOffsets, out];
+        },
+    };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -686,8 +671,8 @@ function settle(output, input) {
             );
         }
     }
-    const refused = new Uint8Array(rows);
-    for (const r of output.rejected) refused[r.row] = 1;
+    const keep = new Uint8Array(rows).fill(1);
+    for (const r of output.rejected) keep[r.row] = 0;
     // A batch made of the input's own rows: as many rows, and one of its columns (the input
     // itself, or the input with a computed column added), as the Rust SDK decides.
     const columns = new Set(input.recordBatch.data.children);
@@ -696,12 +681,7 @@ function settle(output, input) {
         (batch instanceof Batch && batch.numRows === rows && batch.recordBatch.data.children.some((c) => columns.has(c)));
     output.batches = output.batches
         .map((batch) => {
-            if (aligned(batch)) {
-                const keep = new Uint8Array(rows);
-                for (let i = 0; i < rows; i++) keep[i] = 1 - refused[i];
-                return batch.filter(keep);
-            }
-            return batch;
+            return aligned(batch) ? batch.filter(keep) : batch;
         })
         .filter((b) => b.numRows > 0);
     return output;
@@ -747,7 +727,6 @@ function encodeOutput(output, schema) {
 // for what it does not write (nested or dictionary columns, a column with an offset or offsets
 // not from 0), which apache-arrow's writer then does.
 const schemaMessages = new WeakMap();
-const FLAT_TYPES = new Set([Type.Int, Type.Float, Type.Timestamp, Type.Date, Type.Time, Type.Duration]);
 
 function schemaMessage(schema) {
     let bytes = schemaMessages.get(schema);
@@ -766,7 +745,7 @@ function columnBuffers(data) {
     const validity = data.nullCount > 0 ? data.nullBitmap.subarray(0, (n + 7) >> 3) : new Uint8Array(0);
     const id = data.type.typeId;
     const bytes = (a, count) => new Uint8Array(a.buffer, a.byteOffset, count * a.BYTES_PER_ELEMENT);
-    if (FLAT_TYPES.has(id)) {
+    if (FIXED_WIDTH.has(id)) {
         const values = data.values;
         const width = values.BYTES_PER_ELEMENT * (data.stride || 1);
         return [validity, new Uint8Array(values.buffer, values.byteOffset, n * width)];
