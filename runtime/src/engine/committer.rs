@@ -259,6 +259,9 @@ impl Committer {
         let saving = Instant::now();
         for cp in &checkpoints {
             self.store.save(&cp.key.0, cp.key.1, cp.epoch, &cp.state)?;
+            // Its chain need not hold this state any longer (it reads it back to rebuild).
+            cp.saved
+                .fetch_max(cp.epoch, std::sync::atomic::Ordering::Release);
             self.needs
                 .entry(cp.key.clone())
                 .or_default()
@@ -718,6 +721,7 @@ mod tests {
         CommitMsg::EpochDone(EpochDone {
             epoch,
             checkpoints: vec![TaskCheckpoint {
+                saved: Default::default(),
                 key: ("t".into(), 0),
                 epoch: cp_epoch,
                 state: state(offset),
@@ -992,6 +996,7 @@ mod tests {
             CommitMsg::EpochDone(EpochDone {
                 epoch,
                 checkpoints: vec![TaskCheckpoint {
+                    saved: Default::default(),
                     key: key.clone(),
                     epoch: cp_epoch,
                     state: state(offset),
@@ -1135,6 +1140,7 @@ mod tests {
                 .handle(CommitMsg::EpochDone(EpochDone {
                     epoch: i as u64 + 1,
                     checkpoints: vec![TaskCheckpoint {
+                        saved: Default::default(),
                         key: ("t".into(), 0),
                         epoch: next,
                         state: PartitionState {

@@ -924,6 +924,7 @@ fn run_half(
         sink_names,
         writer: crate::checkpoint::writer_tag(),
         role: role.clone(),
+        store: store.clone(),
     });
     let mut worker_tx = Vec::new();
     let mut worker_threads = Vec::new();

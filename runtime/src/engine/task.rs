@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, Int32Array, Int64Array, StringArray};
@@ -83,6 +83,9 @@ pub(crate) struct TaskContext {
     pub writer: u64,
     /// Which half of a repartitioned pipeline the tasks run.
     pub role: Role,
+    /// The state store the committer saves checkpoints in: a chain reads a step's saved state
+    /// back from there to rebuild the step, rather than hold it.
+    pub store: Arc<dyn crate::checkpoint::StateStore>,
 }
 
 impl TaskContext {
@@ -106,6 +109,7 @@ impl TaskContext {
             sink_names: self.sink_names.clone(),
             writer: self.writer,
             role: self.role.clone(),
+            store: self.store.clone(),
         }
     }
 }
@@ -153,6 +157,9 @@ pub(crate) struct TaskCheckpoint {
     pub state: PartitionState,
     /// Per sink: whether this checkpoint's position is recorded in it.
     pub joined: Vec<bool>,
+    /// The task's newest checkpoint in the state store: the committer moves it to `epoch`
+    /// once it saved this one.
+    pub saved: Arc<AtomicU64>,
 }
 
 pub(crate) struct PartitionTask {
@@ -189,6 +196,9 @@ pub(crate) struct PartitionTask {
     pub snapshot_time: Duration,
     /// Append → out of the last plugin, per record (µs).
     pub latency: crate::metrics::Histogram,
+    /// The newest of this task's checkpoints in the state store (its own: an epoch number
+    /// can come again when the partition comes back to this process).
+    saved: Arc<AtomicU64>,
 }
 
 impl PartitionTask {
@@ -201,6 +211,7 @@ impl PartitionTask {
         epoch: u64,
     ) -> Result<Self, RunError> {
         let mut chain = chain_for(&ctx)?;
+        let saved = Arc::new(AtomicU64::new(0));
         chain.stagger(stagger_seed(&key));
         let (mut max_event, mut watermark) = (None, None);
         let mut sources = super::hop::Sources::default();
@@ -209,7 +220,10 @@ impl PartitionTask {
             watermark = state.watermark;
             sources = super::hop::Sources::from_marks(&state.sources);
             restore_chain(&ctx.plan, &mut chain, &resume.steps, at, &key)?;
+            // What the steps were restored from is in the store.
+            saved.store(at, Ordering::Release);
         }
+        chain.keep_stored(stored_states(&ctx, &key, &saved));
         if watermark == Some(i64::MAX) {
             tracing::warn!(
                 topic = %key.0,
@@ -246,6 +260,7 @@ impl PartitionTask {
             sent: Vec::new(),
             idle_sent: false,
             appended: HashMap::new(),
+            saved,
             decode_time: Duration::ZERO,
             snapshot_time: Duration::ZERO,
             latency: Default::default(),
@@ -341,6 +356,7 @@ impl PartitionTask {
             .with_policies(ctx.plan.policies());
         tap_stages(&ctx, &mut chain);
         chain.stagger(stagger_seed(&self.key));
+        chain.keep_stored(stored_states(&ctx, &self.key, &self.saved));
         self.ctx = ctx;
         self.chain = chain;
         self.dirty = true;
@@ -1250,6 +1266,8 @@ impl PartitionTask {
             _ => {}
         }
         if !self.dirty {
+            // An idle partition lets go of the state saved since, too.
+            self.chain.release();
             return Ok(None);
         }
         let next = crate::checkpoint::next_epoch(self.epoch, self.ctx.writer);
@@ -1300,6 +1318,7 @@ impl PartitionTask {
                 root,
             },
             joined: self.joined.clone(),
+            saved: self.saved.clone(),
         }))
     }
 
@@ -1346,6 +1365,21 @@ fn stagger_seed(key: &PartitionKey) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     h.finish()
+}
+
+/// Where partition `key`'s chain reads its steps' saved states back from; `saved`: the newest
+/// of the task's checkpoints the committer has saved.
+fn stored_states(
+    ctx: &TaskContext,
+    key: &PartitionKey,
+    saved: &Arc<AtomicU64>,
+) -> crate::plugin::StoredStates {
+    crate::plugin::StoredStates {
+        store: ctx.store.clone(),
+        topic: key.0.to_string(),
+        partition: key.1,
+        saved: saved.clone(),
+    }
 }
 
 /// A fresh chain of `ctx`'s plan, with the intermediate stages its sinks read tapped.

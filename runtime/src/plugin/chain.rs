@@ -72,20 +72,116 @@ const FULL_EVERY: usize = 32;
 
 /// A step's state at its last checkpoint, as a rebuild restores it: a full snapshot, then the
 /// deltas after it in order. The bytes are shared with the checkpoint that stores them (not a
-/// copy: a step's state is held once, not once more until the committer has written it).
-#[derive(Debug, Clone, Default)]
+/// copy: a step's state is held once, not once more until the committer has written it), and
+/// once the committer has saved that checkpoint they are let go: a rebuild (rare: a plugin
+/// trapped) reads them back from the state store (see [`StoredStates`]).
+#[derive(Debug, Clone)]
 pub struct Base {
-    full: Bytes,
+    start: Start,
+    /// Deltas on top of `start`, oldest first.
     deltas: Vec<Bytes>,
+    /// The checkpoint (epoch, and the step's name in it) whose stored state of this step is
+    /// exactly this base; `None`: not stored as such (restored from a live swap's state, say),
+    /// so it is always held.
+    stored_at: Option<(u64, String)>,
+}
+
+/// Where a [`Base`] starts.
+#[derive(Debug, Clone)]
+enum Start {
+    /// A full snapshot, held.
+    Held(Bytes),
+    /// The state stored at checkpoint `epoch` under the step name `step`, read back when needed.
+    Stored { epoch: u64, step: String },
 }
 
 impl Base {
-    /// A whole snapshot, no deltas.
+    /// A whole snapshot, no deltas, not stored (yet).
     pub fn whole(full: Bytes) -> Self {
         Base {
-            full,
+            start: Start::Held(full),
             deltas: Vec::new(),
+            stored_at: None,
         }
+    }
+
+    /// The bytes held in memory.
+    fn held_bytes(&self) -> usize {
+        let start = match &self.start {
+            Start::Held(full) => full.len(),
+            Start::Stored { .. } => 0,
+        };
+        start + self.deltas.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    /// Lets the bytes go if the committer has saved the checkpoint that stores them (every
+    /// checkpoint of the partition up to `saved` is in the state store).
+    fn release(&mut self, saved: u64) {
+        if let Some((epoch, step)) = &self.stored_at
+            && *epoch <= saved
+            && (matches!(self.start, Start::Held(_)) || !self.deltas.is_empty())
+        {
+            self.start = Start::Stored {
+                epoch: *epoch,
+                step: step.clone(),
+            };
+            self.deltas = Vec::new();
+        }
+    }
+}
+
+/// A partition's state store, for a chain to read a step's state back from when it rebuilds the
+/// step (see [`Base`]), and how far the committer has saved the partition's checkpoints.
+#[derive(Clone)]
+pub struct StoredStates {
+    /// The store the committer saves this partition's checkpoints in.
+    pub store: std::sync::Arc<dyn crate::checkpoint::StateStore>,
+    /// The partition.
+    pub topic: String,
+    pub partition: i32,
+    /// The newest checkpoint epoch of the partition the committer has saved (0: none yet).
+    pub saved: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::fmt::Debug for StoredStates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredStates")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("saved", &self.saved)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoredStates {
+    /// Step `step`'s state stored at checkpoint `epoch`: its full snapshot and the deltas after.
+    fn read(&self, epoch: u64, step: &str) -> Result<crate::checkpoint::StepChain, String> {
+        let location = || {
+            format!(
+                "partition `{}/{}`, checkpoint {}",
+                self.topic,
+                self.partition,
+                crate::checkpoint::epoch_label(epoch)
+            )
+        };
+        let state = self
+            .store
+            .load(&self.topic, self.partition, epoch)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "{}: not in the state store (pruned: has another process taken this partition over?)",
+                    location()
+                )
+            })?;
+        let steps: Vec<_> = state.steps.into_iter().filter(|s| s.step == step).collect();
+        if steps.is_empty() {
+            return Err(format!("{}: holds no state for step `{step}`", location()));
+        }
+        crate::checkpoint::resolve(&*self.store, &self.topic, self.partition, epoch, steps)
+            .map_err(|e| e.to_string())?
+            .pop()
+            .ok_or_else(|| format!("{}: holds no state for step `{step}`", location()))
     }
 }
 
@@ -175,6 +271,11 @@ pub struct Chain {
     journal_bytes: usize,
     /// The journal outgrew [`JOURNAL_LIMIT`] this epoch: isolation is off until the snapshot.
     journal_full: bool,
+    /// Where saved states are read back from, so a base the committer has saved is not held
+    /// (`None`: every base is held).
+    stored: Option<StoredStates>,
+    /// The saved epoch the bases were last released against.
+    released: u64,
 }
 
 /// A poison-record failure: a trap, a timeout or a memory error (the instance is gone).
@@ -298,7 +399,36 @@ impl Chain {
             journal,
             journal_bytes: 0,
             journal_full: false,
+            stored: None,
+            released: 0,
         }
+    }
+
+    /// Reads the steps' saved states back from `stored` when rebuilding them, instead of
+    /// holding each step's state at its last checkpoint once the committer has saved it.
+    pub fn keep_stored(&mut self, stored: StoredStates) {
+        self.stored = Some(stored);
+        self.released = 0;
+        self.release();
+    }
+
+    /// Lets go of the bases the committer has saved since the last look (one atomic load when
+    /// nothing changed).
+    pub fn release(&mut self) {
+        let Some(stored) = &self.stored else { return };
+        let saved = stored.saved.load(std::sync::atomic::Ordering::Acquire);
+        if saved == self.released {
+            return;
+        }
+        self.released = saved;
+        for base in self.base.iter_mut().flatten() {
+            base.release(saved);
+        }
+    }
+
+    /// The bytes of the steps' states held to rebuild them from (not yet saved, or read back).
+    pub fn held_state_bytes(&self) -> usize {
+        self.base.iter().flatten().map(Base::held_bytes).sum()
     }
 
     /// Restores step `index` from `state` (kept as the state a rebuild starts from).
@@ -336,9 +466,11 @@ impl Chain {
         epoch: u64,
     ) {
         self.base[index] = Some(Base {
-            full: stored.full.clone(),
+            start: Start::Held(stored.full.clone()),
             deltas: stored.deltas.clone(),
+            stored_at: Some((epoch, stored.step.clone())),
         });
+        self.released = 0;
         self.track[index] = Track {
             baseline: Some(epoch),
             root: stored.root,
@@ -387,6 +519,7 @@ impl Chain {
         epoch: u64,
         hurry: bool,
     ) -> Result<Vec<StepSnapshot>, PluginError> {
+        self.release();
         let mut states = Vec::with_capacity(self.steps.len());
         for (i, step) in self.steps.iter_mut().enumerate() {
             let started = std::time::Instant::now();
@@ -410,6 +543,13 @@ impl Chain {
                     track.delta_bytes += delta.len();
                     if let Some(base) = &mut self.base[i] {
                         base.deltas.push(delta.clone());
+                        // Stored as this checkpoint only if the base was the one before.
+                        base.stored_at = match base.stored_at.take() {
+                            Some((at, _)) if at == previous => {
+                                Some((epoch, step.name().to_string()))
+                            }
+                            _ => None,
+                        };
                     }
                     StepSnapshot {
                         step: step.name().to_string(),
@@ -438,7 +578,11 @@ impl Chain {
                         full_bytes: full.len(),
                         growth,
                     };
-                    self.base[i] = Some(Base::whole(full.clone()));
+                    self.base[i] = Some(Base {
+                        start: Start::Held(full.clone()),
+                        deltas: Vec::new(),
+                        stored_at: Some((epoch, step.name().to_string())),
+                    });
                     StepSnapshot {
                         step: step.name().to_string(),
                         bytes: full,
@@ -499,11 +643,12 @@ impl Chain {
 
     /// A fresh instance of step `index` in the state it had after its journal.
     fn recover(&mut self, index: usize) -> Result<(), PluginError> {
+        let base = self.held_base(index)?;
         let step = &mut self.steps[index];
-        match &self.base[index] {
-            Some(base) => {
-                step.rebuild(Some(&base.full))?;
-                for delta in &base.deltas {
+        match base {
+            Some((full, deltas)) => {
+                step.rebuild(Some(&full))?;
+                for delta in &deltas {
                     step.restore_delta(delta)?;
                 }
             }
@@ -516,6 +661,41 @@ impl Chain {
             }
         }
         Ok(())
+    }
+
+    /// Step `index`'s state at its last checkpoint (`None`: as created), read back from the
+    /// state store if the committer saved it and the chain let it go; held from then on (a
+    /// bisection rebuilds the step again and again) until it is saved again.
+    fn held_base(&mut self, index: usize) -> Result<Option<(Bytes, Vec<Bytes>)>, PluginError> {
+        let Some(base) = &mut self.base[index] else {
+            return Ok(None);
+        };
+        let full = match &base.start {
+            Start::Held(full) => full.clone(),
+            Start::Stored { epoch, step: name } => {
+                let step = &self.steps[index];
+                let failed = |message: String| PluginError::Protocol {
+                    plugin: step.plugin().to_string(),
+                    step: step.name().to_string(),
+                    call: "rebuild",
+                    message: format!(
+                        "reading its state at checkpoint {} back from the state store: {message}",
+                        crate::checkpoint::epoch_label(*epoch)
+                    ),
+                };
+                let stored = self
+                    .stored
+                    .as_ref()
+                    .ok_or_else(|| failed("no state store to read it from".into()))?;
+                let mut read = stored.read(*epoch, name).map_err(failed)?;
+                read.deltas.append(&mut base.deltas);
+                base.deltas = read.deltas;
+                // Held until the committer saves another checkpoint.
+                base.start = Start::Held(read.full.clone());
+                read.full
+            }
+        };
+        Ok(Some((full, base.deltas.clone())))
     }
 
     /// Step `index` failed on `batch` (rows `start..start + len`, which failed as a whole):
@@ -637,6 +817,7 @@ impl Chain {
 
     /// Runs one batch through every step.
     pub fn process(&mut self, batch: RecordBatch) -> Result<ChainOutput, PluginError> {
+        self.release();
         let mut out = ChainOutput::default();
         out.batches = self.run_from(0, vec![batch], &mut out)?;
         Ok(out)
@@ -644,6 +825,7 @@ impl Chain {
 
     /// Advances event time to `ts_ms` in every step, in order.
     pub fn watermark(&mut self, ts_ms: i64) -> Result<ChainOutput, PluginError> {
+        self.release();
         let mut out = ChainOutput::default();
         for i in 0..self.steps.len() {
             let emitted = self.steps[i].on_watermark(ts_ms)?;
@@ -830,23 +1012,32 @@ mod tests {
         .unwrap()
     }
 
+    /// The base of step 0 as (full snapshot, deltas), `None` for the full one if let go.
+    fn held(chain: &Chain) -> (Option<Bytes>, Vec<Bytes>) {
+        let base = chain.base[0].clone().expect("a state to rebuild from");
+        let full = match base.start {
+            Start::Held(full) => Some(full),
+            Start::Stored { .. } => None,
+        };
+        (full, base.deltas)
+    }
+
     #[test]
     fn the_state_a_rebuild_starts_from_is_the_checkpoint_s_bytes_not_a_copy_of_them() {
         let schema = counted();
         let rows = |n: i64| rows(&schema, n);
-        let held = |chain: &Chain| chain.base[0].clone().expect("a state to rebuild from");
         let mut chain = Chain::new(vec![counter(&schema)]);
         chain.process(rows(3)).unwrap();
         let full = chain.checkpoint(1, false).unwrap().remove(0);
         assert_eq!(full.delta_of, None);
-        assert_eq!(held(&chain).full.as_ptr(), full.bytes.as_ptr());
+        assert_eq!(held(&chain).0.unwrap().as_ptr(), full.bytes.as_ptr());
         chain.process(rows(2)).unwrap();
         let delta = chain.checkpoint(2, false).unwrap().remove(0);
         assert_eq!(delta.delta_of, Some(1));
-        let base = held(&chain);
-        assert_eq!(base.full.as_ptr(), full.bytes.as_ptr());
-        assert_eq!(base.deltas.len(), 1);
-        assert_eq!(base.deltas[0].as_ptr(), delta.bytes.as_ptr());
+        let (base_full, deltas) = held(&chain);
+        assert_eq!(base_full.unwrap().as_ptr(), full.bytes.as_ptr());
+        assert_eq!(deltas.len(), 1);
+        assert_eq!(deltas[0].as_ptr(), delta.bytes.as_ptr());
 
         // A restore holds the stored bytes it was given, and rebuilds from them.
         let stored = crate::checkpoint::StepChain {
@@ -857,13 +1048,130 @@ mod tests {
         };
         let mut restored = Chain::new(vec![counter(&schema)]);
         restored.restore_stored(0, &stored, 2).unwrap();
-        assert_eq!(held(&restored).full.as_ptr(), stored.full.as_ptr());
-        assert_eq!(
-            held(&restored).deltas[0].as_ptr(),
-            stored.deltas[0].as_ptr()
-        );
+        let (base_full, deltas) = held(&restored);
+        assert_eq!(base_full.unwrap().as_ptr(), stored.full.as_ptr());
+        assert_eq!(deltas[0].as_ptr(), stored.deltas[0].as_ptr());
         restored.recover(0).unwrap();
         assert_eq!(restored.snapshot().unwrap()[0].1[..8], 5u64.to_le_bytes());
+    }
+
+    /// Saves `snapshots` (one partition's checkpoint `epoch`) in `store` as the committer does.
+    fn save(store: &dyn crate::checkpoint::StateStore, epoch: u64, snapshots: &[StepSnapshot]) {
+        let state = crate::checkpoint::PartitionState {
+            offset: epoch as i64,
+            max_event: None,
+            watermark: None,
+            steps: snapshots
+                .iter()
+                .map(|s| crate::checkpoint::StepState {
+                    step: s.step.clone(),
+                    snapshot: s.bytes.clone(),
+                    delta_of: s.delta_of,
+                })
+                .collect(),
+            previous: None,
+            sources: Vec::new(),
+            root: snapshots
+                .iter()
+                .filter(|s| s.delta_of.is_some())
+                .map(|s| s.root)
+                .min(),
+        };
+        store.save("t", 0, epoch, &state).unwrap();
+    }
+
+    #[test]
+    fn a_saved_state_is_let_go_and_read_back_from_the_store_to_rebuild_the_step() {
+        let schema = counted();
+        let rows = |n: i64| rows(&schema, n);
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::checkpoint::StateStore> =
+            Arc::new(crate::checkpoint::FileStateStore::new(dir.path(), "p"));
+        let saved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stored = || StoredStates {
+            store: store.clone(),
+            topic: "t".into(),
+            partition: 0,
+            saved: saved.clone(),
+        };
+        let isolating =
+            || Chain::new(vec![counter(&schema)]).with_policies(vec![OnError::DeadLetter]);
+        let mut chain = isolating();
+        chain.keep_stored(stored());
+        let count = |chain: &mut Chain| {
+            u64::from_le_bytes(chain.snapshot().unwrap()[0].1[..8].try_into().unwrap())
+        };
+
+        // Checkpoint 1 (whole) is held until the committer says it is saved.
+        chain.process(rows(3)).unwrap();
+        let first = chain.checkpoint(1, false).unwrap();
+        chain.process(rows(0)).unwrap();
+        assert_eq!(chain.held_state_bytes(), first[0].bytes.len());
+        save(&*store, 1, &first);
+        saved.store(1, std::sync::atomic::Ordering::Release);
+        chain.process(rows(2)).unwrap();
+        assert_eq!(chain.held_state_bytes(), 0, "saved: let go");
+
+        // Checkpoint 2 (a delta on 1) is held on top of the stored 1 until it is saved too.
+        let second = chain.checkpoint(2, false).unwrap();
+        assert_eq!(second[0].delta_of, Some(1));
+        assert_eq!(chain.held_state_bytes(), second[0].bytes.len());
+        // A rebuild now reads 1 back and applies the held delta: 3 + 2, then the journal's 4.
+        chain.process(rows(4)).unwrap();
+        chain.recover(0).unwrap();
+        assert_eq!(
+            chain.held_state_bytes(),
+            first[0].bytes.len() + second[0].bytes.len()
+        );
+        let (_, deltas) = held(&chain);
+        assert_eq!(deltas.len(), 1);
+        assert_eq!(
+            deltas[0].as_ptr(),
+            second[0].bytes.as_ptr(),
+            "the held delta, on 1 read back"
+        );
+        assert_eq!(count(&mut chain), 3 + 2 + 4);
+
+        // Once 2 is saved, both go; a rebuild reads 1 and 2 back (the delta chain).
+        let mut chain = isolating();
+        chain.keep_stored(stored());
+        chain
+            .restore_stored(
+                0,
+                &crate::checkpoint::StepChain {
+                    step: "counter".into(),
+                    full: first[0].bytes.clone(),
+                    deltas: vec![second[0].bytes.clone()],
+                    root: 1,
+                },
+                2,
+            )
+            .unwrap();
+        assert!(chain.held_state_bytes() > 0, "2 is not saved yet");
+        save(&*store, 2, &second);
+        saved.store(2, std::sync::atomic::Ordering::Release);
+        chain.process(rows(7)).unwrap();
+        assert_eq!(chain.held_state_bytes(), 0, "2 saved: let go");
+        chain.recover(0).unwrap();
+        assert_eq!(count(&mut chain), 3 + 2 + 7, "read back, then the journal");
+
+        // A state the store lost is an error that says which step and checkpoint.
+        let mut chain = isolating();
+        chain.keep_stored(stored());
+        chain.process(rows(1)).unwrap();
+        let third = chain.checkpoint(3, false).unwrap();
+        save(&*store, 3, &third);
+        saved.store(3, std::sync::atomic::Ordering::Release);
+        chain.process(rows(1)).unwrap();
+        assert_eq!(chain.held_state_bytes(), 0);
+        store.prune("t", 0, 4).unwrap();
+        let err = chain.recover(0).unwrap_err().to_string();
+        assert!(
+            err.contains("step `counter`")
+                && err.contains("reading its state at checkpoint 3 back from the state store")
+                && err.contains("not in the state store"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use wasmtime::{Config, Engine};
 pub use cache::{COMPILATIONS, LoadStats, default_dir as default_cache_dir};
 pub use chain::{
     Base, Chain, ChainOutput, JOURNAL_CHECKPOINT, RefusedBatch, RejectedRows, StepParts,
-    StepSnapshot,
+    StepSnapshot, StoredStates,
 };
 pub use error::{ErrorKind, PluginError, PluginFault};
 pub use step::{Grants, NativeFactory, Rejection, Step, StepOutput, StepTimings, same_fields};

@@ -469,3 +469,70 @@ fn poison_rows_are_isolated_and_the_step_state_ends_as_without_them() {
         .expect_err("fails");
     assert!(matches!(err, PluginError::Trap { .. }), "{err}");
 }
+
+#[test]
+fn a_poison_row_is_isolated_from_a_state_read_back_from_the_store_once_it_was_saved() {
+    use flowgate::checkpoint::{FileStateStore, PartitionState, StateStore, StepState};
+    use flowgate::config::OnError;
+    use flowgate::plugin::{Chain, StoredStates};
+    let host = common::host();
+    let (schema, _) = input();
+    let plugin = host
+        .load(&common::plugin("flowgate_test_panic"))
+        .expect("load");
+    let dir = tempfile::tempdir().expect("tmp");
+    let store: Arc<dyn StateStore> = Arc::new(FileStateStore::new(dir.path(), "p"));
+    let saved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut chain = Chain::new(vec![
+        plugin
+            .instantiate("guard", "{}", &schema, Grants::default())
+            .expect("create"),
+    ])
+    .with_policies(vec![OnError::DeadLetter]);
+    chain.keep_stored(StoredStates {
+        store: store.clone(),
+        topic: "ticks".into(),
+        partition: 2,
+        saved: saved.clone(),
+    });
+    chain.process(symbols(&["A", "B", "C"])).expect("fine");
+    // Checkpoint 1, saved as the committer saves it; the chain then lets its copy go.
+    let snapshots = chain.checkpoint(1, false).expect("checkpoint");
+    let state = PartitionState {
+        offset: 2,
+        max_event: None,
+        watermark: None,
+        steps: snapshots
+            .iter()
+            .map(|s| StepState {
+                step: s.step.clone(),
+                snapshot: s.bytes.clone(),
+                delta_of: s.delta_of,
+            })
+            .collect(),
+        previous: None,
+        sources: Vec::new(),
+        root: None,
+    };
+    assert!(chain.held_state_bytes() > 0);
+    store.save("ticks", 2, 1, &state).expect("save");
+    saved.store(1, std::sync::atomic::Ordering::Release);
+    chain.process(symbols(&["D", "E"])).expect("fine");
+    assert_eq!(chain.held_state_bytes(), 0, "saved, so not held");
+
+    // A poison row: the step is rebuilt from the state read back, and the journal replayed.
+    let out = chain
+        .process(symbols(&["F", "POISON", "G", "H"]))
+        .expect("isolated, not failed");
+    assert_eq!(out.rejected.len(), 1);
+    assert_eq!(out.rejected[0].indices, vec![1], "exactly the poison row");
+    let rows: usize = out.batches.iter().map(RecordBatch::num_rows).sum();
+    assert_eq!(rows, 3);
+    assert!(
+        chain.held_state_bytes() > 0,
+        "read back, held for the next rebuild"
+    );
+    // 3 before the checkpoint, then 2, then 3: each row counted once.
+    let states = chain.snapshot().expect("snapshot");
+    assert_eq!(passed(&states[0].1), 3 + 2 + 3);
+}
