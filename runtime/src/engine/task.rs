@@ -22,7 +22,7 @@ use arrow::array::{RecordBatch, TimestampMicrosecondArray};
 use super::committer::{CommitMsg, Staged};
 use super::plan::{Plan, RunError};
 use super::{Counters, PartitionKey};
-use crate::checkpoint::{PartitionState, StepChain, StepState};
+use crate::checkpoint::{PartitionState, StepChain};
 use crate::config::{OnError, StateMode};
 use crate::decode::{self, JsonDecoder};
 use crate::exporter::{
@@ -1288,19 +1288,7 @@ impl PartitionTask {
             steps = ?snapshots.iter().map(|s| format!("{}: {} bytes{} in {:.1} ms", s.step, s.bytes.len(), if s.delta_of.is_some() { " (delta)" } else { "" }, s.took.as_secs_f64() * 1e3)).collect::<Vec<_>>(),
             "steps' state taken"
         );
-        let root = snapshots
-            .iter()
-            .filter(|s| s.delta_of.is_some())
-            .map(|s| s.root)
-            .min();
-        let steps = snapshots
-            .into_iter()
-            .map(|s| StepState {
-                step: s.step,
-                snapshot: s.bytes,
-                delta_of: s.delta_of,
-            })
-            .collect();
+        let (steps, root) = crate::plugin::StepSnapshot::stored(snapshots);
         let previous = self.lineage;
         self.epoch = next;
         self.lineage = Some(self.epoch);

@@ -247,6 +247,29 @@ pub struct StepSnapshot {
     pub took: std::time::Duration,
 }
 
+impl StepSnapshot {
+    /// A checkpoint's steps as the state store keeps them, and the oldest checkpoint their
+    /// deltas reach back to (`None`: every state is whole).
+    pub fn stored(
+        snapshots: Vec<StepSnapshot>,
+    ) -> (Vec<crate::checkpoint::StepState>, Option<u64>) {
+        let root = snapshots
+            .iter()
+            .filter(|s| s.delta_of.is_some())
+            .map(|s| s.root)
+            .min();
+        let steps = snapshots
+            .into_iter()
+            .map(|s| crate::checkpoint::StepState {
+                step: s.step,
+                snapshot: s.bytes,
+                delta_of: s.delta_of,
+            })
+            .collect();
+        (steps, root)
+    }
+}
+
 /// Steps in order, for one partition.
 ///
 /// **Poison records.** A step whose `on_error` is `dead_letter` keeps a journal of what it was
@@ -1057,25 +1080,15 @@ mod tests {
 
     /// Saves `snapshots` (one partition's checkpoint `epoch`) in `store` as the committer does.
     fn save(store: &dyn crate::checkpoint::StateStore, epoch: u64, snapshots: &[StepSnapshot]) {
+        let (steps, root) = StepSnapshot::stored(snapshots.to_vec());
         let state = crate::checkpoint::PartitionState {
             offset: epoch as i64,
             max_event: None,
             watermark: None,
-            steps: snapshots
-                .iter()
-                .map(|s| crate::checkpoint::StepState {
-                    step: s.step.clone(),
-                    snapshot: s.bytes.clone(),
-                    delta_of: s.delta_of,
-                })
-                .collect(),
+            steps,
             previous: None,
             sources: Vec::new(),
-            root: snapshots
-                .iter()
-                .filter(|s| s.delta_of.is_some())
-                .map(|s| s.root)
-                .min(),
+            root,
         };
         store.save("t", 0, epoch, &state).unwrap();
     }

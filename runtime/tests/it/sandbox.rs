@@ -472,9 +472,9 @@ fn poison_rows_are_isolated_and_the_step_state_ends_as_without_them() {
 
 #[test]
 fn a_poison_row_is_isolated_from_a_state_read_back_from_the_store_once_it_was_saved() {
-    use flowgate::checkpoint::{FileStateStore, PartitionState, StateStore, StepState};
+    use flowgate::checkpoint::{FileStateStore, PartitionState, StateStore};
     use flowgate::config::OnError;
-    use flowgate::plugin::{Chain, StoredStates};
+    use flowgate::plugin::{Chain, StepSnapshot, StoredStates};
     let host = common::host();
     let (schema, _) = input();
     let plugin = host
@@ -497,22 +497,15 @@ fn a_poison_row_is_isolated_from_a_state_read_back_from_the_store_once_it_was_sa
     });
     chain.process(symbols(&["A", "B", "C"])).expect("fine");
     // Checkpoint 1, saved as the committer saves it; the chain then lets its copy go.
-    let snapshots = chain.checkpoint(1, false).expect("checkpoint");
+    let (steps, root) = StepSnapshot::stored(chain.checkpoint(1, false).expect("checkpoint"));
     let state = PartitionState {
         offset: 2,
         max_event: None,
         watermark: None,
-        steps: snapshots
-            .iter()
-            .map(|s| StepState {
-                step: s.step.clone(),
-                snapshot: s.bytes.clone(),
-                delta_of: s.delta_of,
-            })
-            .collect(),
+        steps,
         previous: None,
         sources: Vec::new(),
-        root: None,
+        root,
     };
     assert!(chain.held_state_bytes() > 0);
     store.save("ticks", 2, 1, &state).expect("save");
