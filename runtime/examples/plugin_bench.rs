@@ -2,14 +2,19 @@
 //! 8,192-row batches, through the WASM host and natively.
 //!
 //! `make plugins && cargo run -p flowgate --example plugin_bench` (`FLOWGATE_BENCH_ONLY=dedup`:
-//! one plugin; `FLOWGATE_PLUGIN_DIR`: other builds of the plugins)
+//! one plugin; `FLOWGATE_PLUGIN_DIR`: other builds of the plugins; `FLOWGATE_BENCH_ROUNDS=20`:
+//! the batches 20 times over, so that a profile is mostly the calls, not the compile;
+//! `FLOWGATE_WASM_PROFILER=perfmap` under `perf record`: the plugins' functions by name, with
+//! plugins built unstripped, `--config profile.plugin.strip=false`)
 //! (the full benchmark is a later issue; this is the plugin core's quick check).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{Float64Array, Int64Array, StringArray, TimestampMillisecondArray};
+use arrow::array::{
+    Float64Array, Int64Array, StringArray, TimestampMicrosecondArray, TimestampMillisecondArray,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use flowgate::plugin::{Compile, Grants, HostConfig, PluginHost};
@@ -25,19 +30,22 @@ fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
 }
 
-/// Batch `n` of ticks: 100 symbols, event time moving 8.192 s per batch, every row a new key.
+/// Batch `n` of ticks as the decoder makes them (timestamps in microseconds): 100 symbols, event
+/// time moving 8.192 s per batch, every row a new key.
 fn ticks(schema: &SchemaRef, n: i64) -> RecordBatch {
     let symbols: Vec<String> = (0..ROWS).map(|i| format!("S{:03}", i % 100)).collect();
     let prices: Vec<f64> = (0..ROWS).map(|i| 100.0 + (i % 97) as f64 * 0.25).collect();
     let volumes: Vec<i64> = (0..ROWS).map(|i| (i % 500) as i64 + 1).collect();
-    let ts: Vec<i64> = (0..ROWS).map(|i| T0 + n * ROWS as i64 + i as i64).collect();
+    let ts: Vec<i64> = (0..ROWS)
+        .map(|i| (T0 + n * ROWS as i64 + i as i64) * 1000 + (i as i64 * 7919) % 1000)
+        .collect();
     RecordBatch::try_new(
         schema.clone(),
         vec![
             Arc::new(StringArray::from(symbols)),
             Arc::new(Float64Array::from(prices)),
             Arc::new(Int64Array::from(volumes)),
-            Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
+            Arc::new(TimestampMicrosecondArray::from(ts).with_timezone("UTC")),
         ],
     )
     .expect("ticks")
@@ -61,10 +69,10 @@ fn bars(schema: &SchemaRef, n: i64) -> RecordBatch {
     .expect("bars")
 }
 
-fn rate(elapsed: Duration) -> String {
+fn rate(rounds: usize, elapsed: Duration) -> String {
     format!(
         "{:>7.2} M rows/s",
-        (BATCHES as f64 * ROWS as f64) / elapsed.as_secs_f64() / 1e6
+        (rounds as f64 * BATCHES as f64 * ROWS as f64) / elapsed.as_secs_f64() / 1e6
     )
 }
 
@@ -77,7 +85,11 @@ fn main() {
         Field::new("symbol", DataType::Utf8, false),
         Field::new("price", DataType::Float64, false),
         Field::new("volume", DataType::Int64, false),
-        Field::new("ts", ts_type(), false),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
     ]));
     let bar_schema: SchemaRef = Arc::new(Schema::new(vec![
         Field::new("symbol", DataType::Utf8, false),
@@ -127,6 +139,13 @@ fn main() {
         "plugin", "load cold", "load cached", "wasm", "native", "ratio"
     );
     let only = std::env::var("FLOWGATE_BENCH_ONLY").ok();
+    let profiling = std::env::var_os("FLOWGATE_WASM_PROFILER").is_some();
+    let rounds = match std::env::var("FLOWGATE_BENCH_ROUNDS") {
+        Ok(n) => n
+            .parse::<usize>()
+            .expect("FLOWGATE_BENCH_ROUNDS: a whole number"),
+        Err(_) => 1,
+    };
     for (name, cfg, schema, make) in cases {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
@@ -137,16 +156,19 @@ fn main() {
             .load(&path)
             .expect("load")
             .load_stats();
-        let host = PluginHost::new(config(Some(cache.path().to_path_buf()))).expect("host");
+        // Profiled (`FLOWGATE_WASM_PROFILER=perfmap`): compiled anew, since `perf` names the
+        // functions of compiled code in anonymous memory only, not of a cached file mapped in.
+        let cached = (!profiling).then(|| cache.path().to_path_buf());
+        let host = PluginHost::new(config(cached)).expect("host");
         let plugin = host.load(&path).expect("load");
-        assert!(plugin.load_stats().cache_hit);
+        assert!(plugin.load_stats().cache_hit || profiling);
         let inputs: Vec<RecordBatch> = (0..BATCHES).map(|n| make(schema, n)).collect();
 
         let mut step = plugin
             .instantiate(name, &cfg, schema, Grants::default())
             .expect("create");
         let start = Instant::now();
-        for b in &inputs {
+        for b in std::iter::repeat_n(&inputs, rounds).flatten() {
             step.process(b).expect("process");
         }
         let wasm = start.elapsed();
@@ -159,7 +181,7 @@ fn main() {
         }
         .expect("native create");
         let start = Instant::now();
-        for b in &inputs {
+        for b in std::iter::repeat_n(&inputs, rounds).flatten() {
             native.process(b.clone()).expect("process");
         }
         let native_time = start.elapsed();
@@ -167,8 +189,8 @@ fn main() {
             "{name:<11} {:>10.1?} {:>10.1?} {:>18} {:>18} {:>6.0}%",
             cold.elapsed,
             plugin.load_stats().elapsed,
-            rate(wasm),
-            rate(native_time),
+            rate(rounds, wasm),
+            rate(rounds, native_time),
             100.0 * native_time.as_secs_f64() / wasm.as_secs_f64()
         );
     }

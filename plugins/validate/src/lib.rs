@@ -274,6 +274,12 @@ impl Rule {
 }
 
 /// Per-row outcome of one check: `None` passes, `Some(reason)` fails.
+///
+/// The loops test a row's value first and its validity only when the value fails, and the
+/// validity through the column's null buffer, not `Array::is_valid`: compiled to WebAssembly,
+/// every call through `dyn Array` is an indirect call and an interruption check, per row. Range
+/// and time checks look at the whole column first (a minimum or maximum, which vectorizes) and
+/// go row by row only when some row may fail.
 fn run_check(
     check: &Check,
     batch: &RecordBatch,
@@ -282,7 +288,8 @@ fn run_check(
     fail: &mut dyn FnMut(usize, String),
 ) -> Result<()> {
     let column = batch.column(index);
-    let valid = |i: usize| column.is_valid(i);
+    let nulls = column.nulls();
+    let valid = |i: usize| nulls.is_none_or(|n| n.is_valid(i));
     match check {
         Check::NotNull => {
             if column.null_count() > 0 {
@@ -294,35 +301,34 @@ fn run_check(
         Check::Min { bound, exclusive } | Check::Max { bound, exclusive } => {
             let is_min = matches!(check, Check::Min { .. });
             let values = float64_column(batch, index)?;
-            for (i, v) in values.values().iter().enumerate() {
-                if !valid(i) {
-                    continue;
-                }
-                let bad = v.is_nan()
-                    || match (is_min, exclusive) {
-                        (true, false) => *v < *bound,
-                        (true, true) => *v <= *bound,
-                        (false, false) => *v > *bound,
-                        (false, true) => *v >= *bound,
-                    };
-                if bad {
-                    let op = match (is_min, exclusive) {
-                        (true, false) => ">=",
-                        (true, true) => ">",
-                        (false, false) => "<=",
-                        (false, true) => "<",
-                    };
+            let values = values.values();
+            // `ok` is false for NaN, as every comparison with it is.
+            let (op, any_bad) = match (is_min, exclusive) {
+                (true, false) => (">=", any_fails(values, |v| v >= *bound)),
+                (true, true) => (">", any_fails(values, |v| v > *bound)),
+                (false, false) => ("<=", any_fails(values, |v| v <= *bound)),
+                (false, true) => ("<", any_fails(values, |v| v < *bound)),
+            };
+            if !any_bad {
+                return Ok(());
+            }
+            let ok = |v: f64| match (is_min, exclusive) {
+                (true, false) => v >= *bound,
+                (true, true) => v > *bound,
+                (false, false) => v <= *bound,
+                (false, true) => v < *bound,
+            };
+            for (i, v) in values.iter().enumerate() {
+                if !ok(*v) && valid(i) {
                     fail(i, format!("must be {op} {bound}, got {v}"));
                 }
             }
         }
         Check::Pattern(regex) => {
-            let strings = text_column(batch, index)?;
             // The columns a pattern guards mostly repeat a few values (symbols, codes): each
             // distinct value of the batch is matched once (up to `PATTERN_MEMO` of them).
             let mut seen: HashMap<&str, bool, BuildHasherDefault<TextHasher>> = HashMap::default();
-            for (i, s) in strings.into_iter().enumerate() {
-                let Some(s) = s else { continue };
+            for_each_text(batch, index, |i, s| {
                 let matches = match seen.get(s) {
                     Some(&m) => m,
                     None => {
@@ -336,7 +342,7 @@ fn run_check(
                 if !matches {
                     fail(i, format!("{s:?} does not match `{}`", regex.as_str()));
                 }
-            }
+            })?;
         }
         Check::OneOfText(set) => {
             let strings = text_column(batch, index)?;
@@ -383,15 +389,27 @@ fn run_check(
                 RelativeTo::ProcessingTime => "processing time",
             };
             let ts = event_time_millis(batch, index)?;
+            let limit = if future {
+                reference.saturating_add(*millis)
+            } else {
+                reference.saturating_sub(*millis)
+            };
+            // No row can fail when the latest time is before the limit's millisecond (the
+            // earliest not before it): the common case, decided without looking at each row.
+            let values = ts.values();
+            if future && values.iter().copied().max().is_none_or(|t| t < limit)
+                || !future && values.iter().copied().min().is_none_or(|t| t >= limit)
+            {
+                return Ok(());
+            }
             // Below the millisecond (microsecond columns): `t` is floored, so only a time in the
             // limit's own millisecond needs its fraction to tell if it is past the limit.
             let sub = event_time_sub_millis_nanos(batch, index)?;
             let sub = |i: usize| sub.as_ref().map_or(0, |s| s[i]);
-            for (i, t) in ts.values().iter().enumerate() {
+            for (i, t) in values.iter().enumerate() {
                 if !valid(i) {
                     continue;
                 }
-                let limit = reference.saturating_add(*millis);
                 if future && (*t > limit || (*t == limit && sub(i) > 0)) {
                     fail(
                         i,
@@ -402,7 +420,7 @@ fn run_check(
                             format_millis(reference)
                         ),
                     );
-                } else if !future && *t < reference.saturating_sub(*millis) {
+                } else if !future && *t < limit {
                     fail(
                         i,
                         format!(
@@ -422,6 +440,14 @@ fn run_check(
 /// Most distinct values of a batch a `pattern` check remembers its answer for.
 const PATTERN_MEMO: usize = 4096;
 
+/// Whether any of `values` fails `ok`, looked at 64 at a time without a branch per value (so
+/// that the test vectorizes).
+fn any_fails(values: &[f64], ok: impl Fn(f64) -> bool) -> bool {
+    values
+        .chunks(64)
+        .any(|chunk| chunk.iter().fold(false, |bad, &v| bad | !ok(v)))
+}
+
 /// Hashes text with xxh3 (the standard library's SipHash costs several times more per value,
 /// more so compiled to WebAssembly); the values come from the pipeline's own data.
 #[derive(Default)]
@@ -437,6 +463,44 @@ impl Hasher for TextHasher {
     fn write_u8(&mut self, b: u8) {
         self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
+}
+
+/// Calls `f` with the row and value of each non-null value of string column `index` (`Utf8`,
+/// `LargeUtf8` or `Utf8View`, the types `pattern` accepts), in row order.
+fn for_each_text<'a>(
+    batch: &'a RecordBatch,
+    index: usize,
+    mut f: impl FnMut(usize, &'a str),
+) -> Result<()> {
+    let column = batch.column(index);
+    let nulls = column.nulls();
+    let valid = |i: usize| nulls.is_none_or(|n| n.is_valid(i));
+    match column.data_type() {
+        DataType::Utf8 => {
+            let strings = column.as_string::<i32>();
+            (0..strings.len())
+                .filter(|&i| valid(i))
+                .for_each(|i| f(i, strings.value(i)));
+        }
+        DataType::LargeUtf8 => {
+            let strings = column.as_string::<i64>();
+            (0..strings.len())
+                .filter(|&i| valid(i))
+                .for_each(|i| f(i, strings.value(i)));
+        }
+        DataType::Utf8View => {
+            let strings = column.as_string_view();
+            (0..strings.len())
+                .filter(|&i| valid(i))
+                .for_each(|i| f(i, strings.value(i)));
+        }
+        other => {
+            return Err(Error::bad_input(format!(
+                "column {index} has type {other}, not a string"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A string column's values (`Utf8`, `LargeUtf8` or `Utf8View`, the types `pattern` and

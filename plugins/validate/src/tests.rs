@@ -341,3 +341,76 @@ fn a_pattern_judges_every_row_when_values_repeat_and_when_they_do_not() {
     );
     assert_eq!(out.num_rows(), 5 + 1 + 5_000 - 2 - 5);
 }
+
+#[test]
+fn a_null_is_not_judged_by_the_value_stored_under_it() {
+    // Rows 0 and 2 are null over values that would break every rule: no rule may name them
+    // (the checks test values first and validity only for a failing value).
+    use arrow::array::{LargeStringArray, StringArray, StringViewArray, TimestampMicrosecondArray};
+    use arrow::buffer::{NullBuffer, OffsetBuffer, ScalarBuffer};
+    let schema = flowgate_sdk::testing::schema(&[
+        ("price", "float64", true),
+        ("ts", "timestamp", true),
+        ("symbol", "utf8", true),
+    ]);
+    let nulls = NullBuffer::from(vec![false, true, false]);
+    let price = Float64Array::new(
+        ScalarBuffer::from(vec![-1.0, 5.0, f64::NAN]),
+        Some(nulls.clone()),
+    );
+    let far = 4_000_000_000_000_000_i64; // µs: the year 2096
+    let ts = TimestampMicrosecondArray::new(
+        ScalarBuffer::from(vec![far, 1_762_958_400_000_000, i64::MIN]),
+        Some(nulls.clone()),
+    )
+    .with_timezone("UTC");
+    let symbol = StringArray::new(
+        OffsetBuffer::from_lengths([4, 4, 4]),
+        arrow::buffer::Buffer::from("bad!AAPLbad?".as_bytes()),
+        Some(nulls.clone()),
+    );
+    let (mut v, _) = flowgate_sdk::create::<Validate>(
+        r#"{"rules":{"price":{"min":0,"max":100},"ts":{"max_future":"5m","max_age":"1d"},"symbol":{"pattern":"^[A-Z]+$"}}}"#,
+        &schema,
+    )
+    .expect("config");
+    v.on_watermark(1_762_958_400_000).expect("watermark");
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![Arc::new(price), Arc::new(ts), Arc::new(symbol)],
+    )
+    .expect("batch");
+    let out = v.process(batch).expect("process");
+    assert_eq!(reasons(&out), []);
+    assert_eq!(out.num_rows(), 3);
+
+    // A pattern reads every string type it accepts, nulls left out.
+    for column in [
+        Arc::new(LargeStringArray::from(vec![
+            Some("AAPL"),
+            None,
+            Some("bad!"),
+        ])) as ArrayRef,
+        Arc::new(StringViewArray::from(vec![
+            Some("AAPL"),
+            None,
+            Some("bad!"),
+        ])) as ArrayRef,
+    ] {
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("symbol", column.data_type().clone(), true),
+        ]));
+        let (mut v, _) = flowgate_sdk::create::<Validate>(
+            r#"{"rules":{"symbol":{"pattern":"^[A-Z]+$"}}}"#,
+            &schema,
+        )
+        .expect("config");
+        let out = v
+            .process(RecordBatch::try_new(schema, vec![column]).expect("batch"))
+            .expect("process");
+        assert_eq!(
+            reasons(&out),
+            [(2, "symbol: \"bad!\" does not match `^[A-Z]+$`")]
+        );
+    }
+}

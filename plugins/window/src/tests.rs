@@ -675,3 +675,72 @@ fn oversized_unsigned_values_are_skipped_and_decimals_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn rows_in_one_batch_make_the_bars_they_make_one_by_one() {
+    // Event times jump back and forth across slides, on and next to their edges, before and
+    // after 1970; five aggregates read one column. In one batch the window start is reused
+    // while rows stay in a slide and the column read once: the bars must equal those of the
+    // same rows sent one per batch.
+    let schema = flowgate_sdk::testing::schema(&[
+        ("symbol", "utf8", false),
+        ("v", "float64", true),
+        ("ts", "int64", false),
+    ]);
+    let config = r#"{"event_time":"ts","size":"1m","slide":"20s","group_by":["symbol"],
+        "aggregates":{"open":{"first":"v"},"close":{"last":"v"},"low":{"min":"v"},
+        "high":{"max":"v"},"total":{"sum":"v"},"mean":{"avg":"v"},"n":{"count":"v"},
+        "rows":{"count":"*"}}}"#;
+    let edges = [
+        -60_001_i64,
+        -1,
+        0,
+        19_999,
+        20_000,
+        39_999,
+        40_000,
+        59_999,
+        60_000,
+        60_001,
+    ];
+    // First a climb over each slide's edge (the row before it, on it, after it).
+    let mut lines: Vec<String> = [-20_000_i64, 0, 20_000, 40_000, 60_000]
+        .iter()
+        .flat_map(|e| [e - 1, *e, e + 1])
+        .map(|ts| format!(r#"{{"symbol":"S0","v":1.5,"ts":{ts}}}"#))
+        .collect();
+    let mut x: i64 = 7;
+    for i in 0..400_i64 {
+        x = (x * 1_103_515_245 + 12_345) % 2_147_483_648;
+        let ts = if i % 3 == 0 {
+            edges[(x % edges.len() as i64) as usize] + 1_762_956_000_000 * (i % 2)
+        } else {
+            1_762_956_000_000 + x % 300_000 - 150_000
+        };
+        let v = if i % 17 == 0 {
+            "null".to_string()
+        } else {
+            format!("{}", (x % 1000) as f64 / 4.0)
+        };
+        lines.push(format!(r#"{{"symbol":"S{}","v":{v},"ts":{ts}}}"#, x % 3));
+    }
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let bars = |batches: Vec<RecordBatch>| {
+        let (mut whole, _) = flowgate_sdk::create::<Window>(config, &schema).expect("config");
+        for batch in batches {
+            let out = whole.process(batch).expect("process");
+            assert!(out.rejected.is_empty() && out.batches.is_empty());
+        }
+        whole.on_watermark(i64::MAX / 2).expect("watermark").batches
+    };
+    let together = bars(vec![flowgate_sdk::testing::batch(&schema, &lines)]);
+    let apart = bars(
+        lines
+            .iter()
+            .map(|l| flowgate_sdk::testing::batch(&schema, &[l]))
+            .collect(),
+    );
+    assert_eq!(together.len(), 1);
+    assert!(together[0].num_rows() > 50, "{}", together[0].num_rows());
+    assert_eq!(together, apart);
+}

@@ -128,6 +128,11 @@ impl PluginHost {
                 wasm.cranelift_opt_level(wasmtime::OptLevel::None);
             }
         }
+        // `FLOWGATE_WASM_PROFILER=perfmap` writes `/tmp/perf-<pid>.map`, so that `perf report`
+        // names the plugins' functions (a plugin built without `strip` keeps their names).
+        if std::env::var_os("FLOWGATE_WASM_PROFILER").is_some_and(|v| v == "perfmap") {
+            wasm.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&wasm).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let linker = step::linker(&engine).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let ticker = Arc::new(Ticker::default());
