@@ -70,28 +70,16 @@ pub fn hash_column(column: &ArrayRef, hashes: &mut [u64]) -> Result<()> {
             let a = column.as_primitive::<UInt64Type>();
             chain_rows(hashes, is_null, |i, h| chain(&a.value(i).to_le_bytes(), h));
         }
-        DataType::Timestamp(unit @ (TimeUnit::Microsecond | TimeUnit::Nanosecond), _) => {
-            // A time on a whole millisecond hashes as its epoch ms, as in a millisecond column,
-            // so keys hashed before the host decoded timestamps in µs still match. A finer time
-            // hashes its full value after a unit tag: 9 bytes, never equal to an 8-byte ms hash.
-            let (per_milli, tag) = match unit {
-                TimeUnit::Microsecond => (1_000, 1u8),
-                _ => (1_000_000, 2u8),
-            };
-            let values: &[i64] = match unit {
-                TimeUnit::Microsecond => column.as_primitive::<TimestampMicrosecondType>().values(),
-                _ => column.as_primitive::<TimestampNanosecondType>().values(),
-            };
-            let mut tagged = [tag; 9];
-            chain_rows(hashes, is_null, |i, h| {
-                let v = values[i];
-                if v % per_milli == 0 {
-                    chain(&(v / per_milli).to_le_bytes(), h)
-                } else {
-                    tagged[1..].copy_from_slice(&v.to_le_bytes());
-                    chain(&tagged, h)
-                }
-            });
+        // A time on a whole millisecond hashes as its epoch ms, as in a millisecond column, so
+        // keys hashed before the host decoded timestamps in µs still match. A finer time hashes
+        // its full value after a unit tag: 9 bytes, never equal to an 8-byte ms hash.
+        DataType::Timestamp(TimeUnit::Microsecond, _) => {
+            let values = column.as_primitive::<TimestampMicrosecondType>().values();
+            hash_fine_times::<1_000, 1>(values, is_null, hashes);
+        }
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => {
+            let values = column.as_primitive::<TimestampNanosecondType>().values();
+            hash_fine_times::<1_000_000, 2>(values, is_null, hashes);
         }
         // Integers, dates and timestamps: hash their value as an i64 (read in their own type:
         // no `cast` kernels, which are most of a plugin's code).
@@ -128,6 +116,25 @@ fn chain_rows(
             value(i, *h)
         };
     }
+}
+
+/// Chains each row's time of a column in units `PER_MILLI` to the millisecond, tagged `TAG`
+/// (see [`hash_column`]). The unit is a constant so that its division is a multiplication.
+fn hash_fine_times<const PER_MILLI: i64, const TAG: u8>(
+    values: &[i64],
+    is_null: impl Fn(usize) -> bool,
+    hashes: &mut [u64],
+) {
+    let mut tagged = [TAG; 9];
+    chain_rows(hashes, is_null, |i, h| {
+        let v = values[i];
+        if v % PER_MILLI == 0 {
+            chain(&(v / PER_MILLI).to_le_bytes(), h)
+        } else {
+            tagged[1..].copy_from_slice(&v.to_le_bytes());
+            chain(&tagged, h)
+        }
+    });
 }
 
 /// Chains each row's integer value (as an `i64`) of `column`, of primitive type `T`.

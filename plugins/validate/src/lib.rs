@@ -327,14 +327,24 @@ fn run_check(
         Check::Pattern(regex) => {
             // The columns a pattern guards mostly repeat a few values (symbols, codes): each
             // distinct value of the batch is matched once (up to `PATTERN_MEMO` of them).
+            // A value of up to 7 bytes is its own key, as one integer (bytes and length): no
+            // hashing of text, no byte-by-byte comparison (a loop per value in WebAssembly).
+            let mut short: HashMap<u64, bool, BuildHasherDefault<WordHasher>> = HashMap::default();
             let mut seen: HashMap<&str, bool, BuildHasherDefault<TextHasher>> = HashMap::default();
             for_each_text(batch, index, |i, s| {
-                let matches = match seen.get(s) {
-                    Some(&m) => m,
+                let memo = match short_key(s) {
+                    Some(key) => short.get(&key).copied(),
+                    None => seen.get(s).copied(),
+                };
+                let matches = match memo {
+                    Some(m) => m,
                     None => {
                         let m = regex.is_match(s);
-                        if seen.len() < PATTERN_MEMO {
-                            seen.insert(s, m);
+                        if short.len() + seen.len() < PATTERN_MEMO {
+                            match short_key(s) {
+                                Some(key) => short.insert(key, m),
+                                None => seen.insert(s, m),
+                            };
                         }
                         m
                     }
@@ -462,6 +472,42 @@ impl Hasher for TextHasher {
     }
     fn write_u8(&mut self, b: u8) {
         self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// Text of up to 7 bytes as one integer: its bytes, little endian, and its length in the top
+/// byte (so that `"A"` and `"A\0"` differ). `None` for longer text.
+fn short_key(s: &str) -> Option<u64> {
+    let bytes = s.as_bytes();
+    (bytes.len() <= 7).then(|| {
+        let mut word = [0u8; 8];
+        word[..bytes.len()].copy_from_slice(bytes);
+        word[7] = bytes.len() as u8;
+        u64::from_le_bytes(word)
+    })
+}
+
+/// Hashes a [`short_key`]: the 64-bit finalizer of MurmurHash3 (every bit of the key moves
+/// every bit of the hash, so the table's low bits and tag bits both vary).
+#[derive(Default)]
+struct WordHasher(u64);
+
+impl Hasher for WordHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(self.0 ^ u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        let mut h = n;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        self.0 = h ^ (h >> 33);
     }
 }
 

@@ -414,3 +414,32 @@ fn a_null_is_not_judged_by_the_value_stored_under_it() {
         );
     }
 }
+
+#[test]
+fn a_pattern_tells_short_values_apart_by_length_and_long_ones_by_text() {
+    // Up to 7 bytes a value is remembered as one integer with its length: "A" and "A\0" must
+    // not share an answer; 8 bytes and more are remembered as text.
+    let schema = flowgate_sdk::testing::schema(&[("symbol", "utf8", false)]);
+    let (mut v, _) =
+        flowgate_sdk::create::<Validate>(r#"{"rules":{"symbol":{"pattern":"^[A-Z]+$"}}}"#, &schema)
+            .expect("config");
+    let values = [
+        "A",
+        "A\0",
+        "ABCDEFGH",
+        "ABCDEFG",
+        "ABCDEFGH",
+        "A\0",
+        "abcdefghij",
+        "A",
+        "",
+    ];
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![Arc::new(arrow::array::StringArray::from(values.to_vec()))],
+    )
+    .expect("batch");
+    let out = v.process(batch).expect("process");
+    let rows: Vec<u32> = out.rejected.iter().map(|r| r.row).collect();
+    assert_eq!(rows, [1, 5, 6, 8], "{:?}", reasons(&out));
+}
