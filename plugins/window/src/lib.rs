@@ -641,58 +641,44 @@ impl Transform for Window {
             }
             None => None,
         };
-        // Each aggregate's input, as i64 or f64 bits: read once per column and kind (a bar's
-        // open, high, low, close and average all read `price`), `reads[inputs[n]]` for agg `n`.
-        let mut reads: Vec<((usize, Num, bool), Vec<i64>, Option<NullBuffer>)> = Vec::new();
-        let mut inputs: Vec<Option<usize>> = Vec::with_capacity(self.aggs.len());
-        for agg in &self.aggs {
-            let Some(column) = agg.column else {
-                inputs.push(None);
-                continue;
-            };
-            let kind = (column, agg.num, agg.func == Func::Count);
-            if let Some(at) = reads.iter().position(|(k, _, _)| *k == kind) {
-                inputs.push(Some(at));
-                continue;
-            }
-            let array = batch.column(column);
-            let (bits, nulls) = match agg.num {
-                Num::Int if agg.func == Func::Count => {
-                    (vec![0; batch.num_rows()], array.logical_nulls())
-                }
-                // A `UInt64` value past `i64::MAX` reads as null (skipped). (Through arrow's
-                // `cast`, before, it became 0 and was aggregated as 0.)
-                Num::Int => {
-                    let ints = int64_column(&batch, column)?;
-                    (ints.values().to_vec(), ints.logical_nulls())
-                }
-                Num::Float => {
-                    let floats = float64_column(&batch, column)?;
-                    let bits = floats.values().iter().map(|f| f.to_bits() as i64);
-                    (bits.collect(), floats.logical_nulls())
-                }
-            };
-            inputs.push(Some(reads.len()));
-            reads.push((kind, bits, nulls));
-        }
+        // Each aggregate's input, as i64 or f64 bits.
+        let inputs: Vec<Option<(Vec<i64>, Option<NullBuffer>)>> = self
+            .aggs
+            .iter()
+            .map(|agg| {
+                let Some(column) = agg.column else {
+                    return Ok(None);
+                };
+                let array = batch.column(column);
+                Ok(Some(match agg.num {
+                    Num::Int if agg.func == Func::Count => {
+                        (vec![0; batch.num_rows()], array.logical_nulls())
+                    }
+                    // A `UInt64` value past `i64::MAX` reads as null (skipped). (Through
+                    // arrow's `cast`, before, it became 0 and was aggregated as 0.)
+                    Num::Int => {
+                        let ints = int64_column(&batch, column)?;
+                        (ints.values().to_vec(), ints.logical_nulls())
+                    }
+                    Num::Float => {
+                        let floats = float64_column(&batch, column)?;
+                        let bits = floats.values().iter().map(|f| f.to_bits() as i64);
+                        (bits.collect(), floats.logical_nulls())
+                    }
+                }))
+            })
+            .collect::<Result<_>>()?;
         // First each row's open windows, in row order (rejections keep that order); then the
         // rows window by window, so a window's groups are looked up once per run of rows, not
         // once per row. Within a window rows keep their order: `first`/`last` ties follow arrival.
         let mut placements: Vec<(i64, u32)> = Vec::with_capacity(batch.num_rows());
-        // Rows come mostly in time order: the last window start found serves every row within
-        // its slide, without a division (by a variable: a hardware division per row).
-        let (mut slide_from, mut slide_to) = (i64::MAX, i64::MIN);
         for row in 0..batch.num_rows() {
             if times.is_null(row) {
                 output.reject(row, "event time is null");
                 continue;
             }
             let ts = times.value(row);
-            if ts < slide_from || ts >= slide_to {
-                slide_from = ts.div_euclid(self.slide) * self.slide;
-                slide_to = slide_from.saturating_add(self.slide);
-            }
-            let last_start = slide_from;
+            let last_start = ts.div_euclid(self.slide) * self.slide;
             let mut start = last_start;
             let mut placed = false;
             while start + self.size > ts {
@@ -732,9 +718,9 @@ impl Transform for Window {
                         .or_insert_with(|| vec![Acc::default(); aggs.len()]),
                 };
                 for (n, agg) in aggs.iter().enumerate() {
-                    match inputs[n].map(|at| &reads[at]) {
+                    match &inputs[n] {
                         None => Self::update(&mut accs[n], agg.func, agg.num, 0, event_time),
-                        Some((_, bits, nulls)) => {
+                        Some((bits, nulls)) => {
                             if nulls.as_ref().is_none_or(|nb| nb.is_valid(row)) {
                                 Self::update(
                                     &mut accs[n],
