@@ -679,9 +679,9 @@ fn oversized_unsigned_values_are_skipped_and_decimals_refused() {
 #[test]
 fn rows_in_one_batch_make_the_bars_they_make_one_by_one() {
     // Event times jump back and forth across slides, on and next to their edges, before and
-    // after 1970; five aggregates read one column. In one batch the window start is reused
-    // while rows stay in a slide and the column read once: the bars must equal those of the
-    // same rows sent one per batch.
+    // after 1970; five aggregates read one column. Whatever `process` shares between the rows
+    // of a batch (runs of rows in one window, the columns it reads), the bars must equal those
+    // of the same rows sent one per batch.
     let schema = flowgate_sdk::testing::schema(&[
         ("symbol", "utf8", false),
         ("v", "float64", true),
