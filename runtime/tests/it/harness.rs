@@ -294,3 +294,50 @@ fn help_lists_the_harness() {
         assert!(text.contains(flag), "{flag} missing from --help:\n{text}");
     }
 }
+
+#[test]
+fn a_perf_map_names_the_compiled_plugin_code_when_asked() {
+    // `FLOWGATE_WASM_PROFILER=perfmap`: `/tmp/perf-<pid>.map` lists each function compiled in
+    // the run, so `perf report` can name it; without it no map is written.
+    let run = |profile: bool| {
+        let cache = tempfile::tempdir().expect("tmp");
+        let validate = common::plugin("flowgate_validate").display().to_string();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flowgate"));
+        command
+            .args([
+                "plugin",
+                "test",
+                &validate,
+                "--config",
+                "rules: {price: {min: 0}}",
+            ])
+            .args(["--schema", "pipelines/steps/ticks.schema.yaml"])
+            .args(["--input", "pipelines/samples/ticks.jsonl", "--cache-dir"])
+            .arg(cache.path())
+            .current_dir(repo())
+            .env_remove("FLOWGATE_WASM_PROFILER")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if profile {
+            command.env("FLOWGATE_WASM_PROFILER", "perfmap");
+        }
+        let child = command.spawn().expect("run flowgate");
+        let map = PathBuf::from(format!("/tmp/perf-{}.map", child.id()));
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(&map).ok();
+        let _ = std::fs::remove_file(&map);
+        text
+    };
+    let text = run(true).expect("no perf map written");
+    let functions = text.lines().filter(|l| l.contains("wasm")).count();
+    assert!(
+        functions > 100,
+        "{functions} functions named:\n{text:.2000}"
+    );
+    assert_eq!(run(false), None, "a perf map written unasked");
+}
