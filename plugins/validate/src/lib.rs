@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
-use arrow::array::BooleanArray;
+use arrow::array::{ArrayAccessor, BooleanArray};
 use flowgate_sdk::columns::{
     event_time_sub_millis_nanos, format_event_time, is_event_time_type, is_numeric_type,
 };
@@ -332,7 +332,8 @@ fn run_check(
             let mut short: HashMap<u64, bool, BuildHasherDefault<WordHasher>> = HashMap::default();
             let mut seen: HashMap<&str, bool, BuildHasherDefault<TextHasher>> = HashMap::default();
             for_each_text(batch, index, |i, s| {
-                let memo = match short_key(s) {
+                let key = short_key(s);
+                let memo = match key {
                     Some(key) => short.get(&key).copied(),
                     None => seen.get(s).copied(),
                 };
@@ -341,7 +342,7 @@ fn run_check(
                     None => {
                         let m = regex.is_match(s);
                         if short.len() + seen.len() < PATTERN_MEMO {
-                            match short_key(s) {
+                            match key {
                                 Some(key) => short.insert(key, m),
                                 None => seen.insert(s, m),
                             };
@@ -355,14 +356,11 @@ fn run_check(
             })?;
         }
         Check::OneOfText(set) => {
-            let strings = text_column(batch, index)?;
-            for (i, s) in strings.into_iter().enumerate() {
-                if let Some(s) = s
-                    && !set.contains(s)
-                {
+            for_each_text(batch, index, |i, s| {
+                if !set.contains(s) {
                     fail(i, format!("{s:?} is not one of the allowed values"));
                 }
-            }
+            })?;
         }
         Check::OneOfNumber(allowed) => {
             let values = float64_column(batch, index)?;
@@ -512,34 +510,23 @@ impl Hasher for WordHasher {
 }
 
 /// Calls `f` with the row and value of each non-null value of string column `index` (`Utf8`,
-/// `LargeUtf8` or `Utf8View`, the types `pattern` accepts), in row order.
+/// `LargeUtf8` or `Utf8View`, the types `pattern` and `one_of` accept), in row order.
 fn for_each_text<'a>(
     batch: &'a RecordBatch,
     index: usize,
-    mut f: impl FnMut(usize, &'a str),
+    f: impl FnMut(usize, &'a str),
 ) -> Result<()> {
+    fn walk<'a>(strings: impl ArrayAccessor<Item = &'a str>, mut f: impl FnMut(usize, &'a str)) {
+        let nulls = strings.nulls();
+        (0..strings.len())
+            .filter(|&i| nulls.is_none_or(|n| n.is_valid(i)))
+            .for_each(|i| f(i, strings.value(i)));
+    }
     let column = batch.column(index);
-    let nulls = column.nulls();
-    let valid = |i: usize| nulls.is_none_or(|n| n.is_valid(i));
     match column.data_type() {
-        DataType::Utf8 => {
-            let strings = column.as_string::<i32>();
-            (0..strings.len())
-                .filter(|&i| valid(i))
-                .for_each(|i| f(i, strings.value(i)));
-        }
-        DataType::LargeUtf8 => {
-            let strings = column.as_string::<i64>();
-            (0..strings.len())
-                .filter(|&i| valid(i))
-                .for_each(|i| f(i, strings.value(i)));
-        }
-        DataType::Utf8View => {
-            let strings = column.as_string_view();
-            (0..strings.len())
-                .filter(|&i| valid(i))
-                .for_each(|i| f(i, strings.value(i)));
-        }
+        DataType::Utf8 => walk(column.as_string::<i32>(), f),
+        DataType::LargeUtf8 => walk(column.as_string::<i64>(), f),
+        DataType::Utf8View => walk(column.as_string_view(), f),
         other => {
             return Err(Error::bad_input(format!(
                 "column {index} has type {other}, not a string"
@@ -547,22 +534,6 @@ fn for_each_text<'a>(
         }
     }
     Ok(())
-}
-
-/// A string column's values (`Utf8`, `LargeUtf8` or `Utf8View`, the types `pattern` and
-/// `one_of` accept), null as `None`.
-fn text_column(batch: &RecordBatch, index: usize) -> Result<Vec<Option<&str>>> {
-    let column = batch.column(index);
-    Ok(match column.data_type() {
-        DataType::Utf8 => column.as_string::<i32>().iter().collect(),
-        DataType::LargeUtf8 => column.as_string::<i64>().iter().collect(),
-        DataType::Utf8View => column.as_string_view().iter().collect(),
-        other => {
-            return Err(Error::bad_input(format!(
-                "column {index} has type {other}, not a string"
-            )));
-        }
-    })
 }
 
 impl Transform for Validate {

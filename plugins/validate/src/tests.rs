@@ -443,3 +443,29 @@ fn a_pattern_tells_short_values_apart_by_length_and_long_ones_by_text() {
     let rows: Vec<u32> = out.rejected.iter().map(|r| r.row).collect();
     assert_eq!(rows, [1, 5, 6, 8], "{:?}", reasons(&out));
 }
+
+#[test]
+fn one_of_text_names_each_value_outside_the_set_and_passes_nulls() {
+    let schema = flowgate_sdk::testing::schema(&[("symbol", "utf8", true)]);
+    let (mut v, _) = flowgate_sdk::create::<Validate>(
+        r#"{"rules":{"symbol":{"one_of":["AAPL","MSFT"]}}}"#,
+        &schema,
+    )
+    .expect("config");
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![Arc::new(arrow::array::StringArray::from(vec![
+            Some("AAPL"),
+            None,
+            Some("XYZ"),
+            Some("MSFT"),
+        ]))],
+    )
+    .expect("batch");
+    let out = v.process(batch).expect("process");
+    assert_eq!(
+        reasons(&out),
+        [(2, "symbol: \"XYZ\" is not one of the allowed values")]
+    );
+    assert_eq!(out.num_rows(), 3);
+}
