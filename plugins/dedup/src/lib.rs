@@ -40,9 +40,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 use arrow::array::BooleanArray;
 use flowgate_sdk::STATE_HEADER;
 use flowgate_sdk::columns::is_event_time_type;
+use flowgate_sdk::hash::xxh3_64_with_seed;
 use flowgate_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 mod generations;
 mod key;

@@ -37,6 +37,7 @@
 pub mod columns;
 pub mod config;
 mod error;
+pub mod hash;
 pub mod ipc;
 pub mod keys;
 pub mod log;

@@ -19,10 +19,10 @@ use arrow::array::{ArrayAccessor, BooleanArray};
 use flowgate_sdk::columns::{
     event_time_sub_millis_nanos, format_event_time, is_event_time_type, is_numeric_type,
 };
+use flowgate_sdk::hash::xxh3_64_with_seed;
 use flowgate_sdk::prelude::*;
 use regex::Regex;
 use serde::Deserialize;
-use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// The step's config.
 #[derive(Debug, Deserialize)]

@@ -33,8 +33,7 @@
 //! Versions 2 and 3 (keys as [`flowgate_sdk::keys::KeyValue`]s, postcard) are still read.
 #![deny(unsafe_code)]
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::BTreeMap;
 
 use arrow::array::{
     Array, ArrayRef, Float64Array, Int64Array, PrimitiveArray, TimestampMillisecondArray,
@@ -48,10 +47,11 @@ use arrow::datatypes::{
 use flowgate_sdk::columns::{
     event_time_sub_millis_nanos, float64_column, int64_column, is_event_time_type, is_numeric_type,
 };
+use flowgate_sdk::hash::xxh3_64_with_seed;
 use flowgate_sdk::keys::{self, KeyPacker, KeyValue};
 use flowgate_sdk::prelude::*;
+use hashbrown::HashTable;
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// The step's config.
 #[derive(Debug, Deserialize)]
@@ -154,24 +154,203 @@ impl Acc {
 /// Event time at full precision: epoch ms, then nanoseconds within the millisecond.
 type EventTime = (i64, u32);
 
-type Groups = HashMap<Box<[u8]>, Vec<Acc>, BuildHasherDefault<KeyHasher>>;
-
-/// Hashes group keys (a few bytes, packed by [`KeyPacker`]) with xxh3: the standard library's
-/// SipHash costs several times more per key, more so compiled to WebAssembly. Keys come from
-/// the pipeline's own data, and hash order never shows: output sorts groups by key, snapshots by
-/// the key's packed bytes.
+/// One window's groups: each group's packed key and its accumulators, one per aggregate, all
+/// groups' in one flat arena (slot `s` holds `accs[s * width..(s + 1) * width]`). A batch's rows
+/// are first given their groups' slots, then each aggregate runs over its column in one loop
+/// (rather than every aggregate once per row, through a dispatch on its kind).
 #[derive(Default)]
-struct KeyHasher(u64);
+struct Groups {
+    /// Per group: the hash of its key, the key, its slot.
+    table: HashTable<(u64, Box<[u8]>, u32)>,
+    accs: Vec<Acc>,
+}
 
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
+/// The hash a group's packed key is found by (xxh3: the standard library's SipHash costs several
+/// times more per key, more so compiled to WebAssembly). Hash order never shows: output sorts
+/// groups by key, snapshots by the key's bytes.
+fn key_hash(key: &[u8]) -> u64 {
+    xxh3_64_with_seed(key, 0)
+}
+
+/// Whether two packed keys are equal, compared 8 bytes at a time (a `memcmp` compiled to
+/// WebAssembly compares one byte per loop turn).
+#[inline(always)]
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
     }
-    fn write(&mut self, bytes: &[u8]) {
-        self.0 = xxh3_64_with_seed(bytes, self.0);
+    if n < 8 {
+        return a == b;
     }
-    fn write_usize(&mut self, n: usize) {
-        self.0 = (self.0 ^ n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let word = |bytes: &[u8], at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_le_bytes(w)
+    };
+    let mut at = 0;
+    while at + 8 < n {
+        if word(a, at) != word(b, at) {
+            return false;
+        }
+        at += 8;
+    }
+    // The last 8 bytes (overlapping the word before when `n` is not a multiple of 8).
+    word(a, n - 8) == word(b, n - 8)
+}
+
+impl Groups {
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// The slot of group `key`, if the window holds it.
+    fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
+        self.table
+            .find(hash, |(h, k, _)| *h == hash && same_key(k, key))
+            .map(|(_, _, slot)| *slot)
+    }
+
+    /// A new group `key` (not held yet) in the next slot; `accs` are its accumulators.
+    fn add(&mut self, hash: u64, key: &[u8], accs: &[Acc]) -> u32 {
+        let slot = self.table.len() as u32;
+        self.table
+            .insert_unique(hash, (hash, key.into(), slot), |(h, _, _)| *h);
+        self.accs.extend_from_slice(accs);
+        slot
+    }
+
+    /// The slot of the group `key`, opened empty if new; `fresh`: an empty group's accumulators.
+    fn slot(&mut self, key: &[u8], fresh: &[Acc]) -> u32 {
+        let hash = key_hash(key);
+        match self.find(hash, key) {
+            Some(slot) => slot,
+            None => self.add(hash, key, fresh),
+        }
+    }
+
+    /// Adds group `key` with `accs`; false if the window holds it already (nothing changes).
+    fn insert(&mut self, key: &[u8], accs: &[Acc]) -> bool {
+        let hash = key_hash(key);
+        if self.find(hash, key).is_some() {
+            return false;
+        }
+        self.add(hash, key, accs);
+        true
+    }
+
+    /// Room for `groups` more groups of `width` accumulators.
+    fn reserve(&mut self, groups: usize, width: usize) {
+        self.table.reserve(groups, |(h, _, _)| *h);
+        self.accs.reserve(groups.saturating_mul(width));
+    }
+
+    /// Each group's key and accumulators, in no particular order.
+    fn iter(&self, width: usize) -> impl Iterator<Item = (&[u8], &[Acc])> {
+        self.table.iter().map(move |(_, key, slot)| {
+            let at = *slot as usize * width;
+            (key.as_ref(), &self.accs[at..at + width])
+        })
+    }
+}
+
+/// One aggregate's pass over a window's run of rows: the row of `run[i]` goes to the group in
+/// slot `slots[i]`, whose accumulator for aggregate `n` is `accs[slots[i] * width + n]`. Each
+/// accumulator sees its rows in the run's order, as it would row by row.
+struct Column<'a> {
+    run: &'a [(i64, u32)],
+    slots: &'a [u32],
+    width: usize,
+    n: usize,
+}
+
+impl Column<'_> {
+    /// `count: "*"`: every row counts.
+    fn count_rows(&self, accs: &mut [Acc]) {
+        for &slot in self.slots {
+            accs[slot as usize * self.width + self.n].count += 1;
+        }
+    }
+
+    /// `f(accumulator, row, value)` for each row whose value is not null, then counts the row.
+    #[inline(always)]
+    fn each(
+        &self,
+        accs: &mut [Acc],
+        bits: &[i64],
+        nulls: Option<&NullBuffer>,
+        mut f: impl FnMut(&mut Acc, usize, i64),
+    ) {
+        for (&(_, row), &slot) in self.run.iter().zip(self.slots) {
+            let row = row as usize;
+            if nulls.is_none_or(|nb| nb.is_valid(row)) {
+                let acc = &mut accs[slot as usize * self.width + self.n];
+                f(acc, row, bits[row]);
+                acc.count += 1;
+            }
+        }
+    }
+
+    /// Folds the column's values (`bits`: i64 values or f64 bits) into the accumulators; `at`
+    /// gives a row's event time, for `first` and `last`. A NaN wins min and max over any number;
+    /// sums and averages add in the run's order.
+    fn fold(
+        &self,
+        accs: &mut [Acc],
+        agg: &Agg,
+        bits: &[i64],
+        nulls: Option<&NullBuffer>,
+        at: impl Fn(usize) -> EventTime,
+    ) {
+        let float = |bits: i64| f64::from_bits(bits as u64);
+        match (agg.func, agg.num) {
+            (Func::First, _) => self.each(accs, bits, nulls, |acc, row, value| {
+                let ts = at(row);
+                if acc.count == 0 || ts < (acc.ts, acc.ts_sub_ns) {
+                    acc.value = value;
+                    (acc.ts, acc.ts_sub_ns) = ts;
+                }
+            }),
+            (Func::Last, _) => self.each(accs, bits, nulls, |acc, row, value| {
+                let ts = at(row);
+                if acc.count == 0 || ts >= (acc.ts, acc.ts_sub_ns) {
+                    acc.value = value;
+                    (acc.ts, acc.ts_sub_ns) = ts;
+                }
+            }),
+            (Func::Min, Num::Int) => self.each(accs, bits, nulls, |acc, _, value| {
+                if acc.count == 0 || value < acc.value {
+                    acc.value = value;
+                }
+            }),
+            (Func::Min, Num::Float) => self.each(accs, bits, nulls, |acc, _, value| {
+                let f = float(value);
+                if acc.count == 0 || f < float(acc.value) || f.is_nan() {
+                    acc.value = value;
+                }
+            }),
+            (Func::Max, Num::Int) => self.each(accs, bits, nulls, |acc, _, value| {
+                if acc.count == 0 || value > acc.value {
+                    acc.value = value;
+                }
+            }),
+            (Func::Max, Num::Float) => self.each(accs, bits, nulls, |acc, _, value| {
+                let f = float(value);
+                if acc.count == 0 || f > float(acc.value) || f.is_nan() {
+                    acc.value = value;
+                }
+            }),
+            (Func::Sum, Num::Int) => self.each(accs, bits, nulls, |acc, _, value| {
+                acc.value = acc.value.wrapping_add(value);
+            }),
+            (Func::Avg, Num::Int) => self.each(accs, bits, nulls, |acc, _, value| {
+                acc.value = (float(acc.value) + value as f64).to_bits() as i64;
+            }),
+            (Func::Sum | Func::Avg, Num::Float) => self.each(accs, bits, nulls, |acc, _, value| {
+                acc.value = (float(acc.value) + float(value)).to_bits() as i64;
+            }),
+            (Func::Count, _) => self.each(accs, bits, nulls, |_, _, _| {}),
+        }
     }
 }
 
@@ -289,67 +468,20 @@ impl Window {
         self.watermark.is_some_and(|w| start + self.size <= w)
     }
 
-    fn update(acc: &mut Acc, func: Func, num: Num, value: i64, ts: EventTime) {
-        let (f, i) = (f64::from_bits(value as u64), value);
-        let cur_f = f64::from_bits(acc.value as u64);
-        let first = acc.count == 0;
-        let acc_ts = (acc.ts, acc.ts_sub_ns);
-        match func {
-            Func::First => {
-                if first || ts < acc_ts {
-                    acc.value = value;
-                    (acc.ts, acc.ts_sub_ns) = ts;
-                }
-            }
-            Func::Last => {
-                if first || ts >= acc_ts {
-                    acc.value = value;
-                    (acc.ts, acc.ts_sub_ns) = ts;
-                }
-            }
-            Func::Min => {
-                let less = match num {
-                    Num::Int => i < acc.value,
-                    Num::Float => f < cur_f || f.is_nan(),
-                };
-                if first || less {
-                    acc.value = value;
-                }
-            }
-            Func::Max => {
-                let more = match num {
-                    Num::Int => i > acc.value,
-                    Num::Float => f > cur_f || f.is_nan(),
-                };
-                if first || more {
-                    acc.value = value;
-                }
-            }
-            Func::Sum | Func::Avg => {
-                acc.value = match num {
-                    Num::Int if func == Func::Sum => acc.value.wrapping_add(i),
-                    Num::Int => (cur_f + i as f64).to_bits() as i64,
-                    Num::Float => (cur_f + f).to_bits() as i64,
-                };
-            }
-            Func::Count => {}
-        }
-        acc.count += 1;
-    }
-
     fn finish(&mut self, closed: BTreeMap<i64, Groups>) -> Result<Output> {
         let mut keys: Vec<Box<[u8]>> = Vec::new();
         let mut starts = Vec::new();
         let mut accs: Vec<Vec<Acc>> = Vec::new();
+        let width = self.aggs.len();
         for (start, groups) in closed {
-            let mut groups: Vec<_> = groups.into_iter().collect();
+            let mut groups: Vec<_> = groups.iter(width).collect();
             if let Some(packer) = &self.packer {
-                groups.sort_unstable_by(|a, b| packer.cmp(&a.0, &b.0));
+                groups.sort_unstable_by(|a, b| packer.cmp(a.0, b.0));
             }
             for (key, acc) in groups {
-                keys.push(key);
+                keys.push(key.into());
                 starts.push(start);
-                accs.push(acc);
+                accs.push(acc.to_vec());
             }
         }
         if starts.is_empty() {
@@ -704,33 +836,27 @@ impl Transform for Window {
         // window order is one linear pass).
         placements.sort_by_key(|&(start, _)| start);
         let empty: &[u8] = &[];
-        let aggs = &self.aggs;
+        let width = self.aggs.len();
+        let fresh = vec![Acc::default(); width];
+        let mut slots: Vec<u32> = Vec::new();
         for run in placements.chunk_by(|a, b| a.0 == b.0) {
             let groups = self.windows.entry(run[0].0).or_default();
-            for &(_, row) in run {
-                let row = row as usize;
-                let event_time = (times.value(row), sub_millis.as_ref().map_or(0, |s| s[row]));
-                let key = rows.as_ref().map_or(empty, |r| r.row(row));
-                let accs = match groups.get_mut(key) {
-                    Some(accs) => accs,
-                    None => groups
-                        .entry(key.into())
-                        .or_insert_with(|| vec![Acc::default(); aggs.len()]),
+            slots.clear();
+            slots.extend(run.iter().map(|&(_, row)| {
+                groups.slot(rows.as_ref().map_or(empty, |r| r.row(row as usize)), &fresh)
+            }));
+            for (n, agg) in self.aggs.iter().enumerate() {
+                let column = Column {
+                    run,
+                    slots: &slots,
+                    width,
+                    n,
                 };
-                for (n, agg) in aggs.iter().enumerate() {
-                    match &inputs[n] {
-                        None => Self::update(&mut accs[n], agg.func, agg.num, 0, event_time),
-                        Some((bits, nulls)) => {
-                            if nulls.as_ref().is_none_or(|nb| nb.is_valid(row)) {
-                                Self::update(
-                                    &mut accs[n],
-                                    agg.func,
-                                    agg.num,
-                                    bits[row],
-                                    event_time,
-                                );
-                            }
-                        }
+                let at = |row: usize| (times.value(row), sub_millis.as_ref().map_or(0, |s| s[row]));
+                match &inputs[n] {
+                    None => column.count_rows(&mut groups.accs),
+                    Some((bits, nulls)) => {
+                        column.fold(&mut groups.accs, agg, bits, nulls.as_ref(), at);
                     }
                 }
             }
@@ -762,17 +888,18 @@ impl Transform for Window {
         let size: usize = self
             .windows
             .values()
-            .map(|g| 16 + g.len() * per_group + g.keys().map(|k| k.len()).sum::<usize>())
+            .map(|g| 16 + g.len() * per_group + g.iter(0).map(|(k, _)| k.len()).sum::<usize>())
             .sum();
         // Room for the SDK's header too, so the state is framed in place.
         out.reserve_exact(size + flowgate_sdk::STATE_HEADER);
-        let mut groups: Vec<(&[u8], &Vec<Acc>)> = Vec::new();
+        let mut groups: Vec<(&[u8], &[Acc])> = Vec::new();
+        let width = self.aggs.len();
         for (start, window) in &self.windows {
             out.extend_from_slice(&start.to_le_bytes());
             out.extend_from_slice(&(window.len() as u64).to_le_bytes());
             // In key order, so that equal states give equal bytes.
             groups.clear();
-            groups.extend(window.iter().map(|(k, a)| (k.as_ref(), a)));
+            groups.extend(window.iter(width));
             groups.sort_unstable_by(|a, b| a.0.cmp(b.0));
             for (key, accs) in &groups {
                 let len = u32::try_from(key.len())
@@ -873,7 +1000,7 @@ impl Window {
             // Never more room than the bytes left could fill.
             let fits = r.bytes.len() / (4 + aggs * ACC_BYTES).max(1);
             let mut groups = Groups::default();
-            groups.reserve(usize::try_from(count).unwrap_or(usize::MAX).min(fits));
+            groups.reserve(usize::try_from(count).unwrap_or(usize::MAX).min(fits), aggs);
             for _ in 0..count {
                 let len = u32::from_le_bytes(r.array()?) as usize;
                 let key = r.take(len)?;
@@ -896,7 +1023,7 @@ impl Window {
                 let accs = (0..aggs)
                     .map(|_| r.array::<ACC_BYTES>().map(|b| Acc::get(&b)))
                     .collect::<Result<Vec<_>>>()?;
-                if groups.insert(key.into(), accs).is_some() {
+                if !groups.insert(key, &accs) {
                     return Err(corrupt(format!(
                         "window {} holds a group twice",
                         format_millis(start)
@@ -922,8 +1049,8 @@ impl Window {
                 .into_iter()
                 .map(|(start, groups)| {
                     let groups = groups
-                        .into_iter()
-                        .map(|(key, accs)| Ok((packer.values(&key)?, accs)))
+                        .iter(aggs)
+                        .map(|(key, accs)| Ok((packer.values(key)?, accs.to_vec())))
                         .collect::<Result<Vec<_>>>()?;
                     Ok((start, groups))
                 })
@@ -969,9 +1096,9 @@ impl Window {
         for (start, groups) in windows {
             let window = restored.entry(start).or_default();
             for (_, accs) in groups {
-                let key: Box<[u8]> = rows.as_ref().map_or(Box::default(), |r| r.row(n).into());
+                let key = rows.as_ref().map_or(&[][..], |r| r.row(n));
                 n += 1;
-                if window.insert(key, accs).is_some() {
+                if !window.insert(key, &accs) {
                     return Err(Error::bad_input(format!(
                         "window state is corrupt: window {} holds a group twice",
                         format_millis(start)
