@@ -154,16 +154,23 @@ impl Acc {
 /// Event time at full precision: epoch ms, then nanoseconds within the millisecond.
 type EventTime = (i64, u32);
 
-/// One window's groups: each group's packed key and its accumulators, one per aggregate, all
-/// groups' in one flat arena (slot `s` holds `accs[s * width..(s + 1) * width]`). A batch's rows
-/// are first given their groups' slots, then each aggregate runs over its column in one loop
-/// (rather than every aggregate once per row, through a dispatch on its kind).
+/// One window's groups: each group's packed key and its accumulators, one per aggregate, in
+/// an arena of flat chunks of [`CHUNK`] groups (slot `s` holds `accs[s % CHUNK * width..][..width]`
+/// of chunk `s / CHUNK`). A batch's rows are first given their groups' slots, then each
+/// aggregate runs over its column in one loop (rather than every aggregate once per row, through
+/// a dispatch on its kind).
 #[derive(Default)]
 struct Groups {
     /// Per group: the hash of its key, the key, its slot.
     table: HashTable<(u64, Box<[u8]>, u32)>,
-    accs: Vec<Acc>,
+    /// The first chunk grows with its groups; the later ones are allocated whole. Chunks, not
+    /// one vector: a vector that doubles holds twice the groups' bytes while it moves, and the
+    /// WebAssembly memory it grew into is never given back.
+    chunks: Vec<Vec<Acc>>,
 }
+
+/// Groups in one chunk of a window's arena.
+const CHUNK: usize = 256;
 
 /// The hash a group's packed key is found by (xxh3: the standard library's SipHash costs several
 /// times more per key, more so compiled to WebAssembly). Hash order never shows: output sorts
@@ -213,10 +220,20 @@ impl Groups {
 
     /// A new group `key` (not held yet) in the next slot; `accs` are its accumulators.
     fn add(&mut self, hash: u64, key: &[u8], accs: &[Acc]) -> u32 {
-        let slot = self.table.len() as u32;
+        let slot = self.table.len();
+        // A new chunk for every `CHUNK`-th group (unless `reserve` made the first one).
+        if self.chunks.len() == slot / CHUNK {
+            self.chunks.push(match slot {
+                0 => Vec::new(),
+                _ => Vec::with_capacity(CHUNK * accs.len()),
+            });
+        }
+        if let Some(chunk) = self.chunks.last_mut() {
+            chunk.extend_from_slice(accs);
+        }
+        let slot = slot as u32;
         self.table
             .insert_unique(hash, (hash, key.into(), slot), |(h, _, _)| *h);
-        self.accs.extend_from_slice(accs);
         slot
     }
 
@@ -242,20 +259,23 @@ impl Groups {
     /// Room for `groups` more groups of `width` accumulators.
     fn reserve(&mut self, groups: usize, width: usize) {
         self.table.reserve(groups, |(h, _, _)| *h);
-        self.accs.reserve(groups.saturating_mul(width));
+        if self.chunks.is_empty() {
+            self.chunks
+                .push(Vec::with_capacity(groups.min(CHUNK).saturating_mul(width)));
+        }
     }
 
     /// Each group's key and accumulators, in no particular order.
     fn iter(&self, width: usize) -> impl Iterator<Item = (&[u8], &[Acc])> {
         self.table.iter().map(move |(_, key, slot)| {
-            let at = *slot as usize * width;
-            (key.as_ref(), &self.accs[at..at + width])
+            let (chunk, at) = (*slot as usize / CHUNK, *slot as usize % CHUNK * width);
+            (key.as_ref(), &self.chunks[chunk][at..at + width])
         })
     }
 }
 
 /// One aggregate's pass over a window's run of rows: the row of `run[i]` goes to the group in
-/// slot `slots[i]`, whose accumulator for aggregate `n` is `accs[slots[i] * width + n]`. Each
+/// slot `slots[i]`, whose accumulator for aggregate `n` is [`Column::acc`]. Each
 /// accumulator sees its rows in the run's order, as it would row by row.
 struct Column<'a> {
     run: &'a [(i64, u32)],
@@ -265,10 +285,17 @@ struct Column<'a> {
 }
 
 impl Column<'_> {
+    /// The accumulator of aggregate `n` in slot `slot`.
+    #[inline(always)]
+    fn acc<'c>(&self, chunks: &'c mut [Vec<Acc>], slot: u32) -> &'c mut Acc {
+        let slot = slot as usize;
+        &mut chunks[slot / CHUNK][slot % CHUNK * self.width + self.n]
+    }
+
     /// `count: "*"`: every row counts.
-    fn count_rows(&self, accs: &mut [Acc]) {
+    fn count_rows(&self, chunks: &mut [Vec<Acc>]) {
         for &slot in self.slots {
-            accs[slot as usize * self.width + self.n].count += 1;
+            self.acc(chunks, slot).count += 1;
         }
     }
 
@@ -276,7 +303,7 @@ impl Column<'_> {
     #[inline(always)]
     fn each(
         &self,
-        accs: &mut [Acc],
+        chunks: &mut [Vec<Acc>],
         bits: &[i64],
         nulls: Option<&NullBuffer>,
         mut f: impl FnMut(&mut Acc, usize, i64),
@@ -284,7 +311,7 @@ impl Column<'_> {
         for (&(_, row), &slot) in self.run.iter().zip(self.slots) {
             let row = row as usize;
             if nulls.is_none_or(|nb| nb.is_valid(row)) {
-                let acc = &mut accs[slot as usize * self.width + self.n];
+                let acc = self.acc(chunks, slot);
                 f(acc, row, bits[row]);
                 acc.count += 1;
             }
@@ -296,7 +323,7 @@ impl Column<'_> {
     /// sums and averages add in the run's order.
     fn fold(
         &self,
-        accs: &mut [Acc],
+        accs: &mut [Vec<Acc>],
         agg: &Agg,
         bits: &[i64],
         nulls: Option<&NullBuffer>,
@@ -854,9 +881,9 @@ impl Transform for Window {
                 };
                 let at = |row: usize| (times.value(row), sub_millis.as_ref().map_or(0, |s| s[row]));
                 match &inputs[n] {
-                    None => column.count_rows(&mut groups.accs),
+                    None => column.count_rows(&mut groups.chunks),
                     Some((bits, nulls)) => {
-                        column.fold(&mut groups.accs, agg, bits, nulls.as_ref(), at);
+                        column.fold(&mut groups.chunks, agg, bits, nulls.as_ref(), at);
                     }
                 }
             }

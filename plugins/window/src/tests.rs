@@ -744,3 +744,68 @@ fn rows_in_one_batch_make_the_bars_they_make_one_by_one() {
     assert!(together[0].num_rows() > 50, "{}", together[0].num_rows());
     assert_eq!(together, apart);
 }
+
+#[test]
+fn groups_past_one_chunk_of_the_arena_keep_their_own_bars_through_a_restore() {
+    // 700 symbols in one window: the accumulators span three chunks of 256 groups. Each
+    // symbol's bar must hold exactly its own rows, taken before and after a snapshot that is
+    // restored into a fresh instance (which reserves its groups up front).
+    let schema = flowgate_sdk::testing::schema(&[
+        ("symbol", "utf8", false),
+        ("v", "float64", false),
+        ("ts", "int64", false),
+    ]);
+    let config = r#"{"event_time":"ts","size":"1m","group_by":["symbol"],
+        "aggregates":{"open":{"first":"v"},"close":{"last":"v"},"low":{"min":"v"},
+        "high":{"max":"v"},"total":{"sum":"v"},"rows":{"count":"*"}}}"#;
+    const SYMBOLS: i64 = 700;
+    const BASE: i64 = 1_762_956_000_000;
+    // Row i: symbol (i * 7919) mod 700 (every symbol three times, in scattered order), value i,
+    // event time BASE + i.
+    let line = |i: i64| {
+        format!(
+            r#"{{"symbol":"S{}","v":{i},"ts":{}}}"#,
+            (i * 7919) % SYMBOLS,
+            BASE + i
+        )
+    };
+    let lines: Vec<String> = (0..3 * SYMBOLS).map(line).collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let (first_half, second_half) = lines.split_at(lines.len() / 2);
+    let (mut w, _) = flowgate_sdk::create::<Window>(config, &schema).expect("config");
+    w.process(flowgate_sdk::testing::batch(&schema, first_half))
+        .expect("process");
+    let state = w.snapshot().expect("snapshot");
+    let (mut w, _) = flowgate_sdk::create::<Window>(config, &schema).expect("config");
+    w.restore(&state).expect("restore");
+    w.process(flowgate_sdk::testing::batch(&schema, second_half))
+        .expect("process");
+    let out = w.on_watermark(BASE + 120_000).expect("watermark").batches;
+    let bars = flowgate_sdk::testing::rows(&out);
+    assert_eq!(bars.len(), SYMBOLS as usize);
+    for bar in &bars {
+        let symbol: i64 = bar["symbol"].as_str().expect("symbol")[1..]
+            .parse()
+            .expect("number");
+        let mine: Vec<f64> = (0..3 * SYMBOLS)
+            .filter(|i| (i * 7919) % SYMBOLS == symbol)
+            .map(|i| i as f64)
+            .collect();
+        assert_eq!(mine.len(), 3);
+        let expected = json!({
+            "open": mine[0],
+            "close": mine[2],
+            "low": mine[0],
+            "high": mine[2],
+            "total": mine.iter().sum::<f64>(),
+            "rows": 3,
+        });
+        for (name, value) in expected.as_object().expect("object") {
+            assert_eq!(
+                bar[name].as_f64(),
+                value.as_f64(),
+                "S{symbol} `{name}`: {bar}"
+            );
+        }
+    }
+}
