@@ -63,6 +63,10 @@ const SDK_FILES: &[(&str, &str)] = &[
         include_str!("../../../plugins/sdk/src/error.rs"),
     ),
     (
+        "src/hash.rs",
+        include_str!("../../../plugins/sdk/src/hash.rs"),
+    ),
+    (
         "src/ipc.rs",
         include_str!("../../../plugins/sdk/src/ipc.rs"),
     ),
@@ -167,6 +171,7 @@ arrow-json = { version = "59", optional = true }
 serde = { version = "1", features = ["derive"] }
 serde_json = "1"
 serde_path_to_error = "0.1"
+xxhash-rust = { version = "0.8", features = ["xxh3"] }
 
 [target.'cfg(target_arch = "wasm32")'.dependencies]
 wit-bindgen = { version = "0.63", default-features = false, features = ["macros", "realloc", "std"] }
@@ -672,6 +677,7 @@ mod tests {
         for dep in [
             "arrow = { version = \"59\"",
             "wit-bindgen = { version = \"0.63\"",
+            "xxhash-rust = { version = \"0.8\"",
         ] {
             assert!(
                 workspace.contains(dep) && SDK_MANIFEST.contains(dep),
