@@ -117,7 +117,7 @@ def expectations(delivered):
     return bars, valid, refused
 
 
-def check(read_delta, read_raw, delivered):
+def check(read_delta, read_raw, delivered, broker=None):
     want_bars, valid, refused = expectations(delivered)
     bars = read_delta("bars").sort(["symbol", "window_start"]).to_pandas()
     dup = bars[bars.duplicated(subset=["symbol", "window_start"], keep=False)]
@@ -127,7 +127,7 @@ def check(read_delta, read_raw, delivered):
     assert not (want - got), f"bars missing: {sorted(want - got)[:10]}"
     assert not (got - want), f"bars nobody asked for: {sorted(got - want)[:10]}"
     assert list(bars["trades"]) == list(want_bars["trades"]), partial_trades(bars, want_bars, valid, read_raw,
-                                                                             read_delta, delivered)
+                                                                             read_delta, delivered, broker)
     assert list(bars["volume"]) == list(want_bars["volume"])
     assert (bars["open"] - want_bars["open"]).abs().max() < 1e-9
     assert (bars["close"] - want_bars["close"]).abs().max() < 1e-9
@@ -145,19 +145,20 @@ def check(read_delta, read_raw, delivered):
     assert len(late) > 0 and set(late["stage"].to_list()) == {"repartition"}
 
 
-def partial_trades(bars, want_bars, valid, read_raw, read_delta, delivered):
+def partial_trades(bars, want_bars, valid, read_raw, read_delta, delivered, broker=None):
     """Why a bar has other trades than expected: for each such bar, the ticks of its window that
     the raw table lacks, where each was produced, and whether the dead letter has it (a window
     closed early) or not (lost before the raw tap: at the source, a hop message or its copy
     check)."""
     try:
-        return _partial_trades(bars, want_bars, valid, read_raw, read_delta, delivered)
+        return _partial_trades(bars, want_bars, valid, read_raw, read_delta, delivered, broker)
     except Exception as e:  # noqa: BLE001 - the failure is reported either way
         return f"a bar of partial trades (and explaining it failed: {e!r})"
 
 
-def _partial_trades(bars, want_bars, valid, read_raw, read_delta, delivered):
+def _partial_trades(bars, want_bars, valid, read_raw, read_delta, delivered, broker):
     lines = ["a bar of partial trades:"]
+    crossed = hop_messages(broker) if broker else None
     raw = read_raw().to_pandas()
     raw_keys = set(zip(raw["symbol"], pd.to_datetime(raw["ts"], utc=True)))
     dead = read_delta("dead_letter").to_pandas()
@@ -179,7 +180,47 @@ def _partial_trades(bars, want_bars, valid, read_raw, read_delta, delivered):
                 lines.append(f"    tick {ts} not in raw; produced at (partition, offset) "
                              f"{[(p, o) for p, o, _ in sent]}; in the dead letter: "
                              f"{any(v in dead_payloads for _, _, v in sent)}")
+                if crossed is not None:
+                    for p, o, _ in sent:
+                        lines.append(f"      crossed the hop as (internal partition, offset, watermark): "
+                                     f"{crossed.get(('ticks', p, o), 'never')}")
     return "\n".join(lines)
+
+
+def hop_messages(broker, topic="stocks-repartition"):
+    """Where each source record's row crossed the hop: (source topic, partition, offset) →
+    [(internal partition, offset, watermark header)], read from the internal topic's start."""
+    import pyarrow.ipc as ipc
+    consumer = Consumer({"bootstrap.servers": broker, "group.id": f"trace-{time.time()}",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    crossed = {}
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        ends = {}
+        parts = []
+        for p in meta.partitions:
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            ends[p] = high
+            parts.append(TopicPartition(topic, p, 0))
+        consumer.assign(parts)
+        done = {p for p, high in ends.items() if high == 0}
+        deadline = time.time() + 60
+        while len(done) < len(ends) and time.time() < deadline:
+            m = consumer.poll(1.0)
+            if m is None or m.error():
+                continue
+            if m.offset() + 1 >= ends[m.partition()]:
+                done.add(m.partition())
+            headers = {k: (v or b"").decode() for k, v in (m.headers() or [])}
+            if not m.value():
+                continue
+            rows = ipc.open_stream(m.value()).read_all()
+            for o in rows.column("_flowgate_source_offset").to_pylist():
+                key = (headers.get("flowgate-source-topic"), int(headers.get("flowgate-source-partition", -1)), o)
+                crossed.setdefault(key, []).append((m.partition(), m.offset(), headers.get("flowgate-watermark")))
+    finally:
+        consumer.close()
+    return crossed
 
 
 def pipeline_copy(folder, lake=None):
@@ -349,4 +390,4 @@ def test_three_processes_on_s3_killed_one_at_a_time_with_live_swaps(broker, s3, 
         return pl.concat([pl.from_arrow(pq.read_table(io.BytesIO(client.get_object(Bucket="flowgate", Key=k)["Body"].read())))
                           for k in data])
 
-    check(read_delta, read_raw, feed.delivered)
+    check(read_delta, read_raw, feed.delivered, broker)

@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,7 @@ use rdkafka::message::Message;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use super::gapless::{GAP_LIMIT, Gapless, Verdict};
 use super::{Arena, Rebalance, Record, Source, SourceError, StartAt};
 use crate::config::{KafkaSpec, Keyless, StartFrom};
 use crate::sink::Offsets;
@@ -21,6 +23,12 @@ struct Context {
     /// Each partition's end (high watermark), from librdkafka's statistics.
     high: Mutex<HashMap<(String, i32), i64>>,
     handler: OnceLock<Arc<dyn Rebalance>>,
+    /// The consumer reads the internal repartition topic: its offsets have no holes, and a
+    /// record past one is not handed on (see [`Gapless`]).
+    hop: AtomicBool,
+    /// With no offset of the group's, a partition starts at its end (`start: latest`).
+    latest: AtomicBool,
+    gapless: Mutex<Gapless>,
 }
 
 /// Since when the brokers have been unreachable: one outage for the whole process (both halves
@@ -158,6 +166,68 @@ impl ClientContext for Context {
     }
 }
 
+/// How long the broker may take to say where a partition starts.
+const ASK_LIMIT: Duration = Duration::from_secs(10);
+
+impl Context {
+    /// Where a hop reader's partition starts, as an offset (the group's committed one, else
+    /// the partition's first or, with `start: latest`, none known), noted as the offset its
+    /// first record must have.
+    fn resolve(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        topic: &str,
+        partition: i32,
+        start: StartAt,
+    ) -> StartAt {
+        let first = || match consumer.fetch_watermarks(topic, partition, ASK_LIMIT) {
+            Ok((low, _)) => Some(low),
+            Err(e) => {
+                tracing::debug!(
+                    topic,
+                    partition,
+                    "cannot read where the partition starts: {e}"
+                );
+                None
+            }
+        };
+        let stored = || {
+            let mut list = TopicPartitionList::new();
+            list.add_partition(topic, partition);
+            match consumer.committed_offsets(list, ASK_LIMIT) {
+                Ok(list) => match list.find_partition(topic, partition).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => Some(Some(o)),
+                    _ => Some(None),
+                },
+                Err(e) => {
+                    tracing::debug!(topic, partition, "cannot read the group's offset: {e}");
+                    None
+                }
+            }
+        };
+        let offset = match start {
+            StartAt::Offset(o) => Some(o),
+            StartAt::Beginning => first(),
+            StartAt::Stored => match stored() {
+                Some(Some(o)) => Some(o),
+                Some(None) if !self.latest.load(Ordering::Relaxed) => first(),
+                _ => None,
+            },
+        };
+        let mut gapless = locked(&self.gapless);
+        match offset {
+            Some(o) => {
+                gapless.expect(topic, partition, o);
+                StartAt::Offset(o)
+            }
+            None => {
+                gapless.unknown(topic, partition);
+                start
+            }
+        }
+    }
+}
+
 impl ConsumerContext for Context {
     /// Assigns partitions at the offsets the engine asks for (where the sinks stand), so no
     /// record before them is ever fetched; on revoke, lets the engine finish and commit the
@@ -179,17 +249,26 @@ impl ConsumerContext for Context {
         );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                if let Some(handler) = self.handler.get() {
-                    let starts = handler.assigned(&parts);
-                    for ((topic, partition), start) in parts.iter().zip(starts) {
-                        let offset = match start {
-                            StartAt::Stored => continue,
-                            StartAt::Beginning => Offset::Beginning,
-                            StartAt::Offset(o) => Offset::Offset(o),
-                        };
-                        if let Err(e) = tpl.set_partition_offset(topic, *partition, offset) {
-                            tracing::error!(topic, partition, "cannot set the start offset: {e}");
-                        }
+                let starts = match self.handler.get() {
+                    Some(handler) => handler.assigned(&parts),
+                    None => vec![StartAt::Stored; parts.len()],
+                };
+                let hop = self.hop.load(Ordering::Relaxed);
+                for ((topic, partition), start) in parts.iter().zip(starts) {
+                    // A hop reader starts at an offset it knows, so that it can tell a hole
+                    // in what it reads from the first record on.
+                    let start = if hop {
+                        self.resolve(consumer, topic, *partition, start)
+                    } else {
+                        start
+                    };
+                    let offset = match start {
+                        StartAt::Stored => continue,
+                        StartAt::Beginning => Offset::Beginning,
+                        StartAt::Offset(o) => Offset::Offset(o),
+                    };
+                    if let Err(e) = tpl.set_partition_offset(topic, *partition, offset) {
+                        tracing::error!(topic, partition, "cannot set the start offset: {e}");
                     }
                 }
                 let mut assigned = locked(&self.assigned);
@@ -239,11 +318,14 @@ impl ConsumerContext for Context {
                     tracing::warn!("rebalance error: {err:?}");
                 }
                 let mut assigned = locked(&self.assigned);
+                let mut gapless = locked(&self.gapless);
                 for (topic, partition) in &parts {
                     tracing::info!(topic, partition, "partition revoked");
                     assigned.remove(&(topic.clone(), *partition));
+                    gapless.forget(topic, *partition);
                 }
                 drop(assigned);
+                drop(gapless);
                 let result = if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
@@ -383,13 +465,15 @@ impl KafkaSource {
             .or_else(|| spec.topic.clone().map(|t| vec![t]))
             .unwrap_or_default();
         let config = Self::client_config(spec, bootstrap);
-        let consumer: BaseConsumer<Context> = config
-            .create_with_context(Context::default())
-            .map_err(|e| {
-                SourceError::Io(format!(
-                    "cannot create the Kafka consumer for `{bootstrap}`: {e}"
-                ))
-            })?;
+        let context = Context::default();
+        context
+            .latest
+            .store(spec.start == StartFrom::Latest, Ordering::Relaxed);
+        let consumer: BaseConsumer<Context> = config.create_with_context(context).map_err(|e| {
+            SourceError::Io(format!(
+                "cannot create the Kafka consumer for `{bootstrap}`: {e}"
+            ))
+        })?;
         // A broker that never answers is an error the user sees, not a silent wait.
         let timeout = std::time::Duration::from_millis(
             u64::try_from(spec.connect_timeout.as_millis()).unwrap_or(0),
@@ -430,6 +514,7 @@ impl KafkaSource {
     /// Reads the internal repartition topic: each message's origin from its headers.
     pub fn reading_hop(mut self) -> Self {
         self.hop = true;
+        self.consumer.context().hop.store(true, Ordering::Relaxed);
         self.keyed.clear();
         self
     }
@@ -449,6 +534,65 @@ impl KafkaSource {
     /// The topics subscribed to.
     pub fn topics(&self) -> &[String] {
         &self.topics
+    }
+}
+
+/// What a hop reader does with a record (see [`Gapless`]).
+enum HopRead {
+    Take,
+    /// Read before: dropped.
+    Drop,
+    /// Past a hole: dropped, and the partition is read again from the hole.
+    Again,
+}
+
+impl KafkaSource {
+    /// Judges a record of the internal topic: the next one is taken; one past a hole makes the
+    /// consumer read the partition again from the hole, and stops the run once the hole stayed
+    /// open for [`GAP_LIMIT`].
+    fn gapless(&self, topic: &str, partition: i32, offset: i64) -> Result<HopRead, SourceError> {
+        let now = Instant::now();
+        let (verdict, closed) =
+            locked(&self.consumer.context().gapless).check(topic, partition, offset, now);
+        if let Some((missing, open, reads)) = closed {
+            tracing::debug!(
+                topic,
+                partition,
+                missing,
+                reads,
+                "the message the hop reader waited for arrived after {:.1} ms",
+                open.as_secs_f64() * 1e3
+            );
+        }
+        match verdict {
+            Verdict::Take => Ok(HopRead::Take),
+            Verdict::Again => Ok(HopRead::Drop),
+            Verdict::Gap { open, .. } if open > GAP_LIMIT => Err(SourceError::Io(format!(
+                "partition `{topic}/{partition}`: the broker shows the message at offset {offset} but not one before it, for {} s: a message the repartition hop sent is missing from the internal topic (a broker that lost a write), and the steps behind the hop cannot compute without its rows; stopping rather than skipping it",
+                GAP_LIMIT.as_secs()
+            ))),
+            Verdict::Gap { missing, first, .. } => {
+                if first {
+                    // Tansu 0.6 under several producers: see `super::gapless`.
+                    tracing::info!(
+                        topic,
+                        partition,
+                        missing,
+                        offset,
+                        "hop: the broker shows a message before an earlier one is stored; reading the partition again from the earlier one"
+                    );
+                }
+                if let Err(e) = self.consumer.seek(
+                    topic,
+                    partition,
+                    Offset::Offset(missing),
+                    Duration::from_secs(1),
+                ) {
+                    tracing::debug!(topic, partition, missing, "seeking back to the hole: {e}");
+                }
+                Ok(HopRead::Again)
+            }
+        }
     }
 }
 
@@ -476,6 +620,16 @@ impl Source for KafkaSource {
                 }
                 Some(Ok(m)) => {
                     back();
+                    if self.hop {
+                        match self.gapless(m.topic(), m.partition(), m.offset())? {
+                            HopRead::Take => {}
+                            HopRead::Drop => {
+                                wait = Duration::ZERO;
+                                continue;
+                            }
+                            HopRead::Again => break,
+                        }
+                    }
                     if m.key().is_none()
                         && let Some(n) = self.keyed.get(m.topic())
                     {

@@ -2,6 +2,7 @@
 //! travel with it to the sinks' commits and the dead letter.
 
 mod file;
+mod gapless;
 mod generator;
 mod kafka;
 
