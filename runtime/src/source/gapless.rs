@@ -7,8 +7,8 @@
 //! write to one partition at once: its `produce` moves the partition's end before it stores the
 //! message, and a fetch lists the messages stored below the end, skipping one still on its way.
 //! A consumer that went on would never read that message, and the keyed half would compute
-//! without its rows (seen: seven ticks missing from every table of the scale-out test, in no
-//! dead letter). So a hop reader that meets a gap drops the record after it, reads the
+//! without its rows (what the scale-out test once showed: the seven ticks of one message
+//! missing from every table, in no dead letter). So a hop reader that meets a gap drops the record after it, reads the
 //! partition again from the missing offset, and stops the run if the gap stays open for
 //! [`GAP_LIMIT`]: a message the broker never shows cannot be computed without.
 

@@ -572,6 +572,28 @@ impl KafkaSource {
                 GAP_LIMIT.as_secs()
             ))),
             Verdict::Gap { missing, first, .. } => {
+                if first
+                    && let Ok((low, _)) =
+                        self.consumer
+                            .fetch_watermarks(topic, partition, Duration::from_secs(5))
+                    && low > missing
+                {
+                    // Not a hole: retention deleted what was not read (a keyed half stopped
+                    // longer than `repartition.retention`), and the group went on from the
+                    // first message left, as Kafka consumers do.
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        "the internal topic's retention deleted offsets {missing} to {} before they were read: their rows are lost (the keyed half was stopped longer than `repartition.retention`)",
+                        low - 1
+                    );
+                    let mut gapless = locked(&self.consumer.context().gapless);
+                    gapless.expect(topic, partition, low);
+                    return Ok(match gapless.check(topic, partition, offset, now).0 {
+                        Verdict::Take => HopRead::Take,
+                        _ => HopRead::Drop,
+                    });
+                }
                 if first {
                     // Tansu 0.6 under several producers: see `super::gapless`.
                     tracing::info!(
