@@ -567,12 +567,14 @@ impl KafkaSource {
         match verdict {
             Verdict::Take => Ok(HopRead::Take),
             Verdict::Again => Ok(HopRead::Drop),
-            Verdict::Gap { open, .. } if open > GAP_LIMIT => Err(SourceError::Io(format!(
-                "partition `{topic}/{partition}`: the broker shows the message at offset {offset} but not one before it, for {} s: a message the repartition hop sent is missing from the internal topic (a broker that lost a write), and the steps behind the hop cannot compute without its rows; stopping rather than skipping it",
-                GAP_LIMIT.as_secs()
-            ))),
-            Verdict::Gap { missing, first, .. } => {
-                if first
+            Verdict::Gap {
+                missing,
+                first,
+                open,
+            } => {
+                // Asked when the gap is new, and again before giving up (the first answer may
+                // have failed).
+                if (first || open > GAP_LIMIT)
                     && let Ok((low, _)) =
                         self.consumer
                             .fetch_watermarks(topic, partition, Duration::from_secs(5))
@@ -593,6 +595,12 @@ impl KafkaSource {
                         Verdict::Take => HopRead::Take,
                         _ => HopRead::Drop,
                     });
+                }
+                if open > GAP_LIMIT {
+                    return Err(SourceError::Io(format!(
+                        "partition `{topic}/{partition}`: the broker shows the message at offset {offset} but not the one at {missing}, for {} s: a message the repartition hop sent is missing from the internal topic (a broker that lost a write), and the steps behind the hop cannot compute without its rows; stopping rather than skipping it",
+                        GAP_LIMIT.as_secs()
+                    )));
                 }
                 if first {
                     // Tansu 0.6 under several producers: see `super::gapless`.
