@@ -8,7 +8,8 @@
 //! message, and a fetch lists the messages stored below the end, skipping one still on its way.
 //! A consumer that went on would never read that message, and the keyed half would compute
 //! without its rows (what the scale-out test once showed: the seven ticks of one message
-//! missing from every table, in no dead letter). So a hop reader that meets a gap drops the record after it, reads the
+//! missing from every table, in no dead letter; with this guard the test has met such a hole
+//! and read on exactly). So a hop reader that meets a gap drops the record after it, reads the
 //! partition again from the missing offset, and stops the run if the gap stays open for
 //! [`GAP_LIMIT`]: a message the broker never shows cannot be computed without.
 
