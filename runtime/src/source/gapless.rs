@@ -14,6 +14,7 @@
 //! [`GAP_LIMIT`]: a message the broker never shows cannot be computed without.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::time::{Duration, Instant};
 
 /// How long a gap may stay open before the run stops.
@@ -36,33 +37,33 @@ pub(crate) enum Verdict {
     },
 }
 
-/// Per partition read, the offset the next record must have.
+/// Per partition read, the offset the next record must have, and the gap open there.
 #[derive(Debug, Default)]
 pub(crate) struct Gapless {
-    next: HashMap<(String, i32), i64>,
-    /// Open gaps: the missing offset, since when, and how often it was read again.
-    gaps: HashMap<(String, i32), (i64, Instant, u64)>,
+    parts: HashMap<(String, i32), Reading>,
+}
+
+#[derive(Debug)]
+struct Reading {
+    next: i64,
+    /// The gap open: since when, and how often the partition was read again.
+    gap: Option<(Instant, u64)>,
 }
 
 impl Gapless {
     /// The partition starts (again) at `offset`: the first record read must have it.
     pub fn expect(&mut self, topic: &str, partition: i32, offset: i64) {
-        let key = (topic.to_string(), partition);
-        self.gaps.remove(&key);
-        self.next.insert(key, offset);
+        let reading = Reading {
+            next: offset,
+            gap: None,
+        };
+        self.parts.insert((topic.to_string(), partition), reading);
     }
 
-    /// The partition starts where the broker says, not known here: its first record sets the
-    /// expectation.
-    pub fn unknown(&mut self, topic: &str, partition: i32) {
-        self.forget(topic, partition);
-    }
-
-    /// The partition is no longer read.
+    /// The partition is no longer read, or starts where the broker says, not known here (its
+    /// first record sets the expectation).
     pub fn forget(&mut self, topic: &str, partition: i32) {
-        let key = (topic.to_string(), partition);
-        self.gaps.remove(&key);
-        self.next.remove(&key);
+        self.parts.remove(&(topic.to_string(), partition));
     }
 
     /// Judges a record at `offset` of `topic`/`partition`, read at `now`; a gap that closes is
@@ -74,33 +75,36 @@ impl Gapless {
         offset: i64,
         now: Instant,
     ) -> (Verdict, Option<(i64, Duration, u64)>) {
-        let Some(next) = self.next.get_mut(&(topic.to_string(), partition)) else {
-            self.next.insert((topic.to_string(), partition), offset + 1);
-            return (Verdict::Take, None);
+        let reading = match self.parts.entry((topic.to_string(), partition)) {
+            Entry::Vacant(v) => {
+                v.insert(Reading {
+                    next: offset + 1,
+                    gap: None,
+                });
+                return (Verdict::Take, None);
+            }
+            Entry::Occupied(o) => o.into_mut(),
         };
-        if offset < *next {
+        let missing = reading.next;
+        if offset < missing {
             return (Verdict::Again, None);
         }
-        if offset == *next {
-            *next = offset + 1;
-            let closed =
-                self.gaps
-                    .remove(&(topic.to_string(), partition))
-                    .map(|(missing, since, reads)| {
-                        (missing, now.saturating_duration_since(since), reads)
-                    });
+        if offset == missing {
+            reading.next = offset + 1;
+            let closed = reading
+                .gap
+                .take()
+                .map(|(since, reads)| (missing, now.saturating_duration_since(since), reads));
             return (Verdict::Take, closed);
         }
-        let missing = *next;
-        let key = (topic.to_string(), partition);
-        let gap = self.gaps.entry(key).or_insert((missing, now, 0));
-        let first = gap.2 == 0;
-        gap.2 += 1;
+        let (since, reads) = reading.gap.get_or_insert((now, 0));
+        let first = *reads == 0;
+        *reads += 1;
         (
             Verdict::Gap {
                 missing,
                 first,
-                open: now.saturating_duration_since(gap.1),
+                open: now.saturating_duration_since(*since),
             },
             None,
         )
@@ -165,7 +169,7 @@ mod tests {
     fn a_partition_of_unknown_start_takes_its_first_record_as_the_start() {
         let t0 = Instant::now();
         let mut g = Gapless::default();
-        g.unknown("hop", 2);
+        g.forget("hop", 2);
         assert_eq!(g.check("hop", 2, 40, t0).0, Verdict::Take);
         assert!(matches!(
             g.check("hop", 2, 42, t0).0,

@@ -221,7 +221,7 @@ impl Context {
                 StartAt::Offset(o)
             }
             None => {
-                gapless.unknown(topic, partition);
+                gapless.forget(topic, partition);
                 start
             }
         }
